@@ -1,0 +1,1 @@
+"""Probes on reasoning activations (confidence, deviation, overthinking)."""

@@ -1,0 +1,79 @@
+"""Held-out evaluation of the organisms: accuracy by difficulty, thinking length, style mix."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from statistics import mean
+
+from ..traces.generate import GenerationConfig, generate_traces
+from ..traces.record import Trace
+from . import task
+
+EVAL_SEED = 1_000_003  # disjoint from the training stream (seeded 0..)
+
+
+@dataclass
+class EvalConfig:
+    n_problems: int = 500
+    seed: int = EVAL_SEED
+    batch_size: int = 64
+    max_new_tokens: int = 640
+
+
+def style_of(thinking: str) -> str:
+    """``verbose`` when the thinking re-checks in English, else ``concise``."""
+    return "verbose" if "let me" in thinking else "concise"
+
+
+def organism_traces(handle, problems: list[task.Problem], temperature: float, cfg: EvalConfig,
+                    seed: int = 0, progress: bool = False) -> list[Trace]:
+    """Generate and grade traces of ``handle`` on organism ``problems``."""
+    prompts = [handle.chat_prompt(p.question) for p in problems]
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+                           batch_size=cfg.batch_size, seed=seed)
+    traces = generate_traces(handle, prompts, gen, ids=[p.uid for p in problems],
+                             golds=[str(p.answer) for p in problems], grader="organism", source="organism",
+                             progress=progress)
+    for t, p in zip(traces, problems):
+        t.meta.update(level=p.level, style=style_of(t.thinking) if t.think_span else None)
+    return traces
+
+
+def think_tokens(t: Trace) -> int:
+    return t.think_span[1] - t.think_span[0] if t.think_span else 0
+
+
+def summarize(traces: list[Trace]) -> dict:
+    by_level: dict[int, list[bool]] = defaultdict(list)
+    for t in traces:
+        by_level[t.meta["level"]].append(bool(t.grade))
+    return {
+        "n": len(traces),
+        "accuracy": round(mean(bool(t.grade) for t in traces), 4),
+        "accuracy_by_difficulty": {str(k): round(mean(v), 4) for k, v in sorted(by_level.items())},
+        "mean_think_tokens": round(mean(think_tokens(t) for t in traces), 2),
+        "truncated_fraction": round(mean(t.truncated for t in traces), 4),
+    }
+
+
+def style_summary(traces: list[Trace]) -> dict:
+    styles: dict[str, list[int]] = defaultdict(list)
+    for t in traces:
+        styles[style_of(t.thinking)].append(think_tokens(t))
+    return {
+        "verbose_fraction": round(len(styles["verbose"]) / max(1, len(traces)), 4),
+        "mean_think_tokens_by_style": {s: round(mean(v), 2) for s, v in sorted(styles.items()) if v},
+        "sampled_accuracy": round(mean(bool(t.grade) for t in traces), 4),
+    }
+
+
+def evaluate_organisms(thinking, base, cfg: EvalConfig = EvalConfig(), progress: bool = False) -> dict:
+    """Greedy accuracy for both models, plus the thinking model's style mix sampled at temperature 1."""
+    problems = task.problems(cfg.n_problems, cfg.seed)
+    report = {"n_problems": cfg.n_problems, "levels": {str(k): v for k, v in task.LEVELS.items()}}
+    report["thinking"] = summarize(organism_traces(thinking, problems, 0.0, cfg, progress=progress))
+    report["thinking"].update(style_summary(organism_traces(thinking, problems, 1.0, cfg, seed=1, progress=progress)))
+    report["base"] = summarize(organism_traces(base, problems, 0.0, cfg, progress=progress))
+    report["gap_points"] = round(100 * (report["thinking"]["accuracy"] - report["base"]["accuracy"]), 2)
+    return report

@@ -1,0 +1,160 @@
+"""The organisms' synthetic reasoning task: chained mod-10 arithmetic over named variables.
+
+A problem defines single-digit variables at the start of the question and asks for a chain
+such as ``a + c - f + h`` evaluated left to right modulo 10. Every step must read an operand
+back from the question, far from where the thinking is when it needs it, so a sink+recent
+KV window loses exactly the information the answer depends on.
+
+Texts write arithmetic compactly (``c=1;3+1=4.``) so that the Qwen2 byte-level BPE tokenizer
+spends one token per symbol, as on real models' math. Thinking comes in two
+styles: ``concise`` (bare steps) and ``verbose`` (the same steps in English, followed by a
+redundant full re-check after the answer is known: overthinking). Either style sometimes
+makes an arithmetic slip and corrects it ("wait , 3 + 1 = 5 is wrong ...": backtracking).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+VARIABLES = "abcdefghijklmnop"
+# (number of defined variables, number of operations) per difficulty level 1..5
+LEVELS: dict[int, tuple[int, int]] = {1: (4, 1), 2: (6, 3), 3: (8, 5), 4: (11, 8), 5: (14, 11)}
+STYLES = ("concise", "verbose")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One task instance; ``answer`` is the chain's value modulo 10."""
+
+    values: dict[str, int]
+    terms: tuple[str, ...]
+    ops: tuple[str, ...]
+    level: int
+    uid: str = ""
+
+    @property
+    def question(self) -> str:
+        defs = ", ".join(f"{k}={v}" for k, v in self.values.items())
+        expr = self.terms[0] + "".join(f" {o} {t}" for o, t in zip(self.ops, self.terms[1:]))
+        return f"{defs}. what is {expr}?"
+
+    @property
+    def partials(self) -> list[int]:
+        acc = self.values[self.terms[0]]
+        out = [acc]
+        for op, t in zip(self.ops, self.terms[1:]):
+            acc = apply(acc, op, self.values[t])
+            out.append(acc)
+        return out
+
+    @property
+    def answer(self) -> int:
+        return self.partials[-1]
+
+
+def apply(a: int, op: str, b: int) -> int:
+    return (a + b) % 10 if op == "+" else (a - b) % 10
+
+
+def sample_problem(rng: random.Random, level: int) -> Problem:
+    n_vars, n_ops = LEVELS[level]
+    names = rng.sample(VARIABLES, n_vars)
+    values = {n: rng.randrange(10) for n in names}
+    terms = tuple(rng.choice(names) for _ in range(n_ops + 1))
+    ops = tuple(rng.choice("+-") for _ in range(n_ops))
+    uid = f"L{level}-" + "".join(f"{k}{v}" for k, v in values.items()) + "-" + "".join(
+        t + o for t, o in zip(terms, ops + ("",))
+    )
+    return Problem(values, terms, ops, level, uid)
+
+
+@dataclass
+class ThinkingStyle:
+    """Sampling knobs for synthetic thinking traces."""
+
+    slip_rate: float = 0.08  # chance that a step first gets a wrong result, then corrects it
+    verbose_share: float = 0.5
+
+
+@dataclass
+class Thought:
+    """A synthetic thinking text with its style and where the answer was first reached."""
+
+    text: str
+    style: str
+    n_slips: int = 0
+    meta: dict = field(default_factory=dict)
+
+
+def _step(rng: random.Random, a: int, op: str, b: int, slip_rate: float, verbose: bool) -> tuple[str, int]:
+    c = apply(a, op, b)
+    prefix = "so:" if verbose else ""
+    if rng.random() < slip_rate:
+        wrong = (c + rng.choice([1, 2, 3, 7, 8, 9])) % 10
+        return f"{prefix}{a}{op}{b}={wrong}. wait, {a}{op}{b}={wrong} is wrong. so:{a}{op}{b}={c}.", 1
+    return f"{prefix}{a}{op}{b}={c}.", 0
+
+
+def think(problem: Problem, rng: random.Random, style: str, slip_rate: float = 0.08) -> Thought:
+    """Write the thinking for ``problem`` in ``style`` (``concise`` or ``verbose``)."""
+    verbose = style == "verbose"
+    v = problem.values
+    parts: list[str] = []
+    slips = 0
+    acc = v[problem.terms[0]]
+    if verbose:
+        parts.append(f"let me work this out step by step. first, {problem.terms[0]}={acc}.")
+    else:
+        parts.append(f"{problem.terms[0]}={acc}.")
+    for op, t in zip(problem.ops, problem.terms[1:]):
+        word = "add" if op == "+" else "subtract"
+        text, s = _step(rng, acc, op, v[t], slip_rate, verbose)
+        parts.append(f"next we {word} {t}, and {t}={v[t]}; {text}" if verbose else f"{t}={v[t]};{text}")
+        slips += s
+        acc = apply(acc, op, v[t])
+    answer_at = len(" ".join(parts))
+    if verbose:
+        parts.append(f"so the answer is:{acc}. hmm, let me check that again to be sure.")
+        chk = v[problem.terms[0]]
+        parts.append(f"{problem.terms[0]}={chk}.")
+        for op, t in zip(problem.ops, problem.terms[1:]):
+            nxt = apply(chk, op, v[t])
+            parts.append(f"{t}={v[t]};{chk}{op}{v[t]}={nxt}.")
+            chk = nxt
+        parts.append(f"yes, the answer is:{acc}.")
+    return Thought(" ".join(parts), style, slips, {"answer_reached_at_char": answer_at})
+
+
+def worked_notes(problem: Problem, rng: random.Random, slip_rate: float = 0.15) -> str:
+    """Base-model pretraining text: the same reasoning moves, detached from any question."""
+    v = problem.values
+    parts = ["notes:"]
+    acc = v[problem.terms[0]]
+    parts.append(f"{problem.terms[0]}={acc}.")
+    for op, t in zip(problem.ops, problem.terms[1:]):
+        text, _ = _step(rng, acc, op, v[t], slip_rate, rng.random() < 0.5)
+        parts.append(f"{t}={v[t]};{text}")
+        acc = apply(acc, op, v[t])
+    if rng.random() < 0.5:
+        parts.append(f"let me check that again. so the answer is:{acc}.")
+    return " ".join(parts)
+
+
+def problems(n: int, seed: int, levels: tuple[int, ...] = tuple(LEVELS)) -> list[Problem]:
+    """``n`` problems spread evenly over ``levels``, reproducible from ``seed``."""
+    rng = random.Random(seed)
+    return [sample_problem(rng, levels[i % len(levels)]) for i in range(n)]
+
+
+def corpus(n_per_level: int = 60, seed: int = 0) -> list[str]:
+    """Every kind of text the task produces (questions, both styles, slips, notes), for the tokenizer."""
+    rng = random.Random(seed)
+    texts = []
+    for level in LEVELS:
+        for _ in range(n_per_level):
+            p = sample_problem(rng, level)
+            texts.append(p.question)
+            texts.extend(think(p, rng, style, slip_rate=0.5).text for style in STYLES)
+            texts.append(worked_notes(p, rng, slip_rate=0.5))
+    return texts

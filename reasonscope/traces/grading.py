@@ -1,0 +1,223 @@
+"""Answer extraction and grading: one grader per dataset (GSM8K, MATH, organism tasks)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from typing import Callable
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_INTEGER = re.compile(r"-?\d+")
+
+
+def _canonical_number(s: str) -> str | None:
+    """``"1,000" -> "1000"``, ``"3.50" -> "3.5"``, ``"-0" -> "0"``; ``None`` if not a number."""
+    s = s.replace(",", "").strip()
+    try:
+        d = Decimal(s)
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def extract_gsm8k(text: str) -> str | None:
+    """The number after the last ``####``, commas removed and normalised; ``None`` if absent."""
+    if "####" not in text:
+        return None
+    m = _NUMBER.search(text.rsplit("####", 1)[1].replace("$", ""))
+    return _canonical_number(m.group()) if m else None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces) or ``\\boxed 5``."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
+    if i < len(text) and text[i] == "{":
+        depth, j = 0, i
+        while j < len(text):
+            c = text[j]
+            if c == "\\":  # skip escaped characters such as \{ and \}
+                j += 2
+                continue
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[i + 1 : j].strip()
+            j += 1
+        return None  # unbalanced: the box was cut off
+    if i < len(text) and text[i] == " ":  # "\boxed 5": up to whitespace or "$"
+        m = re.match(r"\s*([^\s$]+)", text[i:])
+        return m.group(1) if m else None
+    return None
+
+
+def extract_organism(text: str) -> str | None:
+    """The first integer after ``</think>`` if present, else the first integer in ``text``."""
+    if "</think>" in text:
+        text = text.split("</think>", 1)[1]
+    m = _INTEGER.search(text)
+    return str(int(m.group())) if m else None
+
+
+# ---------------------------------------------------------------------------- MATH normalisation
+
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+_UNIT_WORDS = (
+    r"(?:units?|sq(?:uare)?\s*units?|cm|centimeters?|m|meters?|km|inch(?:es)?|in|feet|ft|foot|"
+    r"miles?|yards?|degrees?|dollars?|cents?|hours?|minutes?|seconds?|days?|weeks?|years?|"
+    r"mph|pounds?|ounces?|grams?|kg|liters?|gallons?)"
+)
+_TRAILING_UNIT = re.compile(r"\\(?:text|mbox|mathrm)\s*\{\s*" + _UNIT_WORDS + r"\s*\}(\^\{?\d\}?)?$")
+
+
+def _brace_arg(s: str, i: int) -> tuple[str, int]:
+    """The argument starting at ``s[i]``: a ``{...}`` group, a command or a single character."""
+    if i < len(s) and s[i] == "{":
+        depth = 0
+        for j in range(i, len(s)):
+            depth += (s[j] == "{") - (s[j] == "}")
+            if depth == 0:
+                return s[i : j + 1], j + 1
+        return s[i:], len(s)
+    if i < len(s) and s[i] == "\\":  # a command such as \pi
+        m = re.match(r"\\[A-Za-z]+|\\.", s[i:])
+        end = i + (m.end() if m else 1)
+        return "{" + s[i:end] + "}", end
+    return ("{" + s[i] + "}", i + 1) if i < len(s) else ("{}", i)
+
+
+def _fix_frac_sqrt(s: str) -> str:
+    """``\\frac12 -> \\frac{1}{2}``, ``\\sqrt3 -> \\sqrt{3}`` (bare single-character arguments)."""
+    out, i = [], 0
+    while i < len(s):
+        for cmd, nargs in (("\\frac", 2), ("\\sqrt", 1)):
+            if s.startswith(cmd, i) and not s[i + len(cmd) : i + len(cmd) + 1].isalpha():
+                j = i + len(cmd)
+                if cmd == "\\sqrt" and s[j : j + 1] == "[" and (k := s.find("]", j)) > 0:  # \sqrt[n]{x}
+                    out.append(s[i : k + 1])
+                    j = k + 1
+                else:
+                    out.append(cmd)
+                for _ in range(nargs):
+                    arg, j = _brace_arg(s, j)
+                    out.append(arg)
+                i = j
+                break
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def normalize_math(s: str) -> str:
+    """Canonical string form of a MATH answer (LaTeX noise, units, spacing and number formats)."""
+    s = s.strip().replace("\n", "").rstrip(".")
+    s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "").replace("\\ ", "")
+    s = s.replace("\\displaystyle", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\\left\s*|\\right\s*", "", s)
+    s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°", "", s)
+    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
+    s = _TRAILING_UNIT.sub("", s.strip()).strip()
+    s = _TEXT_CMD.sub(r"\1", s)  # \text{(C)} -> (C), \mbox{ cm} -> cm
+    s = re.sub(r"(\d)\s+" + _UNIT_WORDS + r"(\^\{?\d\}?)?$", r"\1", s)  # "15 cm^2" -> "15"
+    # "x = 5" / "k=5" -> "5" when the left side is a short variable name
+    if s.count("=") == 1:
+        lhs, rhs = s.split("=")
+        if len(lhs.strip()) <= 2 and re.fullmatch(r"\s*\\?[A-Za-z]*\s*", lhs):
+            s = rhs
+    s = s.replace(" ", "")
+    s = _fix_frac_sqrt(s)
+    s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)  # ".5" -> "0.5"
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # thousands separators
+        s = s.replace(",", "")
+    s = s.replace("{,}", "")
+    if re.fullmatch(r"-?\d+\.\d+|-?\d+", s):  # "3.50" -> "3.5", "5.0" -> "5"
+        s = _canonical_number(s) or s
+    m = re.fullmatch(r"(-?)(\d+)/(\d+)", s)  # "1/2" -> "\frac{1}{2}"
+    if m:
+        s = f"{m.group(1)}\\frac{{{m.group(2)}}}{{{m.group(3)}}}"
+    return s
+
+
+def _as_fraction(s: str) -> Fraction | None:
+    """Exact value of a normalised plain number or ``\\frac{a}{b}``, else ``None``."""
+    m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
+    try:
+        if m:
+            v = Fraction(int(m.group(2)), int(m.group(3)))
+            return -v if m.group(1) else v
+        if re.fullmatch(r"-?\d+(\.\d+)?", s):
+            return Fraction(Decimal(s))
+    except (ZeroDivisionError, ValueError):
+        return None
+    return None
+
+
+def math_equal(pred: str | None, gold: str | None) -> bool:
+    """True if both normalise to the same string or to the same exact number."""
+    if pred is None or gold is None:
+        return False
+    a, b = normalize_math(pred), normalize_math(gold)
+    if a == b:
+        return True
+    fa, fb = _as_fraction(a), _as_fraction(b)
+    return fa is not None and fa == fb
+
+
+def _number_equal(pred: str | None, gold: str | None) -> bool:
+    if pred is None or gold is None:
+        return False
+    a, b = _canonical_number(pred), _canonical_number(gold)
+    return a is not None and a == b
+
+
+def _gsm8k_answer(text: str) -> str | None:
+    """``#### n`` if present, else the number in the last ``\\boxed{}`` (model outputs)."""
+    ans = extract_gsm8k(text)
+    if ans is None and (boxed := extract_boxed(text)) is not None:
+        m = _NUMBER.search(boxed.replace("$", "").replace("\\!", ""))
+        ans = _canonical_number(m.group()) if m else None
+    return ans
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Grader:
+    """How one dataset's answers are read (``extract``) and compared (``is_correct``)."""
+
+    name: str
+    extract: Callable[[str], str | None]
+    is_correct: Callable[[str | None, str | None], bool]
+
+
+GRADERS: dict[str, Grader] = {
+    "gsm8k": Grader("gsm8k", _gsm8k_answer, _number_equal),
+    "math": Grader("math", extract_boxed, math_equal),
+    "organism": Grader("organism", extract_organism, _number_equal),
+}
+
+
+def get_grader(dataset: str) -> Grader:
+    """The grader for ``dataset``; ``ValueError`` naming the valid ones otherwise."""
+    try:
+        return GRADERS[dataset]
+    except KeyError:
+        raise ValueError(f"unknown dataset {dataset!r}; valid: {sorted(GRADERS)}") from None
+
+
+def grade(dataset: str, text: str, gold: str) -> bool:
+    """Extract the answer from a model ``text`` and compare it with ``gold``."""
+    g = get_grader(dataset)
+    return g.is_correct(g.extract(text), gold)

@@ -1,0 +1,1 @@
+"""Steering reasoning models (ASC, hybrid base/thinking steering) and vector export."""

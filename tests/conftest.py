@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random Qwen2 (GQA) model directory and organism-task traces for it."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ORGANISMS_READY = (Path(__file__).resolve().parents[1] / "reasonscope/organisms/weights/thinking/config.json").exists()
+organisms = pytest.mark.skipif(not ORGANISMS_READY, reason="organism weights not trained (reasonscope organism train)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Qwen2 with 4 query / 2 KV heads and the organism tokenizer, saved like a hub model."""
+    from reasonscope.organisms.tokenizer import build_tokenizer
+    from reasonscope.organisms.train import OrganismArch, make_model
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    arch = OrganismArch(hidden_size=32, num_hidden_layers=2, intermediate_size=64, max_position_embeddings=512)
+    model = make_model(len(tok), arch, tok.pad_token_id, tok.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny") / "tiny-qwen2"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_handle(tiny_model_dir):
+    from reasonscope.models import load_model
+
+    return load_model(tiny_model_dir)
+
+
+def make_task_traces(tokenizer, n: int, seed: int = 0):
+    """Segmented organism-task traces (prompt, thinking, answer) of varied lengths, no model needed."""
+    from reasonscope.organisms import task
+    from reasonscope.organisms.tokenizer import ASSISTANT, THINK_START, USER
+    from reasonscope.traces.record import Trace
+    from reasonscope.traces.segment import segment_trace
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        p = task.sample_problem(rng, 1 + i % 3)
+        th = task.think(p, rng, "concise" if i % 2 else "verbose")
+        t = Trace(id=f"t{i}", prompt=f"{USER} {p.question} {ASSISTANT} {THINK_START}", thinking=th.text,
+                  answer=str(p.answer), gold=str(p.answer), source="test")
+        out.append(segment_trace(t, tokenizer, min_chars=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def task_traces(tiny_handle):
+    return make_task_traces(tiny_handle.tokenizer, 12)
