@@ -153,5 +153,62 @@ def demo(
     Console().print(f"traces written to {out}/")
 
 
+def expand_hooks(patterns: str, valid: list[str]) -> list[str]:
+    """Comma-separated names or globs (``blocks.*.hook_resid_post``) -> hook names, in model order."""
+    import fnmatch
+
+    out: list[str] = []
+    for pat in [p.strip() for p in patterns.split(",") if p.strip()]:
+        hits = [n for n in valid if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            from .hooks import parse_hook
+
+            parse_hook(pat, int(valid[-1].split(".")[1]) + 1)  # raises with the valid names / layer range
+        out += [h for h in hits if h not in out]
+    return out
+
+
+@app.command("capture")
+def capture_cmd(
+    model: str = typer.Option(..., help="Local directory, hub id, or organism:thinking|base."),
+    traces: Path = typer.Option(..., help="Traces JSONL (from `reasonscope traces generate`)."),
+    hooks: str = typer.Option("blocks.*.hook_resid_post", help="Comma-separated hook names or globs."),
+    positions: str = typer.Option("think", help="all | think | segment_ends | last | spans"),
+    out: Path = typer.Option(..., help="Activation store directory (resumed if it exists for this job)."),
+    dtype: str = typer.Option("float32", help="Storage dtype: float32 | bfloat16 | float16."),
+    model_dtype: str = typer.Option("float32", help="Compute dtype of the model."),
+    backend: str = typer.Option("hf", help="hf | transformer_lens | nnsight"),
+    device_map: Optional[str] = typer.Option(None, help="'auto' to spread a large model over GPUs."),
+    token_budget: int = 8192,
+    shard_size: int = 64,
+    workers: int = typer.Option(0, help="Ray workers (0 = capture in this process)."),
+) -> None:
+    """Capture activations of traces into a sharded, resumable activation store."""
+    from .capture import CaptureConfig, capture
+    from .models import load_model
+    from .traces.loaders import read_traces_jsonl
+
+    rows = read_traces_jsonl(traces)
+    attn = "eager" if "hook_pattern" in hooks else None
+    handle = load_model(model, backend=backend, dtype=model_dtype, device_map=device_map, attn_implementation=attn)
+    try:
+        names = expand_hooks(hooks, handle.hook_names)
+    except ValueError as e:
+        _fail(str(e))
+    cfg = CaptureConfig(hooks=names, positions=positions, dtype=dtype, token_budget=token_budget,
+                        shard_size=shard_size)
+    try:
+        if workers > 0:
+            from .distributed import capture_distributed
+
+            load_kwargs = dict(backend=backend, dtype=model_dtype, attn_implementation=attn)
+            store = capture_distributed(model, rows, cfg, str(out), num_workers=workers, load_kwargs=load_kwargs)
+        else:
+            store = capture(handle, rows, cfg, str(out), progress=True)
+    except ValueError as e:
+        _fail(str(e))
+    console.print(f"store {out}: {len(store)} rows x {len(names)} hooks, {store.n_shards} shards, dtype {dtype}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()

@@ -221,11 +221,7 @@ class ActivationStore:
                 raise ValueError(f"store at {path} " + "; ".join(diffs) + "; use another --out or delete it")
             if not resume:
                 raise FileExistsError(f"store at {path} already exists for this job; resume it or delete it")
-            store = cls(path, old)
-            tmp_dir = path / SHARD_DIR
-            for p in tmp_dir.glob(".shard-*.tmp") if tmp_dir.is_dir() else []:
-                p.unlink(missing_ok=True)  # leftovers of a killed writer (single writer per store)
-            return store
+            return cls(path, old)  # leftovers of a killed writer are removed by finalize()
         if path.exists():
             if not path.is_dir():
                 raise ValueError(f"{path} exists and is not a directory")
@@ -393,6 +389,8 @@ class ActivationStore:
         for i in range(self.n_shards):
             with self._open_shard(i):
                 pass
+        for p in (self.path / SHARD_DIR).glob(".shard-*.tmp"):  # temp files of killed writers
+            p.unlink(missing_ok=True)
         if not self.manifest.complete:
             self.manifest.complete = True
             write_json(self.path / MANIFEST, self.manifest.to_dict())

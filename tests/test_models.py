@@ -1,0 +1,146 @@
+"""load_model, hook naming and the three backends on a tiny random GQA model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from reasonscope.hooks import HOOK_SPECS, attach, hook_names, parse_hook
+from reasonscope.models import Geometry, ModelNotFoundError, load_model
+
+from conftest import organisms
+
+HOOKS = [f"blocks.{layer}.{kind}" for layer in (0, 1) for kind in HOOK_SPECS if kind != "attn.hook_pattern"]
+
+
+def batch(handle, texts):
+    enc = handle.tokenizer(texts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def run_all(handle, ids, mask, names):
+    got = {}
+    logits = handle.run(ids, mask, hooks={n: (lambda n: lambda x: got.__setitem__(n, x.detach().clone()))(n)
+                                          for n in names})
+    got["logits"] = logits.detach()
+    return got
+
+
+def test_geometry_and_markers(tiny_handle):
+    g = tiny_handle.geometry
+    assert g == Geometry(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_model=32)
+    assert g.group_size == 2
+    start, end = tiny_handle.think_ids
+    assert tiny_handle.tokenizer.convert_ids_to_tokens([start, end]) == ["<think>", "</think>"]
+    assert tiny_handle.chat_prompt("a=1. what is a?").endswith("<think>")
+    assert len(tiny_handle.hook_names) == 2 * len(HOOK_SPECS)
+
+
+def test_hook_shapes_follow_conventions(tiny_handle):
+    ids, mask = batch(tiny_handle, ["a=3, b=4. what is a + b?", "a=3?"])
+    got = run_all(tiny_handle, ids, mask, HOOKS)
+    hf = tiny_handle.model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                           output_hidden_states=True)
+    # layer N = output of block N = HF hidden_states[N + 1] (the last one is after the final norm)
+    assert torch.allclose(got["blocks.0.hook_resid_post"], hf.hidden_states[1], atol=1e-6)
+    assert torch.allclose(got["blocks.1.hook_resid_pre"], hf.hidden_states[1], atol=1e-6)
+    assert got["blocks.1.attn.hook_z"].shape == (*ids.shape, 4, 8)
+    resid = got["blocks.0.hook_resid_pre"] + got["blocks.0.hook_attn_out"] + got["blocks.0.hook_mlp_out"]
+    assert torch.allclose(resid, got["blocks.0.hook_resid_post"], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+def test_backends_agree_with_plain_hf(tiny_model_dir, tiny_handle, backend):
+    texts = ["a=3, b=4, c=1. what is a + b - c?", "d=2. what is d?"]  # left padding in row 2
+    ids, mask = batch(tiny_handle, texts)
+    ref = run_all(tiny_handle, ids, mask, HOOKS)
+    other = run_all(load_model(tiny_model_dir, backend=backend), ids, mask, HOOKS)
+    m = mask.bool()
+    for name in ref:
+        assert torch.allclose(other[name][m], ref[name][m], atol=1e-5), name
+
+
+def test_attention_pattern_needs_eager(tiny_model_dir):
+    h = load_model(tiny_model_dir, attn_implementation="eager")
+    ids, mask = batch(h, ["a=3, b=4. what is a + b?"])
+    got = run_all(h, ids, mask, ["blocks.1.attn.hook_pattern"])
+    pattern = got["blocks.1.attn.hook_pattern"]
+    assert pattern.shape == (1, 4, ids.shape[1], ids.shape[1])
+    assert torch.allclose(pattern.sum(-1), torch.ones(1, 4, ids.shape[1]), atol=1e-5)
+    assert torch.all(pattern.triu(1) == 0)  # causal
+
+
+def test_hook_replacement_steers_downstream(tiny_handle):
+    ids, mask = batch(tiny_handle, ["a=3, b=4. what is a + b?"])
+    base = tiny_handle.run(ids, mask)
+    v = torch.randn(32)
+    steered = tiny_handle.run(ids, mask, hooks={"blocks.0.hook_resid_post": lambda x: x + 5 * v})
+    assert not torch.allclose(base, steered)
+    again = tiny_handle.run(ids, mask)
+    assert torch.equal(base, again)  # hooks are gone after the pass
+
+
+def test_hooks_removed_when_forward_raises(tiny_handle):
+    ids, mask = batch(tiny_handle, ["a=3?"])
+    count = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny_handle.model.modules())  # noqa: E731
+    before = count()
+
+    def boom(x):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        tiny_handle.run(ids, mask, hooks={"blocks.1.hook_mlp_out": boom})
+    assert count() == before
+    with pytest.raises(RuntimeError):
+        with attach(tiny_handle.model, {"blocks.0.hook_resid_pre": boom}, 2, 4):
+            assert count() == before + 1
+            tiny_handle.model(ids)
+    assert count() == before
+
+
+def test_bad_hook_names():
+    with pytest.raises(ValueError, match="valid names"):
+        parse_hook("blocks.0.resid", 2)
+    with pytest.raises(ValueError, match="layers 0..1"):
+        parse_hook("blocks.7.hook_resid_post", 2)
+    assert "blocks.1.hook_mlp_out" in hook_names(2)
+
+
+def test_dtype_and_device(tiny_model_dir):
+    h = load_model(tiny_model_dir, dtype="bf16", device="cpu")
+    assert next(h.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load_model(tiny_model_dir, dtype="int3")
+    with pytest.raises(ValueError, match="unknown backend"):
+        load_model(tiny_model_dir, backend="jax")
+
+
+def test_unknown_sources_fail_fast_with_what_was_tried(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t = time.time()
+    with pytest.raises(ModelNotFoundError) as e:
+        load_model("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
+    assert time.time() - t < 10
+    msg = str(e.value)
+    assert "hub: unreachable" in msg and "local directory" in msg and "organism:thinking" in msg
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="unknown organism"):
+        load_model("organism:wizard")
+
+
+@organisms
+@pytest.mark.parametrize("kind", ["thinking", "base"])
+def test_organisms_load_offline_in_all_backends(kind):
+    hf = load_model(f"organism:{kind}")
+    g = hf.geometry
+    assert g.n_kv_heads < g.n_heads
+    ids, mask = batch(hf, [hf.chat_prompt("a=3, b=4. what is a + b?"), hf.chat_prompt("c=1. what is c?")])
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(g.n_layers)]
+    ref = run_all(hf, ids, mask, names)
+    for backend in ("transformer_lens", "nnsight"):
+        other = run_all(load_model(f"organism:{kind}", backend=backend), ids, mask, names)
+        for n in names:
+            assert torch.allclose(other[n][mask.bool()], ref[n][mask.bool()], atol=1e-4), (backend, n)
