@@ -99,15 +99,14 @@ def traces_generate(
     from .models import load_model
     from .traces.generate import GenerationConfig, generate_traces
     from .traces.loaders import write_traces_jsonl
-    from .traces.segment import segment_trace
 
     handle = load_model(model, dtype=dtype)
     prompts, ids, golds, grader, metas = _load_prompts(handle, dataset, n)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
-    traces = generate_traces(handle, prompts, cfg, ids=ids, golds=golds, grader=grader, source=model, progress=True)
+    traces = generate_traces(handle, prompts, cfg, ids=ids, golds=golds, grader=grader, source=model, progress=True,
+                             min_chars=0 if grader == "organism" else 10)
     for t, m in zip(traces, metas):
         t.meta.update(m)
-    traces = [segment_trace(t, handle.tokenizer, min_chars=0 if grader == "organism" else 10) for t in traces]
     write_traces_jsonl(out, traces)
     acc = sum(bool(t.grade) for t in traces) / max(1, len(traces))
     console.print(f"wrote {len(traces)} traces to {out}; accuracy {acc:.3f}; "
@@ -124,7 +123,6 @@ def demo(
     from .organisms import task
     from .organisms.evaluate import EvalConfig, organism_traces, style_of, summarize, think_tokens
     from .traces.loaders import write_traces_jsonl
-    from .traces.segment import segment_trace
 
     problems = task.problems(n, seed=2024)
     cfg = EvalConfig(n_problems=n)
@@ -135,7 +133,6 @@ def demo(
     for kind in ("thinking", "base"):
         handle = load_model(f"organism:{kind}")
         traces = organism_traces(handle, problems, 0.0, cfg, progress=True)
-        traces = [segment_trace(t, handle.tokenizer, min_chars=0) for t in traces]
         write_traces_jsonl(out / f"traces_{kind}.jsonl", traces)
         s = summarize(traces)
         table.add_row(kind, f"{s['accuracy']:.2f}", *[f"{v:.2f}" for v in s["accuracy_by_difficulty"].values()],

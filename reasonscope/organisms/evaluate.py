@@ -34,7 +34,7 @@ def organism_traces(handle, problems: list[task.Problem], temperature: float, cf
                            batch_size=cfg.batch_size, seed=seed)
     traces = generate_traces(handle, prompts, gen, ids=[p.uid for p in problems],
                              golds=[str(p.answer) for p in problems], grader="organism", source="organism",
-                             progress=progress)
+                             progress=progress, min_chars=0)
     for t, p in zip(traces, problems):
         t.meta.update(level=p.level, style=style_of(t.thinking) if t.think_span else None)
     return traces

@@ -51,12 +51,18 @@ def generate_traces(
     grader: str | None = None,
     source: str = "generated",
     progress: bool = False,
+    min_chars: int = 10,
 ) -> list[Trace]:
     """Generate one trace per prompt (already chat-formatted, e.g. ``handle.chat_prompt(q)``).
 
     Prompts are sorted by length into batches to limit padding; output order equals input order.
+    Thinking traces are segmented (sentences shorter than ``min_chars`` merge into the next) and
+    their ``token_ids`` are the tokenization of their text, so spans always index real text
+    (``meta["sampled_ids_differ"]`` marks the rare sample that was not the canonical tokenization).
     With ``grader`` and ``golds``, each trace is graded (see :mod:`reasonscope.traces.grading`).
     """
+    from .segment import segment_trace
+
     tok, model = handle.tokenizer, handle.model
     ids = list(ids) if ids is not None else [f"trace-{i}" for i in range(len(prompts))]
     golds = list(golds) if golds is not None else [None] * len(prompts)
@@ -85,7 +91,13 @@ def generate_traces(
             new = gen[row, width:].tolist()
             opened = prompts[i].rstrip().endswith(handle.think_start)
             parts = split_generation(handle, encoded[i], new, opened)
-            out[i] = Trace(id=ids[i], prompt=prompts[i], gold=golds[i], source=source, **parts)
+            t = Trace(id=ids[i], prompt=prompts[i], gold=golds[i], source=source, **parts)
+            if t.think_span is not None:
+                sampled = t.token_ids
+                t.token_ids, t.think_span = [], None
+                t = segment_trace(t, tok, min_chars=min_chars)
+                t.meta["sampled_ids_differ"] = t.token_ids != sampled
+            out[i] = t
     if grader is not None:
         from .grading import GRADERS
 

@@ -1,0 +1,151 @@
+"""Capture throughput and peak memory: plain forward vs reasonscope vs TransformerBridge vs nnsight.
+
+Usage: python bench/capture.py [--shape small|1.5b] [--batch 8] [--seq 512] [--batches 4]
+
+Same random-weight model, same tokens, same batch for every method; the residual stream of every
+layer is captured. Each method runs in its own subprocess so that its peak memory is its own
+(CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS). Shapes: ``1.5b`` is the real
+DeepSeek-R1-Distill-Qwen-1.5B / Qwen2-1.5B config from ../shared/data (bf16 on GPU), ``small``
+a narrower Qwen2 with the same vocabulary for CPU runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN2 = ROOT.parent / "shared" / "data" / "tokenizers" / "qwen2"
+METHODS = {
+    "a": "plain forward (HF, no hooks)",
+    "b": "reasonscope capture -> host memory",
+    "c": "reasonscope capture -> store on disk",
+    "d": "TransformerBridge run_with_cache(names_filter)",
+    "e": "nnsight trace + .save() every layer",
+}
+
+
+def build_model_dir(shape: str, out: Path) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from reasonscope.traces.loaders import qwen2_tokenizer
+
+    cfg = AutoConfig.from_pretrained(QWEN2)
+    if shape == "small":
+        cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 512, 1536, 8
+        cfg.num_attention_heads, cfg.num_key_value_heads = 8, 2
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(out)
+    qwen2_tokenizer(QWEN2).save_pretrained(out)
+    return out
+
+
+def run_method(method: str, model_dir: str, batch: int, seq: int, batches: int, device: str, dtype: str) -> dict:
+    from reasonscope.models import load_model
+
+    cuda = device == "cuda"
+    backend = {"d": "transformer_lens", "e": "nnsight"}.get(method, "hf")
+    h = load_model(model_dir, backend=backend, dtype=dtype, device=device)
+    n_layers = h.geometry.n_layers
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 150000, (batch, seq), generator=g) for _ in range(batches)]
+    mask = torch.ones(batch, seq, dtype=torch.long)
+
+    from reasonscope.capture import CaptureConfig, capture, capture_batch
+    from reasonscope.traces.record import Trace
+
+    cfg = CaptureConfig(hooks=names, positions="all", dtype="float32" if dtype == "float32" else "bfloat16",
+                        token_budget=batch * seq, shard_size=batch)
+
+    def step(x: torch.Tensor, k: int) -> None:
+        if method == "a":
+            with torch.inference_mode():
+                h.model(input_ids=x.to(h.device), attention_mask=mask.to(h.device))
+        elif method == "b":
+            traces = [Trace(id=f"{k}-{i}", prompt="", thinking="", answer="", token_ids=x[i].tolist(),
+                            think_span=(0, seq)) for i in range(batch)]
+            capture_batch(h, traces, [torch.arange(seq)] * batch, cfg)
+        elif method == "c":
+            pass  # whole job below
+        elif method == "d":
+            with torch.inference_mode():
+                _, cache = h.wrapper.run_with_cache(x.to(h.device), names_filter=lambda n: n in names)
+            del cache
+        elif method == "e":
+            with torch.inference_mode(), h.wrapper.trace(x.to(h.device)):
+                saved = [h.wrapper.model.layers[layer].output.save() for layer in range(n_layers)]
+            del saved
+
+    step(ids[0], -1)  # warm-up (allocator, kernels)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    if method == "c":
+        traces = [Trace(id=f"{k}-{i}", prompt="", thinking="", answer="", token_ids=ids[k][i].tolist(),
+                        think_span=(0, seq)) for k in range(batches) for i in range(batch)]
+        with tempfile.TemporaryDirectory() as d:
+            capture(h, traces, cfg, str(Path(d) / "store"))
+            if cuda:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t
+    else:
+        for k, x in enumerate(ids):
+            step(x, k)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"tokens_per_s": batch * seq * batches / elapsed, "peak_gib": peak / 2**30, "seconds": elapsed}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=["small", "1.5b"], default="small")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batches", type=int, default=3)
+    p.add_argument("--methods", default="abcde")
+    p.add_argument("--_run", help=argparse.SUPPRESS)
+    p.add_argument("--_dir", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    if a._run:
+        print(json.dumps(run_method(a._run, a._dir, a.batch, a.seq, a.batches, device, dtype)))
+        return
+    with tempfile.TemporaryDirectory() as d:
+        model_dir = build_model_dir(a.shape, Path(d) / "model")
+        rows = {}
+        for m in a.methods:
+            cmd = [sys.executable, __file__, "--_run", m, "--_dir", str(model_dir), "--batch", str(a.batch),
+                   "--seq", str(a.seq), "--batches", str(a.batches)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(res.stderr[-2000:], file=sys.stderr)
+                raise SystemExit(f"method {m} failed")
+            rows[m] = json.loads(res.stdout.strip().splitlines()[-1])
+    base = rows.get("a", {}).get("tokens_per_s")
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"\ncapture benchmark: shape={a.shape} device={name} dtype={dtype} batch={a.batch} seq={a.seq} "
+          f"batches={a.batches}, residual stream of every layer")
+    print(f"| method | tokens/s | x plain forward | peak memory (GiB, {'CUDA' if device == 'cuda' else 'RSS'}) |")
+    print("|---|---:|---:|---:|")
+    for m, r in rows.items():
+        rel = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
+        print(f"| ({m}) {METHODS[m]} | {r['tokens_per_s']:,.0f} | {rel} | {r['peak_gib']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

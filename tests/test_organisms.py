@@ -1,0 +1,83 @@
+"""The organisms: task generator, tokenizer, a training smoke run, and the shipped models end to end."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from reasonscope.organisms import task
+from reasonscope.organisms.evaluate import EvalConfig, organism_traces, style_of, summarize, think_tokens
+from reasonscope.organisms.tokenizer import build_tokenizer
+
+from conftest import organisms
+
+
+def test_task_arithmetic_and_determinism():
+    p = task.Problem({"a": 3, "b": 9, "c": 5}, ("a", "b", "c"), ("+", "-"), 1)
+    assert p.partials == [3, 2, 7] and p.answer == 7
+    assert p.question == "a=3, b=9, c=5. what is a + b - c?"
+    assert task.problems(20, seed=1) == task.problems(20, seed=1)
+    assert task.problems(20, seed=1) != task.problems(20, seed=2)
+
+
+def test_styles_slips_and_overthinking():
+    rng = random.Random(0)
+    p = task.sample_problem(rng, 5)
+    concise = task.think(p, rng, "concise", slip_rate=0.0)
+    verbose = task.think(p, rng, "verbose", slip_rate=0.0)
+    assert style_of(verbose.text) == "verbose" and style_of(concise.text) == "concise"
+    tok = build_tokenizer()
+    assert len(tok(verbose.text).input_ids) >= 2 * len(tok(concise.text).input_ids)
+    # the verbose style re-checks after the answer is reached (overthinking)
+    assert f"answer is:{p.answer}" in verbose.text[: verbose.meta["answer_reached_at_char"] + 40]
+    assert verbose.text.count(f"={p.answer}.") >= 2
+    slipped = task.think(p, rng, "concise", slip_rate=1.0)
+    assert slipped.n_slips == len(p.ops) and slipped.text.count("is wrong") == len(p.ops)
+    for line in slipped.text.split("wait, ")[1:]:  # every slip is corrected with the true result
+        wrong = line.split(" is wrong")[0]
+        a, rest = wrong.split("=")[0], wrong.split("=")[1]
+        assert f"so:{a}=" in line and f"so:{a}={rest}." not in line
+
+
+def test_tokenizer_round_trips_through_autotokenizer(tmp_path):
+    from transformers import AutoTokenizer, Qwen2Config
+
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    Qwen2Config(vocab_size=len(tok)).save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(again).__name__ == "Qwen2Tokenizer"
+    text = "<|user|>a=3, b=4. what is a + b?<|assistant|><think>a=3. b=4;3+4=7.</think>7<|end|>"
+    assert again(text).input_ids == tok(text).input_ids
+    assert again.decode(again(text).input_ids) == text
+    assert again.convert_ids_to_tokens(again("<think></think>").input_ids) == ["<think>", "</think>"]
+
+
+def test_training_smoke(tmp_path):
+    from reasonscope.models import load_model
+    from reasonscope.organisms.train import TrainConfig, train_organisms
+
+    cfg = TrainConfig(base_steps=2, thinking_steps=2, batch_size=2, log_every=1)
+    logs: list[str] = []
+    paths = train_organisms(cfg, tmp_path, log=logs.append)
+    assert any("[thinking] step 2/2" in m for m in logs)
+    h = load_model(paths["thinking"])
+    assert h.chat_prompt("a=1. what is a?").endswith("<think>")
+    assert not load_model(paths["base"]).chat_prompt("a=1. what is a?").endswith("<think>")
+
+
+@organisms
+def test_shipped_organisms_reason_and_differ():
+    from reasonscope.models import load_model
+
+    problems = task.problems(60, seed=99)
+    cfg = EvalConfig(n_problems=60, batch_size=60)
+    thinking = organism_traces(load_model("organism:thinking"), problems, 0.0, cfg)
+    base = organism_traces(load_model("organism:base"), problems, 0.0, cfg)
+    st, sb = summarize(thinking), summarize(base)
+    assert st["accuracy_by_difficulty"]["1"] >= 0.9
+    assert st["accuracy"] >= sb["accuracy"] + 0.1
+    hard = [t for t in thinking if t.meta["level"] == 5]
+    assert sum(think_tokens(t) for t in hard) / len(hard) >= 100
+    assert all(t.think_span is not None for t in thinking) and sb["mean_think_tokens"] < st["mean_think_tokens"]
