@@ -168,16 +168,14 @@ def _capture_shard(handle, traces: list[Trace], positions: list[torch.Tensor], c
         batch = pending.pop(0)
         try:
             got = capture_batch(handle, [traces[i] for i in batch], [positions[i] for i in batch], cfg)
-        except Exception as e:  # noqa: BLE001 - only OOM is retried
-            if not _is_oom(e) or len(batch) == 1 and budget <= 1:
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is retried, on smaller batches
+            if not _is_oom(e) or len(batch) == 1:
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             budget = max(1, budget // 2)
             lengths = [len(traces[i].token_ids) for i in batch]
             pending = [[batch[j] for j in sub] for sub in length_batches(lengths, budget)] + pending
-            if len(batch) == 1:
-                raise
             continue
         for h in cfg.hooks:
             for i, x in zip(batch, got[h]):

@@ -30,19 +30,18 @@ def organism_train(
     base_steps: Optional[int] = None,
     thinking_steps: Optional[int] = None,
     device: str = "auto",
+    only: Optional[str] = typer.Option(None, help="Train just one organism: base | thinking."),
 ) -> None:
-    """Train the base organism, then the thinking organism from it (seeded, reproducible)."""
-    import torch
-
+    """Train the base and thinking organisms (seeded per organism, reproducible)."""
     from .organisms.train import WEIGHTS_DIR, TrainConfig, train_organisms
 
     cfg = TrainConfig(seed=seed, device=device)
     cfg.base_steps = base_steps if base_steps is not None else cfg.base_steps
     cfg.thinking_steps = thinking_steps if thinking_steps is not None else cfg.thinking_steps
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-    paths = train_organisms(cfg, out or WEIGHTS_DIR, log=console.print)
-    console.print(f"saved: {paths['base']} and {paths['thinking']}")
+    if only not in (None, "base", "thinking"):
+        _fail(f"--only must be 'base' or 'thinking', not {only!r}")
+    paths = train_organisms(cfg, out or WEIGHTS_DIR, log=console.print, phases=(only,) if only else ("base", "thinking"))
+    console.print("saved: " + ", ".join(str(p) for p in paths.values()))
 
 
 @organism_app.command("eval")

@@ -16,7 +16,7 @@ from conftest import organisms
 def test_task_arithmetic_and_determinism():
     p = task.Problem({"a": 3, "b": 9, "c": 5}, ("a", "b", "c"), ("+", "-"), 1)
     assert p.partials == [3, 2, 7] and p.answer == 7
-    assert p.question == "a=3, b=9, c=5. what is a + b - c?"
+    assert p.question == "given a3, b9, c5. what is a + b - c?"
     assert task.problems(20, seed=1) == task.problems(20, seed=1)
     assert task.problems(20, seed=1) != task.problems(20, seed=2)
 
@@ -31,7 +31,7 @@ def test_styles_slips_and_overthinking():
     assert len(tok(verbose.text).input_ids) >= 2 * len(tok(concise.text).input_ids)
     # the verbose style re-checks after the answer is reached (overthinking)
     assert f"answer is:{p.answer}" in verbose.text[: verbose.meta["answer_reached_at_char"] + 40]
-    assert verbose.text.count(f"={p.answer}.") >= 2
+    assert verbose.text.count(f"={p.answer}.") >= 2 and p.terms[1] + str(p.values[p.terms[1]]) in concise.text
     slipped = task.think(p, rng, "concise", slip_rate=1.0)
     assert slipped.n_slips == len(p.ops) and slipped.text.count("is wrong") == len(p.ops)
     for line in slipped.text.split("wait, ")[1:]:  # every slip is corrected with the true result
@@ -68,16 +68,23 @@ def test_training_smoke(tmp_path):
 
 
 @organisms
-def test_shipped_organisms_reason_and_differ():
+def test_shipped_organisms_read_operands_back_and_think_longer_on_hard_items():
+    import re
+
     from reasonscope.models import load_model
 
     problems = task.problems(60, seed=99)
     cfg = EvalConfig(n_problems=60, batch_size=60)
     thinking = organism_traces(load_model("organism:thinking"), problems, 0.0, cfg)
     base = organism_traces(load_model("organism:base"), problems, 0.0, cfg)
-    st, sb = summarize(thinking), summarize(base)
-    assert st["accuracy_by_difficulty"]["1"] >= 0.9
-    assert st["accuracy"] >= sb["accuracy"] + 0.1
-    hard = [t for t in thinking if t.meta["level"] == 5]
-    assert sum(think_tokens(t) for t in hard) / len(hard) >= 100
-    assert all(t.think_span is not None for t in thinking) and sb["mean_think_tokens"] < st["mean_think_tokens"]
+    assert not any(t.truncated for t in thinking) and all(t.think_span for t in thinking)
+    assert all(t.think_span is None for t in base)
+    # every "x<v>" the thinking writes must be x's value from the question, far back in the context
+    reads = [(m.group(1), int(m.group(2)), p) for t, p in zip(thinking, problems)
+             for m in re.finditer(r"\b([a-p])(\d)[.;]", t.thinking)]
+    assert len(reads) > 100
+    assert sum(p.values.get(x) == v for x, v, p in reads) / len(reads) >= 0.9
+    by_level = summarize(thinking)
+    easy = [think_tokens(t) for t in thinking if t.meta["level"] == 1]
+    hard = [think_tokens(t) for t in thinking if t.meta["level"] == 5]
+    assert sum(hard) / len(hard) > 2 * sum(easy) / len(easy) and by_level["truncated_fraction"] == 0

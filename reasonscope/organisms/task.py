@@ -5,8 +5,9 @@ such as ``a + c - f + h`` evaluated left to right modulo 10. Every step must rea
 back from the question, far from where the thinking is when it needs it, so a sink+recent
 KV window loses exactly the information the answer depends on.
 
-Texts write arithmetic compactly (``c=1;3+1=4.``) so that the Qwen2 byte-level BPE tokenizer
-spends one token per symbol, as on real models' math. Thinking comes in two
+Texts are compact (``given a3, c1. ... c1;3+1=4.``) so that the Qwen2 byte-level BPE tokenizer
+spends one token per symbol, and a variable token is directly followed by its value both in the
+question and in the thinking (one induction step reads a value back). Thinking comes in two
 styles: ``concise`` (bare steps) and ``verbose`` (the same steps in English, followed by a
 redundant full re-check after the answer is known: overthinking). Either style sometimes
 makes an arithmetic slip and corrects it ("wait , 3 + 1 = 5 is wrong ...": backtracking).
@@ -18,8 +19,8 @@ import random
 from dataclasses import dataclass, field
 
 VARIABLES = "abcdefghijklmnop"
-# (number of defined variables, number of operations) per difficulty level 1..5
-LEVELS: dict[int, tuple[int, int]] = {1: (4, 1), 2: (6, 3), 3: (8, 5), 4: (11, 8), 5: (14, 11)}
+# (number of defined variables, number of operations) per difficulty level 1..5; terms are distinct
+LEVELS: dict[int, tuple[int, int]] = {1: (4, 1), 2: (6, 2), 3: (8, 4), 4: (10, 6), 5: (12, 8)}
 STYLES = ("concise", "verbose")
 
 
@@ -35,9 +36,9 @@ class Problem:
 
     @property
     def question(self) -> str:
-        defs = ", ".join(f"{k}={v}" for k, v in self.values.items())
+        defs = ", ".join(f"{k}{v}" for k, v in self.values.items())
         expr = self.terms[0] + "".join(f" {o} {t}" for o, t in zip(self.ops, self.terms[1:]))
-        return f"{defs}. what is {expr}?"
+        return f"given {defs}. what is {expr}?"
 
     @property
     def partials(self) -> list[int]:
@@ -61,7 +62,7 @@ def sample_problem(rng: random.Random, level: int) -> Problem:
     n_vars, n_ops = LEVELS[level]
     names = rng.sample(VARIABLES, n_vars)
     values = {n: rng.randrange(10) for n in names}
-    terms = tuple(rng.choice(names) for _ in range(n_ops + 1))
+    terms = tuple(rng.sample(names, n_ops + 1))  # distinct: "which term comes next" is never ambiguous
     ops = tuple(rng.choice("+-") for _ in range(n_ops))
     uid = f"L{level}-" + "".join(f"{k}{v}" for k, v in values.items()) + "-" + "".join(
         t + o for t, o in zip(terms, ops + ("",))
@@ -104,23 +105,23 @@ def think(problem: Problem, rng: random.Random, style: str, slip_rate: float = 0
     slips = 0
     acc = v[problem.terms[0]]
     if verbose:
-        parts.append(f"let me work this out step by step. first, {problem.terms[0]}={acc}.")
+        parts.append(f"let me work this out step by step. first, {problem.terms[0]}{acc}.")
     else:
-        parts.append(f"{problem.terms[0]}={acc}.")
+        parts.append(f"first {problem.terms[0]}{acc}.")
     for op, t in zip(problem.ops, problem.terms[1:]):
         word = "add" if op == "+" else "subtract"
         text, s = _step(rng, acc, op, v[t], slip_rate, verbose)
-        parts.append(f"next we {word} {t}, and {t}={v[t]}; {text}" if verbose else f"{t}={v[t]};{text}")
+        parts.append(f"next we {word} {t}, and {t}{v[t]}; {text}" if verbose else f"{t}{v[t]};{text}")
         slips += s
         acc = apply(acc, op, v[t])
     answer_at = len(" ".join(parts))
     if verbose:
         parts.append(f"so the answer is:{acc}. hmm, let me check that again to be sure.")
         chk = v[problem.terms[0]]
-        parts.append(f"{problem.terms[0]}={chk}.")
+        parts.append(f"{problem.terms[0]}{chk}.")
         for op, t in zip(problem.ops, problem.terms[1:]):
             nxt = apply(chk, op, v[t])
-            parts.append(f"{t}={v[t]};{chk}{op}{v[t]}={nxt}.")
+            parts.append(f"{t}{v[t]};{chk}{op}{v[t]}={nxt}.")
             chk = nxt
         parts.append(f"yes, the answer is:{acc}.")
     return Thought(" ".join(parts), style, slips, {"answer_reached_at_char": answer_at})
@@ -131,10 +132,10 @@ def worked_notes(problem: Problem, rng: random.Random, slip_rate: float = 0.15) 
     v = problem.values
     parts = ["notes:"]
     acc = v[problem.terms[0]]
-    parts.append(f"{problem.terms[0]}={acc}.")
+    parts.append(f"first {problem.terms[0]}{acc}.")
     for op, t in zip(problem.ops, problem.terms[1:]):
         text, _ = _step(rng, acc, op, v[t], slip_rate, rng.random() < 0.5)
-        parts.append(f"{t}={v[t]};{text}")
+        parts.append(f"{t}{v[t]};{text}")
         acc = apply(acc, op, v[t])
     if rng.random() < 0.5:
         parts.append(f"let me check that again. so the answer is:{acc}.")
