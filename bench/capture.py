@@ -42,6 +42,7 @@ def build_model_dir(shape: str, out: Path) -> Path:
     if shape == "small":
         cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 512, 1536, 8
         cfg.num_attention_heads, cfg.num_key_value_heads = 8, 2
+        cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers]
     cfg.tie_word_embeddings = True
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
@@ -83,9 +84,11 @@ def run_method(method: str, model_dir: str, batch: int, seq: int, batches: int, 
                 _, cache = h.wrapper.run_with_cache(x.to(h.device), names_filter=lambda n: n in names)
             del cache
         elif method == "e":
+            saved: list = []  # filled inside the trace (nnsight cannot bind new locals of a nested function)
             with torch.inference_mode(), h.wrapper.trace(x.to(h.device)):
-                saved = [h.wrapper.model.layers[layer].output.save() for layer in range(n_layers)]
-            del saved
+                for layer in range(n_layers):
+                    saved.append(h.wrapper.model.layers[layer].output.save())
+            assert len(saved) == n_layers and saved[-1].shape[-1] == h.geometry.d_model
 
     step(ids[0], -1)  # warm-up (allocator, kernels)
     if cuda:

@@ -66,3 +66,17 @@ def test_demo_prints_graded_summary(tmp_path):
     assert r.exit_code == 0, r.output
     assert "thinking" in r.stdout and "base" in r.stdout and "accuracy" in r.stdout
     assert len(read_traces_jsonl(tmp_path / "traces_thinking.jsonl")) == 10
+
+
+@organisms
+def test_capture_on_the_thinking_organism(tmp_path):
+    out = tmp_path / "t.jsonl"
+    r = runner.invoke(app, ["traces", "generate", "--model", "organism:thinking", "--n", "8", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    traces = read_traces_jsonl(out)
+    r = runner.invoke(app, ["capture", "--model", "organism:thinking", "--traces", str(out), "--positions",
+                            "segment_ends", "--out", str(tmp_path / "s"), "--shard-size", "3"])
+    assert r.exit_code == 0, r.output
+    store = ActivationStore.open(tmp_path / "s")
+    assert len(store) == sum(len(t.segments) for t in traces) > 8
+    assert store.get("blocks.3.hook_resid_post", trace=traces[0].id).shape == (len(traces[0].segments), 128)
