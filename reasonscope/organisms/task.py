@@ -71,14 +71,6 @@ def sample_problem(rng: random.Random, level: int) -> Problem:
 
 
 @dataclass
-class ThinkingStyle:
-    """Sampling knobs for synthetic thinking traces."""
-
-    slip_rate: float = 0.08  # chance that a step first gets a wrong result, then corrects it
-    verbose_share: float = 0.5
-
-
-@dataclass
 class Thought:
     """A synthetic thinking text with its style and where the answer was first reached."""
 

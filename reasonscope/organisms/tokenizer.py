@@ -48,8 +48,3 @@ def build_tokenizer(thinking: bool = True):
     tok.chat_template = chat_template(thinking)
     return tok
 
-
-def save_tokenizer(out_dir, thinking: bool = True):
-    tok = build_tokenizer(thinking)
-    tok.save_pretrained(str(out_dir))
-    return tok
