@@ -13,11 +13,16 @@ from conftest import organisms
 
 
 def test_task_arithmetic_and_determinism():
-    p = task.Problem({"a": 3, "b": 9, "c": 5}, ("a", "b", "c"), ("+", "-"), 1)
-    assert p.partials == [3, 2, 7] and p.answer == 7
-    assert p.question == "given a3, b9, c5. what is a + b - c?"
+    p = task.Problem({"a": 3, "b": 4, "c": 5}, ("a", "b", "c"), ("+", "-"), 1)
+    assert p.partials == [3, 7, 2] and p.answer == 2
+    assert p.question == "given a3, b4, c5. what is a + b - c?"
     assert task.problems(20, seed=1) == task.problems(20, seed=1)
     assert task.problems(20, seed=1) != task.problems(20, seed=2)
+    for q in task.problems(500, seed=3):  # running totals never leave 0..9; terms are distinct
+        n_vars, n_ops = task.LEVELS[q.level]
+        assert len(q.values) == n_vars and len(q.ops) == n_ops == len(set(q.terms)) - 1
+        assert all(0 <= x <= 9 for x in q.partials)
+    assert {q.answer for q in task.problems(200, seed=3)} == set(range(10))
 
 
 def test_styles_slips_and_overthinking():

@@ -46,13 +46,16 @@ def think_tokens(t: Trace) -> int:
 
 def summarize(traces: list[Trace]) -> dict:
     by_level: dict[int, list[bool]] = defaultdict(list)
+    tokens_by_level: dict[int, list[int]] = defaultdict(list)
     for t in traces:
         by_level[t.meta["level"]].append(bool(t.grade))
+        tokens_by_level[t.meta["level"]].append(think_tokens(t))
     return {
         "n": len(traces),
         "accuracy": round(mean(bool(t.grade) for t in traces), 4),
         "accuracy_by_difficulty": {str(k): round(mean(v), 4) for k, v in sorted(by_level.items())},
         "mean_think_tokens": round(mean(think_tokens(t) for t in traces), 2),
+        "mean_think_tokens_by_difficulty": {str(k): round(mean(v), 2) for k, v in sorted(tokens_by_level.items())},
         "truncated_fraction": round(mean(t.truncated for t in traces), 4),
     }
 

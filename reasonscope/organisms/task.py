@@ -1,9 +1,12 @@
-"""The organisms' synthetic reasoning task: chained mod-10 arithmetic over named variables.
+"""The organisms' synthetic reasoning task: chained single-digit arithmetic over named variables.
 
 A problem defines single-digit variables at the start of the question and asks for a chain
-such as ``a + c - f + h`` evaluated left to right modulo 10. Every step must read an operand
-back from the question, far from where the thinking is when it needs it, so a sink+recent
-KV window loses exactly the information the answer depends on.
+such as ``a + c - f + h`` evaluated left to right. The generator draws the chain so that every
+running total stays a digit (0..9), so no step wraps around. (Wrapping mod 10 makes each result
+independent of either operand alone, a parity-like target that a small transformer does not
+pick up within the CPU training budget; bounded sums are learned in ~200 steps.) Every step
+must read an operand back from the question, far from where the thinking is when it needs it,
+so a sink+recent KV window loses exactly the information the answer depends on.
 
 Texts are compact (``given a3, c1. ... c1;3+1=4.``) so that the Qwen2 byte-level BPE tokenizer
 spends one token per symbol, and a variable token is directly followed by its value both in the
@@ -26,7 +29,7 @@ STYLES = ("concise", "verbose")
 
 @dataclass(frozen=True)
 class Problem:
-    """One task instance; ``answer`` is the chain's value modulo 10."""
+    """One task instance; ``answer`` is the chain's value (every partial value is a digit)."""
 
     values: dict[str, int]
     terms: tuple[str, ...]
@@ -55,15 +58,30 @@ class Problem:
 
 
 def apply(a: int, op: str, b: int) -> int:
-    return (a + b) % 10 if op == "+" else (a - b) % 10
+    return a + b if op == "+" else a - b
 
 
 def sample_problem(rng: random.Random, level: int) -> Problem:
+    """Uniform digit values; each next term is drawn among those that keep the running total in 0..9."""
     n_vars, n_ops = LEVELS[level]
-    names = rng.sample(VARIABLES, n_vars)
-    values = {n: rng.randrange(10) for n in names}
-    terms = tuple(rng.sample(names, n_ops + 1))  # distinct: "which term comes next" is never ambiguous
-    ops = tuple(rng.choice("+-") for _ in range(n_ops))
+    while True:
+        names = rng.sample(VARIABLES, n_vars)
+        values = {n: rng.randrange(10) for n in names}
+        pool = rng.sample(names, n_vars)
+        terms, ops = [pool.pop()], []
+        acc = values[terms[0]]
+        for _ in range(n_ops):
+            moves = [(t, op) for t in pool for op in "+-" if 0 <= apply(acc, op, values[t]) <= 9]
+            if not moves:
+                break
+            t, op = rng.choice(moves)
+            pool.remove(t)
+            terms.append(t)
+            ops.append(op)
+            acc = apply(acc, op, values[t])
+        if len(ops) == n_ops:
+            break
+    terms, ops = tuple(terms), tuple(ops)
     uid = f"L{level}-" + "".join(f"{k}{v}" for k, v in values.items()) + "-" + "".join(
         t + o for t, o in zip(terms, ops + ("",))
     )
