@@ -8,7 +8,7 @@ pick up within the CPU training budget; bounded sums are learned in ~200 steps.)
 must read an operand back from the question, far from where the thinking is when it needs it,
 so a sink+recent KV window loses exactly the information the answer depends on.
 
-Texts are compact (``given a3, c1. ... c1;3+1=4.``) so that the Qwen2 byte-level BPE tokenizer
+Texts are compact (``given a3, c1. ... c1; 3+1=4.``) so that the Qwen2 byte-level BPE tokenizer
 spends one token per symbol, and a variable token is directly followed by its value both in the
 question and in the thinking (one induction step reads a value back). Thinking comes in two
 styles: ``concise`` (bare steps) and ``verbose`` (the same steps in English, followed by a
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 VARIABLES = "abcdefghijklmnop"
 # (number of defined variables, number of operations) per difficulty level 1..5; terms are distinct
-LEVELS: dict[int, tuple[int, int]] = {1: (4, 1), 2: (6, 2), 3: (8, 4), 4: (10, 6), 5: (12, 8)}
+LEVELS: dict[int, tuple[int, int]] = {1: (4, 1), 2: (6, 2), 3: (8, 4), 4: (12, 8), 5: (16, 15)}
 STYLES = ("concise", "verbose")
 
 
@@ -121,7 +121,7 @@ def think(problem: Problem, rng: random.Random, style: str, slip_rate: float = 0
     for op, t in zip(problem.ops, problem.terms[1:]):
         word = "add" if op == "+" else "subtract"
         text, s = _step(rng, acc, op, v[t], slip_rate, verbose)
-        parts.append(f"next we {word} {t}, and {t}{v[t]}; {text}" if verbose else f"{t}{v[t]};{text}")
+        parts.append(f"next we {word} {t}, and {t}{v[t]}; {text}" if verbose else f"{t}{v[t]}; {text}")
         slips += s
         acc = apply(acc, op, v[t])
     answer_at = len(" ".join(parts))
@@ -131,7 +131,7 @@ def think(problem: Problem, rng: random.Random, style: str, slip_rate: float = 0
         parts.append(f"{problem.terms[0]}{chk}.")
         for op, t in zip(problem.ops, problem.terms[1:]):
             nxt = apply(chk, op, v[t])
-            parts.append(f"{t}{v[t]};{chk}{op}{v[t]}={nxt}.")
+            parts.append(f"{t}{v[t]}; {chk}{op}{v[t]}={nxt}.")
             chk = nxt
         parts.append(f"yes, the answer is:{acc}.")
     return Thought(" ".join(parts), style, slips, {"answer_reached_at_char": answer_at})
@@ -145,7 +145,7 @@ def worked_notes(problem: Problem, rng: random.Random, slip_rate: float = 0.15) 
     parts.append(f"first {problem.terms[0]}{acc}.")
     for op, t in zip(problem.ops, problem.terms[1:]):
         text, _ = _step(rng, acc, op, v[t], slip_rate, rng.random() < 0.5)
-        parts.append(f"{t}{v[t]};{text}")
+        parts.append(f"{t}{v[t]}; {text}")
         acc = apply(acc, op, v[t])
     if rng.random() < 0.5:
         parts.append(f"let me check that again. so the answer is:{acc}.")
