@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-
 from reasonscope.organisms import task
 from reasonscope.organisms.evaluate import EvalConfig, organism_traces, style_of, summarize, think_tokens
 from reasonscope.organisms.tokenizer import build_tokenizer

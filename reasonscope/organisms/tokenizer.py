@@ -7,6 +7,8 @@ DeepSeek-R1-Distill-Qwen checkpoint. Training is deterministic (fixed corpus see
 
 from __future__ import annotations
 
+import json
+
 from .task import corpus
 
 PAD, EOS = "<|pad|>", "<|end|>"
@@ -40,7 +42,7 @@ def build_tokenizer(thinking: bool = True):
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - len(SPECIALS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     core.train_from_iterator(corpus(), trainer=trainer)
-    model = __import__("json").loads(core.to_str())["model"]
+    model = json.loads(core.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None, eos_token=EOS, pad_token=PAD,
                          extra_special_tokens=[USER, ASSISTANT, THINK_START, THINK_END], padding_side="left")

@@ -8,6 +8,7 @@ was tried first: on this budget it stalled at the loss of a model that has not l
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -67,8 +68,9 @@ def thinking_document(rng: random.Random, p: task.Problem, slip_rate: float) -> 
 
 def curriculum_top(step: int, cfg: TrainConfig) -> int:
     """How many difficulty levels the thinking phase samples from at ``step``."""
-    return min(len(task.LEVELS), 1 + max(0, (step - cfg.level1_steps) // cfg.unlock_every + 1)
-               if step >= cfg.level1_steps else 1)
+    if step < cfg.level1_steps:
+        return 1
+    return min(len(task.LEVELS), 2 + (step - cfg.level1_steps) // cfg.unlock_every)
 
 
 def make_model(vocab_size: int, arch: OrganismArch, pad_id: int, eos_id: int):
@@ -98,7 +100,8 @@ def _batch(tok, docs: list[tuple[str, int]], device) -> tuple[torch.Tensor, torc
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def _train(model, tok, make_doc, steps: int, cfg: TrainConfig, rng: random.Random, device, tag: str, log):
+def _train(model, tok, make_doc, steps: int, cfg: TrainConfig, rng: random.Random, device, tag: str, log,
+           curriculum: bool):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
@@ -107,7 +110,7 @@ def _train(model, tok, make_doc, steps: int, cfg: TrainConfig, rng: random.Rando
     t0, running = time.time(), 0.0
     levels = tuple(task.LEVELS)
     for step in range(steps):
-        level = rng.choice(levels[: curriculum_top(step, cfg) if tag == "thinking" else len(levels)])
+        level = rng.choice(levels[: curriculum_top(step, cfg) if curriculum else len(levels)])
         docs = [make_doc(rng, task.sample_problem(rng, level)) for _ in range(cfg.batch_size)]
         ids, mask, labels = _batch(tok, docs, device)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -133,7 +136,7 @@ def save_organism(model, tok, out_dir: Path, kind: str, cfg: TrainConfig) -> Non
     tok.chat_template = chat_template(thinking=kind == "thinking")
     tok.save_pretrained(tmp)
     (tmp / "organism.json").write_text(
-        __import__("json").dumps({"kind": kind, "train_config": asdict(cfg), "task_levels": task.LEVELS}, indent=1)
+        json.dumps({"kind": kind, "train_config": asdict(cfg), "task_levels": task.LEVELS}, indent=1)
     )
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
@@ -163,7 +166,7 @@ def train_organisms(cfg: TrainConfig = TrainConfig(), out_dir: Path = WEIGHTS_DI
         rng = random.Random(cfg.seed + i)
         model = make_model(len(tok), OrganismArch(), tok.pad_token_id, tok.eos_token_id).to(device)
         log(f"organism {kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
-        _train(model, tok, docs[kind], steps[kind], cfg, rng, device, kind, log)
+        _train(model, tok, docs[kind], steps[kind], cfg, rng, device, kind, log, curriculum=kind == "thinking")
         out[kind] = out_dir / kind
         save_organism(model, tok, out[kind], kind, cfg)
     return out
