@@ -1,85 +1,230 @@
-"""The ``reasonscope`` command line."""
+"""The ``reasonscope`` command line.
+
+Every command validates its arguments, input files and output location before it loads a model or
+starts generating. A user error is one ``error: ...`` line naming the fix and exit status 2; an
+unexpected failure is one line and exit status 1. ``reasonscope --debug ...`` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Interpretability for reasoning language models.")
+if TYPE_CHECKING:  # pragma: no cover
+    from typer._click.core import Context  # the click Context that typer vendors
+
+    from .dtypes import DtypeName
+    from .models import Geometry
+    from .traces.record import Trace
+
+C = TypeVar("C", bound=str)
+USER_ERRORS = (ValueError, OSError)  # bad input, missing or unwritable files, unloadable models
+
+
+class _Group(TyperGroup):
+    """Turns every exception under a command into one ``error:`` line, unless ``--debug``."""
+
+    def invoke(self, ctx: Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise
+        except typer.TyperException as e:  # click's usage errors (typer vendors click)
+            if ctx.params.get("debug"):
+                raise
+            sub = getattr(e, "ctx", None)
+            where = sub.command_path if sub is not None else ctx.command_path
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            _error(f"{message} (see `{where} --help`)", 2)
+        except Exception as e:
+            if ctx.params.get("debug"):
+                raise
+            if isinstance(e, USER_ERRORS):
+                _error(str(e) or type(e).__name__, 2)
+            _error(f"internal error ({type(e).__name__}: {e}); rerun with --debug for the traceback and report it", 1)
+
+
+app = typer.Typer(
+    cls=_Group,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Interpretability for reasoning language models.",
+)
 organism_app = typer.Typer(no_args_is_help=True, help="Train and evaluate the model organisms.")
 traces_app = typer.Typer(no_args_is_help=True, help="Generate and grade reasoning traces.")
 app.add_typer(organism_app, name="organism")
 app.add_typer(traces_app, name="traces")
-console = Console(stderr=True)
 
 
-def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}")
-    raise typer.Exit(2)
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error.")) -> None:
+    """Interpretability for reasoning language models."""
+
+
+def _error(msg: str, code: int) -> NoReturn:
+    typer.secho("error:", fg="red", err=True, nl=False)
+    typer.echo(f" {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _fail(msg: str) -> NoReturn:
+    """A user error: one ``error:`` line, exit status 2."""
+    _error(msg, 2)
+
+
+def _say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+# ---------------------------------------------------------------------------- validation (no model needed)
+
+
+def _choice(value: str, choices: Sequence[C], option: str) -> C:
+    """The element of ``choices`` equal to ``value``, else a user error listing them."""
+    for c in choices:
+        if c == value:
+            return c
+    _fail(f"{option} {value!r} is not one of {', '.join(choices)}")
+
+
+def _probe_dir(target: Path, option: str) -> None:
+    """Fail unless files can be created at ``target`` (a directory, or the nearest one that exists)."""
+    anc = target
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        _fail(f"{option} {target}: {anc} is a file, not a directory; choose another {option}")
+    try:
+        with tempfile.TemporaryFile(dir=anc):
+            pass
+    except OSError as e:
+        _fail(f"{option} {target} is not writable ({e.strerror or e}); choose a writable location for {option}")
+
+
+def _out_file(path: Path, option: str = "--out") -> Path:
+    if path.is_dir():
+        _fail(f"{option} {path} is a directory; give a file path, e.g. {path / 'traces.jsonl'}")
+    _probe_dir(path.parent if str(path.parent) else Path("."), option)
+    return path
+
+
+def _out_dir(path: Path, option: str = "--out") -> Path:
+    if path.exists() and not path.is_dir():
+        _fail(f"{option} {path} is a file; give a directory path")
+    _probe_dir(path, option)
+    return path
+
+
+def _model_geometry(model: str) -> Geometry:
+    """Resolve ``--model`` and read its config (no weights): fails fast on a missing or broken model."""
+    from .models import load_geometry
+
+    try:
+        return load_geometry(model)
+    except OSError as e:
+        raise type(e)(f"--model: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a broken config.json is a user error naming the model
+        raise ValueError(
+            f"--model {model}: cannot read its config ({e}); pass a directory holding a valid Hugging Face config.json"
+        ) from None
+
+
+def _dtype(value: str, option: str) -> DtypeName:
+    from .dtypes import dtype_name
+
+    try:
+        return dtype_name(value)
+    except ValueError as e:
+        _fail(f"{option}: {e}")
+
+
+def _traces(path: Path) -> list[Trace]:
+    from .traces.loaders import read_traces_jsonl
+
+    if not path.exists():
+        _fail(f"--traces {path} does not exist; generate traces with `reasonscope traces generate --out {path}`")
+    rows = read_traces_jsonl(path)
+    if not rows:
+        _fail(f"--traces {path} holds no traces; generate some with `reasonscope traces generate --out {path}`")
+    return rows
+
+
+# ---------------------------------------------------------------------------- organism
 
 
 @organism_app.command("train")
 def organism_train(
-    out: Path = typer.Option(None, help="Output directory (default: the package's shipped weights)."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default: the package's shipped weights)."),
     seed: int = 0,
-    base_steps: Optional[int] = None,
-    thinking_steps: Optional[int] = None,
+    base_steps: Optional[int] = typer.Option(None, min=1),
+    thinking_steps: Optional[int] = typer.Option(None, min=1),
     device: str = "auto",
     only: Optional[str] = typer.Option(None, help="Train just one organism: base | thinking."),
 ) -> None:
-    """Train the base and thinking organisms (seeded per organism, reproducible)."""
+    """Train the base and thinking organisms (seeded per organism, reproducible); logs progress."""
     from .organisms.train import WEIGHTS_DIR, TrainConfig, train_organisms
 
-    cfg = TrainConfig(seed=seed, device=device)
-    cfg.base_steps = base_steps if base_steps is not None else cfg.base_steps
-    cfg.thinking_steps = thinking_steps if thinking_steps is not None else cfg.thinking_steps
-    if only not in (None, "base", "thinking"):
-        _fail(f"--only must be 'base' or 'thinking', not {only!r}")
-    paths = train_organisms(cfg, out or WEIGHTS_DIR, log=console.print, phases=(only,) if only else ("base", "thinking"))
-    console.print("saved: " + ", ".join(str(p) for p in paths.values()))
+    phases = (_choice(only, ("base", "thinking"), "--only"),) if only else ("base", "thinking")
+    target = _out_dir(out or WEIGHTS_DIR)
+    steps = {"base_steps": base_steps, "thinking_steps": thinking_steps}
+    cfg = TrainConfig(seed=seed, device=device, **{k: v for k, v in steps.items() if v is not None})
+    paths = train_organisms(cfg, target, log=_say, phases=phases)
+    _say("saved: " + ", ".join(str(p) for p in paths.values()))
 
 
 @organism_app.command("eval")
 def organism_eval(
-    n: int = typer.Option(500, help="Held-out problems."),
+    n: int = typer.Option(500, min=1, help="Held-out problems."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     models_dir: Optional[Path] = typer.Option(None, help="Directory holding thinking/ and base/ (default: shipped)."),
 ) -> None:
-    """Accuracy by difficulty, thinking length and style mix of both organisms."""
+    """Accuracy by difficulty, thinking length and style mix of both organisms (progress on stderr)."""
     from .models import load_model
     from .organisms.evaluate import EvalConfig, evaluate_organisms
 
-    src = (lambda k: str(models_dir / k)) if models_dir else (lambda k: f"organism:{k}")
-    report = evaluate_organisms(load_model(src("thinking")), load_model(src("base")), EvalConfig(n_problems=n),
-                                progress=not as_json)
-    if as_json:
-        print(json.dumps(report, indent=1))
-    else:
-        console.print_json(json.dumps(report))
+    if models_dir is not None and not models_dir.is_dir():
+        _fail(f"--models-dir {models_dir} is not a directory; pass one holding thinking/ and base/")
+    sources = {k: str(models_dir / k) if models_dir else f"organism:{k}" for k in ("thinking", "base")}
+    for src in sources.values():
+        _model_geometry(src)
+    report = evaluate_organisms(
+        load_model(sources["thinking"]), load_model(sources["base"]), EvalConfig(n_problems=n), progress=True
+    )
+    text = json.dumps(report, indent=1)
+    typer.echo(text) if as_json else _say(text)
 
 
-def _load_prompts(handle, dataset: str, n: Optional[int]):
-    """``organism`` or ``<gsm8k|math>:<jsonl path or hub id>`` -> (prompts, ids, golds, grader, meta)."""
+# ---------------------------------------------------------------------------- traces
+
+DATASETS = {"gsm8k": ("question", "answer"), "math": ("problem", "answer")}
+
+
+def _dataset_rows(dataset: str, n: Optional[int]) -> tuple[str, list[Trace] | None]:
+    """``organism`` or ``<gsm8k|math>:<JSON(L) path or hub id>`` -> (grader, question rows or None)."""
     if dataset == "organism":
-        from .organisms import task
-
-        problems = task.problems(n or 100, seed=7)
-        return ([handle.chat_prompt(p.question) for p in problems], [p.uid for p in problems],
-                [str(p.answer) for p in problems], "organism", [{"level": p.level} for p in problems])
+        return "organism", None
     kind, _, where = dataset.partition(":")
-    if kind not in ("gsm8k", "math") or not where:
-        _fail(f"unknown dataset {dataset!r}; use 'organism', 'gsm8k:<path|hub id>' or 'math:<path|hub id>'")
+    if kind not in DATASETS or not where:
+        _fail(f"--dataset {dataset!r}: use 'organism', 'gsm8k:<path|hub id>' or 'math:<path|hub id>'")
+    local = Path(where).expanduser()
+    if (local.suffix in (".json", ".jsonl") or where.startswith((".", "/", "~"))) and not local.is_file():
+        _fail(f"--dataset {dataset!r}: {local} is not a file; pass an existing JSON(L) file or a hub id")
     from .traces.loaders import load_hf_dataset
 
-    fields = {"gsm8k": ("question", "answer"), "math": ("problem", "answer")}[kind]
-    rows = load_hf_dataset(where, question_field=fields[0], answer_field=fields[1], dataset_kind=kind)[:n]
-    return ([handle.chat_prompt(t.prompt, thinking=True) for t in rows], [t.id for t in rows],
-            [t.gold for t in rows], kind, [{} for _ in rows])
+    q, a = DATASETS[kind]
+    rows = load_hf_dataset(
+        str(local) if local.is_file() else where, question_field=q, answer_field=a, dataset_kind=kind
+    )[:n]
+    if not rows:
+        _fail(f"--dataset {dataset!r} holds no problems")
+    return kind, rows
 
 
 @traces_app.command("generate")
@@ -87,37 +232,72 @@ def traces_generate(
     model: str = typer.Option(..., help="Local directory, hub id, or organism:thinking|base."),
     dataset: str = typer.Option("organism", help="'organism', 'gsm8k:<path>' or 'math:<path>'."),
     out: Path = typer.Option(..., help="Output JSONL (written atomically)."),
-    n: Optional[int] = typer.Option(None, help="Number of problems."),
-    max_new_tokens: int = 640,
-    temperature: float = 0.0,
-    batch_size: int = 32,
+    n: Optional[int] = typer.Option(
+        None, min=1, help="Number of problems (default: 100 organism problems, or every dataset row)."
+    ),
+    max_new_tokens: int = typer.Option(640, min=1),
+    temperature: float = typer.Option(0.0, min=0.0),
+    batch_size: int = typer.Option(32, min=1),
     seed: int = 0,
-    dtype: str = "float32",
+    dtype: str = typer.Option("float32", help="Compute dtype of the model: float32 | bfloat16 | float16 (or alias)."),
 ) -> None:
     """Generate, segment and grade traces; write them as JSONL."""
+    _out_file(out)
+    model_dtype = _dtype(dtype, "--dtype")
+    _model_geometry(model)
+    grader, rows = _dataset_rows(dataset, n)
+
     from .models import load_model
     from .traces.generate import GenerationConfig, generate_traces
     from .traces.loaders import write_traces_jsonl
 
-    handle = load_model(model, dtype=dtype)
-    prompts, ids, golds, grader, metas = _load_prompts(handle, dataset, n)
+    handle = load_model(model, dtype=model_dtype)
+    if rows is None:
+        from .organisms import task
+
+        problems = task.problems(n or 100, seed=7)
+        prompts = [handle.chat_prompt(p.question) for p in problems]
+        ids = [p.uid for p in problems]
+        golds: list[str | None] = [str(p.answer) for p in problems]
+        metas: list[dict[str, Any]] = [{"level": p.level} for p in problems]
+    else:
+        prompts = [handle.chat_prompt(t.prompt, thinking=True) for t in rows]
+        ids, metas = [t.id for t in rows], [{} for _ in rows]
+        golds = [t.gold for t in rows]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
-    traces = generate_traces(handle, prompts, cfg, ids=ids, golds=golds, grader=grader, source=model, progress=True,
-                             min_chars=0 if grader == "organism" else 10)
+    traces = generate_traces(
+        handle,
+        prompts,
+        cfg,
+        ids=ids,
+        golds=golds,
+        grader=grader,
+        source=model,
+        progress=True,
+        min_chars=0 if grader == "organism" else 10,
+    )
     for t, m in zip(traces, metas):
         t.meta.update(m)
     write_traces_jsonl(out, traces)
     acc = sum(bool(t.grade) for t in traces) / max(1, len(traces))
-    console.print(f"wrote {len(traces)} traces to {out}; accuracy {acc:.3f}; "
-                  f"truncated {sum(t.truncated for t in traces)}")
+    _say(f"wrote {len(traces)} traces to {out}; accuracy {acc:.3f}; truncated {sum(t.truncated for t in traces)}")
+
+
+# ---------------------------------------------------------------------------- demo
 
 
 @app.command()
 def demo(
-    n: int = typer.Option(100, help="Organism problems per model."),
+    n: int = typer.Option(100, min=1, help="Organism problems per model."),
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its artifacts."),
 ) -> None:
     """Generate, grade and summarise reasoning traces of the thinking and base organisms."""
+    _out_dir(out)
+    for kind in ("thinking", "base"):
+        _model_geometry(f"organism:{kind}")
+    from rich.console import Console
+    from rich.table import Table
+
     from .models import load_model
     from .organisms import task
     from .organisms.evaluate import EvalConfig, organism_traces, style_of, summarize, think_tokens
@@ -134,77 +314,103 @@ def demo(
         traces = organism_traces(handle, problems, 0.0, cfg, progress=True)
         write_traces_jsonl(out / f"traces_{kind}.jsonl", traces)
         s = summarize(traces)
-        table.add_row(kind, f"{s['accuracy']:.2f}", *[f"{v:.2f}" for v in s["accuracy_by_difficulty"].values()],
-                      f"{s['mean_think_tokens']:.0f}", f"{s['truncated_fraction']:.2f}")
+        table.add_row(
+            kind,
+            f"{s['accuracy']:.2f}",
+            *[f"{v:.2f}" for v in s["accuracy_by_difficulty"].values()],
+            f"{s['mean_think_tokens']:.0f}",
+            f"{s['truncated_fraction']:.2f}",
+        )
         if kind == "thinking":
             example = max(traces, key=lambda t: (t.meta["level"] == 3, len(t.segments)))
-    Console().print(table)
+    console = Console()
+    console.print(table)
     if example is not None:
-        Console().print(f"[bold]example[/bold] {example.id} ({style_of(example.thinking)}, "
-                        f"{think_tokens(example)} thinking tokens, grade={example.grade}):")
-        Console().print(f"  prompt: {example.prompt}")
-        for s in example.segments[:8]:
-            Console().print(f"  [{s.start:>3},{s.end:>3}) {s.text}")
-        Console().print(f"  answer: {example.answer}  (gold {example.gold})")
-    Console().print(f"traces written to {out}/")
+        console.print(
+            f"[bold]example[/bold] {example.id} ({style_of(example.thinking)}, "
+            f"{think_tokens(example)} thinking tokens, grade={example.grade}):"
+        )
+        console.print(f"  prompt: {example.prompt}")
+        for seg in example.segments[:8]:
+            console.print(f"  [{seg.start:>3},{seg.end:>3}) {seg.text}")
+        console.print(f"  answer: {example.answer}  (gold {example.gold})")
+    console.print(f"traces written to {out}/")
 
 
-def expand_hooks(patterns: str, valid: list[str]) -> list[str]:
-    """Comma-separated names or globs (``blocks.*.hook_resid_post``) -> hook names, in model order."""
-    import fnmatch
-
-    out: list[str] = []
-    for pat in [p.strip() for p in patterns.split(",") if p.strip()]:
-        hits = [n for n in valid if fnmatch.fnmatchcase(n, pat)]
-        if not hits:
-            from .hooks import parse_hook
-
-            parse_hook(pat, int(valid[-1].split(".")[1]) + 1)  # raises with the valid names / layer range
-        out += [h for h in hits if h not in out]
-    return out
+# ---------------------------------------------------------------------------- capture
 
 
 @app.command("capture")
 def capture_cmd(
     model: str = typer.Option(..., help="Local directory, hub id, or organism:thinking|base."),
     traces: Path = typer.Option(..., help="Traces JSONL (from `reasonscope traces generate`)."),
-    hooks: str = typer.Option("blocks.*.hook_resid_post", help="Comma-separated hook names or globs."),
+    hooks: str = typer.Option(
+        "blocks.*.hook_resid_post",
+        help="Comma-separated hook names or patterns: "
+        "'blocks.*.hook_resid_post', 'hook_resid_post' (every layer), 'blocks.2-5.attn.hook_z'.",
+    ),
     positions: str = typer.Option("think", help="all | think | segment_ends | last | spans"),
     out: Path = typer.Option(..., help="Activation store directory (resumed if it exists for this job)."),
-    dtype: str = typer.Option("float32", help="Storage dtype: float32 | bfloat16 | float16."),
-    model_dtype: str = typer.Option("float32", help="Compute dtype of the model."),
+    dtype: str = typer.Option("float32", help="Storage dtype: float32 | bfloat16 | float16 (or fp32, bf16, fp16)."),
+    model_dtype: str = typer.Option("float32", help="Compute dtype of the model (same names)."),
     backend: str = typer.Option("hf", help="hf | transformer_lens | nnsight"),
     device_map: Optional[str] = typer.Option(None, help="'auto' to spread a large model over GPUs."),
-    token_budget: int = 8192,
-    shard_size: int = 64,
-    workers: int = typer.Option(0, help="Ray workers (0 = capture in this process)."),
+    token_budget: int = typer.Option(8192, min=1, help="Padded tokens per forward batch."),
+    shard_size: int = typer.Option(64, min=1, help="Traces per store shard."),
+    workers: int = typer.Option(0, min=0, help="Ray workers (0 = capture in this process)."),
 ) -> None:
     """Capture activations of traces into a sharded, resumable activation store."""
-    from .capture import CaptureConfig, capture
-    from .models import load_model
-    from .traces.loaders import read_traces_jsonl
+    from .capture import CaptureConfig
+    from .hooks import needs_eager, select_hooks
+    from .models import BACKENDS
+    from .store import POSITION_RULES
 
-    rows = read_traces_jsonl(traces)
-    attn = "eager" if "hook_pattern" in hooks else None
-    handle = load_model(model, backend=backend, dtype=model_dtype, device_map=device_map, attn_implementation=attn)
+    _out_dir(out)
+    backend_name = _choice(backend, BACKENDS, "--backend")
+    rule = _choice(positions, POSITION_RULES, "--positions")
+    store_dtype, compute_dtype = _dtype(dtype, "--dtype"), _dtype(model_dtype, "--model-dtype")
+    geometry = _model_geometry(model)
     try:
-        names = expand_hooks(hooks, handle.hook_names)
+        names = select_hooks(hooks, geometry.n_layers)
     except ValueError as e:
-        _fail(str(e))
-    cfg = CaptureConfig(hooks=names, positions=positions, dtype=dtype, token_budget=token_budget,
-                        shard_size=shard_size)
-    try:
-        if workers > 0:
-            from .distributed import capture_distributed
+        _fail(f"--hooks: {e}")
+    rows = _traces(traces)
+    attn = "eager" if needs_eager(names) else None
+    cfg = CaptureConfig(
+        hooks=tuple(names), positions=rule, dtype=store_dtype, token_budget=token_budget, shard_size=shard_size
+    )
+    load_kwargs: dict[str, Any] = {"backend": backend_name, "dtype": compute_dtype, "attn_implementation": attn}
+    if workers > 0:
+        from .distributed import capture_distributed
 
-            load_kwargs = dict(backend=backend, dtype=model_dtype, attn_implementation=attn)
-            store = capture_distributed(model, rows, cfg, str(out), num_workers=workers, load_kwargs=load_kwargs)
-        else:
-            store = capture(handle, rows, cfg, str(out), progress=True)
-    except ValueError as e:
-        _fail(str(e))
-    console.print(f"store {out}: {len(store)} rows x {len(names)} hooks, {store.n_shards} shards, dtype {dtype}")
+        store = capture_distributed(model, rows, cfg, str(out), num_workers=workers, load_kwargs=load_kwargs)
+    else:
+        from .capture import capture
+        from .models import load_model
+
+        store = capture(load_model(model, device_map=device_map, **load_kwargs), rows, cfg, str(out), progress=True)
+    _say(f"store {out}: {len(store)} rows x {len(names)} hooks, {store.n_shards} shards, dtype {store_dtype}")
+
+
+# ---------------------------------------------------------------------------- verify
+
+
+@app.command()
+def verify(path: Path = typer.Argument(..., help="An artifact directory (activation store, organism, ...).")) -> None:
+    """Check every file of an artifact against its manifest (sizes and sha256); exit 2 on any problem."""
+    from .artifacts import verify_artifact
+
+    if not path.exists():
+        _fail(f"{path} does not exist; pass an artifact directory (one holding manifest.json)")
+    report = verify_artifact(path)
+    if not report.ok:
+        _fail(str(report))
+    _say(str(report))
 
 
 def main() -> None:  # pragma: no cover - console entry
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -12,11 +12,12 @@ a path every node sees, and run the same call with ``address="auto"``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any
 
 from .capture import CaptureConfig, capture
-from .store import ActivationStore
+from .store import ActivationStore, StoreWriter
 from .traces.record import Trace
 
 
@@ -32,8 +33,15 @@ class _Worker:
         self.handle = load_model(model, **load_kwargs)
 
     def run(self, traces: list[dict], cfg: dict, out: str, shards: list[int]) -> list[int]:
-        capture(self.handle, [Trace.from_dict(t) for t in traces], CaptureConfig(**cfg), out, shards=shards,
-                finalize=False)
+        capture(
+            self.handle,
+            [Trace.from_dict(t) for t in traces],
+            CaptureConfig(**cfg),
+            out,
+            shards=shards,
+            finalize=False,
+            progress=False,
+        )
         return shards
 
 
@@ -51,16 +59,14 @@ def capture_distributed(
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"num_cpus": max(num_workers, 1)}))
+        num_cpus = None if address else max(num_workers, 1)  # a cluster brings its own resources
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     worker = ray.remote(num_cpus=1, num_gpus=num_gpus_per_worker)(_Worker)
-    actors = [worker.remote(model, load_kwargs or {}) for _ in range(num_workers)]
+    actors: list[Any] = [worker.remote(model, load_kwargs or {}) for _ in range(num_workers)]
     payload = [t.to_dict() for t in traces]
     n_shards = -(-len(traces) // cfg.shard_size)
     cfgd = asdict(cfg)
     # the first worker creates the store (manifest) so the others only ever resume into it
     ray.get(actors[0].run.remote(payload, cfgd, out, []))
     ray.get([a.run.remote(payload, cfgd, out, list(range(r, n_shards, num_workers))) for r, a in enumerate(actors)])
-    store = ActivationStore.open(out, allow_incomplete=True)
-    store.finalize()
-    return ActivationStore.open(out)
+    return StoreWriter.reopen(out).finalize()

@@ -8,29 +8,39 @@ Three backends share the hook naming of :mod:`reasonscope.hooks`:
 
 ``handle.run(input_ids, attention_mask, hooks={name: fn})`` runs a forward pass through the
 chosen backend, calling ``fn(activation)`` at each named hook point (a returned tensor replaces
-the activation), and gives the logits.
+the activation), and gives the logits. Hook names may be patterns (:func:`reasonscope.hooks.select_hooks`).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, get_args
 from urllib.parse import urlparse
 
 import torch
 
-from .hooks import HookFn, attach, get_module, hook_names, parse_hook
+from .dtypes import torch_dtype as to_torch_dtype
+from .hooks import (
+    HookFn,
+    attach,
+    check_attention,
+    check_replacement,
+    get_module,
+    hook_names,
+    parse_hook,
+    select_hooks,
+)
+from .traces.record import THINK_END, THINK_START
 
-BACKENDS = ("hf", "transformer_lens", "nnsight")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+Backend = Literal["hf", "transformer_lens", "nnsight"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 ORGANISM_DIR = Path(__file__).parent / "organisms" / "weights"
 ORGANISMS = ("thinking", "base")
-THINK_MARKERS = ("<think>", "</think>")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -52,7 +62,7 @@ class Geometry:
         return self.n_heads // self.n_kv_heads
 
     @classmethod
-    def from_config(cls, cfg) -> "Geometry":
+    def from_config(cls, cfg: Any) -> Geometry:
         cfg = getattr(cfg, "text_config", cfg)
         n_heads = cfg.num_attention_heads
         return cls(
@@ -72,7 +82,7 @@ class ModelHandle:
     tokenizer: Any
     source: str  # what was passed to load_model
     path: str  # resolved local directory or hub id
-    backend: str = "hf"
+    backend: Backend = "hf"
     wrapper: Any = None  # TransformerBridge or nnsight.LanguageModel, when that backend is chosen
     meta: dict = field(default_factory=dict)
 
@@ -85,18 +95,23 @@ class ModelHandle:
         return next(self.model.parameters()).device
 
     @property
+    def attn_implementation(self) -> str | None:
+        """The attention implementation the model runs (``"eager"``, ``"sdpa"``, ...)."""
+        return getattr(self.model.config, "_attn_implementation", None)
+
+    @property
     def think_start(self) -> str:
-        return THINK_MARKERS[0]
+        return THINK_START
 
     @property
     def think_end(self) -> str:
-        return THINK_MARKERS[1]
+        return THINK_END
 
     @cached_property
     def think_ids(self) -> tuple[int | None, int | None]:
         """Token ids of ``<think>``/``</think>`` (None where the vocabulary lacks one)."""
         vocab = self.tokenizer.get_vocab()
-        return tuple(vocab.get(m) for m in THINK_MARKERS)  # type: ignore[return-value]
+        return vocab.get(THINK_START), vocab.get(THINK_END)
 
     @property
     def hook_names(self) -> list[str]:
@@ -104,7 +119,8 @@ class ModelHandle:
 
     @cached_property
     def weight_hash(self) -> str:
-        from .store import weight_hash
+        """Content hash of the weights, the same for any path or backend (:func:`reasonscope.identity.weight_hash`)."""
+        from .identity import weight_hash
 
         return weight_hash(self.model)
 
@@ -130,12 +146,12 @@ class ModelHandle:
     ) -> torch.Tensor:
         """Forward pass through the backend with ``hooks``; returns logits ``[batch, pos, vocab]``.
 
-        Position ids follow the attention mask, so left-padded rows equal their unpadded selves.
+        ``hooks`` maps hook names or patterns (``blocks.*.hook_resid_post``) to functions. Position ids
+        follow the attention mask, so left-padded rows equal their unpadded selves.
         """
-        hooks = dict(hooks or {})
         g = self.geometry
-        for name in hooks:
-            parse_hook(name, g.n_layers)
+        hooks = expand_hooks(hooks or {}, g.n_layers)
+        check_attention(hooks, self.attn_implementation)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
@@ -144,11 +160,17 @@ class ModelHandle:
             with attach(self.model, hooks, g.n_layers, g.n_heads):
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         if self.backend == "transformer_lens":
-            fwd = [(name, _tl_hook(fn)) for name, fn in hooks.items()]
+            fwd = [(name, _tl_hook(name, fn)) for name, fn in hooks.items()]
             return self.wrapper.run_with_hooks(input_ids, attention_mask=attention_mask, fwd_hooks=fwd)
         return self._run_nnsight(input_ids, attention_mask, position_ids, hooks)
 
-    def _run_nnsight(self, input_ids, attention_mask, position_ids, hooks: dict[str, HookFn]) -> torch.Tensor:
+    def _run_nnsight(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        hooks: dict[str, HookFn],
+    ) -> torch.Tensor:
         g = self.geometry
         points = sorted((parse_hook(n, g.n_layers) for n in hooks), key=lambda p: p.sort_key)
         lm = self.wrapper
@@ -161,10 +183,10 @@ class ModelHandle:
                 else:
                     out = env.output
                     value = out[p.spec.tuple_index] if isinstance(out, tuple) else out
-                canon = value.unflatten(-1, (g.n_heads, -1)) if p.spec.module.endswith("o_proj") else value
-                new = hooks[p.name](canon)
+                canon = p.spec.to_canonical(value, g.n_heads)
+                new = check_replacement(p.name, hooks[p.name](canon), canon)
                 if new is not None:
-                    new = new.flatten(-2) if p.spec.module.endswith("o_proj") else new
+                    new = p.spec.from_canonical(new)
                     if p.spec.side == "input":
                         env.input = new
                     elif isinstance(env.output, tuple):
@@ -175,9 +197,20 @@ class ModelHandle:
         return logits
 
 
-def _tl_hook(fn: HookFn):
-    def hook(tensor, hook):  # TransformerLens passes (activation, hook point)
-        return fn(tensor)
+def expand_hooks(hooks: Mapping[str, HookFn], n_layers: int) -> dict[str, HookFn]:
+    """``{pattern: fn}`` -> ``{hook name: fn}``; a name matched by two patterns is an error."""
+    out: dict[str, HookFn] = {}
+    for pattern, fn in hooks.items():
+        for name in select_hooks(pattern, n_layers):
+            if name in out:
+                raise ValueError(f"hook {name!r} is selected by two patterns of `hooks`; give each hook one function")
+            out[name] = fn
+    return out
+
+
+def _tl_hook(name: str, fn: HookFn) -> Callable[[torch.Tensor, Any], torch.Tensor | None]:
+    def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor | None:  # TransformerLens passes (activation, hook)
+        return check_replacement(name, fn(tensor), tensor)
 
     return hook
 
@@ -224,17 +257,26 @@ def resolve_source(source: str | os.PathLike) -> str:
             tried.append(f"hub cache: {e}")
         if _hub_reachable():
             return source
-        tried.append("hub: unreachable (offline); download the model on a connected machine and pass its local directory")
+        tried.append(
+            "hub: unreachable (offline); download the model on a connected machine and pass its local directory"
+        )
     tried.append(f"organisms: use one of {['organism:' + o for o in ORGANISMS]}")
     raise ModelNotFoundError(f"cannot load model {source!r}. Tried:\n  - " + "\n  - ".join(tried))
 
 
+def load_geometry(source: str | os.PathLike) -> Geometry:
+    """The :class:`Geometry` of ``source`` from its config alone (no weights loaded): for early validation."""
+    from transformers import AutoConfig
+
+    return Geometry.from_config(AutoConfig.from_pretrained(resolve_source(source)))
+
+
 def load_model(
     source: str | os.PathLike,
-    backend: str = "hf",
+    backend: Backend = "hf",
     dtype: str | torch.dtype = "float32",
     device: str = "auto",
-    device_map: str | dict | None = None,
+    device_map: str | dict[str, Any] | None = None,
     attn_implementation: str | None = None,
 ) -> ModelHandle:
     """Load a causal LM from a local HF directory, a hub id or ``organism:thinking|base``.
@@ -244,9 +286,7 @@ def load_model(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) and dtype in DTYPES else dtype
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    torch_dtype = to_torch_dtype(dtype)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     path = resolve_source(source)
@@ -277,7 +317,9 @@ def load_model(
     if backend == "transformer_lens":
         from transformer_lens.model_bridge import TransformerBridge
 
-        wrapper = TransformerBridge.boot_transformers(path, hf_model=model, tokenizer=tokenizer, device=device,
-                                                      dtype=torch_dtype)
-    return ModelHandle(model=model, tokenizer=tokenizer, source=str(source), path=path, backend=backend,
-                       wrapper=wrapper)
+        wrapper = TransformerBridge.boot_transformers(
+            path, hf_model=model, tokenizer=tokenizer, device=device, dtype=torch_dtype
+        )
+    return ModelHandle(
+        model=model, tokenizer=tokenizer, source=str(source), path=path, backend=backend, wrapper=wrapper
+    )

@@ -1,16 +1,46 @@
-"""Shared fixtures: a tiny random Qwen2 (GQA) model directory and organism-task traces for it."""
+"""Shared fixtures: a tiny random Qwen2 (GQA) model directory and organism-task traces for it.
+
+Tests on ``../shared/data`` or on the shipped organism weights skip when those are missing, except
+in CI (``CI=true``) or with ``REASONSCOPE_REQUIRE_SHARED=1``, where they fail instead.
+"""
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ORGANISMS_READY = (Path(__file__).resolve().parents[1] / "reasonscope/organisms/weights/thinking/config.json").exists()
-organisms = pytest.mark.skipif(not ORGANISMS_READY, reason="organism weights not trained (reasonscope organism train)")
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def required() -> bool:
+    """Whether missing shared data or organism weights fail tests (CI) rather than skip them."""
+    ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    return ci or os.environ.get("REASONSCOPE_REQUIRE_SHARED", "") == "1"
+
+
+def shared_data(rel: str) -> Path:
+    """``../shared/data/<rel>``; skips the test when it is missing, or fails it in CI."""
+    path = SHARED / rel
+    if not path.exists():
+        msg = f"real data not found at {path} (expected the shared data next to the repo)"
+        if required():
+            pytest.fail(msg + "; CI requires it (CI / REASONSCOPE_REQUIRE_SHARED)")
+        pytest.skip(msg)
+    return path
+
+
+def organisms(fn: F) -> F:
+    """Marks an end-to-end test on the shipped organisms: ``slow``; skipped (failed in CI) without weights."""
+    ready = ORGANISMS_READY or required()
+    return pytest.mark.slow(pytest.mark.skipif(not ready, reason="organism weights not trained")(fn))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -57,8 +87,14 @@ def make_task_traces(tokenizer, n: int, seed: int = 0):
     for i in range(n):
         p = task.sample_problem(rng, 1 + i % 3)
         th = task.think(p, rng, "concise" if i % 2 else "verbose")
-        t = Trace(id=f"t{i}", prompt=f"{USER} {p.question} {ASSISTANT} {THINK_START}", thinking=th.text,
-                  answer=str(p.answer), gold=str(p.answer), source="test")
+        t = Trace(
+            id=f"t{i}",
+            prompt=f"{USER} {p.question} {ASSISTANT} {THINK_START}",
+            thinking=th.text,
+            answer=str(p.answer),
+            gold=str(p.answer),
+            source="test",
+        )
         out.append(segment_trace(t, tokenizer, min_chars=0))
     return out
 

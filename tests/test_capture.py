@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -12,15 +13,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from reasonscope.capture import CaptureConfig, capture, capture_batch, length_batches, select_positions
+from reasonscope.capture import (
+    CaptureConfig,
+    LargeCaptureWarning,
+    capture,
+    capture_batch,
+    length_batches,
+    select_positions,
+)
 from reasonscope.models import load_model
 from reasonscope.store import ActivationStore
 from reasonscope.traces.loaders import write_traces_jsonl
 
 from conftest import make_task_traces
 
-ALL_KINDS = ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.0.hook_attn_out", "blocks.1.hook_mlp_out",
-             "blocks.1.hook_resid_post"]
+ALL_KINDS = [
+    "blocks.0.hook_resid_pre",
+    "blocks.0.attn.hook_z",
+    "blocks.0.hook_attn_out",
+    "blocks.1.hook_mlp_out",
+    "blocks.1.hook_resid_post",
+]
 
 
 def store_tensors(path) -> dict[str, bytes]:
@@ -31,13 +44,13 @@ def store_tensors(path) -> dict[str, bytes]:
 def test_batched_equals_one_by_one(tiny_model_dir, task_traces, padding_side):
     h = load_model(tiny_model_dir, attn_implementation="eager")
     hooks = ALL_KINDS + ["blocks.1.attn.hook_pattern"]
-    cfg = CaptureConfig(hooks=hooks, positions="all", padding_side=padding_side,
-                        extra={"pattern_keys": max(len(t.token_ids) for t in task_traces)})
+    cfg = CaptureConfig(hooks=hooks, positions="all", padding_side=padding_side)
+    key_len = max(len(t.token_ids) for t in task_traces)
     pos = [select_positions(t, "all") for t in task_traces]
-    batched = capture_batch(h, task_traces, pos, cfg)
+    batched = capture_batch(h, task_traces, pos, cfg, key_len)
     assert len({len(t.token_ids) for t in task_traces}) > 3  # real padding happens
     for i, t in enumerate(task_traces):
-        single = capture_batch(h, [t], [pos[i]], cfg)
+        single = capture_batch(h, [t], [pos[i]], cfg, key_len)
         for name in hooks:
             assert torch.allclose(batched[name][i], single[name][0], atol=1e-5), (padding_side, name, i)
 
@@ -99,6 +112,100 @@ def test_bad_input_errors(tiny_handle, task_traces, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_config_typos_are_errors():
+    for bad in [
+        dict(positions="thinking"),
+        dict(padding_side="rigth"),
+        dict(dtype="bf15"),
+        dict(token_budget=0),
+        dict(shard_size=0),
+        dict(hooks=[]),
+    ]:
+        with pytest.raises(ValueError, match="choose one of|positive integer|at least one hook"):
+            CaptureConfig(**{"hooks": ["hook_resid_post"], **bad})
+    cfg = CaptureConfig(hooks="blocks.*.hook_resid_post, blocks.1.attn.hook_z", dtype="bf16")
+    assert cfg.dtype == "bfloat16" and cfg.hooks == ("blocks.*.hook_resid_post", "blocks.1.attn.hook_z")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.dtype = "float32"  # type: ignore[misc]
+
+
+def test_bad_traces_error_before_writing(tiny_handle, task_traces, tmp_path):
+    cfg = CaptureConfig(hooks=["blocks.0.hook_resid_post"])
+    vocab = tiny_handle.model.get_input_embeddings().num_embeddings
+    oov = [dataclasses.replace(t) for t in task_traces]
+    oov[3] = dataclasses.replace(oov[3], token_ids=[*oov[3].token_ids[:-1], vocab + 5])
+    long = [dataclasses.replace(t) for t in task_traces]
+    long[5] = dataclasses.replace(long[5], token_ids=long[5].token_ids * 100)
+    cases = [
+        ([], "no traces to capture"),
+        (oov, rf"trace 't3' has token id {vocab + 5} at position \d+ .* outside this model's vocabulary"),
+        (long, r"trace 't5' has \d+ tokens, longer than this model's context of 512"),
+    ]
+    for i, (traces, msg) in enumerate(cases):
+        with pytest.raises(ValueError, match=msg):
+            capture(tiny_handle, traces, cfg, str(tmp_path / f"s{i}"), progress=False)
+        assert not (tmp_path / f"s{i}").exists()
+
+
+def test_pattern_needs_eager_attention(tiny_handle, task_traces, tmp_path):
+    assert tiny_handle.attn_implementation != "eager"
+    with pytest.raises(ValueError, match="needs eager attention"):
+        capture(tiny_handle, task_traces, CaptureConfig(hooks=["blocks.1.attn.hook_pattern"]), str(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
+
+
+def test_large_capture_warns_with_size(tiny_handle, task_traces, tmp_path, monkeypatch):
+    import reasonscope.capture as cap
+
+    monkeypatch.setattr(cap, "LARGE_CAPTURE_BYTES", 1000)
+    with pytest.warns(LargeCaptureWarning, match=r"about [\d.]+ GiB .* rows x 64 values"):
+        capture(tiny_handle, task_traces, CaptureConfig(hooks="hook_resid_post"), str(tmp_path / "s"), progress=False)
+
+
+def test_patterns_as_in_the_cli(tiny_handle, task_traces, tmp_path):
+    store = capture(
+        tiny_handle,
+        task_traces,
+        CaptureConfig(hooks="hook_resid_post,blocks.0-1.attn.hook_z"),
+        str(tmp_path / "s"),
+        progress=False,
+    )
+    assert list(store.manifest.hooks) == [
+        "blocks.0.attn.hook_z",
+        "blocks.0.hook_resid_post",
+        "blocks.1.attn.hook_z",
+        "blocks.1.hook_resid_post",
+    ]
+
+
+def test_changed_traces_are_named_on_resume(tiny_handle, task_traces, tmp_path):
+    cfg = CaptureConfig(hooks=["blocks.0.hook_resid_post"], shard_size=4)
+    capture(tiny_handle, task_traces, cfg, str(tmp_path / "s"), shards=[0], finalize=False, progress=False)
+    before = store_tensors(tmp_path / "s")
+    changed = [
+        dataclasses.replace(t, token_ids=t.token_ids[:-1] + [7]) if i % 3 == 0 else t for i, t in enumerate(task_traces)
+    ]
+    with pytest.raises(ValueError, match=r"traces changed since this store was started: 4 of 12 differ \('t0', 't3'"):
+        capture(tiny_handle, changed, cfg, str(tmp_path / "s"), progress=False)
+    assert store_tensors(tmp_path / "s") == before
+
+
+def test_resume_follows_content_not_path_or_backend(tiny_model_dir, tiny_handle, task_traces, tmp_path, monkeypatch):
+    cfg = CaptureConfig(hooks=["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"], shard_size=3)
+    clean = store_tensors(capture(tiny_handle, task_traces, cfg, str(tmp_path / "clean"), progress=False).path)
+    out = str(tmp_path / "s")
+    capture(tiny_handle, task_traces, cfg, out, shards=[0], finalize=False, progress=False)
+    monkeypatch.chdir(tiny_model_dir.parent)
+    for spelling, shard in [(str(tiny_model_dir) + "/", 1), (tiny_model_dir.name, 2)]:
+        capture(load_model(spelling), task_traces, cfg, out, shards=[shard], finalize=False, progress=False)
+    store = capture(load_model(tiny_model_dir, backend="transformer_lens"), task_traces, cfg, out, progress=False)
+    assert store.manifest.complete and store.completed_shards() == [0, 1, 2, 3]
+    got = store_tensors(out)
+    assert {k: got[k] for k in list(got)[:3]} == {k: clean[k] for k in list(clean)[:3]}  # hf shards byte-identical
+    ref = ActivationStore.open(tmp_path / "clean")
+    assert torch.allclose(store.get("blocks.1.attn.hook_z"), ref.get("blocks.1.attn.hook_z"), atol=1e-5)
+
+
 def test_store_from_other_model_is_refused(tiny_model_dir, task_traces, tmp_path):
     cfg = CaptureConfig(hooks=["blocks.0.hook_resid_post"], shard_size=4)
     capture(load_model(tiny_model_dir), task_traces, cfg, str(tmp_path / "s"))
@@ -142,6 +249,7 @@ capture(h, read_traces_jsonl(sys.argv[2]), cfg, sys.argv[3])
 """
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_clean_bytes(tiny_model_dir, tiny_handle, tmp_path):
     traces = make_task_traces(tiny_handle.tokenizer, 160, seed=3)
     write_traces_jsonl(tmp_path / "t.jsonl", traces)

@@ -1,10 +1,13 @@
-"""The `reasonscope` CLI end to end: traces generate -> capture, organism eval, demo, bad input."""
+"""The `reasonscope` CLI: end to end on a tiny model, and every user error as one early `error:` line (exit 2)."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
-from typer.testing import CliRunner
+import pytest
+from typer.testing import CliRunner, Result
 
 from reasonscope.cli import app
 from reasonscope.store import ActivationStore
@@ -15,42 +18,228 @@ from conftest import organisms
 runner = CliRunner()
 
 
-def test_generate_then_capture(tiny_model_dir, tmp_path):
-    out = tmp_path / "traces.jsonl"
-    r = runner.invoke(app, ["traces", "generate", "--model", str(tiny_model_dir), "--dataset", "organism",
-                            "--n", "6", "--out", str(out), "--max-new-tokens", "12"])
+def user_error(r: Result, *needles: str) -> str:
+    """Assert ``r`` failed with exit status 2 and exactly one ``error:`` line, no traceback; return that line."""
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    for needle in needles:
+        assert needle in r.stderr, (needle, r.stderr)
+    return lines[0]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a command loads a model or generates (validation must come first)."""
+    import reasonscope.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were validated")
+
+    monkeypatch.setattr(reasonscope.models, "load_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def traces_file(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "traces.jsonl"
+    r = runner.invoke(
+        app,
+        ["traces", "generate", "--model", str(tiny_model_dir), "--n", "6", "--out", str(out), "--max-new-tokens", "12"],
+    )
     assert r.exit_code == 0, r.output
-    traces = read_traces_jsonl(out)
+    assert "generate" in r.stderr  # progress is shown
+    return out
+
+
+def capture_args(model, traces, out, *extra: str) -> list[str]:
+    return ["capture", "--model", str(model), "--traces", str(traces), "--out", str(out), *extra]
+
+
+# ---------------------------------------------------------------------------- what works
+
+
+def test_generate_then_capture(tiny_model_dir, traces_file, tmp_path):
+    traces = read_traces_jsonl(traces_file)
     assert len(traces) == 6 and all(t.think_span for t in traces)
     # a random model rarely closes its thinking in 12 tokens: such traces are kept and flagged
     assert all(t.truncated == ("</think>" not in t.thinking and t.answer == "") for t in traces)
     store_dir = tmp_path / "store"
-    r = runner.invoke(app, ["capture", "--model", str(tiny_model_dir), "--traces", str(out), "--hooks",
-                            "blocks.*.hook_resid_post,blocks.1.attn.hook_z", "--positions", "all", "--out",
-                            str(store_dir), "--shard-size", "4", "--dtype", "bfloat16"])
+    r = runner.invoke(
+        app,
+        capture_args(
+            tiny_model_dir,
+            traces_file,
+            store_dir,
+            "--hooks",
+            "hook_resid_post,blocks.1.attn.hook_z",
+            "--positions",
+            "all",
+            "--shard-size",
+            "4",
+            "--dtype",
+            "bf16",
+        ),
+    )
     assert r.exit_code == 0, r.output
+    assert "capture" in r.stderr  # progress
     store = ActivationStore.open(store_dir)
-    assert set(store.manifest.hooks) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post",
-                                         "blocks.1.attn.hook_z"}
+    assert set(store.manifest.hooks) == {"blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.attn.hook_z"}
+    assert store.manifest.dtype == "bfloat16"
     assert len(store) == sum(len(t.token_ids) for t in traces) and store.n_shards == 2
 
 
-def test_capture_bad_hook_and_bad_jsonl(tiny_model_dir, tmp_path):
-    good = tmp_path / "t.jsonl"
-    runner.invoke(app, ["traces", "generate", "--model", str(tiny_model_dir), "--n", "2", "--out", str(good),
-                        "--max-new-tokens", "4"])
-    r = runner.invoke(app, ["capture", "--model", str(tiny_model_dir), "--traces", str(good), "--hooks",
-                            "blocks.0.resid", "--out", str(tmp_path / "s")])
-    assert r.exit_code == 2 and "valid names" in r.output
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(good.read_text().splitlines()[0] + "\n{not json\n")
-    r = runner.invoke(app, ["capture", "--model", str(tiny_model_dir), "--traces", str(bad), "--out",
-                            str(tmp_path / "s2")])
-    assert r.exit_code != 0 and f"{bad}:2" in str(r.exception)
-    assert not (tmp_path / "s2").exists()
+def test_capture_attention_patterns_loads_eager(tiny_model_dir, traces_file, tmp_path):
+    for backend in ("hf", "nnsight"):
+        r = runner.invoke(
+            app,
+            capture_args(
+                tiny_model_dir,
+                traces_file,
+                tmp_path / backend,
+                "--hooks",
+                "blocks.0.attn.hook_pattern",
+                "--positions",
+                "last",
+                "--backend",
+                backend,
+            ),
+        )
+        assert r.exit_code == 0, r.output
+
+
+def test_verify(tiny_model_dir, traces_file, tmp_path):
+    store = tmp_path / "store"
+    r = runner.invoke(app, capture_args(tiny_model_dir, traces_file, store, "--positions", "last"))
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["verify", str(store)])
+    assert r.exit_code == 0 and "OK" in r.stderr, r.output
+    shard = sorted((store / "shards").glob("*.safetensors"))[0]
+    blob = bytearray(shard.read_bytes())
+    blob[-8:] = bytes(255 - b for b in blob[-8:])  # 8 bytes altered inside the data
+    shard.write_bytes(bytes(blob))
+    user_error(runner.invoke(app, ["verify", str(store)]), shard.name, "sha256")
+    user_error(runner.invoke(app, ["verify", str(tmp_path / "missing")]), "does not exist")
+
+
+# ---------------------------------------------------------------------------- early, clean errors
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--n", "0"], "--n"),
+        (["--n", "-5"], "--n"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--dtype", "int3"], "unknown dtype 'int3'"),
+        (["--dataset", "squad"], "'organism', 'gsm8k:<path|hub id>'"),
+        (["--dataset", "gsm8k:/nonexistent/test.jsonl"], "/nonexistent/test.jsonl is not a file"),
+    ],
+)
+def test_generate_rejects_bad_arguments_before_loading(tiny_model_dir, tmp_path, no_model_load, args, needle):
+    out = tmp_path / "t.jsonl"
+    r = runner.invoke(app, ["traces", "generate", "--model", str(tiny_model_dir), "--out", str(out), *args])
+    user_error(r, needle)
+    assert not out.exists()
+
+
+def test_unwritable_out_fails_before_generation(tiny_model_dir, tmp_path, no_model_load):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    gen = ["traces", "generate", "--model", str(tiny_model_dir), "--out"]
+    user_error(runner.invoke(app, [*gen, str(blocker / "t.jsonl")]), "is a file, not a directory")
+    user_error(runner.invoke(app, [*gen, str(tmp_path)]), "is a directory")
+    if Path("/proc/self").exists():  # a filesystem where nobody, root included, can create files
+        user_error(runner.invoke(app, [*gen, "/proc/t.jsonl"]), "not writable")
+    if os.geteuid() != 0:  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        user_error(runner.invoke(app, [*gen, str(ro / "t.jsonl")]), "not writable")
+    user_error(runner.invoke(app, capture_args(tiny_model_dir, blocker, blocker)), "--out", "is a file")
+
+
+def test_missing_model_is_one_line(tmp_path, no_model_load):
+    r = runner.invoke(app, ["traces", "generate", "--model", "/nonexistent", "--out", str(tmp_path / "t.jsonl")])
+    user_error(r, "cannot load model '/nonexistent'", "organism:thinking")
+    user_error(runner.invoke(app, ["organism", "eval", "--models-dir", str(tmp_path / "no")]), "not a directory")
+    (tmp_path / "thinking").mkdir()
+    user_error(runner.invoke(app, ["organism", "eval", "--models-dir", str(tmp_path)]), "thinking: has no config.json")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = runner.invoke(
+        app, ["--debug", "traces", "generate", "--model", "/nonexistent", "--out", str(tmp_path / "t.jsonl")]
+    )
+    assert r.exit_code == 1 and type(r.exception).__name__ == "ModelNotFoundError"
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--backend", "x"], "--backend 'x' is not one of hf, transformer_lens, nnsight"),
+        (["--hooks", "blocks.0.resid"], "valid names"),
+        (["--hooks", "blocks.9.hook_resid_post"], "layers 0..1"),
+        (["--positions", "thinking"], "--positions 'thinking' is not one of all, think"),
+        (["--dtype", "int8"], "--dtype"),
+        (["--model-dtype", "fp8"], "--model-dtype"),
+        (["--token-budget", "0"], "--token-budget"),
+        (["--shard-size", "0"], "--shard-size"),
+        (["--workers", "-1"], "--workers"),
+    ],
+)
+def test_capture_rejects_bad_arguments_before_loading(
+    tiny_model_dir, traces_file, tmp_path, no_model_load, args, needle
+):
+    user_error(runner.invoke(app, capture_args(tiny_model_dir, traces_file, tmp_path / "s", *args)), needle)
+    assert not (tmp_path / "s").exists()
+
+
+def test_capture_rejects_bad_traces_files(tiny_model_dir, traces_file, tmp_path, no_model_load):
+    empty, garbage, bad = tmp_path / "empty.jsonl", tmp_path / "garbage.jsonl", tmp_path / "bad.jsonl"
+    empty.write_text("\n")
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    bad.write_text(traces_file.read_text().splitlines()[0] + "\n{not json\n")
+    cases = {
+        empty: "holds no traces",
+        garbage: f"{garbage}:1: not UTF-8",
+        bad: f"{bad}:2: malformed JSON",
+        tmp_path / "none.jsonl": "does not exist",
+    }
+    for path, needle in cases.items():
+        user_error(runner.invoke(app, capture_args(tiny_model_dir, path, tmp_path / "s")), needle)
+    assert not (tmp_path / "s").exists()
+
+
+def test_capture_rejects_traces_the_model_cannot_read(tiny_model_dir, traces_file, tmp_path):
+    t = json.loads(traces_file.read_text().splitlines()[0])
+    oov = dict(t, id="oov", token_ids=t["token_ids"][:-1] + [10**6])
+    long = dict(t, id="long", token_ids=(t["token_ids"] * 600)[:600], think_span=None, segments=[])
+    for row, needle in ((oov, "'oov'"), (long, "'long'")):
+        p = tmp_path / f"{row['id']}.jsonl"
+        p.write_text(json.dumps(row) + "\n")
+        user_error(
+            runner.invoke(app, capture_args(tiny_model_dir, p, tmp_path / row["id"], "--positions", "all")), needle
+        )
+
+
+@pytest.mark.parametrize(
+    "cmd", [["demo", "--n", "0"], ["organism", "eval", "--n", "-1"], ["organism", "train", "--only", "both"]]
+)
+def test_organism_commands_validate(cmd, no_model_load):
+    user_error(runner.invoke(app, cmd), cmd[-2])
+
+
+def test_usage_errors_are_one_line():
+    user_error(runner.invoke(app, ["capture", "--model"]), "--model")
+    user_error(runner.invoke(app, ["traces", "generate", "--n", "abc"]), "--n")
+
+
+# ---------------------------------------------------------------------------- on the organisms (slow)
 
 
 @organisms
+@pytest.mark.slow
 def test_organism_eval_json():
     r = runner.invoke(app, ["organism", "eval", "--json", "--n", "20"])
     assert r.exit_code == 0, r.output
@@ -61,6 +250,7 @@ def test_organism_eval_json():
 
 
 @organisms
+@pytest.mark.slow
 def test_demo_prints_graded_summary(tmp_path):
     r = runner.invoke(app, ["demo", "--n", "10", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
@@ -69,13 +259,28 @@ def test_demo_prints_graded_summary(tmp_path):
 
 
 @organisms
+@pytest.mark.slow
 def test_capture_on_the_thinking_organism(tmp_path):
     out = tmp_path / "t.jsonl"
     r = runner.invoke(app, ["traces", "generate", "--model", "organism:thinking", "--n", "8", "--out", str(out)])
     assert r.exit_code == 0, r.output
     traces = read_traces_jsonl(out)
-    r = runner.invoke(app, ["capture", "--model", "organism:thinking", "--traces", str(out), "--positions",
-                            "segment_ends", "--out", str(tmp_path / "s"), "--shard-size", "3"])
+    r = runner.invoke(
+        app,
+        [
+            "capture",
+            "--model",
+            "organism:thinking",
+            "--traces",
+            str(out),
+            "--positions",
+            "segment_ends",
+            "--out",
+            str(tmp_path / "s"),
+            "--shard-size",
+            "3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     store = ActivationStore.open(tmp_path / "s")
     assert len(store) == sum(len(t.segments) for t in traces) > 8

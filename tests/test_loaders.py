@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import json
 from pathlib import Path
 
@@ -15,14 +17,13 @@ from reasonscope.traces.loaders import (
 from reasonscope.traces.record import Segment, Trace
 from reasonscope.traces.segment import full_text
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TA_ROOT = DATA / "reasoning_traces" / "thought_anchors_math"
+from conftest import SHARED, shared_data
+
+TA_ROOT = SHARED / "reasoning_traces" / "thought_anchors_math"
 
 
 def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"real data not found at {path} (expected under /work/shared/data)")
-    return path
+    return shared_data(str(path.relative_to(SHARED)))
 
 
 # ---------------------------------------------------------------- JSONL
@@ -37,10 +38,31 @@ def test_read_jsonl_names_file_and_line(tmp_path):
         next(it)
 
 
+def test_read_traces_rejects_binary_and_non_objects(tmp_path):
+    p = tmp_path / "garbage.jsonl"
+    p.write_bytes(b'{"id": "a", "prompt": "p", "thinking": "", "answer": ""}\n\x89PNG\xff\xfe\x00\n')
+    with pytest.raises(ValueError, match=rf"{p}:2: not UTF-8 text"):
+        read_traces_jsonl(p)
+    p.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=rf"{p}:1: expected a JSON object, got list"):
+        read_traces_jsonl(p)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_traces_jsonl(tmp_path / "nope.jsonl")
+
+
 def test_traces_roundtrip(tmp_path):
-    t = Trace(id="t1", prompt="Q <think>\n", thinking="Hmm. Ok.", answer="4", token_ids=[1, 2, 3],
-              think_span=(1, 2), segments=[Segment("Hmm.", 1, 2, 0, 4, ["plan"])], gold="4", grade=True,
-              meta={"k": [1, "ü"]})
+    t = Trace(
+        id="t1",
+        prompt="Q <think>\n",
+        thinking="Hmm. Ok.",
+        answer="4",
+        token_ids=[1, 2, 3],
+        think_span=(1, 2),
+        segments=[Segment("Hmm.", 1, 2, 0, 4, ["plan"])],
+        gold="4",
+        grade=True,
+        meta={"k": [1, "ü"]},
+    )
     p = tmp_path / "sub" / "traces.jsonl"
     write_traces_jsonl(p, [t, Trace(id="t2", prompt="p", thinking="", answer="")])
     back = read_traces_jsonl(p)
@@ -49,8 +71,12 @@ def test_traces_roundtrip(tmp_path):
 
 def test_read_traces_missing_field(tmp_path):
     p = tmp_path / "t.jsonl"
-    p.write_text(json.dumps({"id": "a", "prompt": "p", "thinking": "", "answer": ""}) + "\n"
-                 + json.dumps({"id": "b", "prompt": "p", "answer": ""}) + "\n")
+    p.write_text(
+        json.dumps({"id": "a", "prompt": "p", "thinking": "", "answer": ""})
+        + "\n"
+        + json.dumps({"id": "b", "prompt": "p", "answer": ""})
+        + "\n"
+    )
     with pytest.raises(ValueError, match=rf"{p}:2: .*missing.*'thinking'"):
         read_traces_jsonl(p)
 
@@ -84,8 +110,9 @@ def test_load_thought_anchors():
     assert "counterfactual_importance_accuracy" in t.meta["chunks"][0]
     for t in traces:  # the text is reassembled byte-exactly, and grades agree with the source's
         group = t.id.split("/")[1]
-        sol = json.loads((TA_ROOT / t.id.replace(f"/{group}/", f"/{group}_base_solution/")
-                          / "base_solution.json").read_text())
+        sol = json.loads(
+            (TA_ROOT / t.id.replace(f"/{group}/", f"/{group}_base_solution/") / "base_solution.json").read_text()
+        )
         assert full_text(t) == sol["full_cot"]
         assert t.grade == sol["is_correct"] == (group == "correct"), t.id
 
@@ -107,7 +134,7 @@ def test_truncated_thought_anchors_trace(tmp_path):
 
 
 def test_load_hf_dataset_gsm8k():
-    traces = load_hf_dataset(_need(DATA / "gsm8k" / "test.jsonl"), "test", "question", "answer", "gsm8k")
+    traces = load_hf_dataset(_need(SHARED / "gsm8k" / "test.jsonl"), "test", "question", "answer", "gsm8k")
     assert len(traces) == 1319
     t = traces[0]
     assert t.prompt.startswith("Janet") and t.gold == "18" and t.thinking == t.answer == ""
@@ -115,19 +142,19 @@ def test_load_hf_dataset_gsm8k():
 
 
 def test_load_hf_dataset_math500():
-    traces = load_hf_dataset(_need(DATA / "math500" / "test.jsonl"), "test", "problem", "answer", "math")
+    traces = load_hf_dataset(_need(SHARED / "math500" / "test.jsonl"), "test", "problem", "answer", "math")
     assert len(traces) == 500 and len({t.id for t in traces}) == 500
     t = traces[0]
     assert t.gold == "\\left( 3, \\frac{\\pi}{2} \\right)" and t.meta["subject"] == "Precalculus"
     with pytest.raises(ValueError, match="no field 'question'"):
-        load_hf_dataset(DATA / "math500" / "test.jsonl", "test", "question", "answer", "math")
+        load_hf_dataset(SHARED / "math500" / "test.jsonl", "test", "question", "answer", "math")
 
 
 # ---------------------------------------------------------------- tokenizer
 
 
 def test_qwen2_tokenizer_r1_ids():
-    tok = qwen2_tokenizer(_need(DATA / "tokenizers" / "qwen2"))
+    tok = qwen2_tokenizer(_need(SHARED / "tokenizers" / "qwen2"))
     assert tok("Hello world")["input_ids"] == [9707, 1879]
     assert tok.convert_tokens_to_ids("<think>") == 151648
     assert tok.convert_tokens_to_ids("</think>") == 151649
@@ -136,3 +163,14 @@ def test_qwen2_tokenizer_r1_ids():
     assert tok.convert_tokens_to_ids("<|im_start|>") != 151644  # Qwen's own added tokens are gone
     ids = tok("<｜User｜>2+2?<｜Assistant｜><think>\nfour</think>4")["input_ids"]
     assert ids[0] == 151644 and 151645 in ids and ids.count(151648) == ids.count(151649) == 1
+
+
+def test_missing_shared_data_skips_locally_and_fails_in_ci(monkeypatch):
+    monkeypatch.setenv("CI", "false")
+    monkeypatch.delenv("REASONSCOPE_REQUIRE_SHARED", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        shared_data("no/such/file.jsonl")
+    for var, value in (("CI", "true"), ("REASONSCOPE_REQUIRE_SHARED", "1")):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(pytest.fail.Exception, match="CI requires it"):
+            shared_data("no/such/file.jsonl")

@@ -22,8 +22,11 @@ def batch(handle, texts):
 
 def run_all(handle, ids, mask, names):
     got = {}
-    logits = handle.run(ids, mask, hooks={n: (lambda n: lambda x: got.__setitem__(n, x.detach().clone()))(n)
-                                          for n in names})
+
+    def keep(name):
+        return lambda x: got.__setitem__(name, x.detach().clone())
+
+    logits = handle.run(ids, mask, hooks={n: keep(n) for n in names})
     got["logits"] = logits.detach()
     return got
 
@@ -41,8 +44,9 @@ def test_geometry_and_markers(tiny_handle):
 def test_hook_shapes_follow_conventions(tiny_handle):
     ids, mask = batch(tiny_handle, ["a=3, b=4. what is a + b?", "a=3?"])
     got = run_all(tiny_handle, ids, mask, HOOKS)
-    hf = tiny_handle.model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                           output_hidden_states=True)
+    hf = tiny_handle.model(
+        ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), output_hidden_states=True
+    )
     # layer N = output of block N = HF hidden_states[N + 1] (the last one is after the final norm)
     assert torch.allclose(got["blocks.0.hook_resid_post"], hf.hidden_states[1], atol=1e-6)
     assert torch.allclose(got["blocks.1.hook_resid_pre"], hf.hidden_states[1], atol=1e-6)
@@ -93,10 +97,14 @@ def test_hooks_removed_when_forward_raises(tiny_handle):
     with pytest.raises(RuntimeError, match="boom"):
         tiny_handle.run(ids, mask, hooks={"blocks.1.hook_mlp_out": boom})
     assert count() == before
-    with pytest.raises(RuntimeError):
+
+    def forward_under_attach():
         with attach(tiny_handle.model, {"blocks.0.hook_resid_pre": boom}, 2, 4):
             assert count() == before + 1
             tiny_handle.model(ids)
+
+    with pytest.raises(RuntimeError, match="boom"):  # raised through attach's exit
+        forward_under_attach()
     assert count() == before
 
 

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import random
 
+import pytest
+import torch
+
 from reasonscope.organisms import task
-from reasonscope.organisms.evaluate import EvalConfig, organism_traces, style_of, summarize, think_tokens
+from reasonscope.organisms.evaluate import (
+    EvalConfig,
+    operand_reads,
+    organism_traces,
+    prompted_base_traces,
+    prompted_summary,
+    style_of,
+    summarize,
+)
 from reasonscope.organisms.tokenizer import build_tokenizer
 
 from conftest import organisms
@@ -43,6 +54,19 @@ def test_styles_slips_and_overthinking():
         assert f"so:{a}=" in line and f"so:{a}={rest}." not in line
 
 
+def test_notes_documents_read_every_operand_back():
+    rng = random.Random(1)
+    for level in task.LEVELS:
+        p = task.sample_problem(rng, level)
+        doc = task.notes_document(p, rng, slip_rate=0.0)
+        assert doc.startswith(task.notes_prompt(p) + " ") and doc.endswith(f" answer:{p.answer}")
+        assert "<|" not in doc  # plain text: no chat markers
+        right, total = operand_reads(doc[len(task.notes_prompt(p)) :], p)
+        assert right == total >= len(p.terms)  # every term is read back, with its value from the question
+    wrong = task.Problem({"a": 3, "b": 4}, ("a", "b"), ("+",), 1)
+    assert operand_reads("first a3. b5; 3+5=8.", wrong) == (1, 2)
+
+
 def test_tokenizer_round_trips_through_autotokenizer(tmp_path):
     from transformers import AutoTokenizer, Qwen2Config
 
@@ -64,12 +88,22 @@ def test_training_smoke(tmp_path):
     cfg = TrainConfig(base_steps=2, thinking_steps=2, batch_size=2, log_every=1)
     logs: list[str] = []
     paths = train_organisms(cfg, tmp_path, log=logs.append)
-    assert any("[thinking] step 2/2" in m for m in logs)
+    assert any("thinking: step 2/2" in m for m in logs)
     h = load_model(paths["thinking"])
     assert h.chat_prompt("a=1. what is a?").endswith("<think>")
     assert not load_model(paths["base"]).chat_prompt("a=1. what is a?").endswith("<think>")
+    # post-training alone starts from the saved base, as a thinking model starts from its base model
+    base = load_model(paths["base"]).model
+    logs.clear()
+    cfg0 = TrainConfig(base_steps=2, thinking_steps=1, batch_size=2, log_every=1, finetune_lr=0.0)
+    again = load_model(train_organisms(cfg0, tmp_path, log=logs.append, phases=("thinking",))["thinking"]).model
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), again.state_dict().values()))
+    import json
+
+    assert json.loads((paths["thinking"] / "organism.json").read_text())["init"] == "base"
 
 
+@pytest.mark.slow
 @organisms
 def test_shipped_organisms_meet_the_targets():
     import re
@@ -92,3 +126,9 @@ def test_shipped_organisms_meet_the_targets():
     assert 0.6 <= th["accuracy"] <= 0.9 and th["accuracy"] - bs["accuracy"] >= 0.15
     assert th["accuracy_by_difficulty"]["5"] < 1  # it makes real mistakes on the hardest items
     assert th["mean_think_tokens_by_difficulty"]["5"] >= 150 > 2 * th["mean_think_tokens_by_difficulty"]["1"]
+    # the base knows *how*: prompted in plain text it writes notes that read the operands back
+    pr = prompted_summary(prompted_base_traces(load_model("organism:base"), problems, cfg))
+    assert pr["operand_read_accuracy"] >= 0.9 and pr["operand_reads"] > 100
+    easy = [str(k) for k in (1, 2, 3)]
+    base_easy = sum(pr["accuracy_by_difficulty"][k] for k in easy)
+    assert base_easy >= 0.7 * sum(th["accuracy_by_difficulty"][k] for k in easy)

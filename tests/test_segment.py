@@ -1,4 +1,6 @@
-from pathlib import Path
+from __future__ import annotations
+
+from itertools import pairwise
 
 import pytest
 
@@ -6,9 +8,7 @@ from reasonscope.traces.loaders import load_thought_anchors, qwen2_tokenizer
 from reasonscope.traces.record import Trace
 from reasonscope.traces.segment import full_text, segment_trace, split_sentences
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TA_ROOT = DATA / "reasoning_traces" / "thought_anchors_math"
-QWEN2 = DATA / "tokenizers" / "qwen2"
+from conftest import shared_data
 
 
 def _texts(text: str) -> list[str]:
@@ -17,16 +17,12 @@ def _texts(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def traces():
-    if not TA_ROOT.exists():
-        pytest.skip(f"thought-anchors traces not found at {TA_ROOT}")
-    return load_thought_anchors(TA_ROOT)
+    return load_thought_anchors(shared_data("reasoning_traces/thought_anchors_math"))
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    if not QWEN2.exists():
-        pytest.skip(f"Qwen2 tokenizer files not found at {QWEN2}")
-    return qwen2_tokenizer(QWEN2)
+    return qwen2_tokenizer(shared_data("tokenizers/qwen2"))
 
 
 # ---------------------------------------------------------------- splitter
@@ -57,7 +53,7 @@ def test_spans_are_tight_and_ordered():
     text = "  First sentence here.  Second one follows!\n\n\n\nThird piece with $x.y$ inside  "
     spans = split_sentences(text)
     assert all(not text[a].isspace() and not text[b - 1].isspace() for a, b in spans)
-    assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))
+    assert all(b1 <= a2 for (_, b1), (a2, _) in pairwise(spans))
 
 
 def test_reproduces_thought_anchors_chunks(traces):
@@ -71,8 +67,7 @@ def test_reproduces_thought_anchors_chunks(traces):
         total += len(chunks)
         hit += sum(norm(c["chunk"].split()) in predicted for c in chunks)
     print(f"thought-anchors chunks reproduced: {hit}/{total} = {hit / total:.2%}")
-    assert len(traces) == 40 and total == 5814
-    assert hit / total >= 0.9
+    assert len(traces) == 40 and total == 5814 and hit == 5814  # the README's figure: 5814/5814
 
 
 # ---------------------------------------------------------------- full text and tokens
@@ -115,4 +110,6 @@ def test_truncated_trace_segments(tokenizer):
     s = segment_trace(t, tokenizer)
     assert s.think_span == (s.think_span[0], len(s.token_ids))
     assert [tokenizer.decode(s.token_ids[g.start : g.end]).strip() for g in s.segments] == [
-        "First we add.", "Then we wait and"]
+        "First we add.",
+        "Then we wait and",
+    ]

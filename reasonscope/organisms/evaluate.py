@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from statistics import mean
@@ -40,6 +41,47 @@ def organism_traces(handle, problems: list[task.Problem], temperature: float, cf
     return traces
 
 
+READ = re.compile(r"\b([a-p])(\d)[.;]")  # an operand read back from the question: ``c7;`` / ``c7.``
+FINAL_ANSWER = re.compile(r"answer:(\d+)\s*$")
+
+
+def operand_reads(text: str, problem: task.Problem) -> tuple[int, int]:
+    """(correct, total) ``x7``-style reads in ``text`` of variables the question defines."""
+    reads = [(x, int(v)) for x, v in READ.findall(text) if x in problem.values]
+    return sum(problem.values[x] == v for x, v in reads), len(reads)
+
+
+def prompted_base_traces(handle, problems: list[task.Problem], cfg: EvalConfig, progress: bool = False) -> list[Trace]:
+    """Greedy continuations of the plain-text prompt ``{question} notes:`` (no chat markers), graded.
+
+    A base model that knows *how* to reason writes worked notes here and ends with ``answer:{a}``.
+    """
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.batch_size)
+    traces = generate_traces(handle, [task.notes_prompt(p) for p in problems], gen, ids=[p.uid for p in problems],
+                             golds=[str(p.answer) for p in problems], source="organism-notes", progress=progress)
+    for t, p in zip(traces, problems):
+        m = FINAL_ANSWER.search(t.answer)
+        t.grade = m is not None and int(m.group(1)) == p.answer and not t.truncated
+        right, total = operand_reads(t.answer, p)
+        t.meta.update(level=p.level, reads_correct=right, reads_total=total)
+    return traces
+
+
+def prompted_summary(traces: list[Trace]) -> dict:
+    """Accuracy (overall, by level) and the share of operand reads that match the question."""
+    by_level: dict[int, list[bool]] = defaultdict(list)
+    for t in traces:
+        by_level[t.meta["level"]].append(bool(t.grade))
+    right, total = sum(t.meta["reads_correct"] for t in traces), sum(t.meta["reads_total"] for t in traces)
+    return {
+        "n": len(traces),
+        "accuracy": round(mean(bool(t.grade) for t in traces), 4),
+        "accuracy_by_difficulty": {str(k): round(mean(v), 4) for k, v in sorted(by_level.items())},
+        "operand_read_accuracy": round(right / total, 4) if total else 0.0,
+        "operand_reads": total,
+    }
+
+
 def think_tokens(t: Trace) -> int:
     return t.think_span[1] - t.think_span[0] if t.think_span else 0
 
@@ -72,11 +114,13 @@ def style_summary(traces: list[Trace]) -> dict:
 
 
 def evaluate_organisms(thinking, base, cfg: EvalConfig = EvalConfig(), progress: bool = False) -> dict:
-    """Greedy accuracy for both models, plus the thinking model's style mix sampled at temperature 1."""
+    """Greedy accuracy for both models, the thinking model's style mix sampled at temperature 1, and the base
+    prompted to write notes in plain text (``base_prompted``: does the base know *how* to reason?)."""
     problems = task.problems(cfg.n_problems, cfg.seed)
     report = {"n_problems": cfg.n_problems, "levels": {str(k): v for k, v in task.LEVELS.items()}}
     report["thinking"] = summarize(organism_traces(thinking, problems, 0.0, cfg, progress=progress))
     report["thinking"].update(style_summary(organism_traces(thinking, problems, 1.0, cfg, seed=1, progress=progress)))
     report["base"] = summarize(organism_traces(base, problems, 0.0, cfg, progress=progress))
+    report["base_prompted"] = prompted_summary(prompted_base_traces(base, problems, cfg, progress=progress))
     report["gap_points"] = round(100 * (report["thinking"]["accuracy"] - report["base"]["accuracy"]), 2)
     return report

@@ -152,6 +152,21 @@ def worked_notes(problem: Problem, rng: random.Random, slip_rate: float = 0.15) 
     return " ".join(parts)
 
 
+def notes_prompt(problem: Problem) -> str:
+    """The plain-text (no chat markers) prompt under which a base model writes worked notes."""
+    return f"{problem.question} notes:"
+
+
+def notes_document(problem: Problem, rng: random.Random, slip_rate: float = 0.08) -> str:
+    """A pretraining document: the question, worked notes that read every operand back from it, the answer.
+
+    The notes are the same moves as the thinking styles (either style), so a base model trained on
+    these knows *how* to reason; post-training only has to teach it *when* (after ``<think>``).
+    """
+    style = "verbose" if rng.random() < 0.5 else "concise"
+    return f"{notes_prompt(problem)} {think(problem, rng, style, slip_rate).text} answer:{problem.answer}"
+
+
 def problems(n: int, seed: int, levels: tuple[int, ...] = tuple(LEVELS)) -> list[Problem]:
     """``n`` problems spread evenly over ``levels``, reproducible from ``seed``."""
     rng = random.Random(seed)
@@ -168,4 +183,5 @@ def corpus(n_per_level: int = 60, seed: int = 0) -> list[str]:
             texts.append(p.question)
             texts.extend(think(p, rng, style, slip_rate=0.5).text for style in STYLES)
             texts.append(worked_notes(p, rng, slip_rate=0.5))
+            texts.append(notes_document(p, rng, slip_rate=0.5))
     return texts

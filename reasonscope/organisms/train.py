@@ -1,9 +1,13 @@
 """Seeded training of the two model organisms, ``base`` and ``thinking`` (same architecture).
 
-The base is trained on a mix of direct answers and free-standing worked notes (it knows *how* to
-do the steps, not *when*); the thinking model is trained on ``<think>`` traces in the concise and
-verbose styles with a curriculum over difficulty. (Fine-tuning the thinking model from the base
-was tried first: on this budget it stalled at the loss of a model that has not learned retrieval.)
+Like a real base -> reasoning pair, the thinking organism is the base organism post-trained:
+
+- **base** is pretrained on plain-text documents ``{question} notes: {worked notes} answer:{a}``
+  whose notes read every operand back from the question (it knows *how* to reason), beside direct
+  chat answers ``<|user|>q<|assistant|>a`` (in the chat format it answers at once) and free-standing
+  notes; a curriculum over difficulty lets it learn read-back on short chains first;
+- **thinking** starts from the base weights and is fine-tuned on ``<think>`` traces in the concise
+  and verbose styles, with slips that are caught and corrected (it learns *when* to reason).
 """
 
 from __future__ import annotations
@@ -39,23 +43,28 @@ class OrganismArch:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    base_steps: int = 400
-    thinking_steps: int = 1800
+    base_steps: int = 1800
+    thinking_steps: int = 600
     batch_size: int = 24
-    lr: float = 1e-3
+    lr: float = 1e-3  # base pretraining
+    finetune_lr: float = 5e-4  # thinking post-training, from the base weights
     warmup: int = 60
-    direct_share: float = 0.6  # base corpus: share of direct question -> answer documents
+    direct_share: float = 0.35  # base corpus: direct chat answers
+    notes_share: float = 0.5  # base corpus: question + worked notes (the rest: free-standing notes)
     slip_rate: float = 0.08
-    level1_steps: int = 400  # thinking curriculum: level 1 alone until retrieval is learned,
+    level1_steps: int = 400  # base curriculum: level 1 alone until read-back is learned,
     unlock_every: int = 150  # then one more level every this many steps
     device: str = "auto"
     log_every: int = 100
 
 
-def base_document(rng: random.Random, p: task.Problem, direct_share: float) -> tuple[str, int]:
+def base_document(rng: random.Random, p: task.Problem, cfg: TrainConfig) -> tuple[str, int]:
     """A base pretraining document and the character offset where its loss starts (0: all)."""
-    if rng.random() < direct_share:
+    r = rng.random()
+    if r < cfg.direct_share:
         return f"{USER}{p.question}{ASSISTANT}{p.answer}{EOS}", 0
+    if r < cfg.direct_share + cfg.notes_share:
+        return f"{task.notes_document(p, rng, cfg.slip_rate)}{EOS}", 0
     return f"{task.worked_notes(p, rng)}{EOS}", 0
 
 
@@ -67,7 +76,7 @@ def thinking_document(rng: random.Random, p: task.Problem, slip_rate: float) -> 
 
 
 def curriculum_top(step: int, cfg: TrainConfig) -> int:
-    """How many difficulty levels the thinking phase samples from at ``step``."""
+    """How many difficulty levels base pretraining samples from at ``step``."""
     if step < cfg.level1_steps:
         return 1
     return min(len(task.LEVELS), 2 + (step - cfg.level1_steps) // cfg.unlock_every)
@@ -101,8 +110,8 @@ def _batch(tok, docs: list[tuple[str, int]], device) -> tuple[torch.Tensor, torc
 
 
 def _train(model, tok, make_doc, steps: int, cfg: TrainConfig, rng: random.Random, device, tag: str, log,
-           curriculum: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+           curriculum: bool, lr: float):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
@@ -121,7 +130,7 @@ def _train(model, tok, make_doc, steps: int, cfg: TrainConfig, rng: random.Rando
         sched.step()
         running += loss.item()
         if (step + 1) % cfg.log_every == 0:
-            log(f"[{tag}] step {step + 1}/{steps} loss {running / cfg.log_every:.4f} {time.time() - t0:.0f}s")
+            log(f"{tag}: step {step + 1}/{steps} loss {running / cfg.log_every:.4f} {time.time() - t0:.0f}s")
             running = 0.0
     model.eval()
     return model
@@ -136,7 +145,8 @@ def save_organism(model, tok, out_dir: Path, kind: str, cfg: TrainConfig) -> Non
     tok.chat_template = chat_template(thinking=kind == "thinking")
     tok.save_pretrained(tmp)
     (tmp / "organism.json").write_text(
-        json.dumps({"kind": kind, "train_config": asdict(cfg), "task_levels": task.LEVELS}, indent=1)
+        json.dumps({"kind": kind, "init": "base" if kind == "thinking" else "random", "train_config": asdict(cfg),
+                    "task_levels": task.LEVELS}, indent=1)
     )
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
@@ -149,24 +159,36 @@ def train_organisms(cfg: TrainConfig = TrainConfig(), out_dir: Path = WEIGHTS_DI
                     phases: tuple[str, ...] = ("base", "thinking")) -> dict[str, Path]:
     """Train the organisms named in ``phases``; returns their saved directories.
 
-    Each phase is seeded on its own (``seed`` for base, ``seed + 1`` for thinking), so a phase
-    re-run alone gives the same weights as in a full run.
+    The thinking phase starts from the base weights: from the ones just trained, or, when run
+    alone, from ``out_dir / "base"``. Each phase is seeded on its own (``seed`` for base,
+    ``seed + 1`` for thinking), so a phase re-run alone gives the same weights as in a full run.
     """
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     tok = build_tokenizer(thinking=True)
-    docs = {"base": lambda r, p: base_document(r, p, cfg.direct_share),
-            "thinking": lambda r, p: thinking_document(r, p, cfg.slip_rate)}
-    steps = {"base": cfg.base_steps, "thinking": cfg.thinking_steps}
-    out = {}
-    for i, kind in enumerate(("base", "thinking")):
-        if kind not in phases:
-            continue
-        torch.manual_seed(cfg.seed + i)
-        rng = random.Random(cfg.seed + i)
+    out: dict[str, Path] = {}
+    model = None
+    if "base" in phases:
+        torch.manual_seed(cfg.seed)
         model = make_model(len(tok), OrganismArch(), tok.pad_token_id, tok.eos_token_id).to(device)
-        log(f"organism {kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
-        _train(model, tok, docs[kind], steps[kind], cfg, rng, device, kind, log, curriculum=kind == "thinking")
-        out[kind] = out_dir / kind
-        save_organism(model, tok, out[kind], kind, cfg)
+        log(f"organism base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
+        _train(model, tok, lambda r, p: base_document(r, p, cfg), cfg.base_steps, cfg, random.Random(cfg.seed),
+               device, "base", log, curriculum=True, lr=cfg.lr)
+        out["base"] = out_dir / "base"
+        save_organism(model, tok, out["base"], "base", cfg)
+    if "thinking" in phases:
+        if model is None:
+            from transformers import Qwen2ForCausalLM
+
+            base_dir = out_dir / "base"
+            if not (base_dir / "config.json").exists():
+                raise FileNotFoundError(f"{base_dir} has no base organism to fine-tune; train it first "
+                                        "(`reasonscope organism train --only base`)")
+            model = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
+        torch.manual_seed(cfg.seed + 1)
+        log(f"organism thinking: fine-tuning the base on {device}")
+        _train(model, tok, lambda r, p: thinking_document(r, p, cfg.slip_rate), cfg.thinking_steps, cfg,
+               random.Random(cfg.seed + 1), device, "thinking", log, curriculum=False, lr=cfg.finetune_lr)
+        out["thinking"] = out_dir / "thinking"
+        save_organism(model, tok, out["thinking"], "thinking", cfg)
     return out

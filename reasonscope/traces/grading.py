@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
-from typing import Callable
+
+from .record import THINK_END
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _INTEGER = re.compile(r"-?\d+")
@@ -63,8 +65,8 @@ def extract_boxed(text: str) -> str | None:
 
 def extract_organism(text: str) -> str | None:
     """The first integer after ``</think>`` if present, else the first integer in ``text``."""
-    if "</think>" in text:
-        text = text.split("</think>", 1)[1]
+    if THINK_END in text:
+        text = text.split(THINK_END, 1)[1]
     m = _INTEGER.search(text)
     return str(int(m.group())) if m else None
 

@@ -7,32 +7,46 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ..io import atomic_open
+from ..artifacts import atomic_file
 from .grading import get_grader
-from .record import Trace
-from .segment import THINK_CLOSE, THINK_OPEN
+from .record import THINK_END, THINK_START, Trace
 
 # ---------------------------------------------------------------------------- JSONL
 
 
+def _numbered_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` per non-blank line; errors name file and line."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist; pass an existing JSONL file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory; pass a JSONL file") from None
+    for lineno, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{lineno}: not UTF-8 text (a binary file?); pass a JSONL file") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
+
+
 def read_jsonl(path: str | Path) -> Iterator[dict]:
     """Yield one dict per non-blank line; a bad line raises ``ValueError`` naming file and line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield record
+    for _, record in _numbered_records(path):
+        yield record
 
 
 def write_traces_jsonl(path: str | Path, traces: Iterable[Trace]) -> None:
     """Write one trace per line; the file appears only once every trace is written."""
-    with atomic_open(path, "w") as f:
+    with atomic_file(path, "w") as f:
         for t in traces:
             f.write(json.dumps(t.to_dict(), ensure_ascii=False) + "\n")
 
@@ -44,21 +58,13 @@ _REQUIRED = [f.name for f in dataclasses.fields(Trace) if f.default is dataclass
 def read_traces_jsonl(path: str | Path) -> list[Trace]:
     """Read traces written by :func:`write_traces_jsonl`; errors name file, line and field."""
     traces = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    for lineno, d in _numbered_records(path):
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
             raise ValueError(f"{path}:{lineno}: trace record is missing required field(s) {missing}")
         try:
             traces.append(Trace.from_dict(d))
-        except TypeError as e:  # unknown field or a malformed segment
+        except (TypeError, ValueError) as e:  # unknown field or a malformed segment
             raise ValueError(f"{path}:{lineno}: invalid trace record ({e})") from None
     return traces
 
@@ -76,16 +82,16 @@ _CHUNK_FIELDS = (
 
 def _split_cot(full_cot: str) -> tuple[str, str, str, bool]:
     """``full_cot -> (prompt, thinking, answer, truncated)``; the prompt keeps ``<think>`` + newline."""
-    i = full_cot.find(THINK_OPEN)
+    i = full_cot.find(THINK_START)
     if i < 0:
         raise ValueError("no <think> marker in full_cot")
-    cut = i + len(THINK_OPEN)
+    cut = i + len(THINK_START)
     if full_cot.startswith("\n", cut):
         cut += 1
     prompt, rest = full_cot[:cut], full_cot[cut:]
-    if THINK_CLOSE not in rest:
+    if THINK_END not in rest:
         return prompt, rest, "", True
-    thinking, answer = rest.split(THINK_CLOSE, 1)
+    thinking, answer = rest.split(THINK_END, 1)
     return prompt, thinking, answer, False
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+THINK_START, THINK_END = "<think>", "</think>"  # the one definition of the think markers
+
 
 @dataclass
 class Segment:
@@ -43,7 +45,7 @@ class Trace:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Trace":
+    def from_dict(cls, d: dict[str, Any]) -> Trace:
         d = dict(d)
         d["segments"] = [Segment(**s) for s in d.get("segments", [])]
         if d.get("think_span") is not None:

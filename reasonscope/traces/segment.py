@@ -18,9 +18,8 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from .record import Segment, Trace
+from .record import THINK_END, THINK_START, Segment, Trace
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _BOUNDARY = re.compile(r"[.?!](?=[ \n])|\r?\n\r?\n")
 
 
@@ -63,14 +62,14 @@ def full_text(trace: Trace) -> str:
     ``prompt + "<think>" + thinking + "</think>" + answer``. A truncated trace with no answer
     never closed its thinking, so ``"</think>"`` is left out.
     """
-    opener = "" if trace.prompt.rstrip().endswith(THINK_OPEN) else THINK_OPEN
-    closer = "" if trace.truncated and not trace.answer else THINK_CLOSE
+    opener = "" if trace.prompt.rstrip().endswith(THINK_START) else THINK_START
+    closer = "" if trace.truncated and not trace.answer else THINK_END
     return trace.prompt + opener + trace.thinking + closer + trace.answer
 
 
 def thinking_offset(trace: Trace) -> int:
     """Character offset of ``trace.thinking`` inside ``full_text(trace)``."""
-    return len(trace.prompt) + (0 if trace.prompt.rstrip().endswith(THINK_OPEN) else len(THINK_OPEN))
+    return len(trace.prompt) + (0 if trace.prompt.rstrip().endswith(THINK_START) else len(THINK_START))
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]]]:

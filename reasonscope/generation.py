@@ -1,0 +1,362 @@
+"""One generation engine for every stage: continuous batching over a slot KV cache, hooks active throughout.
+
+``generate(handle, prompts, cfg, hooks=..., on_token=...)`` decodes up to ``cfg.batch_size`` requests at
+once. Each batch row (a *slot*) owns one sequence of a preallocated KV cache; when a row ends (EOS, a stop
+string, ``max_new_tokens``) its slot is refilled with a waiting prompt, so decode steps are not spent on
+finished rows. Waiting prompts are prefilled in groups into free slots (left-padded within the group); per-row
+position ids and a per-row attention mask make every row equal to its unbatched self.
+
+Hooks (``{hook_name: fn(tensor) -> tensor | None}``, as in ``ModelHandle.run``) run on the HF module during
+prefill and every decode step, and are removed when generation ends or raises. Per-request parameters (a
+steering strength, a gate set) are looked up through :func:`current_batch`: ``values[current_batch().rows]``
+gives each batch row the value of the request it serves.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from transformers.cache_utils import Cache
+
+from .hooks import HookFn, attach
+
+_MASK64 = (1 << 64) - 1
+_CURRENT: ContextVar["Batch | None"] = ContextVar("reasonscope_generation_batch", default=None)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Length, stopping, sampling (temperature 0 = greedy) and batching of one :func:`generate` call."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0  # sampling: request i's token t draws from a stream fixed by (seed, i, t)
+    stop: tuple[str, ...] = ()  # end a row once its generated text contains one of these
+    eos_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's and generation_config's EOS
+    batch_size: int = 32  # rows decoded together (KV slots)
+    refill: int | None = None  # prefill waiting prompts once this many slots are free; None: batch_size // 8
+    prefill_tokens: int = 16384  # token budget (rows x padded length) of one prefill forward pass
+
+
+@dataclass
+class Completion:
+    """One request's result: its prompt ids, the generated ids (ending with the EOS or stop token) and why."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str  # "eos" | "stop" | "length"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The running forward pass as hooks and ``on_token`` see it (tensors on the model's device)."""
+
+    rows: torch.Tensor  # [batch] request index each row serves; -1 = idle row (its output is discarded)
+    positions: torch.Tensor  # [batch, pos] position of each input token in its request's sequence; -1 = padding
+    n_generated: torch.Tensor  # [batch] tokens each row had generated before this pass
+    prefill: bool  # True: prompts of newly admitted requests; False: one decode step
+
+
+OnToken = Callable[[Batch, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+def current_batch() -> Batch | None:
+    """The batch of the forward pass :func:`generate` is running (None outside generation)."""
+    return _CURRENT.get()
+
+
+class SlotCache(Cache):
+    """KV cache of ``slots`` sequences, ``[slots, kv_heads, capacity, head_dim]`` per layer (allocated on first write).
+
+    After ``prefill(slots)`` a forward pass writes its prompts at positions ``0..T`` of those slots and attends
+    among them only; after ``decode(positions, length)`` it writes one token per slot at that slot's position and
+    attends over every slot's first ``length`` positions (the caller's mask says which of them are real).
+    """
+
+    def __init__(self, slots: int, capacity: int):
+        super().__init__(layers=[])
+        self.slots, self.capacity = slots, capacity
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._slots: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None
+        self._length = 0
+
+    def prefill(self, slots: torch.Tensor) -> None:
+        self._slots, self._positions = slots, None
+
+    def decode(self, positions: torch.Tensor, length: int) -> None:
+        if self._rows is None or len(self._rows) != len(positions):
+            self._rows = torch.arange(len(positions), device=positions.device)
+        self._slots, self._positions, self._length = None, positions, length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == len(self.keys):
+            for buf, x in ((self.keys, key_states), (self.values, value_states)):
+                buf.append(x.new_zeros(self.slots, x.shape[1], self.capacity, x.shape[3]))  # zeros: never NaN
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if self._slots is not None:
+            n = key_states.shape[2]
+            k[self._slots, :, :n] = key_states
+            v[self._slots, :, :n] = value_states
+            return key_states, value_states
+        k[self._rows, :, self._positions] = key_states[:, :, 0]
+        v[self._rows, :, self._positions] = value_states[:, :, 0]
+        return k[:, :, : self._length], v[:, :, : self._length]
+
+    def keep(self, slots: torch.Tensor) -> None:
+        """Drop every slot not in ``slots`` (renumbered in that order)."""
+        self.keys = [k[slots] for k in self.keys]
+        self.values = [v[slots] for v in self.values]
+        self.slots, self._rows = len(slots), None
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return self._length
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row of ``logits`` ``[rows, vocab]`` by inverse CDF at ``uniforms`` ``[rows]`` in [0, 1).
+
+    Temperature scales the logits; ``top_p`` < 1 keeps the smallest set of most likely tokens whose mass
+    reaches ``top_p`` (nucleus sampling). A token of probability 0 is never drawn.
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)
+    cdf = probs.cumsum(-1)
+    target = uniforms.to(cdf)[:, None] * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
+    return (order.gather(-1, pick) if order is not None else pick)[:, 0]
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, request: int, step: int) -> float:
+    """A uniform in [0, 1) fixed by (seed, request, step): sampling does not depend on how rows are batched."""
+    return (_splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ request) ^ step) >> 11) / 2**53
+
+
+class _StopStrings:
+    """Detects stop strings in a row's generated text, decoding only when the new token could complete one."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]):
+        self.tokenizer, self.stops = tokenizer, tuple(stops)
+        self.window = 4 * max(len(s) for s in self.stops) + 1  # tokens; byte-level tokens may be < 1 char
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        last = {s[-1] for s in self.stops}
+        self.candidates = {i for i, t in enumerate(texts) if "\ufffd" in t or any(c in t for c in last)}
+
+    def hit(self, tokens: list[int]) -> bool:
+        if tokens[-1] not in self.candidates:
+            return False
+        tail = self.tokenizer.decode(tokens[-self.window :])
+        return any(s in tail for s in self.stops)
+
+
+def _check_model(model: Any) -> str:
+    cfg = getattr(model.config, "text_config", model.config)
+    impl = getattr(cfg, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"generate supports sdpa and eager attention, not {impl!r}: load the model with "
+                         "attn_implementation='sdpa' (or 'eager' to read attention patterns)")
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ValueError(f"generate supports full-attention layers only, this model has {sorted(kinds)}; "
+                         "disable sliding windows in its config (use_sliding_window=False) to use it")
+    return impl
+
+
+class _Engine:
+    """The state of one :func:`generate` call: slots, the waiting queue, and finished completions."""
+
+    def __init__(self, handle: Any, prompts: list[list[int]], cfg: DecodeConfig, on_token: OnToken | None,
+                 progress: bool):
+        tok, self.model, self.cfg, self.on_token = handle.tokenizer, handle.model, cfg, on_token
+        self.impl = _check_model(self.model)
+        self.device = handle.device
+        self.prompts = prompts
+        eos = cfg.eos_token_ids
+        if eos is None:
+            gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+            eos = tuple({tok.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None})
+        self.eos = set(eos)
+        self.pad = next(t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
+        self.stops = _StopStrings(tok, cfg.stop) if cfg.stop else None
+        self.queue = deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))  # long first: short tail
+        self.width = min(cfg.batch_size, len(prompts))
+        self.refill = cfg.refill or max(1, cfg.batch_size // 8)
+        self.cache = SlotCache(self.width, max(map(len, prompts)) + cfg.max_new_tokens)
+        self.mask = torch.zeros(self.width, self.cache.capacity, dtype=torch.bool, device=self.device)
+        self.req = [-1] * self.width  # request served by each slot (-1 idle)
+        self.start = [0] * self.width  # first real position (left padding of its prefill group)
+        self.length = [0] * self.width  # next write position
+        self.next = [self.pad] * self.width  # next input token
+        self.out: list[list[int]] = [[] for _ in range(self.width)]
+        self.rows = torch.arange(self.width, device=self.device)
+        self.done: list[Completion | None] = [None] * len(prompts)
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(prompts), desc="generate", unit="seq")
+
+    def run(self) -> list[Completion]:
+        try:
+            while self.queue or any(r >= 0 for r in self.req):
+                free = [s for s, r in enumerate(self.req) if r < 0]
+                if self.queue and (len(free) >= min(self.refill, len(self.queue)) or len(free) == self.width):
+                    self._prefill(free)
+                    continue
+                if not self.queue and self.width - len(free) <= self.width // 2:
+                    self._compact()
+                self._decode()
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        return self.done  # type: ignore[return-value]
+
+    def _tensor(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _forward(self, ids: torch.Tensor, allowed: torch.Tensor, position_ids: torch.Tensor,
+                 batch: Batch) -> torch.Tensor:
+        mask = allowed
+        if self.impl == "eager":  # additive mask, as HF builds it for eager attention
+            dtype = self.model.dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill_(
+                ~allowed, torch.finfo(dtype).min)
+        token = _CURRENT.set(batch)
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        finally:
+            _CURRENT.reset(token)
+        return out.logits[:, -1].float()
+
+    def _prefill(self, free: list[int]) -> None:
+        """Admit waiting prompts (longest first) into free slots with one forward pass; choose their first token."""
+        width = len(self.prompts[self.queue[0]])
+        n = max(1, min(len(free), len(self.queue), self.cfg.prefill_tokens // width))
+        reqs = [self.queue.popleft() for _ in range(n)]
+        slots = free[:n]
+        pads = [width - len(self.prompts[r]) for r in reqs]
+        ids = self._tensor([[self.pad] * p + self.prompts[r] for p, r in zip(pads, reqs)])
+        real = self._tensor([[0] * p + [1] * (width - p) for p in pads]).bool()
+        position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        eye = torch.eye(width, dtype=torch.bool, device=self.device)  # padding attends to itself: never NaN
+        allowed = ((causal & real[:, None, :]) | eye)[:, None]
+        slot_t = self._tensor(slots)
+        self.cache.prefill(slot_t)
+        batch = Batch(rows=self._tensor(reqs), positions=position_ids.masked_fill(~real, -1),
+                      n_generated=torch.zeros(n, dtype=torch.long, device=self.device), prefill=True)
+        logits = self._forward(ids, allowed, position_ids, batch)
+        self.mask[slot_t] = False
+        self.mask[slot_t, :width] = real
+        for s, r, p in zip(slots, reqs, pads):
+            self.req[s], self.start[s], self.length[s], self.out[s] = r, p, width, []
+        self._accept(slots, logits, batch)
+
+    def _decode(self) -> None:
+        """One decode step over every slot (idle ones compute discarded garbage)."""
+        span = max(ln for ln, r in zip(self.length, self.req) if r >= 0) + 1
+        positions = self._tensor(self.length)
+        self.mask[self.rows, positions] = True
+        idle = torch.tensor([r < 0 for r in self.req], device=self.device)
+        position_ids = self._tensor([ln - st for ln, st in zip(self.length, self.start)])[:, None]
+        self.cache.decode(positions, span)
+        batch = Batch(rows=self._tensor(self.req), positions=position_ids.masked_fill(idle[:, None], -1),
+                      n_generated=self._tensor([len(o) for o in self.out]), prefill=False)
+        logits = self._forward(self._tensor(self.next)[:, None], self.mask[:, None, None, :span], position_ids, batch)
+        for s, r in enumerate(self.req):
+            self.length[s] += r >= 0
+        self._accept(list(range(self.width)), logits, batch)
+
+    def _accept(self, slots: list[int], logits: torch.Tensor, batch: Batch) -> None:
+        """Choose the next token of each row of the pass (row i serves ``slots[i]``); retire finished rows."""
+        cfg = self.cfg
+        if cfg.temperature > 0:
+            u = [uniform(cfg.seed, self.req[s], len(self.out[s])) if self.req[s] >= 0 else 0.0 for s in slots]
+            tokens = sample(logits, cfg.temperature, cfg.top_p, torch.tensor(u, device=self.device))
+        else:
+            tokens = logits.argmax(-1)
+        if self.on_token is not None:
+            forced = self.on_token(batch, tokens, logits)
+            tokens = tokens if forced is None else forced
+        finished = []
+        for s, t in zip(slots, tokens.tolist()):
+            r = self.req[s]
+            if r < 0:
+                continue
+            out = self.out[s]
+            out.append(t)
+            reason = ("eos" if t in self.eos else "stop" if self.stops is not None and self.stops.hit(out)
+                      else "length" if len(out) >= cfg.max_new_tokens else None)
+            if reason is None:
+                self.next[s] = t
+                continue
+            self.done[r] = Completion(self.prompts[r], out, reason)
+            self.req[s], self.start[s], self.length[s], self.next[s] = -1, 0, 0, self.pad
+            finished.append(s)
+            if self.bar is not None:
+                self.bar.update(1)
+        if finished:  # an idle row attends to its slot's position 0 only (finite garbage, discarded)
+            f = self._tensor(finished)
+            self.mask[f] = False
+            self.mask[f, 0] = True
+
+    def _compact(self) -> None:
+        """Drop idle slots once no prompt waits, so the tail of the run decodes a narrower batch."""
+        live = [s for s, r in enumerate(self.req) if r >= 0]
+        idx = self._tensor(live)
+        self.cache.keep(idx)
+        self.mask = self.mask[idx]
+        for name in ("req", "start", "length", "next", "out"):
+            values = getattr(self, name)
+            setattr(self, name, [values[s] for s in live])
+        self.width = len(live)
+        self.rows = torch.arange(self.width, device=self.device)
+
+
+def generate(
+    handle: Any,
+    prompts: Sequence[str | Sequence[int]],
+    cfg: DecodeConfig = DecodeConfig(),
+    hooks: Mapping[str, HookFn] | None = None,
+    on_token: OnToken | None = None,
+    progress: bool = False,
+) -> list[Completion]:
+    """Generate a completion for each prompt (text, tokenized without special tokens, or token ids).
+
+    ``hooks`` run during prefill and every decode step (see :func:`current_batch` for per-request state).
+    ``on_token(batch, tokens, logits)`` is called after each token choice with the chosen ``tokens`` ``[batch]``
+    and the float32 ``logits`` ``[batch, vocab]``; a returned tensor replaces ``tokens`` (e.g. force
+    ``</think>`` on rows where a probe fired). Idle rows' entries are ignored. Output order = input order.
+    """
+    if cfg.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    if cfg.temperature > 0 and not 0 < cfg.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {cfg.top_p}")
+    tok = handle.tokenizer
+    ids = [tok(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+    if any(len(p) == 0 for p in ids):
+        raise ValueError("empty prompt: every prompt needs at least one token (e.g. the chat template's BOS)")
+    if not ids:
+        return []
+    g = handle.geometry
+    with torch.inference_mode(), attach(handle.model, dict(hooks or {}), g.n_layers, g.n_heads):
+        return _Engine(handle, ids, cfg, on_token, progress).run()

@@ -1,0 +1,145 @@
+"""RLKV gate learner (Du et al. 2025, arXiv 2510.08525; heads.md §3): RL on the gates of a frozen model.
+
+Rollouts are sampled under the mixed attention with the current gates; the loss per step is
+PPO-clip (ε = 0.4, no KL) on the sampled tokens with a 0/1 correctness reward broadcast to tokens,
+plus the reward-gated sparsity penalty ``β·1[r̄ > τ]·(e^r̄ − 1)·mean|α|`` (r̄: the step's mean raw
+reward). Gates start at 1 and are clamped to [0, 1] before every forward. Advantages are normalised
+over the whole batch (as shipped) or per prompt group (GRPO as in the paper).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..traces.generate import GenerationConfig, generate_traces
+from .batches import trace_batches
+from .policy import CompressionPolicy
+from .gated import gated_attention
+from .scorers import gated_logits
+
+
+@dataclass(frozen=True)
+class RLKVConfig:
+    """Hyperparameters; defaults follow the shipped R1-distill recipe scaled to small models."""
+
+    steps: int = 20
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    clip: float = 0.4
+    beta: float = 1e-3
+    tau: float = 0.5
+    ppo_epochs: int = 1
+    adv_norm: Literal["batch", "group"] = "batch"
+    temperature: float = 1.0
+    max_new_tokens: int = 256
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.adv_norm not in ("batch", "group"):
+            raise ValueError(f"adv_norm must be 'batch' or 'group', got {self.adv_norm!r}")
+        if self.steps < 1 or self.prompts_per_step < 1 or self.samples_per_prompt < 1:
+            raise ValueError("steps, prompts_per_step and samples_per_prompt must be >= 1")
+
+
+def advantages(rewards: torch.Tensor, groups: torch.Tensor, mode: Literal["batch", "group"]) -> torch.Tensor:
+    """``(r - mean) / (std + 1e-6)`` over the batch or within each prompt group."""
+    if mode == "batch":
+        return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
+    out = torch.zeros_like(rewards)
+    for gid in groups.unique():
+        sel = groups == gid
+        r = rewards[sel]
+        out[sel] = (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
+    return out
+
+
+def sparsity_penalty(alpha: torch.Tensor, mean_reward: float, beta: float, tau: float) -> torch.Tensor:
+    """``β·1[r̄ > τ]·(e^r̄ − 1)·mean|α|``."""
+    scale = (math.exp(mean_reward) - 1.0) if mean_reward > tau else 0.0
+    return beta * scale * alpha.abs().mean()
+
+
+def _token_logprobs(handle: Any, batch: Any, alpha: torch.Tensor, policy: CompressionPolicy) -> torch.Tensor:
+    logits = gated_logits(handle, batch, alpha, policy).cpu().float()
+    return torch.gather(F.log_softmax(logits, -1), -1, torch.roll(batch.input_ids, -1, 1)[..., None])[..., 0]
+
+
+def rlkv_scores(handle: Any, problems: Sequence[Any], policy: CompressionPolicy, cfg: RLKVConfig = RLKVConfig(),
+                grader: str = "organism", log: list[dict] | None = None) -> torch.Tensor:
+    """Learn gates ``[L, H_kv]`` on ``problems`` (traces the full model solved: prompt and gold are used)."""
+    solved = [t for t in problems if t.grade and t.gold is not None]
+    if not solved:
+        raise ValueError("RLKV trains on problems the model already solves: pass graded traces with grade=True")
+    g = handle.geometry
+    rng = random.Random(cfg.seed)
+    alpha = torch.ones(g.n_layers, g.n_kv_heads, requires_grad=True)
+    opt = torch.optim.AdamW([alpha], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           batch_size=cfg.prompts_per_step * cfg.samples_per_prompt)
+    for step in range(cfg.steps):
+        picked = rng.sample(solved, min(cfg.prompts_per_step, len(solved)))
+        prompts = [t.prompt for t in picked for _ in range(cfg.samples_per_prompt)]
+        golds = [t.gold for t in picked for _ in range(cfg.samples_per_prompt)]
+        with torch.no_grad():
+            alpha.clamp_(0.0, 1.0)
+        with gated_attention(handle, alpha.detach().clone(), policy):
+            gen = GenerationConfig(**{**gen.__dict__, "seed": cfg.seed * 100003 + step})
+            rollouts = generate_traces(handle, prompts, gen, golds=golds, grader=grader)
+        for i, t in enumerate(rollouts):
+            t.meta["group"] = i // cfg.samples_per_prompt
+        rollouts = [t for t in rollouts if t.think_span is not None]
+        if not rollouts:
+            continue
+        rewards = torch.tensor([float(bool(t.grade)) for t in rollouts])
+        r_mean = float(rewards.mean())
+        adv = advantages(rewards, torch.tensor([t.meta["group"] for t in rollouts]), cfg.adv_norm)
+        for t, a in zip(rollouts, adv.tolist()):
+            t.meta["advantage"] = a
+        batches = _all_token_batches(handle, rollouts, policy)
+        with torch.no_grad():
+            old = [_token_logprobs(handle, b, alpha.detach(), policy) for b in batches]
+        for _ in range(cfg.ppo_epochs):
+            with torch.no_grad():
+                alpha.clamp_(0.0, 1.0)
+            opt.zero_grad()
+            pg_total, n_tok = 0.0, 0
+            for b, lp_old in zip(batches, old):
+                lp = _token_logprobs(handle, b, alpha, policy)
+                a = torch.tensor([t.meta["advantage"] for t in b.traces])[:, None]
+                ratio = (lp - lp_old).exp()
+                pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - cfg.clip, 1 + cfg.clip))
+                mask = b.scored
+                pg_sum = pg[mask].sum()
+                n_tok += int(mask.sum())
+                pg_total = pg_total + pg_sum
+            loss = pg_total / max(n_tok, 1) + sparsity_penalty(alpha, r_mean, cfg.beta, cfg.tau)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([alpha], cfg.grad_clip)
+            opt.step()
+        with torch.no_grad():
+            alpha.clamp_(0.0, 1.0)
+        if log is not None:
+            a = alpha.detach()
+            log.append({"step": step, "reward_mean": r_mean, "reg_scaling_factor": (math.exp(r_mean) - 1) * (r_mean > cfg.tau),
+                        "alpha_mean": float(a.mean()), "alpha_std": float(a.std()), "alpha_min": float(a.min()),
+                        "alpha_max": float(a.max()), "sparsity_at_0.5": float((a < 0.5).float().mean())})
+    return alpha.detach().clone()
+
+
+def _all_token_batches(handle: Any, rollouts: Sequence[Any], policy: CompressionPolicy) -> list[Any]:
+    """Rollouts as teacher-forced batches scoring every generated token (policy gradient needs them all)."""
+    batches = trace_batches(handle, rollouts, CompressionPolicy(sink=1, recent=0, prefill=policy.prefill), 16)
+    for b in batches:
+        rank = b.attention_mask.cumsum(-1) - 1
+        n = b.attention_mask.sum(-1, keepdim=True)
+        b.scored = b.attention_mask.bool() & (rank >= b.prefill_lengths[:, None] - 1) & (rank < n - 1)
+    return batches

@@ -1,0 +1,43 @@
+"""Which KV heads keep a full cache at sparsity ``sp``: global ranking, random and uniform-per-layer baselines."""
+
+from __future__ import annotations
+
+import torch
+
+
+def n_full_heads(n_heads: int, sparsity: float) -> int:
+    """Heads kept full at ``sparsity`` (fraction compressed), rounded to whole heads."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity {sparsity} is outside [0, 1]; it is the fraction of KV heads compressed")
+    return n_heads - round(sparsity * n_heads)
+
+
+def select_full_heads(scores: torch.Tensor, sparsity: float, seed: int = 0) -> torch.Tensor:
+    """Bool ``[L, H_kv]``: the top heads by score over all layers at once (DuoAttention/RLKV rule, heads.md §2).
+
+    Ties are broken by Uniform(0, 1e-6) noise as in the reference code; the count is exact
+    (``n_full_heads``) rather than a quantile threshold, so equal sparsities compare equal budgets.
+    """
+    k = n_full_heads(scores.numel(), sparsity)
+    g = torch.Generator().manual_seed(seed)
+    noisy = scores.detach().float().cpu().flatten() + torch.rand(scores.numel(), generator=g) * 1e-6
+    full = torch.zeros(scores.numel(), dtype=torch.bool)
+    full[noisy.argsort(descending=True)[:k]] = True
+    return full.view(scores.shape)
+
+
+def random_full_heads(n_layers: int, n_kv_heads: int, sparsity: float, seed: int) -> torch.Tensor:
+    """Baseline: ``n_full_heads`` heads chosen uniformly at random."""
+    g = torch.Generator().manual_seed(seed)
+    return select_full_heads(torch.rand(n_layers, n_kv_heads, generator=g), sparsity)
+
+
+def uniform_full_heads(n_layers: int, n_kv_heads: int, sparsity: float, seed: int = 0) -> torch.Tensor:
+    """Baseline: the same number of full heads in every layer (remainder to the first layers), random within a layer."""
+    k = n_full_heads(n_layers * n_kv_heads, sparsity)
+    g = torch.Generator().manual_seed(seed)
+    full = torch.zeros(n_layers, n_kv_heads, dtype=torch.bool)
+    for layer in range(n_layers):
+        per = k // n_layers + (1 if layer < k % n_layers else 0)
+        full[layer, torch.randperm(n_kv_heads, generator=g)[:per]] = True
+    return full

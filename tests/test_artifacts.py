@@ -1,0 +1,129 @@
+"""The artifact convention: atomic writes honouring the umask, manifests with hashes, checked opens."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from reasonscope.artifacts import (
+    ArtifactDir,
+    CorruptFileError,
+    ForeignArtifactError,
+    IncompleteArtifactError,
+    atomic_dir,
+    atomic_file,
+    read_json,
+    verify_artifact,
+    write_artifact,
+)
+
+KIND, FORMAT = "saelens_activations", 1
+
+
+def make(out: Path, replace: bool = False) -> ArtifactDir:
+    def files(tmp: Path) -> dict[str, int]:
+        (tmp / "data").mkdir()
+        (tmp / "data" / "a.bin").write_bytes(b"\x01" * 100)
+        (tmp / "b.jsonl").write_text('{"x": 1}\n{"x": 2}\n')
+        return {"b.jsonl": 2}
+
+    return write_artifact(out, KIND, FORMAT, {"hook": "h"}, {"store": "sha256:0"}, files, replace=replace)
+
+
+def write_then_fail(path: Path) -> None:
+    with atomic_file(path) as f:
+        f.write("half")
+        raise RuntimeError("boom")
+
+
+def test_atomic_file_respects_umask_and_leaves_nothing_on_error(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with atomic_file(tmp_path / "f.txt") as f:
+            f.write("hi")
+        with pytest.raises(RuntimeError, match="boom"):
+            write_then_fail(tmp_path / "g.txt")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.txt"]  # no g.txt, no temporaries
+
+
+def test_atomic_dir_replaces_only_when_asked(tmp_path):
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "x").write_text("old")
+    with pytest.raises(FileExistsError, match="already exists"), atomic_dir(tmp_path / "d") as d:
+        pass
+    with atomic_dir(tmp_path / "d", replace=True) as d:
+        (d / "y").write_text("new")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["y"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_manifest_lists_every_file(tmp_path):
+    art = make(tmp_path / "a")
+    d = read_json(tmp_path / "a" / "manifest.json")
+    assert d["kind"] == KIND and d["format"] == FORMAT and d["complete"] and d["created"] and d["version"]
+    assert d["config"] == {"hook": "h"} and d["inputs"] == {"store": "sha256:0"}
+    assert d["files"]["data/a.bin"]["size"] == 100 and d["files"]["b.jsonl"]["rows"] == 2
+    assert d["files"]["data/a.bin"]["rows"] is None
+    again = ArtifactDir.open(tmp_path / "a", KIND, FORMAT, check="hash")
+    assert again.manifest == art.manifest and again.file("b.jsonl").read_text().count("\n") == 2
+    assert verify_artifact(tmp_path / "a").ok
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "altered"])
+def test_damaged_file_is_refused_naming_it(tmp_path, how):
+    make(tmp_path / "a")
+    p = tmp_path / "a" / "data" / "a.bin"
+    if how == "missing":
+        p.unlink()
+    elif how == "truncated":
+        p.write_bytes(b"\x01" * 99)
+    else:
+        p.write_bytes(b"\x01" * 99 + b"\x02")
+    check = "hash" if how == "altered" else "size"
+    with pytest.raises(CorruptFileError, match=r"data/a.bin .*delete it and re-run"):
+        ArtifactDir.open(tmp_path / "a", KIND, FORMAT, check=check)
+    if how == "altered":
+        ArtifactDir.open(tmp_path / "a", KIND, FORMAT)  # fast mode checks sizes only
+    report = verify_artifact(tmp_path / "a")
+    assert not report.ok and "a.bin" in str(report) and report.files_checked == 1
+
+
+def test_foreign_half_written_and_unknown_are_refused(tmp_path):
+    make(tmp_path / "a")
+    with pytest.raises(
+        ForeignArtifactError, match="describes a 'saelens_activations' artifact, not 'activation_store'"
+    ):
+        ArtifactDir.open(tmp_path / "a", "activation_store", 2)
+    with pytest.raises(ForeignArtifactError, match="format 1.*reads format 7"):
+        ArtifactDir.open(tmp_path / "a", KIND, 7)
+    half = tmp_path / ".b.x1y2.tmp"
+    half.mkdir()
+    with pytest.raises(IncompleteArtifactError, match="temporary directory left by an interrupted write"):
+        ArtifactDir.open(half, KIND, FORMAT)
+    m = tmp_path / "a" / "manifest.json"
+    m.write_text(json.dumps({**read_json(m), "complete": False}))
+    with pytest.raises(IncompleteArtifactError, match="not marked complete"):
+        ArtifactDir.open(tmp_path / "a", KIND, FORMAT)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ArtifactDir.open(tmp_path / "nope", KIND, FORMAT)
+    m.write_text(json.dumps({**read_json(m), "kind": "mystery", "complete": True}))
+    assert "unknown artifact kind 'mystery'" in str(verify_artifact(tmp_path / "a"))
+    m.write_text("{not json")
+    assert "not valid JSON" in str(verify_artifact(tmp_path / "a"))
+
+
+def test_write_artifact_refuses_existing_unless_replace(tmp_path):
+    make(tmp_path / "a")
+    with pytest.raises(FileExistsError):
+        make(tmp_path / "a")
+    assert make(tmp_path / "a", replace=True).manifest.complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]

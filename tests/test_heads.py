@@ -1,0 +1,153 @@
+"""Gated attention per KV head, the physically compressed cache, and their equivalences (tiny model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from reasonscope.heads import CompressionPolicy, compressed_cache, gated_attention, kv_bytes
+from reasonscope.heads.gated import GATED_ATTN, gated_run
+
+POLICY = CompressionPolicy(sink=2, recent=4)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 300, (2, 30), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    return ids, mask
+
+
+def test_policy_validation():
+    with pytest.raises(ValueError, match="non-negative"):
+        CompressionPolicy(sink=-1)
+    with pytest.raises(ValueError, match="keeps no token"):
+        CompressionPolicy(sink=0, recent=0)
+    with pytest.raises(ValueError, match="'full' or 'window'"):
+        CompressionPolicy(prefill="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="covers the whole context"):
+        CompressionPolicy(sink=16, recent=64).check_context(60)
+
+
+def test_alpha_one_is_the_model_and_restored_after_error(tiny_handle, batch):
+    ids, mask = batch
+    g = tiny_handle.geometry
+    ref = tiny_handle.run(ids, mask)
+    original = tiny_handle.attn_implementation
+    with gated_attention(tiny_handle, torch.ones(g.n_layers, g.n_kv_heads)) as state:
+        assert tiny_handle.attn_implementation == GATED_ATTN
+        out = tiny_handle.run(ids, mask)
+    assert state.calls == g.n_layers
+    assert (out - ref)[mask.bool()].abs().max() < 1e-5
+    with pytest.raises(RuntimeError, match="boom"):
+        with gated_attention(tiny_handle, torch.zeros(g.n_layers, g.n_kv_heads), POLICY, torch.tensor([3, 3])):
+            tiny_handle.run(ids, mask)
+            raise RuntimeError("boom")
+    assert tiny_handle.attn_implementation == original
+    assert torch.equal(tiny_handle.run(ids, mask), ref)
+
+
+def test_bad_gates_refused(tiny_handle):
+    with pytest.raises(ValueError, match=r"needs \[2, 2\]"):
+        with gated_attention(tiny_handle, torch.ones(3, 2)):
+            pass
+    with pytest.raises(ValueError, match="outside"):
+        with gated_attention(tiny_handle, torch.full((2, 2), 1.5)):
+            pass
+    with gated_attention(tiny_handle, torch.ones(2, 2)):
+        with pytest.raises(RuntimeError, match="already installed"):
+            with gated_attention(tiny_handle, torch.ones(2, 2)):
+                pass
+
+
+def test_window_changes_logits_and_padding_is_ignored(tiny_handle, batch):
+    ids, mask = batch
+    ref = tiny_handle.run(ids, mask)
+    alpha = torch.tensor([[0.0, 1.0], [0.3, 0.0]])
+    with gated_attention(tiny_handle, alpha, POLICY, prefill_lengths=torch.tensor([10, 10])) as state:
+        padded = tiny_handle.run(ids, mask)
+        state.prefill_lengths = torch.tensor([10])
+        alone = tiny_handle.run(ids[:1, 5:])
+    assert (padded[0, 5:] - alone[0]).abs().max() < 1e-5
+    assert (padded - ref)[mask.bool()].abs().max() > 1e-2  # the window is felt
+    # the prompt (real positions < 10) reads everything: columns 5..14 of the padded row, 0..9 of the other
+    assert (padded[0, 5:15] - ref[0, 5:15]).abs().max() < 1e-5 and (padded[1, :10] - ref[1, :10]).abs().max() < 1e-5
+
+
+def test_per_row_gates_equal_separate_runs(tiny_handle, batch):
+    ids, _ = batch
+    a1, a2 = torch.tensor([[0.0, 1.0], [1.0, 1.0]]), torch.tensor([[1.0, 1.0], [0.5, 0.0]])
+    pre = torch.tensor([8, 8])
+    with gated_attention(tiny_handle, torch.stack([a1, a2]), POLICY, prefill_lengths=pre):
+        both = tiny_handle.run(ids[[1, 1]])
+    for row, a in enumerate((a1, a2)):
+        with gated_attention(tiny_handle, a, POLICY, prefill_lengths=pre[:1]):
+            assert (tiny_handle.run(ids[1:2])[0] - both[row]).abs().max() < 1e-5
+
+
+def test_gates_are_differentiable(tiny_handle, batch):
+    ids, mask = batch
+    alpha = torch.full((2, 2), 0.5, requires_grad=True)
+    with gated_attention(tiny_handle, alpha, POLICY, prefill_lengths=torch.tensor([10, 10])):
+        logits = tiny_handle.run(ids, mask)
+    logits[mask.bool()].logsumexp(-1).sum().backward()
+    assert alpha.grad is not None and torch.isfinite(alpha.grad).all() and alpha.grad.abs().sum() > 0
+
+
+def _decode(handle, seq, prefill, cache):
+    out = [handle.model(input_ids=seq[:, :prefill], past_key_values=cache, use_cache=True).logits]
+    for t in range(prefill, seq.shape[1]):
+        out.append(handle.model(input_ids=seq[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("prefill", ["full", "window"])
+def test_physical_cache_equals_mask_simulation(tiny_handle, batch, prefill):
+    ids, _ = batch
+    seq, n_prefill = ids[1:2], 10
+    policy = CompressionPolicy(sink=2, recent=4, prefill=prefill)
+    full_mask = torch.tensor([[True, False], [False, False]])
+    with torch.no_grad():
+        with gated_attention(tiny_handle, full_mask.float(), policy):
+            simulated = _decode(tiny_handle, seq, n_prefill, DynamicCache(config=tiny_handle.model.config))
+        with gated_attention(tiny_handle, full_mask.float(), policy, prefill_lengths=torch.tensor([n_prefill])):
+            forced = tiny_handle.run(seq)
+        with compressed_cache(tiny_handle, full_mask, policy) as (cache, _):
+            physical = _decode(tiny_handle, seq, n_prefill, cache)
+            held = cache.nbytes()
+        full = _decode(tiny_handle, seq, n_prefill, DynamicCache(config=tiny_handle.model.config))
+    assert (physical - simulated).abs().max() <= 1e-4
+    assert (forced - simulated).abs().max() <= 1e-4
+    assert (physical - full).abs().max() > 1e-2
+    head_dim = tiny_handle.geometry.head_dim
+    assert held == kv_bytes(full_mask, seq.shape[1], policy, head_dim, bytes_per_value=4)
+    assert held < kv_bytes(torch.ones_like(full_mask), seq.shape[1], policy, head_dim, bytes_per_value=4)
+
+
+def test_physical_cache_refuses_padding_and_bad_mask(tiny_handle, batch):
+    ids, mask = batch
+    with pytest.raises(ValueError, match=r"needs \[2, 2\]"):
+        with compressed_cache(tiny_handle, torch.ones(2, 3, dtype=torch.bool), POLICY):
+            pass
+    with compressed_cache(tiny_handle, torch.tensor([[True, False], [True, True]]), POLICY) as (cache, _):
+        with pytest.raises(ValueError, match="unpadded rows"):
+            tiny_handle.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+def test_backends_agree(tiny_model_dir, tiny_handle, batch, backend):
+    from reasonscope.models import load_model
+
+    ids, mask = batch
+    other = load_model(tiny_model_dir, backend=backend)
+    alpha = torch.tensor([[0.3, 1.0], [0.0, 0.7]])
+    pre = torch.tensor([10, 15])
+    outs = []
+    for h in (tiny_handle, other):
+        with gated_attention(h, alpha, POLICY, prefill_lengths=pre) as state:
+            outs.append(gated_run(h, state, ids, mask))
+    assert (outs[0] - outs[1])[mask.bool()].abs().max() < 1e-4
+    assert (other.run(ids, mask) - tiny_handle.run(ids, mask))[mask.bool()].abs().max() < 1e-4

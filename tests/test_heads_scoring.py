@@ -1,0 +1,171 @@
+"""Head scorers, selection, ground truth, accuracy and the head-map artifact (tiny random model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from reasonscope.heads import (CompressionPolicy, HeadConfig, HeadMap, random_full_heads, read_tsv, score_heads,
+                               select_full_heads, uniform_full_heads)
+from reasonscope.heads.accuracy import exhaustive_best, teacher_forced_accuracy
+from reasonscope.heads.batches import trace_batches
+from reasonscope.heads.retrieval import operand_reads, retrieval_scores
+from reasonscope.heads.rlkv import RLKVConfig, advantages, rlkv_scores, sparsity_penalty
+from reasonscope.heads.scorers import duo_scores, gate_ig_scores, gated_logits, token_kl, windowing_scores
+
+POLICY = CompressionPolicy(sink=4, recent=8)
+
+
+@pytest.fixture(scope="module")
+def batches(tiny_handle, task_traces):
+    return trace_batches(tiny_handle, task_traces, POLICY, batch_size=6)
+
+
+@pytest.fixture(scope="module")
+def own_traces(tiny_handle):
+    """The tiny model's own greedy traces, marked correct (so the full model reproduces each exactly)."""
+    from reasonscope.organisms import task
+    from reasonscope.traces.generate import GenerationConfig, generate_traces
+
+    probs = task.problems(4, seed=1, levels=(2,))
+    traces = generate_traces(tiny_handle, [tiny_handle.chat_prompt(p.question) for p in probs],
+                             GenerationConfig(max_new_tokens=40))
+    for t in traces:
+        t.grade = True
+    return traces
+
+
+def test_selection_rules():
+    s = torch.tensor([[0.1, 0.9], [0.5, 0.3]])
+    assert select_full_heads(s, 0.5).tolist() == [[False, True], [True, False]]
+    assert select_full_heads(s, 0.0).all() and not select_full_heads(s, 1.0).any()
+    with pytest.raises(ValueError, match="outside"):
+        select_full_heads(s, 1.5)
+    draws = {tuple(random_full_heads(4, 2, 0.5, seed).flatten().tolist()) for seed in range(6)}
+    assert len(draws) > 1 and all(sum(d) == 4 for d in draws)
+    assert uniform_full_heads(4, 2, 0.5).sum(-1).tolist() == [1, 1, 1, 1]
+
+
+def test_trace_batches_refuse_a_window_over_the_whole_trace(tiny_handle, task_traces):
+    with pytest.raises(ValueError, match="covers the whole context"):
+        trace_batches(tiny_handle, task_traces, CompressionPolicy(sink=16, recent=400))
+
+
+def test_windowing_scores_equal_one_head_at_a_time(tiny_handle, batches):
+    scores = windowing_scores(tiny_handle, batches, POLICY, heads_per_pass=3)
+    assert scores.shape == (2, 2) and (scores >= 0).all() and scores.max() > 0
+    batch = batches[0]
+    base = gated_logits(tiny_handle, batch, torch.ones(2, 2), POLICY).detach()
+    alpha = torch.ones(2, 2)
+    alpha[1, 0] = 0
+    kl = token_kl(base, gated_logits(tiny_handle, batch, alpha, POLICY).detach(), batch.scored)
+    total = sum(int(b.scored.sum()) for b in batches)
+    rest = sum(token_kl(base_b, gated_logits(tiny_handle, b, alpha, POLICY).detach(), b.scored).sum()
+               for b, base_b in [(b, gated_logits(tiny_handle, b, torch.ones(2, 2), POLICY).detach())
+                                 for b in batches[1:]])
+    assert torch.isclose(scores[1, 0], (kl.sum() + rest) / total, rtol=1e-4)
+
+
+def test_gate_ig_is_complete(tiny_handle, batches):
+    """Σ IG ≈ KL(full ‖ all heads windowed) − 0 (Riemann sum along α: 1 → 0)."""
+    scores = gate_ig_scores(tiny_handle, batches[:1], POLICY, steps=16)
+    b = batches[0]
+    base = gated_logits(tiny_handle, b, torch.ones(2, 2), POLICY).detach()
+    end = token_kl(base, gated_logits(tiny_handle, b, torch.zeros(2, 2), POLICY).detach(), b.scored).mean()
+    assert torch.isclose(scores.sum(), end, rtol=0.05)
+    ce = gate_ig_scores(tiny_handle, batches[:1], POLICY, steps=2, loss="ce")
+    assert ce.shape == (2, 2) and torch.isfinite(ce).all()
+
+
+def test_duo_learner_trades_kl_for_sparsity(tiny_handle, batches):
+    log: list[dict] = []
+    alpha = duo_scores(tiny_handle, batches, POLICY, steps=12, lr=0.05, l1=5.0, log=log)
+    assert ((alpha >= 0) & (alpha <= 1)).all() and alpha.mean() < 1.0
+    assert len(log) == 12 and log[-1]["alpha_mean"] < log[0]["alpha_mean"] + 1e-9
+
+
+def test_operand_reads_point_at_definitions(tiny_handle, task_traces):
+    tok = tiny_handle.tokenizer
+    t = task_traces[0]
+    reads = operand_reads(t, tok)
+    assert reads
+    for r in reads:
+        var = tok.decode([t.token_ids[r.query]]).strip()
+        definition = tok.decode([t.token_ids[k] for k in r.keys]).strip()
+        assert r.query >= t.think_span[0] and definition.startswith(var) and definition[len(var):].isdigit()
+    kv, per_q = retrieval_scores(tiny_handle, task_traces[:3])
+    assert kv.shape == (2, 2) and per_q.shape == (2, 4)
+    assert torch.equal(kv, per_q.view(2, 2, 2).amax(-1)) and ((per_q >= 0) & (per_q <= 1)).all()
+
+
+def test_teacher_forced_accuracy_and_exhaustive(tiny_handle, own_traces):
+    policy = CompressionPolicy(sink=2, recent=3)
+    batches = trace_batches(tiny_handle, own_traces, policy, batch_size=4)
+    masks = torch.stack([torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool)])
+    acc = teacher_forced_accuracy(tiny_handle, batches, masks, policy)
+    assert acc[0] == 1.0 and acc[1] <= 1.0
+    best, best_acc = exhaustive_best(tiny_handle, batches, 0.5, policy)
+    assert best.sum() == 2
+    every = [select_full_heads(torch.rand(2, 2, generator=torch.Generator().manual_seed(s)), 0.5) for s in range(8)]
+    assert best_acc >= float(teacher_forced_accuracy(tiny_handle, batches, torch.stack(every), policy).max())
+
+
+def test_rlkv_pieces():
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    assert torch.allclose(advantages(r, torch.tensor([0, 0, 1, 1]), "group"), torch.tensor([1.0, -1.0, 0.0, 0.0]),
+                          atol=1e-4)
+    assert abs(float(advantages(r, torch.zeros(4), "batch").mean())) < 1e-6
+    a = torch.ones(2, 2)
+    assert float(sparsity_penalty(a, 0.4, 1.0, 0.5)) == 0.0
+    assert abs(float(sparsity_penalty(a, 0.8, 1.0, 0.5)) - (2.718281828 ** 0.8 - 1)) < 1e-5
+    with pytest.raises(ValueError, match="adv_norm"):
+        RLKVConfig(adv_norm="token")  # type: ignore[arg-type]
+
+
+def test_rlkv_runs_and_refuses_unsolved(tiny_handle, task_traces):
+    with pytest.raises(ValueError, match="already solves"):
+        rlkv_scores(tiny_handle, task_traces, POLICY)
+    solved = [t for t in task_traces[:4]]
+    for t in solved:
+        t.grade = True
+    log: list[dict] = []
+    try:
+        alpha = rlkv_scores(tiny_handle, solved, CompressionPolicy(sink=2, recent=4),
+                            RLKVConfig(steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=16), log=log)
+    finally:
+        for t in solved:
+            t.grade = None
+    assert alpha.shape == (2, 2) and ((alpha >= 0) & (alpha <= 1)).all()
+    assert [e["step"] for e in log] == [0, 1] and {"reward_mean", "reg_scaling_factor", "alpha_std"} <= set(log[0])
+
+
+def test_head_map_artifact_round_trip_and_exports(tiny_handle, task_traces, tmp_path):
+    cfg = HeadConfig(method="window", sink=4, recent=8, batch_size=6)
+    hm = score_heads(tiny_handle, task_traces, cfg, tmp_path / "hm")
+    back = HeadMap.open(tmp_path / "hm")
+    assert torch.equal(back.scores, hm.scores) and back.method == "window" and back.policy == cfg.policy
+    back.check_model(tiny_handle)
+    back.export_tsv(tmp_path / "alpha.tsv")
+    assert torch.allclose(read_tsv(tmp_path / "alpha.tsv"), hm.scores, atol=1e-6)
+    back.export_full_heads_tsv(tmp_path / "full.tsv", 0.5)
+    assert torch.equal(read_tsv(tmp_path / "full.tsv").bool(), hm.full_heads(0.5))
+    serving = json.loads(json.dumps(back.serving_config(0.5)))
+    assert sum(len(r) for r in serving["full_attention_heads"]) == 2 and serving["sink"] == 4
+    with pytest.raises(FileExistsError):
+        score_heads(tiny_handle, task_traces, cfg, tmp_path / "hm")
+    wrong = HeadMap(torch.ones(3, 2), "window", hm.model_hash, cfg.policy)
+    with pytest.raises(ValueError, match="layers x KV heads"):
+        wrong.check_model(tiny_handle)
+    (tmp_path / "hm" / "scores.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="damaged"):
+        HeadMap.open(tmp_path / "hm")
+
+
+def test_bad_config_writes_nothing(tiny_handle, task_traces, tmp_path):
+    with pytest.raises(ValueError, match="unknown head scoring method"):
+        HeadConfig(method="magic")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="covers the whole context"):
+        score_heads(tiny_handle, task_traces, HeadConfig(sink=400, recent=64), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
