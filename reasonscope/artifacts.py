@@ -55,6 +55,7 @@ TMP_SUFFIX = ".tmp"
 # every artifact kind and the one format version this reasonscope reads and writes (add new stages here)
 ARTIFACT_FORMATS: dict[str, int] = {
     "activation_store": 2,
+    "organism": 1,
     "saelens_activations": 1,
 }
 Check = Literal["size", "hash"]

@@ -42,25 +42,26 @@ def test_alpha_one_is_the_model_and_restored_after_error(tiny_handle, batch):
         out = tiny_handle.run(ids, mask)
     assert state.calls == g.n_layers
     assert (out - ref)[mask.bool()].abs().max() < 1e-5
-    with pytest.raises(RuntimeError, match="boom"):
+
+    def fails() -> None:
         with gated_attention(tiny_handle, torch.zeros(g.n_layers, g.n_kv_heads), POLICY, torch.tensor([3, 3])):
             tiny_handle.run(ids, mask)
             raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fails()
     assert tiny_handle.attn_implementation == original
     assert torch.equal(tiny_handle.run(ids, mask), ref)
 
 
 def test_bad_gates_refused(tiny_handle):
-    with pytest.raises(ValueError, match=r"needs \[2, 2\]"):
-        with gated_attention(tiny_handle, torch.ones(3, 2)):
-            pass
-    with pytest.raises(ValueError, match="outside"):
-        with gated_attention(tiny_handle, torch.full((2, 2), 1.5)):
-            pass
-    with gated_attention(tiny_handle, torch.ones(2, 2)):
-        with pytest.raises(RuntimeError, match="already installed"):
-            with gated_attention(tiny_handle, torch.ones(2, 2)):
-                pass
+    with pytest.raises(ValueError, match=r"needs \[2, 2\]"), gated_attention(tiny_handle, torch.ones(3, 2)):
+        pass
+    with pytest.raises(ValueError, match="outside"), gated_attention(tiny_handle, torch.full((2, 2), 1.5)):
+        pass
+    with gated_attention(tiny_handle, torch.ones(2, 2)), pytest.raises(RuntimeError, match="already installed"), \
+            gated_attention(tiny_handle, torch.ones(2, 2)):
+        pass
 
 
 def test_window_changes_logits_and_padding_is_ignored(tiny_handle, batch):
@@ -129,12 +130,12 @@ def test_physical_cache_equals_mask_simulation(tiny_handle, batch, prefill):
 
 def test_physical_cache_refuses_padding_and_bad_mask(tiny_handle, batch):
     ids, mask = batch
-    with pytest.raises(ValueError, match=r"needs \[2, 2\]"):
-        with compressed_cache(tiny_handle, torch.ones(2, 3, dtype=torch.bool), POLICY):
-            pass
-    with compressed_cache(tiny_handle, torch.tensor([[True, False], [True, True]]), POLICY) as (cache, _):
-        with pytest.raises(ValueError, match="unpadded rows"):
-            tiny_handle.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match=r"needs \[2, 2\]"), \
+            compressed_cache(tiny_handle, torch.ones(2, 3, dtype=torch.bool), POLICY):
+        pass
+    with compressed_cache(tiny_handle, torch.tensor([[True, False], [True, True]]), POLICY) as (cache, _), \
+            pytest.raises(ValueError, match="unpadded rows"):
+        tiny_handle.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
 
 
 @pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])

@@ -7,8 +7,16 @@ import json
 import pytest
 import torch
 
-from reasonscope.heads import (CompressionPolicy, HeadConfig, HeadMap, random_full_heads, read_tsv, score_heads,
-                               select_full_heads, uniform_full_heads)
+from reasonscope.heads import (
+    CompressionPolicy,
+    HeadConfig,
+    HeadMap,
+    random_full_heads,
+    read_tsv,
+    score_heads,
+    select_full_heads,
+    uniform_full_heads,
+)
 from reasonscope.heads.accuracy import exhaustive_best, teacher_forced_accuracy
 from reasonscope.heads.batches import trace_batches
 from reasonscope.heads.retrieval import operand_reads, retrieval_scores
@@ -127,7 +135,7 @@ def test_rlkv_pieces():
 def test_rlkv_runs_and_refuses_unsolved(tiny_handle, task_traces):
     with pytest.raises(ValueError, match="already solves"):
         rlkv_scores(tiny_handle, task_traces, POLICY)
-    solved = [t for t in task_traces[:4]]
+    solved = list(task_traces[:4])
     for t in solved:
         t.grade = True
     log: list[dict] = []
@@ -169,3 +177,30 @@ def test_bad_config_writes_nothing(tiny_handle, task_traces, tmp_path):
     with pytest.raises(ValueError, match="covers the whole context"):
         score_heads(tiny_handle, task_traces, HeadConfig(sink=400, recent=64), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_organism_reads_operands_through_a_few_heads():
+    """Thinking organism: greedy traces are reproduced at full cache, and windowing every head breaks some."""
+    from conftest import ORGANISMS_READY
+
+    if not ORGANISMS_READY:
+        pytest.skip("organism weights not trained (reasonscope organism train)")
+    from reasonscope.models import load_model
+    from reasonscope.organisms import task
+    from reasonscope.traces.generate import GenerationConfig, generate_traces
+
+    h = load_model("organism:thinking")
+    probs = task.problems(12, seed=7, levels=(3, 4))
+    traces = generate_traces(h, [h.chat_prompt(p.question) for p in probs], GenerationConfig(max_new_tokens=300),
+                             golds=[str(p.answer) for p in probs], grader="organism")
+    policy = CompressionPolicy(sink=4, recent=12)
+    batches = trace_batches(h, traces, policy)
+    g = h.geometry
+    masks = torch.stack([torch.ones(g.n_layers, g.n_kv_heads, dtype=torch.bool),
+                         torch.zeros(g.n_layers, g.n_kv_heads, dtype=torch.bool)])
+    acc = teacher_forced_accuracy(h, batches, masks, policy)
+    assert float(acc[0]) == pytest.approx(sum(bool(t.grade) for t in traces) / len(traces))
+    assert acc[1] < acc[0]
+    kv, _ = retrieval_scores(h, traces)
+    assert kv.max() > 0.5  # some head puts most of its mass on the operand's definition

@@ -98,9 +98,10 @@ def test_training_smoke(tmp_path):
     cfg0 = TrainConfig(base_steps=2, thinking_steps=1, batch_size=2, log_every=1, finetune_lr=0.0)
     again = load_model(train_organisms(cfg0, tmp_path, log=logs.append, phases=("thinking",))["thinking"]).model
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), again.state_dict().values()))
-    import json
+    from reasonscope.artifacts import ArtifactDir, verify_artifact
 
-    assert json.loads((paths["thinking"] / "organism.json").read_text())["init"] == "base"
+    assert ArtifactDir.open(paths["thinking"], "organism", 1).manifest.config["init"] == "base"
+    assert verify_artifact(paths["base"]).ok
 
 
 @pytest.mark.slow

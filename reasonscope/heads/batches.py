@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -31,7 +32,8 @@ class TraceBatch:
                           self.traces * k)
 
 
-def trace_batches(handle: Any, traces: Sequence[Any], policy: CompressionPolicy, batch_size: int = 16) -> list[TraceBatch]:
+def trace_batches(handle: Any, traces: Sequence[Any], policy: CompressionPolicy,
+                  batch_size: int = 16) -> list[TraceBatch]:
     """Length-sorted teacher-forced batches of traces that have a think span; refuses a window covering them all."""
     usable = [t for t in traces if t.think_span is not None and t.token_ids]
     if not usable:

@@ -18,9 +18,10 @@ function (its keys arrive as :class:`SplitKV`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -112,8 +113,9 @@ def _layer_alpha(state: GateState, layer: int, b: int, group: int) -> torch.Tens
     return a.repeat_interleave(group, dim=-1)[:, :, None, None]
 
 
-def gated_attention_forward(module: Any, query: torch.Tensor, key: Any, value: Any, attention_mask: torch.Tensor | None,
-                            scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def gated_attention_forward(module: Any, query: torch.Tensor, key: Any, value: Any,
+                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                            **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The registered attention function; returns ``([b, q, H, d], None)`` like HF's implementations."""
     state = _state_for(module)
     state.calls += 1

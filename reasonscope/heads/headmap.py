@@ -9,9 +9,10 @@ the 0/1 full-head TSV at a sparsity, and a JSON serving config.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -38,8 +39,9 @@ class HeadMap:
         """Refuse a map of another shape or from other weights than ``handle``'s."""
         g = handle.geometry
         if tuple(self.scores.shape) != (g.n_layers, g.n_kv_heads):
-            raise ValueError(f"head map {self.path or ''} is [{', '.join(map(str, self.scores.shape))}] but the model has "
-                             f"[{g.n_layers}, {g.n_kv_heads}] (layers x KV heads); score this model's heads")
+            shape = ", ".join(map(str, self.scores.shape))
+            raise ValueError(f"head map {self.path or ''} is [{shape}] but the model has [{g.n_layers}, "
+                             f"{g.n_kv_heads}] (layers x KV heads); score this model's heads")
         if self.model_hash != handle.weight_hash:
             raise ValueError(f"head map {self.path or ''} was scored on weights {self.model_hash}, not this model's "
                              f"{handle.weight_hash}; score this model's heads (reasonscope heads score)")

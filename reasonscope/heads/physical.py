@@ -8,8 +8,9 @@ Rows must be unpadded (one sequence, or equal-length prompts).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin

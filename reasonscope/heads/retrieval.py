@@ -11,8 +11,9 @@ a group is retrieval-critical when any of its query heads retrieves).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ class Read:
 
 def operand_reads(trace: Any, tokenizer: Any) -> list[Read]:
     """The operand-read positions of an organism trace (empty if its prompt has no ``given ...`` definitions)."""
-    ids, offsets = token_offsets(trace, tokenizer)
+    _, offsets = token_offsets(trace, tokenizer)
     m = _DEFS.search(trace.prompt)
     if m is None:
         return []
@@ -59,7 +60,7 @@ def operand_reads(trace: Any, tokenizer: Any) -> list[Read]:
 
 @torch.no_grad()
 def retrieval_scores(handle: Any, traces: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([L, H_kv] max over the group, [L, H] per query head)``: mean attention mass of operand reads on definitions."""
+    """``([L, H_kv] max over the group, [L, H] per query head)``: mean mass of operand reads on definitions."""
     g = handle.geometry
     per_q = torch.zeros(g.n_layers, g.n_heads)
     n = 0

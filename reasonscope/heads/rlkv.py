@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from ..traces.generate import GenerationConfig, generate_traces
 from .batches import trace_batches
-from .policy import CompressionPolicy
 from .gated import gated_attention
+from .policy import CompressionPolicy
 from .scorers import gated_logits
 
 
@@ -129,7 +130,8 @@ def rlkv_scores(handle: Any, problems: Sequence[Any], policy: CompressionPolicy,
             alpha.clamp_(0.0, 1.0)
         if log is not None:
             a = alpha.detach()
-            log.append({"step": step, "reward_mean": r_mean, "reg_scaling_factor": (math.exp(r_mean) - 1) * (r_mean > cfg.tau),
+            log.append({"step": step, "reward_mean": r_mean,
+                        "reg_scaling_factor": (math.exp(r_mean) - 1) * (r_mean > cfg.tau),
                         "alpha_mean": float(a.mean()), "alpha_std": float(a.std()), "alpha_min": float(a.min()),
                         "alpha_max": float(a.max()), "sparsity_at_0.5": float((a < 0.5).float().mean())})
     return alpha.detach().clone()

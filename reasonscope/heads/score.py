@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 from .batches import trace_batches
 from .headmap import HeadMap
@@ -43,7 +44,7 @@ class HeadConfig:
             raise ValueError(f"ig_loss must be 'kl' or 'ce', got {self.ig_loss!r}")
         if self.batch_size < 1 or self.ig_steps < 1 or self.duo_steps < 1:
             raise ValueError("batch_size, ig_steps and duo_steps must be >= 1")
-        self.policy  # validates sink/recent/prefill
+        CompressionPolicy(self.sink, self.recent, self.prefill)  # validates the window
 
     @property
     def policy(self) -> CompressionPolicy:
@@ -78,5 +79,4 @@ def score_heads(handle: Any, traces: Sequence[Any], cfg: HeadConfig, out: str | 
     hm = HeadMap(scores, cfg.method, handle.weight_hash, policy, aggregation, log)
     if out is None:
         return hm
-    config = {k: v for k, v in asdict(cfg).items()}
-    return hm.save(out, config, {"model": handle.weight_hash, "traces": traces_hash(traces)})
+    return hm.save(out, asdict(cfg), {"model": handle.weight_hash, "traces": traces_hash(traces)})

@@ -11,7 +11,8 @@ All run the model's own traces with the prompt read in full and the thinking und
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -118,5 +119,5 @@ def duo_scores(handle: Any, batches: Sequence[TraceBatch], policy: CompressionPo
         with torch.no_grad():
             alpha.clamp_(0.0, 1.0)
         if log is not None:
-            log.append({"step": step, "kl": float(distill), "alpha_mean": float(alpha.mean())})
+            log.append({"step": step, "kl": float(distill.detach()), "alpha_mean": float(alpha.detach().mean())})
     return alpha.detach().clone()

@@ -12,16 +12,15 @@ Like a real base -> reasoning pair, the thinking organism is the base organism p
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from ..artifacts import write_artifact
 from . import task
 from .tokenizer import ASSISTANT, EOS, THINK_END, THINK_START, USER, build_tokenizer, chat_template
 
@@ -136,23 +135,20 @@ def _train(model, tok, make_doc, steps: int, cfg: TrainConfig, rng: random.Rando
     return model
 
 
+ORGANISM_FORMAT = 1
+
+
 def save_organism(model, tok, out_dir: Path, kind: str, cfg: TrainConfig) -> None:
-    """Write weights + tokenizer atomically: a temporary directory renamed into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.chat_template = chat_template(thinking=kind == "thinking")
-    tok.save_pretrained(tmp)
-    (tmp / "organism.json").write_text(
-        json.dumps({"kind": kind, "init": "base" if kind == "thinking" else "random", "train_config": asdict(cfg),
-                    "task_levels": task.LEVELS}, indent=1)
-    )
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write weights + tokenizer as an ``organism`` artifact (atomic; every file hashed in ``manifest.json``)."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.chat_template = chat_template(thinking=kind == "thinking")
+        tok.save_pretrained(tmp)
+
+    config = {"kind": kind, "init": "base" if kind == "thinking" else "random", "train_config": asdict(cfg),
+              "task_levels": {str(k): list(v) for k, v in task.LEVELS.items()}}
+    write_artifact(out_dir, "organism", ORGANISM_FORMAT, config, {}, write, replace=True)
 
 
 def train_organisms(cfg: TrainConfig = TrainConfig(), out_dir: Path = WEIGHTS_DIR, log=print,
