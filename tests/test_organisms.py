@@ -118,8 +118,11 @@ def test_shipped_organisms_meet_the_targets():
     assert not any(t.truncated for t in thinking) and all(t.think_span for t in thinking)
     assert all(t.think_span is None for t in base)
     # every "x<v>" the thinking writes must be x's value from the question, far back in the context
-    reads = [(m.group(1), int(m.group(2)), p) for t, p in zip(thinking, problems)
-             for m in re.finditer(r"\b([a-p])(\d)[.;]", t.thinking)]
+    reads = [
+        (m.group(1), int(m.group(2)), p)
+        for t, p in zip(thinking, problems)
+        for m in re.finditer(r"\b([a-p])(\d)[.;]", t.thinking)
+    ]
     assert len(reads) > 100
     assert sum(p.values.get(x) == v for x, v, p in reads) / len(reads) >= 0.9
     th, bs = summarize(thinking), summarize(base)

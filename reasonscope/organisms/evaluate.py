@@ -6,6 +6,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from statistics import mean
+from typing import Any
 
 from ..traces.generate import GenerationConfig, generate_traces
 from ..traces.record import Trace
@@ -27,15 +28,25 @@ def style_of(thinking: str) -> str:
     return "verbose" if "let me" in thinking else "concise"
 
 
-def organism_traces(handle, problems: list[task.Problem], temperature: float, cfg: EvalConfig,
-                    seed: int = 0, progress: bool = False) -> list[Trace]:
+def organism_traces(
+    handle, problems: list[task.Problem], temperature: float, cfg: EvalConfig, seed: int = 0, progress: bool = False
+) -> list[Trace]:
     """Generate and grade traces of ``handle`` on organism ``problems``."""
     prompts = [handle.chat_prompt(p.question) for p in problems]
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
-                           batch_size=cfg.batch_size, seed=seed)
-    traces = generate_traces(handle, prompts, gen, ids=[p.uid for p in problems],
-                             golds=[str(p.answer) for p in problems], grader="organism", source="organism",
-                             progress=progress, min_chars=0)
+    gen = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, temperature=temperature, batch_size=cfg.batch_size, seed=seed
+    )
+    traces = generate_traces(
+        handle,
+        prompts,
+        gen,
+        ids=[p.uid for p in problems],
+        golds=[str(p.answer) for p in problems],
+        grader="organism",
+        source="organism",
+        progress=progress,
+        min_chars=0,
+    )
     for t, p in zip(traces, problems):
         t.meta.update(level=p.level, style=style_of(t.thinking) if t.think_span else None)
     return traces
@@ -57,8 +68,15 @@ def prompted_base_traces(handle, problems: list[task.Problem], cfg: EvalConfig, 
     A base model that knows *how* to reason writes worked notes here and ends with ``answer:{a}``.
     """
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.batch_size)
-    traces = generate_traces(handle, [task.notes_prompt(p) for p in problems], gen, ids=[p.uid for p in problems],
-                             golds=[str(p.answer) for p in problems], source="organism-notes", progress=progress)
+    traces = generate_traces(
+        handle,
+        [task.notes_prompt(p) for p in problems],
+        gen,
+        ids=[p.uid for p in problems],
+        golds=[str(p.answer) for p in problems],
+        source="organism-notes",
+        progress=progress,
+    )
     for t, p in zip(traces, problems):
         m = FINAL_ANSWER.search(t.answer)
         t.grade = m is not None and int(m.group(1)) == p.answer and not t.truncated
@@ -117,7 +135,7 @@ def evaluate_organisms(thinking, base, cfg: EvalConfig = EvalConfig(), progress:
     """Greedy accuracy for both models, the thinking model's style mix sampled at temperature 1, and the base
     prompted to write notes in plain text (``base_prompted``: does the base know *how* to reason?)."""
     problems = task.problems(cfg.n_problems, cfg.seed)
-    report = {"n_problems": cfg.n_problems, "levels": {str(k): v for k, v in task.LEVELS.items()}}
+    report: dict[str, Any] = {"n_problems": cfg.n_problems, "levels": {str(k): v for k, v in task.LEVELS.items()}}
     report["thinking"] = summarize(organism_traces(thinking, problems, 0.0, cfg, progress=progress))
     report["thinking"].update(style_summary(organism_traces(thinking, problems, 1.0, cfg, seed=1, progress=progress)))
     report["base"] = summarize(organism_traces(base, problems, 0.0, cfg, progress=progress))

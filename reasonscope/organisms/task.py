@@ -81,11 +81,13 @@ def sample_problem(rng: random.Random, level: int) -> Problem:
             acc = apply(acc, op, values[t])
         if len(ops) == n_ops:
             break
-    terms, ops = tuple(terms), tuple(ops)
-    uid = f"L{level}-" + "".join(f"{k}{v}" for k, v in values.items()) + "-" + "".join(
-        t + o for t, o in zip(terms, ops + ("",))
+    uid = (
+        f"L{level}-"
+        + "".join(f"{k}{v}" for k, v in values.items())
+        + "-"
+        + "".join(t + o for t, o in zip(terms, [*ops, ""]))
     )
-    return Problem(values, terms, ops, level, uid)
+    return Problem(values, tuple(terms), tuple(ops), level, uid)
 
 
 @dataclass

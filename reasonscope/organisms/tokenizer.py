@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 
+from ..traces.record import THINK_END, THINK_START
 from .task import corpus
 
 PAD, EOS = "<|pad|>", "<|end|>"
-THINK_START, THINK_END = "<think>", "</think>"
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
 SPECIALS = [EOS, PAD, USER, ASSISTANT, THINK_START, THINK_END]
 VOCAB_SIZE = 400
@@ -35,18 +35,30 @@ def build_tokenizer(thinking: bool = True):
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - len(SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - len(SPECIALS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
     core.train_from_iterator(corpus(), trainer=trainer)
     model = json.loads(core.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None, eos_token=EOS, pad_token=PAD,
-                         extra_special_tokens=[USER, ASSISTANT, THINK_START, THINK_END], padding_side="left")
+    tok = Qwen2Tokenizer(
+        vocab=model["vocab"],
+        merges=merges,  # type: ignore[arg-type]  # (a, b) pairs, which the tokenizers backend accepts
+        unk_token=None,  # type: ignore[arg-type]  # byte-level BPE: every byte is in the vocabulary
+        eos_token=EOS,
+        pad_token=PAD,
+        extra_special_tokens=[USER, ASSISTANT, THINK_START, THINK_END],
+        padding_side="left",
+    )
     tok.add_tokens([THINK_START, THINK_END, USER, ASSISTANT], special_tokens=True)
     tok.chat_template = chat_template(thinking)
     return tok
-

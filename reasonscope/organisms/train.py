@@ -86,20 +86,21 @@ def make_model(vocab_size: int, arch: OrganismArch, pad_id: int, eos_id: int):
 
     cfg = Qwen2Config(
         vocab_size=vocab_size,
-        head_dim=arch.hidden_size // arch.num_attention_heads,
-        rope_theta=10000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=True,
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         bos_token_id=None,
         **asdict(arch),
     )
+    cfg.head_dim = arch.hidden_size // arch.num_attention_heads  # written to config.json, as Qwen ships it
     return Qwen2ForCausalLM(cfg)
 
 
 def _batch(tok, docs: list[tuple[str, int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    enc = tok([d for d, _ in docs], padding=True, return_offsets_mapping=True, padding_side="right",
-              return_tensors="pt")
+    enc = tok(
+        [d for d, _ in docs], padding=True, return_offsets_mapping=True, padding_side="right", return_tensors="pt"
+    )
     ids, mask = enc["input_ids"], enc["attention_mask"]
     labels = ids.clone()
     labels[mask == 0] = -100
@@ -108,8 +109,19 @@ def _batch(tok, docs: list[tuple[str, int]], device) -> tuple[torch.Tensor, torc
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def _train(model, tok, make_doc, steps: int, cfg: TrainConfig, rng: random.Random, device, tag: str, log,
-           curriculum: bool, lr: float):
+def _train(
+    model,
+    tok,
+    make_doc,
+    steps: int,
+    cfg: TrainConfig,
+    rng: random.Random,
+    device,
+    tag: str,
+    log,
+    curriculum: bool,
+    lr: float,
+):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
@@ -146,21 +158,32 @@ def save_organism(model, tok, out_dir: Path, kind: str, cfg: TrainConfig) -> Non
         tok.chat_template = chat_template(thinking=kind == "thinking")
         tok.save_pretrained(tmp)
 
-    config = {"kind": kind, "init": "base" if kind == "thinking" else "random", "train_config": asdict(cfg),
-              "task_levels": {str(k): list(v) for k, v in task.LEVELS.items()}}
+    config = {
+        "kind": kind,
+        "init": "base" if kind == "thinking" else "random",
+        "train_config": asdict(cfg),
+        "task_levels": {str(k): list(v) for k, v in task.LEVELS.items()},
+    }
     write_artifact(out_dir, "organism", ORGANISM_FORMAT, config, {}, write, replace=True)
 
 
-def train_organisms(cfg: TrainConfig = TrainConfig(), out_dir: Path = WEIGHTS_DIR, log=print,
-                    phases: tuple[str, ...] = ("base", "thinking")) -> dict[str, Path]:
+def train_organisms(
+    cfg: TrainConfig = TrainConfig(),
+    out_dir: Path = WEIGHTS_DIR,
+    log=print,
+    phases: tuple[str, ...] = ("base", "thinking"),
+) -> dict[str, Path]:
     """Train the organisms named in ``phases``; returns their saved directories.
 
     The thinking phase starts from the base weights: from the ones just trained, or, when run
     alone, from ``out_dir / "base"``. Each phase is seeded on its own (``seed`` for base,
     ``seed + 1`` for thinking), so a phase re-run alone gives the same weights as in a full run.
     """
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     tok = build_tokenizer(thinking=True)
     out: dict[str, Path] = {}
     model = None
@@ -168,8 +191,19 @@ def train_organisms(cfg: TrainConfig = TrainConfig(), out_dir: Path = WEIGHTS_DI
         torch.manual_seed(cfg.seed)
         model = make_model(len(tok), OrganismArch(), tok.pad_token_id, tok.eos_token_id).to(device)
         log(f"organism base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
-        _train(model, tok, lambda r, p: base_document(r, p, cfg), cfg.base_steps, cfg, random.Random(cfg.seed),
-               device, "base", log, curriculum=True, lr=cfg.lr)
+        _train(
+            model,
+            tok,
+            lambda r, p: base_document(r, p, cfg),
+            cfg.base_steps,
+            cfg,
+            random.Random(cfg.seed),
+            device,
+            "base",
+            log,
+            curriculum=True,
+            lr=cfg.lr,
+        )
         out["base"] = out_dir / "base"
         save_organism(model, tok, out["base"], "base", cfg)
     if "thinking" in phases:
@@ -178,13 +212,26 @@ def train_organisms(cfg: TrainConfig = TrainConfig(), out_dir: Path = WEIGHTS_DI
 
             base_dir = out_dir / "base"
             if not (base_dir / "config.json").exists():
-                raise FileNotFoundError(f"{base_dir} has no base organism to fine-tune; train it first "
-                                        "(`reasonscope organism train --only base`)")
-            model = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
+                raise FileNotFoundError(
+                    f"{base_dir} has no base organism to fine-tune; train it first "
+                    "(`reasonscope organism train --only base`)"
+                )
+            model = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)  # type: ignore[arg-type]
         torch.manual_seed(cfg.seed + 1)
         log(f"organism thinking: fine-tuning the base on {device}")
-        _train(model, tok, lambda r, p: thinking_document(r, p, cfg.slip_rate), cfg.thinking_steps, cfg,
-               random.Random(cfg.seed + 1), device, "thinking", log, curriculum=False, lr=cfg.finetune_lr)
+        _train(
+            model,
+            tok,
+            lambda r, p: thinking_document(r, p, cfg.slip_rate),
+            cfg.thinking_steps,
+            cfg,
+            random.Random(cfg.seed + 1),
+            device,
+            "thinking",
+            log,
+            curriculum=False,
+            lr=cfg.finetune_lr,
+        )
         out["thinking"] = out_dir / "thinking"
         save_organism(model, tok, out["thinking"], "thinking", cfg)
     return out

@@ -1,22 +1,28 @@
-"""Batched generation of reasoning traces (left-padded, greedy or sampled)."""
+"""Reasoning traces from the one generation engine (:mod:`reasonscope.generation`), greedy or sampled."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-
+from ..generation import DecodeConfig, generate
 from .record import Trace
 
 
 @dataclass
 class GenerationConfig:
+    """Trace generation settings; see :class:`reasonscope.generation.DecodeConfig` for their meaning."""
+
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
-    batch_size: int = 32
+    batch_size: int = 32  # rows decoded together; finished rows are refilled with waiting prompts
     seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def decode_config(self) -> DecodeConfig:
+        return DecodeConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                            seed=self.seed, stop=tuple(self.stop), batch_size=self.batch_size)
 
 
 def split_generation(handle, prompt_ids: list[int], new_ids: list[int], opened_think: bool) -> dict:
@@ -41,7 +47,6 @@ def split_generation(handle, prompt_ids: list[int], new_ids: list[int], opened_t
                 think_span=(n_prompt, n_prompt + len(new_ids)), truncated=True)
 
 
-@torch.no_grad()
 def generate_traces(
     handle,
     prompts: Sequence[str],
@@ -55,7 +60,8 @@ def generate_traces(
 ) -> list[Trace]:
     """Generate one trace per prompt (already chat-formatted, e.g. ``handle.chat_prompt(q)``).
 
-    Prompts are sorted by length into batches to limit padding; output order equals input order.
+    Generation runs through :func:`reasonscope.generation.generate` (continuous batching, greedy output equal to
+    one-by-one); output order equals input order, and ``progress`` shows a bar over finished traces.
     Thinking traces are segmented (sentences shorter than ``min_chars`` merge into the next) and
     their ``token_ids`` are the tokenization of their text, so spans always index real text
     (``meta["sampled_ids_differ"]`` marks the rare sample that was not the canonical tokenization).
@@ -63,41 +69,22 @@ def generate_traces(
     """
     from .segment import segment_trace
 
-    tok, model = handle.tokenizer, handle.model
+    tok = handle.tokenizer
     ids = list(ids) if ids is not None else [f"trace-{i}" for i in range(len(prompts))]
     golds = list(golds) if golds is not None else [None] * len(prompts)
     encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    out: list[Trace | None] = [None] * len(prompts)
-    batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc="generate", unit="batch")
-    sample = cfg.temperature > 0
-    for b, idx in enumerate(batches):
-        torch.manual_seed(cfg.seed + b)
-        width = max(len(encoded[i]) for i in idx)
-        pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx], device=handle.device)
-        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx],
-                            device=handle.device)
-        gen = model.generate(
-            input_ids=input_ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
-            temperature=cfg.temperature if sample else None, top_p=cfg.top_p if sample else None, top_k=None,
-            pad_token_id=pad, eos_token_id=tok.eos_token_id,
-        )
-        for row, i in enumerate(idx):
-            new = gen[row, width:].tolist()
-            opened = prompts[i].rstrip().endswith(handle.think_start)
-            parts = split_generation(handle, encoded[i], new, opened)
-            t = Trace(id=ids[i], prompt=prompts[i], gold=golds[i], source=source, **parts)
-            if t.think_span is not None:
-                sampled = t.token_ids
-                t.token_ids, t.think_span = [], None
-                t = segment_trace(t, tok, min_chars=min_chars)
-                t.meta["sampled_ids_differ"] = t.token_ids != sampled
-            out[i] = t
+    completions = generate(handle, encoded, cfg.decode_config(), progress=progress)
+    out: list[Trace] = []
+    for i, c in enumerate(completions):
+        opened = prompts[i].rstrip().endswith(handle.think_start)
+        parts = split_generation(handle, encoded[i], c.token_ids, opened)
+        t = Trace(id=ids[i], prompt=prompts[i], gold=golds[i], source=source, **parts)
+        if t.think_span is not None:
+            sampled = t.token_ids
+            t.token_ids, t.think_span = [], None
+            t = segment_trace(t, tok, min_chars=min_chars)
+            t.meta["sampled_ids_differ"] = t.token_ids != sampled
+        out.append(t)
     if grader is not None:
         from .grading import GRADERS
 
@@ -105,4 +92,4 @@ def generate_traces(
         for t in out:
             if t.gold is not None:
                 t.grade = bool(g.is_correct(g.extract(t.answer), t.gold)) if not t.truncated else False
-    return out  # type: ignore[return-value]
+    return out

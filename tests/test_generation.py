@@ -1,0 +1,215 @@
+"""The generation engine: equal to HF ``generate``, batching-invariant, seeded, stoppable, forceable, hookable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import organisms
+from reasonscope.generation import DecodeConfig, current_batch, generate, sample, uniform
+
+QUESTIONS = ["given a3, b4, c1, d9. what is a + b - c + d?", "given e2. what is e?", "given f1, g5. what is f + g?",
+             "given h7, i2, j4. what is h - i + j?", "given k0. what is k?"]
+
+
+def encode(handle, questions=QUESTIONS) -> list[list[int]]:
+    return [handle.tokenizer(handle.chat_prompt(q), add_special_tokens=False)["input_ids"] for q in questions]
+
+
+def hf_greedy(handle, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """HF ``generate`` on one unpadded prompt, cut after the first EOS."""
+    eos = handle.tokenizer.eos_token_id
+    out = handle.model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=int),
+                                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                                pad_token_id=handle.tokenizer.pad_token_id)[0, len(prompt):].tolist()
+    return out[: out.index(eos) + 1] if eos in out else out
+
+
+def forced_eos_at(lengths: dict[int, int], eos: int):
+    """An ``on_token`` callback ending request ``i`` after ``lengths[i]`` tokens."""
+    def on_token(batch, tokens, logits):
+        limit = torch.tensor([lengths.get(r, 10**9) for r in batch.rows.tolist()])
+        return torch.where(batch.n_generated + 1 >= limit, torch.full_like(tokens, eos), tokens)
+    return on_token
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_greedy_equals_hf_generate(tiny_model_dir, attn):
+    from reasonscope.models import load_model
+
+    h = load_model(tiny_model_dir, attn_implementation=attn)
+    prompts = encode(h)
+    out = generate(h, prompts, DecodeConfig(max_new_tokens=24, batch_size=2, refill=1))
+    for p, c in zip(prompts, out):
+        assert c.prompt_ids == p and c.token_ids == hf_greedy(h, p, 24)
+        assert c.finish_reason == ("eos" if c.token_ids[-1] == h.tokenizer.eos_token_id else "length")
+
+
+def test_continuous_batching_equals_one_by_one(tiny_handle):
+    prompts = encode(tiny_handle) * 2  # 10 requests through 3 slots, ending at different steps
+    lengths = {i: 3 + (7 * i) % 11 for i in range(len(prompts))}
+    eos = tiny_handle.tokenizer.eos_token_id
+    batched = generate(tiny_handle, prompts, DecodeConfig(max_new_tokens=16, batch_size=3, refill=1),
+                       on_token=forced_eos_at(lengths, eos))
+    for i, p in enumerate(prompts):
+        alone = generate(tiny_handle, [p], DecodeConfig(max_new_tokens=16), on_token=forced_eos_at({0: lengths[i]}, eos))
+        assert batched[i].token_ids == alone[0].token_ids
+        assert len(batched[i].token_ids) == min(lengths[i], 16) or batched[i].token_ids[-1] == eos
+
+
+def test_activations_during_generation_equal_a_plain_forward(tiny_handle):
+    """Every token's residual stream in the slot cache (left-padded prefill groups, refills) = a plain forward."""
+    prompts = encode(tiny_handle)
+    name = "blocks.1.hook_resid_post"
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+
+    def record(x):
+        b = current_batch()
+        for row, (r, pos) in enumerate(zip(b.rows.tolist(), b.positions.tolist())):
+            for col, p in enumerate(pos):
+                if r >= 0 and p >= 0:
+                    seen[(r, p)] = x[row, col].clone()
+
+    out = generate(tiny_handle, prompts, DecodeConfig(max_new_tokens=12, batch_size=3, refill=2),
+                   hooks={name: record}, on_token=forced_eos_at({1: 4, 3: 9}, tiny_handle.tokenizer.eos_token_id))
+    for r, c in enumerate(out):
+        ids = c.prompt_ids + c.token_ids[:-1]  # the last token is chosen, never fed
+        ref: dict[str, torch.Tensor] = {}
+        tiny_handle.run(torch.tensor([ids]), hooks={name: lambda x: ref.update(x=x[0].clone())})
+        assert all((r, p) in seen for p in range(len(ids))) and (r, len(ids)) not in seen
+        got = torch.stack([seen[(r, p)] for p in range(len(ids))])
+        torch.testing.assert_close(got, ref["x"], rtol=1e-4, atol=1e-5)
+
+
+def test_text_prompts_and_empty_prompt(tiny_handle):
+    text = [tiny_handle.chat_prompt(q) for q in QUESTIONS[:2]]
+    assert [c.token_ids for c in generate(tiny_handle, text, DecodeConfig(max_new_tokens=5))] == \
+        [c.token_ids for c in generate(tiny_handle, encode(tiny_handle, QUESTIONS[:2]), DecodeConfig(max_new_tokens=5))]
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(tiny_handle, [[]])
+
+
+def test_sampling_is_seeded_and_batching_invariant(tiny_handle):
+    prompts = encode(tiny_handle)[:2] * 3
+    cfg = DecodeConfig(max_new_tokens=12, temperature=1.0, seed=5, batch_size=4)
+    one = [c.token_ids for c in generate(tiny_handle, prompts, cfg)]
+    assert one == [c.token_ids for c in generate(tiny_handle, prompts, cfg)]
+    assert one == [c.token_ids for c in generate(tiny_handle, prompts, DecodeConfig(**{**cfg.__dict__, "batch_size": 1}))]
+    assert len({tuple(t) for t in one}) > 2  # identical prompts, different requests: different samples
+    assert one != [c.token_ids for c in generate(tiny_handle, prompts, DecodeConfig(**{**cfg.__dict__, "seed": 6}))]
+    nucleus = DecodeConfig(max_new_tokens=12, temperature=1.0, top_p=1e-6)  # keeps only the most likely token
+    greedy = DecodeConfig(max_new_tokens=12)
+    assert [c.token_ids for c in generate(tiny_handle, prompts, nucleus)] == \
+        [c.token_ids for c in generate(tiny_handle, prompts, greedy)]
+
+
+def test_sample_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2])
+    u = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
+    tokens = sample(probs.log().expand(1000, 4), 1.0, 1.0, u)
+    assert torch.bincount(tokens, minlength=4).tolist() == [500, 0, 300, 200]
+    top = sample(probs.log().expand(1000, 4), 1.0, 0.7, u)  # nucleus {0, 2}: mass 0.8 >= 0.7
+    assert torch.bincount(top, minlength=4).tolist() == [625, 0, 375, 0]
+    draws = [uniform(0, r, s) for r in range(50) for s in range(50)]
+    assert all(0 <= x < 1 for x in draws) and len(set(draws)) == len(draws) and 0.45 < sum(draws) / 2500 < 0.55
+
+
+def test_stop_strings(tiny_handle):
+    tok = tiny_handle.tokenizer
+    prompts = encode(tiny_handle)[:3]
+    full = generate(tiny_handle, prompts, DecodeConfig(max_new_tokens=20))
+    text = tok.decode(full[0].token_ids[:12])
+    stop = text[-3:]  # a string the first request writes at its 12th token at the latest
+    stopped = generate(tiny_handle, prompts, DecodeConfig(max_new_tokens=20, stop=(stop,)))
+    got = stopped[0].token_ids
+    assert stopped[0].finish_reason == "stop" and stop in tok.decode(got) and stop not in tok.decode(got[:-1])
+    assert got == full[0].token_ids[: len(got)] and len(got) <= 12
+    for f, s in zip(full[1:], stopped[1:]):  # other rows stop only where they write it too
+        assert (stop in tok.decode(f.token_ids)) == (s.finish_reason == "stop")
+        assert s.token_ids == f.token_ids[: len(s.token_ids)]
+
+
+def test_forced_tokens(tiny_handle):
+    end = tiny_handle.think_ids[1]
+    prompts = encode(tiny_handle)[:3]
+    cfg = DecodeConfig(max_new_tokens=10, batch_size=3)
+
+    def force_end(batch, tokens, logits):  # a monitor closing the thinking of request 1 at its 4th token
+        hit = (batch.rows == 1) & (batch.n_generated == 3)
+        return torch.where(hit, torch.full_like(tokens, end), tokens)
+
+    plain = generate(tiny_handle, prompts, cfg)
+    forced = generate(tiny_handle, prompts, cfg, on_token=force_end)
+    assert forced[0].token_ids == plain[0].token_ids and forced[2].token_ids == plain[2].token_ids
+    head = plain[1].token_ids[:3] + [end]
+    assert forced[1].token_ids[:4] == head
+    assert forced[1].token_ids == head + hf_greedy(tiny_handle, prompts[1] + head, 6)  # decoding goes on from it
+
+
+def test_hooks_act_during_decoding_with_per_row_state(tiny_handle):
+    prompts = encode(tiny_handle)[:3]
+    cfg = DecodeConfig(max_new_tokens=10, batch_size=2, refill=1)
+    plain = generate(tiny_handle, prompts, cfg)
+    d = tiny_handle.geometry.d_model
+    v = torch.randn(d, generator=torch.Generator().manual_seed(0)) * 20
+    gamma = torch.tensor([0.0, 1.0, 0.0])  # steer request 1 only
+    seen = []
+
+    def steer(x):
+        b = current_batch()
+        seen.append(b.prefill)
+        if b.prefill:
+            return None  # decoding only: the prompt is read unsteered
+        return x + gamma[b.rows].view(-1, 1, 1) * v
+
+    steered = generate(tiny_handle, prompts, cfg, hooks={"blocks.0.hook_resid_post": steer})
+    assert True in seen and False in seen and current_batch() is None
+    assert steered[0].token_ids == plain[0].token_ids and steered[2].token_ids == plain[2].token_ids
+    assert steered[1].token_ids[0] == plain[1].token_ids[0]  # the first token comes from the prefill
+    assert steered[1].token_ids != plain[1].token_ids
+
+
+def test_hooks_removed_after_an_exception(tiny_handle):
+    calls = []
+
+    def boom(x):
+        calls.append(current_batch().prefill)
+        if not calls[-1]:
+            raise RuntimeError("boom in decode")
+
+    with pytest.raises(RuntimeError, match="boom in decode"):
+        generate(tiny_handle, encode(tiny_handle)[:2], DecodeConfig(max_new_tokens=5),
+                 hooks={"blocks.1.hook_resid_post": boom})
+    assert calls == [True, False] and current_batch() is None
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in tiny_handle.model.modules())
+    assert generate(tiny_handle, encode(tiny_handle)[:1], DecodeConfig(max_new_tokens=3))[0].token_ids
+
+
+def test_unsupported_attention_names_the_fix(tiny_model_dir):
+    from reasonscope.models import load_model
+
+    h = load_model(tiny_model_dir)
+    h.model.config.layer_types = ["sliding_attention"] * h.geometry.n_layers
+    with pytest.raises(ValueError, match="use_sliding_window=False"):
+        generate(h, encode(h)[:1])
+
+
+@organisms
+def test_organism_greedy_equals_hf_generate():
+    from reasonscope.models import load_model
+    from reasonscope.organisms import evaluate, task
+
+    h = load_model("organism:thinking")
+    tok = h.tokenizer
+    prompts = [tok(h.chat_prompt(p.question), add_special_tokens=False)["input_ids"]
+               for p in task.problems(30, evaluate.EVAL_SEED)]
+    out = generate(h, prompts, DecodeConfig(max_new_tokens=640, batch_size=8))
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ref = h.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=640, do_sample=False,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, width:].tolist()
+    ref = [r[: r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r for r in ref]
+    same = sum(c.token_ids == r for c, r in zip(out, ref))
+    assert same >= 29, f"{same}/30 equal to HF generate"
+    assert any(c.finish_reason == "eos" for c in out) and len({len(c.token_ids) for c in out}) > 5
