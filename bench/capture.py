@@ -1,12 +1,22 @@
-"""Capture throughput and peak memory: plain forward vs reasonscope vs TransformerBridge vs nnsight.
+"""Capture throughput and peak memory: the forward pass capture needs vs reasonscope vs TransformerBridge vs nnsight.
 
-Usage: python bench/capture.py [--shape small|1.5b] [--batch 8] [--seq 512] [--batches 4]
+Usage: python bench/capture.py [--shape small|1.5b] [--batch 4] [--seq 256] [--batches 3] [--repeats 5]
 
 Same random-weight model, same tokens, same batch for every method; the residual stream of every
-layer is captured. Each method runs in its own subprocess so that its peak memory is its own
-(CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS). Shapes: ``1.5b`` is the real
-DeepSeek-R1-Distill-Qwen-1.5B / Qwen2-1.5B config from ../shared/data (bf16 on GPU), ``small``
-a narrower Qwen2 with the same vocabulary for CPU runs.
+layer is captured. Each method runs in its own subprocess so that its peak memory is its own.
+Shapes: ``1.5b`` is the real DeepSeek-R1-Distill-Qwen-1.5B / Qwen2-1.5B config from ../shared/data
+(bf16 on GPU), ``small`` a narrower Qwen2 (8 layers, d_model 512) with the same 151k vocabulary for CPU.
+
+Columns:
+- tokens/s: tokens of ``--batches`` batches of ``--batch`` x ``--seq`` over wall time; the median of
+  ``--repeats`` timed repeats (after one warm-up batch), with the min and max.
+- x reference: median over the median of (a). Reference (a) is the physical limit of capture: the HF
+  forward pass through the decoder layers up to the last hooked one, without hooks and without the LM
+  head, with the same attention implementation and dtype as (b) and (c). Capture cannot beat it, so
+  1 - ratio is capture's own overhead (gathering rows, casting, copying to host, writing shards).
+  (f), the full forward with the LM head, shows what a "plain forward" costs: on ``small`` the 151k-vocab
+  head is most of it, which is why it is no reference for capture.
+- peak memory: CUDA ``max_memory_allocated`` on GPU; peak RSS of the method's process on CPU.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,11 +36,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 QWEN2 = ROOT.parent / "shared" / "data" / "tokenizers" / "qwen2"
 METHODS = {
-    "a": "plain forward (HF, no hooks)",
+    "a": "reference: HF forward to the last hooked layer (no hooks, no LM head)",
     "b": "reasonscope capture -> host memory",
     "c": "reasonscope capture -> store on disk",
     "d": "TransformerBridge run_with_cache(names_filter)",
     "e": "nnsight trace + .save() every layer",
+    "f": "full HF forward incl. LM head (no hooks)",
 }
 
 
@@ -51,7 +63,9 @@ def build_model_dir(shape: str, out: Path) -> Path:
     return out
 
 
-def run_method(method: str, model_dir: str, batch: int, seq: int, batches: int, device: str, dtype: str) -> dict:
+def run_method(
+    method: str, model_dir: str, batch: int, seq: int, batches: int, repeats: int, device: str, dtype: str
+) -> dict:
     from reasonscope.models import load_model
 
     cuda = device == "cuda"
@@ -66,16 +80,34 @@ def run_method(method: str, model_dir: str, batch: int, seq: int, batches: int, 
     from reasonscope.capture import CaptureConfig, capture, capture_batch
     from reasonscope.traces.record import Trace
 
-    cfg = CaptureConfig(hooks=names, positions="all", dtype="float32" if dtype == "float32" else "bfloat16",
-                        token_budget=batch * seq, shard_size=batch)
+    cfg = CaptureConfig(
+        hooks=names,
+        positions="all",
+        dtype="float32" if dtype == "float32" else "bfloat16",
+        token_budget=batch * seq,
+        shard_size=batch,
+    )
+
+    last = max(int(n.split(".")[1]) for n in names)
+    decoder = h.model.model  # the base model: embeddings, decoder layers, final norm
 
     def step(x: torch.Tensor, k: int) -> None:
         if method == "a":
+            full = decoder.layers
+            decoder.layers = torch.nn.ModuleList(full[: last + 1])
+            try:
+                with torch.inference_mode():
+                    decoder(input_ids=x.to(h.device), attention_mask=mask.to(h.device))
+            finally:
+                decoder.layers = full
+        elif method == "f":
             with torch.inference_mode():
                 h.model(input_ids=x.to(h.device), attention_mask=mask.to(h.device))
         elif method == "b":
-            traces = [Trace(id=f"{k}-{i}", prompt="", thinking="", answer="", token_ids=x[i].tolist(),
-                            think_span=(0, seq)) for i in range(batch)]
+            traces = [
+                Trace(id=f"{k}-{i}", prompt="", thinking="", answer="", token_ids=x[i].tolist(), think_span=(0, seq))
+                for i in range(batch)
+            ]
             capture_batch(h, traces, [torch.arange(seq)] * batch, cfg)
         elif method == "c":
             pass  # whole job below
@@ -94,23 +126,37 @@ def run_method(method: str, model_dir: str, batch: int, seq: int, batches: int, 
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    if method == "c":
-        traces = [Trace(id=f"{k}-{i}", prompt="", thinking="", answer="", token_ids=ids[k][i].tolist(),
-                        think_span=(0, seq)) for k in range(batches) for i in range(batch)]
-        with tempfile.TemporaryDirectory() as d:
-            capture(h, traces, cfg, str(Path(d) / "store"))
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        if method == "c":
+            traces = [
+                Trace(
+                    id=f"{k}-{i}", prompt="", thinking="", answer="", token_ids=ids[k][i].tolist(), think_span=(0, seq)
+                )
+                for k in range(batches)
+                for i in range(batch)
+            ]
+            with tempfile.TemporaryDirectory() as d:
+                capture(h, traces, cfg, str(Path(d) / "store"))
+                if cuda:
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - t
+        else:
+            for k, x in enumerate(ids):
+                step(x, k)
             if cuda:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t
-    else:
-        for k, x in enumerate(ids):
-            step(x, k)
-        if cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t
+        rates.append(batch * seq * batches / elapsed)
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"tokens_per_s": batch * seq * batches / elapsed, "peak_gib": peak / 2**30, "seconds": elapsed}
+    return {
+        "tokens_per_s": statistics.median(rates),
+        "min": min(rates),
+        "max": max(rates),
+        "peak_gib": peak / 2**30,
+        "attn": h.model.config._attn_implementation,
+    }
 
 
 def main() -> None:
@@ -119,35 +165,60 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batches", type=int, default=3)
-    p.add_argument("--methods", default="abcde")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per method (median, min, max)")
+    p.add_argument("--methods", default="abcdef")
     p.add_argument("--_run", help=argparse.SUPPRESS)
     p.add_argument("--_dir", help=argparse.SUPPRESS)
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"
     if a._run:
-        print(json.dumps(run_method(a._run, a._dir, a.batch, a.seq, a.batches, device, dtype)))
+        print(json.dumps(run_method(a._run, a._dir, a.batch, a.seq, a.batches, a.repeats, device, dtype)))
         return
     with tempfile.TemporaryDirectory() as d:
         model_dir = build_model_dir(a.shape, Path(d) / "model")
         rows = {}
         for m in a.methods:
-            cmd = [sys.executable, __file__, "--_run", m, "--_dir", str(model_dir), "--batch", str(a.batch),
-                   "--seq", str(a.seq), "--batches", str(a.batches)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--_run",
+                m,
+                "--_dir",
+                str(model_dir),
+                "--batch",
+                str(a.batch),
+                "--seq",
+                str(a.seq),
+                "--batches",
+                str(a.batches),
+                "--repeats",
+                str(a.repeats),
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 print(res.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"method {m} failed")
             rows[m] = json.loads(res.stdout.strip().splitlines()[-1])
     base = rows.get("a", {}).get("tokens_per_s")
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"\ncapture benchmark: shape={a.shape} device={name} dtype={dtype} batch={a.batch} seq={a.seq} "
-          f"batches={a.batches}, residual stream of every layer")
-    print(f"| method | tokens/s | x plain forward | peak memory (GiB, {'CUDA' if device == 'cuda' else 'RSS'}) |")
-    print("|---|---:|---:|---:|")
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(
+        f"\ncapture benchmark: shape={a.shape} device={name} dtype={dtype} batch={a.batch} seq={a.seq} "
+        f"batches={a.batches} repeats={a.repeats}, residual stream of every layer"
+    )
+    print(
+        "tokens/s: median (min-max) of the repeats; x reference: median / median of (a), the forward pass up to "
+        "the last hooked layer with the same attention and dtype (capture's physical limit)"
+    )
+    mem = "CUDA" if device == "cuda" else "RSS"
+    print(f"| method | attention | tokens/s | min | max | x reference | peak memory (GiB, {mem}) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for m, r in rows.items():
         rel = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
-        print(f"| ({m}) {METHODS[m]} | {r['tokens_per_s']:,.0f} | {rel} | {r['peak_gib']:.2f} |")
+        print(
+            f"| ({m}) {METHODS[m]} | {r['attn']} | {r['tokens_per_s']:,.0f} | {r['min']:,.0f} | {r['max']:,.0f} | "
+            f"{rel} | {r['peak_gib']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ TMP_SUFFIX = ".tmp"
 ARTIFACT_FORMATS: dict[str, int] = {
     "activation_store": 2,
     "organism": 1,
+    "probe_labels": 1,
+    "probe_set": 1,
     "saelens_activations": 1,
 }
 Check = Literal["size", "hash"]

@@ -15,9 +15,10 @@ gives each batch row the value of the request it serves.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
@@ -25,7 +26,7 @@ from transformers.cache_utils import Cache
 from .hooks import HookFn, attach
 
 _MASK64 = (1 << 64) - 1
-_CURRENT: ContextVar["Batch | None"] = ContextVar("reasonscope_generation_batch", default=None)
+_CURRENT: ContextVar[Batch | None] = ContextVar("reasonscope_generation_batch", default=None)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class DecodeConfig:
     seed: int = 0  # sampling: request i's token t draws from a stream fixed by (seed, i, t)
     stop: tuple[str, ...] = ()  # end a row once its generated text contains one of these
     eos_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's and generation_config's EOS
-    batch_size: int = 32  # rows decoded together (KV slots)
+    batch_size: int = 32  # rows decoded together; KV memory: batch_size x (longest prompt + max_new_tokens) tokens
     refill: int | None = None  # prefill waiting prompts once this many slots are free; None: batch_size // 8
     prefill_tokens: int = 16384  # token budget (rows x padded length) of one prefill forward pass
 
@@ -96,8 +97,9 @@ class SlotCache(Cache):
             self._rows = torch.arange(len(positions), device=positions.device)
         self._slots, self._positions, self._length = None, positions, length
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx == len(self.keys):
             for buf, x in ((self.keys, key_states), (self.values, value_states)):
                 buf.append(x.new_zeros(self.slots, x.shape[1], self.capacity, x.shape[3]))  # zeros: never NaN
@@ -146,7 +148,7 @@ def _splitmix64(x: int) -> int:
 
 
 def uniform(seed: int, request: int, step: int) -> float:
-    """A uniform in [0, 1) fixed by (seed, request, step): sampling does not depend on how rows are batched."""
+    """A uniform in [0, 1) fixed by (seed, request, step): the random draws do not depend on how rows are batched."""
     return (_splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ request) ^ step) >> 11) / 2**53
 
 
@@ -168,23 +170,29 @@ class _StopStrings:
 
 
 def _check_model(model: Any) -> str:
+    """The attention implementation, refused where a 4D mask cannot express per-row lengths."""
     cfg = getattr(model.config, "text_config", model.config)
     impl = getattr(cfg, "_attn_implementation", None) or "eager"
-    if impl not in ("sdpa", "eager"):
-        raise ValueError(f"generate supports sdpa and eager attention, not {impl!r}: load the model with "
-                         "attn_implementation='sdpa' (or 'eager' to read attention patterns)")
+    if impl.startswith(("flash", "flex", "paged")):
+        raise ValueError(
+            f"generate passes 4D attention masks, which {impl!r} attention does not take: load the model with "
+            "attn_implementation='sdpa' (or 'eager' to read attention patterns)"
+        )
     kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"}:
-        raise ValueError(f"generate supports full-attention layers only, this model has {sorted(kinds)}; "
-                         "disable sliding windows in its config (use_sliding_window=False) to use it")
+        raise ValueError(
+            f"generate supports full-attention layers only, this model has {sorted(kinds)}; "
+            "disable sliding windows in its config (use_sliding_window=False) to use it"
+        )
     return impl
 
 
 class _Engine:
     """The state of one :func:`generate` call: slots, the waiting queue, and finished completions."""
 
-    def __init__(self, handle: Any, prompts: list[list[int]], cfg: DecodeConfig, on_token: OnToken | None,
-                 progress: bool):
+    def __init__(
+        self, handle: Any, prompts: list[list[int]], cfg: DecodeConfig, on_token: OnToken | None, progress: bool
+    ):
         tok, self.model, self.cfg, self.on_token = handle.tokenizer, handle.model, cfg, on_token
         self.impl = _check_model(self.model)
         self.device = handle.device
@@ -232,17 +240,25 @@ class _Engine:
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _forward(self, ids: torch.Tensor, allowed: torch.Tensor, position_ids: torch.Tensor,
-                 batch: Batch) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, allowed: torch.Tensor, position_ids: torch.Tensor, batch: Batch
+    ) -> torch.Tensor:
         mask = allowed
-        if self.impl == "eager":  # additive mask, as HF builds it for eager attention
+        if self.impl == "eager":  # additive mask, as HF builds it for eager; sdpa and custom functions get bools
             dtype = self.model.dtype
             mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill_(
-                ~allowed, torch.finfo(dtype).min)
+                ~allowed, torch.finfo(dtype).min
+            )
         token = _CURRENT.set(batch)
         try:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         finally:
             _CURRENT.reset(token)
         return out.logits[:, -1].float()
@@ -262,8 +278,12 @@ class _Engine:
         allowed = ((causal & real[:, None, :]) | eye)[:, None]
         slot_t = self._tensor(slots)
         self.cache.prefill(slot_t)
-        batch = Batch(rows=self._tensor(reqs), positions=position_ids.masked_fill(~real, -1),
-                      n_generated=torch.zeros(n, dtype=torch.long, device=self.device), prefill=True)
+        batch = Batch(
+            rows=self._tensor(reqs),
+            positions=position_ids.masked_fill(~real, -1),
+            n_generated=torch.zeros(n, dtype=torch.long, device=self.device),
+            prefill=True,
+        )
         logits = self._forward(ids, allowed, position_ids, batch)
         self.mask[slot_t] = False
         self.mask[slot_t, :width] = real
@@ -279,8 +299,12 @@ class _Engine:
         idle = torch.tensor([r < 0 for r in self.req], device=self.device)
         position_ids = self._tensor([ln - st for ln, st in zip(self.length, self.start)])[:, None]
         self.cache.decode(positions, span)
-        batch = Batch(rows=self._tensor(self.req), positions=position_ids.masked_fill(idle[:, None], -1),
-                      n_generated=self._tensor([len(o) for o in self.out]), prefill=False)
+        batch = Batch(
+            rows=self._tensor(self.req),
+            positions=position_ids.masked_fill(idle[:, None], -1),
+            n_generated=self._tensor([len(o) for o in self.out]),
+            prefill=False,
+        )
         logits = self._forward(self._tensor(self.next)[:, None], self.mask[:, None, None, :span], position_ids, batch)
         for s, r in enumerate(self.req):
             self.length[s] += r >= 0
@@ -304,8 +328,15 @@ class _Engine:
                 continue
             out = self.out[s]
             out.append(t)
-            reason = ("eos" if t in self.eos else "stop" if self.stops is not None and self.stops.hit(out)
-                      else "length" if len(out) >= cfg.max_new_tokens else None)
+            reason = (
+                "eos"
+                if t in self.eos
+                else "stop"
+                if self.stops is not None and self.stops.hit(out)
+                else "length"
+                if len(out) >= cfg.max_new_tokens
+                else None
+            )
             if reason is None:
                 self.next[s] = t
                 continue

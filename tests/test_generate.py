@@ -39,3 +39,14 @@ def test_split_generation_markers_and_truncation(tiny_handle):
     assert direct["think_span"] is None and direct["answer"] == "3" and not direct["truncated"]
     opened_by_model = split_generation(tiny_handle, prompt, [start] + body + [end] + ans, opened_think=False)
     assert opened_by_model["thinking"] == "a=3." and opened_by_model["truncated"] is False
+
+
+def test_progress_and_stop_strings(tiny_handle, capsys):
+    prompts = [tiny_handle.chat_prompt(q) for q in ("a=3. what is a?", "e=2, f=1. what is e + f?")]
+    full = generate_traces(tiny_handle, prompts, GenerationConfig(max_new_tokens=12), progress=True)
+    err = capsys.readouterr().err
+    assert "generate" in err and "2/2" in err  # a bar over finished traces
+    assert len(full[0].thinking) > 8
+    stop = full[0].thinking[:4]
+    cut = generate_traces(tiny_handle, prompts, GenerationConfig(max_new_tokens=12, stop=(stop,)))
+    assert cut[0].thinking.startswith(stop) and len(cut[0].thinking) < len(full[0].thinking) and cut[0].truncated

@@ -5,11 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import organisms
 from reasonscope.generation import DecodeConfig, current_batch, generate, sample, uniform
 
-QUESTIONS = ["given a3, b4, c1, d9. what is a + b - c + d?", "given e2. what is e?", "given f1, g5. what is f + g?",
-             "given h7, i2, j4. what is h - i + j?", "given k0. what is k?"]
+from conftest import organisms
+
+QUESTIONS = [
+    "given a3, b4, c1, d9. what is a + b - c + d?",
+    "given e2. what is e?",
+    "given f1, g5. what is f + g?",
+    "given h7, i2, j4. what is h - i + j?",
+    "given k0. what is k?",
+]
 
 
 def encode(handle, questions=QUESTIONS) -> list[list[int]]:
@@ -19,17 +25,24 @@ def encode(handle, questions=QUESTIONS) -> list[list[int]]:
 def hf_greedy(handle, prompt: list[int], max_new_tokens: int) -> list[int]:
     """HF ``generate`` on one unpadded prompt, cut after the first EOS."""
     eos = handle.tokenizer.eos_token_id
-    out = handle.model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=int),
-                                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                                pad_token_id=handle.tokenizer.pad_token_id)[0, len(prompt):].tolist()
+    out = handle.model.generate(
+        input_ids=torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=int),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=handle.tokenizer.pad_token_id,
+    )[0, len(prompt) :].tolist()
     return out[: out.index(eos) + 1] if eos in out else out
 
 
 def forced_eos_at(lengths: dict[int, int], eos: int):
     """An ``on_token`` callback ending request ``i`` after ``lengths[i]`` tokens."""
+
     def on_token(batch, tokens, logits):
         limit = torch.tensor([lengths.get(r, 10**9) for r in batch.rows.tolist()])
         return torch.where(batch.n_generated + 1 >= limit, torch.full_like(tokens, eos), tokens)
+
     return on_token
 
 
@@ -49,10 +62,16 @@ def test_continuous_batching_equals_one_by_one(tiny_handle):
     prompts = encode(tiny_handle) * 2  # 10 requests through 3 slots, ending at different steps
     lengths = {i: 3 + (7 * i) % 11 for i in range(len(prompts))}
     eos = tiny_handle.tokenizer.eos_token_id
-    batched = generate(tiny_handle, prompts, DecodeConfig(max_new_tokens=16, batch_size=3, refill=1),
-                       on_token=forced_eos_at(lengths, eos))
+    batched = generate(
+        tiny_handle,
+        prompts,
+        DecodeConfig(max_new_tokens=16, batch_size=3, refill=1),
+        on_token=forced_eos_at(lengths, eos),
+    )
     for i, p in enumerate(prompts):
-        alone = generate(tiny_handle, [p], DecodeConfig(max_new_tokens=16), on_token=forced_eos_at({0: lengths[i]}, eos))
+        alone = generate(
+            tiny_handle, [p], DecodeConfig(max_new_tokens=16), on_token=forced_eos_at({0: lengths[i]}, eos)
+        )
         assert batched[i].token_ids == alone[0].token_ids
         assert len(batched[i].token_ids) == min(lengths[i], 16) or batched[i].token_ids[-1] == eos
 
@@ -70,12 +89,17 @@ def test_activations_during_generation_equal_a_plain_forward(tiny_handle):
                 if r >= 0 and p >= 0:
                     seen[(r, p)] = x[row, col].clone()
 
-    out = generate(tiny_handle, prompts, DecodeConfig(max_new_tokens=12, batch_size=3, refill=2),
-                   hooks={name: record}, on_token=forced_eos_at({1: 4, 3: 9}, tiny_handle.tokenizer.eos_token_id))
+    out = generate(
+        tiny_handle,
+        prompts,
+        DecodeConfig(max_new_tokens=12, batch_size=3, refill=2),
+        hooks={name: record},
+        on_token=forced_eos_at({1: 4, 3: 9}, tiny_handle.tokenizer.eos_token_id),
+    )
     for r, c in enumerate(out):
         ids = c.prompt_ids + c.token_ids[:-1]  # the last token is chosen, never fed
         ref: dict[str, torch.Tensor] = {}
-        tiny_handle.run(torch.tensor([ids]), hooks={name: lambda x: ref.update(x=x[0].clone())})
+        tiny_handle.run(torch.tensor([ids]), hooks={name: lambda x, ref=ref: ref.update(x=x[0].clone())})
         assert all((r, p) in seen for p in range(len(ids))) and (r, len(ids)) not in seen
         got = torch.stack([seen[(r, p)] for p in range(len(ids))])
         torch.testing.assert_close(got, ref["x"], rtol=1e-4, atol=1e-5)
@@ -83,8 +107,9 @@ def test_activations_during_generation_equal_a_plain_forward(tiny_handle):
 
 def test_text_prompts_and_empty_prompt(tiny_handle):
     text = [tiny_handle.chat_prompt(q) for q in QUESTIONS[:2]]
-    assert [c.token_ids for c in generate(tiny_handle, text, DecodeConfig(max_new_tokens=5))] == \
-        [c.token_ids for c in generate(tiny_handle, encode(tiny_handle, QUESTIONS[:2]), DecodeConfig(max_new_tokens=5))]
+    assert [c.token_ids for c in generate(tiny_handle, text, DecodeConfig(max_new_tokens=5))] == [
+        c.token_ids for c in generate(tiny_handle, encode(tiny_handle, QUESTIONS[:2]), DecodeConfig(max_new_tokens=5))
+    ]
     with pytest.raises(ValueError, match="empty prompt"):
         generate(tiny_handle, [[]])
 
@@ -94,13 +119,15 @@ def test_sampling_is_seeded_and_batching_invariant(tiny_handle):
     cfg = DecodeConfig(max_new_tokens=12, temperature=1.0, seed=5, batch_size=4)
     one = [c.token_ids for c in generate(tiny_handle, prompts, cfg)]
     assert one == [c.token_ids for c in generate(tiny_handle, prompts, cfg)]
-    assert one == [c.token_ids for c in generate(tiny_handle, prompts, DecodeConfig(**{**cfg.__dict__, "batch_size": 1}))]
+    single = DecodeConfig(**{**cfg.__dict__, "batch_size": 1})
+    assert one == [c.token_ids for c in generate(tiny_handle, prompts, single)]
     assert len({tuple(t) for t in one}) > 2  # identical prompts, different requests: different samples
     assert one != [c.token_ids for c in generate(tiny_handle, prompts, DecodeConfig(**{**cfg.__dict__, "seed": 6}))]
     nucleus = DecodeConfig(max_new_tokens=12, temperature=1.0, top_p=1e-6)  # keeps only the most likely token
     greedy = DecodeConfig(max_new_tokens=12)
-    assert [c.token_ids for c in generate(tiny_handle, prompts, nucleus)] == \
-        [c.token_ids for c in generate(tiny_handle, prompts, greedy)]
+    assert [c.token_ids for c in generate(tiny_handle, prompts, nucleus)] == [
+        c.token_ids for c in generate(tiny_handle, prompts, greedy)
+    ]
 
 
 def test_sample_follows_the_distribution():
@@ -178,8 +205,12 @@ def test_hooks_removed_after_an_exception(tiny_handle):
             raise RuntimeError("boom in decode")
 
     with pytest.raises(RuntimeError, match="boom in decode"):
-        generate(tiny_handle, encode(tiny_handle)[:2], DecodeConfig(max_new_tokens=5),
-                 hooks={"blocks.1.hook_resid_post": boom})
+        generate(
+            tiny_handle,
+            encode(tiny_handle)[:2],
+            DecodeConfig(max_new_tokens=5),
+            hooks={"blocks.1.hook_resid_post": boom},
+        )
     assert calls == [True, False] and current_batch() is None
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in tiny_handle.model.modules())
     assert generate(tiny_handle, encode(tiny_handle)[:1], DecodeConfig(max_new_tokens=3))[0].token_ids
@@ -189,6 +220,10 @@ def test_unsupported_attention_names_the_fix(tiny_model_dir):
     from reasonscope.models import load_model
 
     h = load_model(tiny_model_dir)
+    h.model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        generate(h, encode(h)[:1])
+    h.model.config._attn_implementation = "sdpa"
     h.model.config.layer_types = ["sliding_attention"] * h.geometry.n_layers
     with pytest.raises(ValueError, match="use_sliding_window=False"):
         generate(h, encode(h)[:1])
@@ -201,14 +236,22 @@ def test_organism_greedy_equals_hf_generate():
 
     h = load_model("organism:thinking")
     tok = h.tokenizer
-    prompts = [tok(h.chat_prompt(p.question), add_special_tokens=False)["input_ids"]
-               for p in task.problems(30, evaluate.EVAL_SEED)]
+    prompts = [
+        tok(h.chat_prompt(p.question), add_special_tokens=False)["input_ids"]
+        for p in task.problems(30, evaluate.EVAL_SEED)
+    ]
     out = generate(h, prompts, DecodeConfig(max_new_tokens=640, batch_size=8))
     width = max(map(len, prompts))
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    ref = h.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=640, do_sample=False,
-                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, width:].tolist()
+    ref = h.model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=640,
+        do_sample=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )[:, width:].tolist()
     ref = [r[: r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r for r in ref]
     same = sum(c.token_ids == r for c, r in zip(out, ref))
     assert same >= 29, f"{same}/30 equal to HF generate"

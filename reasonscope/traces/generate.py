@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..generation import DecodeConfig, generate
 from .record import Trace
@@ -21,8 +21,14 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
 
     def decode_config(self) -> DecodeConfig:
-        return DecodeConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                            seed=self.seed, stop=tuple(self.stop), batch_size=self.batch_size)
+        return DecodeConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=tuple(self.stop),
+            batch_size=self.batch_size,
+        )
 
 
 def split_generation(handle, prompt_ids: list[int], new_ids: list[int], opened_think: bool) -> dict:
@@ -37,14 +43,25 @@ def split_generation(handle, prompt_ids: list[int], new_ids: list[int], opened_t
     n_prompt = len(prompt_ids)
     decode = lambda ids: handle.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     if not opened_think:
-        return dict(thinking="", answer=decode(new_ids), token_ids=prompt_ids + new_ids, think_span=None,
-                    truncated=not hit_eos)
+        return dict(
+            thinking="", answer=decode(new_ids), token_ids=prompt_ids + new_ids, think_span=None, truncated=not hit_eos
+        )
     if end_id in new_ids:
         k = new_ids.index(end_id)
-        return dict(thinking=decode(new_ids[:k]), answer=decode(new_ids[k + 1 :]), token_ids=prompt_ids + new_ids,
-                    think_span=(n_prompt, n_prompt + k), truncated=False)
-    return dict(thinking=decode(new_ids), answer="", token_ids=prompt_ids + new_ids,
-                think_span=(n_prompt, n_prompt + len(new_ids)), truncated=True)
+        return dict(
+            thinking=decode(new_ids[:k]),
+            answer=decode(new_ids[k + 1 :]),
+            token_ids=prompt_ids + new_ids,
+            think_span=(n_prompt, n_prompt + k),
+            truncated=False,
+        )
+    return dict(
+        thinking=decode(new_ids),
+        answer="",
+        token_ids=prompt_ids + new_ids,
+        think_span=(n_prompt, n_prompt + len(new_ids)),
+        truncated=True,
+    )
 
 
 def generate_traces(

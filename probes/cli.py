@@ -1,0 +1,152 @@
+"""``probe`` commands: ``labels``, ``fit``, ``eval``, ``monitor`` (mounted under ``reasonscope probe``).
+
+Same rules as :mod:`reasonscope.cli`: arguments, input files and the output location are checked before a model
+loads; a user error is one ``error:`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from reasonscope.cli import _choice, _fail, _Group, _model_geometry, _out_dir, _say, _traces
+
+from .answers import MATCHERS
+from .chunks import CHUNKINGS
+
+probe_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Probes for confidence, deviation and overthinking.")
+
+
+def _emit(obj: Any, as_json: bool) -> None:
+    from .probeset import json_safe
+
+    text = json.dumps(json_safe(obj), indent=1, allow_nan=False)
+    typer.echo(text) if as_json else _say(text)
+
+
+def _fresh_out(out: Path) -> Path:
+    if out.exists():
+        _fail(f"--out {out} already exists; delete it or choose another output directory")
+    return _out_dir(out)
+
+
+def _read_traces(path: Path) -> list:
+    """A JSONL of trace records, or a directory in the thought-anchors layout."""
+    if path.is_dir():
+        from reasonscope.traces import load_thought_anchors
+
+        traces = load_thought_anchors(path)
+        if not traces:
+            _fail(f"--traces {path} holds no */*/problem_*/base_solution.json; pass a thought-anchors directory")
+        return traces
+    return _traces(path)
+
+
+@probe_app.command("labels")
+def labels_cmd(
+    traces: Path = typer.Option(..., help="Trace JSONL (id, prompt, thinking, answer; gold) or thought-anchors dir."),
+    out: Optional[Path] = typer.Option(None, help="Write the probe_labels artifact here."),
+    model: Optional[str] = typer.Option(None, help="Model for token positions, forced answers and entropies."),
+    matcher: str = typer.Option("auto", help="Intermediate-answer matcher: auto | organism | math."),
+    chunking: str = typer.Option("auto", help="auto | paragraphs | sentences."),
+    forced: bool = typer.Option(False, help="Add safe_exit labels (forced answers; needs --model)."),
+    entropy: bool = typer.Option(False, help="Add the deviation-index signals (needs --model)."),
+    window: int = typer.Option(32, min=1, help="Deviation index window W (tokens)."),
+    lam: float = typer.Option(1.5, help="Deviation threshold lambda."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Label every chunk of the traces (text-side recipes need no model) and summarise."""
+    from .labels import LabelConfig, build_labels, label_traces
+
+    cfg = LabelConfig(
+        matcher=_choice(matcher, MATCHERS, "--matcher"),
+        chunking=_choice(chunking, CHUNKINGS, "--chunking"),
+        forced=forced,
+        entropy=entropy,
+        window=window,
+        lam=lam,
+    )
+    if cfg.needs_model and model is None:
+        _fail("--forced and --entropy need --model")
+    if not traces.exists():
+        _fail(f"--traces {traces} does not exist; pass a trace JSONL file or a thought-anchors directory")
+    if out is not None:
+        _fresh_out(out)
+    if model is not None:
+        _model_geometry(model)
+    rows = _read_traces(traces)
+    handle = None
+    if model is not None:
+        from reasonscope.models import load_model
+
+        handle = load_model(model)
+    table = label_traces(rows, cfg, out, handle) if out is not None else build_labels(rows, cfg, handle)
+    _emit(table.summary(), as_json)
+
+
+@probe_app.command("fit")
+def fit_cmd(
+    store: Path = typer.Option(..., help="Activation store (reasonscope capture)."),
+    labels: Path = typer.Option(..., help="probe_labels artifact (reasonscope probe labels --out)."),
+    out: Path = typer.Option(..., help="Write the probe_set artifact here."),
+    target: str = typer.Option("correct", help="Label to predict (correct, after_first_correct, safe_exit, ...)."),
+    hooks: str = typer.Option("hook_resid_post", help="Hook patterns over the store's hooks."),
+    kind: str = typer.Option("logistic", help="logistic | mlp."),
+    hidden: int = typer.Option(32, min=1),
+    epochs: int = typer.Option(50, min=1),
+    lr: float = typer.Option(1e-3),
+    seed: int = 0,
+    device: str = "auto",
+    as_json: bool = typer.Option(False, "--json", help="Print the evaluation as JSON on stdout."),
+) -> None:
+    """Fit probes on every selected layer at once and write them with their evaluation."""
+    from reasonscope.store import ActivationStore
+
+    from .batched import PROBE_KINDS
+    from .fit import ProbeConfig, fit_probes
+    from .labels import LabelTable
+
+    cfg = ProbeConfig(
+        target=target,
+        hooks=hooks,
+        kind=_choice(kind, PROBE_KINDS, "--kind"),
+        hidden=hidden,
+        epochs=epochs,
+        lr=lr,
+        seed=seed,
+        device=device,
+    )
+    _fresh_out(out)
+    ps = fit_probes(ActivationStore.open(store), LabelTable.open(labels), cfg, out)
+    _emit(_summary([ps]), as_json)
+
+
+def _summary(sets: list) -> dict[str, dict[str, Any]]:
+    out = {}
+    for ps in sets:
+        best = ps.report["best"]
+        keys = ("auroc", "auroc_within_problem", "ece", "brier", "accuracy", "selectivity", "auroc_ci")
+        out[ps.target] = {
+            "best_layer": int(ps.best_hook.split(".")[1]),
+            "best_hook": ps.best_hook,
+            **{k: best[k] for k in keys},
+            "baselines": ps.report["baselines"],
+        }
+    return out
+
+
+@probe_app.command("eval")
+def eval_cmd(
+    probes: list[Path] = typer.Option(..., "--probes", help="probe_set artifact(s); repeat for several targets."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+) -> None:
+    """Held-out evaluation of fitted probes: best layer, AUROC (pooled, within-problem), ECE, Brier, selectivity."""
+    from .probeset import ProbeSet
+
+    for p in probes:
+        if not p.is_dir():
+            _fail(f"--probes {p} is not a directory; pass a probe_set written by `reasonscope probe fit`")
+    _emit(_summary([ProbeSet.open(p) for p in probes]), as_json)

@@ -1,0 +1,96 @@
+"""Next-token entropies and the reasoning path deviation index (Guan et al. 2026, arXiv 2603.14251; probes.md §3).
+
+``H_t = -sum_v p_t(v) log p_t(v)`` (nats) of the distribution the model predicts after token ``t``. The index at
+``t`` (inside the thinking, ``t - start + 1 >= W``) is ``mean(H[t-W+1..t]) / mean(H[start..t])``; the transition
+variant replaces ``H`` by ``1[token t+1 is a transition word and H_t > tau]`` (a high-entropy transition).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from reasonscope.capture import length_batches
+from reasonscope.traces import Trace
+
+if TYPE_CHECKING:  # pragma: no cover
+    from reasonscope.models import ModelHandle
+
+TRANSITION_WORDS = ("wait", "but", "alternatively", "hmm", "however")
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) over the last dimension, from ``log_softmax`` in float32."""
+    lp = logits.float().log_softmax(-1)
+    return -(lp.exp() * lp).sum(-1)
+
+
+def token_entropies(handle: ModelHandle, traces: Sequence[Trace], token_budget: int = 8192) -> list[torch.Tensor]:
+    """Per trace, ``H_t`` for every token position (``[n_tokens]``, float32, CPU); left-padded length batches."""
+    out: list[torch.Tensor | None] = [None] * len(traces)
+    pad = handle.tokenizer.pad_token_id or 0
+    for batch in length_batches([len(t.token_ids) for t in traces], token_budget):
+        width = len(traces[batch[0]].token_ids)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(batch):
+            n = len(traces[i].token_ids)
+            ids[r, width - n :] = torch.tensor(traces[i].token_ids)
+            mask[r, width - n :] = 1
+        with torch.inference_mode():
+            h = entropy(handle.run(ids, mask)).cpu()
+        for r, i in enumerate(batch):
+            out[i] = h[r, width - len(traces[i].token_ids) :]
+    return [x for x in out if x is not None]
+
+
+def deviation_index(x: torch.Tensor, start: int, window: int) -> torch.Tensor:
+    """``mean(x[t-W+1..t]) / mean(x[start..t])`` per position ``t``; NaN before ``start + W - 1``."""
+    out = torch.full(x.shape, math.nan, dtype=torch.float64)
+    seg = x[start:].double()
+    if len(seg) < window:
+        return out
+    c = torch.cat([torch.zeros(1, dtype=torch.float64), seg.cumsum(0)])
+    t = torch.arange(window - 1, len(seg))
+    local = (c[t + 1] - c[t + 1 - window]) / window
+    glob = c[t + 1] / (t + 1)
+    out[start + window - 1 :] = local / glob.clamp_min(1e-12)
+    return out
+
+
+def transition_mask(handle: ModelHandle, token_ids: Sequence[int]) -> torch.Tensor:
+    """``[n]`` bool: token ``t+1`` starts a transition word (so ``H_t`` is the entropy that chose it)."""
+    texts = handle.tokenizer.convert_ids_to_tokens(list(token_ids))
+    words = [handle.tokenizer.convert_tokens_to_string([s]).strip().lower() for s in texts]
+    nxt = [any(w.startswith(tw) and tw.startswith(w) for tw in TRANSITION_WORDS) and len(w) > 0 for w in words]
+    return torch.tensor(nxt[1:] + [False])
+
+
+def chunk_signals(
+    handle: ModelHandle,
+    traces: Sequence[Trace],
+    positions: Sequence[Sequence[int]],
+    window: int,
+    tau: float | None = None,
+) -> dict[str, list[list[float]]]:
+    """Per trace and position: ``rpdi``, ``rpdi_transition`` and ``entropy`` (mean H since the previous position)."""
+    ents = token_entropies(handle, traces)
+    if tau is None:
+        tau = float(
+            torch.cat([h[t.think_span[0] : t.think_span[1]] for h, t in zip(ents, traces) if t.think_span]).median()
+        )
+    out: dict[str, list[list[float]]] = {"rpdi": [], "rpdi_transition": [], "entropy": []}
+    for t, h, pos in zip(traces, ents, positions):
+        if t.think_span is None:
+            raise ValueError(f"trace {t.id!r} has no think span; segment it with a tokenizer first")
+        start = t.think_span[0]
+        rpdi = deviation_index(h, start, window)
+        trans = deviation_index((transition_mask(handle, t.token_ids) & (h > tau)).double(), start, window)
+        prev = [start, *[p + 1 for p in pos[:-1]]]
+        out["rpdi"].append([float(rpdi[p]) for p in pos])
+        out["rpdi_transition"].append([float(trans[p]) for p in pos])
+        out["entropy"].append([float(h[a : p + 1].mean()) if p >= a else math.nan for a, p in zip(prev, pos)])
+    return out

@@ -1,0 +1,73 @@
+"""Fitting probes on every selected layer at once, streaming from an activation store.
+
+Per layer, a task probe and a control probe (labels shuffled within each problem; Hewitt & Liang 2019,
+arXiv 1909.03368) are trained together with Adam on BCE with ``pos_weight = N_neg/N_pos`` (Zhang et al. 2025) on
+standardised features, early-stopped on the validation problems' loss. The best layer is chosen on validation
+AUROC; test metrics (pooled and within-problem AUROC, ECE, Brier, accuracy, bootstrap CI over problems) and
+selectivity (task AUROC - control AUROC) are reported per layer, beside baselines (:mod:`probes.baselines`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reasonscope.store import ActivationStore
+
+from . import metrics
+from .baselines import baseline_report
+from .batched import BatchedProbe
+from .data import TEST, TRAIN, VAL, Labelled, Stream, join_labels, store_hooks
+from .labels import LabelTable
+from .probeset import ProbeSet, write_probeset
+from .train import ProbeConfig, predict, standardize, train
+
+
+def _layer_reports(p: torch.Tensor, data: Labelled, hooks: list[str], cfg: ProbeConfig) -> dict[str, dict]:
+    """Per hook: validation AUROC, test metrics with a bootstrap CI, control AUROC and selectivity."""
+    val, test = data.side == VAL, data.side == TEST
+    out = {}
+    for i, hook in enumerate(hooks):
+        r: dict[str, Any] = dict(metrics.report(p[0, i, test], data.y[test], data.group[test]))
+        lo, hi = metrics.bootstrap_auroc(p[0, i, test], data.y[test], data.group[test], cfg.bootstrap, cfg.seed)
+        control = metrics.auroc(p[1, i, test], data.control[test])
+        r.update(
+            val_auroc=metrics.auroc(p[0, i, val], data.y[val]),
+            auroc_ci=[lo, hi],
+            control_auroc=control,
+            selectivity=r["auroc"] - control,
+        )
+        out[hook] = r
+    return out
+
+
+def fit_probes(
+    store: ActivationStore, labels: LabelTable, cfg: ProbeConfig, out: str | Path, replace: bool = False
+) -> ProbeSet:
+    """Fit ``cfg.target`` probes on every selected hook of ``store``; write the ``probe_set`` at ``out``."""
+    hooks = store_hooks(store, cfg.hooks)
+    data = join_labels(store, labels, cfg.target, cfg.test_fraction, cfg.val_fraction, cfg.seed)
+    device = cfg.torch_device()
+    width = store.manifest.hooks[hooks[0]]
+    stream = Stream(store, hooks, data.row, cfg.read_batch, cfg.cache_bytes)
+    probe = BatchedProbe(2, len(hooks), width, cfg.kind, cfg.hidden if cfg.kind == "mlp" else 0, cfg.seed).to(device)
+    standardize(probe, stream, data.side == TRAIN, device)
+    epochs = train(probe, stream, data, cfg, device)
+    p = predict(probe, stream, len(data.y), device)
+    layers = _layer_reports(p, data, hooks, cfg)
+    best = max(hooks, key=lambda h: -math.inf if math.isnan(layers[h]["val_auroc"]) else layers[h]["val_auroc"])
+    report = {
+        "target": cfg.target,
+        "best_hook": best,
+        "best": layers[best],
+        "layers": layers,
+        "epochs": epochs,
+        "n_rows": {k: int((data.side == s).sum()) for k, s in (("train", TRAIN), ("val", VAL), ("test", TEST))},
+        "test_problems": [data.problems[g] for g in sorted(set(data.group[data.side == TEST].tolist()))],
+        "baselines": baseline_report(labels, data, cfg),
+    }
+    return write_probeset(out, probe.select(0), asdict(cfg), hooks, width, store, report, replace=replace)

@@ -1,0 +1,154 @@
+"""The ``probe_set`` artifact: fitted probes of every layer, their report, and the model they belong to.
+
+``probes.safetensors`` holds the standardisation (``mean``, ``std`` ``[L, d]``) and the probe weights; the manifest
+config records the probe config, the hooks, the width and the weight hash of the model whose activations trained
+them. :meth:`ProbeSet.predict` refuses activations of another width, an unknown hook, or another model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, write_artifact
+from reasonscope.store import ActivationStore
+
+from .batched import BatchedProbe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from reasonscope.models import ModelHandle
+
+KIND = "probe_set"
+WEIGHTS, REPORT = "probes.safetensors", "report.json"
+
+
+@dataclass
+class ProbeSet:
+    """Fitted probes (one per hook) of one target, with their report; open with :meth:`open`."""
+
+    path: Path
+    probe: BatchedProbe
+    hooks: list[str]
+    width: int
+    weight_hash: str
+    config: dict[str, Any]
+    report: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path) -> ProbeSet:
+        """Read a ``probe_set`` artifact written by :func:`probes.fit.fit_probes`."""
+        art = ArtifactDir.open(path, KIND, ARTIFACT_FORMATS[KIND])
+        cfg = dict(art.manifest.config)
+        probe = BatchedProbe.from_tensors(load_file(art.file(WEIGHTS)), cfg["probe"]["kind"])
+        report = json.loads(art.file(REPORT).read_text(encoding="utf-8"))
+        return cls(
+            Path(path),
+            probe.eval(),
+            list(cfg["hooks"]),
+            int(cfg["width"]),
+            str(cfg["weight_hash"]),
+            dict(cfg["probe"]),
+            report,
+        )
+
+    @property
+    def target(self) -> str:
+        return str(self.config["target"])
+
+    @property
+    def best_hook(self) -> str:
+        """The hook chosen on validation AUROC."""
+        return str(self.report["best_hook"])
+
+    def check_model(self, weight_hash: str) -> None:
+        """Refuse activations of a model other than the one these probes were fitted on."""
+        if weight_hash != self.weight_hash:
+            raise ValueError(
+                f"these probes ({self.path}) were fitted on the model with weight hash {self.weight_hash}, not "
+                f"{weight_hash}; fit probes on this model's activations"
+            )
+
+    def check_handle(self, handle: ModelHandle) -> None:
+        """Refuse a model of another width, with fewer layers than the probed hooks, or other weights."""
+        g = handle.geometry
+        if g.d_model != self.width:
+            raise ValueError(f"model width {g.d_model} != probe width {self.width} ({self.path}); use matching probes")
+        deepest = max(int(h.split(".")[1]) for h in self.hooks)
+        if deepest >= g.n_layers:
+            raise ValueError(f"probes read layer {deepest}, the model has {g.n_layers} layers; use matching probes")
+        self.check_model(handle.weight_hash)
+
+    def predict(self, x: torch.Tensor, hook: str | None = None, weight_hash: str | None = None) -> torch.Tensor:
+        """Probability of the target for activations ``x`` ``[..., d]`` of ``hook`` (default: the best hook)."""
+        hook = hook or self.best_hook
+        if hook not in self.hooks:
+            raise KeyError(f"no probe for hook {hook!r}; these probes cover {self.hooks}")
+        if x.shape[-1] != self.width:
+            raise ValueError(
+                f"activations of width {x.shape[-1]} given to probes of width {self.width} ({self.path}); "
+                "they come from another model: fit probes on its activations"
+            )
+        if weight_hash is not None:
+            self.check_model(weight_hash)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("activations hold NaN/inf; recapture them (e.g. in float32)")
+        i = self.hooks.index(hook)
+        flat = x.reshape(-1, x.shape[-1]).to(self.probe.mean)
+        xs = torch.zeros(len(self.hooks), flat.shape[0], self.width, dtype=flat.dtype, device=flat.device)
+        xs[i] = flat
+        with torch.no_grad():
+            return torch.sigmoid(self.probe(xs)[0, i]).reshape(x.shape[:-1])
+
+    def predict_store(self, store: ActivationStore, hook: str | None = None) -> torch.Tensor:
+        """Probabilities for every row of ``store`` (after checking it comes from the same model)."""
+        self.check_model(store.manifest.weight_hash)
+        hook = hook or self.best_hook
+        return torch.cat([self.predict(x, hook) for x in store.iter_batches(hook, 8192)])
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by None (strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_probeset(
+    out: str | Path,
+    tensors: dict[str, torch.Tensor],
+    probe_config: dict[str, Any],
+    hooks: list[str],
+    width: int,
+    store: ActivationStore,
+    report: dict[str, Any],
+    replace: bool = False,
+) -> ProbeSet:
+    """Write the artifact (weights, report; model identity in the config) and open it."""
+    m = store.manifest
+    config = {"probe": probe_config, "hooks": hooks, "width": width, "weight_hash": m.weight_hash}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS))
+        (tmp / REPORT).write_text(json.dumps(json_safe(report), indent=1, allow_nan=False), encoding="utf-8")
+
+    write_artifact(
+        out,
+        KIND,
+        ARTIFACT_FORMATS[KIND],
+        config,
+        {"store": m.fingerprint()},
+        write,
+        detail={"model_id": m.model_id},
+        replace=replace,
+    )
+    return ProbeSet.open(out)

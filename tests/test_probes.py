@@ -1,0 +1,254 @@
+"""Probes: chunking, labels, metrics, fitting on synthetic stores with known answers, the ProbeSet artifact."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from probes import metrics
+from probes.answers import extract_intermediate
+from probes.chunks import chunk_thinking
+from probes.entropy import deviation_index
+from probes.fit import ProbeConfig, fit_probes
+from probes.labels import LabelConfig, LabelTable, build_labels, label_traces
+from probes.probeset import ProbeSet
+from reasonscope.artifacts import ArtifactError
+from reasonscope.store import ActivationStore, StoreManifest, StoreWriter
+from reasonscope.traces import Trace, load_thought_anchors
+
+from conftest import shared_data
+
+# ---------------------------------------------------------------------------- chunks and answers
+
+
+def test_paragraph_chunks_start_at_markers():
+    text = "First, 2+2=4.\n\nSo x is 4.\n\nWait, let me verify.\n\nYes 4.\n\nAlternatively, x = 5."
+    chunks = chunk_thinking(text)
+    assert [c.text for c in chunks] == [
+        "First, 2+2=4.\n\nSo x is 4.",
+        "Wait, let me verify.\n\nYes 4.",
+        "Alternatively, x = 5.",
+    ]
+    assert [c.marker for c in chunks] == [None, "wait", "alternatively"]
+    assert all(text[c.char_start : c.char_end] == c.text for c in chunks)
+
+
+def test_organism_steps_and_answers():
+    text = "first a3. c1; 3+1=5. wait, 3+1=5 is wrong. so:3+1=4. so the answer is:4. hmm, let me check."
+    chunks = chunk_thinking(text)
+    answers = [extract_intermediate(c.text, "organism") for c in chunks]
+    assert answers == [None, "5", None, "4", "4", None]
+    assert extract_intermediate("so we get \\frac{1}{2}.", "math") == "\\frac{1}{2}"
+    assert extract_intermediate("Let me check this.", "math") is None
+
+
+# ---------------------------------------------------------------------------- labels
+
+
+def _trace(thinking: str, gold: str | None = "4", tid: str = "a", source: str = "organism") -> Trace:
+    return Trace(id=tid, prompt="q <think>", thinking=thinking, answer=gold or "", gold=gold, source=source)
+
+
+def test_text_labels_known_answers():
+    t = _trace("first a3. c1; 3+1=5. so:3+1=4. d2; 4-2=2. yes, the answer is:4.")
+    table = build_labels([t], LabelConfig())
+    nan = math.nan
+    got = {k: [None if math.isnan(x) else x for x in v] for k, v in table.targets.items()}
+    assert got["correct"] == [None, 0.0, 1.0, 0.0, 1.0]
+    assert got["after_first_correct"] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert got["deviated"] == [None, 0.0, 0.0, 1.0, 0.0]
+    assert table.position == [-1] * 5 and nan != nan
+    s = table.summary()
+    assert s["n_traces"] == 1 and s["n_chunks"] == 5
+    share = table.traces["a"]["first_correct_share"]
+    assert share == pytest.approx((t.thinking.index("3+1=4.") + 6) / len(t.thinking))
+    assert s["first_correct_share"] == {
+        "n": 1,
+        "median": round(share, 4),
+        "p25": round(share, 4),
+        "p75": round(share, 4),
+    }
+    assert 0 <= table.traces["a"]["sbt_score"] <= 1
+
+
+def test_labels_bad_input_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match="has no thinking"):
+        label_traces([_trace("")], LabelConfig(), tmp_path / "l")
+    with pytest.raises(ValueError, match="gold"):
+        label_traces([_trace("a=4.", gold=None)], LabelConfig(), tmp_path / "l")
+    with pytest.raises(ValueError, match="need a model"):
+        label_traces([_trace("a=4.")], LabelConfig(forced=True), tmp_path / "l")
+    with pytest.raises(ValueError, match="matcher"):
+        LabelConfig(matcher="regex")  # type: ignore[arg-type]
+    assert not (tmp_path / "l").exists()
+
+
+def test_labels_token_positions_match_segment_ends(tiny_handle, task_traces, tmp_path):
+    table = label_traces(task_traces, LabelConfig(matcher="organism"), tmp_path / "l", tokenizer=tiny_handle.tokenizer)
+    for t in task_traces:
+        pos = [p for tid, p in zip(table.trace_id, table.position) if tid == t.id]
+        assert pos == [s.end - 1 for s in t.segments]
+    again = LabelTable.open(tmp_path / "l")
+    assert again.position == table.position and again.summary() == table.summary()
+    # every trace's final step is correct (the task traces are slip-corrected)
+    assert all(s["first_correct_chunk"] is not None for s in table.traces.values())
+
+
+def test_model_labels_forced_and_entropy(tiny_handle, task_traces):
+    traces = task_traces[:3]
+    cfg = LabelConfig(matcher="organism", forced=True, entropy=True, window=4, forced_max_new_tokens=3)
+    table = build_labels(traces, cfg, handle=tiny_handle)
+    n = len(table)
+    for k in ("safe_exit", "rpdi", "rpdi_transition", "deviation", "entropy"):
+        assert len(table.targets[k]) == n
+    assert set(table.targets["safe_exit"]) <= {0.0, 1.0}
+    assert all(not math.isnan(x) for x in table.targets["entropy"])
+    dev = [x for x in table.targets["deviation"] if not math.isnan(x)]
+    assert dev and set(dev) <= {0.0, 1.0}
+
+
+def test_deviation_index_known_answer():
+    h = torch.tensor([9.0, 1, 1, 1, 1, 3, 3])  # position 0 is before the thinking
+    r = deviation_index(h, start=1, window=2)
+    assert torch.isnan(r[:2]).all()
+    assert r[2].item() == pytest.approx(1.0)
+    assert r[5].item() == pytest.approx(2.0 / (7 / 5))
+    assert r[6].item() == pytest.approx(3.0 / (10 / 6))
+
+
+def test_text_labels_on_real_traces():
+    traces = load_thought_anchors(shared_data("reasoning_traces/thought_anchors_math"))
+    table = build_labels(traces, LabelConfig())
+    assert set(table.trace_id) == {t.id for t in traces}
+    s = table.summary()
+    fcs = s["first_correct_share"]
+    assert s["n_traces"] == len(traces) and fcs["n"] > 0 and 0 < fcs["p25"] <= fcs["median"] <= fcs["p75"] <= 1
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_metrics_known_values():
+    y = torch.tensor([0, 0, 1, 1])
+    assert metrics.auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), y) == pytest.approx(0.75)
+    assert metrics.auroc(torch.tensor([0.5, 0.5, 0.5, 0.5]), y) == pytest.approx(0.5)
+    assert math.isnan(metrics.auroc(torch.tensor([0.1, 0.2]), torch.tensor([1, 1])))
+    p = torch.tensor([0.0, 0.2, 1.0, 1.0])
+    assert metrics.ece(p, y) == pytest.approx((1 / 4) * 0.0 + (1 / 4) * 0.2 + (2 / 4) * 0.0)
+    assert metrics.brier(p, y) == pytest.approx((0 + 0.04 + 0 + 0) / 4)
+    g = torch.tensor([0, 0, 1, 1])
+    assert math.isnan(metrics.auroc_within(p, y, g))  # no problem holds both classes
+    lo, hi = metrics.bootstrap_auroc(torch.tensor([0.1, 0.9] * 10), torch.tensor([0, 1] * 10), torch.arange(20) // 2)
+    assert lo == hi == 1.0
+
+
+# ---------------------------------------------------------------------------- fitting
+
+
+HOOKS = [f"blocks.{i}.hook_resid_post" for i in range(3)]
+
+
+def synthetic(tmp_path, n_problems: int = 60, chunks: int = 8, d: int = 16, seed: int = 0):
+    """Layer 0: noise; layer 1: the label along one direction; layer 2: only the problem's difficulty."""
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    ids = [f"p{i}" for i in range(n_problems)]
+    m = StoreManifest(
+        weight_hash="sha256:abc",
+        hooks=dict.fromkeys(HOOKS, d),
+        positions="segment_ends",
+        dtype="float32",
+        trace_ids=ids,
+        shard_size=16,
+    )
+    w = StoreWriter.create(tmp_path / "store", m)
+    table = LabelTable([], [], [], [], [], [], {"correct": []})
+    direction = torch.randn(d, generator=g)
+    for s in range(w.n_shards):
+        lo, hi = s * 16, min((s + 1) * 16, n_problems)
+        acts: dict[str, list[torch.Tensor]] = {h: [] for h in HOOKS}
+        rows: dict[str, list[int]] = {"trace": [], "position": [], "token_id": [], "segment": []}
+        for t in range(lo, hi):
+            diff = rng.uniform(0.2, 0.8)
+            y = torch.tensor([float(rng.random() < diff) for _ in range(chunks)])
+            y[0], y[1] = 0.0, 1.0  # both classes in every problem
+            acts[HOOKS[0]].append(torch.randn(chunks, d, generator=g))
+            acts[HOOKS[1]].append(torch.randn(chunks, d, generator=g) + 2.0 * (2 * y[:, None] - 1) * direction)
+            acts[HOOKS[2]].append(torch.randn(chunks, d, generator=g) + 4.0 * diff * direction)
+            for k in range(chunks):
+                rows["trace"].append(t)
+                rows["position"].append(10 + 3 * k)
+                rows["token_id"].append(0)
+                rows["segment"].append(k)
+                table.trace_id.append(ids[t])
+                table.problem.append(ids[t])
+                table.chunk.append(k)
+                table.position.append(10 + 3 * k)
+                table.share.append((k + 1) / chunks)
+                table.text.append(f"step {k}")
+                table.targets["correct"].append(float(y[k]))
+        w.write_shard(s, {h: torch.cat(v) for h, v in acts.items()}, {k: torch.tensor(v) for k, v in rows.items()})
+    w.finalize()
+    return ActivationStore.open(tmp_path / "store"), table
+
+
+@pytest.mark.parametrize("kind", ["logistic", "mlp"])
+def test_fit_finds_the_informative_layer(tmp_path, kind):
+    store, table = synthetic(tmp_path)
+    cfg = ProbeConfig(kind=kind, hidden=8, epochs=30, patience=5, batch_size=64, bootstrap=50, lr=1e-2)
+    ps = fit_probes(store, table, cfg, tmp_path / "probes")
+    r = ps.report
+    assert r["best_hook"] == HOOKS[1]
+    noise, good, diff = (r["layers"][h] for h in HOOKS)
+    assert good["auroc"] > 0.9 and good["auroc_within_problem"] > 0.9 and good["selectivity"] > 0.3
+    assert good["auroc_ci"][0] <= good["auroc"] <= good["auroc_ci"][1]
+    assert abs(noise["auroc"] - 0.5) < 0.15
+    assert diff["auroc_within_problem"] < 0.7 and diff["selectivity"] < good["selectivity"] - 0.2
+    assert set(r["baselines"]) == {"position", "bag_of_words"}
+    assert 0 <= good["ece"] <= 1 and 0 <= good["brier"] <= 1
+    test_problems = set(r["test_problems"])
+    assert test_problems and len(test_problems) < 60
+    # the artifact round-trips and predicts what the fit reported
+    again = ProbeSet.open(tmp_path / "probes")
+    p = again.predict_store(store)
+    assert p.shape == (len(store),) and ((p >= 0) & (p <= 1)).all()
+    rows = store.rows()
+    test_rows = torch.tensor([store.manifest.trace_ids[int(t)] in test_problems for t in rows["trace"]])
+    y = torch.tensor(table.targets["correct"])
+    assert metrics.auroc(p[test_rows], y[test_rows]) == pytest.approx(good["auroc"], abs=1e-6)
+
+
+def test_probeset_refuses_other_models(tmp_path):
+    store, table = synthetic(tmp_path, n_problems=20)
+    ps = fit_probes(store, table, ProbeConfig(epochs=2, bootstrap=0), tmp_path / "probes")
+    with pytest.raises(ValueError, match="width 8 given to probes of width 16"):
+        ps.predict(torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="weight hash"):
+        ps.predict(torch.zeros(3, 16), weight_hash="sha256:other")
+    with pytest.raises(KeyError, match="no probe for hook"):
+        ps.predict(torch.zeros(3, 16), hook="blocks.7.hook_resid_post")
+    with pytest.raises(ValueError, match="NaN"):
+        ps.predict(torch.full((2, 16), math.nan))
+    assert ps.predict(torch.zeros(2, 5, 16)).shape == (2, 5)
+    with pytest.raises(ArtifactError):
+        LabelTable.open(tmp_path / "probes")
+
+
+def test_fit_bad_input_writes_nothing(tmp_path):
+    store, table = synthetic(tmp_path, n_problems=20)
+    one = LabelTable(**{**table.__dict__, "targets": {"correct": [1.0] * len(table)}})
+    with pytest.raises(ValueError, match="one class only"):
+        fit_probes(store, one, ProbeConfig(), tmp_path / "p")
+    with pytest.raises(KeyError, match="no target 'safe_exit'"):
+        fit_probes(store, table, ProbeConfig(target="safe_exit"), tmp_path / "p")
+    with pytest.raises(ValueError, match="not in the store"):
+        fit_probes(store, table, ProbeConfig(hooks="hook_mlp_out"), tmp_path / "p")
+    other = LabelTable(**{**table.__dict__, "position": [p + 1 for p in table.position]})
+    with pytest.raises(ValueError, match="no store row matches"):
+        fit_probes(store, other, ProbeConfig(), tmp_path / "p")
+    with pytest.raises(ValueError, match="test_fraction"):
+        ProbeConfig(test_fraction=1.5)
+    assert not (tmp_path / "p").exists()

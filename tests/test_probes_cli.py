@@ -1,0 +1,75 @@
+"""``probe`` CLI: labels (JSONL, thought-anchors), fit, eval; user errors are one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+from test_probes import synthetic
+from typer.testing import CliRunner
+
+from probes.cli import probe_app
+from probes.labels import write_labels
+from reasonscope.traces import write_traces_jsonl
+
+from conftest import shared_data
+
+runner = CliRunner()
+
+
+def _err(result) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+def test_labels_jsonl_minimal_records(tmp_path, task_traces):
+    path = tmp_path / "t.jsonl"
+    rows = [
+        {"id": t.id, "prompt": t.prompt, "thinking": t.thinking, "answer": t.answer, "gold": t.gold}
+        for t in task_traces
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = runner.invoke(probe_app, ["labels", "--traces", str(path), "--matcher", "organism", "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["n_traces"] == len(task_traces) and s["n_chunks"] > len(task_traces)
+    assert set(s["first_correct_share"]) >= {"median", "p25", "p75", "n"} and s["first_correct_share"]["n"] > 0
+
+
+def test_labels_thought_anchors(tmp_path):
+    root = shared_data("reasoning_traces/thought_anchors_math")
+    r = runner.invoke(probe_app, ["labels", "--traces", str(root), "--json", "--out", str(tmp_path / "l")])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n_traces"] > 0 and (tmp_path / "l" / "manifest.json").exists()
+
+
+def test_labels_user_errors(tmp_path, task_traces):
+    path = tmp_path / "t.jsonl"
+    write_traces_jsonl(path, task_traces)
+    assert "--model" in _err(runner.invoke(probe_app, ["labels", "--traces", str(path), "--forced"]))
+    assert "does not exist" in _err(runner.invoke(probe_app, ["labels", "--traces", str(tmp_path / "x.jsonl")]))
+    assert "--matcher" in _err(runner.invoke(probe_app, ["labels", "--traces", str(path), "--matcher", "x"]))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "prompt": "q", "thinking": "", "answer": "1", "gold": "1"}) + "\n")
+    out = tmp_path / "l"
+    assert "no thinking" in _err(runner.invoke(probe_app, ["labels", "--traces", str(bad), "--out", str(out)]))
+    assert not out.exists()
+
+
+def test_fit_and_eval(tmp_path):
+    store, table = synthetic(tmp_path, n_problems=30)
+    write_labels(table, tmp_path / "labels", {}, {})
+    args = ["fit", "--store", str(store.path), "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "p")]
+    r = runner.invoke(probe_app, [*args, "--epochs", "5", "--lr", "0.01", "--json"])
+    assert r.exit_code == 0, r.output
+    fit = json.loads(r.stdout)
+    assert fit["correct"]["best_layer"] == 1
+    assert "already exists" in _err(runner.invoke(probe_app, args))
+    r = runner.invoke(probe_app, ["eval", "--probes", str(tmp_path / "p"), "--json"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.stdout)["correct"]
+    assert ev == fit["correct"]
+    assert set(ev) >= {"best_layer", "auroc", "auroc_within_problem", "ece", "brier", "selectivity"}
+    assert "--kind" in _err(runner.invoke(probe_app, [*args[:-1], str(tmp_path / "q"), "--kind", "svm"]))
+    assert "not a directory" in _err(runner.invoke(probe_app, ["eval", "--probes", str(tmp_path / "none")]))
