@@ -42,15 +42,32 @@ class BatchedProbe(nn.Module):
             self.w2 = nn.Parameter(torch.randn(v, n, hidden, generator=gen) / hidden**0.5)
             self.b = nn.Parameter(torch.zeros(v, n))
 
-    def standardize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean[:, None]) / self.std[:, None]
+    def _first(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """First-layer weights and bias with the standardisation folded in: ``((x - m) / s) @ w = x @ (w / s) - ...``.
+
+        Training stays in standardised coordinates (good conditioning) without materialising ``(x - m) / s``.
+        """
+        inv = 1.0 / self.std
+        if self.kind == "logistic":
+            w = self.w * inv
+            return w, self.b - (w * self.mean).sum(-1)
+        w1 = self.w1 * inv[..., None]
+        return w1, self.b1 - torch.einsum("ld,vldh->vlh", self.mean, w1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.standardize(x)
+        w, b = self._first()
         if self.kind == "logistic":
-            return torch.einsum("lnd,vld->vln", z, self.w) + self.b[..., None]
-        h = torch.relu(torch.einsum("lnd,vldh->vlnh", z, self.w1) + self.b1[:, :, None])
+            return torch.einsum("lnd,vld->vln", x, w) + b[..., None]
+        h = torch.relu(torch.einsum("lnd,vldh->vlnh", x, w) + b[:, :, None])
         return torch.einsum("vlnh,vlh->vln", h, self.w2) + self.b[..., None]
+
+    def layer_logits(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Logits ``[V, n]`` of the probes of one ``layer`` for its activations ``x`` ``[n, d]``."""
+        w, b = self._first()
+        if self.kind == "logistic":
+            return torch.einsum("nd,vd->vn", x, w[:, layer]) + b[:, layer, None]
+        h = torch.relu(torch.einsum("nd,vdh->vnh", x, w[:, layer]) + b[:, layer, None])
+        return torch.einsum("vnh,vh->vn", h, self.w2[:, layer]) + self.b[:, layer, None]
 
     def select(self, variant: int) -> dict[str, torch.Tensor]:
         """The tensors of one label variant (all layers), for saving."""

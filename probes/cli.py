@@ -150,3 +150,73 @@ def eval_cmd(
         if not p.is_dir():
             _fail(f"--probes {p} is not a directory; pass a probe_set written by `reasonscope probe fit`")
     _emit(_summary([ProbeSet.open(p) for p in probes]), as_json)
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"{option} {text!r}: give comma-separated numbers, e.g. 0.8,0.9,0.95")
+    if not values:
+        _fail(f"{option} is empty; give comma-separated numbers, e.g. 0.8,0.9,0.95")
+    return values
+
+
+@probe_app.command("monitor")
+def monitor_cmd(
+    model: str = typer.Option(..., help="Thinking model (path, hub id or organism:thinking)."),
+    probes: Optional[Path] = typer.Option(None, help="probe_set for the probe policy."),
+    traces: Optional[Path] = typer.Option(None, help="Trace JSONL whose prompts and gold answers to use."),
+    n: int = typer.Option(100, min=1, help="Organism problems (held-out seed) when no --traces."),
+    probe_thresholds: str = typer.Option("0.8,0.9,0.95", help="Probe policy thresholds (p >= t exits)."),
+    deer_thresholds: str = typer.Option("0.9,0.95", help="DEER-style thresholds (trial confidence > t exits)."),
+    deviation_thresholds: str = typer.Option("1.5,2.0", help="Deviation-index thresholds (index > t exits)."),
+    window: int = typer.Option(32, min=1, help="Deviation index window W."),
+    consecutive: int = typer.Option(1, min=1, help="Boundaries in a row above the threshold before an exit."),
+    min_think: int = typer.Option(0, min=0, help="Thinking tokens before any exit."),
+    temperature: float = typer.Option(0.0, min=0.0),
+    max_new_tokens: int = typer.Option(640, min=1),
+    grader: str = typer.Option("organism", help="organism | gsm8k | math."),
+    as_json: bool = typer.Option(False, "--json", help="Print {policy: {accuracy, think_tokens, saved_fraction}}."),
+) -> None:
+    """Early exit during generation: tokens saved vs accuracy for probe, DEER-style and deviation policies."""
+    from reasonscope.traces import GRADERS
+
+    from .monitor import MonitorConfig, Policy, sweep
+
+    grader = _choice(grader, tuple(GRADERS), "--grader")
+    thresholds: dict[Policy, list[float]] = {
+        "deer": _floats(deer_thresholds, "--deer-thresholds"),
+        "deviation": _floats(deviation_thresholds, "--deviation-thresholds"),
+    }
+    if probes is not None:
+        if not probes.is_dir():
+            _fail(f"--probes {probes} is not a directory; pass a probe_set written by `reasonscope probe fit`")
+        thresholds["probe"] = _floats(probe_thresholds, "--probe-thresholds")
+    cfg = MonitorConfig(
+        window=window,
+        consecutive=consecutive,
+        min_think=min_think,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        grader=grader,
+    )
+    rows = _traces(traces) if traces is not None else None
+    if rows is not None and any(t.gold is None for t in rows):
+        _fail(f"--traces {traces}: every record needs a 'gold' answer to grade the monitored answers")
+    _model_geometry(model)
+    from reasonscope.models import load_model
+
+    from .probeset import ProbeSet
+
+    ps = ProbeSet.open(probes) if probes is not None else None
+    handle = load_model(model)
+    if rows is not None:
+        prompts, golds = [t.prompt for t in rows], [str(t.gold) for t in rows]
+    else:
+        from reasonscope.organisms import task
+        from reasonscope.organisms.evaluate import EVAL_SEED
+
+        problems = task.problems(n, EVAL_SEED)
+        prompts, golds = [handle.chat_prompt(p.question) for p in problems], [str(p.answer) for p in problems]
+    _emit(sweep(handle, prompts, golds, thresholds, cfg, ps), as_json)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -41,28 +41,37 @@ CUE_WORDS = ("wait", "hmm", "alternatively")
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    """One policy at one threshold; ``min_think`` thinking tokens come before any exit."""
+    """One policy at one threshold; ``min_think`` thinking tokens come before any exit.
+
+    ``consecutive``: the probe and deviation policies exit once this many boundaries in a row crossed the
+    threshold (probes.md §2.5). ``boundaries``: a token whose text (trailing spaces removed) ends with one of
+    these ends a segment.
+    """
 
     policy: Policy = "none"
     threshold: float = 0.9
     window: int = 32
     min_think: int = 0
+    consecutive: int = 1
     max_new_tokens: int = 640
     batch_size: int = 32
     temperature: float = 0.0  # > 0: sampled; each request's stream is fixed by (seed, request, step) across policies
     seed: int = 0
     trial_tokens: int = 4
     grader: str = "organism"
+    boundaries: tuple[str, ...] = BOUNDARY_CHARS
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        for name in ("window", "max_new_tokens", "batch_size", "trial_tokens"):
+        for name in ("window", "consecutive", "max_new_tokens", "batch_size", "trial_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.min_think < 0 or self.temperature < 0 or not math.isfinite(self.threshold):
             raise ValueError("min_think and temperature must be >= 0 and threshold a finite number")
+        if not self.boundaries or not all(isinstance(b, str) and b for b in self.boundaries):
+            raise ValueError(f"boundaries must be non-empty strings, got {self.boundaries!r}")
         if self.grader not in GRADERS:
             raise ValueError(f"grader must be one of {sorted(GRADERS)}, got {self.grader!r}")
 
@@ -77,11 +86,11 @@ class Outcome:
     correct: bool
 
 
-def _token_sets(handle: ModelHandle) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[vocab]`` bool masks: tokens ending a sentence, and tokens that are a cue word."""
+def token_sets(handle: ModelHandle, boundaries: tuple[str, ...] = BOUNDARY_CHARS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[vocab]`` bool masks: tokens ending a segment, and tokens that are a cue word."""
     tok = handle.tokenizer
     texts = [tok.decode([i]) for i in range(len(tok))]
-    boundary = torch.tensor([t.rstrip(" ").endswith(BOUNDARY_CHARS) for t in texts])
+    boundary = torch.tensor([t.rstrip(" ").endswith(boundaries) for t in texts])
     cue = torch.tensor([t.strip().strip(",.").lower() in CUE_WORDS for t in texts])
     return boundary, cue
 
@@ -99,6 +108,7 @@ class _State:
     ent_sum: list[float] = field(default_factory=list)
     ent_n: list[int] = field(default_factory=list)
     recent: list[deque[float]] = field(default_factory=list)
+    streak: list[int] = field(default_factory=list)
     resid: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -106,6 +116,7 @@ class _State:
         self.seq = [[] for _ in range(self.n)]
         self.ent_sum, self.ent_n = [0.0] * self.n, [0] * self.n
         self.recent = [deque(maxlen=self.window) for _ in range(self.n)]
+        self.streak = [0] * self.n
 
 
 class _Monitor:
@@ -117,7 +128,7 @@ class _Monitor:
         if end is None:
             raise ValueError("the model's vocabulary has no </think> token; the monitor needs a thinking model")
         self.end_id: int = end
-        self.boundary, self.cue = _token_sets(handle)
+        self.boundary, self.cue = token_sets(handle, cfg.boundaries)
         self.state = _State(len(prompts), cfg.window)
 
     def hooks(self) -> dict[str, Any]:
@@ -150,14 +161,15 @@ class _Monitor:
                 continue
             if cfg.policy == "probe" and at_boundary:
                 assert self.probes is not None and st.resid is not None
-                if float(self.probes.predict(st.resid[r])) >= cfg.threshold:
-                    exit_rows.append(r)
+                hit = float(self.probes.predict(st.resid[r])) >= cfg.threshold
+                st.streak[q] = st.streak[q] + 1 if hit else 0
             elif cfg.policy == "deviation" and at_boundary and st.ent_n[q] >= cfg.window:
                 rpdi = (sum(st.recent[q]) / cfg.window) / max(st.ent_sum[q] / st.ent_n[q], 1e-12)
-                if rpdi > cfg.threshold:
-                    exit_rows.append(r)
+                st.streak[q] = st.streak[q] + 1 if rpdi > cfg.threshold else 0
             elif cfg.policy == "deer" and bool(self.cue[chosen[r]]):
                 deer_rows.append(r)
+            if st.streak[q] >= cfg.consecutive:
+                exit_rows.append(r)
         if deer_rows:
             conf = self._trial_confidence([rows[r] for r in deer_rows])
             exit_rows += [r for r, c in zip(deer_rows, conf) if c > cfg.threshold]
@@ -243,7 +255,7 @@ def sweep(
     handle: ModelHandle,
     prompts: Sequence[str],
     golds: Sequence[str],
-    thresholds: dict[Policy, Sequence[float]],
+    thresholds: Mapping[Policy, Sequence[float]],
     base: MonitorConfig = MonitorConfig(),
     probes: ProbeSet | None = None,
 ) -> dict[str, dict[str, float]]:

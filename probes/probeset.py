@@ -98,12 +98,9 @@ class ProbeSet:
             self.check_model(weight_hash)
         if not bool(torch.isfinite(x).all()):
             raise ValueError("activations hold NaN/inf; recapture them (e.g. in float32)")
-        i = self.hooks.index(hook)
         flat = x.reshape(-1, x.shape[-1]).to(self.probe.mean)
-        xs = torch.zeros(len(self.hooks), flat.shape[0], self.width, dtype=flat.dtype, device=flat.device)
-        xs[i] = flat
         with torch.no_grad():
-            return torch.sigmoid(self.probe(xs)[0, i]).reshape(x.shape[:-1])
+            return torch.sigmoid(self.probe.layer_logits(flat, self.hooks.index(hook))[0]).reshape(x.shape[:-1])
 
     def predict_store(self, store: ActivationStore, hook: str | None = None) -> torch.Tensor:
         """Probabilities for every row of ``store`` (after checking it comes from the same model)."""

@@ -76,13 +76,19 @@ def standardize(probe: BatchedProbe, stream: Batches, train: torch.Tensor, devic
     probe.std.copy_((var.sqrt() + 1e-6).float())
 
 
-def predict(probe: BatchedProbe, stream: Batches, m: int, device: torch.device) -> torch.Tensor:
-    """Probabilities ``[V, L, M]`` for every labelled row."""
+def predict(
+    probe: BatchedProbe, stream: Batches, m: int, device: torch.device, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Probabilities ``[V, L, M]`` for every labelled row (only where ``rows`` is True when given; 0 elsewhere)."""
     v, n = probe.b.shape
     out = torch.zeros(v, n, m)
     with torch.no_grad():
         for idx, x in stream:
-            out[:, :, idx] = torch.sigmoid(probe(x.to(device))).cpu()
+            if rows is not None:
+                keep = rows[idx]
+                idx, x = idx[keep], x[:, keep]
+            if len(idx):
+                out[:, :, idx] = torch.sigmoid(probe(x.to(device))).cpu()
     return out
 
 
@@ -116,7 +122,7 @@ def train(probe: BatchedProbe, stream: Batches, data: Labelled, cfg: ProbeConfig
                 opt.zero_grad()
                 loss.mean(-1).sum().backward()
                 opt.step()
-        p = predict(probe, stream, len(data.y), device)[:, :, val].clamp(1e-7, 1 - 1e-7)
+        p = predict(probe, stream, len(data.y), device, val)[:, :, val].clamp(1e-7, 1 - 1e-7)
         yv = ys[:, val][:, None].expand_as(p)
         vloss = -(yv * p.log() + (1 - yv) * (1 - p).log()).mean(-1)
         better = vloss < best - 1e-5

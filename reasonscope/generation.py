@@ -105,18 +105,19 @@ class SlotCache(Cache):
                 buf.append(x.new_zeros(self.slots, x.shape[1], self.capacity, x.shape[3]))  # zeros: never NaN
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if self._slots is not None:
-            n = key_states.shape[2]
-            k[self._slots, :, :n] = key_states
-            v[self._slots, :, :n] = value_states
+            n, slots = key_states.shape[2], self._slots.to(k.device)  # a no-op unless layers span devices
+            k[slots, :, :n] = key_states
+            v[slots, :, :n] = value_states
             return key_states, value_states
-        k[self._rows, :, self._positions] = key_states[:, :, 0]
-        v[self._rows, :, self._positions] = value_states[:, :, 0]
+        rows, positions = self._rows.to(k.device), self._positions.to(k.device)  # type: ignore[union-attr]
+        k[rows, :, positions] = key_states[:, :, 0]
+        v[rows, :, positions] = value_states[:, :, 0]
         return k[:, :, : self._length], v[:, :, : self._length]
 
     def keep(self, slots: torch.Tensor) -> None:
         """Drop every slot not in ``slots`` (renumbered in that order)."""
-        self.keys = [k[slots] for k in self.keys]
-        self.values = [v[slots] for v in self.values]
+        self.keys = [k[slots.to(k.device)] for k in self.keys]
+        self.values = [v[slots.to(v.device)] for v in self.values]
         self.slots, self._rows = len(slots), None
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
@@ -389,5 +390,6 @@ def generate(
     if not ids:
         return []
     g = handle.geometry
-    with torch.inference_mode(), attach(handle.model, dict(hooks or {}), g.n_layers, g.n_heads):
+    # no_grad rather than inference_mode: tensors that hooks keep stay usable in autograd later (probe training)
+    with torch.no_grad(), attach(handle.model, dict(hooks or {}), g.n_layers, g.n_heads):
         return _Engine(handle, ids, cfg, on_token, progress).run()

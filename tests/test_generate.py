@@ -41,12 +41,15 @@ def test_split_generation_markers_and_truncation(tiny_handle):
     assert opened_by_model["thinking"] == "a=3." and opened_by_model["truncated"] is False
 
 
-def test_progress_and_stop_strings(tiny_handle, capsys):
-    prompts = [tiny_handle.chat_prompt(q) for q in ("a=3. what is a?", "e=2, f=1. what is e + f?")]
-    full = generate_traces(tiny_handle, prompts, GenerationConfig(max_new_tokens=12), progress=True)
+def test_progress_and_stop_strings(tiny_model_dir, capsys):
+    from test_generation import varied_model
+
+    h = varied_model(tiny_model_dir)
+    prompts = [h.chat_prompt(q) for q in ("given a3. what is a?", "given e2, f1. what is e + f?")]
+    full = generate_traces(h, prompts, GenerationConfig(max_new_tokens=16), progress=True)
     err = capsys.readouterr().err
     assert "generate" in err and "2/2" in err  # a bar over finished traces
-    assert len(full[0].thinking) > 8
-    stop = full[0].thinking[:4]
-    cut = generate_traces(tiny_handle, prompts, GenerationConfig(max_new_tokens=12, stop=(stop,)))
-    assert cut[0].thinking.startswith(stop) and len(cut[0].thinking) < len(full[0].thinking) and cut[0].truncated
+    text = full[0].thinking
+    stop = next(text[i : i + 3] for i in range(4, len(text) - 3) if text[i : i + 3].isalnum())
+    cut = generate_traces(h, prompts, GenerationConfig(max_new_tokens=16, stop=(stop,)))
+    assert stop in cut[0].thinking and len(cut[0].thinking) < len(text) and cut[0].truncated

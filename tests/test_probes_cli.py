@@ -73,3 +73,16 @@ def test_fit_and_eval(tmp_path):
     assert set(ev) >= {"best_layer", "auroc", "auroc_within_problem", "ece", "brier", "selectivity"}
     assert "--kind" in _err(runner.invoke(probe_app, [*args[:-1], str(tmp_path / "q"), "--kind", "svm"]))
     assert "not a directory" in _err(runner.invoke(probe_app, ["eval", "--probes", str(tmp_path / "none")]))
+
+
+def test_monitor_cli(tiny_model_dir, tmp_path):
+    args = ["monitor", "--model", str(tiny_model_dir), "--n", "3", "--max-new-tokens", "6"]
+    r = runner.invoke(probe_app, [*args, "--deer-thresholds", "0.9", "--deviation-thresholds", "1e9", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert set(res) == {"none", "deer@0.9", "deviation@1e+09"}
+    assert all(set(v) >= {"accuracy", "think_tokens", "saved_fraction"} for v in res.values())
+    assert "--deer-thresholds" in _err(runner.invoke(probe_app, [*args, "--deer-thresholds", "high"]))
+    assert "--probes" in _err(runner.invoke(probe_app, [*args, "--probes", str(tmp_path / "none")]))
+    r = runner.invoke(probe_app, ["monitor", "--model", str(tmp_path / "nomodel")])  # core lists what it tried
+    assert r.exit_code == 2 and r.stderr.startswith("error: --model")

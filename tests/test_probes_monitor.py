@@ -1,0 +1,118 @@
+"""Online monitor on the generation engine: tiny random model (fast) and the thinking organism end to end (slow)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from test_probes import synthetic
+
+from probes.fit import ProbeConfig, fit_probes
+from probes.labels import LabelConfig, label_traces
+from probes.monitor import MonitorConfig, run_monitor, sweep, token_sets
+from reasonscope.capture import CaptureConfig, capture
+
+from conftest import organisms
+
+
+@pytest.fixture(scope="module")
+def tiny_probes(tiny_handle, task_traces, tmp_path_factory):
+    d = tmp_path_factory.mktemp("probes")
+    table = label_traces(task_traces, LabelConfig(matcher="organism"), d / "labels", tokenizer=tiny_handle.tokenizer)
+    store = capture(
+        tiny_handle, task_traces, CaptureConfig(hooks="hook_resid_post", positions="segment_ends"), d / "store"
+    )
+    cfg = ProbeConfig(target="after_first_correct", epochs=2, bootstrap=0, test_fraction=0.25, val_fraction=0.25)
+    return fit_probes(store, table, cfg, d / "p")
+
+
+def _prompts(handle, n=6):
+    from reasonscope.organisms import task
+
+    ps = task.problems(n, seed=3)
+    return [handle.chat_prompt(p.question) for p in ps], [str(p.answer) for p in ps]
+
+
+def _free(handle, prompts, n):
+    from reasonscope.generation import DecodeConfig, generate
+
+    ids = [handle.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return [c.token_ids for c in generate(handle, ids, DecodeConfig(max_new_tokens=n, batch_size=4))]
+
+
+def test_probe_policy_exits_at_boundaries(tiny_handle, tiny_probes):
+    prompts, golds = _prompts(tiny_handle)
+    free = _free(tiny_handle, prompts, 24)
+    # a random model writes no sentence ends: use the last character of a token it does write as the boundary
+    text = tiny_handle.tokenizer.decode([free[0][5]]).rstrip(" ")
+    base = MonitorConfig(max_new_tokens=24, batch_size=4, boundaries=(text[-1],), min_think=3)
+    boundary, _ = token_sets(tiny_handle, base.boundaries)
+    ref = run_monitor(tiny_handle, prompts, golds, base)
+    assert [o.think_tokens for o in ref] == [len(c) for c in free]  # never closes </think> on its own
+    never = run_monitor(tiny_handle, prompts, golds, replace(base, policy="probe", threshold=2.0), tiny_probes)
+    assert [o.think_tokens for o in never] == [o.think_tokens for o in ref] and not any(o.exited for o in never)
+    always = run_monitor(tiny_handle, prompts, golds, replace(base, policy="probe", threshold=0.0), tiny_probes)
+    assert always[0].exited
+    for o, ids in zip(always, free):
+        # the first boundary token at index >= min_think - 1 is followed by a forced </think>
+        first = next((i for i in range(base.min_think - 1, len(ids) - 1) if bool(boundary[ids[i]])), None)
+        assert o.exited == (first is not None)
+        if first is not None:
+            assert o.think_tokens == first + 1
+    two = run_monitor(
+        tiny_handle, prompts, golds, replace(base, policy="probe", threshold=0.0, consecutive=2), tiny_probes
+    )
+    for o, ids in zip(two, free):
+        hits = [i for i in range(base.min_think - 1, len(ids) - 1) if bool(boundary[ids[i]])]
+        assert o.exited == (len(hits) >= 2)
+        if len(hits) >= 2:
+            assert o.think_tokens == hits[1] + 1
+
+
+def test_deviation_policy_and_sweep(tiny_handle):
+    prompts, golds = _prompts(tiny_handle, 4)
+    free = _free(tiny_handle, prompts, 20)
+    text = tiny_handle.tokenizer.decode([free[0][6]]).rstrip(" ")
+    base = MonitorConfig(max_new_tokens=20, batch_size=4, window=2, boundaries=(text[-1],))
+    res = sweep(tiny_handle, prompts, golds, {"deviation": [1e9, 0.0]}, base)
+    assert set(res) == {"none", "deviation@1e+09", "deviation@0"}
+    assert res["deviation@1e+09"] == res["none"] and res["none"]["saved_fraction"] == 0.0
+    assert res["deviation@0"]["exited"] > 0 and res["deviation@0"]["saved_fraction"] > 0
+    assert set(res["none"]) >= {"accuracy", "think_tokens", "saved_fraction"}
+
+
+def test_monitor_refuses_probes_of_another_model(tiny_handle, tmp_path):
+    store, table = synthetic(tmp_path, n_problems=12)
+    ps = fit_probes(store, table, ProbeConfig(epochs=1, bootstrap=0), tmp_path / "p")
+    prompts, golds = _prompts(tiny_handle, 2)
+    with pytest.raises(ValueError, match="width"):
+        run_monitor(tiny_handle, prompts, golds, MonitorConfig(policy="probe"), ps)
+    with pytest.raises(ValueError, match="needs fitted probes"):
+        run_monitor(tiny_handle, prompts, golds, MonitorConfig(policy="probe"))
+    with pytest.raises(ValueError, match="policy"):
+        MonitorConfig(policy="sometimes")  # type: ignore[arg-type]
+
+
+@organisms
+def test_organism_end_to_end(tmp_path):
+    """Sampled traces -> labels (forced answers) -> capture -> probes -> monitor, on the thinking organism."""
+    from reasonscope.models import load_model
+    from reasonscope.organisms import task
+    from reasonscope.organisms.evaluate import EvalConfig, organism_traces
+
+    h = load_model("organism:thinking")
+    traces = organism_traces(h, task.problems(160, seed=123), 1.0, EvalConfig(batch_size=64), seed=7)
+    traces = [t for t in traces if t.think_span and t.thinking.strip()]
+    cfg = LabelConfig(matcher="organism", forced=True, forced_max_new_tokens=3)
+    table = label_traces(traces, cfg, tmp_path / "labels", handle=h)
+    assert table.summary()["first_correct_share"]["n"] > 0.5 * len(traces)
+    store = capture(h, traces, CaptureConfig(hooks="hook_resid_post", positions="segment_ends"), tmp_path / "store")
+    ps = fit_probes(store, table, ProbeConfig(target="correct", lr=3e-3, batch_size=256, bootstrap=50), tmp_path / "p")
+    best = ps.report["best"]
+    assert best["auroc_within_problem"] > 0.7 and best["selectivity"] > 0
+    assert best["auroc"] > ps.report["baselines"]["bag_of_words"]["auroc"]
+    ev = task.problems(40, seed=999)
+    prompts, golds = [h.chat_prompt(p.question) for p in ev], [str(p.answer) for p in ev]
+    res = sweep(h, prompts, golds, {"probe": [0.5, 1.5], "deer": [0.9]}, MonitorConfig(batch_size=40), ps)
+    assert res["probe@1.5"] == res["none"]
+    assert res["probe@0.5"]["saved_fraction"] > 0 and res["probe@0.5"]["exited"] > 0
