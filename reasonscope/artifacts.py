@@ -55,10 +55,14 @@ TMP_SUFFIX = ".tmp"
 # every artifact kind and the one format version this reasonscope reads and writes (add new stages here)
 ARTIFACT_FORMATS: dict[str, int] = {
     "activation_store": 2,
+    "emergent_heads": 1,
+    "head_map": 1,
+    "heads_eval": 1,
     "organism": 1,
     "probe_labels": 1,
     "probe_set": 1,
     "saelens_activations": 1,
+    "steering_vector": 1,
 }
 Check = Literal["size", "hash"]
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, Optional, TypeVar
 import typer
 from typer.core import TyperGroup
 
+from .heads.cli import heads_app
+
 if TYPE_CHECKING:  # pragma: no cover
     from typer._click.core import Context  # the click Context that typer vendors
 
@@ -61,6 +63,7 @@ organism_app = typer.Typer(no_args_is_help=True, help="Train and evaluate the mo
 traces_app = typer.Typer(no_args_is_help=True, help="Generate and grade reasoning traces.")
 app.add_typer(organism_app, name="organism")
 app.add_typer(traces_app, name="traces")
+app.add_typer(heads_app, name="heads")
 
 
 @app.callback()

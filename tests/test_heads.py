@@ -59,8 +59,11 @@ def test_bad_gates_refused(tiny_handle):
         pass
     with pytest.raises(ValueError, match="outside"), gated_attention(tiny_handle, torch.full((2, 2), 1.5)):
         pass
-    with gated_attention(tiny_handle, torch.ones(2, 2)), pytest.raises(RuntimeError, match="already installed"), \
-            gated_attention(tiny_handle, torch.ones(2, 2)):
+    with (
+        gated_attention(tiny_handle, torch.ones(2, 2)),
+        pytest.raises(RuntimeError, match="already installed"),
+        gated_attention(tiny_handle, torch.ones(2, 2)),
+    ):
         pass
 
 
@@ -130,11 +133,15 @@ def test_physical_cache_equals_mask_simulation(tiny_handle, batch, prefill):
 
 def test_physical_cache_refuses_padding_and_bad_mask(tiny_handle, batch):
     ids, mask = batch
-    with pytest.raises(ValueError, match=r"needs \[2, 2\]"), \
-            compressed_cache(tiny_handle, torch.ones(2, 3, dtype=torch.bool), POLICY):
+    with (
+        pytest.raises(ValueError, match=r"needs \[2, 2\]"),
+        compressed_cache(tiny_handle, torch.ones(2, 3, dtype=torch.bool), POLICY),
+    ):
         pass
-    with compressed_cache(tiny_handle, torch.tensor([[True, False], [True, True]]), POLICY) as (cache, _), \
-            pytest.raises(ValueError, match="unpadded rows"):
+    with (
+        compressed_cache(tiny_handle, torch.tensor([[True, False], [True, True]]), POLICY) as (cache, _),
+        pytest.raises(ValueError, match="unpadded rows"),
+    ):
         tiny_handle.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
 
 
@@ -152,3 +159,57 @@ def test_backends_agree(tiny_model_dir, tiny_handle, batch, backend):
             outs.append(gated_run(h, state, ids, mask))
     assert (outs[0] - outs[1])[mask.bool()].abs().max() < 1e-4
     assert (other.run(ids, mask) - tiny_handle.run(ids, mask))[mask.bool()].abs().max() < 1e-4
+
+
+def _step_logits(handle, prompts, alpha, policy, per_request):
+    """Per request, the logits of every decode step of a greedy generation under ``alpha``."""
+    from reasonscope.generation import DecodeConfig, generate
+
+    seen: dict[int, list[torch.Tensor]] = {}
+
+    def on_token(batch, tokens, logits):
+        for row, req in enumerate(batch.rows.tolist()):
+            if req >= 0:
+                seen.setdefault(req, []).append(logits[row])
+
+    with gated_attention(handle, alpha, policy, per_request=per_request):
+        generate(handle, prompts, DecodeConfig(max_new_tokens=20, batch_size=2), on_token=on_token)
+    return [torch.stack(seen[i]) for i in range(len(prompts))]
+
+
+def test_per_request_gates_in_generation_equal_separate_calls(tiny_handle):
+    """Gate sets per request through the generation engine equal one call per gate set."""
+    from reasonscope.generation import DecodeConfig
+    from reasonscope.heads.rollout import gated_rollouts
+    from reasonscope.organisms import task
+
+    probs = task.problems(3, seed=3, levels=(2,))
+    prompts = [tiny_handle.chat_prompt(p.question) for p in probs]
+    policy = CompressionPolicy(sink=2, recent=3)
+    gates = torch.stack([torch.ones(2, 2), torch.zeros(2, 2), torch.tensor([[1.0, 0.0], [0.0, 1.0]])])
+    together = _step_logits(tiny_handle, prompts * 3, gates.repeat_interleave(3, 0), policy, True)
+    for k, a in enumerate(gates):
+        alone = _step_logits(tiny_handle, prompts, a, policy, False)
+        for i in range(3):
+            assert (alone[i] - together[3 * k + i]).abs().max() < 1e-4
+    assert (together[0] - together[3]).abs().max() > 1e-3  # the window is felt
+    with (
+        pytest.raises(ValueError, match="per-request gates need"),
+        gated_attention(tiny_handle, gates[0], policy, per_request=True),
+    ):
+        pass
+
+    cfg = DecodeConfig(max_new_tokens=16, batch_size=2)
+    rolled, _ = gated_rollouts(
+        tiny_handle,
+        prompts * 2,
+        gates[:2].repeat_interleave(3, 0),
+        policy,
+        cfg,
+        golds=[str(p.answer) for p in probs] * 2,
+    )
+    alone, _ = gated_rollouts(tiny_handle, prompts, gates[1], policy, cfg)
+    assert [r.token_ids for r in alone] == [r.token_ids for r in rolled[3:]]
+    assert all(r.grade is not None for r in rolled) and all(r.think_span is not None for r in rolled)
+    with pytest.raises(ValueError, match="gate sets for"):
+        gated_rollouts(tiny_handle, prompts, gates[:2], policy, cfg)

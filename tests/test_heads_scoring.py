@@ -38,8 +38,9 @@ def own_traces(tiny_handle):
     from reasonscope.traces.generate import GenerationConfig, generate_traces
 
     probs = task.problems(4, seed=1, levels=(2,))
-    traces = generate_traces(tiny_handle, [tiny_handle.chat_prompt(p.question) for p in probs],
-                             GenerationConfig(max_new_tokens=40))
+    traces = generate_traces(
+        tiny_handle, [tiny_handle.chat_prompt(p.question) for p in probs], GenerationConfig(max_new_tokens=40)
+    )
     for t in traces:
         t.grade = True
     return traces
@@ -70,9 +71,10 @@ def test_windowing_scores_equal_one_head_at_a_time(tiny_handle, batches):
     alpha[1, 0] = 0
     kl = token_kl(base, gated_logits(tiny_handle, batch, alpha, POLICY).detach(), batch.scored)
     total = sum(int(b.scored.sum()) for b in batches)
-    rest = sum(token_kl(base_b, gated_logits(tiny_handle, b, alpha, POLICY).detach(), b.scored).sum()
-               for b, base_b in [(b, gated_logits(tiny_handle, b, torch.ones(2, 2), POLICY).detach())
-                                 for b in batches[1:]])
+    rest = sum(
+        token_kl(base_b, gated_logits(tiny_handle, b, alpha, POLICY).detach(), b.scored).sum()
+        for b, base_b in [(b, gated_logits(tiny_handle, b, torch.ones(2, 2), POLICY).detach()) for b in batches[1:]]
+    )
     assert torch.isclose(scores[1, 0], (kl.sum() + rest) / total, rtol=1e-4)
 
 
@@ -102,7 +104,7 @@ def test_operand_reads_point_at_definitions(tiny_handle, task_traces):
     for r in reads:
         var = tok.decode([t.token_ids[r.query]]).strip()
         definition = tok.decode([t.token_ids[k] for k in r.keys]).strip()
-        assert r.query >= t.think_span[0] and definition.startswith(var) and definition[len(var):].isdigit()
+        assert r.query >= t.think_span[0] and definition.startswith(var) and definition[len(var) :].isdigit()
     kv, per_q = retrieval_scores(tiny_handle, task_traces[:3])
     assert kv.shape == (2, 2) and per_q.shape == (2, 4)
     assert torch.equal(kv, per_q.view(2, 2, 2).amax(-1)) and ((per_q >= 0) & (per_q <= 1)).all()
@@ -122,12 +124,13 @@ def test_teacher_forced_accuracy_and_exhaustive(tiny_handle, own_traces):
 
 def test_rlkv_pieces():
     r = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    assert torch.allclose(advantages(r, torch.tensor([0, 0, 1, 1]), "group"), torch.tensor([1.0, -1.0, 0.0, 0.0]),
-                          atol=1e-4)
+    assert torch.allclose(
+        advantages(r, torch.tensor([0, 0, 1, 1]), "group"), torch.tensor([1.0, -1.0, 0.0, 0.0]), atol=1e-4
+    )
     assert abs(float(advantages(r, torch.zeros(4), "batch").mean())) < 1e-6
     a = torch.ones(2, 2)
     assert float(sparsity_penalty(a, 0.4, 1.0, 0.5)) == 0.0
-    assert abs(float(sparsity_penalty(a, 0.8, 1.0, 0.5)) - (2.718281828 ** 0.8 - 1)) < 1e-5
+    assert abs(float(sparsity_penalty(a, 0.8, 1.0, 0.5)) - (2.718281828**0.8 - 1)) < 1e-5
     with pytest.raises(ValueError, match="adv_norm"):
         RLKVConfig(adv_norm="token")  # type: ignore[arg-type]
 
@@ -140,8 +143,13 @@ def test_rlkv_runs_and_refuses_unsolved(tiny_handle, task_traces):
         t.grade = True
     log: list[dict] = []
     try:
-        alpha = rlkv_scores(tiny_handle, solved, CompressionPolicy(sink=2, recent=4),
-                            RLKVConfig(steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=16), log=log)
+        alpha = rlkv_scores(
+            tiny_handle,
+            solved,
+            CompressionPolicy(sink=2, recent=4),
+            RLKVConfig(steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=16),
+            log=log,
+        )
     finally:
         for t in solved:
             t.grade = None
@@ -192,13 +200,22 @@ def test_organism_reads_operands_through_a_few_heads():
 
     h = load_model("organism:thinking")
     probs = task.problems(12, seed=7, levels=(3, 4))
-    traces = generate_traces(h, [h.chat_prompt(p.question) for p in probs], GenerationConfig(max_new_tokens=300),
-                             golds=[str(p.answer) for p in probs], grader="organism")
+    traces = generate_traces(
+        h,
+        [h.chat_prompt(p.question) for p in probs],
+        GenerationConfig(max_new_tokens=300),
+        golds=[str(p.answer) for p in probs],
+        grader="organism",
+    )
     policy = CompressionPolicy(sink=4, recent=12)
     batches = trace_batches(h, traces, policy)
     g = h.geometry
-    masks = torch.stack([torch.ones(g.n_layers, g.n_kv_heads, dtype=torch.bool),
-                         torch.zeros(g.n_layers, g.n_kv_heads, dtype=torch.bool)])
+    masks = torch.stack(
+        [
+            torch.ones(g.n_layers, g.n_kv_heads, dtype=torch.bool),
+            torch.zeros(g.n_layers, g.n_kv_heads, dtype=torch.bool),
+        ]
+    )
     acc = teacher_forced_accuracy(h, batches, masks, policy)
     assert float(acc[0]) == pytest.approx(sum(bool(t.grade) for t in traces) / len(traces))
     assert acc[1] < acc[0]

@@ -15,8 +15,9 @@ from .select import n_full_heads
 
 
 @torch.no_grad()
-def teacher_forced_accuracy(handle: Any, batches: Sequence[TraceBatch], full_masks: torch.Tensor,
-                            policy: CompressionPolicy) -> torch.Tensor:
+def teacher_forced_accuracy(
+    handle: Any, batches: Sequence[TraceBatch], full_masks: torch.Tensor, policy: CompressionPolicy
+) -> torch.Tensor:
     """Per selection ``[k, L, H_kv]``: fraction of traces that are correct and whose every generated token is
     still the argmax under the compression (so greedy decoding would reproduce the same correct answer)."""
     k = full_masks.shape[0]
@@ -35,16 +36,24 @@ def teacher_forced_accuracy(handle: Any, batches: Sequence[TraceBatch], full_mas
     return hits / max(n, 1)
 
 
-def exhaustive_best(handle: Any, batches: Sequence[TraceBatch], sparsity: float, policy: CompressionPolicy,
-                    max_subsets: int = 5000, chunk: int = 16) -> tuple[torch.Tensor, float]:
+def exhaustive_best(
+    handle: Any,
+    batches: Sequence[TraceBatch],
+    sparsity: float,
+    policy: CompressionPolicy,
+    max_subsets: int = 5000,
+    chunk: int = 16,
+) -> tuple[torch.Tensor, float]:
     """Try every set of full heads at ``sparsity``; returns the best mask and its teacher-forced accuracy."""
     g = handle.geometry
     n = g.n_layers * g.n_kv_heads
     k = n_full_heads(n, sparsity)
     subsets = list(itertools.combinations(range(n), k))
     if len(subsets) > max_subsets:
-        raise ValueError(f"{len(subsets)} subsets of {n} heads at sparsity {sparsity}; exhaustive search is for small "
-                         f"models (raise max_subsets to {len(subsets)} to force it)")
+        raise ValueError(
+            f"{len(subsets)} subsets of {n} heads at sparsity {sparsity}; exhaustive search is for small "
+            f"models (raise max_subsets to {len(subsets)} to force it)"
+        )
     best, best_acc = None, -1.0
     for lo in range(0, len(subsets), chunk):
         masks = torch.zeros(len(subsets[lo : lo + chunk]), n, dtype=torch.bool)
@@ -55,4 +64,6 @@ def exhaustive_best(handle: Any, batches: Sequence[TraceBatch], sparsity: float,
         i = int(acc.argmax())
         if float(acc[i]) > best_acc:
             best, best_acc = masks[i], float(acc[i])
+    if best is None:
+        raise ValueError("no subset was tried; pass at least one batch of traces")
     return best, best_acc

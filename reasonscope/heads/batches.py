@@ -28,12 +28,14 @@ class TraceBatch:
     def replicate(self, k: int) -> TraceBatch:
         """The batch repeated ``k`` times along rows (for one gate pattern per copy)."""
         rep = lambda t: t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
-        return TraceBatch(rep(self.input_ids), rep(self.attention_mask), rep(self.prefill_lengths), rep(self.scored),
-                          self.traces * k)
+        return TraceBatch(
+            rep(self.input_ids), rep(self.attention_mask), rep(self.prefill_lengths), rep(self.scored), self.traces * k
+        )
 
 
-def trace_batches(handle: Any, traces: Sequence[Any], policy: CompressionPolicy,
-                  batch_size: int = 16) -> list[TraceBatch]:
+def trace_batches(
+    handle: Any, traces: Sequence[Any], policy: CompressionPolicy, batch_size: int = 16
+) -> list[TraceBatch]:
     """Length-sorted teacher-forced batches of traces that have a think span; refuses a window covering them all."""
     usable = [t for t in traces if t.think_span is not None and t.token_ids]
     if not usable:
@@ -49,8 +51,8 @@ def trace_batches(handle: Any, traces: Sequence[Any], policy: CompressionPolicy,
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for r, t in enumerate(chunk):
-            ids[r, width - len(t.token_ids):] = torch.tensor(t.token_ids)
-            mask[r, width - len(t.token_ids):] = 1
+            ids[r, width - len(t.token_ids) :] = torch.tensor(t.token_ids)
+            mask[r, width - len(t.token_ids) :] = 1
         prefill = torch.tensor([t.think_span[0] for t in chunk])
         rank = mask.cumsum(-1) - 1
         n = mask.sum(-1, keepdim=True)

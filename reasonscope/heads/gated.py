@@ -39,12 +39,15 @@ class GateState:
     ``alpha``: gates ``[L, H_kv]`` or per row ``[batch, L, H_kv]`` in [0, 1] (1 = full attention).
     ``prefill_lengths``: ``[batch]`` real prompt tokens per row; queries at or after it are windowed.
     ``record``: keep each layer's full-attention pattern ``[batch, H, q, k]`` in ``patterns``.
+    ``per_request``: ``alpha`` is ``[requests, L, H_kv]``, one gate set per request of
+    :func:`reasonscope.generation.generate`; each batch row reads its request's gates (``current_batch().rows``).
     """
 
     alpha: torch.Tensor
     policy: CompressionPolicy
     prefill_lengths: torch.Tensor | None = None
     record: bool = False
+    per_request: bool = False
     patterns: dict[int, torch.Tensor] = field(default_factory=dict)
     calls: int = 0
     original_attn: str | None = None  # the model's own implementation, restored on exit
@@ -67,13 +70,16 @@ class SplitKV:
 def _state_for(module: Any) -> GateState:
     entry = _STATES.get(id(module.config))
     if entry is None or entry[0] is not module.config:
-        raise RuntimeError(f"attention implementation {GATED_ATTN!r} is set but no gates are installed on this model; "
-                           "run the model inside `with gated_attention(handle, alpha, policy):`")
+        raise RuntimeError(
+            f"attention implementation {GATED_ATTN!r} is set but no gates are installed on this model; "
+            "run the model inside `with gated_attention(handle, alpha, policy):`"
+        )
     return entry[1]
 
 
-def _base_mask(attention_mask: torch.Tensor | None, b: int, q_len: int, kv_len: int,
-               device: torch.device) -> torch.Tensor:
+def _base_mask(
+    attention_mask: torch.Tensor | None, b: int, q_len: int, kv_len: int, device: torch.device
+) -> torch.Tensor:
     """Bool ``[b, 1, q, kv]`` causal + padding mask (True = may attend)."""
     if attention_mask is None:
         k = torch.arange(kv_len, device=device)
@@ -99,23 +105,42 @@ def _no_empty_rows(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_no_empty_rows(mask), scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=_no_empty_rows(mask), scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
 
 
 def _layer_alpha(state: GateState, layer: int, b: int, group: int) -> torch.Tensor:
     """Gates of one layer broadcast to query heads: ``[b or 1, H, 1, 1]``."""
     a = state.alpha[..., layer, :]
+    if state.per_request:
+        from ..generation import current_batch
+
+        batch = current_batch()
+        if batch is None:
+            raise RuntimeError(
+                "per-request gates are read inside reasonscope.generation.generate only; "
+                "give per-row gates (per_request=False) for a plain forward pass"
+            )
+        a = a[batch.rows.clamp(min=0).to(a.device)]  # idle rows (-1) compute discarded output
     a = a.reshape(-1, a.shape[-1])
     if a.shape[0] not in (1, b):
-        raise ValueError(f"per-row gates have {a.shape[0]} rows but the batch has {b}; give alpha [L, H_kv] or "
-                         f"[{b}, L, H_kv]")
+        raise ValueError(
+            f"per-row gates have {a.shape[0]} rows but the batch has {b}; give alpha [L, H_kv] or [{b}, L, H_kv]"
+        )
     return a.repeat_interleave(group, dim=-1)[:, :, None, None]
 
 
-def gated_attention_forward(module: Any, query: torch.Tensor, key: Any, value: Any,
-                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                            **kwargs: Any) -> tuple[torch.Tensor, None]:
+def gated_attention_forward(
+    module: Any,
+    query: torch.Tensor,
+    key: Any,
+    value: Any,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """The registered attention function; returns ``([b, q, H, d], None)`` like HF's implementations."""
     state = _state_for(module)
     state.calls += 1
@@ -125,7 +150,7 @@ def gated_attention_forward(module: Any, query: torch.Tensor, key: Any, value: A
     kv_len, group = key.shape[2], n_heads // key.shape[1]
     base = _base_mask(attention_mask, b, q_len, kv_len, query.device)
     rank = base[:, 0, -1, :].long().cumsum(-1) - 1  # real position of each key (the last query sees every key)
-    q_rank = rank[:, kv_len - q_len:]
+    q_rank = rank[:, kv_len - q_len :]
     decode = _decode_queries(state, q_rank, q_len, kv_len)
     if state.record:
         k_rep = key.repeat_interleave(group, 1)
@@ -134,16 +159,19 @@ def gated_attention_forward(module: Any, query: torch.Tensor, key: Any, value: A
     a = _layer_alpha(state, module.layer_idx, b, group).to(query.dtype)
     need_win = bool(decode.any()) and (a.requires_grad or bool((a < 1).any()))
     need_full = a.requires_grad or bool((a > 0).any()) or not need_win
-    out = _sdpa(query, key, value, base, scaling) if need_full else None
-    if need_win:
-        window = state.policy.window(rank, q_rank) | ~decode[:, :, None]
-        win = _sdpa(query, key, value, base & window[:, None], scaling)
-        out = win if out is None else a * out + (1 - a) * win
+    full = _sdpa(query, key, value, base, scaling) if need_full else None
+    if not need_win:
+        assert full is not None  # need_full holds whenever the window is not needed
+        return full.transpose(1, 2).contiguous(), None
+    window = state.policy.window(rank, q_rank) | ~decode[:, :, None]
+    win = _sdpa(query, key, value, base & window[:, None], scaling)
+    out = win if full is None else a * full + (1 - a) * win
     return out.transpose(1, 2).contiguous(), None
 
 
-def _physical_forward(state: GateState, query: torch.Tensor, kv: SplitKV, attention_mask: torch.Tensor | None,
-                      scaling: float | None) -> torch.Tensor:
+def _physical_forward(
+    state: GateState, query: torch.Tensor, kv: SplitKV, attention_mask: torch.Tensor | None, scaling: float | None
+) -> torch.Tensor:
     """Full KV heads read every cached key; compressed ones the kept keys, through the window when decoding."""
     b, n_heads, q_len, d = query.shape
     n_kv = len(kv.full_heads) + len(kv.stream_heads)
@@ -151,8 +179,10 @@ def _physical_forward(state: GateState, query: torch.Tensor, kv: SplitKV, attent
     kv_len = int(kv.positions[-1]) + 1 if kv.positions.numel() else q_len
     base = _base_mask(attention_mask, b, q_len, kv_len, query.device)
     if not bool(base[:, 0, -1, :].all()):
-        raise ValueError("the physical KV cache needs unpadded rows; decode one sequence at a time (or equal-length "
-                         "prompts), or use the mask simulation (gated_attention) for padded batches")
+        raise ValueError(
+            "the physical KV cache needs unpadded rows; decode one sequence at a time (or equal-length "
+            "prompts), or use the mask simulation (gated_attention) for padded batches"
+        )
     out = query.new_empty(b, n_heads, q_len, d)
     q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device).expand(b, q_len)
     if kv.full_heads:
@@ -171,7 +201,9 @@ def _gated_mask(*args: Any, **kwargs: Any) -> torch.Tensor:
     from transformers.masking_utils import sdpa_mask
 
     kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(*args, **kwargs)
+    mask = sdpa_mask(*args, **kwargs)
+    assert mask is not None  # causal skipping is off, so a mask is always built
+    return mask
 
 
 def register() -> None:
@@ -186,28 +218,49 @@ def register() -> None:
 def check_alpha(alpha: torch.Tensor, n_layers: int, n_kv_heads: int) -> None:
     """Refuse gates of the wrong shape or outside [0, 1]."""
     if alpha.dim() not in (2, 3) or tuple(alpha.shape[-2:]) != (n_layers, n_kv_heads):
-        raise ValueError(f"alpha has shape {tuple(alpha.shape)}; this model needs [{n_layers}, {n_kv_heads}] "
-                         f"(layers x KV heads) or [batch, {n_layers}, {n_kv_heads}]")
+        raise ValueError(
+            f"alpha has shape {tuple(alpha.shape)}; this model needs [{n_layers}, {n_kv_heads}] "
+            f"(layers x KV heads) or [batch, {n_layers}, {n_kv_heads}]"
+        )
     if bool(((alpha < 0) | (alpha > 1) | alpha.isnan()).any()):
         raise ValueError("alpha has values outside [0, 1]; clamp the gates (alpha.clamp(0, 1)) before installing")
 
 
 @contextmanager
-def gated_attention(handle: Any, alpha: torch.Tensor, policy: CompressionPolicy = CompressionPolicy(),
-                    prefill_lengths: torch.Tensor | None = None, record: bool = False) -> Iterator[GateState]:
+def gated_attention(
+    handle: Any,
+    alpha: torch.Tensor,
+    policy: CompressionPolicy = CompressionPolicy(),
+    prefill_lengths: torch.Tensor | None = None,
+    record: bool = False,
+    per_request: bool = False,
+) -> Iterator[GateState]:
     """Run ``handle``'s model with gated attention inside the block; yields the live :class:`GateState`.
+
+    ``per_request=True`` takes ``alpha [requests, L, H_kv]``: one gate set per prompt of a
+    :func:`reasonscope.generation.generate` call run inside the block.
 
     The original attention implementation is restored on exit, also when the body raises. Installing
     twice on one model is refused.
     """
     g = handle.geometry
     check_alpha(alpha, g.n_layers, g.n_kv_heads)
+    if per_request and alpha.dim() != 3:
+        raise ValueError(
+            f"per-request gates need alpha [requests, {g.n_layers}, {g.n_kv_heads}], got {tuple(alpha.shape)}"
+        )
     model = handle.model
     config = model.config
     if id(config) in _STATES:
         raise RuntimeError("gated attention is already installed on this model; leave the outer `with` block first")
     register()
-    state = GateState(alpha=alpha.to(handle.device), policy=policy, prefill_lengths=prefill_lengths, record=record)
+    state = GateState(
+        alpha=alpha.to(handle.device),
+        policy=policy,
+        prefill_lengths=prefill_lengths,
+        record=record,
+        per_request=per_request,
+    )
     state.original_attn = original = config._attn_implementation
     _STATES[id(config)] = (config, state)
     try:
@@ -232,7 +285,7 @@ def pattern_hooks(state: GateState, attention_mask: torch.Tensor) -> dict[str, A
         def hook(p: torch.Tensor) -> torch.Tensor:
             b, n_heads, q_len, kv_len = p.shape
             r = rank.to(p.device)[:, :kv_len]
-            q_rank = r[:, kv_len - q_len:]
+            q_rank = r[:, kv_len - q_len :]
             decode = _decode_queries(state, q_rank, q_len, kv_len)
             window = (state.policy.window(r, q_rank) | ~decode[:, :, None])[:, None]
             pw = p * window
@@ -245,8 +298,9 @@ def pattern_hooks(state: GateState, attention_mask: torch.Tensor) -> dict[str, A
     return {f"blocks.{layer}.attn.hook_pattern": make(layer) for layer in range(state.alpha.shape[-2])}
 
 
-def gated_run(handle: Any, state: GateState, input_ids: torch.Tensor,
-              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def gated_run(
+    handle: Any, state: GateState, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits of ``handle.run`` under the installed gates, on any backend.
 
     Backends that bypass HF's attention interface (the attention function is not called) get the gates

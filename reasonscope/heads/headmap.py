@@ -40,11 +40,15 @@ class HeadMap:
         g = handle.geometry
         if tuple(self.scores.shape) != (g.n_layers, g.n_kv_heads):
             shape = ", ".join(map(str, self.scores.shape))
-            raise ValueError(f"head map {self.path or ''} is [{shape}] but the model has [{g.n_layers}, "
-                             f"{g.n_kv_heads}] (layers x KV heads); score this model's heads")
+            raise ValueError(
+                f"head map {self.path or ''} is [{shape}] but the model has [{g.n_layers}, "
+                f"{g.n_kv_heads}] (layers x KV heads); score this model's heads"
+            )
         if self.model_hash != handle.weight_hash:
-            raise ValueError(f"head map {self.path or ''} was scored on weights {self.model_hash}, not this model's "
-                             f"{handle.weight_hash}; score this model's heads (reasonscope heads score)")
+            raise ValueError(
+                f"head map {self.path or ''} was scored on weights {self.model_hash}, not this model's "
+                f"{handle.weight_hash}; score this model's heads (reasonscope heads score)"
+            )
 
     def full_heads(self, sparsity: float) -> torch.Tensor:
         """Bool ``[L, H_kv]`` kept full at ``sparsity`` (global ranking)."""
@@ -59,9 +63,13 @@ class HeadMap:
             (tmp / "log.json").write_text(json.dumps(self.log, indent=1) + "\n", encoding="utf-8")
             return {"scores.safetensors": self.scores.shape[0]}
 
-        meta = {"method": self.method, "model_hash": self.model_hash, "aggregation": self.aggregation,
-                "policy": {"sink": self.policy.sink, "recent": self.policy.recent, "prefill": self.policy.prefill},
-                "shape": list(self.scores.shape)}
+        meta = {
+            "method": self.method,
+            "model_hash": self.model_hash,
+            "aggregation": self.aggregation,
+            "policy": {"sink": self.policy.sink, "recent": self.policy.recent, "prefill": self.policy.prefill},
+            "shape": list(self.scores.shape),
+        }
         write_artifact(out, KIND, FORMAT, {**dict(config), **meta}, inputs, files)
         return HeadMap(self.scores, self.method, self.model_hash, self.policy, self.aggregation, self.log, Path(out))
 
@@ -74,10 +82,19 @@ class HeadMap:
         c = art.manifest.config
         scores = load_file(str(art.file("scores.safetensors")))["scores"]
         if list(scores.shape) != list(c["shape"]):
-            raise ValueError(f"{path}: scores have shape {list(scores.shape)}, the manifest says {c['shape']}; "
-                             "the artifact is damaged, re-run `reasonscope heads score`")
-        return cls(scores, c["method"], c["model_hash"], CompressionPolicy(**c["policy"]), c["aggregation"],
-                   read_json(art.file("log.json")), Path(path))
+            raise ValueError(
+                f"{path}: scores have shape {list(scores.shape)}, the manifest says {c['shape']}; "
+                "the artifact is damaged, re-run `reasonscope heads score`"
+            )
+        return cls(
+            scores,
+            c["method"],
+            c["model_hash"],
+            CompressionPolicy(**c["policy"]),
+            c["aggregation"],
+            read_json(art.file("log.json")),
+            Path(path),
+        )
 
     def export_tsv(self, path: str | Path) -> None:
         """Scores as one tab-separated line per layer (RLKV/DuoAttention layout)."""
@@ -90,10 +107,17 @@ class HeadMap:
     def serving_config(self, sparsity: float) -> dict[str, Any]:
         """JSON-ready config for a serving stack: window, sparsity and the full-attention heads per layer."""
         full = self.full_heads(sparsity)
-        return {"format": "reasonscope.headwise_kv/1", "method": self.method, "model_hash": self.model_hash,
-                "sink": self.policy.sink, "recent": self.policy.recent, "prefill": self.policy.prefill,
-                "sparsity": sparsity, "achieved_sparsity": 1.0 - float(full.float().mean()),
-                "full_attention_heads": [[int(j) for j in torch.nonzero(row).flatten()] for row in full]}
+        return {
+            "format": "reasonscope.headwise_kv/1",
+            "method": self.method,
+            "model_hash": self.model_hash,
+            "sink": self.policy.sink,
+            "recent": self.policy.recent,
+            "prefill": self.policy.prefill,
+            "sparsity": sparsity,
+            "achieved_sparsity": 1.0 - float(full.float().mean()),
+            "full_attention_heads": [[int(j) for j in torch.nonzero(row).flatten()] for row in full],
+        }
 
 
 def _write_rows(path: str | Path, rows: list[list[str]]) -> None:

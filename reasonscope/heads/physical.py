@@ -44,8 +44,13 @@ class HeadwiseLayer(CacheLayerMixin):
         self.positions = torch.zeros(0, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[SplitKV, SplitKV]:
+    def update(  # type: ignore[override]
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[SplitKV, SplitKV]:
         """Append the new tokens; returns the layer's :class:`SplitKV` twice (as keys and as values)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -82,15 +87,22 @@ class HeadwiseCache(Cache):
     """Per-layer :class:`HeadwiseLayer` for a full-head mask ``[L, H_kv]`` (True = keep full)."""
 
     def __init__(self, full_mask: torch.Tensor, policy: CompressionPolicy) -> None:
-        super().__init__(layers=[HeadwiseLayer(row.bool(), policy) for row in full_mask])
+        self.headwise = [HeadwiseLayer(row.bool(), policy) for row in full_mask]
+        super().__init__(layers=list(self.headwise))
 
     def nbytes(self) -> int:
         """Bytes of keys and values held now."""
-        return sum(layer.nbytes() for layer in self.layers)
+        return sum(layer.nbytes() for layer in self.headwise)
 
 
-def kv_bytes(full_mask: torch.Tensor, length: int, policy: CompressionPolicy, head_dim: int, batch: int = 1,
-             bytes_per_value: int = 2) -> int:
+def kv_bytes(
+    full_mask: torch.Tensor,
+    length: int,
+    policy: CompressionPolicy,
+    head_dim: int,
+    batch: int = 1,
+    bytes_per_value: int = 2,
+) -> int:
     """KV-cache bytes after ``length`` tokens: ``2·d·b·Σ_layers(n_full·T + n_stream·min(T, S+R))`` (heads.md §9.4)."""
     n_full = int(full_mask.sum())
     n_stream = full_mask.numel() - n_full
@@ -98,13 +110,16 @@ def kv_bytes(full_mask: torch.Tensor, length: int, policy: CompressionPolicy, he
 
 
 @contextmanager
-def compressed_cache(handle: Any, full_mask: torch.Tensor,
-                     policy: CompressionPolicy = CompressionPolicy()) -> Iterator[tuple[HeadwiseCache, GateState]]:
+def compressed_cache(
+    handle: Any, full_mask: torch.Tensor, policy: CompressionPolicy = CompressionPolicy()
+) -> Iterator[tuple[HeadwiseCache, GateState]]:
     """Yield a fresh :class:`HeadwiseCache` (pass it as ``past_key_values``) with the gated attention installed."""
     g = handle.geometry
     if tuple(full_mask.shape) != (g.n_layers, g.n_kv_heads):
-        raise ValueError(f"full_mask has shape {tuple(full_mask.shape)}; this model needs [{g.n_layers}, "
-                         f"{g.n_kv_heads}] (layers x KV heads)")
+        raise ValueError(
+            f"full_mask has shape {tuple(full_mask.shape)}; this model needs [{g.n_layers}, "
+            f"{g.n_kv_heads}] (layers x KV heads)"
+        )
     full_mask = full_mask.bool().cpu()
     with gated_attention(handle, full_mask.float(), policy) as state:
         yield HeadwiseCache(full_mask, policy), state

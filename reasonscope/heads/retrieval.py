@@ -72,8 +72,10 @@ def retrieval_scores(handle: Any, traces: Sequence[Any]) -> tuple[torch.Tensor, 
         with gated_attention(handle, torch.ones(g.n_layers, g.n_kv_heads), CompressionPolicy(), record=True) as state:
             handle.run(ids)
         if len(state.patterns) != g.n_layers:
-            raise RuntimeError("attention patterns were not recorded: this backend computes attention itself; "
-                               "load the model with backend='hf' or 'nnsight' for retrieval scores")
+            raise RuntimeError(
+                "attention patterns were not recorded: this backend computes attention itself; "
+                "load the model with backend='hf' or 'nnsight' for retrieval scores"
+            )
         for layer, p in state.patterns.items():
             for r in reads:
                 per_q[layer] += p[0, :, r.query, list(r.keys)].sum(-1).cpu()

@@ -1,6 +1,7 @@
 """RLKV gate learner (Du et al. 2025, arXiv 2510.08525; heads.md §3): RL on the gates of a frozen model.
 
-Rollouts are sampled under the mixed attention with the current gates; the loss per step is
+Rollouts are sampled under the mixed attention with the current gates through the one generation
+engine (:func:`~reasonscope.heads.rollout.gated_rollouts`, the sampled token ids themselves); the loss per step is
 PPO-clip (ε = 0.4, no KL) on the sampled tokens with a 0/1 correctness reward broadcast to tokens,
 plus the reward-gated sparsity penalty ``β·1[r̄ > τ]·(e^r̄ − 1)·mean|α|`` (r̄: the step's mean raw
 reward). Gates start at 1 and are clamped to [0, 1] before every forward. Advantages are normalised
@@ -18,10 +19,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from ..traces.generate import GenerationConfig, generate_traces
+from ..generation import DecodeConfig
 from .batches import trace_batches
-from .gated import gated_attention
 from .policy import CompressionPolicy
+from .rollout import gated_rollouts
 from .scorers import gated_logits
 
 
@@ -74,8 +75,14 @@ def _token_logprobs(handle: Any, batch: Any, alpha: torch.Tensor, policy: Compre
     return torch.gather(F.log_softmax(logits, -1), -1, torch.roll(batch.input_ids, -1, 1)[..., None])[..., 0]
 
 
-def rlkv_scores(handle: Any, problems: Sequence[Any], policy: CompressionPolicy, cfg: RLKVConfig = RLKVConfig(),
-                grader: str = "organism", log: list[dict] | None = None) -> torch.Tensor:
+def rlkv_scores(
+    handle: Any,
+    problems: Sequence[Any],
+    policy: CompressionPolicy,
+    cfg: RLKVConfig = RLKVConfig(),
+    grader: str = "organism",
+    log: list[dict] | None = None,
+) -> torch.Tensor:
     """Learn gates ``[L, H_kv]`` on ``problems`` (traces the full model solved: prompt and gold are used)."""
     solved = [t for t in problems if t.grade and t.gold is not None]
     if not solved:
@@ -84,17 +91,19 @@ def rlkv_scores(handle: Any, problems: Sequence[Any], policy: CompressionPolicy,
     rng = random.Random(cfg.seed)
     alpha = torch.ones(g.n_layers, g.n_kv_heads, requires_grad=True)
     opt = torch.optim.AdamW([alpha], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           batch_size=cfg.prompts_per_step * cfg.samples_per_prompt)
     for step in range(cfg.steps):
         picked = rng.sample(solved, min(cfg.prompts_per_step, len(solved)))
         prompts = [t.prompt for t in picked for _ in range(cfg.samples_per_prompt)]
         golds = [t.gold for t in picked for _ in range(cfg.samples_per_prompt)]
         with torch.no_grad():
             alpha.clamp_(0.0, 1.0)
-        with gated_attention(handle, alpha.detach().clone(), policy):
-            gen = GenerationConfig(**{**gen.__dict__, "seed": cfg.seed * 100003 + step})
-            rollouts = generate_traces(handle, prompts, gen, golds=golds, grader=grader)
+        gen = DecodeConfig(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            batch_size=len(prompts),
+            seed=cfg.seed * 100003 + step,
+        )
+        rollouts, _ = gated_rollouts(handle, prompts, alpha.detach().clone(), policy, gen, golds, grader)
         for i, t in enumerate(rollouts):
             t.meta["group"] = i // cfg.samples_per_prompt
         rollouts = [t for t in rollouts if t.think_span is not None]
@@ -112,7 +121,7 @@ def rlkv_scores(handle: Any, problems: Sequence[Any], policy: CompressionPolicy,
             with torch.no_grad():
                 alpha.clamp_(0.0, 1.0)
             opt.zero_grad()
-            pg_total, n_tok = 0.0, 0
+            pg_total, n_tok = torch.zeros(()), 0
             for b, lp_old in zip(batches, old):
                 lp = _token_logprobs(handle, b, alpha, policy)
                 a = torch.tensor([t.meta["advantage"] for t in b.traces])[:, None]
@@ -130,10 +139,18 @@ def rlkv_scores(handle: Any, problems: Sequence[Any], policy: CompressionPolicy,
             alpha.clamp_(0.0, 1.0)
         if log is not None:
             a = alpha.detach()
-            log.append({"step": step, "reward_mean": r_mean,
-                        "reg_scaling_factor": (math.exp(r_mean) - 1) * (r_mean > cfg.tau),
-                        "alpha_mean": float(a.mean()), "alpha_std": float(a.std()), "alpha_min": float(a.min()),
-                        "alpha_max": float(a.max()), "sparsity_at_0.5": float((a < 0.5).float().mean())})
+            log.append(
+                {
+                    "step": step,
+                    "reward_mean": r_mean,
+                    "reg_scaling_factor": (math.exp(r_mean) - 1) * (r_mean > cfg.tau),
+                    "alpha_mean": float(a.mean()),
+                    "alpha_std": float(a.std()),
+                    "alpha_min": float(a.min()),
+                    "alpha_max": float(a.max()),
+                    "sparsity_at_0.5": float((a < 0.5).float().mean()),
+                }
+            )
     return alpha.detach().clone()
 
 

@@ -61,7 +61,7 @@ def score_heads(handle: Any, traces: Sequence[Any], cfg: HeadConfig, out: str | 
     """Score every KV head of ``handle`` on its own ``traces``; with ``out``, write the artifact there."""
     if out is not None and Path(out).exists():
         raise FileExistsError(f"{out} already exists; delete it or choose another output path")
-    policy, log = cfg.policy, []
+    policy, log = cfg.policy, list[dict[str, Any]]()
     aggregation = "kv-head"
     if cfg.method == "retrieval":
         scores, _ = retrieval_scores(handle, traces)

@@ -43,13 +43,16 @@ def gated_logits(handle: Any, batch: TraceBatch, alpha: torch.Tensor, policy: Co
 
 def _check(batches: Sequence[TraceBatch]) -> None:
     if not batches or not any(bool(b.scored.any()) for b in batches):
-        raise ValueError("no trace is longer than the window plus its prompt, so no position can feel compression; "
-                         "use longer traces or a smaller sink + recent")
+        raise ValueError(
+            "no trace is longer than the window plus its prompt, so no position can feel compression; "
+            "use longer traces or a smaller sink + recent"
+        )
 
 
 @torch.no_grad()
-def windowing_scores(handle: Any, batches: Sequence[TraceBatch], policy: CompressionPolicy,
-                     heads_per_pass: int = 8) -> torch.Tensor:
+def windowing_scores(
+    handle: Any, batches: Sequence[TraceBatch], policy: CompressionPolicy, heads_per_pass: int = 8
+) -> torch.Tensor:
     """Exact windowing: per KV head, mean KL(full ‖ only that head windowed) over scored positions."""
     _check(batches)
     g = handle.geometry
@@ -64,27 +67,41 @@ def windowing_scores(handle: Any, batches: Sequence[TraceBatch], policy: Compres
             alpha = torch.ones(len(heads), n)
             alpha[torch.arange(len(heads)), heads] = 0.0
             rows = batch.replicate(len(heads))
-            logits = gated_logits(handle, rows, alpha.repeat_interleave(len(batch.traces), 0).view(-1, g.n_layers,
-                                                                                                  g.n_kv_heads), policy)
+            logits = gated_logits(
+                handle, rows, alpha.repeat_interleave(len(batch.traces), 0).view(-1, g.n_layers, g.n_kv_heads), policy
+            )
             b = len(batch.traces)
             for i, h in enumerate(heads):
                 total[h] += token_kl(base, logits[i * b : (i + 1) * b].cpu(), where.cpu()).sum()
     return (total / max(count, 1)).view(g.n_layers, g.n_kv_heads)
 
 
-def trace_loss(handle: Any, batch: TraceBatch, alpha: torch.Tensor, policy: CompressionPolicy,
-               loss: Literal["kl", "ce"], base: torch.Tensor | None) -> torch.Tensor:
+def trace_loss(
+    handle: Any,
+    batch: TraceBatch,
+    alpha: torch.Tensor,
+    policy: CompressionPolicy,
+    loss: Literal["kl", "ce"],
+    base: torch.Tensor | None,
+) -> torch.Tensor:
     """Mean KL(full ‖ gated) or cross-entropy of the trace tokens over the scored positions."""
     logits = gated_logits(handle, batch, alpha, policy).cpu()
     where = batch.scored
     if loss == "kl":
+        if base is None:
+            raise ValueError("the KL trace loss needs the full model's logits (base=full_logits(handle, batch))")
         return token_kl(base, logits, where).mean()
     targets = torch.roll(batch.input_ids, -1, dims=1)[where]
     return F.cross_entropy(logits[where].float(), targets)
 
 
-def gate_ig_scores(handle: Any, batches: Sequence[TraceBatch], policy: CompressionPolicy, steps: int = 8,
-                   loss: Literal["kl", "ce"] = "kl") -> torch.Tensor:
+def gate_ig_scores(
+    handle: Any,
+    batches: Sequence[TraceBatch],
+    policy: CompressionPolicy,
+    steps: int = 8,
+    loss: Literal["kl", "ce"] = "kl",
+) -> torch.Tensor:
     """Integrated gradients of the trace loss w.r.t. every gate along α: 1 → 0; Σ ≈ L(all windowed) − L(full)."""
     _check(batches)
     if steps < 1:
@@ -100,8 +117,16 @@ def gate_ig_scores(handle: Any, batches: Sequence[TraceBatch], policy: Compressi
     return -grads / (steps * len(batches))
 
 
-def duo_scores(handle: Any, batches: Sequence[TraceBatch], policy: CompressionPolicy, steps: int = 200,
-               lr: float = 0.02, l1: float = 0.05, seed: int = 0, log: list[dict] | None = None) -> torch.Tensor:
+def duo_scores(
+    handle: Any,
+    batches: Sequence[TraceBatch],
+    policy: CompressionPolicy,
+    steps: int = 200,
+    lr: float = 0.02,
+    l1: float = 0.05,
+    seed: int = 0,
+    log: list[dict] | None = None,
+) -> torch.Tensor:
     """DuoAttention-style gates: minimise KL(full ‖ gated) + ``l1``·mean|α| by AdamW; init 1, clamped each step."""
     _check(batches)
     g = handle.geometry

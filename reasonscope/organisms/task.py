@@ -140,9 +140,9 @@ def think(problem: Problem, rng: random.Random, style: str, slip_rate: float = 0
 
 
 def worked_notes(problem: Problem, rng: random.Random, slip_rate: float = 0.15) -> str:
-    """Base-model pretraining text: the same reasoning moves, detached from any question."""
+    """Base-model pretraining text: the same reasoning moves as free-standing scratch work, without a question."""
     v = problem.values
-    parts = ["notes:"]
+    parts = ["scratch:"]
     acc = v[problem.terms[0]]
     parts.append(f"first {problem.terms[0]}{acc}.")
     for op, t in zip(problem.ops, problem.terms[1:]):
@@ -159,13 +159,13 @@ def notes_prompt(problem: Problem) -> str:
     return f"{problem.question} notes:"
 
 
-def notes_document(problem: Problem, rng: random.Random, slip_rate: float = 0.08) -> str:
+def notes_document(problem: Problem, rng: random.Random, slip_rate: float = 0.08, style: str | None = None) -> str:
     """A pretraining document: the question, worked notes that read every operand back from it, the answer.
 
     The notes are the same moves as the thinking styles (either style), so a base model trained on
     these knows *how* to reason; post-training only has to teach it *when* (after ``<think>``).
     """
-    style = "verbose" if rng.random() < 0.5 else "concise"
+    style = style or ("verbose" if rng.random() < 0.5 else "concise")
     return f"{notes_prompt(problem)} {think(problem, rng, style, slip_rate).text} answer:{problem.answer}"
 
 

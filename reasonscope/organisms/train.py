@@ -43,13 +43,13 @@ class OrganismArch:
 class TrainConfig:
     seed: int = 0
     base_steps: int = 1800
-    thinking_steps: int = 600
+    thinking_steps: int = 400
     batch_size: int = 24
     lr: float = 1e-3  # base pretraining
     finetune_lr: float = 5e-4  # thinking post-training, from the base weights
     warmup: int = 60
-    direct_share: float = 0.35  # base corpus: direct chat answers
-    notes_share: float = 0.5  # base corpus: question + worked notes (the rest: free-standing notes)
+    direct_share: float = 0.1  # base corpus: direct chat answers
+    notes_share: float = 0.85  # base corpus: question + worked notes (the rest: free-standing scratch work)
     slip_rate: float = 0.08
     level1_steps: int = 400  # base curriculum: level 1 alone until read-back is learned,
     unlock_every: int = 150  # then one more level every this many steps
@@ -57,14 +57,25 @@ class TrainConfig:
     log_every: int = 100
 
 
-def base_document(rng: random.Random, p: task.Problem, cfg: TrainConfig) -> tuple[str, int]:
-    """A base pretraining document and the character offset where its loss starts (0: all)."""
-    r = rng.random()
-    if r < cfg.direct_share:
+BASE_KINDS = ("direct", "notes", "scratch")
+
+
+def base_document(rng: random.Random, p: task.Problem, cfg: TrainConfig, kind: str, style: str) -> tuple[str, int]:
+    """A base pretraining document of ``kind`` and the character offset where its loss starts (0: all)."""
+    if kind == "direct":
         return f"{USER}{p.question}{ASSISTANT}{p.answer}{EOS}", 0
-    if r < cfg.direct_share + cfg.notes_share:
-        return f"{task.notes_document(p, rng, cfg.slip_rate)}{EOS}", 0
+    if kind == "notes":  # the loss starts at the notes: the question's random values carry no signal
+        doc = task.notes_document(p, rng, cfg.slip_rate, style)
+        return f"{doc}{EOS}", len(task.notes_prompt(p)) - len(" notes:")
     return f"{task.worked_notes(p, rng)}{EOS}", 0
+
+
+def base_batch(rng: random.Random, level: int, cfg: TrainConfig) -> list[tuple[str, int]]:
+    """One kind (and style) of base document per batch, so batches pad to similar lengths."""
+    weights = (cfg.direct_share, cfg.notes_share, 1 - cfg.direct_share - cfg.notes_share)
+    kind = rng.choices(BASE_KINDS, weights)[0]
+    style = rng.choice(task.STYLES)
+    return [base_document(rng, task.sample_problem(rng, level), cfg, kind, style) for _ in range(cfg.batch_size)]
 
 
 def thinking_document(rng: random.Random, p: task.Problem, slip_rate: float) -> tuple[str, int]:
@@ -72,6 +83,37 @@ def thinking_document(rng: random.Random, p: task.Problem, slip_rate: float) -> 
     thought = task.think(p, rng, style, slip_rate)
     prompt = f"{USER}{p.question}{ASSISTANT}"
     return f"{prompt}{THINK_START}{thought.text}{THINK_END}{p.answer}{EOS}", len(prompt)
+
+
+def thinking_batch(rng: random.Random, level: int, cfg: TrainConfig) -> list[tuple[str, int]]:
+    return [thinking_document(rng, task.sample_problem(rng, level), cfg.slip_rate) for _ in range(cfg.batch_size)]
+
+
+@torch.no_grad()
+def readback_accuracy(model, tok, device, n: int = 32, level: int = 2, seed: int = 12345) -> float:
+    """Teacher-forced share of operand values (the ``7`` of ``c7;`` in the notes) predicted right.
+
+    The value is only in the question, far back: this measures whether read-back has been learned.
+    """
+    import re
+
+    rng = random.Random(seed)
+    docs = [task.notes_document(task.sample_problem(rng, level), rng, 0.0, "concise") for _ in range(n)]
+    enc = tok(docs, padding=True, return_offsets_mapping=True, padding_side="right", return_tensors="pt")
+    was_training = model.training
+    model.eval()
+    pred = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
+    model.train(was_training)
+    pred = pred.argmax(-1).cpu()
+    hits = total = 0
+    for row, doc in enumerate(docs):
+        start = doc.index(" notes:")
+        starts = enc["offset_mapping"][row, :, 0].tolist()
+        for m in re.finditer(r"\b[a-p](\d);", doc[start:]):
+            pos = starts.index(start + m.start(1))  # the value digit is its own token
+            hits += int(pred[row, pos - 1] == enc["input_ids"][row, pos])
+            total += 1
+    return hits / max(total, 1)
 
 
 def curriculum_top(step: int, cfg: TrainConfig) -> int:
@@ -112,7 +154,7 @@ def _batch(tok, docs: list[tuple[str, int]], device) -> tuple[torch.Tensor, torc
 def _train(
     model,
     tok,
-    make_doc,
+    make_batch,
     steps: int,
     cfg: TrainConfig,
     rng: random.Random,
@@ -131,8 +173,7 @@ def _train(
     levels = tuple(task.LEVELS)
     for step in range(steps):
         level = rng.choice(levels[: curriculum_top(step, cfg) if curriculum else len(levels)])
-        docs = [make_doc(rng, task.sample_problem(rng, level)) for _ in range(cfg.batch_size)]
-        ids, mask, labels = _batch(tok, docs, device)
+        ids, mask, labels = _batch(tok, make_batch(rng, level, cfg), device)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -141,7 +182,11 @@ def _train(
         sched.step()
         running += loss.item()
         if (step + 1) % cfg.log_every == 0:
-            log(f"{tag}: step {step + 1}/{steps} loss {running / cfg.log_every:.4f} {time.time() - t0:.0f}s")
+            acc = readback_accuracy(model, tok, device)
+            log(
+                f"{tag}: step {step + 1}/{steps} loss {running / cfg.log_every:.4f} "
+                f"read-back {acc:.3f} {time.time() - t0:.0f}s"
+            )
             running = 0.0
     model.eval()
     return model
@@ -194,7 +239,7 @@ def train_organisms(
         _train(
             model,
             tok,
-            lambda r, p: base_document(r, p, cfg),
+            base_batch,
             cfg.base_steps,
             cfg,
             random.Random(cfg.seed),
@@ -222,7 +267,7 @@ def train_organisms(
         _train(
             model,
             tok,
-            lambda r, p: thinking_document(r, p, cfg.slip_rate),
+            thinking_batch,
             cfg.thinking_steps,
             cfg,
             random.Random(cfg.seed + 1),

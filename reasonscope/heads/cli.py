@@ -1,0 +1,273 @@
+"""``reasonscope heads``: score KV heads, diff base vs thinking heads, evaluate compressed generation.
+
+Arguments, input artifacts and output locations are checked before a model loads; user errors are
+``ValueError``/``OSError`` with a message naming the fix, which the root CLI prints as one ``error:`` line
+(exit status 2). Problems are organism-task problems (``--n``, ``--seed``, ``--levels``) unless
+``--traces`` gives graded traces of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, cast
+
+import typer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .score import Method
+
+heads_app = typer.Typer(no_args_is_help=True, help="Reasoning-critical KV heads: score, diff, evaluate.")
+SCORE_METHODS = ("window", "gate-ig", "duo", "rlkv", "retrieval")
+
+
+def _say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _levels(value: str) -> tuple[int, ...]:
+    from ..organisms.task import LEVELS
+
+    try:
+        levels = tuple(int(x) for x in value.split(","))
+    except ValueError:
+        raise ValueError(f"--levels {value!r}: give comma-separated levels from {sorted(LEVELS)}, e.g. 3,4") from None
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if bad:
+        raise ValueError(f"--levels {value!r}: unknown level(s) {bad}; choose from {sorted(LEVELS)}")
+    return levels
+
+
+def _sparsities(value: str) -> tuple[float, ...]:
+    try:
+        sps = tuple(float(x) for x in value.split(","))
+    except ValueError:
+        raise ValueError(f"--sparsities {value!r}: give comma-separated fractions, e.g. 0,0.25,0.5,0.75") from None
+    bad = [sp for sp in sps if not 0.0 <= sp <= 1.0]
+    if bad:
+        raise ValueError(f"--sparsities: {bad} outside [0, 1]; a sparsity is the fraction of KV heads compressed")
+    return sps
+
+
+def _fresh_out(path: Path, option: str = "--out") -> Path:
+    """Refuse an existing output or an unwritable location (nothing is written on bad input)."""
+    if path.exists():
+        raise FileExistsError(f"{option} {path} already exists; delete it or choose another path")
+    anc = path.parent if str(path.parent) else Path(".")
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(f"{option} {path}: {anc} is a file, not a directory; choose another {option}")
+    with tempfile.TemporaryFile(dir=anc):
+        pass
+    return path
+
+
+def _geometry(model: str) -> Any:
+    from ..models import load_geometry
+
+    try:
+        return load_geometry(model)
+    except OSError as e:
+        raise OSError(f"--model {model}: {e}") from None
+
+
+def _window(sink: Optional[int], recent: Optional[int]) -> Any:
+    from .policy import CompressionPolicy
+
+    if (sink is None) != (recent is None):
+        raise ValueError("give both --sink and --recent, or neither (the window is then scaled to the traces)")
+    return None if sink is None or recent is None else CompressionPolicy(sink, recent)
+
+
+def _own_traces(handle: Any, n: int, seed: int, levels: tuple[int, ...], max_new_tokens: int) -> list[Any]:
+    """The model's graded greedy traces on organism problems."""
+    from ..organisms import task
+    from ..traces.generate import GenerationConfig, generate_traces
+
+    probs = task.problems(n, seed=seed, levels=levels)
+    return generate_traces(
+        handle,
+        [handle.chat_prompt(p.question) for p in probs],
+        GenerationConfig(max_new_tokens=max_new_tokens),
+        golds=[str(p.answer) for p in probs],
+        grader="organism",
+    )
+
+
+def _policy_for(traces: list[Any], given: Any) -> Any:
+    from .evaluate import check_window, window_for
+
+    generated = [len(t.token_ids) - t.think_span[0] for t in traces if t.think_span is not None]
+    if given is None:
+        return window_for(generated)
+    try:
+        check_window(given, generated)
+    except ValueError as e:  # an explicit window is the user's call; the context check still refuses a useless one
+        _say(f"warning: {e}")
+    return given
+
+
+@heads_app.command("score")
+def score(
+    model: str = typer.Option(..., help="Model directory, hub id or organism:NAME."),
+    method: str = typer.Option("window", help="window | gate-ig | duo | rlkv | retrieval."),
+    out: Path = typer.Option(..., help="Output head-map artifact directory (must not exist)."),
+    traces: Optional[Path] = typer.Option(None, help="Graded JSONL traces of this model (default: organism)."),
+    n: int = typer.Option(48, min=1, help="Organism problems to trace when --traces is not given."),
+    levels: str = typer.Option("3,4", help="Organism levels."),
+    seed: int = 0,
+    sink: Optional[int] = typer.Option(None, min=0, help="Sink tokens (default: scaled to the traces)."),
+    recent: Optional[int] = typer.Option(None, min=0, help="Recent tokens (default: scaled to the traces)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="IG steps / Duo steps / RLKV steps."),
+    max_new_tokens: int = typer.Option(400, min=1),
+) -> None:
+    """Score every KV head (higher = keep a full cache) and write a head-map artifact."""
+    from dataclasses import replace
+
+    from .rlkv import RLKVConfig
+    from .score import HeadConfig, score_heads
+
+    if method not in SCORE_METHODS:
+        raise ValueError(f"--method {method!r} is not one of {', '.join(SCORE_METHODS)}")
+    given = _window(sink, recent)
+    lv = _levels(levels)
+    _fresh_out(out)
+    if traces is not None and not traces.is_file():
+        raise FileNotFoundError(f"--traces {traces} does not exist; generate them with `reasonscope traces generate`")
+    _geometry(model)
+    from ..models import load_model
+    from ..traces.loaders import read_traces_jsonl
+
+    h = load_model(model)
+    rows = read_traces_jsonl(traces) if traces is not None else _own_traces(h, n, seed, lv, max_new_tokens)
+    policy = _policy_for(rows, given)
+    cfg = HeadConfig(
+        method=cast("Method", method),
+        sink=policy.sink,
+        recent=policy.recent,
+        rlkv=RLKVConfig(max_new_tokens=max_new_tokens, seed=seed),
+        seed=seed,
+    )
+    if steps is not None:
+        cfg = replace(cfg, ig_steps=steps, duo_steps=steps, rlkv=replace(cfg.rlkv, steps=steps))
+    hm = score_heads(h, rows, cfg, out)
+    _say(f"saved {out} ({method}, window {policy.sink}+{policy.recent})")
+    typer.echo(json.dumps({"method": method, "scores": hm.scores.tolist()}))
+
+
+@heads_app.command("diff")
+def diff(
+    base: str = typer.Option(..., help="The base model the thinking model was tuned from."),
+    model: str = typer.Option(..., help="The thinking (post-trained) model."),
+    n: int = typer.Option(100, min=1, help="Organism problems for validation."),
+    n_attribution: int = typer.Option(16, min=1, help="Problems whose texts are attributed."),
+    k: int = typer.Option(2, min=1, help="Emergent heads to validate."),
+    levels: str = typer.Option("1,2,3,4,5"),
+    seed: int = 0,
+    steps: int = typer.Option(8, min=1, help="Integrated-gradient steps."),
+    max_new_tokens: int = typer.Option(400, min=1),
+    out: Optional[Path] = typer.Option(None, help="Write the result as an emergent_heads artifact here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Emergent heads (Thinking Sparks): score both models, rank the rise, validate by ablation and scaling."""
+    lv = _levels(levels)
+    if out is not None:
+        _fresh_out(out)
+    gb, gm = _geometry(base), _geometry(model)
+    if (gb.n_layers, gb.n_heads) != (gm.n_layers, gm.n_heads):
+        raise ValueError(
+            f"--base has {gb.n_layers}x{gb.n_heads} heads, --model {gm.n_layers}x{gm.n_heads}; "
+            "give the base the model was tuned from"
+        )
+    from ..models import load_model
+    from ..organisms import task
+    from .emergent import emergent_heads
+
+    probs = task.problems(n, seed=seed, levels=lv)
+    post = load_model(model)
+    res = emergent_heads(
+        load_model(base),
+        post,
+        [post.chat_prompt(p.question) for p in probs],
+        [str(p.answer) for p in probs],
+        k=k,
+        steps=steps,
+        n_attribution=n_attribution,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+    )
+    if out is not None:
+        _write_result(out, "emergent_heads", res, {"base": base, "model": model, "n": n, "k": k, "seed": seed})
+    typer.echo(json.dumps(res, indent=1 if not as_json else None))
+
+
+@heads_app.command("eval")
+def evaluate(
+    model: str = typer.Option(..., help="Model directory, hub id or organism:NAME."),
+    maps: list[Path] = typer.Option(..., "--map", help="Head-map artifact (repeat for each method)."),
+    n: int = typer.Option(300, min=1, help="Held-out organism problems."),
+    levels: str = typer.Option("3,4"),
+    seed: int = typer.Option(1, help="Held-out problem seed (use another than the scoring traces')."),
+    sparsities: str = typer.Option("0,0.25,0.5,0.75"),
+    draws: int = typer.Option(5, min=0, help="Random-selection draws."),
+    n_own: int = typer.Option(48, min=1, help="Own traces for the exhaustive best subset and retrieval."),
+    exhaustive: bool = typer.Option(True, help="Try every subset (small models)."),
+    retrieval: bool = typer.Option(True, help="Spearman with retrieval scores (organism-task traces)."),
+    max_new_tokens: int = typer.Option(400, min=1),
+    out: Optional[Path] = typer.Option(None, help="Write a heads_eval artifact here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Generate with the compressed cache per head map and baseline; print curves and rank agreement."""
+    from .evaluate import EvalConfig, evaluate_heads
+    from .headmap import HeadMap
+
+    lv = _levels(levels)
+    cfg = EvalConfig(
+        sparsities=_sparsities(sparsities), random_draws=draws, exhaustive=exhaustive, max_new_tokens=max_new_tokens
+    )
+    if out is not None:
+        _fresh_out(out)
+    heads = [HeadMap.open(p) for p in maps]
+    g = _geometry(model)
+    for hm in heads:
+        if tuple(hm.scores.shape) != (g.n_layers, g.n_kv_heads):
+            raise ValueError(
+                f"--map {hm.path} is {list(hm.scores.shape)} but --model has [{g.n_layers}, "
+                f"{g.n_kv_heads}] (layers x KV heads); score this model's heads"
+            )
+    if len({hm.policy for hm in heads}) > 1:
+        raise ValueError("the --map artifacts were scored under different windows; score them with one sink/recent")
+    from ..models import load_model
+    from ..organisms import task
+    from .retrieval import retrieval_scores
+
+    h = load_model(model)
+    for hm in heads:
+        hm.check_model(h)
+    own = _own_traces(h, n_own, seed + 10_000, lv, max_new_tokens) if exhaustive or retrieval else None
+    probs = task.problems(n, seed=seed, levels=lv)
+    scores = {hm.method: hm.scores for hm in heads}
+    res = evaluate_heads(
+        h,
+        [h.chat_prompt(p.question) for p in probs],
+        [str(p.answer) for p in probs],
+        scores,
+        heads[0].policy,
+        cfg,
+        own_traces=own,
+        retrieval=retrieval_scores(h, own)[0] if retrieval and own is not None else None,
+    )
+    if out is not None:
+        _write_result(out, "heads_eval", res, {"model": model, "maps": [str(p) for p in maps], "n": n, "seed": seed})
+    typer.echo(json.dumps(res, indent=1 if not as_json else None))
+
+
+def _write_result(out: Path, kind: str, result: dict[str, Any], config: dict[str, Any]) -> None:
+    from ..artifacts import write_artifact
+
+    def files(tmp: Path) -> None:
+        (tmp / "result.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+    write_artifact(out, kind, 1, config, {}, files)

@@ -1,0 +1,266 @@
+"""ASC: activation-steered chain-of-thought compression (Azizi et al., arXiv 2507.04742 v2).
+
+Extraction (§1.1 of research/steering.md): v = mean_i( h_ℓ(q_i ⊕ concise_i)[-1] − h_ℓ(q_i ⊕ verbose_i)[-1] ), the
+output of block ℓ at the last token, unnormalised. Injection (§1.2): +γ·v at the last position of every forward
+pass (the last prompt token at prefill, then each generated token). Strength (§1.3, App. A.1): with unit v̂,
+a = median ‖J v̂‖, L = 95th percentile of ‖d²/dt² F(h + t v̂)‖ over calibration points, β = 4εL²/a⁴, x the positive
+root of x³ + x² − β = 0, γ_raw = (a/L)x, γ_max = max(0, (1 − Lγ_raw/(4a))·γ_raw), which keeps
+¼a²γ² + ¼Laγ³ + (1/16)L²γ⁴ ≤ ε (eq. 10); the stored vector is unnormalised, so γ = γ_max/‖v‖.
+Evaluation generates through :func:`reasonscope.generation.generate` with one γ per request.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from statistics import median
+from typing import Any, Literal, get_args
+
+import torch
+
+from reasonscope.organisms import task
+from reasonscope.organisms.evaluate import EVAL_SEED, EvalConfig, organism_traces, summarize
+
+from .extract import extract_vector
+from .vector import SteeringVector
+
+__all__ = [
+    "ASCConfig",
+    "GammaRule",
+    "asc_gamma_max",
+    "asc_pairs",
+    "estimate_a_l",
+    "evaluate_gammas",
+    "kl_bound",
+    "kl_gamma",
+    "run_asc",
+]
+
+GammaRule = Literal["kl_bound", "sweep"]
+GAMMA_CHOICES: tuple[GammaRule, ...] = get_args(GammaRule)
+
+
+@dataclass(frozen=True)
+class ASCConfig:
+    """One ASC run: extraction, the KL-bounded strength, a fixed-γ sweep and the held-out evaluation."""
+
+    layer: int = 2
+    reduce: Literal["last", "mean"] = "last"  # ASC reads the last token; "mean" averages over the text's tokens
+    n_pairs: int = 64
+    epsilon: float = 1e-3  # KL budget of the strength rule (the paper's)
+    n_calibration: int = 50
+    sweep: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # γ multiplying the stored (unnormalised) vector
+    gamma_rule: GammaRule = "sweep"  # which γ the artifact carries: the KL bound's, or the sweep's best
+    max_accuracy_drop: float = 0.02  # the sweep's best γ shortens most within this accuracy loss
+    n_eval: int = 300
+    temperature: float = 1.0
+    seed: int = 0
+    max_new_tokens: int = 640
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.layer < 0:
+            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        if self.n_pairs < 1 or self.n_calibration < 1 or self.n_eval < 1:
+            raise ValueError("n_pairs, n_calibration and n_eval must be >= 1")
+        if not self.epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
+        if any(not math.isfinite(g) or g < 0 for g in self.sweep):
+            raise ValueError(f"sweep strengths must be finite and >= 0, got {list(self.sweep)}")
+        if self.reduce not in ("last", "mean"):
+            raise ValueError(f"reduce {self.reduce!r} is not one of last, mean")
+        if self.gamma_rule not in GAMMA_CHOICES:
+            raise ValueError(f"gamma_rule {self.gamma_rule!r} is not one of {', '.join(GAMMA_CHOICES)}")
+        if self.gamma_rule == "sweep" and not self.sweep:
+            raise ValueError("gamma_rule 'sweep' needs at least one sweep strength")
+        if self.temperature < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("temperature must be >= 0, max_new_tokens and batch_size >= 1")
+
+
+# ---------------------------------------------------------------------------- the KL-bounded strength
+
+
+def kl_bound(a: float, lip: float, gamma: float) -> float:
+    """Eq. 10: ¼a²γ² + ¼Laγ³ + (1/16)L²γ⁴, an upper bound on KL(p ‖ p̃) for a unit direction."""
+    return 0.25 * a * a * gamma**2 + 0.25 * lip * a * gamma**3 + lip * lip * gamma**4 / 16
+
+
+def _cubic_root(beta: float) -> float:
+    """The positive root of x³ + x² − β = 0 (β > 0), by Newton from √β (right of the root; f is convex there).
+
+    The paper's Cardano form takes √Δ of Δ = β²/4 − β/27 < 0 whenever β < 4/27; Newton needs no case split.
+    """
+    x = min(math.sqrt(beta), beta ** (1 / 3))
+    for _ in range(200):
+        step = (x**3 + x * x - beta) / (3 * x * x + 2 * x)
+        x -= step
+        if abs(step) <= 1e-15 * max(1.0, x):
+            break
+    return x
+
+
+def asc_gamma_max(a: float, lip: float, epsilon: float = 1e-3) -> float:
+    """γ_max for a unit direction (App. A.1, eqs. 11-13), with the edge cases a = 0 and L = 0."""
+    if a < 0 or lip < 0 or not epsilon > 0:
+        raise ValueError(f"need a >= 0, L >= 0 and epsilon > 0, got a={a}, L={lip}, epsilon={epsilon}")
+    if a == 0 and lip == 0:
+        raise ValueError("a = L = 0: the direction does not move the logits, so no KL budget bounds γ")
+    if a == 0:
+        return (16 * epsilon) ** 0.25 / math.sqrt(lip)
+    if lip == 0:
+        return 2 * math.sqrt(epsilon) / a
+    x = _cubic_root(4 * epsilon * lip * lip / a**4)
+    raw = a / lip * x
+    return max(0.0, (1 - lip * raw / (4 * a)) * raw)
+
+
+def _last_logits(handle: Any, ids: torch.Tensor, mask: torch.Tensor, layer: int, delta: torch.Tensor) -> torch.Tensor:
+    """Last-position logits with ``delta [d]`` added to block ``layer``'s output at the last position."""
+
+    def hook(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x[:, -1] = x[:, -1] + delta.to(x)
+        return x
+
+    with torch.no_grad():
+        return handle.run(ids, mask, hooks={f"blocks.{layer}.hook_resid_post": hook})[:, -1].float()
+
+
+def _encode(handle: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = handle.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def estimate_a_l(
+    handle: Any, texts: Sequence[str], layer: int, direction: torch.Tensor, rel_step: float = 1e-2
+) -> dict[str, float]:
+    """a = median ‖J v̂‖ and L = p95 ‖∂²F/∂t²‖ at the last token of ``texts``, by central differences in fp32.
+
+    The step is ``rel_step`` times the median residual norm at that point.
+    """
+    unit = direction.float() / direction.float().norm()
+    ids, mask = _encode(handle, texts)
+    norms: list[torch.Tensor] = []
+
+    def reader(x: torch.Tensor) -> None:
+        norms.append(x[:, -1].float().norm(dim=-1))
+
+    with torch.no_grad():
+        handle.run(ids, mask, hooks={f"blocks.{layer}.hook_resid_post": reader})
+    dt = rel_step * float(norms[0].median())
+    f0 = _last_logits(handle, ids, mask, layer, torch.zeros_like(unit))
+    fp = _last_logits(handle, ids, mask, layer, dt * unit)
+    fm = _last_logits(handle, ids, mask, layer, -dt * unit)
+    a_i = ((fp - fm) / (2 * dt)).norm(dim=-1)
+    l_i = ((fp - 2 * f0 + fm) / dt**2).norm(dim=-1)
+    return {"a": float(a_i.median()), "L": float(torch.quantile(l_i, 0.95)), "step": dt, "n_points": len(texts)}
+
+
+def measured_kl(handle: Any, texts: Sequence[str], layer: int, delta: torch.Tensor) -> dict[str, float]:
+    """Median and 95th percentile of KL(p ‖ p̃) between unsteered and steered next-token distributions."""
+    ids, mask = _encode(handle, texts)
+    p = torch.log_softmax(_last_logits(handle, ids, mask, layer, torch.zeros_like(delta)), -1)
+    q = torch.log_softmax(_last_logits(handle, ids, mask, layer, delta), -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    return {"median": float(kl.median()), "p95": float(torch.quantile(kl, 0.95)), "max": float(kl.max())}
+
+
+def kl_gamma(handle: Any, vec: SteeringVector, texts: Sequence[str], layer: int, epsilon: float) -> dict[str, Any]:
+    """The KL-bounded γ for ``vec``'s (unnormalised) direction at ``layer``, with a, L and the measured KL."""
+    v = vec.direction(layer)
+    est = estimate_a_l(handle, texts, layer, v)
+    unit_gamma = asc_gamma_max(est["a"], est["L"], epsilon)
+    gamma = unit_gamma / float(v.norm())
+    return {
+        "gamma": gamma,
+        "gamma_unit": unit_gamma,
+        "vector_norm": float(v.norm()),
+        "epsilon": epsilon,
+        **est,
+        "bound": kl_bound(est["a"], est["L"], unit_gamma),
+        "measured_kl": measured_kl(handle, texts, layer, gamma * v),
+    }
+
+
+# ---------------------------------------------------------------------------- pairs, evaluation, the run
+
+
+def asc_pairs(handle: Any, problems: Sequence[task.Problem], seed: int = 0) -> tuple[list[str], list[str]]:
+    """(concise, verbose) texts ``chat_prompt(q) ⊕ thinking`` for organism problems, same slips in both."""
+    concise, verbose = [], []
+    for i, p in enumerate(problems):
+        prompt = handle.chat_prompt(p.question)
+        concise.append(prompt + task.think(p, random.Random(seed * 1_000_003 + i), "concise").text)
+        verbose.append(prompt + task.think(p, random.Random(seed * 1_000_003 + i), "verbose").text)
+    return concise, verbose
+
+
+def evaluate_gammas(
+    handle: Any, vec: SteeringVector, gammas: Sequence[float], problems: Sequence[task.Problem], cfg: ASCConfig
+) -> list[dict[str, Any]]:
+    """Accuracy and thinking tokens of ``handle`` at each γ through the generation engine.
+
+    Every γ samples with the same seed, so problem i draws the same random stream at each γ (paired comparison).
+    """
+    ecfg = EvalConfig(n_problems=len(problems), batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    out = []
+    for g in gammas:
+        with vec.apply(handle, gamma=g, positions="last"):
+            traces = organism_traces(handle, list(problems), cfg.temperature, ecfg, seed=cfg.seed)
+        out.append({"gamma": g, **summarize(traces)})
+    return out
+
+
+def _best(rows: list[dict[str, Any]], baseline: dict[str, Any], max_drop: float) -> dict[str, Any] | None:
+    ok = [r for r in rows if r["accuracy"] >= baseline["accuracy"] - max_drop - 1e-12]
+    return min(ok, key=lambda r: r["mean_think_tokens"]) if ok else None
+
+
+def _brief(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: r[k] for k in ("gamma", "accuracy", "mean_think_tokens", "truncated_fraction")}
+
+
+def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Extract the concise − verbose vector, choose γ (KL bound and sweep), evaluate; write the artifact at ``out``.
+
+    Returns the report (``gamma``, ``gamma_rule``, ``baseline``, ``steered``, ``length_reduction``, ``sweep``, ...).
+    """
+    g = handle.geometry
+    if cfg.layer >= g.n_layers:
+        raise ValueError(f"layer {cfg.layer} does not exist in {handle.source} (layers 0..{g.n_layers - 1})")
+    concise, verbose = asc_pairs(handle, task.problems(cfg.n_pairs, cfg.seed), cfg.seed)
+    recipe = {"paper": "ASC arXiv 2507.04742 v2", "pairs": "organism task styles", **asdict(cfg)}
+    vec = extract_vector(handle, concise, verbose, [cfg.layer], cfg.reduce, "mean_diff", "last", recipe)
+    calib = [t for pair in zip(concise, verbose) for t in pair][: cfg.n_calibration]
+    kl = kl_gamma(handle, vec, calib, cfg.layer, cfg.epsilon)
+    problems = task.problems(cfg.n_eval, EVAL_SEED)
+    gammas = [0.0, kl["gamma"], *cfg.sweep]
+    rows = evaluate_gammas(handle, vec, gammas, problems, cfg)
+    baseline, at_kl, sweep = rows[0], rows[1], rows[2:]
+    best = _best(sweep, baseline, cfg.max_accuracy_drop)
+    chosen = at_kl if cfg.gamma_rule == "kl_bound" or best is None else best
+    rule = "kl_bound" if chosen is at_kl else "sweep"
+    reduction = 1 - chosen["mean_think_tokens"] / baseline["mean_think_tokens"] if baseline["mean_think_tokens"] else 0.0
+    report = {
+        "model": handle.source,
+        "layer": cfg.layer,
+        "gamma": chosen["gamma"],
+        "gamma_rule": rule,
+        "kl_bound": {k: v for k, v in kl.items()},
+        "kl_gamma_eval": _brief(at_kl),
+        "best_sweep_gamma": None if best is None else best["gamma"],
+        "baseline": baseline,
+        "steered": chosen,
+        "length_reduction": round(reduction, 4),
+        "accuracy_change": round(chosen["accuracy"] - baseline["accuracy"], 4),
+        "sweep": [_brief(r) for r in sweep],
+        "config": asdict(cfg),
+    }
+    detail = {"epsilon": cfg.epsilon, "a": kl["a"], "L": kl["L"], "kl_gamma": kl["gamma"], "sweep": list(cfg.sweep)}
+    vec = vec.with_gamma(chosen["gamma"], rule, detail)
+    if out is not None:
+        vec.save(out, report=report)
+    return report

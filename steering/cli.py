@@ -1,0 +1,155 @@
+"""``steer`` commands (``asc``, ``apply``; mounted under ``reasonscope steer``) and ``export_cmd`` (``reasonscope export``).
+
+Same rules as :mod:`reasonscope.cli`: arguments, input files and the output location are checked before a model
+loads; a user error is one ``error:`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from reasonscope.cli import _choice, _fail, _Group, _model_geometry, _out_dir, _out_file, _say
+
+from .asc import GAMMA_CHOICES, ASCConfig
+from .export import FORMATS, load_vector
+from .vector import POSITIONS, SteeringVector
+
+steer_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Steer reasoning: ASC compression, apply a vector.")
+
+
+def _emit(obj: Any, as_json: bool) -> None:
+    text = json.dumps(obj, indent=1, allow_nan=False)
+    typer.echo(text) if as_json else _say(text)
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        _fail(f"{option} {text!r}: give comma-separated numbers, e.g. 0.5,1,2")
+
+
+def _vector(src: Path, option: str, layer: Optional[int] = None, key: Optional[str] = None) -> SteeringVector:
+    if not src.exists():
+        _fail(f"{option} {src} does not exist; pass a steering_vector directory or a .gguf/.safetensors/.pt file")
+    return load_vector(src, layer=layer, key=key)
+
+
+@steer_app.command("asc")
+def asc_cmd(
+    model: str = typer.Option("organism:thinking", help="The thinking model (organism:thinking or a directory)."),
+    out: Path = typer.Option(..., help="Write the steering_vector artifact (with report.json) here."),
+    layer: int = typer.Option(2, min=0, help="Block whose output is read and steered."),
+    reduce: str = typer.Option("last", help="Extraction position: last (ASC) | mean (over the text)."),
+    n_pairs: int = typer.Option(64, min=1, help="Concise/verbose pairs for the mean difference."),
+    epsilon: float = typer.Option(1e-3, help="KL budget of the strength rule."),
+    sweep: str = typer.Option("0.5,1,2,4", help="Fixed strengths to evaluate, comma-separated."),
+    gamma_rule: str = typer.Option("sweep", help="Strength the artifact carries: kl_bound | sweep (best within loss)."),
+    n_eval: int = typer.Option(300, min=1, help="Held-out organism problems."),
+    temperature: float = typer.Option(1.0, min=0.0),
+    seed: int = typer.Option(0),
+    max_new_tokens: int = typer.Option(640, min=1),
+    batch_size: int = typer.Option(64, min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+) -> None:
+    """Extract the concise − verbose vector, choose γ (KL bound, sweep) and report length and accuracy vs γ."""
+    from .asc import run_asc
+
+    if out.exists():
+        _fail(f"--out {out} already exists; delete it or choose another output directory")
+    _out_dir(out)
+    cfg = ASCConfig(
+        layer=layer,
+        reduce=_choice(reduce, ("last", "mean"), "--reduce"),
+        n_pairs=n_pairs,
+        epsilon=epsilon,
+        sweep=_floats(sweep, "--sweep"),
+        gamma_rule=_choice(gamma_rule, GAMMA_CHOICES, "--gamma-rule"),
+        n_eval=n_eval,
+        temperature=temperature,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+    g = _model_geometry(model)
+    if layer >= g.n_layers:
+        _fail(f"--layer {layer} does not exist in {model} (layers 0..{g.n_layers - 1})")
+    from reasonscope.models import load_model
+
+    _emit(run_asc(load_model(model), cfg, out), as_json)
+
+
+@steer_app.command("apply")
+def apply_cmd(
+    vector: Path = typer.Option(..., "--vector", help="A steering_vector directory or an importable vector file."),
+    model: str = typer.Option(..., help="Model to steer (local directory, hub id or organism:thinking|base)."),
+    prompt: list[str] = typer.Option([], help="Question(s), formatted with the chat template (repeatable)."),
+    n: int = typer.Option(0, min=0, help="Also steer this many held-out organism problems (graded)."),
+    gamma: Optional[float] = typer.Option(None, help="Strength (default: the vector's)."),
+    positions: Optional[str] = typer.Option(None, help="last | all | generated (default: the vector's)."),
+    layer: Optional[int] = typer.Option(None, help="Steer only this layer of the vector."),
+    key: Optional[str] = typer.Option(None, help="Behaviour of a .pt dict of vectors."),
+    max_new_tokens: int = typer.Option(256, min=1),
+    temperature: float = typer.Option(0.0, min=0.0),
+    as_json: bool = typer.Option(False, "--json", help="Print the completions as JSON on stdout."),
+) -> None:
+    """Generate with and without the vector; print the texts (and, with --n, accuracy and thinking tokens)."""
+    if not prompt and n == 0:
+        _fail("nothing to generate: give --prompt TEXT (repeatable) or --n N organism problems")
+    rule = None if positions is None else _choice(positions, POSITIONS, "--positions")
+    vec = _vector(vector, "--vector", layer, key)
+    g = _model_geometry(model)
+    if g.d_model != vec.meta.d_model or max(vec.layers) >= g.n_layers:
+        _fail(
+            f"--vector {vector} (width {vec.meta.d_model}, layers {list(vec.layers)}) does not fit {model} "
+            f"(d_model {g.d_model}, layers 0..{g.n_layers - 1}); use a vector extracted from this model"
+        )
+    from reasonscope.generation import DecodeConfig, generate
+    from reasonscope.models import load_model
+
+    h = load_model(model)
+    vec.check_model(h)
+    report: dict[str, Any] = {"gamma": vec.meta.gamma if gamma is None else gamma, "positions": rule or vec.meta.positions}
+    if prompt:
+        prompts = [h.chat_prompt(p) for p in prompt]
+        cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+        plain = generate(h, prompts, cfg)
+        with vec.apply(h, gamma=gamma, positions=rule):
+            steered = generate(h, prompts, cfg)
+        tok = h.tokenizer
+        report["completions"] = [
+            {"prompt": p, "plain": tok.decode(a.token_ids), "steered": tok.decode(b.token_ids)}
+            for p, a, b in zip(prompt, plain, steered)
+        ]
+    if n:
+        from reasonscope.organisms import task
+        from reasonscope.organisms.evaluate import EVAL_SEED, EvalConfig, organism_traces, summarize
+
+        problems = task.problems(n, EVAL_SEED)
+        ecfg = EvalConfig(n_problems=n, max_new_tokens=max_new_tokens)
+        report["plain"] = summarize(organism_traces(h, problems, temperature, ecfg))
+        with vec.apply(h, gamma=gamma, positions=rule):
+            report["steered"] = summarize(organism_traces(h, problems, temperature, ecfg))
+    _emit(report, as_json)
+
+
+def export_cmd(
+    src: Path = typer.Option(..., "--in", help="A steering_vector directory, or a .gguf/.safetensors/.pt vector."),
+    format: str = typer.Option(..., "--format", help="gguf (llama.cpp) | easysteer | safetensors."),
+    out: Path = typer.Option(..., help="Output file."),
+    layer: Optional[int] = typer.Option(None, help="Export only this layer (required for an ASC .pt of rows)."),
+    key: Optional[str] = typer.Option(None, help="Behaviour of a .pt dict of vectors."),
+    model_hint: Optional[str] = typer.Option(None, help="controlvector.model_hint (default: the model's type)."),
+) -> None:
+    """Export a steering vector for serving (llama.cpp, EasySteer/vLLM) or as safetensors."""
+    from .export import export_vector
+
+    fmt = _choice(format, FORMATS, "--format")
+    _out_file(out)
+    vec = _vector(src, "--in", layer, key)
+    for path in export_vector(vec, out, fmt, model_hint):
+        _say(f"wrote {path}")

@@ -1,0 +1,134 @@
+"""Directions from activations: residuals of texts at named layers, mean difference and PCA of differences.
+
+Residuals are read at ``blocks.L.hook_resid_post`` (the output of block ``L``) through ``handle.run``; texts are
+tokenized without special tokens and left-padded, and every reduction indexes real tokens through the mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
+
+import torch
+
+from .vector import Positions, SteeringVector, VectorMeta
+
+__all__ = ["METHODS", "REDUCTIONS", "Method", "Reduce", "extract_vector", "mean_difference", "pca_difference", "residuals"]
+
+Reduce = Literal["last", "mean", "all"]
+REDUCTIONS: tuple[Reduce, ...] = get_args(Reduce)
+Method = Literal["mean_diff", "pca"]
+METHODS: tuple[Method, ...] = get_args(Method)
+
+
+def residuals(
+    handle: Any, texts: Sequence[str], layers: Sequence[int], reduce: Reduce = "last", batch_size: int = 16
+) -> torch.Tensor:
+    """Residual stream after each of ``layers`` for each text, float32 on the CPU.
+
+    ``reduce``: ``last`` (last token) or ``mean`` (mean over the text's tokens) give ``[n_texts, n_layers, d]``;
+    ``all`` gives every token ``[n_tokens, n_layers, d]`` (texts concatenated in order).
+    """
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce {reduce!r} is not one of {', '.join(REDUCTIONS)}")
+    if not texts:
+        raise ValueError("no texts to read residuals from")
+    n_layers = handle.geometry.n_layers
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad:
+        raise ValueError(f"layer {bad[0]} does not exist in {handle.source} (layers 0..{n_layers - 1})")
+    tok = handle.tokenizer
+    out: list[torch.Tensor] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start : start + batch_size])
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chunk]
+        if any(not x for x in ids):
+            raise ValueError("an empty text has no token to read; drop it")
+        width = max(map(len, ids))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        seen: dict[int, torch.Tensor] = {}
+
+        def reader(layer: int) -> Any:
+            def hook(x: torch.Tensor) -> None:
+                seen[layer] = x.detach().float().cpu()
+
+            return hook
+
+        with torch.no_grad():
+            handle.run(input_ids, mask, hooks={f"blocks.{x}.hook_resid_post": reader(x) for x in layers})
+        acts = torch.stack([seen[x] for x in layers], dim=2)  # [batch, pos, n_layers, d]
+        real = mask.bool()
+        if reduce == "last":
+            out.append(acts[:, -1])
+        elif reduce == "mean":
+            w = real[..., None, None].float()
+            out.append((acts * w).sum(1) / w.sum(1))
+        else:
+            out.append(acts[real])
+    return torch.cat(out)
+
+
+def mean_difference(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """mean(target) − mean(source) over rows: ``[n, L, d]`` x2 -> ``[L, d]`` (paired or labelled rows)."""
+    if target.shape[1:] != source.shape[1:]:
+        raise ValueError(f"target rows {tuple(target.shape[1:])} and source rows {tuple(source.shape[1:])} differ")
+    if len(target) == 0 or len(source) == 0:
+        raise ValueError("mean difference needs at least one target and one source row")
+    return target.float().mean(0) - source.float().mean(0)
+
+
+def pca_difference(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """First principal direction of the paired differences (uncentred SVD), per layer, unit norm ``[L, d]``.
+
+    As steering-vectors' ``pca_aggregator``: uncentred, so a shift shared by all pairs is the direction; the
+    sign is chosen so that most pairs project higher for target than source.
+    """
+    if target.shape != source.shape:
+        raise ValueError(f"PCA needs paired rows of one shape, got {tuple(target.shape)} and {tuple(source.shape)}")
+    if len(target) < 2:
+        raise ValueError("PCA of differences needs at least 2 pairs")
+    diffs = (target - source).float().transpose(0, 1)  # [L, n, d]
+    _, _, vh = torch.linalg.svd(diffs, full_matrices=False)
+    pc = vh[:, 0]  # [L, d]
+    votes = torch.sign(torch.einsum("lnd,ld->ln", diffs, pc)).sum(1)
+    return pc * torch.where(votes < 0, -1.0, 1.0)[:, None]
+
+
+def extract_vector(
+    handle: Any,
+    target_texts: Sequence[str],
+    source_texts: Sequence[str],
+    layers: Sequence[int],
+    reduce: Reduce = "last",
+    method: Method = "mean_diff",
+    positions: Positions = "all",
+    recipe: dict[str, Any] | None = None,
+) -> SteeringVector:
+    """A vector target − source from two sets of texts (``pca`` needs them paired, one target per source)."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if method == "pca" and (reduce == "all" or len(target_texts) != len(source_texts)):
+        raise ValueError("pca needs paired texts (as many targets as sources) and reduce 'last' or 'mean'")
+    tgt = residuals(handle, target_texts, layers, reduce)
+    src = residuals(handle, source_texts, layers, reduce)
+    directions = mean_difference(tgt, src) if method == "mean_diff" else pca_difference(tgt, src)
+    g = handle.geometry
+    meta = VectorMeta(
+        d_model=g.d_model,
+        layers=tuple(layers),
+        positions=positions,
+        model_id=handle.source,
+        model_hash=handle.weight_hash,
+        n_layers=g.n_layers,
+        recipe={
+            "method": method,
+            "reduce": reduce,
+            "n_target": len(target_texts),
+            "n_source": len(source_texts),
+            "model_type": str(getattr(handle.model.config, "model_type", "")),
+            **dict(recipe or {}),
+        },
+    )
+    return SteeringVector(directions, meta)

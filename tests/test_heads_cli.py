@@ -1,0 +1,128 @@
+"""``reasonscope heads``: user errors before any model loads, and score/eval end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from reasonscope.cli import app
+from reasonscope.heads import CompressionPolicy, HeadMap
+from reasonscope.heads.figures import curves_figure, head_map_figure, retrieval_scatter
+
+runner = CliRunner()
+
+
+def user_error(r, *needles: str) -> None:
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.stderr
+    for needle in needles:
+        assert needle in r.stderr, (needle, r.stderr)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import reasonscope.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were validated")
+
+    monkeypatch.setattr(reasonscope.models, "load_model", refuse)
+
+
+def test_bad_input_fails_early_and_writes_nothing(tiny_model_dir, tmp_path, no_model_load):
+    m = str(tiny_model_dir)
+    user_error(
+        runner.invoke(app, ["heads", "score", "--model", m, "--method", "magic", "--out", str(tmp_path / "o")]),
+        "--method 'magic'",
+    )
+    user_error(
+        runner.invoke(app, ["heads", "score", "--model", m, "--sink", "4", "--out", str(tmp_path / "o")]),
+        "both --sink and --recent",
+    )
+    user_error(
+        runner.invoke(app, ["heads", "score", "--model", m, "--levels", "9", "--out", str(tmp_path / "o")]),
+        "unknown level",
+    )
+    (tmp_path / "exists").mkdir()
+    user_error(
+        runner.invoke(app, ["heads", "score", "--model", m, "--out", str(tmp_path / "exists")]), "already exists"
+    )
+    user_error(
+        runner.invoke(app, ["heads", "eval", "--model", m, "--map", str(tmp_path / "exists"), "--sparsities", "0,1.5"]),
+        "outside [0, 1]",
+    )
+    user_error(runner.invoke(app, ["heads", "eval", "--model", m, "--map", str(tmp_path / "exists")]), "manifest")
+    wrong = HeadMap(torch.ones(3, 2), "window", "sha256:x", CompressionPolicy())
+    wrong.save(tmp_path / "wrong", {}, {})
+    user_error(
+        runner.invoke(app, ["heads", "eval", "--model", m, "--map", str(tmp_path / "wrong")]), "layers x KV heads"
+    )
+    user_error(runner.invoke(app, ["heads", "diff", "--base", m, "--model", str(tmp_path / "nope")]), "--model")
+    assert not (tmp_path / "o").exists()
+
+
+def test_score_then_eval_on_tiny_model(tiny_model_dir, tiny_handle, task_traces, tmp_path):
+    from reasonscope.traces.loaders import write_traces_jsonl
+
+    m = str(tiny_model_dir)
+    write_traces_jsonl(tmp_path / "t.jsonl", task_traces)
+    r = runner.invoke(
+        app,
+        [
+            "heads",
+            "score",
+            "--model",
+            m,
+            "--method",
+            "window",
+            "--traces",
+            str(tmp_path / "t.jsonl"),
+            "--sink",
+            "4",
+            "--recent",
+            "8",
+            "--out",
+            str(tmp_path / "w"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    hm = HeadMap.open(tmp_path / "w")
+    assert hm.method == "window" and hm.scores.shape == (2, 2)
+    r = runner.invoke(
+        app,
+        [
+            "heads",
+            "eval",
+            "--model",
+            m,
+            "--map",
+            str(tmp_path / "w"),
+            "--n",
+            "2",
+            "--levels",
+            "2",
+            "--no-exhaustive",
+            "--no-retrieval",
+            "--sparsities",
+            "0,0.5",
+            "--draws",
+            "1",
+            "--max-new-tokens",
+            "40",
+            "--json",
+            "--out",
+            str(tmp_path / "ev"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert set(res["curves"]) == {"window", "random", "uniform"} and res["rank_agreement"] == {"window": {}}
+    assert {"accuracy", "mean_think_tokens", "kv_bytes"} <= set(res["curves"]["window"]["0.5"])
+    assert json.loads((tmp_path / "ev" / "result.json").read_text())["curves"] == res["curves"]
+    assert len(head_map_figure(hm.scores).data) == 1 and len(curves_figure(res).data) == len(res["curves"])
+    assert len(retrieval_scatter({"window": hm.scores}, torch.rand(2, 2)).data[0].x) == 4

@@ -1,0 +1,185 @@
+"""SteeringVector: applying through hooks (positions, per-request γ, backends, cleanup), extraction, the artifact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reasonscope.artifacts import CorruptFileError
+from reasonscope.generation import DecodeConfig, generate
+from reasonscope.models import load_model
+from steering.extract import extract_vector, mean_difference, pca_difference, residuals
+from steering.vector import SteeringVector, VectorMeta
+
+TEXTS = ["a=3, b=4, c=1. what is a + b - c?", "d=2. what is d?"]  # row 2 is left-padded
+
+
+def batch(h, texts=TEXTS):
+    enc = h.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def make_vector(h, layers=(1,), positions="all", seed=0, **meta) -> SteeringVector:
+    g = h.geometry
+    torch.manual_seed(seed)
+    m = VectorMeta(d_model=g.d_model, layers=layers, positions=positions, n_layers=g.n_layers, **meta)
+    return SteeringVector(torch.randn(len(layers), g.d_model), m)
+
+
+def resid(h, layer, ids, mask):
+    seen = {}
+    with torch.no_grad():
+        logits = h.run(ids, mask, hooks={f"blocks.{layer}.hook_resid_post": lambda x: seen.setdefault("x", x.clone())})
+    return seen["x"], logits
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_apply_adds_gamma_v_at_the_named_layer_and_positions(tiny_handle, positions):
+    h = tiny_handle
+    vec = make_vector(h, positions=positions)
+    ids, mask = batch(h)
+    before, _ = resid(h, 1, ids, mask)
+    with vec.apply(h, gamma=0.5):
+        after, _ = resid(h, 1, ids, mask)  # a read hook registered after the steering hook sees the steered value
+    expected = torch.zeros_like(before)
+    if positions == "all":
+        expected[:] = 0.5 * vec.direction(1)
+    else:
+        expected[:, -1] = 0.5 * vec.direction(1)
+    assert torch.allclose(after - before, expected, atol=1e-5)
+    layer0_before, _ = resid(h, 0, ids, mask)
+    with vec.apply(h, gamma=0.5):
+        layer0_after, _ = resid(h, 0, ids, mask)
+    assert torch.equal(layer0_before, layer0_after)  # upstream of the steered block: untouched
+
+
+def test_per_row_gamma_in_a_forward_pass(tiny_handle):
+    h = tiny_handle
+    vec = make_vector(h)
+    ids, mask = batch(h)
+    _, ref = resid(h, 0, ids, mask)
+    with vec.apply(h, gamma=[0.0, 3.0]):
+        _, got = resid(h, 0, ids, mask)
+    m = mask.bool()
+    assert torch.allclose(got[0][m[0]], ref[0][m[0]], atol=1e-6)
+    assert not torch.allclose(got[1][m[1]], ref[1][m[1]], atol=1e-3)
+    with pytest.raises(ValueError, match="one per row"), vec.apply(h, gamma=[1.0, 2.0, 3.0]):
+        h.run(ids, mask)
+
+
+@pytest.mark.parametrize("positions", ["last", "generated", "all"])
+def test_per_request_gamma_during_generation(tiny_handle, positions):
+    h = tiny_handle
+    vec = make_vector(h, layers=(0, 1), positions=positions)
+    prompts = [TEXTS[0], TEXTS[1], TEXTS[0], TEXTS[1]]
+    cfg = DecodeConfig(max_new_tokens=12, batch_size=3, refill=1)  # refills: rows serve changing requests
+    plain = generate(h, prompts, cfg)
+    gammas = [0.0, 0.0, 40.0, 40.0]
+    with vec.apply(h, gamma=gammas):
+        steered = generate(h, prompts, cfg)
+    assert [c.token_ids for c in steered[:2]] == [c.token_ids for c in plain[:2]]
+    assert all(s.token_ids != p.token_ids for s, p in zip(steered[2:], plain[2:]))
+    again = generate(h, prompts, cfg)
+    assert [c.token_ids for c in again] == [c.token_ids for c in plain]
+
+
+def test_generated_rule_needs_the_generation_engine(tiny_handle):
+    vec = make_vector(tiny_handle, positions="generated")
+    ids, mask = batch(tiny_handle)
+    with pytest.raises(ValueError, match="decode steps"), vec.apply(tiny_handle):
+        tiny_handle.run(ids, mask)
+
+
+def test_hooks_removed_when_generation_raises(tiny_handle):
+    h = tiny_handle
+    vec = make_vector(h)
+    ids, mask = batch(h)
+    _, before = resid(h, 0, ids, mask)
+
+    def boom(batch, tokens, logits):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"), vec.apply(h, gamma=5.0):
+        generate(h, TEXTS, DecodeConfig(max_new_tokens=4), on_token=boom)
+    _, after = resid(h, 0, ids, mask)
+    assert torch.equal(before, after)
+    assert not any(m._forward_hooks for m in h.model.modules())
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+def test_backends_give_the_same_steered_logits(tiny_model_dir, tiny_handle, backend):
+    vec = make_vector(tiny_handle, layers=(0, 1))
+    ids, mask = batch(tiny_handle)
+    m = mask.bool()
+    with vec.apply(tiny_handle, gamma=0.7):
+        ref = tiny_handle.run(ids, mask).detach()
+    other = load_model(tiny_model_dir, backend=backend)
+    plain = other.run(ids, mask).detach()
+    with vec.apply(other, gamma=0.7):
+        got = other.run(ids, mask).detach()
+    assert torch.allclose(got[m], ref[m], atol=1e-4)
+    assert not torch.allclose(plain[m], ref[m], atol=1e-3)
+
+
+def test_refuses_another_model_bad_layers_and_nan(tiny_handle):
+    g = tiny_handle.geometry
+    wide = SteeringVector(torch.ones(1, g.d_model + 1), VectorMeta(d_model=g.d_model + 1, layers=(0,)))
+    with pytest.raises(ValueError, match="width"), wide.apply(tiny_handle):
+        pass
+    deep = SteeringVector(torch.ones(1, g.d_model), VectorMeta(d_model=g.d_model, layers=(0,), n_layers=g.n_layers + 2))
+    with pytest.raises(ValueError, match="layers"), deep.apply(tiny_handle):
+        pass
+    far = SteeringVector(torch.ones(1, g.d_model), VectorMeta(d_model=g.d_model, layers=(g.n_layers,)))
+    with pytest.raises(ValueError, match="does not exist"), far.apply(tiny_handle):
+        pass
+    with pytest.raises(ValueError, match="layer 1 holds NaN"):
+        SteeringVector(torch.tensor([[0.0] * 4, [float("nan")] * 4]), VectorMeta(d_model=4, layers=(0, 1)))
+    with pytest.raises(ValueError, match="shape"):
+        SteeringVector(torch.ones(2, 4), VectorMeta(d_model=4, layers=(0,)))
+    with pytest.raises(ValueError, match="positions"):
+        VectorMeta(d_model=4, layers=(0,), positions="middle")  # type: ignore[arg-type]
+    assert not any(m._forward_hooks for m in tiny_handle.model.modules())
+
+
+def test_artifact_round_trip_and_damage(tiny_handle, tmp_path):
+    vec = make_vector(tiny_handle, layers=(0, 1), positions="last", gamma=0.3, gamma_rule="sweep", recipe={"k": 1})
+    vec.save(tmp_path / "v", report={"note": "x"})
+    back = SteeringVector.open(tmp_path / "v")
+    assert torch.equal(back.directions, vec.directions) and back.meta == vec.meta
+    with pytest.raises(FileExistsError):
+        vec.save(tmp_path / "v")
+    blob = tmp_path / "v" / "directions.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError):
+        SteeringVector.open(tmp_path / "v")
+
+
+def test_residuals_and_directions(tiny_handle):
+    h = tiny_handle
+    ids, mask = batch(h)
+    full, _ = resid(h, 1, ids, mask)
+    last = residuals(h, TEXTS, [1], "last")
+    assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
+    mean = residuals(h, TEXTS, [1], "mean")
+    m = mask.bool()
+    assert torch.allclose(mean[1, 0], full[1][m[1]].mean(0), atol=1e-5)  # padding excluded
+    assert residuals(h, TEXTS, [1], "all").shape[0] == int(mask.sum())
+    tgt, src = torch.randn(6, 2, 8), torch.randn(6, 2, 8)
+    assert torch.allclose(mean_difference(tgt, src), (tgt - src).mean(0), atol=1e-6)
+    shift = torch.zeros(2, 8)
+    shift[:, 3] = 5.0
+    pc = pca_difference(src + shift + 0.01 * torch.randn(6, 2, 8) * torch.arange(6)[:, None, None], src)
+    assert torch.allclose(pc.norm(dim=-1), torch.ones(2)) and bool((pc[:, 3] > 0.99).all())
+    assert bool((pca_difference(src, src + shift)[:, 3] < -0.99).all())  # sign follows target - source
+    with pytest.raises(ValueError, match="does not exist"):
+        residuals(h, TEXTS, [9])
+
+
+def test_extract_vector_records_provenance(tiny_handle):
+    vec = extract_vector(tiny_handle, TEXTS[:1], TEXTS[1:], [0, 1], reduce="mean", positions="last")
+    assert vec.meta.model_hash == tiny_handle.weight_hash and vec.meta.n_layers == tiny_handle.geometry.n_layers
+    assert vec.meta.recipe["method"] == "mean_diff" and vec.meta.recipe["model_type"] == "qwen2"
+    with pytest.raises(ValueError, match="pca needs paired"):
+        extract_vector(tiny_handle, TEXTS, TEXTS[:1], [0], method="pca")

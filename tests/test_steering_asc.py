@@ -1,0 +1,90 @@
+"""ASC: the KL-bounded strength (closed form, erratum, estimates on a model) and the end-to-end run."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import organisms
+from reasonscope.models import load_model
+from steering.asc import ASCConfig, _cubic_root, asc_gamma_max, estimate_a_l, kl_bound, kl_gamma, run_asc
+from steering.vector import SteeringVector, VectorMeta
+
+
+def test_cubic_root_where_cardano_fails():
+    for beta in (1e-12, 1e-6, 1e-3, 0.1, 4 / 27 - 1e-9, 1.0, 50.0, 1e6):
+        x = _cubic_root(beta)
+        assert x > 0 and abs(x**3 + x * x - beta) <= 1e-12 * max(1.0, beta)
+        real = [r.real for r in np.roots([1, 1, 0, -beta]) if abs(r.imag) < 1e-9 and r.real > 0]
+        assert x == pytest.approx(real[0], rel=1e-9)
+    beta = 1e-3  # the paper's Cardano form: Δ = β²/4 − β/27 < 0, a square root of a negative number
+    assert beta**2 / 4 - beta / 27 < 0
+
+
+def test_gamma_max_keeps_the_bound_on_a_grid():
+    grid = [10.0**k for k in range(-3, 5)]
+    for a, lip, eps in itertools.product(grid, [10.0**k for k in range(-6, 5)], [1e-5, 1e-3, 1e-1]):
+        g = asc_gamma_max(a, lip, eps)
+        assert g >= 0 and kl_bound(a, lip, g) <= eps * (1 + 1e-9), (a, lip, eps)
+    assert asc_gamma_max(2.0, 0.0, 1e-3) == pytest.approx(2 * math.sqrt(1e-3) / 2.0)  # L -> 0
+    assert asc_gamma_max(0.0, 4.0, 1e-3) == pytest.approx((16e-3) ** 0.25 / 2.0)  # a = 0
+    with pytest.raises(ValueError, match="a = L = 0"):
+        asc_gamma_max(0.0, 0.0)
+    with pytest.raises(ValueError, match="epsilon"):
+        asc_gamma_max(1.0, 1.0, 0.0)
+
+
+def test_estimates_match_autograd_and_the_kl_stays_within_budget(tiny_model_dir):
+    h = load_model(tiny_model_dir, attn_implementation="eager")  # forward-mode AD through eager attention
+    texts = ["a=3, b=4, c=1. what is a + b - c?", "d=2. what is d?", "e=1, f=5. what is e + f?"]
+    torch.manual_seed(0)
+    v = torch.randn(h.geometry.d_model)
+    est = estimate_a_l(h, texts, 0, v)
+    unit = v / v.norm()
+    enc = h.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    def logits(t: torch.Tensor) -> torch.Tensor:
+        def hook(x: torch.Tensor) -> torch.Tensor:
+            x = x.clone()
+            x[:, -1] = x[:, -1] + t * unit
+            return x
+
+        return h.run(enc["input_ids"], enc["attention_mask"], hooks={"blocks.0.hook_resid_post": hook})[:, -1]
+
+    _, jv = torch.func.jvp(logits, (torch.zeros(()),), (torch.ones(()),))
+    assert est["a"] == pytest.approx(float(jv.norm(dim=-1).median()), rel=1e-2)
+    vec = SteeringVector(v[None], VectorMeta(d_model=h.geometry.d_model, layers=(0,)))
+    res = kl_gamma(h, vec, texts, 0, 1e-3)
+    assert res["gamma"] == pytest.approx(res["gamma_unit"] / float(v.norm()))
+    assert res["bound"] <= 1e-3 * (1 + 1e-9) and res["measured_kl"]["median"] <= 1e-3
+    big = kl_gamma(h, vec, texts, 0, 1e-1)
+    assert big["gamma"] > res["gamma"] and big["measured_kl"]["median"] > res["measured_kl"]["median"]
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="epsilon"):
+        ASCConfig(epsilon=0)
+    with pytest.raises(ValueError, match="gamma_rule"):
+        ASCConfig(gamma_rule="best")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sweep"):
+        ASCConfig(sweep=(-1.0,))
+    with pytest.raises(ValueError, match="needs at least one sweep"):
+        ASCConfig(sweep=())
+
+
+@organisms
+def test_asc_end_to_end_on_the_thinking_organism(tmp_path):
+    h = load_model("organism:thinking")
+    cfg = ASCConfig(n_pairs=16, n_calibration=16, sweep=(0.5, 8.0), n_eval=10, max_new_tokens=160, batch_size=16)
+    report = run_asc(h, cfg, tmp_path / "asc")
+    assert {"gamma", "gamma_rule", "baseline", "steered", "length_reduction", "sweep", "kl_bound"} <= set(report)
+    assert [r["gamma"] for r in report["sweep"]] == [0.5, 8.0]
+    assert report["kl_bound"]["bound"] <= cfg.epsilon * (1 + 1e-9)
+    assert report["sweep"][1]["mean_think_tokens"] < report["baseline"]["mean_think_tokens"]  # far too strong: short
+    vec = SteeringVector.open(tmp_path / "asc")
+    assert vec.meta.gamma == report["gamma"] and vec.meta.positions == "last" and vec.layers == (cfg.layer,)
+    assert vec.meta.gamma_detail["epsilon"] == cfg.epsilon

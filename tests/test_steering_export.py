@@ -1,0 +1,171 @@
+"""Exports for serving (llama.cpp GGUF, EasySteer, safetensors) and imports (GGUF, repeng, ASC/behaviour .pt)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from steering.export import export_vector, load_vector, read_gguf, write_gguf
+from steering.vector import SteeringVector, VectorMeta
+
+GGUF_TYPES = {4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def parse_gguf(path: Path) -> tuple[dict, dict]:
+    """An independent GGUF v3 reader (research/steering.md §5.1): KV pairs and {name: (type, shape, floats)}."""
+    b = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        (v,) = struct.unpack_from(fmt, b, pos)
+        pos += struct.calcsize(fmt)
+        return v
+
+    def string() -> str:
+        nonlocal pos
+        n = take("<Q")
+        s = b[pos : pos + n].decode()
+        pos += n
+        return s
+
+    assert b[:4] == b"GGUF"
+    pos = 4
+    assert take("<I") == 3
+    n_tensors, n_kv = take("<Q"), take("<Q")
+    kv = {}
+    for _ in range(n_kv):
+        key, vtype = string(), take("<I")
+        kv[key] = string() if vtype == 8 else take(GGUF_TYPES[vtype])
+    infos = []
+    for _ in range(n_tensors):
+        name, n_dims = string(), take("<I")
+        dims = [take("<Q") for _ in range(n_dims)]
+        infos.append((name, dims, take("<I"), take("<Q")))
+    align = kv.get("general.alignment", 32)
+    data = -(-pos // align) * align
+    tensors = {}
+    for name, dims, kind, offset in infos:
+        assert offset % align == 0
+        n = int(np.prod(dims))
+        tensors[name] = (kind, dims, np.frombuffer(b, "<f4", n, data + offset))
+    return kv, tensors
+
+
+def vector(layers=(1, 3), d=16, **meta) -> SteeringVector:
+    torch.manual_seed(1)
+    m = VectorMeta(d_model=d, layers=layers, n_layers=4, positions="last", gamma=0.4, gamma_rule="sweep", **meta)
+    return SteeringVector(torch.randn(len(layers), d), m)
+
+
+def test_gguf_layout_is_a_llama_cpp_control_vector(tmp_path):
+    vec = vector(recipe={"method": "mean_diff", "model_type": "qwen2"})
+    path = write_gguf(vec, tmp_path / "v.gguf")
+    kv, tensors = parse_gguf(path)
+    assert list(kv)[:3] == ["general.architecture", "controlvector.model_hint", "controlvector.layer_count"]
+    assert kv["general.architecture"] == "controlvector" and kv["controlvector.model_hint"] == "qwen2"
+    assert kv["controlvector.layer_count"] == 2 and kv["controlvector.default_scale"] == pytest.approx(0.4)
+    assert sorted(tensors) == ["direction.1", "direction.3"]
+    for layer in (1, 3):
+        kind, dims, data = tensors[f"direction.{layer}"]
+        assert kind == 0 and dims == [16]  # F32, 1-D
+        assert np.array_equal(data, vec.direction(layer).numpy())
+    directions, fields = read_gguf(path)
+    assert sorted(directions) == [1, 3] and fields["controlvector.model_hint"] == "qwen2"
+
+
+def test_gguf_refuses_layer_zero_for_llama_cpp(tmp_path):
+    vec = vector(layers=(0, 2))
+    with pytest.raises(ValueError, match=r"direction\.0"):
+        write_gguf(vec, tmp_path / "v.gguf")
+    assert not list(tmp_path.iterdir())  # nothing written
+    files = export_vector(vec, tmp_path / "e.gguf", "easysteer")
+    _, tensors = parse_gguf(files[0])
+    assert sorted(tensors) == ["direction.0", "direction.2"]
+    spec = json.loads(files[1].read_text())
+    assert spec["vectors"][0]["apply"] == {"prompt_positions": [-1], "generation": "all"}
+    assert spec["vectors"][0]["scale"] == pytest.approx(0.4) and spec["vectors"][0]["layers"] == [0, 2]
+
+
+@pytest.mark.parametrize("fmt, name", [("gguf", "v.gguf"), ("easysteer", "e.gguf"), ("safetensors", "v.safetensors")])
+def test_export_import_round_trip(tmp_path, fmt, name):
+    vec = vector()
+    export_vector(vec, tmp_path / name, fmt)
+    back = load_vector(tmp_path / name)
+    assert torch.equal(back.directions, vec.directions) and back.meta == vec.meta
+    one = load_vector(tmp_path / name, layer=3)
+    assert one.layers == (3,) and torch.equal(one.directions[0], vec.direction(3))
+
+
+def test_imports_a_repeng_style_gguf(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "r.gguf"), "controlvector")
+    w.add_string("controlvector.model_hint", "llama")
+    w.add_uint32("controlvector.layer_count", 2)
+    for layer, value in ((2, 1.0), (5, -2.0)):
+        w.add_tensor(f"direction.{layer}", np.full(8, value, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    vec = load_vector(tmp_path / "r.gguf")
+    assert vec.layers == (2, 5) and vec.meta.gamma_rule == "imported" and vec.meta.d_model == 8
+    assert vec.meta.recipe["model_hint"] == "llama" and float(vec.direction(5)[0]) == -2.0
+
+
+def test_bad_gguf_files_are_refused(tmp_path):
+    import gguf
+
+    good = write_gguf(vector(), tmp_path / "v.gguf")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good.read_bytes()[:-40])
+    with pytest.raises(ValueError, match=r"cut\.gguf"):
+        load_vector(cut)
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((2, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="not a control vector"):
+        load_vector(tmp_path / "m.gguf")
+
+
+class Payload:
+    """Not a tensor: a .pt holding it must be refused (weights_only)."""
+
+
+def test_pt_imports(tmp_path):
+    rows = torch.randn(5, 16)
+    torch.save(rows, tmp_path / "asc.pt")
+    vec = load_vector(tmp_path / "asc.pt", layer=20 % 4)
+    assert vec.layers == (0,) and torch.allclose(vec.direction(0), rows.mean(0)) and vec.meta.positions == "last"
+    with pytest.raises(ValueError, match="--layer"):
+        load_vector(tmp_path / "asc.pt")
+    behaviours = {"backtracking": {"mean": torch.randn(4, 16)}, "checking": {"mean": torch.randn(4, 16)}}
+    torch.save(behaviours, tmp_path / "beh.pt")
+    vec = load_vector(tmp_path / "beh.pt", key="checking")
+    assert vec.layers == (0, 1, 2, 3) and torch.equal(vec.direction(2), behaviours["checking"]["mean"][2])
+    assert load_vector(tmp_path / "beh.pt", key="checking", layer=2).layers == (2,)
+    with pytest.raises(ValueError, match="--key"):
+        load_vector(tmp_path / "beh.pt")
+    torch.save({"x": {"mean": torch.full((2, 16), float("nan"))}}, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="layer 0 holds NaN"):
+        load_vector(tmp_path / "nan.pt")
+    torch.save(Payload(), tmp_path / "code.pt")
+    with pytest.raises(ValueError, match="weights_only"):
+        load_vector(tmp_path / "code.pt", layer=0)
+
+
+def test_export_round_trip_of_an_artifact(tmp_path):
+    vec = vector()
+    vec.save(tmp_path / "art")
+    assert torch.equal(load_vector(tmp_path / "art").directions, vec.directions)
+    with pytest.raises(ValueError, match="no direction for layer 2"):
+        load_vector(tmp_path / "art", layer=2)
