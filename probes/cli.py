@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -16,6 +16,11 @@ from reasonscope.cli import _choice, _fail, _Group, _model_geometry, _out_dir, _
 
 from .answers import MATCHERS
 from .chunks import CHUNKINGS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from reasonscope.traces import Trace
+
+    from .probeset import ProbeSet
 
 probe_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Probes for confidence, deviation and overthinking.")
 
@@ -33,7 +38,7 @@ def _fresh_out(out: Path) -> Path:
     return _out_dir(out)
 
 
-def _read_traces(path: Path) -> list:
+def _read_traces(path: Path) -> list[Trace]:
     """A JSONL of trace records, or a directory in the thought-anchors layout."""
     if path.is_dir():
         from reasonscope.traces import load_thought_anchors
@@ -124,7 +129,7 @@ def fit_cmd(
     _emit(_summary([ps]), as_json)
 
 
-def _summary(sets: list) -> dict[str, dict[str, Any]]:
+def _summary(sets: list[ProbeSet]) -> dict[str, dict[str, Any]]:
     out = {}
     for ps in sets:
         best = ps.report["best"]

@@ -6,7 +6,9 @@ pass (the last prompt token at prefill, then each generated token). Strength (§
 a = median ‖J v̂‖, L = 95th percentile of ‖d²/dt² F(h + t v̂)‖ over calibration points, β = 4εL²/a⁴, x the positive
 root of x³ + x² − β = 0, γ_raw = (a/L)x, γ_max = max(0, (1 − Lγ_raw/(4a))·γ_raw), which keeps
 ¼a²γ² + ¼Laγ³ + (1/16)L²γ⁴ ≤ ε (eq. 10); the stored vector is unnormalised, so γ = γ_max/‖v‖.
-Evaluation generates through :func:`reasonscope.generation.generate` with one γ per request.
+Pairs: ``styles`` (the organism task's concise and verbose thinking for the same question) or ``efficiency``
+(Efficiency Steering, arXiv 2506.15647: the shortest vs the longest correct of ``k_samples`` sampled traces).
+Evaluation generates through :func:`reasonscope.generation.generate` (the same seed at every γ).
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from statistics import median
 from typing import Any, Literal, get_args
 
 import torch
 
 from reasonscope.organisms import task
-from reasonscope.organisms.evaluate import EVAL_SEED, EvalConfig, organism_traces, summarize
+from reasonscope.organisms.evaluate import EVAL_SEED, EvalConfig, organism_traces, summarize, think_tokens
 
 from .extract import extract_vector
 from .vector import SteeringVector
@@ -32,6 +33,7 @@ __all__ = [
     "GammaRule",
     "asc_gamma_max",
     "asc_pairs",
+    "efficiency_pairs",
     "estimate_a_l",
     "evaluate_gammas",
     "kl_bound",
@@ -41,6 +43,8 @@ __all__ = [
 
 GammaRule = Literal["kl_bound", "sweep"]
 GAMMA_CHOICES: tuple[GammaRule, ...] = get_args(GammaRule)
+Pairs = Literal["styles", "efficiency"]
+PAIR_CHOICES: tuple[Pairs, ...] = get_args(Pairs)
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,12 @@ class ASCConfig:
     layer: int = 2
     reduce: Literal["last", "mean"] = "last"  # ASC reads the last token; "mean" averages over the text's tokens
     n_pairs: int = 64
+    pairs: Pairs = "styles"  # concise/verbose task styles, or shortest/longest correct samples (efficiency)
+    k_samples: int = 4  # efficiency pairs: samples per question at temperature 1
     epsilon: float = 1e-3  # KL budget of the strength rule (the paper's)
     n_calibration: int = 50
     sweep: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # γ multiplying the stored (unnormalised) vector
-    gamma_rule: GammaRule = "sweep"  # which γ the artifact carries: the KL bound's, or the sweep's best
+    gamma_rule: GammaRule = "sweep"  # γ the artifact carries: the KL bound's, or the sweep's best (else the KL's)
     max_accuracy_drop: float = 0.02  # the sweep's best γ shortens most within this accuracy loss
     n_eval: int = 300
     temperature: float = 1.0
@@ -72,6 +78,10 @@ class ASCConfig:
             raise ValueError(f"sweep strengths must be finite and >= 0, got {list(self.sweep)}")
         if self.reduce not in ("last", "mean"):
             raise ValueError(f"reduce {self.reduce!r} is not one of last, mean")
+        if self.pairs not in PAIR_CHOICES:
+            raise ValueError(f"pairs {self.pairs!r} is not one of {', '.join(PAIR_CHOICES)}")
+        if self.k_samples < 2:
+            raise ValueError(f"k_samples must be >= 2 (a shortest and a longest sample), got {self.k_samples}")
         if self.gamma_rule not in GAMMA_CHOICES:
             raise ValueError(f"gamma_rule {self.gamma_rule!r} is not one of {', '.join(GAMMA_CHOICES)}")
         if self.gamma_rule == "sweep" and not self.sweep:
@@ -198,6 +208,30 @@ def asc_pairs(handle: Any, problems: Sequence[task.Problem], seed: int = 0) -> t
     return concise, verbose
 
 
+def efficiency_pairs(handle: Any, problems: Sequence[task.Problem], cfg: ASCConfig) -> tuple[list[str], list[str]]:
+    """(shortest, longest) correct of ``cfg.k_samples`` temperature-1 traces per problem, as prompt ⊕ thinking.
+
+    Problems with fewer than two correct samples of different lengths are skipped.
+    """
+    k = cfg.k_samples
+    ecfg = EvalConfig(n_problems=len(problems), batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    traces = organism_traces(handle, [p for p in problems for _ in range(k)], 1.0, ecfg, seed=cfg.seed + 1)
+    short, long = [], []
+    for i in range(len(problems)):
+        ok = [t for t in traces[i * k : (i + 1) * k] if t.grade and t.think_span]
+        if len(ok) < 2:
+            continue
+        a, b = min(ok, key=think_tokens), max(ok, key=think_tokens)
+        if think_tokens(a) < think_tokens(b):
+            short.append(a.prompt + a.thinking)
+            long.append(b.prompt + b.thinking)
+    if not short:
+        raise ValueError(
+            f"no problem had two correct samples of different lengths among {k}; raise k_samples or n_pairs"
+        )
+    return short, long
+
+
 def evaluate_gammas(
     handle: Any, vec: SteeringVector, gammas: Sequence[float], problems: Sequence[task.Problem], cfg: ASCConfig
 ) -> list[dict[str, Any]]:
@@ -215,7 +249,9 @@ def evaluate_gammas(
 
 
 def _best(rows: list[dict[str, Any]], baseline: dict[str, Any], max_drop: float) -> dict[str, Any] | None:
-    ok = [r for r in rows if r["accuracy"] >= baseline["accuracy"] - max_drop - 1e-12]
+    """The sweep row with the fewest thinking tokens that is shorter than the baseline within the accuracy loss."""
+    floor = baseline["accuracy"] - max_drop - 1e-12
+    ok = [r for r in rows if r["accuracy"] >= floor and r["mean_think_tokens"] < baseline["mean_think_tokens"]]
     return min(ok, key=lambda r: r["mean_think_tokens"]) if ok else None
 
 
@@ -231,8 +267,13 @@ def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress
     g = handle.geometry
     if cfg.layer >= g.n_layers:
         raise ValueError(f"layer {cfg.layer} does not exist in {handle.source} (layers 0..{g.n_layers - 1})")
-    concise, verbose = asc_pairs(handle, task.problems(cfg.n_pairs, cfg.seed), cfg.seed)
-    recipe = {"paper": "ASC arXiv 2507.04742 v2", "pairs": "organism task styles", **asdict(cfg)}
+    pair_problems = task.problems(cfg.n_pairs, cfg.seed)
+    if cfg.pairs == "styles":
+        concise, verbose = asc_pairs(handle, pair_problems, cfg.seed)
+    else:
+        concise, verbose = efficiency_pairs(handle, pair_problems, cfg)
+    paper = "ASC arXiv 2507.04742 v2" if cfg.pairs == "styles" else "Efficiency Steering arXiv 2506.15647"
+    recipe = {"paper": paper, "n_pairs_used": len(concise), **asdict(cfg)}
     vec = extract_vector(handle, concise, verbose, [cfg.layer], cfg.reduce, "mean_diff", "last", recipe)
     calib = [t for pair in zip(concise, verbose) for t in pair][: cfg.n_calibration]
     kl = kl_gamma(handle, vec, calib, cfg.layer, cfg.epsilon)
@@ -243,13 +284,15 @@ def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress
     best = _best(sweep, baseline, cfg.max_accuracy_drop)
     chosen = at_kl if cfg.gamma_rule == "kl_bound" or best is None else best
     rule = "kl_bound" if chosen is at_kl else "sweep"
-    reduction = 1 - chosen["mean_think_tokens"] / baseline["mean_think_tokens"] if baseline["mean_think_tokens"] else 0.0
+    reduction = (
+        1 - chosen["mean_think_tokens"] / baseline["mean_think_tokens"] if baseline["mean_think_tokens"] else 0.0
+    )
     report = {
         "model": handle.source,
         "layer": cfg.layer,
         "gamma": chosen["gamma"],
         "gamma_rule": rule,
-        "kl_bound": {k: v for k, v in kl.items()},
+        "kl_bound": kl,
         "kl_gamma_eval": _brief(at_kl),
         "best_sweep_gamma": None if best is None else best["gamma"],
         "baseline": baseline,

@@ -1,4 +1,4 @@
-"""``steer`` commands (``asc``, ``apply``; mounted under ``reasonscope steer``) and ``export_cmd`` (``reasonscope export``).
+"""``steer`` commands (``asc``, ``apply``: ``reasonscope steer``) and ``export_cmd`` (``reasonscope export``).
 
 Same rules as :mod:`reasonscope.cli`: arguments, input files and the output location are checked before a model
 loads; a user error is one ``error:`` line and exit status 2.
@@ -14,7 +14,7 @@ import typer
 
 from reasonscope.cli import _choice, _fail, _Group, _model_geometry, _out_dir, _out_file, _say
 
-from .asc import GAMMA_CHOICES, ASCConfig
+from .asc import GAMMA_CHOICES, PAIR_CHOICES, ASCConfig
 from .export import FORMATS, load_vector
 from .vector import POSITIONS, SteeringVector
 
@@ -45,7 +45,9 @@ def asc_cmd(
     out: Path = typer.Option(..., help="Write the steering_vector artifact (with report.json) here."),
     layer: int = typer.Option(2, min=0, help="Block whose output is read and steered."),
     reduce: str = typer.Option("last", help="Extraction position: last (ASC) | mean (over the text)."),
-    n_pairs: int = typer.Option(64, min=1, help="Concise/verbose pairs for the mean difference."),
+    n_pairs: int = typer.Option(64, min=1, help="Questions for the concise/verbose pairs of the mean difference."),
+    pairs: str = typer.Option("styles", help="styles (concise vs verbose) | efficiency (shortest vs longest correct)."),
+    k_samples: int = typer.Option(4, min=2, help="efficiency pairs: samples per question."),
     epsilon: float = typer.Option(1e-3, help="KL budget of the strength rule."),
     sweep: str = typer.Option("0.5,1,2,4", help="Fixed strengths to evaluate, comma-separated."),
     gamma_rule: str = typer.Option("sweep", help="Strength the artifact carries: kl_bound | sweep (best within loss)."),
@@ -66,6 +68,8 @@ def asc_cmd(
         layer=layer,
         reduce=_choice(reduce, ("last", "mean"), "--reduce"),
         n_pairs=n_pairs,
+        pairs=_choice(pairs, PAIR_CHOICES, "--pairs"),
+        k_samples=k_samples,
         epsilon=epsilon,
         sweep=_floats(sweep, "--sweep"),
         gamma_rule=_choice(gamma_rule, GAMMA_CHOICES, "--gamma-rule"),
@@ -113,7 +117,10 @@ def apply_cmd(
 
     h = load_model(model)
     vec.check_model(h)
-    report: dict[str, Any] = {"gamma": vec.meta.gamma if gamma is None else gamma, "positions": rule or vec.meta.positions}
+    report: dict[str, Any] = {
+        "gamma": vec.meta.gamma if gamma is None else gamma,
+        "positions": rule or vec.meta.positions,
+    }
     if prompt:
         prompts = [h.chat_prompt(p) for p in prompt]
         cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature)

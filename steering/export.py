@@ -96,7 +96,9 @@ def read_gguf(path: str | Path) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
         fields = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
         tensors = [(t.name, t.tensor_type, tuple(int(x) for x in t.shape), np.array(t.data)) for t in reader.tensors]
     except Exception as e:  # noqa: BLE001 - GGUFReader raises many types on a damaged file
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated or not GGUF")
+        raise ValueError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated or not GGUF"
+        ) from None
     arch = fields.get("general.architecture")
     if arch != ARCH:
         raise ValueError(f"{path} is a GGUF of architecture {arch!r}, not a control vector ({ARCH!r})")
@@ -224,8 +226,8 @@ def _load_pt(path: Path, layer: int | None, key: str | None) -> SteeringVector:
         mean = entry.get("mean") if isinstance(entry, Mapping) else entry
         if not isinstance(mean, torch.Tensor) or mean.ndim != 2:
             raise ValueError(f"{path}[{key!r}] has no 'mean' tensor [n_layers, d_model]")
-        rows = {i: mean[i] for i in range(len(mean))} if layer is None else {layer: _row(mean, layer, path)}
-        return _from_layers(rows, path, "pt", extra={"behaviour": key, "method": "mean_diff"})
+        picked = {i: mean[i] for i in range(len(mean))} if layer is None else {layer: _row(mean, layer, path)}
+        return _from_layers(picked, path, "pt", extra={"behaviour": key, "method": "mean_diff"})
     raise ValueError(f"{path} holds a {type(obj).__name__}; expected a tensor or a {{behaviour: {{'mean': ...}}}} dict")
 
 
@@ -269,7 +271,7 @@ def load_vector(path: str | Path, layer: int | None = None, key: str | None = No
         try:
             with safe_open(str(path), "pt") as f:
                 meta_text = (f.metadata() or {}).get(META_KEY)
-                tensors = {int(m.group(1)): f.get_tensor(n) for n in f.keys() if (m := _DIRECTION.match(n))}
+                tensors = {int(m.group(1)): f.get_tensor(n) for n in f.keys() if (m := _DIRECTION.match(n))}  # noqa: SIM118
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on damaged files
             raise ValueError(f"{path} is not a readable safetensors file ({e}); it is truncated or damaged") from None
         if not tensors:

@@ -13,7 +13,16 @@ import torch
 
 from .vector import Positions, SteeringVector, VectorMeta
 
-__all__ = ["METHODS", "REDUCTIONS", "Method", "Reduce", "extract_vector", "mean_difference", "pca_difference", "residuals"]
+__all__ = [
+    "METHODS",
+    "REDUCTIONS",
+    "Method",
+    "Reduce",
+    "extract_vector",
+    "mean_difference",
+    "pca_difference",
+    "residuals",
+]
 
 Reduce = Literal["last", "mean", "all"]
 REDUCTIONS: tuple[Reduce, ...] = get_args(Reduce)
@@ -49,15 +58,8 @@ def residuals(
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
         seen: dict[int, torch.Tensor] = {}
-
-        def reader(layer: int) -> Any:
-            def hook(x: torch.Tensor) -> None:
-                seen[layer] = x.detach().float().cpu()
-
-            return hook
-
         with torch.no_grad():
-            handle.run(input_ids, mask, hooks={f"blocks.{x}.hook_resid_post": reader(x) for x in layers})
+            handle.run(input_ids, mask, hooks={f"blocks.{x}.hook_resid_post": _reader(seen, x) for x in layers})
         acts = torch.stack([seen[x] for x in layers], dim=2)  # [batch, pos, n_layers, d]
         real = mask.bool()
         if reduce == "last":
@@ -68,6 +70,13 @@ def residuals(
         else:
             out.append(acts[real])
     return torch.cat(out)
+
+
+def _reader(seen: dict[int, torch.Tensor], layer: int) -> Any:
+    def hook(x: torch.Tensor) -> None:
+        seen[layer] = x.detach().float().cpu()
+
+    return hook
 
 
 def mean_difference(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

@@ -114,7 +114,9 @@ class SteeringVector:
 
     def with_gamma(self, gamma: float, rule: str, detail: Mapping[str, Any] | None = None) -> SteeringVector:
         """The same directions with a new default strength and the rule that chose it."""
-        return SteeringVector(self.directions, replace(self.meta, gamma=gamma, gamma_rule=rule, gamma_detail=detail or {}))
+        return SteeringVector(
+            self.directions, replace(self.meta, gamma=gamma, gamma_rule=rule, gamma_detail=detail or {})
+        )
 
     # ------------------------------------------------------------------ applying
 
@@ -211,36 +213,42 @@ class SteeringVector:
 
 def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions) -> Any:
     """The hook adding ``γ_row · v`` to ``x [batch, pos, d_model]`` at the positions ``rule`` selects."""
+    per_request = len(gamma) > 1
 
     def hook(x: torch.Tensor) -> torch.Tensor | None:
         batch = current_batch()
+        real = None
         if batch is None:
             if rule == "generated":
                 raise ValueError(
                     "positions='generated' steers decode steps of reasonscope.generation.generate only; "
                     "use positions='all' or 'last' for a plain forward pass"
                 )
-            if len(gamma) not in (1, x.shape[0]):
+            if per_request and len(gamma) != x.shape[0]:
                 raise ValueError(f"{len(gamma)} gamma values for a batch of {x.shape[0]} rows; give one or one per row")
-            g = gamma.expand(x.shape[0])
-            real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            g = gamma if per_request else gamma.expand(x.shape[0])
         else:
-            rows = batch.rows.to(x.device)
-            if len(gamma) > 1 and int(rows.max()) >= len(gamma):
-                raise ValueError(
-                    f"{len(gamma)} gamma values but generate serves request {int(rows.max())}; give one per request"
-                )
-            g = gamma[rows.clamp(min=0)] if len(gamma) > 1 else gamma.expand(len(rows))
-            g = torch.where(rows >= 0, g, torch.zeros_like(g))
-            real = batch.positions.to(x.device) >= 0
             if rule == "generated" and batch.prefill:
                 return None
-        if rule == "last":
-            sel = torch.zeros_like(real)
-            sel[:, -1] = True
-            real = real & sel
-        add = (g[:, None, None] * real[..., None].to(x.dtype)) * v.to(x.dtype)
-        return x + add
+            rows = batch.rows
+            if per_request:
+                if int(rows.max()) >= len(gamma):
+                    raise ValueError(
+                        f"{len(gamma)} gamma values but generate serves request {int(rows.max())}; give one per request"
+                    )
+                g = gamma[rows.clamp(min=0)]
+            else:
+                g = gamma.expand(len(rows))
+            g = g * (rows >= 0)  # idle rows: no steering
+            if rule == "all" and batch.prefill:
+                real = batch.positions >= 0  # left padding of a prefill group stays untouched
+        step = g.to(x.dtype)[:, None] * v.to(x.dtype)  # [batch, d_model]
+        if rule == "last" or x.shape[1] == 1:
+            out = x.clone()
+            out[:, -1] += step  # left-padded: the last column is every row's last real token
+            return out
+        add = step[:, None, :].expand_as(x)
+        return x + (add if real is None else add * real[..., None].to(x.dtype))
 
     return hook
 

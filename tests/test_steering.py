@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reasonscope.artifacts import CorruptFileError
+from reasonscope.artifacts import CorruptFileError, verify_artifact
 from reasonscope.generation import DecodeConfig, generate
 from reasonscope.models import load_model
 from steering.extract import extract_vector, mean_difference, pca_difference, residuals
@@ -146,6 +146,7 @@ def test_artifact_round_trip_and_damage(tiny_handle, tmp_path):
     vec.save(tmp_path / "v", report={"note": "x"})
     back = SteeringVector.open(tmp_path / "v")
     assert torch.equal(back.directions, vec.directions) and back.meta == vec.meta
+    assert verify_artifact(tmp_path / "v").ok
     with pytest.raises(FileExistsError):
         vec.save(tmp_path / "v")
     blob = tmp_path / "v" / "directions.safetensors"

@@ -9,10 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import organisms
 from reasonscope.models import load_model
-from steering.asc import ASCConfig, _cubic_root, asc_gamma_max, estimate_a_l, kl_bound, kl_gamma, run_asc
+from reasonscope.organisms import task
+from steering.asc import (
+    ASCConfig,
+    _best,
+    _cubic_root,
+    asc_gamma_max,
+    efficiency_pairs,
+    estimate_a_l,
+    kl_bound,
+    kl_gamma,
+    run_asc,
+)
 from steering.vector import SteeringVector, VectorMeta
+
+from conftest import organisms
 
 
 def test_cubic_root_where_cardano_fails():
@@ -56,13 +68,26 @@ def test_estimates_match_autograd_and_the_kl_stays_within_budget(tiny_model_dir)
         return h.run(enc["input_ids"], enc["attention_mask"], hooks={"blocks.0.hook_resid_post": hook})[:, -1]
 
     _, jv = torch.func.jvp(logits, (torch.zeros(()),), (torch.ones(()),))
-    assert est["a"] == pytest.approx(float(jv.norm(dim=-1).median()), rel=1e-2)
+    assert est["a"] == pytest.approx(float(jv.detach().norm(dim=-1).median()), rel=1e-2)
     vec = SteeringVector(v[None], VectorMeta(d_model=h.geometry.d_model, layers=(0,)))
     res = kl_gamma(h, vec, texts, 0, 1e-3)
     assert res["gamma"] == pytest.approx(res["gamma_unit"] / float(v.norm()))
     assert res["bound"] <= 1e-3 * (1 + 1e-9) and res["measured_kl"]["median"] <= 1e-3
     big = kl_gamma(h, vec, texts, 0, 1e-1)
     assert big["gamma"] > res["gamma"] and big["measured_kl"]["median"] > res["measured_kl"]["median"]
+
+
+def test_best_sweep_gamma_must_shorten_within_the_accuracy_loss():
+    base = {"gamma": 0.0, "accuracy": 0.80, "mean_think_tokens": 100.0}
+    rows = [
+        {"gamma": 0.1, "accuracy": 0.81, "mean_think_tokens": 104.0},  # longer: never best
+        {"gamma": 0.2, "accuracy": 0.79, "mean_think_tokens": 70.0},
+        {"gamma": 0.4, "accuracy": 0.78, "mean_think_tokens": 50.0},
+        {"gamma": 0.8, "accuracy": 0.60, "mean_think_tokens": 10.0},  # too inaccurate
+    ]
+    assert _best(rows, base, 0.02)["gamma"] == 0.4
+    assert _best(rows, base, 0.015)["gamma"] == 0.2
+    assert _best(rows[:1], base, 0.02) is None
 
 
 def test_config_is_validated():
@@ -74,6 +99,10 @@ def test_config_is_validated():
         ASCConfig(sweep=(-1.0,))
     with pytest.raises(ValueError, match="needs at least one sweep"):
         ASCConfig(sweep=())
+    with pytest.raises(ValueError, match="pairs"):
+        ASCConfig(pairs="random")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="k_samples"):
+        ASCConfig(k_samples=1)
 
 
 @organisms
@@ -88,3 +117,12 @@ def test_asc_end_to_end_on_the_thinking_organism(tmp_path):
     vec = SteeringVector.open(tmp_path / "asc")
     assert vec.meta.gamma == report["gamma"] and vec.meta.positions == "last" and vec.layers == (cfg.layer,)
     assert vec.meta.gamma_detail["epsilon"] == cfg.epsilon
+
+
+@organisms
+def test_efficiency_pairs_are_shortest_and_longest_correct():
+    h = load_model("organism:thinking")
+    cfg = ASCConfig(pairs="efficiency", k_samples=4, max_new_tokens=200, batch_size=32)
+    short, long = efficiency_pairs(h, task.problems(8, 0, levels=(2, 3)), cfg)
+    assert short and len(short) == len(long)
+    assert all(len(h.tokenizer(a)["input_ids"]) < len(h.tokenizer(b)["input_ids"]) for a, b in zip(short, long))

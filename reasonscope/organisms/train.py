@@ -42,7 +42,7 @@ class OrganismArch:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    base_steps: int = 1800
+    base_steps: int = 3600
     thinking_steps: int = 400
     batch_size: int = 24
     lr: float = 1e-3  # base pretraining
@@ -51,8 +51,8 @@ class TrainConfig:
     direct_share: float = 0.1  # base corpus: direct chat answers
     notes_share: float = 0.85  # base corpus: question + worked notes (the rest: free-standing scratch work)
     slip_rate: float = 0.08
-    level1_steps: int = 400  # base curriculum: level 1 alone until read-back is learned,
-    unlock_every: int = 150  # then one more level every this many steps
+    level1_steps: int = 600  # base curriculum: level 1 alone until read-back is learned,
+    unlock_every: int = 200  # then one more level every this many steps
     device: str = "auto"
     log_every: int = 100
 

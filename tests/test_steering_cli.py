@@ -1,0 +1,110 @@
+"""``steer`` commands and ``export`` through typer's CliRunner: outputs, and one ``error:`` line for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+import typer
+from typer.testing import CliRunner
+
+from reasonscope.cli import _Group
+from steering.cli import export_cmd, steer_app
+from steering.export import read_gguf
+from steering.vector import SteeringVector, VectorMeta
+
+from conftest import organisms
+
+app = typer.Typer(cls=_Group, no_args_is_help=True)
+app.add_typer(steer_app, name="steer")
+app.command("export")(export_cmd)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug")) -> None:
+    """Test mount, as reasonscope.cli mounts these."""
+
+
+runner = CliRunner()
+
+
+def saved_vector(tmp_path, handle, layers=(1,)) -> str:
+    g = handle.geometry
+    torch.manual_seed(0)
+    meta = VectorMeta(d_model=g.d_model, layers=layers, n_layers=g.n_layers, positions="last", gamma=2.0)
+    SteeringVector(torch.randn(len(layers), g.d_model), meta).save(tmp_path / "vec")
+    return str(tmp_path / "vec")
+
+
+def user_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_export_formats_and_errors(tmp_path, tiny_handle):
+    src = saved_vector(tmp_path, tiny_handle)
+    r = runner.invoke(app, ["export", "--in", src, "--format", "gguf", "--out", str(tmp_path / "v.gguf")])
+    assert r.exit_code == 0, r.output
+    directions, fields = read_gguf(tmp_path / "v.gguf")
+    assert list(directions) == [1] and fields["controlvector.model_hint"] == "unknown"
+    r = runner.invoke(app, ["export", "--in", src, "--format", "onnx", "--out", str(tmp_path / "x")])
+    user_error(r, "--format", "gguf, easysteer, safetensors")
+    r = runner.invoke(app, ["export", "--in", str(tmp_path / "nope"), "--format", "gguf", "--out", str(tmp_path / "x")])
+    user_error(r, "--in", "does not exist")
+    zero = saved_vector(tmp_path / "z", tiny_handle, layers=(0, 1))
+    r = runner.invoke(app, ["export", "--in", zero, "--format", "gguf", "--out", str(tmp_path / "z.gguf")])
+    user_error(r, "direction.0", "easysteer")
+    assert not (tmp_path / "z.gguf").exists()
+    torch.save(torch.randn(3, 8), tmp_path / "asc.pt")
+    r = runner.invoke(
+        app, ["export", "--in", str(tmp_path / "asc.pt"), "--format", "gguf", "--out", str(tmp_path / "a")]
+    )
+    user_error(r, "--layer")
+    args = ["--in", str(tmp_path / "asc.pt"), "--format", "safetensors", "--out", str(tmp_path / "a.safetensors")]
+    r = runner.invoke(app, ["export", *args, "--layer", "5"])
+    assert r.exit_code == 0, r.output
+
+
+def test_apply_prints_plain_and_steered_completions(tmp_path, tiny_model_dir, tiny_handle):
+    src = saved_vector(tmp_path, tiny_handle)
+    args = ["steer", "apply", "--vector", src, "--model", str(tiny_model_dir), "--prompt", "a=3. what is a?"]
+    r = runner.invoke(app, [*args, "--gamma", "30", "--positions", "all", "--max-new-tokens", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["gamma"] == 30.0 and out["positions"] == "all"
+    assert out["completions"][0]["plain"] != out["completions"][0]["steered"]
+
+
+def test_apply_and_asc_validate_before_loading(tmp_path, tiny_model_dir, tiny_handle):
+    g = tiny_handle.geometry
+    meta = VectorMeta(d_model=g.d_model + 1, layers=(0,))
+    SteeringVector(torch.ones(1, g.d_model + 1), meta).save(tmp_path / "wide")
+    base = ["steer", "apply", "--model", str(tiny_model_dir), "--prompt", "x"]
+    user_error(runner.invoke(app, [*base, "--vector", str(tmp_path / "wide")]), "does not fit", "d_model")
+    user_error(runner.invoke(app, [*base, "--vector", str(tmp_path / "none")]), "--vector", "does not exist")
+    src = saved_vector(tmp_path, tiny_handle)
+    user_error(runner.invoke(app, [*base, "--vector", src, "--positions", "middle"]), "--positions")
+    no_prompt = ["steer", "apply", "--model", str(tiny_model_dir), "--vector", src]
+    user_error(runner.invoke(app, no_prompt), "--prompt")
+    asc = ["steer", "asc", "--model", str(tiny_model_dir), "--out", str(tmp_path / "asc")]
+    user_error(runner.invoke(app, [*asc, "--layer", "7"]), "--layer 7")
+    user_error(runner.invoke(app, [*asc, "--sweep", "a,b"]), "--sweep")
+    user_error(runner.invoke(app, [*asc, "--epsilon", "0"]), "epsilon")
+    user_error(runner.invoke(app, [*asc, "--gamma-rule", "best"]), "--gamma-rule")
+    assert not (tmp_path / "asc").exists()
+
+
+@organisms
+def test_steer_asc_json(tmp_path):
+    args = ["steer", "asc", "--out", str(tmp_path / "asc"), "--n-eval", "6", "--n-pairs", "8", "--sweep", "0.5"]
+    r = runner.invoke(app, [*args, "--max-new-tokens", "128", "--batch-size", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    for key in ("gamma", "gamma_rule", "baseline", "steered", "length_reduction", "sweep"):
+        assert key in out
+    assert {"accuracy", "mean_think_tokens"} <= set(out["baseline"]) and out["sweep"][0]["gamma"] == 0.5
+    assert np.isfinite(out["kl_bound"]["gamma"])
