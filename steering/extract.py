@@ -6,22 +6,27 @@ tokenized without special tokens and left-padded, and every reduction indexes re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
 from .vector import Positions, SteeringVector, VectorMeta
+
+if TYPE_CHECKING:  # pragma: no cover
+    from reasonscope.traces.record import Segment, Trace
 
 __all__ = [
     "METHODS",
     "REDUCTIONS",
     "Method",
     "Reduce",
+    "behaviour_vectors",
     "extract_vector",
     "mean_difference",
     "pca_difference",
     "residuals",
+    "segment_residuals",
 ]
 
 Reduce = Literal["last", "mean", "all"]
@@ -141,3 +146,73 @@ def extract_vector(
         },
     )
     return SteeringVector(directions, meta)
+
+
+def segment_residuals(
+    handle: Any, traces: Sequence[Trace], layers: Sequence[int], batch_size: int = 16
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Mean residual over each thinking segment's token span: ``[n_segments, n_layers, d]`` and (trace, segment).
+
+    Spans index ``Trace.token_ids`` (the model's own tokenization, see :func:`reasonscope.traces.segment_trace`).
+    """
+    n_layers = handle.geometry.n_layers
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad:
+        raise ValueError(f"layer {bad[0]} does not exist in {handle.source} (layers 0..{n_layers - 1})")
+    rows: list[torch.Tensor] = []
+    owners: list[tuple[int, int]] = []
+    pad = handle.tokenizer.pad_token_id or 0
+    for start in range(0, len(traces), batch_size):
+        chunk = list(traces[start : start + batch_size])
+        if any(not t.token_ids for t in chunk):
+            raise ValueError("traces without token_ids have no spans; segment them with segment_trace first")
+        width = max(len(t.token_ids) for t in chunk)
+        ids = torch.tensor([[pad] * (width - len(t.token_ids)) + t.token_ids for t in chunk])
+        mask = torch.tensor([[0] * (width - len(t.token_ids)) + [1] * len(t.token_ids) for t in chunk])
+        seen: dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            handle.run(ids, mask, hooks={f"blocks.{x}.hook_resid_post": _reader(seen, x) for x in layers})
+        acts = torch.stack([seen[x] for x in layers], dim=2)  # [batch, pos, n_layers, d]
+        for b, t in enumerate(chunk):
+            offset = width - len(t.token_ids)
+            for k, seg in enumerate(t.segments):
+                if seg.end > seg.start:
+                    rows.append(acts[b, offset + seg.start : offset + seg.end].mean(0))
+                    owners.append((start + b, k))
+    if not rows:
+        raise ValueError("the traces have no thinking segments; segment them with segment_trace first")
+    return torch.stack(rows), owners
+
+
+def behaviour_vectors(
+    handle: Any,
+    traces: Sequence[Trace],
+    layers: Sequence[int],
+    label: Callable[[Segment], str | None],
+    positions: Positions = "all",
+) -> dict[str, SteeringVector]:
+    """One vector per behaviour: mean of its segments − mean of all labelled segments (segment means).
+
+    ``label(segment)`` names a segment's behaviour (e.g. from annotated ``Segment.tags``), or None to skip it.
+    """
+    acts, owners = segment_residuals(handle, traces, layers)
+    names = [label(traces[i].segments[k]) for i, k in owners]
+    kept = [i for i, n in enumerate(names) if n is not None]
+    if not kept:
+        raise ValueError("no segment was labelled; check the label function against Segment.text / tags")
+    pool = acts[kept]
+    g = handle.geometry
+    out = {}
+    for name in sorted({n for n in names if n is not None}):
+        mine = acts[[i for i in kept if names[i] == name]]
+        meta = VectorMeta(
+            d_model=g.d_model,
+            layers=tuple(layers),
+            positions=positions,
+            model_id=handle.source,
+            model_hash=handle.weight_hash,
+            n_layers=g.n_layers,
+            recipe={"method": "mean_diff", "reduce": "segment_mean", "behaviour": name, "n_target": len(mine)},
+        )
+        out[name] = SteeringVector(mean_difference(mine, pool), meta)
+    return out

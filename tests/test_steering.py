@@ -8,7 +8,14 @@ import torch
 from reasonscope.artifacts import CorruptFileError, verify_artifact
 from reasonscope.generation import DecodeConfig, generate
 from reasonscope.models import load_model
-from steering.extract import extract_vector, mean_difference, pca_difference, residuals
+from steering.extract import (
+    behaviour_vectors,
+    extract_vector,
+    mean_difference,
+    pca_difference,
+    residuals,
+    segment_residuals,
+)
 from steering.vector import SteeringVector, VectorMeta
 
 TEXTS = ["a=3, b=4, c=1. what is a + b - c?", "d=2. what is d?"]  # row 2 is left-padded
@@ -184,3 +191,23 @@ def test_extract_vector_records_provenance(tiny_handle):
     assert vec.meta.recipe["method"] == "mean_diff" and vec.meta.recipe["model_type"] == "qwen2"
     with pytest.raises(ValueError, match="pca needs paired"):
         extract_vector(tiny_handle, TEXTS, TEXTS[:1], [0], method="pca")
+
+
+def test_segment_means_and_behaviour_vectors(tiny_handle, task_traces):
+    h = tiny_handle
+    acts, owners = segment_residuals(h, task_traces, [1], batch_size=5)
+    i, k = owners[7]
+    t = task_traces[i]
+    ids = torch.tensor([t.token_ids])
+    full, _ = resid(h, 1, ids, torch.ones_like(ids))
+    seg = t.segments[k]
+    assert torch.allclose(acts[7, 0], full[0, seg.start : seg.end].mean(0), atol=1e-5)
+
+    def label(s):
+        return "check" if "let me" in s.text or "wait" in s.text else "step"
+
+    vecs = behaviour_vectors(h, task_traces, [0, 1], label)
+    assert sorted(vecs) == ["check", "step"] and vecs["check"].meta.recipe["behaviour"] == "check"
+    names = [label(task_traces[a].segments[b]) for a, b in owners]
+    mine = acts[[n == "check" for n in names]]
+    assert torch.allclose(vecs["check"].direction(1), mine[:, 0].mean(0) - acts[:, 0].mean(0), atol=1e-5)
