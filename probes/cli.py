@@ -6,13 +6,12 @@ loads; a user error is one ``error:`` line and exit status 2.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from reasonscope.cli import _choice, _fail, _Group, _model_geometry, _out_dir, _say, _traces
+from reasonscope.cli_kit import ErrorGroup, choice, emit, fail, floats, fresh_out, model_geometry, read_traces
 
 from .answers import MATCHERS
 from .chunks import CHUNKINGS
@@ -22,20 +21,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .probeset import ProbeSet
 
-probe_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Probes for confidence, deviation and overthinking.")
+probe_app = typer.Typer(cls=ErrorGroup, no_args_is_help=True, help="Probes for confidence, deviation and overthinking.")
 
 
 def _emit(obj: Any, as_json: bool) -> None:
     from .probeset import json_safe
 
-    text = json.dumps(json_safe(obj), indent=1, allow_nan=False)
-    typer.echo(text) if as_json else _say(text)
-
-
-def _fresh_out(out: Path) -> Path:
-    if out.exists():
-        _fail(f"--out {out} already exists; delete it or choose another output directory")
-    return _out_dir(out)
+    emit(json_safe(obj), as_json)
 
 
 def _read_traces(path: Path) -> list[Trace]:
@@ -45,9 +37,9 @@ def _read_traces(path: Path) -> list[Trace]:
 
         traces = load_thought_anchors(path)
         if not traces:
-            _fail(f"--traces {path} holds no */*/problem_*/base_solution.json; pass a thought-anchors directory")
+            fail(f"--traces {path} holds no */*/problem_*/base_solution.json; pass a thought-anchors directory")
         return traces
-    return _traces(path)
+    return read_traces(path)
 
 
 @probe_app.command("labels")
@@ -67,21 +59,21 @@ def labels_cmd(
     from .labels import LabelConfig, build_labels, label_traces
 
     cfg = LabelConfig(
-        matcher=_choice(matcher, MATCHERS, "--matcher"),
-        chunking=_choice(chunking, CHUNKINGS, "--chunking"),
+        matcher=choice(matcher, MATCHERS, "--matcher"),
+        chunking=choice(chunking, CHUNKINGS, "--chunking"),
         forced=forced,
         entropy=entropy,
         window=window,
         lam=lam,
     )
     if cfg.needs_model and model is None:
-        _fail("--forced and --entropy need --model")
+        fail("--forced and --entropy need --model")
     if not traces.exists():
-        _fail(f"--traces {traces} does not exist; pass a trace JSONL file or a thought-anchors directory")
+        fail(f"--traces {traces} does not exist; pass a trace JSONL file or a thought-anchors directory")
     if out is not None:
-        _fresh_out(out)
+        fresh_out(out)
     if model is not None:
-        _model_geometry(model)
+        model_geometry(model)
     rows = _read_traces(traces)
     handle = None
     if model is not None:
@@ -117,14 +109,14 @@ def fit_cmd(
     cfg = ProbeConfig(
         target=target,
         hooks=hooks,
-        kind=_choice(kind, PROBE_KINDS, "--kind"),
+        kind=choice(kind, PROBE_KINDS, "--kind"),
         hidden=hidden,
         epochs=epochs,
         lr=lr,
         seed=seed,
         device=device,
     )
-    _fresh_out(out)
+    fresh_out(out)
     ps = fit_probes(ActivationStore.open(store), LabelTable.open(labels), cfg, out)
     _emit(_summary([ps]), as_json)
 
@@ -153,18 +145,8 @@ def eval_cmd(
 
     for p in probes:
         if not p.is_dir():
-            _fail(f"--probes {p} is not a directory; pass a probe_set written by `reasonscope probe fit`")
+            fail(f"--probes {p} is not a directory; pass a probe_set written by `reasonscope probe fit`")
     _emit(_summary([ProbeSet.open(p) for p in probes]), as_json)
-
-
-def _floats(text: str, option: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        _fail(f"{option} {text!r}: give comma-separated numbers, e.g. 0.8,0.9,0.95")
-    if not values:
-        _fail(f"{option} is empty; give comma-separated numbers, e.g. 0.8,0.9,0.95")
-    return values
 
 
 @probe_app.command("monitor")
@@ -189,15 +171,15 @@ def monitor_cmd(
 
     from .monitor import MonitorConfig, Policy, sweep
 
-    grader = _choice(grader, tuple(GRADERS), "--grader")
-    thresholds: dict[Policy, list[float]] = {
-        "deer": _floats(deer_thresholds, "--deer-thresholds"),
-        "deviation": _floats(deviation_thresholds, "--deviation-thresholds"),
+    grader = choice(grader, tuple(GRADERS), "--grader")
+    thresholds: dict[Policy, tuple[float, ...]] = {
+        "deer": floats(deer_thresholds, "--deer-thresholds", "0.8,0.9,0.95"),
+        "deviation": floats(deviation_thresholds, "--deviation-thresholds", "1.5,2"),
     }
     if probes is not None:
         if not probes.is_dir():
-            _fail(f"--probes {probes} is not a directory; pass a probe_set written by `reasonscope probe fit`")
-        thresholds["probe"] = _floats(probe_thresholds, "--probe-thresholds")
+            fail(f"--probes {probes} is not a directory; pass a probe_set written by `reasonscope probe fit`")
+        thresholds["probe"] = floats(probe_thresholds, "--probe-thresholds", "0.8,0.9,0.95")
     cfg = MonitorConfig(
         window=window,
         consecutive=consecutive,
@@ -206,10 +188,10 @@ def monitor_cmd(
         max_new_tokens=max_new_tokens,
         grader=grader,
     )
-    rows = _traces(traces) if traces is not None else None
+    rows = read_traces(traces) if traces is not None else None
     if rows is not None and any(t.gold is None for t in rows):
-        _fail(f"--traces {traces}: every record needs a 'gold' answer to grade the monitored answers")
-    _model_geometry(model)
+        fail(f"--traces {traces}: every record needs a 'gold' answer to grade the monitored answers")
+    model_geometry(model)
     from reasonscope.models import load_model
 
     from .probeset import ProbeSet

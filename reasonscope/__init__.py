@@ -6,4 +6,4 @@ Data flows one way: model -> traces -> activation store -> heads | probes | stee
 from .models import Geometry, ModelHandle, load_model
 
 __version__ = "0.1.0"
-__all__ = ["Geometry", "ModelHandle", "load_model", "__version__"]
+__all__ = ["Geometry", "ModelHandle", "__version__", "load_model"]

@@ -8,52 +8,32 @@ unexpected failure is one line and exit status 1. ``reasonscope --debug ...`` sh
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-from typer.core import TyperGroup
 
+from .cli_kit import (
+    ErrorGroup,
+    choice,
+    dtype_option,
+    fail,
+    model_geometry,
+    out_dir,
+    out_file,
+    read_traces,
+    say,
+)
 from .heads.cli import heads_app
 
 if TYPE_CHECKING:  # pragma: no cover
-    from typer._click.core import Context  # the click Context that typer vendors
-
-    from .dtypes import DtypeName
-    from .models import Geometry
     from .traces.record import Trace
 
-C = TypeVar("C", bound=str)
-USER_ERRORS = (ValueError, OSError)  # bad input, missing or unwritable files, unloadable models
-
-
-class _Group(TyperGroup):
-    """Turns every exception under a command into one ``error:`` line, unless ``--debug``."""
-
-    def invoke(self, ctx: Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (typer.Exit, typer.Abort):
-            raise
-        except typer.TyperException as e:  # click's usage errors (typer vendors click)
-            if ctx.params.get("debug"):
-                raise
-            sub = getattr(e, "ctx", None)
-            where = sub.command_path if sub is not None else ctx.command_path
-            message = e.format_message() if hasattr(e, "format_message") else str(e)
-            _error(f"{message} (see `{where} --help`)", 2)
-        except Exception as e:
-            if ctx.params.get("debug"):
-                raise
-            if isinstance(e, USER_ERRORS):
-                _error(str(e) or type(e).__name__, 2)
-            _error(f"internal error ({type(e).__name__}: {e}); rerun with --debug for the traceback and report it", 1)
-
+PLUGIN_GROUP = "reasonscope.commands"  # entry points: a typer.Typer (a command group) or a function (a command)
 
 app = typer.Typer(
-    cls=_Group,
+    cls=ErrorGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -66,97 +46,32 @@ app.add_typer(traces_app, name="traces")
 app.add_typer(heads_app, name="heads")
 
 
+def mount_plugins(root: typer.Typer, group: str = PLUGIN_GROUP) -> list[str]:
+    """Mount every entry point of ``group`` on ``root``; one that fails to load is skipped with a warning.
+
+    Returns the names mounted. Core never imports the plugin packages (``probes``, ``steering``) itself.
+    """
+    mounted = []
+    for ep in entry_points(group=group):
+        try:
+            obj = ep.load()
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not take the core CLI down
+            say(f"warning: reasonscope plugin {ep.name!r} ({ep.value}) not loaded: {type(e).__name__}: {e}")
+            continue
+        if isinstance(obj, typer.Typer):
+            root.add_typer(obj, name=ep.name)
+        elif callable(obj):
+            root.command(ep.name)(obj)
+        else:
+            say(f"warning: reasonscope plugin {ep.name!r} ({ep.value}) is neither a typer.Typer nor a function")
+            continue
+        mounted.append(ep.name)
+    return mounted
+
+
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error.")) -> None:
     """Interpretability for reasoning language models."""
-
-
-def _error(msg: str, code: int) -> NoReturn:
-    typer.secho("error:", fg="red", err=True, nl=False)
-    typer.echo(f" {msg}", err=True)
-    raise typer.Exit(code)
-
-
-def _fail(msg: str) -> NoReturn:
-    """A user error: one ``error:`` line, exit status 2."""
-    _error(msg, 2)
-
-
-def _say(msg: str) -> None:
-    typer.echo(msg, err=True)
-
-
-# ---------------------------------------------------------------------------- validation (no model needed)
-
-
-def _choice(value: str, choices: Sequence[C], option: str) -> C:
-    """The element of ``choices`` equal to ``value``, else a user error listing them."""
-    for c in choices:
-        if c == value:
-            return c
-    _fail(f"{option} {value!r} is not one of {', '.join(choices)}")
-
-
-def _probe_dir(target: Path, option: str) -> None:
-    """Fail unless files can be created at ``target`` (a directory, or the nearest one that exists)."""
-    anc = target
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        _fail(f"{option} {target}: {anc} is a file, not a directory; choose another {option}")
-    try:
-        with tempfile.TemporaryFile(dir=anc):
-            pass
-    except OSError as e:
-        _fail(f"{option} {target} is not writable ({e.strerror or e}); choose a writable location for {option}")
-
-
-def _out_file(path: Path, option: str = "--out") -> Path:
-    if path.is_dir():
-        _fail(f"{option} {path} is a directory; give a file path, e.g. {path / 'traces.jsonl'}")
-    _probe_dir(path.parent if str(path.parent) else Path("."), option)
-    return path
-
-
-def _out_dir(path: Path, option: str = "--out") -> Path:
-    if path.exists() and not path.is_dir():
-        _fail(f"{option} {path} is a file; give a directory path")
-    _probe_dir(path, option)
-    return path
-
-
-def _model_geometry(model: str) -> Geometry:
-    """Resolve ``--model`` and read its config (no weights): fails fast on a missing or broken model."""
-    from .models import load_geometry
-
-    try:
-        return load_geometry(model)
-    except OSError as e:
-        raise type(e)(f"--model: {e}") from None
-    except Exception as e:  # noqa: BLE001 - a broken config.json is a user error naming the model
-        raise ValueError(
-            f"--model {model}: cannot read its config ({e}); pass a directory holding a valid Hugging Face config.json"
-        ) from None
-
-
-def _dtype(value: str, option: str) -> DtypeName:
-    from .dtypes import dtype_name
-
-    try:
-        return dtype_name(value)
-    except ValueError as e:
-        _fail(f"{option}: {e}")
-
-
-def _traces(path: Path) -> list[Trace]:
-    from .traces.loaders import read_traces_jsonl
-
-    if not path.exists():
-        _fail(f"--traces {path} does not exist; generate traces with `reasonscope traces generate --out {path}`")
-    rows = read_traces_jsonl(path)
-    if not rows:
-        _fail(f"--traces {path} holds no traces; generate some with `reasonscope traces generate --out {path}`")
-    return rows
 
 
 # ---------------------------------------------------------------------------- organism
@@ -174,12 +89,12 @@ def organism_train(
     """Train the base and thinking organisms (seeded per organism, reproducible); logs progress."""
     from .organisms.train import WEIGHTS_DIR, TrainConfig, train_organisms
 
-    phases = (_choice(only, ("base", "thinking"), "--only"),) if only else ("base", "thinking")
-    target = _out_dir(out or WEIGHTS_DIR)
+    phases = (choice(only, ("base", "thinking"), "--only"),) if only else ("base", "thinking")
+    target = out_dir(out or WEIGHTS_DIR)
     steps = {"base_steps": base_steps, "thinking_steps": thinking_steps}
     cfg = TrainConfig(seed=seed, device=device, **{k: v for k, v in steps.items() if v is not None})
-    paths = train_organisms(cfg, target, log=_say, phases=phases)
-    _say("saved: " + ", ".join(str(p) for p in paths.values()))
+    paths = train_organisms(cfg, target, log=say, phases=phases)
+    say("saved: " + ", ".join(str(p) for p in paths.values()))
 
 
 @organism_app.command("eval")
@@ -193,15 +108,15 @@ def organism_eval(
     from .organisms.evaluate import EvalConfig, evaluate_organisms
 
     if models_dir is not None and not models_dir.is_dir():
-        _fail(f"--models-dir {models_dir} is not a directory; pass one holding thinking/ and base/")
+        fail(f"--models-dir {models_dir} is not a directory; pass one holding thinking/ and base/")
     sources = {k: str(models_dir / k) if models_dir else f"organism:{k}" for k in ("thinking", "base")}
     for src in sources.values():
-        _model_geometry(src)
+        model_geometry(src)
     report = evaluate_organisms(
         load_model(sources["thinking"]), load_model(sources["base"]), EvalConfig(n_problems=n), progress=True
     )
     text = json.dumps(report, indent=1)
-    typer.echo(text) if as_json else _say(text)
+    typer.echo(text) if as_json else say(text)
 
 
 # ---------------------------------------------------------------------------- traces
@@ -215,10 +130,10 @@ def _dataset_rows(dataset: str, n: Optional[int]) -> tuple[str, list[Trace] | No
         return "organism", None
     kind, _, where = dataset.partition(":")
     if kind not in DATASETS or not where:
-        _fail(f"--dataset {dataset!r}: use 'organism', 'gsm8k:<path|hub id>' or 'math:<path|hub id>'")
+        fail(f"--dataset {dataset!r}: use 'organism', 'gsm8k:<path|hub id>' or 'math:<path|hub id>'")
     local = Path(where).expanduser()
     if (local.suffix in (".json", ".jsonl") or where.startswith((".", "/", "~"))) and not local.is_file():
-        _fail(f"--dataset {dataset!r}: {local} is not a file; pass an existing JSON(L) file or a hub id")
+        fail(f"--dataset {dataset!r}: {local} is not a file; pass an existing JSON(L) file or a hub id")
     from .traces.loaders import load_hf_dataset
 
     q, a = DATASETS[kind]
@@ -226,7 +141,7 @@ def _dataset_rows(dataset: str, n: Optional[int]) -> tuple[str, list[Trace] | No
         str(local) if local.is_file() else where, question_field=q, answer_field=a, dataset_kind=kind
     )[:n]
     if not rows:
-        _fail(f"--dataset {dataset!r} holds no problems")
+        fail(f"--dataset {dataset!r} holds no problems")
     return kind, rows
 
 
@@ -245,9 +160,9 @@ def traces_generate(
     dtype: str = typer.Option("float32", help="Compute dtype of the model: float32 | bfloat16 | float16 (or alias)."),
 ) -> None:
     """Generate, segment and grade traces; write them as JSONL."""
-    _out_file(out)
-    model_dtype = _dtype(dtype, "--dtype")
-    _model_geometry(model)
+    out_file(out)
+    model_dtype = dtype_option(dtype, "--dtype")
+    model_geometry(model)
     grader, rows = _dataset_rows(dataset, n)
 
     from .models import load_model
@@ -283,7 +198,7 @@ def traces_generate(
         t.meta.update(m)
     write_traces_jsonl(out, traces)
     acc = sum(bool(t.grade) for t in traces) / max(1, len(traces))
-    _say(f"wrote {len(traces)} traces to {out}; accuracy {acc:.3f}; truncated {sum(t.truncated for t in traces)}")
+    say(f"wrote {len(traces)} traces to {out}; accuracy {acc:.3f}; truncated {sum(t.truncated for t in traces)}")
 
 
 # ---------------------------------------------------------------------------- demo
@@ -295,9 +210,9 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its artifacts."),
 ) -> None:
     """Generate, grade and summarise reasoning traces of the thinking and base organisms."""
-    _out_dir(out)
+    out_dir(out)
     for kind in ("thinking", "base"):
-        _model_geometry(f"organism:{kind}")
+        model_geometry(f"organism:{kind}")
     from rich.console import Console
     from rich.table import Table
 
@@ -368,16 +283,16 @@ def capture_cmd(
     from .models import BACKENDS
     from .store import POSITION_RULES
 
-    _out_dir(out)
-    backend_name = _choice(backend, BACKENDS, "--backend")
-    rule = _choice(positions, POSITION_RULES, "--positions")
-    store_dtype, compute_dtype = _dtype(dtype, "--dtype"), _dtype(model_dtype, "--model-dtype")
-    geometry = _model_geometry(model)
+    out_dir(out)
+    backend_name = choice(backend, BACKENDS, "--backend")
+    rule = choice(positions, POSITION_RULES, "--positions")
+    store_dtype, compute_dtype = dtype_option(dtype, "--dtype"), dtype_option(model_dtype, "--model-dtype")
+    geometry = model_geometry(model)
     try:
         names = select_hooks(hooks, geometry.n_layers)
     except ValueError as e:
-        _fail(f"--hooks: {e}")
-    rows = _traces(traces)
+        fail(f"--hooks: {e}")
+    rows = read_traces(traces)
     attn = "eager" if needs_eager(names) else None
     cfg = CaptureConfig(
         hooks=tuple(names), positions=rule, dtype=store_dtype, token_budget=token_budget, shard_size=shard_size
@@ -392,7 +307,7 @@ def capture_cmd(
         from .models import load_model
 
         store = capture(load_model(model, device_map=device_map, **load_kwargs), rows, cfg, str(out), progress=True)
-    _say(f"store {out}: {len(store)} rows x {len(names)} hooks, {store.n_shards} shards, dtype {store_dtype}")
+    say(f"store {out}: {len(store)} rows x {len(names)} hooks, {store.n_shards} shards, dtype {store_dtype}")
 
 
 # ---------------------------------------------------------------------------- verify
@@ -404,11 +319,14 @@ def verify(path: Path = typer.Argument(..., help="An artifact directory (activat
     from .artifacts import verify_artifact
 
     if not path.exists():
-        _fail(f"{path} does not exist; pass an artifact directory (one holding manifest.json)")
+        fail(f"{path} does not exist; pass an artifact directory (one holding manifest.json)")
     report = verify_artifact(path)
     if not report.ok:
-        _fail(str(report))
-    _say(str(report))
+        fail(str(report))
+    say(str(report))
+
+
+mount_plugins(app)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -6,36 +6,23 @@ loads; a user error is one ``error:`` line and exit status 2.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from reasonscope.cli import _choice, _fail, _Group, _model_geometry, _out_dir, _out_file, _say
+from reasonscope.cli_kit import ErrorGroup, choice, emit, fail, floats, fresh_out, model_geometry, out_file, say
 
 from .asc import GAMMA_CHOICES, PAIR_CHOICES, ASCConfig
 from .export import FORMATS, load_vector
 from .vector import POSITIONS, SteeringVector
 
-steer_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Steer reasoning: ASC compression, apply a vector.")
-
-
-def _emit(obj: Any, as_json: bool) -> None:
-    text = json.dumps(obj, indent=1, allow_nan=False)
-    typer.echo(text) if as_json else _say(text)
-
-
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        _fail(f"{option} {text!r}: give comma-separated numbers, e.g. 0.5,1,2")
+steer_app = typer.Typer(cls=ErrorGroup, no_args_is_help=True, help="Steer reasoning: ASC compression, apply a vector.")
 
 
 def _vector(src: Path, option: str, layer: Optional[int] = None, key: Optional[str] = None) -> SteeringVector:
     if not src.exists():
-        _fail(f"{option} {src} does not exist; pass a steering_vector directory or a .gguf/.safetensors/.pt file")
+        fail(f"{option} {src} does not exist; pass a steering_vector directory or a .gguf/.safetensors/.pt file")
     return load_vector(src, layer=layer, key=key)
 
 
@@ -61,30 +48,28 @@ def asc_cmd(
     """Extract the concise − verbose vector, choose γ (KL bound, sweep) and report length and accuracy vs γ."""
     from .asc import run_asc
 
-    if out.exists():
-        _fail(f"--out {out} already exists; delete it or choose another output directory")
-    _out_dir(out)
+    fresh_out(out)
     cfg = ASCConfig(
         layer=layer,
-        reduce=_choice(reduce, ("last", "mean"), "--reduce"),
+        reduce=choice(reduce, ("last", "mean"), "--reduce"),
         n_pairs=n_pairs,
-        pairs=_choice(pairs, PAIR_CHOICES, "--pairs"),
+        pairs=choice(pairs, PAIR_CHOICES, "--pairs"),
         k_samples=k_samples,
         epsilon=epsilon,
-        sweep=_floats(sweep, "--sweep"),
-        gamma_rule=_choice(gamma_rule, GAMMA_CHOICES, "--gamma-rule"),
+        sweep=floats(sweep, "--sweep"),
+        gamma_rule=choice(gamma_rule, GAMMA_CHOICES, "--gamma-rule"),
         n_eval=n_eval,
         temperature=temperature,
         seed=seed,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
     )
-    g = _model_geometry(model)
+    g = model_geometry(model)
     if layer >= g.n_layers:
-        _fail(f"--layer {layer} does not exist in {model} (layers 0..{g.n_layers - 1})")
+        fail(f"--layer {layer} does not exist in {model} (layers 0..{g.n_layers - 1})")
     from reasonscope.models import load_model
 
-    _emit(run_asc(load_model(model), cfg, out), as_json)
+    emit(run_asc(load_model(model), cfg, out), as_json)
 
 
 @steer_app.command("apply")
@@ -103,12 +88,12 @@ def apply_cmd(
 ) -> None:
     """Generate with and without the vector; print the texts (and, with --n, accuracy and thinking tokens)."""
     if not prompt and n == 0:
-        _fail("nothing to generate: give --prompt TEXT (repeatable) or --n N organism problems")
-    rule = None if positions is None else _choice(positions, POSITIONS, "--positions")
+        fail("nothing to generate: give --prompt TEXT (repeatable) or --n N organism problems")
+    rule = None if positions is None else choice(positions, POSITIONS, "--positions")
     vec = _vector(vector, "--vector", layer, key)
-    g = _model_geometry(model)
+    g = model_geometry(model)
     if g.d_model != vec.meta.d_model or max(vec.layers) >= g.n_layers:
-        _fail(
+        fail(
             f"--vector {vector} (width {vec.meta.d_model}, layers {list(vec.layers)}) does not fit {model} "
             f"(d_model {g.d_model}, layers 0..{g.n_layers - 1}); use a vector extracted from this model"
         )
@@ -141,7 +126,7 @@ def apply_cmd(
         report["plain"] = summarize(organism_traces(h, problems, temperature, ecfg))
         with vec.apply(h, gamma=gamma, positions=rule):
             report["steered"] = summarize(organism_traces(h, problems, temperature, ecfg))
-    _emit(report, as_json)
+    emit(report, as_json)
 
 
 def export_cmd(
@@ -155,8 +140,8 @@ def export_cmd(
     """Export a steering vector for serving (llama.cpp, EasySteer/vLLM) or as safetensors."""
     from .export import export_vector
 
-    fmt = _choice(format, FORMATS, "--format")
-    _out_file(out)
+    fmt = choice(format, FORMATS, "--format")
+    out_file(out)
     vec = _vector(src, "--in", layer, key)
     for path in export_vector(vec, out, fmt, model_hint):
-        _say(f"wrote {path}")
+        say(f"wrote {path}")

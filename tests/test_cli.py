@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner, Result
 
 from reasonscope.cli import app
@@ -233,6 +238,72 @@ def test_organism_commands_validate(cmd, no_model_load):
 def test_usage_errors_are_one_line():
     user_error(runner.invoke(app, ["capture", "--model"]), "--model")
     user_error(runner.invoke(app, ["traces", "generate", "--n", "abc"]), "--n")
+
+
+# ---------------------------------------------------------------------------- plugins (entry points)
+
+PLUGINS = ("probe", "steer", "export")  # [project.entry-points."reasonscope.commands"] in pyproject.toml
+
+
+@pytest.mark.parametrize("name", PLUGINS)
+def test_plugins_are_mounted(name):
+    r = runner.invoke(app, [name, "--help"])
+    assert r.exit_code == 0, r.output
+    assert "Usage" in r.output and name in r.output
+
+
+def test_console_script_lists_the_plugins():
+    script = Path(sys.executable).with_name("reasonscope")
+    r = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert all(name in r.stdout for name in PLUGINS), r.stdout
+    r = subprocess.run([str(script), "steer", "--help"], capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and "asc" in r.stdout and "apply" in r.stdout, r.stderr
+
+
+def test_broken_plugin_is_skipped_with_one_warning(monkeypatch, capsys):
+    import reasonscope.cli
+
+    group = reasonscope.cli.PLUGIN_GROUP
+    eps = [
+        EntryPoint("broken", "no_such_module_xyz:app", group),
+        EntryPoint("export", "steering.cli:export_cmd", group),
+    ]
+    monkeypatch.setattr(reasonscope.cli, "entry_points", lambda group: eps)
+    root = typer.Typer()
+    assert reasonscope.cli.mount_plugins(root) == ["export"]
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("warning:") and "'broken'" in warnings[0], warnings
+
+
+def test_plugin_errors_are_one_line_and_debug_reaches_them(tmp_path):
+    args = [
+        "probe",
+        "fit",
+        "--store",
+        str(tmp_path / "s"),
+        "--labels",
+        str(tmp_path / "l"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    user_error(runner.invoke(app, args), "does not exist")
+    r = runner.invoke(app, ["--debug", *args])
+    assert r.exit_code == 1 and r.exception is not None and not isinstance(r.exception, SystemExit)
+
+
+def test_core_never_imports_the_plugin_packages():
+    core = Path(__file__).resolve().parents[1] / "reasonscope"
+    pattern = re.compile(
+        r"^\s*(import|from)\s+(probes|steering|app)\b|import_module\(\s*[\"'](probes|steering|app)\b", re.M
+    )
+    offenders = [
+        f"{path.relative_to(core)}:{text[: m.start()].count(chr(10)) + 1}"
+        for path in sorted(core.rglob("*.py"))
+        for text in [path.read_text(encoding="utf-8")]
+        for m in pattern.finditer(text)
+    ]
+    assert offenders == [], offenders
 
 
 # ---------------------------------------------------------------------------- on the organisms (slow)

@@ -6,25 +6,13 @@ import json
 
 import numpy as np
 import torch
-import typer
 from typer.testing import CliRunner
 
-from reasonscope.cli import _Group
-from steering.cli import export_cmd, steer_app
+from reasonscope.cli import app  # mounts `steer` and `export` through their entry points
 from steering.export import read_gguf
 from steering.vector import SteeringVector, VectorMeta
 
 from conftest import organisms
-
-app = typer.Typer(cls=_Group, no_args_is_help=True)
-app.add_typer(steer_app, name="steer")
-app.command("export")(export_cmd)
-
-
-@app.callback()
-def _root(debug: bool = typer.Option(False, "--debug")) -> None:
-    """Test mount, as reasonscope.cli mounts these."""
-
 
 runner = CliRunner()
 

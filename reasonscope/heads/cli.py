@@ -9,21 +9,18 @@ Arguments, input artifacts and output locations are checked before a model loads
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, cast
 
 import typer
+
+from ..cli_kit import choice, floats, fresh_out, model_geometry, say
 
 if TYPE_CHECKING:  # pragma: no cover
     from .score import Method
 
 heads_app = typer.Typer(no_args_is_help=True, help="Reasoning-critical KV heads: score, diff, evaluate.")
 SCORE_METHODS = ("window", "gate-ig", "duo", "rlkv", "retrieval")
-
-
-def _say(msg: str) -> None:
-    typer.echo(msg, err=True)
 
 
 def _levels(value: str) -> tuple[int, ...]:
@@ -40,37 +37,11 @@ def _levels(value: str) -> tuple[int, ...]:
 
 
 def _sparsities(value: str) -> tuple[float, ...]:
-    try:
-        sps = tuple(float(x) for x in value.split(","))
-    except ValueError:
-        raise ValueError(f"--sparsities {value!r}: give comma-separated fractions, e.g. 0,0.25,0.5,0.75") from None
+    sps = floats(value, "--sparsities", "0,0.25,0.5,0.75")
     bad = [sp for sp in sps if not 0.0 <= sp <= 1.0]
     if bad:
         raise ValueError(f"--sparsities: {bad} outside [0, 1]; a sparsity is the fraction of KV heads compressed")
     return sps
-
-
-def _fresh_out(path: Path, option: str = "--out") -> Path:
-    """Refuse an existing output or an unwritable location (nothing is written on bad input)."""
-    if path.exists():
-        raise FileExistsError(f"{option} {path} already exists; delete it or choose another path")
-    anc = path.parent if str(path.parent) else Path(".")
-    while not anc.exists():
-        anc = anc.parent
-    if not anc.is_dir():
-        raise ValueError(f"{option} {path}: {anc} is a file, not a directory; choose another {option}")
-    with tempfile.TemporaryFile(dir=anc):
-        pass
-    return path
-
-
-def _geometry(model: str) -> Any:
-    from ..models import load_geometry
-
-    try:
-        return load_geometry(model)
-    except OSError as e:
-        raise OSError(f"--model {model}: {e}") from None
 
 
 def _window(sink: Optional[int], recent: Optional[int]) -> Any:
@@ -105,7 +76,7 @@ def _policy_for(traces: list[Any], given: Any) -> Any:
     try:
         check_window(given, generated)
     except ValueError as e:  # an explicit window is the user's call; the context check still refuses a useless one
-        _say(f"warning: {e}")
+        say(f"warning: {e}")
     return given
 
 
@@ -129,14 +100,13 @@ def score(
     from .rlkv import RLKVConfig
     from .score import HeadConfig, score_heads
 
-    if method not in SCORE_METHODS:
-        raise ValueError(f"--method {method!r} is not one of {', '.join(SCORE_METHODS)}")
+    choice(method, SCORE_METHODS, "--method")
     given = _window(sink, recent)
     lv = _levels(levels)
-    _fresh_out(out)
+    fresh_out(out)
     if traces is not None and not traces.is_file():
         raise FileNotFoundError(f"--traces {traces} does not exist; generate them with `reasonscope traces generate`")
-    _geometry(model)
+    model_geometry(model)
     from ..models import load_model
     from ..traces.loaders import read_traces_jsonl
 
@@ -153,7 +123,7 @@ def score(
     if steps is not None:
         cfg = replace(cfg, ig_steps=steps, duo_steps=steps, rlkv=replace(cfg.rlkv, steps=steps))
     hm = score_heads(h, rows, cfg, out)
-    _say(f"saved {out} ({method}, window {policy.sink}+{policy.recent})")
+    say(f"saved {out} ({method}, window {policy.sink}+{policy.recent})")
     typer.echo(json.dumps({"method": method, "scores": hm.scores.tolist()}))
 
 
@@ -174,8 +144,8 @@ def diff(
     """Emergent heads (Thinking Sparks): score both models, rank the rise, validate by ablation and scaling."""
     lv = _levels(levels)
     if out is not None:
-        _fresh_out(out)
-    gb, gm = _geometry(base), _geometry(model)
+        fresh_out(out)
+    gb, gm = model_geometry(base), model_geometry(model)
     if (gb.n_layers, gb.n_heads) != (gm.n_layers, gm.n_heads):
         raise ValueError(
             f"--base has {gb.n_layers}x{gb.n_heads} heads, --model {gm.n_layers}x{gm.n_heads}; "
@@ -228,9 +198,9 @@ def evaluate(
         sparsities=_sparsities(sparsities), random_draws=draws, exhaustive=exhaustive, max_new_tokens=max_new_tokens
     )
     if out is not None:
-        _fresh_out(out)
+        fresh_out(out)
     heads = [HeadMap.open(p) for p in maps]
-    g = _geometry(model)
+    g = model_geometry(model)
     for hm in heads:
         if tuple(hm.scores.shape) != (g.n_layers, g.n_kv_heads):
             raise ValueError(

@@ -13,7 +13,22 @@ from .record import Segment, Trace
 from .segment import full_text, segment_trace, split_sentences
 
 __all__ = [
-    "GRADERS", "Grader", "Segment", "Trace", "extract_boxed", "extract_gsm8k", "extract_organism",
-    "full_text", "grade", "load_hf_dataset", "load_thought_anchors", "normalize_math", "qwen2_tokenizer",
-    "read_jsonl", "read_traces_jsonl", "segment_trace", "split_sentences", "write_traces_jsonl",
+    "GRADERS",
+    "Grader",
+    "Segment",
+    "Trace",
+    "extract_boxed",
+    "extract_gsm8k",
+    "extract_organism",
+    "full_text",
+    "grade",
+    "load_hf_dataset",
+    "load_thought_anchors",
+    "normalize_math",
+    "qwen2_tokenizer",
+    "read_jsonl",
+    "read_traces_jsonl",
+    "segment_trace",
+    "split_sentences",
+    "write_traces_jsonl",
 ]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from ..artifacts import atomic_file
 from .grading import get_grader
@@ -51,8 +52,11 @@ def write_traces_jsonl(path: str | Path, traces: Iterable[Trace]) -> None:
             f.write(json.dumps(t.to_dict(), ensure_ascii=False) + "\n")
 
 
-_REQUIRED = [f.name for f in dataclasses.fields(Trace) if f.default is dataclasses.MISSING
-             and f.default_factory is dataclasses.MISSING]
+_REQUIRED = [
+    f.name
+    for f in dataclasses.fields(Trace)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+]
 
 
 def read_traces_jsonl(path: str | Path) -> list[Trace]:
@@ -72,11 +76,20 @@ def read_traces_jsonl(path: str | Path) -> list[Trace]:
 # ---------------------------------------------------------------------------- Thought Anchors
 
 _CHUNK_FIELDS = (
-    "chunk", "chunk_idx", "function_tags", "depends_on", "accuracy",
-    "resampling_importance_accuracy", "resampling_importance_kl",
-    "counterfactual_importance_accuracy", "counterfactual_importance_kl",
-    "forced_importance_accuracy", "forced_importance_kl",
-    "different_trajectories_fraction", "overdeterminedness", "summary",
+    "chunk",
+    "chunk_idx",
+    "function_tags",
+    "depends_on",
+    "accuracy",
+    "resampling_importance_accuracy",
+    "resampling_importance_kl",
+    "counterfactual_importance_accuracy",
+    "counterfactual_importance_kl",
+    "forced_importance_accuracy",
+    "forced_importance_kl",
+    "different_trajectories_fraction",
+    "overdeterminedness",
+    "summary",
 )
 
 
@@ -116,25 +129,27 @@ def load_thought_anchors(root: str | Path) -> list[Trace]:
         chunks_file = pdir / "chunks_labeled.json"
         chunks = json.loads(chunks_file.read_text(encoding="utf-8")) if chunks_file.exists() else []
         gold = str(problem["gt_answer"])
-        traces.append(Trace(
-            id=f"{model}/{group}/{pdir.name}",
-            prompt=prompt,
-            thinking=thinking,
-            answer=answer,
-            gold=gold,
-            grade=grader.is_correct(grader.extract(answer), gold),
-            truncated=truncated,
-            source="thought_anchors",
-            meta={
-                "model": model,
-                "problem": problem["problem"],
-                "level": problem.get("level"),
-                "type": problem.get("type"),
-                "reported_answer": sol.get("answer"),
-                "reported_is_correct": sol.get("is_correct"),
-                "chunks": [{k: c[k] for k in _CHUNK_FIELDS if k in c} for c in chunks],
-            },
-        ))
+        traces.append(
+            Trace(
+                id=f"{model}/{group}/{pdir.name}",
+                prompt=prompt,
+                thinking=thinking,
+                answer=answer,
+                gold=gold,
+                grade=grader.is_correct(grader.extract(answer), gold),
+                truncated=truncated,
+                source="thought_anchors",
+                meta={
+                    "model": model,
+                    "problem": problem["problem"],
+                    "level": problem.get("level"),
+                    "type": problem.get("type"),
+                    "reported_answer": sol.get("answer"),
+                    "reported_is_correct": sol.get("is_correct"),
+                    "chunks": [{k: c[k] for k in _CHUNK_FIELDS if k in c} for c in chunks],
+                },
+            )
+        )
     return traces
 
 
@@ -172,15 +187,17 @@ def load_hf_dataset(
         gold = grader.extract(raw) if dataset_kind == "gsm8k" else raw
         meta = {k: v for k, v in row.items() if k not in (question_field, answer_field)}
         meta["raw_answer"] = raw
-        traces.append(Trace(
-            id=f"{stem}/{row['unique_id']}" if row.get("unique_id") else f"{stem}/{split}/{i}",
-            prompt=str(row[question_field]),
-            thinking="",
-            answer="",
-            gold=gold,
-            source=f"{dataset_kind}:{name_or_path}",
-            meta=meta,
-        ))
+        traces.append(
+            Trace(
+                id=f"{stem}/{row['unique_id']}" if row.get("unique_id") else f"{stem}/{split}/{i}",
+                prompt=str(row[question_field]),
+                thinking="",
+                answer="",
+                gold=gold,
+                source=f"{dataset_kind}:{name_or_path}",
+                meta=meta,
+            )
+        )
     return traces
 
 
@@ -188,13 +205,28 @@ def load_hf_dataset(
 
 # DeepSeek-R1-Distill-Qwen added tokens, ids 151643.. in order, with their ``special`` flag.
 R1_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
-    ("<｜end▁of▁sentence｜>", True), ("<｜User｜>", False), ("<｜Assistant｜>", False),
-    ("<｜begin▁of▁sentence｜>", True), ("<|EOT|>", False), ("<think>", False), ("</think>", False),
-    ("<|quad_start|>", True), ("<|quad_end|>", True), ("<|vision_start|>", True),
-    ("<|vision_end|>", True), ("<|vision_pad|>", True), ("<|image_pad|>", True),
-    ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
-    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False),
-    ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
+    ("<｜end▁of▁sentence｜>", True),
+    ("<｜User｜>", False),
+    ("<｜Assistant｜>", False),
+    ("<｜begin▁of▁sentence｜>", True),
+    ("<|EOT|>", False),
+    ("<think>", False),
+    ("</think>", False),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
 )
 R1_FIRST_ADDED_ID = 151643
 
@@ -210,18 +242,22 @@ def qwen2_tokenizer(path: str | Path) -> Any:
     from transformers import Qwen2Tokenizer
 
     path = Path(path)
-    vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-    merges = [
-        tuple(line.split(" "))
-        for line in (path / "merges.txt").read_text(encoding="utf-8").split("\n")
-        if line and not line.startswith("#version")
-    ]
-    if len(vocab) != R1_FIRST_ADDED_ID:
-        raise ValueError(f"{path}/vocab.json has {len(vocab)} tokens, expected {R1_FIRST_ADDED_ID}")
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token=None,
-                         pad_token=None)
-    tok.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in R1_ADDED_TOKENS])
+    missing = [name for name in ("vocab.json", "merges.txt") if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} has no {' or '.join(missing)}; pass a directory holding Qwen2's tokenizer files"
+        )
     eos, bos = R1_ADDED_TOKENS[0][0], R1_ADDED_TOKENS[3][0]
+    # BPE reads vocab and merges from their files; EOS (R1's first added token) is the one special token passed
+    # at construction, so it takes id 151643
+    tok = Qwen2Tokenizer(
+        vocab=str(path / "vocab.json"), merges=str(path / "merges.txt"), unk_token=eos, eos_token=eos, pad_token=eos
+    )
+    tok.unk_token = None  # R1 has no unknown token (BPE never emits one); an unknown name must not map to EOS
+    n_vocab = tok.backend_tokenizer.get_vocab_size(with_added_tokens=False)
+    if n_vocab != R1_FIRST_ADDED_ID:
+        raise ValueError(f"{path}/vocab.json has {n_vocab} tokens, expected {R1_FIRST_ADDED_ID}")
+    tok.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in R1_ADDED_TOKENS])
     tok.add_special_tokens({"bos_token": bos, "eos_token": eos, "pad_token": eos})
     ids = tok.convert_tokens_to_ids([t for t, _ in R1_ADDED_TOKENS])
     expected = list(range(R1_FIRST_ADDED_ID, R1_FIRST_ADDED_ID + len(R1_ADDED_TOKENS)))

@@ -1,0 +1,163 @@
+"""Shared helpers of every ``reasonscope`` command (core and plugins): error handling, output and validation.
+
+A user error is one ``error: ...`` line naming the fix and exit status 2 (:func:`fail`, or a ``ValueError``/
+``OSError`` raised under an :class:`ErrorGroup`); an unexpected failure is one line and exit status 1.
+``reasonscope --debug ...`` shows the traceback. The validators need no model, so commands call them first.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import typer
+from typer.core import TyperGroup
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typer._click.core import Context  # the click Context that typer vendors
+
+    from .dtypes import DtypeName
+    from .models import Geometry
+    from .traces.record import Trace
+
+C = TypeVar("C", bound=str)
+USER_ERRORS = (ValueError, OSError)  # bad input, missing or unwritable files, unloadable models
+
+
+class ErrorGroup(TyperGroup):
+    """Turns every exception under a command into one ``error:`` line, unless the root's ``--debug`` is set."""
+
+    def invoke(self, ctx: Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise
+        except typer.TyperException as e:  # click's usage errors (typer vendors click)
+            if ctx.find_root().params.get("debug"):
+                raise
+            sub = getattr(e, "ctx", None)
+            where = sub.command_path if sub is not None else ctx.command_path
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            fail(f"{message} (see `{where} --help`)")
+        except Exception as e:
+            if ctx.find_root().params.get("debug"):
+                raise
+            if isinstance(e, USER_ERRORS):
+                fail(str(e) or type(e).__name__)
+            fail(f"internal error ({type(e).__name__}: {e}); rerun with --debug for the traceback and report it", 1)
+
+
+def fail(msg: str, code: int = 2) -> NoReturn:
+    """Print one ``error: msg`` line on stderr and exit with ``code`` (2: a user error)."""
+    typer.secho("error:", fg="red", err=True, nl=False)
+    typer.echo(f" {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def say(msg: str) -> None:
+    """A progress or report line on stderr (stdout is kept for ``--json`` output)."""
+    typer.echo(msg, err=True)
+
+
+def emit(obj: Any, as_json: bool) -> None:
+    """``obj`` as strict JSON: on stdout with ``--json``, else indented on stderr."""
+    text = json.dumps(obj, indent=1, allow_nan=False)
+    typer.echo(text) if as_json else say(text)
+
+
+# ---------------------------------------------------------------------------- validation (no model needed)
+
+
+def choice(value: str, choices: Sequence[C], option: str) -> C:
+    """The element of ``choices`` equal to ``value``, else a user error listing them."""
+    for c in choices:
+        if c == value:
+            return c
+    fail(f"{option} {value!r} is not one of {', '.join(choices)}")
+
+
+def floats(text: str, option: str, example: str = "0.5,1,2") -> tuple[float, ...]:
+    """Comma-separated numbers, else a user error (also when there are none)."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        fail(f"{option} {text!r}: give comma-separated numbers, e.g. {example}")
+    if not values:
+        fail(f"{option} is empty; give comma-separated numbers, e.g. {example}")
+    return values
+
+
+def check_writable(target: Path, option: str) -> None:
+    """Fail unless files can be created at ``target`` (a directory, or the nearest one that exists)."""
+    anc = target
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        fail(f"{option} {target}: {anc} is a file, not a directory; choose another {option}")
+    try:
+        with tempfile.TemporaryFile(dir=anc):
+            pass
+    except OSError as e:
+        fail(f"{option} {target} is not writable ({e.strerror or e}); choose a writable location for {option}")
+
+
+def out_file(path: Path, option: str = "--out") -> Path:
+    """An output file path whose directory is writable."""
+    if path.is_dir():
+        fail(f"{option} {path} is a directory; give a file path, e.g. {path / 'traces.jsonl'}")
+    check_writable(path.parent if str(path.parent) else Path("."), option)
+    return path
+
+
+def out_dir(path: Path, option: str = "--out") -> Path:
+    """An output directory (new or existing) at a writable location."""
+    if path.exists() and not path.is_dir():
+        fail(f"{option} {path} is a file; give a directory path")
+    check_writable(path, option)
+    return path
+
+
+def fresh_out(path: Path, option: str = "--out") -> Path:
+    """An output directory that must not exist yet, at a writable location (nothing is written on bad input)."""
+    if path.exists():
+        fail(f"{option} {path} already exists; delete it or choose another path")
+    return out_dir(path, option)
+
+
+def model_geometry(model: str) -> Geometry:
+    """Resolve ``--model`` and read its config (no weights): fails fast on a missing or broken model."""
+    from .models import load_geometry
+
+    try:
+        return load_geometry(model)
+    except OSError as e:
+        raise type(e)(f"--model: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a broken config.json is a user error naming the model
+        raise ValueError(
+            f"--model {model}: cannot read its config ({e}); pass a directory holding a valid Hugging Face config.json"
+        ) from None
+
+
+def dtype_option(value: str, option: str) -> DtypeName:
+    """A dtype name or alias (``bf16``, ``float32``, ...), else a user error naming ``option``."""
+    from .dtypes import dtype_name
+
+    try:
+        return dtype_name(value)
+    except ValueError as e:
+        fail(f"{option}: {e}")
+
+
+def read_traces(path: Path, option: str = "--traces") -> list[Trace]:
+    """The non-empty traces JSONL at ``path``, else a user error saying how to generate one."""
+    from .traces.loaders import read_traces_jsonl
+
+    if not path.exists():
+        fail(f"{option} {path} does not exist; generate traces with `reasonscope traces generate --out {path}`")
+    rows = read_traces_jsonl(path)
+    if not rows:
+        fail(f"{option} {path} holds no traces; generate some with `reasonscope traces generate --out {path}`")
+    return rows
