@@ -140,9 +140,9 @@ def think(problem: Problem, rng: random.Random, style: str, slip_rate: float = 0
 
 
 def worked_notes(problem: Problem, rng: random.Random, slip_rate: float = 0.15) -> str:
-    """Base-model pretraining text: the same reasoning moves as free-standing scratch work, without a question."""
+    """Base-model pretraining text: the same reasoning moves, detached from any question."""
     v = problem.values
-    parts = ["scratch:"]
+    parts = ["notes:"]
     acc = v[problem.terms[0]]
     parts.append(f"first {problem.terms[0]}{acc}.")
     for op, t in zip(problem.ops, problem.terms[1:]):
@@ -155,18 +155,8 @@ def worked_notes(problem: Problem, rng: random.Random, slip_rate: float = 0.15) 
 
 
 def notes_prompt(problem: Problem) -> str:
-    """The plain-text (no chat markers) prompt under which a base model writes worked notes."""
+    """The plain-text (no chat markers) prompt under which a base model that knows how would write notes."""
     return f"{problem.question} notes:"
-
-
-def notes_document(problem: Problem, rng: random.Random, slip_rate: float = 0.08, style: str | None = None) -> str:
-    """A pretraining document: the question, worked notes that read every operand back from it, the answer.
-
-    The notes are the same moves as the thinking styles (either style), so a base model trained on
-    these knows *how* to reason; post-training only has to teach it *when* (after ``<think>``).
-    """
-    style = style or ("verbose" if rng.random() < 0.5 else "concise")
-    return f"{notes_prompt(problem)} {think(problem, rng, style, slip_rate).text} answer:{problem.answer}"
 
 
 def problems(n: int, seed: int, levels: tuple[int, ...] = tuple(LEVELS)) -> list[Problem]:
@@ -185,5 +175,4 @@ def corpus(n_per_level: int = 60, seed: int = 0) -> list[str]:
             texts.append(p.question)
             texts.extend(think(p, rng, style, slip_rate=0.5).text for style in STYLES)
             texts.append(worked_notes(p, rng, slip_rate=0.5))
-            texts.append(notes_document(p, rng, slip_rate=0.5))
     return texts

@@ -1,13 +1,11 @@
 """Seeded training of the two model organisms, ``base`` and ``thinking`` (same architecture).
 
-Like a real base -> reasoning pair, the thinking organism is the base organism post-trained:
-
-- **base** is pretrained on plain-text documents ``{question} notes: {worked notes} answer:{a}``
-  whose notes read every operand back from the question (it knows *how* to reason), beside direct
-  chat answers ``<|user|>q<|assistant|>a`` (in the chat format it answers at once) and free-standing
-  notes; a curriculum over difficulty lets it learn read-back on short chains first;
-- **thinking** starts from the base weights and is fine-tuned on ``<think>`` traces in the concise
-  and verbose styles, with slips that are caught and corrected (it learns *when* to reason).
+The base is trained on a mix of direct answers and free-standing worked notes (it knows *how* to
+do the steps, not *when*); the thinking model is trained on ``<think>`` traces in the concise and
+verbose styles with a curriculum over difficulty. (Fine-tuning the thinking model from a base
+pretrained on ``{question} notes: ...`` documents was tried: within 3,600 base steps the base never
+learned to read operands back from the question, 0.43-0.59 teacher-forced, so neither did the
+fine-tuned thinking model; see issue 7.)
 """
 
 from __future__ import annotations
@@ -42,40 +40,24 @@ class OrganismArch:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    base_steps: int = 3600
-    thinking_steps: int = 400
+    base_steps: int = 400
+    thinking_steps: int = 1800
     batch_size: int = 24
-    lr: float = 1e-3  # base pretraining
-    finetune_lr: float = 5e-4  # thinking post-training, from the base weights
+    lr: float = 1e-3
     warmup: int = 60
-    direct_share: float = 0.1  # base corpus: direct chat answers
-    notes_share: float = 0.85  # base corpus: question + worked notes (the rest: free-standing scratch work)
+    direct_share: float = 0.6  # base corpus: share of direct question -> answer documents
     slip_rate: float = 0.08
-    level1_steps: int = 600  # base curriculum: level 1 alone until read-back is learned,
-    unlock_every: int = 200  # then one more level every this many steps
+    level1_steps: int = 400  # thinking curriculum: level 1 alone until retrieval is learned,
+    unlock_every: int = 150  # then one more level every this many steps
     device: str = "auto"
     log_every: int = 100
 
 
-BASE_KINDS = ("direct", "notes", "scratch")
-
-
-def base_document(rng: random.Random, p: task.Problem, cfg: TrainConfig, kind: str, style: str) -> tuple[str, int]:
-    """A base pretraining document of ``kind`` and the character offset where its loss starts (0: all)."""
-    if kind == "direct":
+def base_document(rng: random.Random, p: task.Problem, direct_share: float) -> tuple[str, int]:
+    """A base pretraining document and the character offset where its loss starts (0: all)."""
+    if rng.random() < direct_share:
         return f"{USER}{p.question}{ASSISTANT}{p.answer}{EOS}", 0
-    if kind == "notes":  # the loss starts at the notes: the question's random values carry no signal
-        doc = task.notes_document(p, rng, cfg.slip_rate, style)
-        return f"{doc}{EOS}", len(task.notes_prompt(p)) - len(" notes:")
     return f"{task.worked_notes(p, rng)}{EOS}", 0
-
-
-def base_batch(rng: random.Random, level: int, cfg: TrainConfig) -> list[tuple[str, int]]:
-    """One kind (and style) of base document per batch, so batches pad to similar lengths."""
-    weights = (cfg.direct_share, cfg.notes_share, 1 - cfg.direct_share - cfg.notes_share)
-    kind = rng.choices(BASE_KINDS, weights)[0]
-    style = rng.choice(task.STYLES)
-    return [base_document(rng, task.sample_problem(rng, level), cfg, kind, style) for _ in range(cfg.batch_size)]
 
 
 def thinking_document(rng: random.Random, p: task.Problem, slip_rate: float) -> tuple[str, int]:
@@ -85,39 +67,8 @@ def thinking_document(rng: random.Random, p: task.Problem, slip_rate: float) -> 
     return f"{prompt}{THINK_START}{thought.text}{THINK_END}{p.answer}{EOS}", len(prompt)
 
 
-def thinking_batch(rng: random.Random, level: int, cfg: TrainConfig) -> list[tuple[str, int]]:
-    return [thinking_document(rng, task.sample_problem(rng, level), cfg.slip_rate) for _ in range(cfg.batch_size)]
-
-
-@torch.no_grad()
-def readback_accuracy(model, tok, device, n: int = 32, level: int = 2, seed: int = 12345) -> float:
-    """Teacher-forced share of operand values (the ``7`` of ``c7;`` in the notes) predicted right.
-
-    The value is only in the question, far back: this measures whether read-back has been learned.
-    """
-    import re
-
-    rng = random.Random(seed)
-    docs = [task.notes_document(task.sample_problem(rng, level), rng, 0.0, "concise") for _ in range(n)]
-    enc = tok(docs, padding=True, return_offsets_mapping=True, padding_side="right", return_tensors="pt")
-    was_training = model.training
-    model.eval()
-    pred = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)).logits
-    model.train(was_training)
-    pred = pred.argmax(-1).cpu()
-    hits = total = 0
-    for row, doc in enumerate(docs):
-        start = doc.index(" notes:")
-        starts = enc["offset_mapping"][row, :, 0].tolist()
-        for m in re.finditer(r"\b[a-p](\d);", doc[start:]):
-            pos = starts.index(start + m.start(1))  # the value digit is its own token
-            hits += int(pred[row, pos - 1] == enc["input_ids"][row, pos])
-            total += 1
-    return hits / max(total, 1)
-
-
 def curriculum_top(step: int, cfg: TrainConfig) -> int:
-    """How many difficulty levels base pretraining samples from at ``step``."""
+    """How many difficulty levels the thinking phase samples from at ``step``."""
     if step < cfg.level1_steps:
         return 1
     return min(len(task.LEVELS), 2 + (step - cfg.level1_steps) // cfg.unlock_every)
@@ -152,19 +103,9 @@ def _batch(tok, docs: list[tuple[str, int]], device) -> tuple[torch.Tensor, torc
 
 
 def _train(
-    model,
-    tok,
-    make_batch,
-    steps: int,
-    cfg: TrainConfig,
-    rng: random.Random,
-    device,
-    tag: str,
-    log,
-    curriculum: bool,
-    lr: float,
+    model, tok, make_doc, steps: int, cfg: TrainConfig, rng: random.Random, device, tag: str, log, curriculum: bool
 ):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
@@ -173,7 +114,8 @@ def _train(
     levels = tuple(task.LEVELS)
     for step in range(steps):
         level = rng.choice(levels[: curriculum_top(step, cfg) if curriculum else len(levels)])
-        ids, mask, labels = _batch(tok, make_batch(rng, level, cfg), device)
+        docs = [make_doc(rng, task.sample_problem(rng, level)) for _ in range(cfg.batch_size)]
+        ids, mask, labels = _batch(tok, docs, device)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -182,11 +124,7 @@ def _train(
         sched.step()
         running += loss.item()
         if (step + 1) % cfg.log_every == 0:
-            acc = readback_accuracy(model, tok, device)
-            log(
-                f"{tag}: step {step + 1}/{steps} loss {running / cfg.log_every:.4f} "
-                f"read-back {acc:.3f} {time.time() - t0:.0f}s"
-            )
+            log(f"{tag}: step {step + 1}/{steps} loss {running / cfg.log_every:.4f} {time.time() - t0:.0f}s")
             running = 0.0
     model.eval()
     return model
@@ -205,7 +143,6 @@ def save_organism(model, tok, out_dir: Path, kind: str, cfg: TrainConfig) -> Non
 
     config = {
         "kind": kind,
-        "init": "base" if kind == "thinking" else "random",
         "train_config": asdict(cfg),
         "task_levels": {str(k): list(v) for k, v in task.LEVELS.items()},
     }
@@ -220,9 +157,8 @@ def train_organisms(
 ) -> dict[str, Path]:
     """Train the organisms named in ``phases``; returns their saved directories.
 
-    The thinking phase starts from the base weights: from the ones just trained, or, when run
-    alone, from ``out_dir / "base"``. Each phase is seeded on its own (``seed`` for base,
-    ``seed + 1`` for thinking), so a phase re-run alone gives the same weights as in a full run.
+    Each phase is seeded on its own (``seed`` for base, ``seed + 1`` for thinking), so a phase
+    re-run alone gives the same weights as in a full run.
     """
     device = torch.device(
         "cuda"
@@ -230,53 +166,20 @@ def train_organisms(
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
     tok = build_tokenizer(thinking=True)
-    out: dict[str, Path] = {}
-    model = None
-    if "base" in phases:
-        torch.manual_seed(cfg.seed)
+    docs = {
+        "base": lambda r, p: base_document(r, p, cfg.direct_share),
+        "thinking": lambda r, p: thinking_document(r, p, cfg.slip_rate),
+    }
+    steps = {"base": cfg.base_steps, "thinking": cfg.thinking_steps}
+    out = {}
+    for i, kind in enumerate(("base", "thinking")):
+        if kind not in phases:
+            continue
+        torch.manual_seed(cfg.seed + i)
+        rng = random.Random(cfg.seed + i)
         model = make_model(len(tok), OrganismArch(), tok.pad_token_id, tok.eos_token_id).to(device)
-        log(f"organism base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
-        _train(
-            model,
-            tok,
-            base_batch,
-            cfg.base_steps,
-            cfg,
-            random.Random(cfg.seed),
-            device,
-            "base",
-            log,
-            curriculum=True,
-            lr=cfg.lr,
-        )
-        out["base"] = out_dir / "base"
-        save_organism(model, tok, out["base"], "base", cfg)
-    if "thinking" in phases:
-        if model is None:
-            from transformers import Qwen2ForCausalLM
-
-            base_dir = out_dir / "base"
-            if not (base_dir / "config.json").exists():
-                raise FileNotFoundError(
-                    f"{base_dir} has no base organism to fine-tune; train it first "
-                    "(`reasonscope organism train --only base`)"
-                )
-            model = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)  # type: ignore[arg-type]
-        torch.manual_seed(cfg.seed + 1)
-        log(f"organism thinking: fine-tuning the base on {device}")
-        _train(
-            model,
-            tok,
-            thinking_batch,
-            cfg.thinking_steps,
-            cfg,
-            random.Random(cfg.seed + 1),
-            device,
-            "thinking",
-            log,
-            curriculum=False,
-            lr=cfg.finetune_lr,
-        )
-        out["thinking"] = out_dir / "thinking"
-        save_organism(model, tok, out["thinking"], "thinking", cfg)
+        log(f"organism {kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
+        _train(model, tok, docs[kind], steps[kind], cfg, rng, device, kind, log, curriculum=kind == "thinking")
+        out[kind] = out_dir / kind
+        save_organism(model, tok, out[kind], kind, cfg)
     return out
