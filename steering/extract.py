@@ -128,23 +128,15 @@ def extract_vector(
     tgt = residuals(handle, target_texts, layers, reduce)
     src = residuals(handle, source_texts, layers, reduce)
     directions = mean_difference(tgt, src) if method == "mean_diff" else pca_difference(tgt, src)
-    g = handle.geometry
-    meta = VectorMeta(
-        d_model=g.d_model,
-        layers=tuple(layers),
-        positions=positions,
-        model_id=handle.source,
-        model_hash=handle.weight_hash,
-        n_layers=g.n_layers,
-        recipe={
-            "method": method,
-            "reduce": reduce,
-            "n_target": len(target_texts),
-            "n_source": len(source_texts),
-            "model_type": str(getattr(handle.model.config, "model_type", "")),
-            **dict(recipe or {}),
-        },
-    )
+    recipe = {
+        "method": method,
+        "reduce": reduce,
+        "n_target": len(target_texts),
+        "n_source": len(source_texts),
+        "model_type": str(getattr(handle.model.config, "model_type", "")),
+        **dict(recipe or {}),
+    }
+    meta = VectorMeta.for_model(handle, layers, positions, recipe)
     return SteeringVector(directions, meta)
 
 
@@ -201,18 +193,10 @@ def behaviour_vectors(
     if not kept:
         raise ValueError("no segment was labelled; check the label function against Segment.text / tags")
     pool = acts[kept]
-    g = handle.geometry
     out = {}
     for name in sorted({n for n in names if n is not None}):
         mine = acts[[i for i in kept if names[i] == name]]
-        meta = VectorMeta(
-            d_model=g.d_model,
-            layers=tuple(layers),
-            positions=positions,
-            model_id=handle.source,
-            model_hash=handle.weight_hash,
-            n_layers=g.n_layers,
-            recipe={"method": "mean_diff", "reduce": "segment_mean", "behaviour": name, "n_target": len(mine)},
-        )
+        recipe = {"method": "mean_diff", "reduce": "segment_mean", "behaviour": name, "n_target": len(mine)}
+        meta = VectorMeta.for_model(handle, layers, positions, recipe)
         out[name] = SteeringVector(mean_difference(mine, pool), meta)
     return out

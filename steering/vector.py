@@ -22,6 +22,7 @@ import torch
 from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, write_artifact
 from reasonscope.generation import current_batch
 from reasonscope.hooks import attach
+from reasonscope.models import ModelHandle
 
 __all__ = ["GAMMA_RULES", "KIND", "POSITIONS", "Positions", "SteeringVector", "VectorMeta", "meta_json"]
 
@@ -64,6 +65,22 @@ class VectorMeta:
             raise ValueError(f"gamma_rule {self.gamma_rule!r} is not one of {', '.join(GAMMA_RULES)}")
         if not math.isfinite(self.gamma):
             raise ValueError(f"gamma must be finite, got {self.gamma}")
+
+    @classmethod
+    def for_model(
+        cls, handle: ModelHandle, layers: Sequence[int], positions: Positions, recipe: Mapping[str, Any]
+    ) -> VectorMeta:
+        """Metadata of a vector extracted from ``handle``'s model (width, depth, source and weight hash)."""
+        g = handle.geometry
+        return cls(
+            d_model=g.d_model,
+            layers=tuple(layers),
+            positions=positions,
+            model_id=handle.source,
+            model_hash=handle.weight_hash,
+            n_layers=g.n_layers,
+            recipe=dict(recipe),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -142,7 +159,7 @@ class SteeringVector:
     @contextmanager
     def apply(
         self,
-        handle: Any,
+        handle: ModelHandle,
         gamma: float | Sequence[float] | torch.Tensor | None = None,
         layers: Sequence[int] | None = None,
         positions: Positions | None = None,

@@ -102,3 +102,17 @@ def make_task_traces(tokenizer, n: int, seed: int = 0):
 @pytest.fixture(scope="session")
 def task_traces(tiny_handle):
     return make_task_traces(tiny_handle.tokenizer, 12)
+
+
+def torch_hooks(model) -> set[tuple[str, int]]:
+    """(module, hook id) of every forward and pre-forward hook on ``model``.
+
+    Compare before and after: transformers itself keeps hooks on a model once ``output_hidden_states`` or
+    ``output_attentions`` has been asked for, so "no hooks at all" is not a property of a clean model.
+    """
+    return {
+        (name, hid)
+        for name, m in model.named_modules()
+        for hooks in (m._forward_hooks, m._forward_pre_hooks)
+        for hid in hooks
+    }

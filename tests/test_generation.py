@@ -7,7 +7,7 @@ import torch
 
 from reasonscope.generation import DecodeConfig, current_batch, generate, sample, uniform
 
-from conftest import organisms
+from conftest import organisms, torch_hooks
 
 QUESTIONS = [
     "given a3, b4, c1, d9. what is a + b - c + d?",
@@ -215,6 +215,7 @@ def test_hooks_act_during_decoding_with_per_row_state(varied):
 
 def test_hooks_removed_after_an_exception(tiny_handle):
     calls = []
+    hooks_before = torch_hooks(tiny_handle.model)
 
     def boom(x):
         calls.append(current_batch().prefill)
@@ -229,7 +230,7 @@ def test_hooks_removed_after_an_exception(tiny_handle):
             hooks={"blocks.1.hook_resid_post": boom},
         )
     assert calls == [True, False] and current_batch() is None
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in tiny_handle.model.modules())
+    assert torch_hooks(tiny_handle.model) == hooks_before
     assert generate(tiny_handle, encode(tiny_handle)[:1], DecodeConfig(max_new_tokens=3))[0].token_ids
 
 

@@ -18,6 +18,8 @@ from steering.extract import (
 )
 from steering.vector import SteeringVector, VectorMeta
 
+from conftest import torch_hooks
+
 TEXTS = ["a=3, b=4, c=1. what is a + b - c?", "d=2. what is d?"]  # row 2 is left-padded
 
 
@@ -102,6 +104,7 @@ def test_hooks_removed_when_generation_raises(tiny_handle):
     vec = make_vector(h)
     ids, mask = batch(h)
     _, before = resid(h, 0, ids, mask)
+    hooks_before = torch_hooks(h.model)
 
     def boom(batch, tokens, logits):
         raise RuntimeError("boom")
@@ -110,7 +113,7 @@ def test_hooks_removed_when_generation_raises(tiny_handle):
         generate(h, TEXTS, DecodeConfig(max_new_tokens=4), on_token=boom)
     _, after = resid(h, 0, ids, mask)
     assert torch.equal(before, after)
-    assert not any(m._forward_hooks for m in h.model.modules())
+    assert torch_hooks(h.model) == hooks_before
 
 
 @pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
@@ -129,6 +132,7 @@ def test_backends_give_the_same_steered_logits(tiny_model_dir, tiny_handle, back
 
 
 def test_refuses_another_model_bad_layers_and_nan(tiny_handle):
+    hooks_before = torch_hooks(tiny_handle.model)
     g = tiny_handle.geometry
     wide = SteeringVector(torch.ones(1, g.d_model + 1), VectorMeta(d_model=g.d_model + 1, layers=(0,)))
     with pytest.raises(ValueError, match="width"), wide.apply(tiny_handle):
@@ -145,7 +149,7 @@ def test_refuses_another_model_bad_layers_and_nan(tiny_handle):
         SteeringVector(torch.ones(2, 4), VectorMeta(d_model=4, layers=(0,)))
     with pytest.raises(ValueError, match="positions"):
         VectorMeta(d_model=4, layers=(0,), positions="middle")  # type: ignore[arg-type]
-    assert not any(m._forward_hooks for m in tiny_handle.model.modules())
+    assert torch_hooks(tiny_handle.model) == hooks_before
 
 
 def test_artifact_round_trip_and_damage(tiny_handle, tmp_path):
