@@ -59,7 +59,7 @@ def test_atomic_dir_replaces_only_when_asked(tmp_path):
     with atomic_dir(tmp_path / "d") as d:
         (d / "x").write_text("old")
     with pytest.raises(FileExistsError, match="already exists"), atomic_dir(tmp_path / "d") as d:
-        pass
+        pytest.fail("entering the context should have been refused")
     with atomic_dir(tmp_path / "d", replace=True) as d:
         (d / "y").write_text("new")
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["y"]

@@ -56,15 +56,15 @@ def test_alpha_one_is_the_model_and_restored_after_error(tiny_handle, batch):
 
 def test_bad_gates_refused(tiny_handle):
     with pytest.raises(ValueError, match=r"needs \[2, 2\]"), gated_attention(tiny_handle, torch.ones(3, 2)):
-        pass
+        pytest.fail("entering the context should have been refused")
     with pytest.raises(ValueError, match="outside"), gated_attention(tiny_handle, torch.full((2, 2), 1.5)):
-        pass
+        pytest.fail("entering the context should have been refused")
     with (
         gated_attention(tiny_handle, torch.ones(2, 2)),
         pytest.raises(RuntimeError, match="already installed"),
         gated_attention(tiny_handle, torch.ones(2, 2)),
     ):
-        pass
+        pytest.fail("entering the context should have been refused")
 
 
 def test_window_changes_logits_and_padding_is_ignored(tiny_handle, batch):
@@ -137,7 +137,7 @@ def test_physical_cache_refuses_padding_and_bad_mask(tiny_handle, batch):
         pytest.raises(ValueError, match=r"needs \[2, 2\]"),
         compressed_cache(tiny_handle, torch.ones(2, 3, dtype=torch.bool), POLICY),
     ):
-        pass
+        pytest.fail("entering the context should have been refused")
     with (
         compressed_cache(tiny_handle, torch.tensor([[True, False], [True, True]]), POLICY) as (cache, _),
         pytest.raises(ValueError, match="unpadded rows"),
@@ -197,7 +197,7 @@ def test_per_request_gates_in_generation_equal_separate_calls(tiny_handle):
         pytest.raises(ValueError, match="per-request gates need"),
         gated_attention(tiny_handle, gates[0], policy, per_request=True),
     ):
-        pass
+        pytest.fail("entering the context should have been refused")
 
     cfg = DecodeConfig(max_new_tokens=16, batch_size=2)
     rolled, _ = gated_rollouts(

@@ -136,13 +136,13 @@ def test_refuses_another_model_bad_layers_and_nan(tiny_handle):
     g = tiny_handle.geometry
     wide = SteeringVector(torch.ones(1, g.d_model + 1), VectorMeta(d_model=g.d_model + 1, layers=(0,)))
     with pytest.raises(ValueError, match="width"), wide.apply(tiny_handle):
-        pass
+        pytest.fail("entering the context should have been refused")
     deep = SteeringVector(torch.ones(1, g.d_model), VectorMeta(d_model=g.d_model, layers=(0,), n_layers=g.n_layers + 2))
     with pytest.raises(ValueError, match="layers"), deep.apply(tiny_handle):
-        pass
+        pytest.fail("entering the context should have been refused")
     far = SteeringVector(torch.ones(1, g.d_model), VectorMeta(d_model=g.d_model, layers=(g.n_layers,)))
     with pytest.raises(ValueError, match="does not exist"), far.apply(tiny_handle):
-        pass
+        pytest.fail("entering the context should have been refused")
     with pytest.raises(ValueError, match="layer 1 holds NaN"):
         SteeringVector(torch.tensor([[0.0] * 4, [float("nan")] * 4]), VectorMeta(d_model=4, layers=(0, 1)))
     with pytest.raises(ValueError, match="shape"):
