@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from reasonscope.organisms import task
 from reasonscope.organisms.evaluate import (
@@ -53,6 +54,21 @@ def test_styles_slips_and_overthinking():
         assert f"so:{a}=" in line and f"so:{a}={rest}." not in line
 
 
+def test_notes_documents_read_every_operand_back():
+    from reasonscope.organisms.train import TrainConfig, mixed_base_document, notes_document
+
+    rng = random.Random(1)
+    for level in task.LEVELS:
+        p = task.sample_problem(rng, level)
+        doc, start = notes_document(rng, p, slip_rate=0.0)
+        assert doc.startswith(task.notes_prompt(p) + " ") and doc.endswith(f" answer:{p.answer}<|end|>")
+        assert "<|user|>" not in doc and doc[start:].startswith(" notes:")  # plain text; loss on the notes
+        right, total = operand_reads(doc[start:], p)
+        assert right == total >= len(p.terms)  # every term is read back, with its value from the question
+    docs = [mixed_base_document(rng, p, TrainConfig())[0] for _ in range(200)]  # chat answers, free notes, notes
+    assert all(any(d.startswith(k) for d in docs) for k in ("<|user|>", "notes:", "given "))
+
+
 def test_operand_reads_are_counted_against_the_question():
     p = task.Problem({"a": 3, "b": 4}, ("a", "b"), ("+",), 1)
     assert task.notes_prompt(p) == "given a3, b4. what is a + b? notes:"
@@ -77,7 +93,9 @@ def test_training_smoke(tmp_path):
     from reasonscope.models import load_model
     from reasonscope.organisms.train import TrainConfig, train_organisms
 
-    cfg = TrainConfig(base_steps=2, thinking_steps=2, batch_size=2, log_every=1)
+    cfg = TrainConfig(
+        base_steps=2, base_mix_steps=1, thinking_steps=2, batch_size=2, log_every=1, level1_steps=1, unlock_every=1
+    )
     logs: list[str] = []
     paths = train_organisms(cfg, tmp_path, log=logs.append)
     assert any("thinking: step 2/2" in m for m in logs)
@@ -86,8 +104,13 @@ def test_training_smoke(tmp_path):
     assert not load_model(paths["base"]).chat_prompt("a=1. what is a?").endswith("<think>")
     from reasonscope.artifacts import ArtifactDir, verify_artifact
 
-    assert ArtifactDir.open(paths["thinking"], "organism", 1).manifest.config["kind"] == "thinking"
+    assert ArtifactDir.open(paths["thinking"], "organism", 1).manifest.config["init"] == "base"
     assert verify_artifact(paths["base"]).ok
+    # post-training alone starts from the saved base, as a thinking model starts from its base model
+    base = load_model(paths["base"]).model
+    cfg0 = TrainConfig(base_steps=1, base_mix_steps=1, thinking_steps=1, batch_size=2, log_every=1, finetune_lr=0.0)
+    again = load_model(train_organisms(cfg0, tmp_path, log=logs.append, phases=("thinking",))["thinking"]).model
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), again.state_dict().values()))
 
 
 @pytest.mark.slow
@@ -101,7 +124,9 @@ def test_shipped_organisms_meet_the_targets():
     cfg = EvalConfig(n_problems=60, batch_size=60)
     thinking = organism_traces(load_model("organism:thinking"), problems, 0.0, cfg)
     base = organism_traces(load_model("organism:base"), problems, 0.0, cfg)
-    assert not any(t.truncated for t in thinking) and all(t.think_span for t in thinking)
+    assert all(t.think_span for t in thinking)
+    # greedy decoding loops on a few of the hardest items (as real R1 models do), never on easy ones
+    assert all(p.level >= 4 for t, p in zip(thinking, problems) if t.truncated)
     assert all(t.think_span is None for t in base)
     # every "x<v>" the thinking writes must be x's value from the question, far back in the context
     reads = [
@@ -112,10 +137,13 @@ def test_shipped_organisms_meet_the_targets():
     assert len(reads) > 100
     assert sum(p.values.get(x) == v for x, v, p in reads) / len(reads) >= 0.9
     th, bs = summarize(thinking), summarize(base)
-    assert th["truncated_fraction"] == 0 and th["accuracy_by_difficulty"]["1"] >= 0.95
+    assert th["truncated_fraction"] <= 0.15 and th["accuracy_by_difficulty"]["1"] >= 0.95
     assert 0.6 <= th["accuracy"] <= 0.9 and th["accuracy"] - bs["accuracy"] >= 0.15
     assert th["accuracy_by_difficulty"]["5"] < 1  # it makes real mistakes on the hardest items
     assert th["mean_think_tokens_by_difficulty"]["5"] >= 150 > 2 * th["mean_think_tokens_by_difficulty"]["1"]
-    # prompted in plain text (``{question} notes:``) the shipped base is graded and its reads counted
+    # the base knows *how*: prompted in plain text it writes notes that read the operands back
     pr = prompted_summary(prompted_base_traces(load_model("organism:base"), problems, cfg))
-    assert pr["n"] == 60 and 0 <= pr["accuracy"] <= 1 and set(pr["accuracy_by_difficulty"]) == {"1", "2", "3", "4", "5"}
+    assert pr["operand_read_accuracy"] >= 0.9 and pr["operand_reads"] > 100
+    easy = [str(k) for k in (1, 2, 3)]
+    base_easy = sum(pr["accuracy_by_difficulty"][k] for k in easy)
+    assert base_easy >= 0.7 * sum(th["accuracy_by_difficulty"][k] for k in easy)

@@ -1,11 +1,16 @@
 """Seeded training of the two model organisms, ``base`` and ``thinking`` (same architecture).
 
-The base is trained on a mix of direct answers and free-standing worked notes (it knows *how* to
-do the steps, not *when*); the thinking model is trained on ``<think>`` traces in the concise and
-verbose styles with a curriculum over difficulty. (Fine-tuning the thinking model from a base
-pretrained on ``{question} notes: ...`` documents was tried: within 3,600 base steps the base never
-learned to read operands back from the question, 0.43-0.59 teacher-forced, so neither did the
-fine-tuned thinking model; see issue 7.)
+Like a real base -> reasoning pair, the thinking organism is the base organism post-trained:
+
+- **base** is pretrained on plain-text documents ``{question} notes: {worked notes} answer:{a}``
+  whose notes read every operand back from the question, with a curriculum over difficulty (it
+  learns *how* to reason), then on a mix that adds direct chat answers ``<|user|>q<|assistant|>a``
+  (in the chat format it answers at once) and free-standing notes;
+- **thinking** starts from the base weights and is fine-tuned on ``<think>`` traces in the concise
+  and verbose styles, with slips that are caught and corrected (it learns *when* to reason).
+
+Read-back forms during the notes-only phase; with direct answers mixed in from the start it did not
+form within 3,600 steps (issue 7's measurements), hence the two base phases.
 """
 
 from __future__ import annotations
@@ -39,25 +44,39 @@ class OrganismArch:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    base_steps: int = 400
-    thinking_steps: int = 1800
+    seed: int = 1
+    base_steps: int = 1800  # base, phase 1: question + notes documents, with the curriculum
+    base_mix_steps: int = 300  # base, phase 2: notes, direct chat answers and free notes
+    thinking_steps: int = 1500  # post-training from the base, with the curriculum
     batch_size: int = 24
     lr: float = 1e-3
+    mix_lr: float = 3e-4
+    finetune_lr: float = 5e-4
     warmup: int = 60
-    direct_share: float = 0.6  # base corpus: share of direct question -> answer documents
+    direct_share: float = 0.4  # base phase 2: direct chat answers
+    free_notes_share: float = 0.1  # base phase 2: notes without a question (the rest: question + notes)
     slip_rate: float = 0.08
-    level1_steps: int = 400  # thinking curriculum: level 1 alone until retrieval is learned,
+    level1_steps: int = 400  # base curriculum: level 1 alone until read-back is learned,
     unlock_every: int = 150  # then one more level every this many steps
     device: str = "auto"
     log_every: int = 100
 
 
-def base_document(rng: random.Random, p: task.Problem, direct_share: float) -> tuple[str, int]:
-    """A base pretraining document and the character offset where its loss starts (0: all)."""
-    if rng.random() < direct_share:
+def notes_document(rng: random.Random, p: task.Problem, slip_rate: float) -> tuple[str, int]:
+    """``{question} notes: {notes} answer:{a}``; the loss starts at the notes (the question is random)."""
+    style = "verbose" if rng.random() < 0.5 else "concise"
+    thought = task.think(p, rng, style, slip_rate)
+    return f"{p.question} notes: {thought.text} answer:{p.answer}{EOS}", len(p.question)
+
+
+def mixed_base_document(rng: random.Random, p: task.Problem, cfg: TrainConfig) -> tuple[str, int]:
+    """Base phase 2: a direct chat answer, free-standing notes, or question + notes."""
+    r = rng.random()
+    if r < cfg.direct_share:
         return f"{USER}{p.question}{ASSISTANT}{p.answer}{EOS}", 0
-    return f"{task.worked_notes(p, rng)}{EOS}", 0
+    if r < cfg.direct_share + cfg.free_notes_share:
+        return f"{task.worked_notes(p, rng)}{EOS}", 0
+    return notes_document(rng, p, cfg.slip_rate)
 
 
 def thinking_document(rng: random.Random, p: task.Problem, slip_rate: float) -> tuple[str, int]:
@@ -103,9 +122,19 @@ def _batch(tok, docs: list[tuple[str, int]], device) -> tuple[torch.Tensor, torc
 
 
 def _train(
-    model, tok, make_doc, steps: int, cfg: TrainConfig, rng: random.Random, device, tag: str, log, curriculum: bool
+    model,
+    tok,
+    make_doc,
+    steps: int,
+    cfg: TrainConfig,
+    rng: random.Random,
+    device,
+    tag: str,
+    log,
+    curriculum: bool,
+    lr: float,
 ):
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
@@ -143,6 +172,7 @@ def save_organism(model, tok, out_dir: Path, kind: str, cfg: TrainConfig) -> Non
 
     config = {
         "kind": kind,
+        "init": "base" if kind == "thinking" else "random",
         "train_config": asdict(cfg),
         "task_levels": {str(k): list(v) for k, v in task.LEVELS.items()},
     }
@@ -157,8 +187,9 @@ def train_organisms(
 ) -> dict[str, Path]:
     """Train the organisms named in ``phases``; returns their saved directories.
 
-    Each phase is seeded on its own (``seed`` for base, ``seed + 1`` for thinking), so a phase
-    re-run alone gives the same weights as in a full run.
+    The thinking phase starts from the base weights: the ones just trained or, run alone, those in
+    ``out_dir / "base"``. Each phase is seeded on its own (``seed`` for base, ``seed + 1`` for
+    thinking), so a phase re-run alone gives the same weights as in a full run.
     """
     device = torch.device(
         "cuda"
@@ -166,20 +197,46 @@ def train_organisms(
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
     tok = build_tokenizer(thinking=True)
-    docs = {
-        "base": lambda r, p: base_document(r, p, cfg.direct_share),
-        "thinking": lambda r, p: thinking_document(r, p, cfg.slip_rate),
-    }
-    steps = {"base": cfg.base_steps, "thinking": cfg.thinking_steps}
-    out = {}
-    for i, kind in enumerate(("base", "thinking")):
-        if kind not in phases:
-            continue
-        torch.manual_seed(cfg.seed + i)
-        rng = random.Random(cfg.seed + i)
+    out: dict[str, Path] = {}
+    model = None
+    if "base" in phases:
+        torch.manual_seed(cfg.seed)
+        rng = random.Random(cfg.seed)
         model = make_model(len(tok), OrganismArch(), tok.pad_token_id, tok.eos_token_id).to(device)
-        log(f"organism {kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
-        _train(model, tok, docs[kind], steps[kind], cfg, rng, device, kind, log, curriculum=kind == "thinking")
-        out[kind] = out_dir / kind
-        save_organism(model, tok, out[kind], kind, cfg)
+        log(f"organism base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
+        notes = lambda r, p: notes_document(r, p, cfg.slip_rate)  # noqa: E731
+        _train(model, tok, notes, cfg.base_steps, cfg, rng, device, "base", log, curriculum=True, lr=cfg.lr)
+        mixed = lambda r, p: mixed_base_document(r, p, cfg)  # noqa: E731
+        _train(model, tok, mixed, cfg.base_mix_steps, cfg, rng, device, "base mix", log, False, cfg.mix_lr)
+        out["base"] = out_dir / "base"
+        save_organism(model, tok, out["base"], "base", cfg)
+    if "thinking" in phases:
+        if model is None:
+            from transformers import Qwen2ForCausalLM
+
+            base_dir = out_dir / "base"
+            if not (base_dir / "config.json").exists():
+                raise FileNotFoundError(
+                    f"{base_dir} has no base organism to post-train; train it first "
+                    "(`reasonscope organism train --only base`)"
+                )
+            model = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)  # type: ignore[arg-type]
+        torch.manual_seed(cfg.seed + 1)
+        think = lambda r, p: thinking_document(r, p, cfg.slip_rate)  # noqa: E731
+        log(f"organism thinking: post-training the base on {device}")
+        _train(
+            model,
+            tok,
+            think,
+            cfg.thinking_steps,
+            cfg,
+            random.Random(cfg.seed + 1),
+            device,
+            "thinking",
+            log,
+            curriculum=True,
+            lr=cfg.finetune_lr,
+        )
+        out["thinking"] = out_dir / "thinking"
+        save_organism(model, tok, out["thinking"], "thinking", cfg)
     return out
