@@ -58,11 +58,14 @@ ARTIFACT_FORMATS: dict[str, int] = {
     "emergent_heads": 1,
     "head_map": 1,
     "heads_eval": 1,
+    "json_result": 1,
     "organism": 1,
     "probe_labels": 1,
     "probe_set": 1,
     "saelens_activations": 1,
     "steering_vector": 1,
+    "trace_set": 1,
+    "vector_exports": 1,
 }
 Check = Literal["size", "hash"]
 

@@ -49,7 +49,7 @@ app.add_typer(heads_app, name="heads")
 def mount_plugins(root: typer.Typer, group: str = PLUGIN_GROUP) -> list[str]:
     """Mount every entry point of ``group`` on ``root``; one that fails to load is skipped with a warning.
 
-    Returns the names mounted. Core never imports the plugin packages (``probes``, ``steering``) itself.
+    Returns the names mounted. Core never imports the plugin packages (``probes``, ``steering``, ``app``) itself.
     """
     mounted = []
     for ep in entry_points(group=group):
@@ -199,60 +199,6 @@ def traces_generate(
     write_traces_jsonl(out, traces)
     acc = sum(bool(t.grade) for t in traces) / max(1, len(traces))
     say(f"wrote {len(traces)} traces to {out}; accuracy {acc:.3f}; truncated {sum(t.truncated for t in traces)}")
-
-
-# ---------------------------------------------------------------------------- demo
-
-
-@app.command()
-def demo(
-    n: int = typer.Option(100, min=1, help="Organism problems per model."),
-    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its artifacts."),
-) -> None:
-    """Generate, grade and summarise reasoning traces of the thinking and base organisms."""
-    out_dir(out)
-    for kind in ("thinking", "base"):
-        model_geometry(f"organism:{kind}")
-    from rich.console import Console
-    from rich.table import Table
-
-    from .models import load_model
-    from .organisms import task
-    from .organisms.evaluate import EvalConfig, organism_traces, style_of, summarize, think_tokens
-    from .traces.loaders import write_traces_jsonl
-
-    problems = task.problems(n, seed=2024)
-    cfg = EvalConfig(n_problems=n)
-    table = Table(title=f"Model organisms on {n} held-out problems (greedy)")
-    for col in ("model", "accuracy", *[f"L{k}" for k in task.LEVELS], "think tokens", "truncated"):
-        table.add_column(col, justify="right")
-    example = None
-    for kind in ("thinking", "base"):
-        handle = load_model(f"organism:{kind}")
-        traces = organism_traces(handle, problems, 0.0, cfg, progress=True)
-        write_traces_jsonl(out / f"traces_{kind}.jsonl", traces)
-        s = summarize(traces)
-        table.add_row(
-            kind,
-            f"{s['accuracy']:.2f}",
-            *[f"{v:.2f}" for v in s["accuracy_by_difficulty"].values()],
-            f"{s['mean_think_tokens']:.0f}",
-            f"{s['truncated_fraction']:.2f}",
-        )
-        if kind == "thinking":
-            example = max(traces, key=lambda t: (t.meta["level"] == 3, len(t.segments)))
-    console = Console()
-    console.print(table)
-    if example is not None:
-        console.print(
-            f"[bold]example[/bold] {example.id} ({style_of(example.thinking)}, "
-            f"{think_tokens(example)} thinking tokens, grade={example.grade}):"
-        )
-        console.print(f"  prompt: {example.prompt}")
-        for seg in example.segments[:8]:
-            console.print(f"  [{seg.start:>3},{seg.end:>3}) {seg.text}")
-        console.print(f"  answer: {example.answer}  (gold {example.gold})")
-    console.print(f"traces written to {out}/")
 
 
 # ---------------------------------------------------------------------------- capture

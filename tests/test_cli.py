@@ -322,15 +322,6 @@ def test_organism_eval_json():
 
 @organisms
 @pytest.mark.slow
-def test_demo_prints_graded_summary(tmp_path):
-    r = runner.invoke(app, ["demo", "--n", "10", "--out", str(tmp_path)])
-    assert r.exit_code == 0, r.output
-    assert "thinking" in r.stdout and "base" in r.stdout and "accuracy" in r.stdout
-    assert len(read_traces_jsonl(tmp_path / "traces_thinking.jsonl")) == 10
-
-
-@organisms
-@pytest.mark.slow
 def test_capture_on_the_thinking_organism(tmp_path):
     out = tmp_path / "t.jsonl"
     r = runner.invoke(app, ["traces", "generate", "--model", "organism:thinking", "--n", "8", "--out", str(out)])

@@ -1,0 +1,153 @@
+"""Per-trace computations the explorer and notebooks show: token signals, probe trajectories, attention, steering.
+
+Everything takes opened artifacts and loaded models (:class:`reasonscope.models.ModelHandle`); nothing here reads a
+run directory itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from probes.labels import LabelTable
+    from probes.probeset import ProbeSet
+    from reasonscope.models import ModelHandle
+    from reasonscope.store import ActivationStore
+    from reasonscope.traces.record import Trace
+    from steering.vector import SteeringVector
+
+__all__ = [
+    "Generation",
+    "calibration_curve",
+    "head_attention",
+    "operand_reads",
+    "probe_trajectory",
+    "steer_compare",
+    "token_signals",
+    "token_strings",
+]
+
+
+def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Each token id decoded on its own (special tokens kept), for token-by-token display."""
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
+def token_signals(handle: ModelHandle, trace: Trace, window: int = 8) -> dict[str, list[float]]:
+    """Per token of ``trace``: ``entropy`` (nats) of the next-token distribution and the ``deviation index``
+    (mean entropy over the last ``window`` thinking tokens / mean since the thinking began; NaN before)."""
+    from probes.entropy import deviation_index, token_entropies
+
+    ent = token_entropies(handle, [trace])[0]
+    start = trace.think_span[0] if trace.think_span else 0
+    dev = deviation_index(ent, start, window)
+    return {"entropy": ent.tolist(), "deviation index": dev.tolist()}
+
+
+def probe_trajectory(store: ActivationStore, ps: ProbeSet, trace_id: str, hook: str | None = None) -> dict[int, float]:
+    """The probe's probability at every captured position of one trace: ``{token position: p}``."""
+    hook = hook or ps.best_hook
+    ps.check_model(store.manifest.weight_hash)
+    rows = store.rows()
+    mine = rows["trace"] == store.trace_index(trace_id)
+    positions = rows["position"][mine].tolist()
+    if not positions:
+        return {}
+    p = ps.predict(store.get(hook, trace=trace_id).float(), hook)
+    return {int(q): float(v) for q, v in zip(positions, p.tolist())}
+
+
+def calibration_curve(
+    store: ActivationStore, labels: LabelTable, ps: ProbeSet, hook: str | None = None, bins: int = 8
+) -> tuple[list[float], list[float], list[int]]:
+    """Reliability bins of ``ps`` on its held-out test problems: (mean predicted, observed rate, count) per bin."""
+    from probes.data import TEST, join_labels
+
+    cfg = ps.config
+    data = join_labels(store, labels, ps.target, cfg["test_fraction"], cfg["val_fraction"], cfg["seed"])
+    test = data.side == TEST
+    hook = hook or ps.best_hook
+    rows = data.row[test]
+    x = torch.cat([store.get(hook, trace=None)])[rows].float() if len(rows) else torch.zeros(0, ps.width)
+    p, y = ps.predict(x, hook), data.y[test]
+    which = (p * bins).long().clamp(max=bins - 1)
+    pred, obs, counts = [], [], []
+    for b in range(bins):
+        m = which == b
+        if bool(m.any()):
+            pred.append(float(p[m].mean()))
+            obs.append(float(y[m].mean()))
+            counts.append(int(m.sum()))
+    return pred, obs, counts
+
+
+def operand_reads(trace: Trace, tokenizer: Any) -> list[tuple[int, tuple[int, ...]]]:
+    """(query token, definition key tokens) of every operand the thinking reads back from the question."""
+    from reasonscope.heads.retrieval import operand_reads as reads
+
+    return [(r.query, r.keys) for r in reads(trace, tokenizer)]
+
+
+@torch.no_grad()
+def head_attention(handle: ModelHandle, trace: Trace, layer: int, kv_head: int) -> torch.Tensor:
+    """Attention ``[query, key]`` of KV head ``kv_head`` in ``layer`` on ``trace``: the mean over the query heads
+    sharing it. ``handle`` must compute attention eagerly (``load_model(..., attn_implementation="eager")``)."""
+    g = handle.geometry
+    if not (0 <= layer < g.n_layers and 0 <= kv_head < g.n_kv_heads):
+        raise ValueError(f"no KV head L{layer}H{kv_head}: the model has {g.n_layers} layers x {g.n_kv_heads} KV heads")
+    seen: list[torch.Tensor] = []
+    ids = torch.tensor([trace.token_ids], device=handle.device)
+    handle.run(ids, hooks={f"blocks.{layer}.attn.hook_pattern": lambda p: seen.append(p.detach().float().cpu())})
+    group = g.n_heads // g.n_kv_heads
+    return seen[0][0, kv_head * group : (kv_head + 1) * group].mean(0)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One completion: its tokens (strings), thinking length, answer, grade."""
+
+    tokens: list[str]
+    think_tokens: int
+    answer: str
+    correct: bool | None
+
+
+def _completion(handle: ModelHandle, ids: Sequence[int], gold: str | None) -> Generation:
+    from reasonscope.traces import GRADERS
+
+    tok = handle.tokenizer
+    end = handle.think_ids[1]
+    k = list(ids).index(end) if end is not None and end in ids else len(ids)
+    answer = tok.decode(list(ids[k + 1 :]), skip_special_tokens=True).strip() if k < len(ids) else ""
+    grader = GRADERS["organism"]
+    ok = None if gold is None else bool(k < len(ids) and grader.is_correct(grader.extract(answer), gold))
+    return Generation(token_strings(tok, ids), k, answer, ok)
+
+
+def steer_compare(
+    handle: ModelHandle,
+    vec: SteeringVector,
+    question: str,
+    gammas: Sequence[float],
+    gold: str | None = None,
+    max_new_tokens: int = 512,
+) -> list[Generation]:
+    """Greedy completions of ``question`` at each γ (γ = 0: unsteered), in one batched ``generate`` call."""
+    from reasonscope.generation import DecodeConfig, generate
+
+    prompt = handle.chat_prompt(question)
+    cfg = DecodeConfig(max_new_tokens=max_new_tokens, batch_size=max(1, len(gammas)))
+    with vec.apply(handle, gamma=[float(g) for g in gammas]):
+        out = generate(handle, [prompt] * len(gammas), cfg)
+    return [_completion(handle, c.token_ids, gold) for c in out]
+
+
+def finite_range(values: Sequence[float]) -> tuple[float, float]:
+    """(min, max) of the finite values, (0, 1) when there are none."""
+    xs = [v for v in values if v is not None and math.isfinite(v)]
+    return (min(xs), max(xs)) if xs else (0.0, 1.0)

@@ -1,0 +1,233 @@
+"""The artifacts the demo adds (``trace_set``, ``json_result``, ``vector_exports``) and the run-directory layout.
+
+A run directory holds one artifact directory per stage (see :data:`STAGE_DIRS`). :class:`RunDir` opens each
+through its own ``open`` API and, for a stage that is not there, raises :class:`MissingStage` naming the command
+that writes it, so the explorer and the notebooks show what to run instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, ArtifactError, write_artifact
+from reasonscope.traces.loaders import read_traces_jsonl, write_traces_jsonl
+from reasonscope.traces.record import Trace
+
+if TYPE_CHECKING:  # pragma: no cover
+    from probes.labels import LabelTable
+    from probes.probeset import ProbeSet
+    from reasonscope.heads.headmap import HeadMap
+    from reasonscope.store import ActivationStore
+    from steering.vector import SteeringVector
+
+__all__ = ["STAGE_DIRS", "Exports", "JsonResult", "MissingStage", "RunDir", "TraceSet"]
+
+TRACE_SET, JSON_RESULT, VECTOR_EXPORTS = "trace_set", "json_result", "vector_exports"
+SUFFIX = {"gguf": ".gguf", "easysteer": ".easysteer.gguf", "safetensors": ".safetensors"}
+
+# stage -> artifact directory inside a run directory
+STAGE_DIRS: dict[str, str] = {
+    "traces": "traces",
+    "capture": "capture",
+    "heads": "heads",  # one head_map per scorer: heads/<method>
+    "heads_eval": "heads_eval",
+    "labels": "labels",
+    "probes": "probes",  # one probe_set per target: probes/<target>
+    "monitor": "monitor",
+    "asc": "asc",
+    "hybrid": "hybrid",
+    "exports": "exports",
+}
+
+
+class MissingStage(LookupError):
+    """A stage's artifact is absent or unusable; ``str()`` says which command writes it."""
+
+    def __init__(self, stage: str, run: Path, why: str = "") -> None:
+        self.stage, self.run = stage, run
+        detail = f" ({why})" if why else ""
+        super().__init__(
+            f"this run has no usable '{stage}' stage{detail}; write it with `reasonscope demo --out {run}` "
+            "(finished stages are reused)"
+        )
+
+
+# ---------------------------------------------------------------------------- trace_set
+
+
+@dataclass(frozen=True)
+class TraceSet:
+    """Graded traces of several models on the same problems (``traces[model]``) with their summaries."""
+
+    path: Path | None
+    traces: Mapping[str, list[Trace]]
+    summary: Mapping[str, Any]
+
+    def write(self, out: str | Path, config: Mapping[str, Any], inputs: Mapping[str, str]) -> TraceSet:
+        """Write a ``trace_set`` artifact (``<model>.jsonl`` and ``summary.json``) atomically."""
+
+        def files(tmp: Path) -> dict[str, int]:
+            for name, rows in self.traces.items():
+                write_traces_jsonl(tmp / f"{name}.jsonl", rows)
+            (tmp / "summary.json").write_text(json.dumps(self.summary, indent=1) + "\n", encoding="utf-8")
+            return {f"{name}.jsonl": len(rows) for name, rows in self.traces.items()}
+
+        cfg = {**dict(config), "models": list(self.traces)}
+        write_artifact(out, TRACE_SET, ARTIFACT_FORMATS[TRACE_SET], cfg, inputs, files)
+        return TraceSet(Path(out), self.traces, self.summary)
+
+    @classmethod
+    def open(cls, path: str | Path) -> TraceSet:
+        art = ArtifactDir.open(path, TRACE_SET, ARTIFACT_FORMATS[TRACE_SET])
+        models = list(art.manifest.config["models"])
+        traces = {m: read_traces_jsonl(art.file(f"{m}.jsonl")) for m in models}
+        return cls(Path(path), traces, json.loads(art.file("summary.json").read_text(encoding="utf-8")))
+
+
+# ---------------------------------------------------------------------------- json_result
+
+
+@dataclass(frozen=True)
+class JsonResult:
+    """A stage result that is one JSON document (``result.json``), e.g. the monitor's trade-off sweep."""
+
+    path: Path | None
+    what: str
+    result: Mapping[str, Any]
+    config: Mapping[str, Any]
+
+    def write(self, out: str | Path, inputs: Mapping[str, str]) -> JsonResult:
+        def files(tmp: Path) -> None:
+            (tmp / "result.json").write_text(json.dumps(self.result, indent=1) + "\n", encoding="utf-8")
+
+        cfg = {**dict(self.config), "what": self.what}
+        write_artifact(out, JSON_RESULT, ARTIFACT_FORMATS[JSON_RESULT], cfg, inputs, files)
+        return JsonResult(Path(out), self.what, self.result, self.config)
+
+    @classmethod
+    def open(cls, path: str | Path, what: str | None = None, kind: str = JSON_RESULT) -> JsonResult:
+        """Open a ``json_result`` (or another kind holding ``result.json``, e.g. ``heads_eval``)."""
+        art = ArtifactDir.open(path, kind, ARTIFACT_FORMATS[kind])
+        cfg = dict(art.manifest.config)
+        found = str(cfg.get("what", kind))
+        if what is not None and kind == JSON_RESULT and found != what:
+            raise ArtifactError(f"{path} holds a {found!r} result, not {what!r}; point at the {what} stage")
+        return cls(Path(path), found, json.loads(art.file("result.json").read_text(encoding="utf-8")), cfg)
+
+
+# ---------------------------------------------------------------------------- vector_exports
+
+
+@dataclass(frozen=True)
+class Exports:
+    """Serving files of one steering vector: ``files[format]`` -> paths (``gguf``, ``easysteer``, ``safetensors``)."""
+
+    path: Path
+    files: Mapping[str, list[Path]]
+
+    @classmethod
+    def write(cls, vec: SteeringVector, out: str | Path, stem: str, formats: Sequence[str]) -> Exports:
+        """Export ``vec`` in every format into a ``vector_exports`` artifact at ``out``."""
+        from steering.export import export_vector
+
+        written: dict[str, list[str]] = {}
+
+        def files(tmp: Path) -> None:
+            for fmt in formats:
+                paths = export_vector(vec, tmp / f"{stem}{SUFFIX[fmt]}", fmt)  # type: ignore[arg-type]
+                written[fmt] = [p.name for p in paths]
+
+        cfg = {"stem": stem, "formats": list(formats), "vector": vec.meta.to_dict()}
+        inputs = {"model": vec.meta.model_hash} if vec.meta.model_hash else {}
+        write_artifact(out, VECTOR_EXPORTS, ARTIFACT_FORMATS[VECTOR_EXPORTS], cfg, inputs, files, detail=written)
+        return cls.open(out)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Exports:
+        art = ArtifactDir.open(path, VECTOR_EXPORTS, ARTIFACT_FORMATS[VECTOR_EXPORTS], check="hash")
+        written = art.manifest.detail  # format -> file names, recorded when written
+        return cls(Path(path), {fmt: [art.file(n) for n in names] for fmt, names in written.items()})
+
+
+# ---------------------------------------------------------------------------- the run directory
+
+
+class RunDir:
+    """A demo run directory; every ``open_*`` returns the stage's opened artifact or raises :class:`MissingStage`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def stage_path(self, stage: str, *sub: str) -> Path:
+        return self.path.joinpath(STAGE_DIRS[stage], *sub)
+
+    def _open(self, stage: str, fn: Any, path: Path) -> Any:
+        if not path.exists():
+            raise MissingStage(stage, self.path)
+        try:
+            return fn(path)
+        except (ArtifactError, OSError, KeyError, ValueError) as e:
+            raise MissingStage(stage, self.path, f"{type(e).__name__}: {e}") from e
+
+    def has(self, stage: str) -> bool:
+        return self.stage_path(stage).exists()
+
+    def traces(self) -> TraceSet:
+        return self._open("traces", TraceSet.open, self.stage_path("traces"))
+
+    def store(self) -> ActivationStore:
+        from reasonscope.store import ActivationStore
+
+        return self._open("capture", ActivationStore.open, self.stage_path("capture"))
+
+    def head_maps(self) -> dict[str, HeadMap]:
+        from reasonscope.heads.headmap import HeadMap
+
+        root = self.stage_path("heads")
+        if not root.is_dir():
+            raise MissingStage("heads", self.path)
+        return {p.name: self._open("heads", HeadMap.open, p) for p in sorted(root.iterdir()) if p.is_dir()}
+
+    def heads_eval(self) -> JsonResult:
+        return self._open("heads_eval", lambda p: JsonResult.open(p, kind="heads_eval"), self.stage_path("heads_eval"))
+
+    def labels(self) -> LabelTable:
+        from probes.labels import LabelTable
+
+        return self._open("labels", LabelTable.open, self.stage_path("labels"))
+
+    def probe_sets(self) -> dict[str, ProbeSet]:
+        from probes.probeset import ProbeSet
+
+        root = self.stage_path("probes")
+        if not root.is_dir():
+            raise MissingStage("probes", self.path)
+        return {p.name: self._open("probes", ProbeSet.open, p) for p in sorted(root.iterdir()) if p.is_dir()}
+
+    def monitor(self) -> JsonResult:
+        return self._open("monitor", lambda p: JsonResult.open(p, "monitor"), self.stage_path("monitor"))
+
+    def asc(self) -> tuple[SteeringVector, dict[str, Any]]:
+        """The ASC vector and its report (γ sweep, baseline, chosen γ)."""
+        from steering.vector import KIND, REPORT_FILE, SteeringVector
+
+        def both(p: Path) -> tuple[SteeringVector, dict[str, Any]]:
+            art = ArtifactDir.open(p, KIND, ARTIFACT_FORMATS[KIND])
+            return SteeringVector.open(p), json.loads(art.file(REPORT_FILE).read_text(encoding="utf-8"))
+
+        return self._open("asc", both, self.stage_path("asc"))
+
+    def exports(self) -> Exports:
+        return self._open("exports", Exports.open, self.stage_path("exports"))
+
+    def hybrid(self) -> Any:
+        """The hybrid steering run (``steering.hybrid.HybridRun``), when that module is installed."""
+        try:
+            from steering.hybrid import HybridRun  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as e:
+            raise MissingStage("hybrid", self.path, "steering.hybrid is not available in this install") from e
+        return self._open("hybrid", HybridRun.open, self.stage_path("hybrid"))

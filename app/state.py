@@ -1,0 +1,106 @@
+"""What the explorer's pages share: the run directory, cached artifacts and models, background work.
+
+Models load once per process (``st.cache_resource``); artifacts are cached per path and manifest time, so a stage the
+demo finishes later shows up on the next rerun. Heavy work runs on a worker thread while the page shows progress.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import streamlit as st
+
+from .artifacts import MissingStage, RunDir
+
+T = TypeVar("T")
+RUN_ENV = "REASONSCOPE_RUN"
+
+
+def run_path() -> Path | None:
+    """The run directory: ``$REASONSCOPE_RUN``, else ``streamlit run explorer.py -- RUN_DIR``."""
+    given = os.environ.get(RUN_ENV)
+    if not given and sys.argv and sys.argv[0].endswith("explorer.py"):
+        args = [a for a in sys.argv[1:] if not a.startswith("-")]
+        given = args[0] if args else None
+    return Path(given) if given else None
+
+
+@st.cache_resource(show_spinner=False)
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="reasonscope-explorer")
+
+
+@st.cache_resource(show_spinner="loading the model (once)")
+def model(name: str, eager: bool = False) -> Any:
+    """``organism:<name>`` (eager attention for attention maps), loaded once per explorer process."""
+    from reasonscope.models import load_model
+
+    return load_model(f"organism:{name}", attn_implementation="eager" if eager else None)
+
+
+def _stamp(run: RunDir, stage: str) -> float:
+    p = run.stage_path(stage)
+    m = p / "manifest.json"
+    return m.stat().st_mtime if m.exists() else (p.stat().st_mtime if p.exists() else 0.0)
+
+
+@st.cache_resource(show_spinner="opening the run's artifacts")
+def _opened(path: str, stage: str, stamp: float) -> Any:
+    run = RunDir(path)
+    return {
+        "traces": run.traces,
+        "capture": run.store,
+        "heads": run.head_maps,
+        "heads_eval": run.heads_eval,
+        "labels": run.labels,
+        "probes": run.probe_sets,
+        "monitor": run.monitor,
+        "asc": run.asc,
+        "exports": run.exports,
+        "hybrid": run.hybrid,
+    }[stage]()
+
+
+def artifact(run: RunDir, stage: str) -> Any:
+    """The opened artifact of ``stage`` (cached), or :class:`MissingStage`."""
+    return _opened(str(run.path), stage, _stamp(run, stage))
+
+
+def need(run: RunDir, *stages: str) -> list[Any] | None:
+    """The artifacts of ``stages``; when one is missing, say what to run on the page and return None."""
+    out = []
+    for s in stages:
+        try:
+            out.append(artifact(run, s))
+        except MissingStage as e:
+            st.warning(str(e))
+            st.code(f"reasonscope demo --out {run.path}", language="bash")
+            return None
+    return out
+
+
+def background(fn: Callable[..., T], *args: Any, label: str = "working") -> T:
+    """Run ``fn(*args)`` on the worker thread while the page shows a progress indicator; return its result."""
+    fut: Future[T] = _executor().submit(fn, *args)
+    with st.status(label, expanded=False) as status:
+        bar = st.progress(0.0)
+        t0 = time.perf_counter()
+        while not fut.done():
+            elapsed = time.perf_counter() - t0
+            bar.progress(min(0.95, elapsed / (elapsed + 2.0)), text=f"{label} ({elapsed:.1f}s)")
+            time.sleep(0.1)
+        bar.progress(1.0, text=f"{label}: done in {time.perf_counter() - t0:.1f}s")
+        status.update(label=f"{label}: done", state="complete")
+    return fut.result()
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cached(key: str, _fn: Callable[[], T]) -> T:
+    """``_fn()`` memoised under ``key`` (results of background work reused across reruns)."""
+    return _fn()

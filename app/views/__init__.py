@@ -1,0 +1,1 @@
+"""The explorer's pages; each exposes ``render(run: RunDir)``."""

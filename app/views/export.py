@@ -1,0 +1,40 @@
+"""Export page: download the run's steering vector as GGUF (llama.cpp), EasySteer/vLLM or safetensors."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.artifacts import RunDir
+from app.state import need
+
+ABOUT = {
+    "gguf": "llama.cpp control vector: `llama-cli --control-vector-scaled FILE:γ` (layers ≥ 1)",
+    "easysteer": "EasySteer / vLLM: the GGUF with every layer and its `.steering.json` request",
+    "safetensors": "tensors `direction.N` with the vector's metadata in the header",
+}
+
+
+def render(run: RunDir) -> None:
+    st.header("Export")
+    got = need(run, "exports", "asc")
+    if got is None:
+        return
+    exports, (vec, _) = got
+    m = vec.meta
+    st.markdown(
+        f"ASC vector of **{m.model_id}**: layers {list(m.layers)}, width {m.d_model}, "
+        f"γ = {m.gamma:.3g} ({m.gamma_rule}), positions `{m.positions}`"
+    )
+    for fmt, paths in exports.files.items():
+        st.subheader(fmt)
+        st.caption(ABOUT.get(fmt, ""))
+        for p in paths:
+            st.download_button(
+                f"download {p.name} ({p.stat().st_size:,} bytes)",
+                data=p.read_bytes(),
+                file_name=p.name,
+                key=f"dl_{p.name}",
+            )
+    st.caption(
+        f"or from the command line: `reasonscope export --in {run.stage_path('asc')} --format gguf --out asc.gguf`"
+    )

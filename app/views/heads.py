@@ -1,0 +1,116 @@
+"""Heads page: layer × KV-head maps per scorer, compression curves, and one head's attention on a trace."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from app import analysis, figures
+from app.artifacts import RunDir
+from app.state import artifact, background, cached, model, need
+from reasonscope.heads.figures import curves_figure, head_map_figure
+
+CURVE_METRICS = {"accuracy": "accuracy", "thinking length": "mean_think_tokens", "KV bytes": "kv_bytes"}
+
+
+def _clicked(event: Any) -> tuple[int, int] | None:
+    """(layer, KV head) of a click on the head map, if any."""
+    points = getattr(getattr(event, "selection", None), "points", None) or []
+    if not points:
+        return None
+    p = points[0]
+    try:
+        return int(str(p["y"]).lstrip("L")), int(str(p["x"]).lstrip("H"))
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def render(run: RunDir) -> None:
+    st.header("Heads")
+    got = need(run, "heads")
+    if got is None:
+        return
+    maps = got[0]
+    scorer = st.radio("scorer", list(maps), horizontal=True, key="hd_scorer")
+    hm = maps[scorer]
+    n_layers, n_kv = hm.scores.shape
+    left, right = st.columns(2)
+    with left:
+        fig = head_map_figure(hm.scores, f"{scorer} scores (higher = keep a full cache); click a head")
+        event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key=f"hd_map_{scorer}")
+        hit = _clicked(event)
+        if hit is not None and hit != (st.session_state.get("hd_layer"), st.session_state.get("hd_head")):
+            st.session_state["hd_layer"], st.session_state["hd_head"] = hit
+        st.caption(f"window: {hm.policy.sink} sink + {hm.policy.recent} recent tokens · {hm.aggregation}")
+    with right:
+        _curves(run)
+    _attention(run, n_layers, n_kv)
+
+
+def _curves(run: RunDir) -> None:
+    if not run.has("heads_eval"):
+        st.info(f"no compression curves yet: `reasonscope demo --out {run.path}` writes them")
+        return
+    got = need(run, "heads_eval")
+    if got is None:
+        return
+    result = got[0].result
+    label = st.radio("curve", list(CURVE_METRICS), horizontal=True, key="hd_metric")
+    fig = curves_figure(result, CURVE_METRICS[label or "accuracy"])
+    fig.update_layout(title=f"{label} vs sparsity ({result['n_problems']} problems)", height=380)
+    st.plotly_chart(fig, key="hd_curves")
+    if "retrieval_spearman" in result:
+        st.caption(
+            "Spearman with the retrieval ground truth: "
+            + ", ".join(f"{m} {v:.2f}" for m, v in result["retrieval_spearman"].items())
+        )
+
+
+def _attention(run: RunDir, n_layers: int, n_kv: int) -> None:
+    st.subheader("a head's attention on a trace")
+    c1, c2, c3 = st.columns([1, 1, 3])
+    layer = c1.selectbox("layer", range(n_layers), key="hd_layer")
+    head = c2.selectbox("KV head", range(n_kv), key="hd_head")
+    try:
+        ts = artifact(run, "traces")
+    except LookupError as e:
+        st.warning(str(e))
+        return
+    rows = [t for t in ts.traces["thinking"] if t.think_span and t.meta.get("level", 0) >= 2]
+    rows = rows or [t for t in ts.traces["thinking"] if t.think_span]
+    if not rows:
+        st.info("no thinking trace to show")
+        return
+    pick = c3.selectbox(
+        "trace",
+        range(len(rows)),
+        format_func=lambda i: f"{rows[i].id} · level {rows[i].meta.get('level')}",
+        key="hd_trace",
+    )
+    t = rows[pick or 0]
+    handle = model("thinking", eager=True)
+    attn = cached(
+        f"attn/{run.path}/{t.id}/{layer}/{head}",
+        lambda: background(analysis.head_attention, handle, t, layer, head, label=f"attention of L{layer}H{head}"),
+    )
+    reads = analysis.operand_reads(t, handle.tokenizer)
+    tokens = analysis.token_strings(handle.tokenizer, t.token_ids)
+    mass = [float(attn[q, list(keys)].sum()) for q, keys in reads]
+    title = f"L{layer}H{head} on {t.id}: mean attention of operand reads on their definitions {_mean(mass):.2f}"
+    st.plotly_chart(figures.attention_figure(attn.tolist(), tokens, reads, title), key="hd_attn")
+    if reads:
+        table = [
+            {
+                "read at": f"{q}:{tokens[q]!r}",
+                "definition": " ".join(tokens[k] for k in keys),
+                "attention mass": round(m, 3),
+            }
+            for (q, keys), m in zip(reads, mass)
+        ]
+        st.dataframe(pd.DataFrame(table), hide_index=True)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0

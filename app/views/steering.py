@@ -1,0 +1,136 @@
+"""Steering page: ASC generation with and without the vector side by side, a γ slider, the γ sweep; hybrid runs."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from app import analysis, figures
+from app.artifacts import MissingStage, RunDir
+from app.state import artifact, background, cached, model, need
+
+N_PROBLEMS = 24
+PALETTE = ("#f4a261", "#2a9d8f", "#e76f51", "#8ab17d", "#9b5de5", "#00bbf9", "#f15bb5", "#fee440")
+
+
+def _problems() -> list[Any]:
+    from reasonscope.organisms import task
+    from reasonscope.organisms.evaluate import EVAL_SEED
+
+    return task.problems(N_PROBLEMS, EVAL_SEED)
+
+
+def render(run: RunDir) -> None:
+    st.header("Steering")
+    got = need(run, "asc")
+    if got is None:
+        return
+    vec, report = got[0]
+    b, s = report["baseline"], report["steered"]
+    m1, m2, m3, m4 = st.columns(4)
+    m1.metric("chosen γ", f"{report['gamma']:.3g}", report["gamma_rule"], delta_color="off")
+    m2.metric(
+        "thinking tokens", f"{s['mean_think_tokens']:.0f}", f"{s['mean_think_tokens'] - b['mean_think_tokens']:+.0f}"
+    )
+    m3.metric("accuracy", f"{s['accuracy']:.2f}", f"{s['accuracy'] - b['accuracy']:+.2f}")
+    m4.metric("length reduction", f"{report['length_reduction']:.0%}")
+    left, right = st.columns([2, 3])
+    with left:
+        st.plotly_chart(figures.steering_sweep_figure(report), key="st_sweep")
+        st.caption(f"ASC at layer {report['layer']}, KL bound γ = {report['kl_bound']['gamma']:.3g}; held-out problems")
+    with right:
+        _side_by_side(vec, report)
+    _hybrid(run)
+
+
+def _side_by_side(vec: Any, report: dict[str, Any]) -> None:
+    problems = _problems()
+    pick = st.selectbox(
+        "problem",
+        range(len(problems)),
+        format_func=lambda i: f"level {problems[i].level}: {problems[i].question}",
+        key="st_problem",
+    )
+    top = max([report["gamma"], *[r["gamma"] for r in report["sweep"]]]) * 1.5 or 1.0
+    gamma = st.slider("γ", 0.0, float(round(top, 2)), float(round(report["gamma"], 2)), step=0.05, key="st_gamma")
+    p = problems[pick or 0]
+    handle = model("thinking")
+    plain, steered = cached(
+        f"steer/{vec.meta.model_hash}/{p.uid}/{gamma:.3f}",
+        lambda: background(
+            analysis.steer_compare,
+            handle,
+            vec,
+            p.question,
+            [0.0, gamma],
+            str(p.answer),
+            label=f"generating at γ = 0 and {gamma:g}",
+        ),
+    )
+    c1, c2 = st.columns(2)
+    for col, name, gen in ((c1, "without steering", plain), (c2, f"steered, γ = {gamma:g}", steered)):
+        with col:
+            ok = "—" if gen.correct is None else ("✓ correct" if gen.correct else "✗ wrong")
+            st.markdown(f"**{name}** · {gen.think_tokens} thinking tokens · answer `{gen.answer or '-'}` {ok}")
+            st.html(_plain_tokens(gen.tokens))
+    st.caption(f"gold answer: {p.answer}")
+
+
+def _plain_tokens(tokens: Sequence[str]) -> str:
+    text = html.escape("".join(tokens)).replace("\n", "<br>")
+    return f'<div style="font-family:monospace;white-space:pre-wrap;font-size:0.85em">{text}</div>'
+
+
+def behaviour_html(tokens: Sequence[str], behaviours: Sequence[str | None], colours: dict[str, str]) -> str:
+    """Tokens with the steered ones highlighted in their behaviour's colour (tooltip: the behaviour)."""
+    out = []
+    for tok, b in zip(tokens, behaviours):
+        text = html.escape(tok).replace("\n", "↵<br>")
+        if b is None:
+            out.append(text)
+        else:
+            out.append(f'<span title="{html.escape(b)}" style="background:{colours[b]}">{text}</span>')
+    return '<div style="font-family:monospace;line-height:1.8;white-space:pre-wrap">' + "".join(out) + "</div>"
+
+
+def _hybrid(run: RunDir) -> None:
+    st.subheader("hybrid steering: the base organism steered where the thinking organism would reason")
+    try:
+        hy = artifact(run, "hybrid")
+    except MissingStage as e:
+        st.info(
+            f"{e}. Hybrid steering comes from `steering.hybrid` (run_hybrid); once it is installed, "
+            f"`reasonscope demo --out {run.path}` adds the stage."
+        )
+        return
+    summary = dict(hy.summary)
+    cols = st.columns(4)
+    for col, key in zip(cols, ("base_accuracy", "thinking_accuracy", "hybrid_accuracy", "gap_recovered")):
+        if isinstance(summary.get(key), (int, float)):
+            col.metric(key.replace("_", " "), f"{summary[key]:.2f}")
+    if isinstance(summary.get("steered_token_fraction"), (int, float)):
+        st.caption(f"steered tokens: {summary['steered_token_fraction']:.1%} of the generated tokens")
+    if summary.get("controls"):
+        st.dataframe(pd.DataFrame(_rows(summary["controls"])), hide_index=True)
+    records = list(hy.records)
+    if not records:
+        return
+    pick = st.selectbox(
+        "hybrid run", range(len(records)), format_func=lambda i: f"{i}: {records[i].question}", key="st_hybrid"
+    )
+    r = records[pick or 0]
+    behaviours = sorted({b for b in r.behaviours if b is not None})
+    colours = {b: PALETTE[i % len(PALETTE)] for i, b in enumerate(behaviours)}
+    legend = " ".join(f'<span style="background:{c};padding:0 4px">{html.escape(b)}</span>' for b, c in colours.items())
+    st.html(f"<div>{'✓ correct' if r.correct else '✗ wrong'} · steered behaviours: {legend or 'none'}</div>")
+    st.html(behaviour_html(r.tokens, r.behaviours, colours))
+
+
+def _rows(controls: Any) -> list[dict[str, Any]]:
+    if isinstance(controls, dict):
+        return [{"control": k, **(v if isinstance(v, dict) else {"value": v})} for k, v in controls.items()]
+    return [c if isinstance(c, dict) else {"value": c} for c in controls]

@@ -1,0 +1,288 @@
+"""The demo and the explorer: a quick demo run (built once per module, reused), reuse and resume of its stages,
+every page under Streamlit's AppTest, the CLI's checks, and every page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from reasonscope.cli import app as cli
+
+from conftest import organisms, required
+
+EXPLORER = str(Path(__file__).resolve().parents[1] / "app" / "explorer.py")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory) -> Path:
+    """A ``reasonscope demo --quick`` run directory on the shipped organisms (every stage, small numbers)."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    r = runner.invoke(cli, ["demo", "--quick", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert f"reasonscope app {out}" in r.stdout
+    return out
+
+
+def _apptest(run: Path, page: str, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("REASONSCOPE_RUN", str(run))
+    at = AppTest.from_file(EXPLORER, default_timeout=240)
+    at.run()
+    assert not at.exception, at.exception
+    if page != "Traces":
+        at.sidebar.radio(key="page").set_value(page).run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+@organisms
+def test_demo_summary_and_reuse(quick_run):
+    from app.artifacts import RunDir
+    from app.demo import STAGES, DemoConfig, run_demo, summary_rows
+
+    log: list[str] = []
+    report = run_demo(quick_run, DemoConfig.quick(), log=log.append)
+    assert all(v["status"] in ("reused", "skipped") for v in report.values()), report
+    assert [s.name for s in STAGES][:2] == ["traces", "capture"]
+    rows = dict(summary_rows(RunDir(quick_run)))
+    assert "accuracy" in rows["traces"] and "AUROC" in rows["probes"] and "γ=" in rows["asc"]
+    assert "gguf" in rows["exports"]
+    with pytest.raises(ValueError, match="other demo settings"):
+        run_demo(quick_run, DemoConfig(), log=log.append)
+
+
+@organisms
+def test_demo_resumes_a_lost_stage(quick_run, tmp_path):
+    from app.demo import DemoConfig, run_demo
+
+    copy = tmp_path / "run"
+    shutil.copytree(quick_run, copy)
+    shutil.rmtree(copy / "exports")
+    shutil.rmtree(copy / "monitor")
+    report = run_demo(copy, DemoConfig.quick(), log=lambda _: None)
+    ran = {k for k, v in report.items() if v["status"] == "ran"}
+    assert ran == {"monitor", "exports"}, report
+
+
+@organisms
+def test_traces_page(quick_run, monkeypatch):
+    at = _apptest(quick_run, "Traces", monkeypatch)
+    assert at.header[0].value == "Traces"
+    assert len(at.get("html")) >= 1  # the coloured tokens
+    at.selectbox(key="tr_pick").set_value(1).run()
+    at.selectbox(key="tr_colour").set_value("probe: correct").run()
+    assert not at.exception
+    at.selectbox(key="tr_grade").set_value("wrong").run()
+    at.radio(key="tr_model").set_value("base").run()
+    assert not at.exception, [e.message for e in at.exception]
+
+
+@organisms
+def test_heads_page(quick_run, monkeypatch):
+    at = _apptest(quick_run, "Heads", monkeypatch)
+    assert at.header[0].value == "Heads"
+    at.selectbox(key="hd_layer").set_value(1).run()
+    at.selectbox(key="hd_head").set_value(1).run()
+    at.radio(key="hd_metric").set_value("KV bytes").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert any("operand reads" in str(getattr(c, "proto", "")) for c in at.get("plotly_chart"))
+
+
+@organisms
+def test_probes_page(quick_run, monkeypatch):
+    at = _apptest(quick_run, "Probes", monkeypatch)
+    assert at.header[0].value == "Probes"
+    assert len(at.get("plotly_chart")) >= 4  # sweep, calibration, trajectory, trade-off
+    at.selectbox(key="pr_trace").set_value(2).run()
+    assert not at.exception, [e.message for e in at.exception]
+
+
+@organisms
+def test_steering_page(quick_run, monkeypatch):
+    at = _apptest(quick_run, "Steering", monkeypatch)
+    assert at.header[0].value == "Steering"
+    at.slider(key="st_gamma").set_value(0.5).run()
+    at.selectbox(key="st_problem").set_value(3).run()
+    assert not at.exception, [e.message for e in at.exception]
+    texts = " ".join(m.value for m in at.markdown)
+    assert "without steering" in texts and "steered, γ = 0.5" in texts
+
+
+@organisms
+def test_export_page(quick_run, monkeypatch):
+    at = _apptest(quick_run, "Export", monkeypatch)
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert any(s.endswith(".gguf") or ".gguf (" in s for s in labels), labels
+    assert any(".safetensors" in s for s in labels), labels
+
+
+@organisms
+def test_missing_stage_shows_the_command(quick_run, tmp_path, monkeypatch):
+    part = tmp_path / "partial"
+    part.mkdir()
+    shutil.copytree(quick_run / "traces", part / "traces")
+    for page in ("Heads", "Probes", "Steering", "Export"):
+        at = _apptest(part, page, monkeypatch)
+        assert any("reasonscope demo --out" in w.value for w in at.warning), page
+        assert not at.exception
+
+
+def test_app_command_checks_the_run_dir(tmp_path):
+    r = runner.invoke(cli, ["app", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "reasonscope demo --out" in r.stderr
+    r = runner.invoke(cli, ["app", str(tmp_path)])
+    assert r.exit_code == 2 and "holds no demo run" in r.stderr
+
+
+def test_explorer_without_a_run_says_how_to_start(monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.delenv("REASONSCOPE_RUN", raising=False)
+    at = AppTest.from_file(EXPLORER, default_timeout=60).run()
+    assert not at.exception
+    assert "reasonscope app RUN_DIR" in at.error[0].value
+
+
+# ---------------------------------------------------------------------------- a real browser
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).exists():
+        msg = "Debian's chromium is not installed (scripts/setup.sh installs it: apt-get install chromium)"
+        if required():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(run: Path, port: int) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("reasonscope")
+    proc = subprocess.Popen(
+        [str(exe), "app", str(run), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the explorer exited: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("the explorer did not answer its health check within 90 s")
+
+
+def _settle(page, timeout_s: float = 180) -> None:
+    """Wait until Streamlit finished the rerun (no running indicator, no spinner), then check for exceptions."""
+    page.wait_for_timeout(500)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        running = page.locator('[data-testid="stStatusWidget"]').count() + page.locator(".stSpinner").count()
+        if running == 0:
+            break
+        page.wait_for_timeout(300)
+    page.wait_for_timeout(700)
+    errors = page.locator('[data-testid="stException"]')
+    assert errors.count() == 0, errors.first.inner_text()
+
+
+@organisms
+def test_explorer_in_chromium(quick_run, tmp_path):
+    """Every page in headless Chromium: pick a trace, click a head, move γ; no exception; screenshots saved."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = _chromium()
+    shots = Path(os.environ.get("REASONSCOPE_SCREENSHOTS", tmp_path / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    proc = _serve(quick_run, port)
+    saved = []
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1500, "height": 1300})
+            page.goto(f"http://localhost:{port}/", timeout=120_000)
+            page.get_by_role("heading", name="Traces").wait_for(timeout=120_000)
+            _settle(page)
+
+            def go(name: str) -> None:
+                page.get_by_test_id("stSidebar").get_by_text(name, exact=True).click()
+                page.get_by_role("heading", name=name).wait_for(timeout=120_000)
+                _settle(page)
+
+            def shot(name: str) -> None:
+                path = shots / f"{name}.png"
+                page.screenshot(path=str(path), full_page=True)
+                saved.append(path)
+
+            # Traces: select another trace
+            page.get_by_test_id("stSelectbox").filter(has_text="trace (").click()
+            page.get_by_role("option").nth(2).click()
+            _settle(page)
+            assert page.locator("text=coloured by").count() > 0
+            shot("traces")
+
+            # Heads: click a cell of the head map; the attention view follows the clicked head
+            go("Heads")
+            heatmap = page.locator(".js-plotly-plot").first.locator(".nsewdrag").first
+            box = heatmap.bounding_box()
+            assert box is not None
+            page.mouse.click(box["x"] + 0.75 * box["width"], box["y"] + 0.6 * box["height"])
+            _settle(page)
+            assert page.locator("text=L2H1 on").count() > 0, "clicking head L2H1 did not select it"
+            shot("heads")
+
+            go("Probes")
+            assert page.locator(".js-plotly-plot").count() >= 4
+            shot("probes")
+
+            # Steering: move the γ slider with the keyboard
+            go("Steering")
+            slider = page.get_by_role("slider").first
+            before = slider.get_attribute("aria-valuenow")
+            slider.focus()
+            for _ in range(4):
+                page.keyboard.press("ArrowRight")
+            _settle(page)
+            after = page.get_by_role("slider").first.get_attribute("aria-valuenow")
+            assert before != after, (before, after)
+            assert page.locator("text=without steering").count() > 0
+            shot("steering")
+
+            go("Export")
+            assert page.get_by_test_id("stDownloadButton").count() >= 3
+            shot("export")
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    print("screenshots:", *map(str, saved), sep="\n  ")
