@@ -80,7 +80,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show the full trace
 @organism_app.command("train")
 def organism_train(
     out: Optional[Path] = typer.Option(None, help="Output directory (default: the package's shipped weights)."),
-    seed: int = 0,
+    seed: int = typer.Option(1, help="Training seed (the shipped organisms: 1)."),
     base_steps: Optional[int] = typer.Option(None, min=1),
     thinking_steps: Optional[int] = typer.Option(None, min=1),
     device: str = "auto",
