@@ -1,7 +1,12 @@
 """Intermediate answers of thinking chunks: extraction and grading against the gold answer.
 
 ``organism``: a step ends with ``=N.`` or ``answer is:N.`` (a retraction such as ``3+1=5 is wrong.``
-states no answer). ``math``: the last ``\\boxed{}``, ``answer is X`` or ``is/=/get X`` at a sentence end
+states no answer). Over a whole trace (:func:`chunk_answers`), a step's ``=N`` is an *answer to the question*
+only when it completes the chain: the question ``what is a + c - f?`` has 2 operations, so the 2nd step after a
+chain start (``first a3.``, or ``a3.`` when a re-check begins) states an answer, and a restated step
+(``so:3+1=4.`` after ``... is wrong.``) replaces the step it corrects; a running total part-way through the chain
+is no answer (Zhang et al.: a chunk is labelled only when it "reaches a result"). ``answer is:N`` always is.
+``math``: the last ``\\boxed{}``, ``answer is X`` or ``is/=/get X`` at a sentence end
 (the "medium" matcher of probes.md §4.2); graded with the MATH grader.
 """
 
@@ -40,6 +45,42 @@ def extract_intermediate(text: str, matcher: Literal["organism", "math"]) -> str
         return boxed
     hits = _MATH.findall(text)
     return hits[-1].replace(",", "") if hits else None
+
+
+_QUESTION = re.compile(r"what is\s+([a-z](?:\s*[+-]\s*[a-z])*)\s*\?")
+_CHAIN_START = re.compile(r"^(?:.*\bfirst,?\s+)?[a-z]\d\.$")
+_NAMED_STEP = re.compile(r"\b[a-z]\d;\s")
+
+
+def organism_ops(prompt: str) -> int | None:
+    """Operations in an organism question (``what is a + c - f?`` -> 2), or None when the prompt has none."""
+    m = _QUESTION.search(prompt)
+    return None if m is None else len(re.findall(r"[+-]", m.group(1)))
+
+
+def chunk_answers(texts: list[str], matcher: Literal["organism", "math"], prompt: str = "") -> list[str | None]:
+    """The answer to the question each chunk of one trace states (None: it states none), in order.
+
+    ``math``, or an organism prompt without a readable question: :func:`extract_intermediate` per chunk. Organism:
+    only ``answer is:N`` and chain-completing steps (see the module docstring).
+    """
+    n_ops = organism_ops(prompt) if matcher == "organism" else None
+    if n_ops is None:
+        return [extract_intermediate(t, matcher) for t in texts]
+    out: list[str | None] = []
+    step = 0
+    for raw in texts:
+        text = raw.strip()
+        value = extract_intermediate(text, matcher)
+        if "answer is:" in text:
+            out.append(value)
+            continue
+        if _CHAIN_START.match(text):
+            step = 0
+        elif _NAMED_STEP.search(text):
+            step += 1
+        out.append(value if step == n_ops and not _CHAIN_START.match(text) else None)
+    return out
 
 
 def is_correct(answer: str | None, gold: str, matcher: Literal["organism", "math"]) -> bool:

@@ -27,7 +27,7 @@ from reasonscope.identity import trace_digest, traces_hash
 from reasonscope.traces import Trace
 from reasonscope.traces.segment import thinking_offset, token_offsets
 
-from .answers import MATCHERS, Matcher, extract_intermediate, is_correct, matcher_for
+from .answers import MATCHERS, Matcher, chunk_answers, is_correct, matcher_for
 from .chunks import CHUNKINGS, Chunking, chunk_thinking
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -216,12 +216,8 @@ def build_labels(
         chunks = chunk_thinking(t.thinking, cfg.chunking)
         pos = _token_ends(t, tokenizer, [c.char_end for c in chunks]) if tokenizer is not None else [-1] * len(chunks)
         positions.append(pos)
-        correct = [
-            math.nan
-            if t.gold is None or (a := extract_intermediate(c.text, kind)) is None
-            else float(is_correct(a, t.gold, kind))
-            for c in chunks
-        ]
+        answers = chunk_answers([c.text for c in chunks], kind, t.prompt)
+        correct = [math.nan if t.gold is None or a is None else float(is_correct(a, t.gold, kind)) for a in answers]
         first = next((k for k, c in enumerate(correct) if c == 1.0), None)
         for k, c in enumerate(chunks):
             table.trace_id.append(t.id)

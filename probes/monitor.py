@@ -11,6 +11,14 @@ Policies, evaluated inside ``on_token`` on each row that is still thinking:
   a trial answer is decoded greedily after ``</think>``; exit (instead of the cue) when the mean probability of the
   trial tokens is ``> threshold``.
 * ``none``: vanilla generation (the reference for tokens saved).
+
+The trade-off curve (:func:`sweep`) does not regenerate per threshold: one *recorded* reference run keeps every
+signal each policy reads (probe score and deviation index at each boundary, the trial confidence at each cue) with
+the step it was read at. Up to its exit a policy's generation *is* the reference (the sampled stream of request
+``i``'s token ``t`` is fixed by ``(seed, i, t)``), so :func:`replay` finds each policy's exit step from the record
+and decodes only what follows the forced ``</think>``, drawing from the same stream: the outcome equals
+:func:`run_monitor`'s (tested). :func:`choose` picks each policy's threshold on a validation split (the largest
+saving within ``max_loss`` accuracy of the reference), to be reported on a disjoint test split.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
-from reasonscope.generation import Batch, DecodeConfig, generate
+from reasonscope.generation import Batch, DecodeConfig, generate, sample, uniform
 from reasonscope.traces import GRADERS
 
 from .entropy import entropy
@@ -35,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Policy = Literal["none", "probe", "deviation", "deer"]
 POLICIES: tuple[Policy, ...] = get_args(Policy)
+SIGNALS: tuple[Policy, ...] = ("probe", "deviation", "deer")
 BOUNDARY_CHARS = (".", "?", "!", "\n")
 CUE_WORDS = ("wait", "hmm", "alternatively")
 
@@ -110,6 +119,7 @@ class _State:
     recent: list[deque[float]] = field(default_factory=list)
     streak: list[int] = field(default_factory=list)
     resid: torch.Tensor | None = None
+    events: dict[str, list[list[tuple[int, float]]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.closed, self.exited, self.last = [False] * self.n, [False] * self.n, [-1] * self.n
@@ -117,13 +127,22 @@ class _State:
         self.ent_sum, self.ent_n = [0.0] * self.n, [0] * self.n
         self.recent = [deque(maxlen=self.window) for _ in range(self.n)]
         self.streak = [0] * self.n
+        self.events = {k: [[] for _ in range(self.n)] for k in SIGNALS}
 
 
 class _Monitor:
     """The ``on_token`` callback (and residual hook) of one policy."""
 
-    def __init__(self, handle: ModelHandle, prompts: list[list[int]], cfg: MonitorConfig, probes: ProbeSet | None):
-        self.handle, self.prompts, self.cfg, self.probes = handle, prompts, cfg, probes
+    def __init__(
+        self,
+        handle: ModelHandle,
+        prompts: list[list[int]],
+        cfg: MonitorConfig,
+        probes: ProbeSet | None,
+        record: bool = False,
+    ):
+        """``record``: never exit, keep every policy's signal with its step (``state.events``) instead."""
+        self.handle, self.prompts, self.cfg, self.probes, self.record = handle, prompts, cfg, probes, record
         end = handle.think_ids[1]
         if end is None:
             raise ValueError("the model's vocabulary has no </think> token; the monitor needs a thinking model")
@@ -132,9 +151,8 @@ class _Monitor:
         self.state = _State(len(prompts), cfg.window)
 
     def hooks(self) -> dict[str, Any]:
-        if self.cfg.policy != "probe":
+        if self.probes is None or not (self.record or self.cfg.policy == "probe"):
             return {}
-        assert self.probes is not None
 
         def keep(x: torch.Tensor) -> None:
             self.state.resid = x[:, -1].detach().float()
@@ -145,7 +163,7 @@ class _Monitor:
         st, cfg = self.state, self.cfg
         rows = batch.rows.tolist()
         chosen = tokens.tolist()
-        ent = entropy(logits).tolist() if cfg.policy == "deviation" else None
+        ent = entropy(logits).tolist() if cfg.policy == "deviation" or self.record else None
         exit_rows: list[int] = []
         deer_rows: list[int] = []
         for r, q in enumerate(rows):
@@ -157,6 +175,15 @@ class _Monitor:
                 st.recent[q].append(ent[r])
             thought = len(st.seq[q])
             at_boundary = not batch.prefill and bool(self.boundary[st.last[q]])
+            if self.record:
+                if at_boundary and self.probes is not None:
+                    assert st.resid is not None
+                    st.events["probe"][q].append((thought, float(self.probes.predict(st.resid[r]))))
+                if at_boundary and st.ent_n[q] >= cfg.window:
+                    st.events["deviation"][q].append((thought, self._rpdi(q)))
+                if bool(self.cue[chosen[r]]):
+                    deer_rows.append(r)
+                continue
             if cfg.policy == "none" or thought < cfg.min_think:
                 continue
             if cfg.policy == "probe" and at_boundary:
@@ -164,15 +191,18 @@ class _Monitor:
                 hit = float(self.probes.predict(st.resid[r])) >= cfg.threshold
                 st.streak[q] = st.streak[q] + 1 if hit else 0
             elif cfg.policy == "deviation" and at_boundary and st.ent_n[q] >= cfg.window:
-                rpdi = (sum(st.recent[q]) / cfg.window) / max(st.ent_sum[q] / st.ent_n[q], 1e-12)
-                st.streak[q] = st.streak[q] + 1 if rpdi > cfg.threshold else 0
+                st.streak[q] = st.streak[q] + 1 if self._rpdi(q) > cfg.threshold else 0
             elif cfg.policy == "deer" and bool(self.cue[chosen[r]]):
                 deer_rows.append(r)
             if st.streak[q] >= cfg.consecutive:
                 exit_rows.append(r)
         if deer_rows:
             conf = self._trial_confidence([rows[r] for r in deer_rows])
-            exit_rows += [r for r, c in zip(deer_rows, conf) if c > cfg.threshold]
+            if self.record:
+                for r, c in zip(deer_rows, conf):
+                    st.events["deer"][rows[r]].append((len(st.seq[rows[r]]), c))
+            else:
+                exit_rows += [r for r, c in zip(deer_rows, conf) if c > cfg.threshold]
         for r in exit_rows:
             chosen[r] = self.end_id
             st.exited[rows[r]] = True
@@ -182,6 +212,10 @@ class _Monitor:
                 st.last[q] = chosen[r]
                 st.closed[q] = chosen[r] == self.end_id
         return torch.tensor(chosen, device=tokens.device) if exit_rows else None
+
+    def _rpdi(self, q: int) -> float:
+        st = self.state
+        return (sum(st.recent[q]) / self.cfg.window) / max(st.ent_sum[q] / st.ent_n[q], 1e-12)
 
     def _trial_confidence(self, reqs: list[int]) -> list[float]:
         """Mean probability of the greedy trial answer's tokens after ``</think>`` (EOS excluded)."""
@@ -204,6 +238,25 @@ class _Monitor:
         return [sum(v) / len(v) if v else 0.0 for v in (probs[i] for i in range(len(reqs)))]
 
 
+def _prompt_ids(handle: ModelHandle, prompts: Sequence[str], golds: Sequence[str]) -> list[list[int]]:
+    if len(prompts) != len(golds):
+        raise ValueError(f"{len(prompts)} prompts but {len(golds)} gold answers")
+    return [list(handle.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+
+
+def _outcome(handle: ModelHandle, gen: Sequence[int], gold: str, end_id: int, exited: bool, grader: str) -> Outcome:
+    """Grade one generation (thinking, ``</think>``, answer): no ``</think>`` means no answer."""
+    k = list(gen).index(end_id) if end_id in gen else len(gen)
+    answer = handle.tokenizer.decode(list(gen[k + 1 :]), skip_special_tokens=True) if k < len(gen) else ""
+    g = GRADERS[grader]
+    ok = k < len(gen) and bool(g.is_correct(g.extract(answer), gold))
+    return Outcome(think_tokens=k, exited=exited, answer=answer.strip(), correct=ok)
+
+
+def _decode_config(cfg: MonitorConfig) -> DecodeConfig:
+    return DecodeConfig(cfg.max_new_tokens, cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size)
+
+
 def run_monitor(
     handle: ModelHandle,
     prompts: Sequence[str],
@@ -211,31 +264,124 @@ def run_monitor(
     cfg: MonitorConfig,
     probes: ProbeSet | None = None,
 ) -> list[Outcome]:
-    """Generate an answer to each prompt under ``cfg``'s policy; grade it against ``golds``."""
+    """Generate an answer to each prompt under ``cfg``'s policy, live; grade it against ``golds``."""
     if cfg.policy == "probe":
         if probes is None:
             raise ValueError("the probe policy needs fitted probes (probes=ProbeSet.open(...); CLI: --probes)")
         probes.check_handle(handle)
-    if len(prompts) != len(golds):
-        raise ValueError(f"{len(prompts)} prompts but {len(golds)} gold answers")
-    ids = [list(handle.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    ids = _prompt_ids(handle, prompts, golds)
     mon = _Monitor(handle, ids, cfg, probes)
-    done = generate(
-        handle,
-        ids,
-        DecodeConfig(cfg.max_new_tokens, cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size),
-        hooks=mon.hooks(),
-        on_token=mon,
-    )
-    grader = GRADERS[cfg.grader]
-    out = []
-    for q, c in enumerate(done):
-        gen = c.token_ids
-        k = gen.index(mon.end_id) if mon.end_id in gen else len(gen)
-        answer = handle.tokenizer.decode(gen[k + 1 :], skip_special_tokens=True) if k < len(gen) else ""
-        ok = k < len(gen) and bool(grader.is_correct(grader.extract(answer), golds[q]))
-        out.append(Outcome(think_tokens=k, exited=mon.state.exited[q], answer=answer.strip(), correct=ok))
+    done = generate(handle, ids, _decode_config(cfg), hooks=mon.hooks(), on_token=mon)
+    return [
+        _outcome(handle, c.token_ids, golds[q], mon.end_id, mon.state.exited[q], cfg.grader) for q, c in enumerate(done)
+    ]
+
+
+@dataclass
+class Recording:
+    """A reference (``none``) run with every policy's signals: ``events[policy][i]`` = ``[(step, value)]``.
+
+    ``step`` = thinking tokens already written when the signal was read, i.e. where a policy exiting on it puts
+    ``</think>``; ``probe`` events exist only when probes were given.
+    """
+
+    prompts: list[list[int]]
+    golds: list[str]
+    cfg: MonitorConfig
+    tokens: list[list[int]]
+    events: dict[str, list[list[tuple[int, float]]]]
+    end_id: int
+    reference: list[Outcome]
+
+
+def record(
+    handle: ModelHandle,
+    prompts: Sequence[str],
+    golds: Sequence[str],
+    cfg: MonitorConfig,
+    probes: ProbeSet | None = None,
+) -> Recording:
+    """One reference generation that keeps every policy's signal (probe, deviation index, DEER trial confidence)."""
+    if probes is not None:
+        probes.check_handle(handle)
+    ids = _prompt_ids(handle, prompts, golds)
+    mon = _Monitor(handle, ids, cfg, probes, record=True)
+    done = generate(handle, ids, _decode_config(cfg), hooks=mon.hooks(), on_token=mon)
+    tokens = [list(c.token_ids) for c in done]
+    ref = [_outcome(handle, t, golds[q], mon.end_id, False, cfg.grader) for q, t in enumerate(tokens)]
+    return Recording(ids, list(golds), cfg, tokens, mon.state.events, mon.end_id, ref)
+
+
+def exit_step(events: Sequence[tuple[int, float]], policy: Policy, threshold: float, cfg: MonitorConfig) -> int | None:
+    """Where ``policy`` at ``threshold`` puts ``</think>`` given one request's recorded signals (None: never)."""
+    streak = 0
+    for step, v in events:
+        if step < cfg.min_think:
+            continue
+        if policy == "deer":
+            if v > threshold:
+                return step
+            continue
+        hit = v >= threshold if policy == "probe" else v > threshold
+        streak = streak + 1 if hit else 0
+        if streak >= cfg.consecutive:
+            return step
+    return None
+
+
+def _finish(handle: ModelHandle, rec: Recording, cuts: set[tuple[int, int]]) -> dict[tuple[int, int], Outcome]:
+    """Outcome of request ``q`` forced to close its thinking at step ``s``, for every ``(q, s)`` in ``cuts``.
+
+    The answer is decoded after ``prefix + </think>`` with the reference's sampling stream (token ``t`` of request
+    ``q`` draws ``uniform(seed, q, t)``) and its length budget, exactly as the live policy would continue.
+    """
+    cfg, out = rec.cfg, {}
+    todo = []
+    for q, s in sorted(cuts):
+        if s + 1 >= cfg.max_new_tokens:  # the forced </think> is the last token the budget allows
+            out[q, s] = _outcome(handle, [*rec.tokens[q][:s], rec.end_id], rec.golds[q], rec.end_id, True, cfg.grader)
+        else:
+            todo.append((q, s))
+    if not todo:
+        return out
+    offsets = [s + 1 for _, s in todo]
+    source = [q for q, _ in todo]
+
+    def resample(batch: Batch, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        if cfg.temperature <= 0:
+            return None
+        u = [
+            uniform(cfg.seed, source[i], offsets[i] + int(n)) if i >= 0 else 0.0
+            for i, n in zip(batch.rows.tolist(), batch.n_generated.tolist())
+        ]
+        return sample(logits, cfg.temperature, 1.0, torch.tensor(u, device=logits.device))
+
+    prompts = [rec.prompts[q] + rec.tokens[q][:s] + [rec.end_id] for q, s in todo]
+    budget = max(cfg.max_new_tokens - o for o in offsets)
+    dec = DecodeConfig(budget, 0.0, batch_size=cfg.batch_size)
+    for (q, s), o, c in zip(todo, offsets, generate(handle, prompts, dec, on_token=resample)):
+        gen = [*rec.tokens[q][:s], rec.end_id, *c.token_ids[: cfg.max_new_tokens - o]]
+        out[q, s] = _outcome(handle, gen, rec.golds[q], rec.end_id, True, cfg.grader)
     return out
+
+
+def replay(
+    handle: ModelHandle, rec: Recording, thresholds: Mapping[Policy, Sequence[float]]
+) -> dict[str, list[Outcome]]:
+    """Outcomes of each ``policy@threshold`` from ``rec`` (same as :func:`run_monitor` with that policy)."""
+    for policy in thresholds:
+        if policy not in SIGNALS:
+            raise ValueError(f"policy must be one of {', '.join(SIGNALS)}, got {policy!r}")
+        if policy == "probe" and not any(rec.events["probe"]) and rec.tokens:
+            raise ValueError("the probe policy needs fitted probes: record the reference with probes=")
+    plans = {
+        f"{policy}@{float(v):g}": [exit_step(ev, policy, float(v), rec.cfg) for ev in rec.events[policy]]
+        for policy, values in thresholds.items()
+        for v in values
+    }
+    cuts = {(q, s) for plan in plans.values() for q, s in enumerate(plan) if s is not None}
+    done = _finish(handle, rec, cuts)
+    return {k: [rec.reference[q] if s is None else done[q, s] for q, s in enumerate(plan)] for k, plan in plans.items()}
 
 
 def summarize(outcomes: Sequence[Outcome], reference: Sequence[Outcome]) -> dict[str, float]:
@@ -251,6 +397,29 @@ def summarize(outcomes: Sequence[Outcome], reference: Sequence[Outcome]) -> dict
     }
 
 
+def curve(handle: ModelHandle, rec: Recording, thresholds: Mapping[Policy, Sequence[float]]) -> dict[str, dict]:
+    """The trade-off curve of a recording: ``{"none": ..., "<policy>@<threshold>": {accuracy, ...}}``."""
+    out = {"none": summarize(rec.reference, rec.reference)}
+    for k, outcomes in replay(handle, rec, thresholds).items():
+        out[k] = summarize(outcomes, rec.reference)
+    return out
+
+
+def choose(points: Mapping[str, Mapping[str, float]], max_loss: float = 0.01) -> dict[str, dict[str, float]]:
+    """Per policy, the threshold of ``points`` (a :func:`curve`) saving most thinking tokens while losing at most
+    ``max_loss`` accuracy against ``none`` (ties: the higher accuracy); policies with no such point are left out."""
+    floor = points["none"]["accuracy"] - max_loss - 1e-9
+    best: dict[str, dict[str, float]] = {}
+    for key, r in points.items():
+        if "@" not in key or r["accuracy"] < floor:
+            continue
+        policy, t = key.split("@")
+        cur = best.get(policy)
+        if cur is None or (r["saved_fraction"], r["accuracy"]) > (cur["saved_fraction"], cur["accuracy"]):
+            best[policy] = {**r, "threshold": float(t)}
+    return best
+
+
 def sweep(
     handle: ModelHandle,
     prompts: Sequence[str],
@@ -260,12 +429,6 @@ def sweep(
     probes: ProbeSet | None = None,
 ) -> dict[str, dict[str, float]]:
     """The trade-off curve: ``{"none": ..., "<policy>@<threshold>": {accuracy, think_tokens, saved_fraction}}``."""
-    from dataclasses import replace
-
-    ref = run_monitor(handle, prompts, golds, replace(base, policy="none"), probes)
-    out = {"none": summarize(ref, ref)}
-    for policy, values in thresholds.items():
-        for v in values:
-            cfg = replace(base, policy=policy, threshold=float(v))
-            out[f"{policy}@{v:g}"] = summarize(run_monitor(handle, prompts, golds, cfg, probes), ref)
-    return out
+    if "probe" in thresholds and probes is None:
+        raise ValueError("the probe policy needs fitted probes (probes=ProbeSet.open(...); CLI: --probes)")
+    return curve(handle, record(handle, prompts, golds, base, probes), thresholds)

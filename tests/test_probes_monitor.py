@@ -7,9 +7,10 @@ from dataclasses import replace
 import pytest
 from test_probes import synthetic
 
+from probes import monitor
 from probes.fit import ProbeConfig, fit_probes
 from probes.labels import LabelConfig, label_traces
-from probes.monitor import MonitorConfig, run_monitor, sweep, token_sets
+from probes.monitor import MonitorConfig, choose, record, replay, run_monitor, sweep, token_sets
 from reasonscope.capture import CaptureConfig, capture
 
 from conftest import organisms
@@ -33,11 +34,12 @@ def _prompts(handle, n=6):
     return [handle.chat_prompt(p.question) for p in ps], [str(p.answer) for p in ps]
 
 
-def _free(handle, prompts, n):
+def _free(handle, prompts, n, temperature=0.0, seed=0):
     from reasonscope.generation import DecodeConfig, generate
 
     ids = [handle.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    return [c.token_ids for c in generate(handle, ids, DecodeConfig(max_new_tokens=n, batch_size=4))]
+    cfg = DecodeConfig(max_new_tokens=n, batch_size=4, temperature=temperature, seed=seed)
+    return [c.token_ids for c in generate(handle, ids, cfg)]
 
 
 def test_probe_policy_exits_at_boundaries(tiny_handle, tiny_probes):
@@ -79,6 +81,46 @@ def test_deviation_policy_and_sweep(tiny_handle):
     assert res["deviation@1e+09"] == res["none"] and res["none"]["saved_fraction"] == 0.0
     assert res["deviation@0"]["exited"] > 0 and res["deviation@0"]["saved_fraction"] > 0
     assert set(res["none"]) >= {"accuracy", "think_tokens", "saved_fraction"}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_replay_equals_live_runs(tiny_handle, tiny_probes, monkeypatch, temperature):
+    """Every policy@threshold replayed from one recorded reference run = the live run of that policy."""
+    prompts, golds = _prompts(tiny_handle)
+    free = _free(tiny_handle, prompts, 24, temperature, seed=5)
+    boundary = tiny_handle.tokenizer.decode([free[0][5]]).rstrip(" ")[-1]
+    cue = tiny_handle.tokenizer.decode([free[1][4]]).strip().strip(",.").lower()
+    monkeypatch.setattr(monitor, "CUE_WORDS", (cue,))  # the random model writes no "wait": make one of its tokens a cue
+    base = MonitorConfig(
+        max_new_tokens=24, batch_size=4, window=2, boundaries=(boundary,), min_think=2, temperature=temperature, seed=5
+    )
+    rec = record(tiny_handle, prompts, golds, base, tiny_probes)
+    assert any(rec.events["probe"]) and any(rec.events["deviation"]) and any(rec.events["deer"])
+    thresholds = {"probe": [0.0, 0.5, 2.0], "deviation": [0.0, 1.0, 1e9], "deer": [-1.0, 0.5, 2.0]}
+    got = replay(tiny_handle, rec, thresholds)
+    assert set(got) == {f"{p}@{v:g}" for p, vs in thresholds.items() for v in vs}
+    assert any(o.exited for o in got["probe@0"]) and not any(o.exited for o in got["probe@2"])
+    for key, outcomes in got.items():
+        policy, t = key.split("@")
+        cfg = replace(base, policy=policy, threshold=float(t))
+        assert outcomes == run_monitor(tiny_handle, prompts, golds, cfg, tiny_probes), key
+    two = replace(base, consecutive=2)
+    rec2 = record(tiny_handle, prompts, golds, two, tiny_probes)
+    live = run_monitor(tiny_handle, prompts, golds, replace(two, policy="probe", threshold=0.0), tiny_probes)
+    assert replay(tiny_handle, rec2, {"probe": [0.0]})["probe@0"] == live
+
+
+def test_choose_threshold_within_loss():
+    pts = {
+        "none": {"accuracy": 0.80, "saved_fraction": 0.0},
+        "probe@0.5": {"accuracy": 0.70, "saved_fraction": 0.6},
+        "probe@0.9": {"accuracy": 0.795, "saved_fraction": 0.3},
+        "probe@0.95": {"accuracy": 0.80, "saved_fraction": 0.2},
+        "deer@0.9": {"accuracy": 0.5, "saved_fraction": 0.5},
+    }
+    best = choose(pts, max_loss=0.01)
+    assert set(best) == {"probe"} and best["probe"]["threshold"] == 0.9
+    assert choose(pts, max_loss=0.0)["probe"]["threshold"] == 0.95
 
 
 def test_monitor_refuses_probes_of_another_model(tiny_handle, tmp_path):
