@@ -24,7 +24,7 @@ from .batched import BatchedProbe
 from .data import TEST, TRAIN, VAL, Labelled, Stream, join_labels, store_hooks
 from .labels import LabelTable
 from .probeset import ProbeSet, write_probeset
-from .train import ProbeConfig, predict, standardize, train
+from .train import ProbeConfig, fit, predict
 
 
 def _layer_reports(p: torch.Tensor, data: Labelled, hooks: list[str], cfg: ProbeConfig) -> dict[str, dict]:
@@ -55,8 +55,7 @@ def fit_probes(
     width = store.manifest.hooks[hooks[0]]
     stream = Stream(store, hooks, data.row, cfg.read_batch, cfg.cache_bytes)
     probe = BatchedProbe(2, len(hooks), width, cfg.kind, cfg.hidden if cfg.kind == "mlp" else 0, cfg.seed).to(device)
-    standardize(probe, stream, data.side == TRAIN, device)
-    epochs = train(probe, stream, data, cfg, device)
+    epochs = fit(probe, stream, data, cfg, device)
     p = predict(probe, stream, len(data.y), device)
     layers = _layer_reports(p, data, hooks, cfg)
     best = max(hooks, key=lambda h: -math.inf if math.isnan(layers[h]["val_auroc"]) else layers[h]["val_auroc"])

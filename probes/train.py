@@ -1,7 +1,9 @@
-"""The training loop shared by probes and baselines: standardisation, class-weighted BCE, Adam, early stopping.
+"""The training loop shared by probes and baselines: standardisation, class-weighted BCE, early stopping.
 
 Inputs come as :data:`probes.data.Batches`; two label variants (task and control) train side by side, one probe
-per variant and layer (:class:`probes.batched.BatchedProbe`).
+per variant and layer (:class:`probes.batched.BatchedProbe`). Logistic probes are fitted full-batch
+(:mod:`probes.newton`: a sufficient-statistics start, then preconditioned L-BFGS, a few passes over the data);
+MLP probes (and logistic ones with ``solver="adam"``) by minibatch Adam.
 """
 
 from __future__ import annotations
@@ -14,11 +16,19 @@ from torch.nn import functional as F
 
 from .batched import PROBE_KINDS, BatchedProbe, ProbeKind
 from .data import TRAIN, VAL, Batches, Labelled
+from .newton import fit_logistic
+
+SOLVERS = ("auto", "lbfgs", "adam")
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """What to fit: ``target`` (a binary label of the table) on ``hooks`` (patterns over the store's hooks)."""
+    """What to fit: ``target`` (a binary label of the table) on ``hooks`` (patterns over the store's hooks).
+
+    ``solver``: ``lbfgs`` (full batch; logistic only; ``epochs`` caps its passes over the data, ``tol`` is its
+    gradient tolerance, ``weight_decay`` its L2 strength on the mean loss), ``adam`` (minibatches of
+    ``batch_size`` at ``lr``), ``auto`` (lbfgs for logistic probes, adam for MLPs).
+    """
 
     target: str = "correct"
     hooks: str = "hook_resid_post"
@@ -37,6 +47,8 @@ class ProbeConfig:
     device: str = "auto"
     read_batch: int = 8192
     cache_bytes: int = 2 << 30
+    solver: str = "auto"
+    tol: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.kind not in PROBE_KINDS:
@@ -51,8 +63,19 @@ class ProbeConfig:
                 raise ValueError(f"{name} must be in (0, 1), got {v!r}")
         if not (self.lr > 0 and self.weight_decay >= 0 and self.bootstrap >= 0 and self.cache_bytes >= 0):
             raise ValueError("lr must be > 0 and weight_decay, bootstrap, cache_bytes >= 0")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if self.solver == "lbfgs" and self.kind != "logistic":
+            raise ValueError("the lbfgs solver fits logistic probes only; use solver='adam' for MLPs")
+        if not self.tol > 0:
+            raise ValueError(f"tol must be > 0, got {self.tol!r}")
         if not self.target or not self.hooks:
             raise ValueError("target and hooks must be non-empty")
+
+    @property
+    def full_batch(self) -> bool:
+        """Whether :func:`train` fits full-batch (:mod:`probes.newton`) rather than by Adam."""
+        return self.kind == "logistic" and self.solver != "adam"
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -92,13 +115,56 @@ def predict(
     return out
 
 
-def train(probe: BatchedProbe, stream: Batches, data: Labelled, cfg: ProbeConfig, device: torch.device) -> int:
-    """Adam with per-probe early stopping on validation loss; returns the epochs run."""
+def fit(probe: BatchedProbe, stream: Batches, data: Labelled, cfg: ProbeConfig, device: torch.device) -> int:
+    """Standardise and train ``probe`` (the full-batch solver standardises in its own first pass)."""
+    if not cfg.full_batch:
+        standardize(probe, stream, data.side == TRAIN, device)
+    return train(probe, stream, data, cfg, device)
+
+
+def _pos_weight(ys: torch.Tensor, train: torch.Tensor, cfg: ProbeConfig) -> torch.Tensor:
+    pos = ys[:, train].sum(1)
+    return ((train.sum() - pos) / pos.clamp_min(1)) if cfg.class_weight else torch.ones(len(ys))
+
+
+def _train_full_batch(
+    probe: BatchedProbe, stream: Batches, data: Labelled, cfg: ProbeConfig, device: torch.device
+) -> int:
     ys = torch.stack([data.y, data.control])  # [V, M]
     train = data.side == TRAIN
-    pos = ys[:, train].sum(1)
-    pw = ((train.sum() - pos) / pos.clamp_min(1)) if cfg.class_weight else torch.ones(2)
-    pw = pw.to(device)[:, None, None]
+    n_layers, width = probe.mean.shape
+    res = fit_logistic(
+        stream,
+        ys,
+        train,
+        data.side == VAL,
+        n_layers,
+        width,
+        _pos_weight(ys, train, cfg),
+        l2=cfg.weight_decay,
+        max_passes=cfg.epochs,
+        patience=cfg.patience,
+        tol=cfg.tol,
+        device=device,
+    )
+    with torch.no_grad():
+        probe.mean.copy_(res.mean)
+        probe.std.copy_(res.std)
+        probe.w.copy_(res.w)
+        probe.b.copy_(res.b)
+    return res.passes
+
+
+def train(probe: BatchedProbe, stream: Batches, data: Labelled, cfg: ProbeConfig, device: torch.device) -> int:
+    """Fit with per-probe early stopping on validation loss; returns the epochs (passes over the data) run.
+
+    The full-batch solver (logistic probes) also sets the probe's standardisation; Adam uses the one set before.
+    """
+    if cfg.full_batch:
+        return _train_full_batch(probe, stream, data, cfg, device)
+    ys = torch.stack([data.y, data.control])  # [V, M]
+    train = data.side == TRAIN
+    pw = _pos_weight(ys, train, cfg).to(device)[:, None, None]
     opt = torch.optim.Adam(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     best = torch.full(probe.b.shape, math.inf)
