@@ -149,27 +149,50 @@ def eval_cmd(
     _emit(_summary([ProbeSet.open(p) for p in probes]), as_json)
 
 
+VAL_SEED_OFFSET = 1  # validation problems: task.problems(n, EVAL_SEED + 1), minus any test problem
+
+
 @probe_app.command("monitor")
 def monitor_cmd(
     model: str = typer.Option(..., help="Thinking model (path, hub id or organism:thinking)."),
     probes: Optional[Path] = typer.Option(None, help="probe_set for the probe policy."),
     traces: Optional[Path] = typer.Option(None, help="Trace JSONL whose prompts and gold answers to use."),
-    n: int = typer.Option(100, min=1, help="Organism problems (held-out seed) when no --traces."),
-    probe_thresholds: str = typer.Option("0.8,0.9,0.95", help="Probe policy thresholds (p >= t exits)."),
-    deer_thresholds: str = typer.Option("0.9,0.95", help="DEER-style thresholds (trial confidence > t exits)."),
-    deviation_thresholds: str = typer.Option("1.5,2.0", help="Deviation-index thresholds (index > t exits)."),
+    n: int = typer.Option(100, min=1, help="Organism test problems (held-out seed) when no --traces."),
+    val_n: int = typer.Option(
+        0,
+        min=0,
+        help="Validation problems to choose each policy's threshold on (organism: another held-out seed; "
+        "--traces: the first VAL_N records); the chosen thresholds are then reported on the test problems.",
+    ),
+    max_loss: float = typer.Option(0.01, min=0.0, help="Accuracy loss allowed when choosing a threshold."),
+    probe_thresholds: str = typer.Option(
+        "0.3,0.5,0.7,0.8,0.9,0.95,0.98,0.99", help="Probe policy thresholds (p >= t exits)."
+    ),
+    deer_thresholds: str = typer.Option(
+        "0.5,0.7,0.8,0.9,0.95,0.98,0.99", help="DEER-style thresholds (trial confidence > t exits)."
+    ),
+    deviation_thresholds: str = typer.Option(
+        "1.1,1.25,1.5,2,2.5,3", help="Deviation-index thresholds (index > t exits)."
+    ),
     window: int = typer.Option(32, min=1, help="Deviation index window W."),
     consecutive: int = typer.Option(1, min=1, help="Boundaries in a row above the threshold before an exit."),
     min_think: int = typer.Option(0, min=0, help="Thinking tokens before any exit."),
     temperature: float = typer.Option(0.0, min=0.0),
+    seed: int = typer.Option(0, help="Sampling seed (request i's token t draws from a stream fixed by it)."),
+    batch_size: int = typer.Option(64, min=1),
     max_new_tokens: int = typer.Option(640, min=1),
     grader: str = typer.Option("organism", help="organism | gsm8k | math."),
     as_json: bool = typer.Option(False, "--json", help="Print {policy: {accuracy, think_tokens, saved_fraction}}."),
 ) -> None:
-    """Early exit during generation: tokens saved vs accuracy for probe, DEER-style and deviation policies."""
+    """Early exit during generation: tokens saved vs accuracy for probe, DEER-style and deviation policies.
+
+    Without --val-n: the trade-off curve {"none", "<policy>@<threshold>"} on the test problems. With it: each
+    policy at the threshold chosen on the validation problems ({policy: {..., threshold}}), the test curve
+    ("curve") and the validation curve ("validation").
+    """
     from reasonscope.traces import GRADERS
 
-    from .monitor import MonitorConfig, Policy, sweep
+    from .monitor import MonitorConfig, Policy, choose, curve, record
 
     grader = choice(grader, tuple(GRADERS), "--grader")
     thresholds: dict[Policy, tuple[float, ...]] = {
@@ -185,12 +208,16 @@ def monitor_cmd(
         consecutive=consecutive,
         min_think=min_think,
         temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         grader=grader,
     )
     rows = read_traces(traces) if traces is not None else None
     if rows is not None and any(t.gold is None for t in rows):
         fail(f"--traces {traces}: every record needs a 'gold' answer to grade the monitored answers")
+    if rows is not None and val_n >= len(rows):
+        fail(f"--val-n {val_n} leaves no test records of the {len(rows)} in --traces; lower it")
     model_geometry(model)
     from reasonscope.models import load_model
 
@@ -199,11 +226,35 @@ def monitor_cmd(
     ps = ProbeSet.open(probes) if probes is not None else None
     handle = load_model(model)
     if rows is not None:
-        prompts, golds = [t.prompt for t in rows], [str(t.gold) for t in rows]
+        val = [(t.prompt, str(t.gold)) for t in rows[:val_n]]
+        test = [(t.prompt, str(t.gold)) for t in rows[val_n:]]
     else:
         from reasonscope.organisms import task
         from reasonscope.organisms.evaluate import EVAL_SEED
 
         problems = task.problems(n, EVAL_SEED)
-        prompts, golds = [handle.chat_prompt(p.question) for p in problems], [str(p.answer) for p in problems]
-    _emit(sweep(handle, prompts, golds, thresholds, cfg, ps), as_json)
+        seen = {p.uid for p in problems}
+        held = [p for p in task.problems(2 * val_n, EVAL_SEED + VAL_SEED_OFFSET) if p.uid not in seen][:val_n]
+        test = [(handle.chat_prompt(p.question), str(p.answer)) for p in problems]
+        val = [(handle.chat_prompt(p.question), str(p.answer)) for p in held]
+
+    def points(pairs: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+        rec = record(handle, [p for p, _ in pairs], [g for _, g in pairs], cfg, ps)
+        return curve(handle, rec, thresholds)
+
+    test_curve = points(test)
+    if not val:
+        _emit(test_curve, as_json)
+        return
+    val_curve = points(val)
+    chosen = choose(val_curve, max_loss)
+    out: dict[str, Any] = {"none": {**test_curve["none"], "n": len(test)}}
+    for policy in thresholds:
+        if policy in chosen:
+            t = chosen[policy]["threshold"]
+            out[policy] = {**test_curve[f"{policy}@{t:g}"], "threshold": t}
+        else:  # no threshold kept the accuracy on validation: the policy never exits
+            out[policy] = {**test_curve["none"], "threshold": None}
+    out["curve"] = test_curve
+    out["validation"] = {"n": len(val), "max_loss": max_loss, "chosen": chosen, "curve": val_curve}
+    _emit(out, as_json)

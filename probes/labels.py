@@ -5,6 +5,8 @@ Recipes (probes.md §2-4): chunks as in :mod:`probes.chunks`; ``correct`` = the 
 gold (NaN where the chunk states none); ``after_first_correct`` = at or after the first correct chunk (the
 first-correct position, FCP); ``deviated`` = a correct answer was reached earlier and this chunk's is wrong;
 ``safe_exit`` = forcing ``</think>`` after the chunk yields a correct answer (needs a model, :mod:`probes.forced`);
+``stable`` = the forced answer equals the trace's own final answer (answer convergence: the rest of the thinking
+is redundant; a trace that never answers is stable everywhere);
 ``rpdi`` / ``rpdi_transition`` = the deviation indices at the chunk end and ``deviation`` = ``rpdi > lam`` (needs a
 model, :mod:`probes.entropy`). Per trace: the Self-Braking overthink score (Zhao et al. 2025, arXiv 2505.14604)
 ``S = beta*kappa + (1-beta)*(1-eta)``.
@@ -20,11 +22,11 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, write_artifact
 from reasonscope.identity import trace_digest, traces_hash
-from reasonscope.traces import Trace
+from reasonscope.traces import GRADERS, Trace
 from reasonscope.traces.segment import thinking_offset, token_offsets
 
 from .answers import MATCHERS, Matcher, chunk_answers, is_correct, matcher_for
@@ -36,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 KIND = "probe_labels"
 FILE = "labels.json"
 TEXT_TARGETS = ("correct", "after_first_correct", "deviated")
-MODEL_TARGETS = ("safe_exit", "rpdi", "rpdi_transition", "deviation", "entropy")
+MODEL_TARGETS = ("safe_exit", "stable", "rpdi", "rpdi_transition", "deviation", "entropy")
 SBT_KEYWORDS = (
     "another",
     "backtrack",
@@ -257,6 +259,9 @@ def _model_targets(
             handle, traces, positions, kinds, cfg.forced_suffix, cfg.forced_max_new_tokens, cfg.batch_size
         )
         table.targets["safe_exit"] = [float(ok) for per in graded for _, ok in per]
+        table.targets["stable"] = [
+            x for t, kind, per in zip(traces, kinds, graded) for x in _stable(t, kind, [a for a, _ in per])
+        ]
     if cfg.entropy:
         from .entropy import chunk_signals
 
@@ -264,6 +269,19 @@ def _model_targets(
         for name in ("rpdi", "rpdi_transition", "entropy"):
             table.targets[name] = [x for per in sig[name] for x in per]
         table.targets["deviation"] = [math.nan if math.isnan(x) else float(x > cfg.lam) for x in table.targets["rpdi"]]
+
+
+def _stable(trace: Trace, kind: Literal["organism", "math"], forced: list[str | None]) -> list[float]:
+    """Per position: 1 when the forced answer equals the trace's own final answer (thinking on changes nothing).
+
+    A trace that never answers (its thinking runs into the length limit) is stable everywhere: thinking on yields
+    no answer at all, so any forced answer is at least as good.
+    """
+    g = GRADERS[kind]
+    final = g.extract(trace.answer) if trace.answer.strip() else None
+    if final is None:
+        return [1.0] * len(forced)
+    return [float(a is not None and bool(g.is_correct(a, final))) for a in forced]
 
 
 def write_labels(

@@ -82,6 +82,20 @@ def test_monitor_cli(tiny_model_dir, tmp_path):
     res = json.loads(r.stdout)
     assert set(res) == {"none", "deer@0.9", "deviation@1e+09"}
     assert all(set(v) >= {"accuracy", "think_tokens", "saved_fraction"} for v in res.values())
+    r = runner.invoke(
+        probe_app, [*args, "--deer-thresholds", "0.9", "--deviation-thresholds", "1e9,0", "--val-n", "2", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert set(res) == {"none", "deer", "deviation", "curve", "validation"}
+    assert set(res["curve"]) == {"none", "deer@0.9", "deviation@1e+09", "deviation@0"}
+    assert res["validation"]["n"] == 2 and set(res["validation"]["curve"]) == set(res["curve"])
+    for policy in ("deer", "deviation"):  # the validation choice, reported on the test problems
+        t = res[policy]["threshold"]
+        assert (t is None and res[policy]["saved_fraction"] == 0) or res[policy] == {
+            **res["curve"][f"{policy}@{t:g}"],
+            "threshold": t,
+        }
     assert "--deer-thresholds" in _err(runner.invoke(probe_app, [*args, "--deer-thresholds", "high"]))
     assert "--probes" in _err(runner.invoke(probe_app, [*args, "--probes", str(tmp_path / "none")]))
     r = runner.invoke(probe_app, ["monitor", "--model", str(tmp_path / "nomodel")])  # core lists what it tried
