@@ -44,9 +44,11 @@ class DemoConfig:
         default_factory=lambda: {"probe": (0.7, 0.9), "deer": (0.9,), "deviation": (1.5,)}
     )
     asc_pairs: int = 32
-    asc_eval: int = 48
-    asc_sweep: tuple[float, ...] = (0.5, 1.0, 2.0)
-    hybrid_n: int = 24
+    asc_eval: int = 32
+    asc_sweep: tuple[float, ...] = (1.0, 2.0)
+    hybrid_n: int = 32  # held-out problems of the hybrid evaluation
+    hybrid_train: int = 96  # thinking rollouts the behaviours, selector and vectors are learnt from
+    hybrid_steps: int = 60
     seed: int = 0
 
     @classmethod
@@ -68,7 +70,9 @@ class DemoConfig:
             asc_pairs=8,
             asc_eval=8,
             asc_sweep=(1.0,),
-            hybrid_n=4,
+            hybrid_n=6,
+            hybrid_train=16,
+            hybrid_steps=5,
         )
 
     def __post_init__(self) -> None:
@@ -268,11 +272,19 @@ def _hybrid(ctx: Context) -> None:
     from reasonscope.organisms.evaluate import EVAL_SEED
     from steering import hybrid  # type: ignore[attr-defined,unused-ignore]
 
-    problems = task.problems(ctx.cfg.hybrid_n, EVAL_SEED + 1)
-    ctx.log(f"  hybrid steering of the base organism on {len(problems)} problems")
-    hybrid.run_hybrid(
-        ctx.model("base"), ctx.model("thinking"), problems, hybrid.HybridConfig(), ctx.run.stage_path("hybrid")
+    c = ctx.cfg
+    problems = task.problems(c.hybrid_n, EVAL_SEED + 1)
+    cfg = hybrid.HybridConfig(
+        n_train=c.hybrid_train,
+        train_steps=c.hybrid_steps,
+        n_eval=len(problems),
+        max_new_tokens=c.max_new_tokens,
+        seed=c.seed,
     )
+    ctx.log(
+        f"  hybrid steering: behaviours from {cfg.n_train} thinking rollouts; base steered on {len(problems)} problems"
+    )
+    hybrid.run_hybrid(ctx.model("base"), ctx.model("thinking"), problems, cfg, ctx.run.stage_path("hybrid"))
 
 
 def _exports(ctx: Context) -> None:
@@ -438,7 +450,8 @@ def summary_rows(run: RunDir) -> list[tuple[str, str]]:
 
     def hybrid() -> str:
         s = run.hybrid().summary
-        return ", ".join(f"{k} {v:.2f}" for k, v in s.items() if isinstance(v, (int, float)))
+        keys = ("base_accuracy", "hybrid_accuracy", "thinking_accuracy", "gap_recovered", "steered_token_fraction")
+        return ", ".join(f"{k.replace('_', ' ')} {s[k]:.2f}" for k in keys if isinstance(s.get(k), (int, float)))
 
     def exports() -> str:
         return ", ".join(f"{fmt}: {', '.join(p.name for p in paths)}" for fmt, paths in run.exports().files.items())

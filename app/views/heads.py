@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from app import analysis, figures
@@ -13,6 +14,24 @@ from app.state import artifact, background, cached, model, need
 from reasonscope.heads.figures import curves_figure, head_map_figure
 
 CURVE_METRICS = {"accuracy": "accuracy", "thinking length": "mean_think_tokens", "KV bytes": "kv_bytes"}
+
+
+def clickable(fig: go.Figure) -> go.Figure:
+    """Add an invisible marker on every heatmap cell: Streamlit reports clicks on points, not on heatmap cells."""
+    heat = fig.data[0]
+    xs, ys = list(heat.x), list(heat.y)
+    cells = [(x, y) for y in ys for x in xs]
+    fig.add_trace(
+        go.Scatter(
+            x=[x for x, _ in cells],
+            y=[y for _, y in cells],
+            mode="markers",
+            marker=dict(symbol="square", size=36, color="rgba(0,0,0,0)"),
+            hovertemplate="%{y} %{x}: click to show its attention<extra></extra>",
+            showlegend=False,
+        )
+    )
+    return fig
 
 
 def _clicked(event: Any) -> tuple[int, int] | None:
@@ -36,9 +55,12 @@ def render(run: RunDir) -> None:
     scorer = st.radio("scorer", list(maps), horizontal=True, key="hd_scorer")
     hm = maps[scorer]
     n_layers, n_kv = hm.scores.shape
+    if "hd_layer" not in st.session_state:  # start on the scorer's top head
+        top = int(hm.scores.flatten().argmax())
+        st.session_state["hd_layer"], st.session_state["hd_head"] = divmod(top, int(n_kv))
     left, right = st.columns(2)
     with left:
-        fig = head_map_figure(hm.scores, f"{scorer} scores (higher = keep a full cache); click a head")
+        fig = clickable(head_map_figure(hm.scores, f"{scorer} scores (higher = keep a full cache); click a head"))
         event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key=f"hd_map_{scorer}")
         hit = _clicked(event)
         if hit is not None and hit != (st.session_state.get("hd_layer"), st.session_state.get("hd_head")):

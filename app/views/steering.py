@@ -120,14 +120,24 @@ def _hybrid(run: RunDir) -> None:
     if not records:
         return
     pick = st.selectbox(
-        "hybrid run", range(len(records)), format_func=lambda i: f"{i}: {records[i].question}", key="st_hybrid"
+        "hybrid run",
+        range(len(records)),
+        format_func=lambda i: f"{i}: level {records[i].get('level')} · {records[i]['question']}",
+        key="st_hybrid",
     )
     r = records[pick or 0]
-    behaviours = sorted({b for b in r.behaviours if b is not None})
-    colours = {b: PALETTE[i % len(PALETTE)] for i, b in enumerate(behaviours)}
+    behaviours = [None if b is None else str(b) for b in r["behaviours"]]
+    names = sorted({b for b in behaviours if b is not None})
+    colours = {b: PALETTE[i % len(PALETTE)] for i, b in enumerate(names)}
     legend = " ".join(f'<span style="background:{c};padding:0 4px">{html.escape(b)}</span>' for b, c in colours.items())
-    st.html(f"<div>{'✓ correct' if r.correct else '✗ wrong'} · steered behaviours: {legend or 'none'}</div>")
-    st.html(behaviour_html(r.tokens, r.behaviours, colours))
+    mark = "✓ correct" if r["correct"] else "✗ wrong"
+    st.html(f"<div><b>hybrid</b> {mark} (gold {r.get('gold')}) · steered behaviours: {legend or 'none'}</div>")
+    st.html(behaviour_html(r["tokens"], behaviours, colours))
+    c1, c2 = st.columns(2)
+    for col, who in ((c1, "base"), (c2, "thinking")):
+        if f"{who}_text" in r:
+            col.markdown(f"**{who} alone** · {'✓' if r.get(f'{who}_correct') else '✗'}")
+            col.html(_plain_tokens([r[f"{who}_text"]]))
 
 
 def _rows(controls: Any) -> list[dict[str, Any]]:
