@@ -58,6 +58,7 @@ ARTIFACT_FORMATS: dict[str, int] = {
     "emergent_heads": 1,
     "head_map": 1,
     "heads_eval": 1,
+    "hybrid_run": 1,
     "json_result": 1,
     "organism": 1,
     "probe_labels": 1,

@@ -72,6 +72,65 @@ def asc_cmd(
     emit(run_asc(load_model(model), cfg, out), as_json)
 
 
+@steer_app.command("hybrid")
+def hybrid_cmd(
+    base: str = typer.Option("organism:base", help="The base model (steered; emits every token)."),
+    thinking: str = typer.Option("organism:thinking", help="The thinking model (decides when and which)."),
+    out: Path = typer.Option(..., help="Write the hybrid_run artifact here."),
+    sae_layer: int = typer.Option(2, min=0, help="Thinking-model block read for behaviours."),
+    steer_layer: int = typer.Option(1, min=0, help="Base-model block whose output is steered."),
+    n_latents: int = typer.Option(8, min=2, help="SAE latents (behaviours)."),
+    labels: str = typer.Option("sae", help="Behaviour labels: sae (unsupervised) | annotated (known types)."),
+    vectors: str = typer.Option("optimised", help="optimised | mean_diff."),
+    selector: str = typer.Option("probe", help="Which behaviour: probe (on the thinking model) | sae (argmax)."),
+    coefficients: str = typer.Option("0.5,1,2", help="Guardrail strengths, comma-separated."),
+    n_train: int = typer.Option(256, min=2, help="Training problems (thinking rollouts)."),
+    train_steps: int = typer.Option(300, min=0),
+    n_eval: int = typer.Option(300, min=1, help="Held-out organism problems."),
+    temperature: float = typer.Option(1.0, min=0.0),
+    seed: int = typer.Option(0),
+    max_new_tokens: int = typer.Option(400, min=1),
+    batch_size: int = typer.Option(64, min=1),
+    controls: bool = typer.Option(True, help="Also run the random-behaviour and random-vector controls."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Hybrid steering: the thinking model picks when and which behaviour, the base is steered; gap recovered."""
+    from .hybrid import LABELS, SELECTORS, VECTORS, HybridConfig
+
+    fresh_out(out)
+    try:
+        cfg = HybridConfig(
+            sae_layer=sae_layer,
+            steer_layer=steer_layer,
+            n_latents=n_latents,
+            labels=choice(labels, LABELS, "--labels"),
+            vectors=choice(vectors, VECTORS, "--vectors"),
+            selector=choice(selector, SELECTORS, "--selector"),
+            coefficients=floats(coefficients, "--coefficients"),
+            n_train=n_train,
+            train_steps=train_steps,
+            n_eval=n_eval,
+            temperature=temperature,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            controls=controls,
+        )
+    except ValueError as e:
+        fail(str(e))
+    gb, gt = model_geometry(base), model_geometry(thinking)
+    if steer_layer >= gb.n_layers:
+        fail(f"--steer-layer {steer_layer} does not exist in {base} (layers 0..{gb.n_layers - 1})")
+    if sae_layer >= gt.n_layers:
+        fail(f"--sae-layer {sae_layer} does not exist in {thinking} (layers 0..{gt.n_layers - 1})")
+    from reasonscope.models import load_model
+
+    from .hybrid import run_hybrid
+
+    run = run_hybrid(load_model(base), load_model(thinking), None, cfg, out)
+    emit(run.summary, as_json)
+
+
 @steer_app.command("apply")
 def apply_cmd(
     vector: Path = typer.Option(..., "--vector", help="A steering_vector directory or an importable vector file."),
