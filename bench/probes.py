@@ -36,7 +36,7 @@ import torch
 
 from probes import metrics
 from probes.batched import BatchedProbe
-from probes.data import TEST, TRAIN, Labelled
+from probes.data import TEST, TRAIN, VAL, Labelled
 from probes.fit import fit_probes
 from probes.labels import LabelTable
 from probes.train import ProbeConfig, fit, predict
@@ -66,21 +66,27 @@ def n_train(n: int) -> int:
     return int(0.8 * n)
 
 
-def fit_ours(x: torch.Tensor, y: torch.Tensor, solver: str = "auto") -> tuple[float, float, int, torch.Tensor]:
-    """Seconds, test AUROC, passes and standardised-space coefficients of :func:`probes.train.fit` (in memory)."""
+def fit_ours(x: torch.Tensor, y: torch.Tensor, early: bool) -> tuple[float, float, int, torch.Tensor]:
+    """Seconds, test AUROC, passes and standardised-space coefficients of :func:`probes.train.fit` (in memory).
+
+    ``early``: the last eighth of the training rows is the validation split, and the fit stops at the first pass
+    that does not improve the validation loss (``patience=1``); otherwise it trains on all of them and stops at
+    scikit-learn's criterion (``max |grad| <= 1e-4``).
+    """
     n, nt = len(y), n_train(len(y))
     side = torch.full((n,), TEST)
     side[:nt] = TRAIN
+    if early:
+        side[nt - nt // 8 : nt] = VAL
     control = y.clone()
     control[:nt] = y[:nt][torch.randperm(nt, generator=torch.Generator().manual_seed(1))]
     data = Labelled(torch.arange(n), torch.arange(n), y, control, torch.arange(n), side, [])
     cfg = ProbeConfig(
-        solver=solver,
         class_weight=False,
         weight_decay=1.0 / nt,  # scikit-learn's C = 1 on nt rows
-        epochs=200 if solver != "adam" else 2,
-        patience=1 if solver == "adam" else 5,
-        lr=1e-2,
+        epochs=200,
+        patience=1 if early else 5,
+        tol=1e-4,
         device="cpu",
     )
     batches = [(torch.arange(s, min(s + 65536, n)), x[None, s : s + 65536]) for s in range(0, n, 65536)]
@@ -184,6 +190,8 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=1536)
     ap.add_argument("--factors", type=int, default=0, help="shared low-rank factors in the features (0: none)")
     ap.add_argument("--repeats", type=int, default=3, help="timed fits of ours")
+    ap.add_argument("--no-early", dest="early", action="store_false", help="skip ours with early stopping")
+    ap.add_argument("--no-to-tol", dest="to_tol", action="store_false", help="skip ours to scikit-learn's tol")
     ap.add_argument("--sk-repeats", type=int, default=3, help="timed fits of scikit-learn (0: skip it)")
 
     ap.add_argument("--layers", type=int, default=28)
@@ -191,18 +199,21 @@ def main() -> None:
     args = ap.parse_args()
     x, y = synthetic(args.n, args.d, args.factors)
     rows: list[dict[str, object]] = []
-    ours: list[tuple[float, float, int, torch.Tensor]] = [fit_ours(x, y) for _ in range(args.repeats)]
-    ours_s = _median([r[0] for r in ours])
-    coef = ours[0][3]
-    rows.append(
-        {
-            "fitter": "reasonscope lbfgs",
-            "seconds": ours_s,
-            "runs": [r[0] for r in ours],
-            "steps": ours[0][2],
-            "auroc": ours[0][1],
-        }
-    )
+    coefs = {}
+    for early, name in ((True, "reasonscope (early stop)"), (False, "reasonscope (tol 1e-4)")):
+        if not (args.early if early else args.to_tol):
+            continue
+        ours = [fit_ours(x, y, early) for _ in range(args.repeats)]
+        coefs[name] = ours[0][3]
+        rows.append(
+            {
+                "fitter": name,
+                "seconds": _median([r[0] for r in ours]),
+                "runs": [r[0] for r in ours],
+                "steps": ours[0][2],
+                "auroc": ours[0][1],
+            }
+        )
     sk = []
     for i in range(args.sk_repeats):
         if i:
@@ -223,19 +234,24 @@ def main() -> None:
         for r in rows[:-1]:
             r["speedup"] = sk_s / float(r["seconds"])  # type: ignore[arg-type]
             r["auroc_gap"] = float(r["auroc"]) - sk[0][1]  # type: ignore[arg-type]
-        rows[0]["coef_cosine"] = float(torch.nn.functional.cosine_similarity(coef, sk_coef, 0))
-        rows[0]["coef_max_abs_diff"] = float((coef - sk_coef).abs().max())
+        for r in rows[:-1]:
+            coef = coefs[str(r["fitter"])]
+            r["coef_cosine"] = float(torch.nn.functional.cosine_similarity(coef, sk_coef, 0))
+            r["coef_max_abs_diff"] = float((coef - sk_coef).abs().max())
     del x, y
     print(
         f"n={args.n} (train {n_train(args.n)}, test {args.n - n_train(args.n)})  d={args.d}  "
         f"factors={args.factors}  threads {_threads()}"
     )
-    print(f"{'fitter':<20}{'median s':>10}{'steps':>7}{'AUROC':>8}{'speed-up':>10}{'AUROC gap':>11}  runs")
+    print(f"{'fitter':<26}{'median s':>10}{'steps':>7}{'AUROC':>8}{'speed-up':>10}{'AUROC gap':>11}{'cos(w)':>9}  runs")
     for r in rows:
         sp = f"{r['speedup']:.1f}x" if "speedup" in r else ""
         gap = f"{r['auroc_gap']:+.4f}" if "auroc_gap" in r else ""
         runs = " ".join(f"{t:.2f}" for t in r["runs"])  # type: ignore[attr-defined]
-        print(f"{r['fitter']:<20}{r['seconds']:>10.2f}{r['steps']:>7}{r['auroc']:>8.4f}{sp:>10}{gap:>11}  {runs}")
+        cos = f"{r['coef_cosine']:.4f}" if "coef_cosine" in r else ""
+        print(
+            f"{r['fitter']:<26}{r['seconds']:>10.2f}{r['steps']:>7}{r['auroc']:>8.4f}{sp:>10}{gap:>11}{cos:>9}  {runs}"
+        )
     report: dict[str, object] = {"n": args.n, "d": args.d, "factors": args.factors, "fits": rows}
     if args.layers:
         with tempfile.TemporaryDirectory() as tmp:

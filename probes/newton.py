@@ -43,8 +43,8 @@ class Fit:
     converged: torch.Tensor
 
 
-def _blocks(x: torch.Tensor):
-    size = max(1024, BLOCK_BYTES // (4 * x.shape[2]))
+def _blocks(x: torch.Tensor, nbytes: int = BLOCK_BYTES):
+    size = max(256, nbytes // (4 * x.shape[2] * x.shape[0]))
     for s in range(0, x.shape[1], size):
         yield s, x[:, s : s + size]
 
@@ -61,11 +61,16 @@ class _Problem:
 
 
 def _stats(stream: Batches, prob: _Problem, n_layers: int, width: int, sample: int, device: torch.device):
-    """One pass: mean, std, per-class raw sums of the training rows, and the first ``sample`` training rows."""
+    """One pass: mean, std, per-class raw sums of the training rows, and the first ``sample`` training rows.
+
+    Sums are GEMMs with a ones/label matrix (reductions over rows take slow paths on CPU), squares of rows shifted
+    by the first block's mean (no cancellation), per block in float32 and across blocks in float64.
+    """
     v = prob.ys.shape[0]
     n = 0
-    mean = torch.zeros(n_layers, width, dtype=torch.float64, device=device)
-    m2 = torch.zeros_like(mean)
+    shift: torch.Tensor | None = None
+    s0 = torch.zeros(n_layers, width, dtype=torch.float64, device=device)
+    sq = torch.zeros_like(s0)
     s1 = torch.zeros(n_layers, v, width, dtype=torch.float64, device=device)
     rows: list[torch.Tensor] = []
     have = 0
@@ -76,19 +81,31 @@ def _stats(stream: Batches, prob: _Problem, n_layers: int, width: int, sample: i
             continue
         xt = (x if k == len(idx) else x[:, keep]).to(device)
         yt = prob.ys[:, idx[keep]].to(device)
-        var_c, mean_c = torch.var_mean(xt, dim=1, correction=0)
-        mean_c, var_c = mean_c.double(), var_c.double()
-        delta = mean_c - mean
-        tot = n + k
-        mean = mean + delta * (k / tot)
-        m2 = m2 + var_c * k + delta * delta * (n * k / tot)
-        n = tot
-        s1 += torch.matmul(yt, xt).double()  # [L, V, d]
+        if shift is None:
+            shift = xt[:, : min(k, 1024)].mean(1, keepdim=True)  # [L, 1, d]
+        for s, xb in _blocks(xt, 1 << 25):
+            lhs = torch.cat([torch.ones(1, xb.shape[1], device=device), yt[:, s : s + xb.shape[1]]])  # [1+V, B]
+            t = xb - shift
+            for i in range(n_layers):
+                sums = lhs @ t[i]  # [1+V, d]: the shifted sum, and per class the shifted sums
+                s0[i] += sums[0].double()
+                s1[i] += sums[1:].double()
+            t.square_()
+            ones = lhs[:1]
+            for i in range(n_layers):
+                sq[i] += (ones @ t[i])[0].double()
+        n += k
         if have < sample:
             take = xt[:, : sample - have].clone()
             rows.append(take)
             have += take.shape[1]
-    std = (m2 / max(n, 1)).sqrt() + 1e-6
+    assert shift is not None, "no training rows"
+    sh = shift[:, 0].double()
+    mean = sh + s0 / n
+    var = (sq / n - (s0 / n) ** 2).clamp_min(0)
+    ny = prob.ys[:, prob.train].sum(1).double().to(device)  # [V]
+    s1 = s1 + ny[None, :, None] * sh[:, None]  # raw per-class sums
+    std = var.sqrt() + 1e-6
     return mean, std, s1, torch.cat(rows, 1), n
 
 
