@@ -32,7 +32,7 @@ def render(run: RunDir) -> None:
     vec, report = got[0]
     b, s = report["baseline"], report["steered"]
     m1, m2, m3, m4 = st.columns(4)
-    m1.metric("chosen γ", f"{report['gamma']:.3g}", report["gamma_rule"], delta_color="off")
+    m1.metric(f"chosen γ ({report['gamma_rule']})", f"{report['gamma']:.3g}")
     m2.metric(
         "thinking tokens", f"{s['mean_think_tokens']:.0f}", f"{s['mean_think_tokens'] - b['mean_think_tokens']:+.0f}"
     )
