@@ -1,10 +1,12 @@
 """Fitting probes on every selected layer at once, streaming from an activation store.
 
 Per layer, a task probe and a control probe (labels shuffled within each problem; Hewitt & Liang 2019,
-arXiv 1909.03368) are trained together with Adam on BCE with ``pos_weight = N_neg/N_pos`` (Zhang et al. 2025) on
-standardised features, early-stopped on the validation problems' loss. The best layer is chosen on validation
-AUROC; test metrics (pooled and within-problem AUROC, ECE, Brier, accuracy, bootstrap CI over problems) and
-selectivity (task AUROC - control AUROC) are reported per layer, beside baselines (:mod:`probes.baselines`).
+arXiv 1909.03368) are trained together on BCE with ``pos_weight = N_neg/N_pos`` (Zhang et al. 2025) on
+standardised features, early-stopped on the validation problems' loss: logistic probes full-batch
+(:mod:`probes.newton`, every layer in the same few passes over the store), MLP probes by minibatch Adam. The
+best layer is chosen on validation AUROC; test metrics (pooled and within-problem AUROC, ECE, Brier, accuracy,
+bootstrap CI over problems) and selectivity (task AUROC - control AUROC) are reported per layer, beside baselines
+(:mod:`probes.baselines`).
 """
 
 from __future__ import annotations

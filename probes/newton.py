@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from .data import Batches
 
-BLOCK_BYTES = 1 << 28  # a block of rows per layer: read for the logits, reused from cache for the gradient
+BLOCK_BYTES = 1 << 28  # rows per block of the statistics pass (bounds its temporaries)
 HISTORY = 10
 
 
@@ -149,36 +149,27 @@ def _evaluate(
     g = torch.zeros(n_layers, v, d1 - 1, dtype=torch.float64, device=device)
     nv = 0
     for idx, x in stream:
-        tr_all, va_all = prob.train[idx], prob.val[idx]
-        if not bool((tr_all | va_all).any()):
+        # whole read batches at a time: few large ops (each parallel op costs a wake-up of every thread)
+        cw = prob.cw[:, idx]
+        vm = prob.val[idx].float()
+        nvc = int(vm.sum())
+        if nvc == 0 and not bool((cw > 0).any()):
             continue
         x = x.to(device)
-        ys_all, cw_all = prob.ys[:, idx].to(device), prob.cw[:, idx].to(device)
-        gc = torch.zeros(n_layers, v, d1 - 1, device=device)
-        for s, xb in _blocks(x):
-            e = s + xb.shape[1]
-            tr, va = tr_all[s:e], va_all[s:e]
-            has_tr, has_va = bool(tr.any()), bool(va.any())
-            if not (has_tr or has_va):
-                continue
-            y = ys_all[:, s:e][None]  # [1, V, B]
-            # logits [L, V, B]; per layer a plain GEMM (batched ones take slow paths for V = 2 columns)
-            z = torch.stack([torch.addmm(bt[i], wt[i], xb[i].T) for i in range(n_layers)])
-            loss = F.binary_cross_entropy_with_logits(z, y.expand_as(z), reduction="none")
-            if has_va:
-                vm = va.to(device)
-                vl += loss[:, :, vm].sum(-1).double()
-                nv += int(vm.sum())
-            if has_tr:
-                c = cw_all[:, s:e][None]  # [1, V, B]
-                p = torch.sigmoid(z)
-                f += (loss * c).sum(-1).double()
-                h += (p * (1 - p) * c).sum(-1).double()
-                r = (p - y) * c  # [L, V, B]
-                rs += r.sum(-1).double()
-                for i in range(n_layers):
-                    gc[i].addmm_(r[i], xb[i])  # [V, d] while the block is still in cache
-        g += gc.double()
+        y = prob.ys[:, idx].to(device)  # [V, n]
+        cw, vm = cw.to(device), vm.to(device)
+        z = torch.stack([torch.addmm(bt[i], wt[i], x[i].T) for i in range(n_layers)])  # [L, V, n]
+        loss = F.binary_cross_entropy_with_logits(z, y.expand_as(z), reduction="none")
+        p = torch.sigmoid(z)
+        f += torch.einsum("lvn,vn->lv", loss.double(), cw.double())  # float64: the line search compares these
+        h += torch.einsum("lvn,vn->lv", p * (1 - p), cw).double()
+        if nvc:
+            vl += torch.einsum("lvn,n->lv", loss, vm).double()
+            nv += nvc
+        r = (p - y) * cw  # [L, V, n]
+        rs += r.sum(-1).double()
+        for i in range(n_layers):
+            g[i] += (r[i] @ x[i]).double()  # [V, d]
     csum = prob.csum.to(device)[None]  # [1, V]
     gw = (g - mean[:, None] * rs[..., None]) / std[:, None].double() / csum[..., None]
     wst = theta[..., :-1].double().transpose(0, 1)  # [L, V, d]
@@ -208,7 +199,8 @@ def fit_logistic(
     device = device or torch.device("cpu")
     prob = _Problem(ys, train, val, pos_weight)
     v = prob.ys.shape[0]
-    m_cap = max(256, min(sample, (1 << 30) // max(1, n_layers * width * 4)))
+    # preconditioner rows: an eighth of the training rows within [1024, sample], and at most 1 GiB of them
+    m_cap = min(max(4096, int(train.sum()) // 8), sample, max(256, (1 << 30) // max(1, n_layers * width * 4)))
     mean, std, s1, xs, n = _stats(stream, prob, n_layers, width, m_cap, device)
     passes = 1
     # preconditioner: Ledoit-Wolf covariance of the standardised sample (+ ridge), Cholesky per layer

@@ -13,7 +13,7 @@ from probes.train import ProbeConfig
 def _problem(n: int = 3000, d: int = 24, layers: int = 3, seed: int = 0):
     """Correlated, anisotropic, shifted features per layer; labels from a linear rule plus logistic noise."""
     g = torch.Generator().manual_seed(seed)
-    xs, ys = [], None
+    xs = []
     for _ in range(layers):
         mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
         x = (torch.randn(n, d, generator=g) @ mix) * torch.exp(torch.randn(d, generator=g)) + 3.0
