@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -29,6 +29,8 @@ from .extract import extract_vector
 from .vector import SteeringVector
 
 __all__ = [
+    "EXTRACT_CHOICES",
+    "SELECT_SEED",
     "ASCConfig",
     "GammaRule",
     "asc_gamma_max",
@@ -39,12 +41,16 @@ __all__ = [
     "kl_bound",
     "kl_gamma",
     "run_asc",
+    "selection_problems",
 ]
 
 GammaRule = Literal["kl_bound", "sweep"]
 GAMMA_CHOICES: tuple[GammaRule, ...] = get_args(GammaRule)
 Pairs = Literal["styles", "efficiency"]
 PAIR_CHOICES: tuple[Pairs, ...] = get_args(Pairs)
+ExtractAt = Literal["end", "start"]
+EXTRACT_CHOICES: tuple[ExtractAt, ...] = get_args(ExtractAt)
+SELECT_SEED = 3_000_017  # the selection split's problem stream: neither training (0..) nor test (EVAL_SEED)
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,9 @@ class ASCConfig:
     """One ASC run: extraction, the KL-bounded strength, a fixed-γ sweep and the held-out evaluation."""
 
     layer: int = 2
+    layers: tuple[int, ...] = ()  # candidate layers, chosen with γ on the selection split (empty: ``layer`` only)
     reduce: Literal["last", "mean"] = "last"  # ASC reads the last token; "mean" averages over the text's tokens
+    extract_at: ExtractAt = "end"  # read at the end of question ⊕ CoT (the paper), or after the CoT's first token
     n_pairs: int = 64
     pairs: Pairs = "styles"  # concise/verbose task styles, or shortest/longest correct samples (efficiency)
     k_samples: int = 4  # efficiency pairs: samples per question at temperature 1
@@ -61,15 +69,18 @@ class ASCConfig:
     sweep: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # γ multiplying the stored (unnormalised) vector
     gamma_rule: GammaRule = "sweep"  # γ the artifact carries: the KL bound's, or the sweep's best (else the KL's)
     max_accuracy_drop: float = 0.02  # the sweep's best γ shortens most within this accuracy loss
-    n_eval: int = 300
+    n_eval: int = 300  # held-out test problems (EVAL_SEED): baseline, KL-bound γ and the selected γ
+    n_select: int = 200  # selection split (SELECT_SEED, disjoint from the test problems): the sweep chooses here
     temperature: float = 1.0
     seed: int = 0
     max_new_tokens: int = 640
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.layer < 0:
-            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        if self.layer < 0 or any(x < 0 for x in self.layers):
+            raise ValueError(f"layers must be >= 0, got {[self.layer, *self.layers]}")
+        if self.extract_at not in EXTRACT_CHOICES:
+            raise ValueError(f"extract_at {self.extract_at!r} is not one of {', '.join(EXTRACT_CHOICES)}")
         if self.n_pairs < 1 or self.n_calibration < 1 or self.n_eval < 1:
             raise ValueError("n_pairs, n_calibration and n_eval must be >= 1")
         if not self.epsilon > 0:
@@ -78,6 +89,8 @@ class ASCConfig:
             raise ValueError(f"sweep strengths must be finite and >= 0, got {list(self.sweep)}")
         if self.reduce not in ("last", "mean"):
             raise ValueError(f"reduce {self.reduce!r} is not one of last, mean")
+        if self.n_select < 1:
+            raise ValueError(f"n_select must be >= 1, got {self.n_select}")
         if self.pairs not in PAIR_CHOICES:
             raise ValueError(f"pairs {self.pairs!r} is not one of {', '.join(PAIR_CHOICES)}")
         if self.k_samples < 2:
@@ -233,18 +246,35 @@ def efficiency_pairs(handle: Any, problems: Sequence[task.Problem], cfg: ASCConf
 
 
 def evaluate_gammas(
-    handle: Any, vec: SteeringVector, gammas: Sequence[float], problems: Sequence[task.Problem], cfg: ASCConfig
+    handle: Any,
+    vec: SteeringVector,
+    gammas: Sequence[float],
+    problems: Sequence[task.Problem],
+    cfg: ASCConfig,
+    layer: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Accuracy and thinking tokens of ``handle`` at each γ through the generation engine.
+    """Accuracy and thinking tokens of ``handle`` at each γ through the generation engine (``layer``: only that one).
 
     Every γ samples with the same seed, so problem i draws the same random stream at each γ (paired comparison).
     """
     ecfg = EvalConfig(n_problems=len(problems), batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    layers = None if layer is None else [layer]
     out = []
     for g in gammas:
-        with vec.apply(handle, gamma=g, positions="last"):
+        with vec.apply(handle, gamma=g, layers=layers, positions="last"):
             traces = organism_traces(handle, list(problems), cfg.temperature, ecfg, seed=cfg.seed)
-        out.append({"gamma": g, **summarize(traces)})
+        out.append({"gamma": g, **({} if layer is None else {"layer": layer}), **summarize(traces)})
+    return out
+
+
+def selection_problems(n: int, exclude: Sequence[task.Problem]) -> list[task.Problem]:
+    """``n`` problems of the selection stream (SELECT_SEED), none equal to a problem of ``exclude`` (the test set)."""
+    taken = {p.uid for p in exclude}
+    out: list[task.Problem] = []
+    k = n
+    while len(out) < n:
+        out = [p for p in task.problems(k, SELECT_SEED) if p.uid not in taken][:n]
+        k += n
     return out
 
 
@@ -256,53 +286,99 @@ def _best(rows: list[dict[str, Any]], baseline: dict[str, Any], max_drop: float)
 
 
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: r[k] for k in ("gamma", "accuracy", "mean_think_tokens", "truncated_fraction")}
+    keys = ("layer", "gamma", "accuracy", "mean_think_tokens", "truncated_fraction")
+    return {k: r[k] for k in keys if k in r}
+
+
+def _first_token_texts(handle: Any, prompts: Sequence[str], texts: Sequence[str]) -> list[str]:
+    """``prompt ⊕`` the first token of each CoT (``texts[i]`` starts with ``prompts[i]``)."""
+    tok = handle.tokenizer
+    out = []
+    for prompt, text in zip(prompts, texts):
+        ids = tok(text[len(prompt) :], add_special_tokens=False)["input_ids"]
+        out.append(prompt + tok.decode(ids[:1]))
+    return out
+
+
+def _reduction(row: dict[str, Any], baseline: dict[str, Any]) -> float:
+    base = baseline["mean_think_tokens"]
+    return round(1 - row["mean_think_tokens"] / base, 4) if base else 0.0
 
 
 def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
-    """Extract the concise − verbose vector, choose γ (KL bound and sweep), evaluate; write the artifact at ``out``.
+    """Extract the concise − verbose vector, choose layer and γ on a selection split, evaluate on held-out problems.
 
-    Returns the report (``gamma``, ``gamma_rule``, ``baseline``, ``steered``, ``length_reduction``, ``sweep``, ...).
+    The fixed-γ sweep (every candidate layer x ``cfg.sweep``) runs on ``cfg.n_select`` problems of the selection
+    stream; the test problems (``cfg.n_eval`` from EVAL_SEED, disjoint) are generated only at γ = 0, the KL-bound
+    γ and the selected γ. Writes the artifact at ``out``. Returns the report (``gamma``, ``gamma_rule``,
+    ``baseline``, ``steered``, ``length_reduction``, ``sweep``, ``kl_bound``, ...).
     """
     g = handle.geometry
-    if cfg.layer >= g.n_layers:
-        raise ValueError(f"layer {cfg.layer} does not exist in {handle.source} (layers 0..{g.n_layers - 1})")
+    candidates = tuple(dict.fromkeys(cfg.layers or (cfg.layer,)))
+    for layer in candidates:
+        if layer >= g.n_layers:
+            raise ValueError(f"layer {layer} does not exist in {handle.source} (layers 0..{g.n_layers - 1})")
     pair_problems = task.problems(cfg.n_pairs, cfg.seed)
     if cfg.pairs == "styles":
         concise, verbose = asc_pairs(handle, pair_problems, cfg.seed)
     else:
         concise, verbose = efficiency_pairs(handle, pair_problems, cfg)
+    read_c, read_v = concise, verbose
+    if cfg.extract_at == "start":
+        prompts = [t[: t.index(handle.think_start) + len(handle.think_start)] for t in concise]
+        prompts_v = [t[: t.index(handle.think_start) + len(handle.think_start)] for t in verbose]
+        read_c = _first_token_texts(handle, prompts, concise)
+        read_v = _first_token_texts(handle, prompts_v, verbose)
     paper = "ASC arXiv 2507.04742 v2" if cfg.pairs == "styles" else "Efficiency Steering arXiv 2506.15647"
     recipe = {"paper": paper, "n_pairs_used": len(concise), **asdict(cfg)}
-    vec = extract_vector(handle, concise, verbose, [cfg.layer], cfg.reduce, "mean_diff", "last", recipe)
-    calib = [t for pair in zip(concise, verbose) for t in pair][: cfg.n_calibration]
-    kl = kl_gamma(handle, vec, calib, cfg.layer, cfg.epsilon)
-    problems = task.problems(cfg.n_eval, EVAL_SEED)
-    gammas = [0.0, kl["gamma"], *cfg.sweep]
-    rows = evaluate_gammas(handle, vec, gammas, problems, cfg)
-    baseline, at_kl, sweep = rows[0], rows[1], rows[2:]
-    best = _best(sweep, baseline, cfg.max_accuracy_drop)
-    chosen = at_kl if cfg.gamma_rule == "kl_bound" or best is None else best
+    vec = extract_vector(handle, read_c, read_v, list(candidates), cfg.reduce, "mean_diff", "last", recipe)
+    calib = [t for pair in zip(read_c, read_v) for t in pair][: cfg.n_calibration]
+    kls = {layer: kl_gamma(handle, vec, calib, layer, cfg.epsilon) for layer in candidates}
+
+    test = task.problems(cfg.n_eval, EVAL_SEED)
+    select = selection_problems(cfg.n_select, test)
+    select_base = evaluate_gammas(handle, vec, [0.0], select, cfg, candidates[0])[0]
+    sweep = [row for layer in candidates for row in evaluate_gammas(handle, vec, list(cfg.sweep), select, cfg, layer)]
+    best = _best(sweep, select_base, cfg.max_accuracy_drop)
+    layer = candidates[0] if best is None else best["layer"]
+    kl = kls[layer]
+    gammas = [0.0, kl["gamma"]] + ([best["gamma"]] if best is not None else [])
+    rows = evaluate_gammas(handle, vec, gammas, test, cfg, layer)
+    baseline, at_kl = rows[0], rows[1]
+    at_best = rows[2] if best is not None else None
+    chosen = at_kl if cfg.gamma_rule == "kl_bound" or at_best is None else at_best
     rule = "kl_bound" if chosen is at_kl else "sweep"
-    reduction = (
-        1 - chosen["mean_think_tokens"] / baseline["mean_think_tokens"] if baseline["mean_think_tokens"] else 0.0
-    )
     report = {
         "model": handle.source,
-        "layer": cfg.layer,
+        "layer": layer,
         "gamma": chosen["gamma"],
         "gamma_rule": rule,
-        "kl_bound": kl,
-        "kl_gamma_eval": _brief(at_kl),
+        "extract_at": cfg.extract_at,
+        "kl_bound": {**kl, "layer": layer},
+        "kl_gamma_eval": {**_brief(at_kl), "length_reduction": _reduction(at_kl, baseline)},
         "best_sweep_gamma": None if best is None else best["gamma"],
+        "best_sweep_eval": None
+        if at_best is None
+        else {**_brief(at_best), "length_reduction": _reduction(at_best, baseline)},
         "baseline": baseline,
         "steered": chosen,
-        "length_reduction": round(reduction, 4),
+        "length_reduction": _reduction(chosen, baseline),
         "accuracy_change": round(chosen["accuracy"] - baseline["accuracy"], 4),
+        "split": {"test": {"n": len(test), "seed": EVAL_SEED}, "select": {"n": len(select), "seed": SELECT_SEED}},
+        "select_baseline": _brief(select_base),
         "sweep": [_brief(r) for r in sweep],
+        "kl_gamma_by_layer": {str(x): kls[x]["gamma"] for x in candidates},
         "config": asdict(cfg),
     }
-    detail = {"epsilon": cfg.epsilon, "a": kl["a"], "L": kl["L"], "kl_gamma": kl["gamma"], "sweep": list(cfg.sweep)}
+    detail = {
+        "epsilon": cfg.epsilon,
+        "a": kl["a"],
+        "L": kl["L"],
+        "kl_gamma": kl["gamma"],
+        "sweep": list(cfg.sweep),
+        "selected_on": f"{len(select)} problems, seed {SELECT_SEED}",
+    }
+    vec = SteeringVector(vec.direction(layer)[None], replace(vec.meta, layers=(layer,)))
     vec = vec.with_gamma(chosen["gamma"], rule, detail)
     if out is not None:
         vec.save(out, report=report)

@@ -13,7 +13,7 @@ import typer
 
 from reasonscope.cli_kit import ErrorGroup, choice, emit, fail, floats, fresh_out, model_geometry, out_file, say
 
-from .asc import GAMMA_CHOICES, PAIR_CHOICES, ASCConfig
+from .asc import EXTRACT_CHOICES, GAMMA_CHOICES, PAIR_CHOICES, ASCConfig
 from .export import FORMATS, load_vector
 from .vector import POSITIONS, SteeringVector
 
@@ -26,19 +26,29 @@ def _vector(src: Path, option: str, layer: Optional[int] = None, key: Optional[s
     return load_vector(src, layer=layer, key=key)
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    values = floats(text, "--layers", "0,1,2") if text.strip() else ()
+    if any(v != int(v) or v < 0 for v in values):
+        fail(f"--layers {text!r}: give comma-separated block numbers >= 0, e.g. 0,1,2")
+    return tuple(int(v) for v in values)
+
+
 @steer_app.command("asc")
 def asc_cmd(
     model: str = typer.Option("organism:thinking", help="The thinking model (organism:thinking or a directory)."),
     out: Path = typer.Option(..., help="Write the steering_vector artifact (with report.json) here."),
     layer: int = typer.Option(2, min=0, help="Block whose output is read and steered."),
+    layers: str = typer.Option("", help="Candidate blocks, comma-separated: chosen with γ on the selection split."),
     reduce: str = typer.Option("last", help="Extraction position: last (ASC) | mean (over the text)."),
+    extract_at: str = typer.Option("end", help="Read at the end of question+CoT (paper) | start (its first token)."),
     n_pairs: int = typer.Option(64, min=1, help="Questions for the concise/verbose pairs of the mean difference."),
     pairs: str = typer.Option("styles", help="styles (concise vs verbose) | efficiency (shortest vs longest correct)."),
     k_samples: int = typer.Option(4, min=2, help="efficiency pairs: samples per question."),
     epsilon: float = typer.Option(1e-3, help="KL budget of the strength rule."),
     sweep: str = typer.Option("0.5,1,2,4", help="Fixed strengths to evaluate, comma-separated."),
     gamma_rule: str = typer.Option("sweep", help="Strength the artifact carries: kl_bound | sweep (best within loss)."),
-    n_eval: int = typer.Option(300, min=1, help="Held-out organism problems."),
+    n_eval: int = typer.Option(300, min=1, help="Held-out test problems (baseline, KL-bound and selected γ)."),
+    n_select: int = typer.Option(200, min=1, help="Selection-split problems (the sweep chooses layer and γ here)."),
     temperature: float = typer.Option(1.0, min=0.0),
     seed: int = typer.Option(0),
     max_new_tokens: int = typer.Option(640, min=1),
@@ -51,7 +61,9 @@ def asc_cmd(
     fresh_out(out)
     cfg = ASCConfig(
         layer=layer,
+        layers=_layer_list(layers),
         reduce=choice(reduce, ("last", "mean"), "--reduce"),
+        extract_at=choice(extract_at, EXTRACT_CHOICES, "--extract-at"),
         n_pairs=n_pairs,
         pairs=choice(pairs, PAIR_CHOICES, "--pairs"),
         k_samples=k_samples,
@@ -59,14 +71,16 @@ def asc_cmd(
         sweep=floats(sweep, "--sweep"),
         gamma_rule=choice(gamma_rule, GAMMA_CHOICES, "--gamma-rule"),
         n_eval=n_eval,
+        n_select=n_select,
         temperature=temperature,
         seed=seed,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
     )
     g = model_geometry(model)
-    if layer >= g.n_layers:
-        fail(f"--layer {layer} does not exist in {model} (layers 0..{g.n_layers - 1})")
+    for x in cfg.layers or (layer,):
+        if x >= g.n_layers:
+            fail(f"layer {x} does not exist in {model} (layers 0..{g.n_layers - 1})")
     from reasonscope.models import load_model
 
     emit(run_asc(load_model(model), cfg, out), as_json)

@@ -181,8 +181,10 @@ class SteeringVector:
         if not bool(torch.isfinite(g).all()):
             raise ValueError(f"gamma must be finite, got {g.tolist()}")
         device = handle.device
+        g = g.to(device)
+        shared: dict[str, Any] = {}  # per-row strengths, looked up once per forward pass for all layers
         hooks = {
-            f"blocks.{layer}.hook_resid_post": _adder(self.direction(layer).to(device), g.to(device), rule)
+            f"blocks.{layer}.hook_resid_post": _adder(self.direction(layer).to(device), g, rule, shared)
             for layer in use
         }
         geo = handle.geometry
@@ -228,11 +230,37 @@ class SteeringVector:
         return {**self.meta.to_dict(), "norms": [round(float(n), 6) for n in self.directions.norm(dim=-1)]}
 
 
-def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions) -> Any:
-    """The hook adding ``γ_row · v`` to ``x [batch, pos, d_model]`` at the positions ``rule`` selects."""
+def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[str, Any] | None = None) -> Any:
+    """The hook adding ``γ_row · v`` to ``x [batch, pos, d_model]`` at the positions ``rule`` selects.
+
+    Per forward pass of :func:`reasonscope.generation.generate` the per-row strengths ``[batch, 1, 1]`` are looked
+    up once and kept in ``shared`` (one dict for all layers of one ``apply``), so a decode step costs each steered
+    layer one fused ``x + g·v`` (``addcmul``), no copy and no host sync.
+    """
     per_request = len(gamma) > 1
+    cache: dict[str, Any] = {} if shared is None else shared
+    vs: dict[torch.dtype, torch.Tensor] = {}
+
+    def rows_gamma(batch: Any, dtype: torch.dtype) -> torch.Tensor:
+        if cache.get("batch") is batch and cache.get("dtype") == dtype:
+            return cache["g"]
+        rows = batch.rows
+        if per_request:
+            if int(rows.max()) >= len(gamma):
+                raise ValueError(
+                    f"{len(gamma)} gamma values but generate serves request {int(rows.max())}; give one per request"
+                )
+            g = gamma[rows.clamp(min=0)]
+        else:
+            g = gamma.expand(len(rows))
+        g = (g * (rows >= 0)).to(dtype)[:, None, None]  # idle rows: no steering
+        cache.update(batch=batch, dtype=dtype, g=g)
+        return g
 
     def hook(x: torch.Tensor) -> torch.Tensor | None:
+        vx = vs.get(x.dtype)
+        if vx is None:
+            vx = vs[x.dtype] = v.to(x.dtype)
         batch = current_batch()
         real = None
         if batch is None:
@@ -243,29 +271,21 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions) -> Any:
                 )
             if per_request and len(gamma) != x.shape[0]:
                 raise ValueError(f"{len(gamma)} gamma values for a batch of {x.shape[0]} rows; give one or one per row")
-            g = gamma if per_request else gamma.expand(x.shape[0])
+            g = (gamma if per_request else gamma.expand(x.shape[0])).to(x.dtype)[:, None, None]
         else:
             if rule == "generated" and batch.prefill:
                 return None
-            rows = batch.rows
-            if per_request:
-                if int(rows.max()) >= len(gamma):
-                    raise ValueError(
-                        f"{len(gamma)} gamma values but generate serves request {int(rows.max())}; give one per request"
-                    )
-                g = gamma[rows.clamp(min=0)]
-            else:
-                g = gamma.expand(len(rows))
-            g = g * (rows >= 0)  # idle rows: no steering
+            g = rows_gamma(batch, x.dtype)
             if rule == "all" and batch.prefill:
                 real = batch.positions >= 0  # left padding of a prefill group stays untouched
-        step = g.to(x.dtype)[:, None] * v.to(x.dtype)  # [batch, d_model]
-        if rule == "last" or x.shape[1] == 1:
+        if x.shape[1] == 1 or (rule == "all" and real is None):
+            return torch.addcmul(x, g, vx)  # x + g·v at every position (one decode position, or all)
+        if rule == "last":
             out = x.clone()
-            out[:, -1] += step  # left-padded: the last column is every row's last real token
+            out[:, -1:] = torch.addcmul(x[:, -1:], g, vx)  # left-padded: the last column is every row's last token
             return out
-        add = step[:, None, :].expand_as(x)
-        return x + (add if real is None else add * real[..., None].to(x.dtype))
+        assert real is not None  # rule "all" in a prefill group
+        return torch.addcmul(x, g * real[..., None].to(x.dtype), vx)
 
     return hook
 
