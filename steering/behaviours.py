@@ -123,7 +123,7 @@ class TinySAE(torch.nn.Module):
 
     @torch.no_grad()
     def renormalise(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x - self.b_dec)
@@ -141,6 +141,16 @@ class TinySAE(torch.nn.Module):
 def fvu(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained ``‖x̂ − x‖² / ‖x − mean(x)‖²`` over a batch."""
     return (x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def _spread_rows(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` rows of ``x`` far apart (farthest-point from a random first row): the decoder's initial directions."""
+    picks = [int(torch.randint(len(x), (1,), generator=gen))]
+    dist = (x - x[picks[0]]).norm(dim=-1)
+    for _ in range(n - 1):
+        picks.append(int(dist.argmax()))
+        dist = torch.minimum(dist, (x - x[picks[-1]]).norm(dim=-1))
+    return x[picks]
 
 
 def fit_sae(
@@ -169,7 +179,7 @@ def fit_sae(
     sae = TinySAE(x.shape[1], n_latents, k)
     with torch.no_grad():
         sae.b_dec.copy_(train.mean(0))
-        sae.W_dec.copy_(train[torch.randint(len(train), (n_latents,), generator=gen)] - train.mean(0))
+        sae.W_dec.copy_(_spread_rows(train - train.mean(0), n_latents, gen))
         sae.renormalise()
         sae.encoder.weight.copy_(sae.W_dec)
         sae.encoder.bias.zero_()

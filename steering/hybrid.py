@@ -415,17 +415,20 @@ def optimise_vectors(
         for _ in range(cfg.train_steps):
             pick = torch.randperm(len(rolls), generator=g)[:mb].tolist()
             ids, mask, pads = _padded(base, [seqs[i] for i in pick])
-            rows, cols, labs, tgts = [], [], [], []
+            rows: list[int] = []
+            cols: list[int] = []
+            lab_list: list[torch.Tensor] = []
+            tgts: list[torch.Tensor] = []
             for b, i in enumerate(pick):
                 pos, lab, tgt = examples[i]
                 rows += [b] * len(pos)
                 cols += (pos + pads[b]).tolist()
-                labs.append(lab)
+                lab_list.append(lab)
                 tgts.append(tgt)
             if not rows:
                 continue
             r_t, c_t = torch.tensor(rows), torch.tensor(cols)
-            lab_t, tgt_t = torch.cat(labs), torch.cat(tgts)
+            lab_t, tgt_t = torch.cat(lab_list), torch.cat(tgts)
             dev = base.device
             delta = bias[None] + vecs[lab_t]
 
@@ -440,7 +443,7 @@ def optimise_vectors(
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if losses[-1] < best[0]:
                 best = (losses[-1], vecs.detach().clone(), bias.detach().clone())
     finally:

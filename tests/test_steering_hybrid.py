@@ -1,0 +1,393 @@
+"""Hybrid base/thinking steering: behaviours, SAE taxonomy, selector, vectors, hybrid decoding, the artifact, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from reasonscope.artifacts import ArtifactError
+from reasonscope.generation import DecodeConfig, generate
+from reasonscope.models import load_model
+from reasonscope.organisms import task
+from steering.behaviours import (
+    TinySAE,
+    agreement,
+    ends_sentence,
+    fit_sae,
+    normalise_rows,
+    organism_labels,
+    sentence_spans,
+)
+from steering.hybrid import (
+    HybridConfig,
+    HybridRun,
+    Rollout,
+    Steerer,
+    discover_behaviours,
+    final_answer,
+    hybrid_generate,
+    mean_diff_vectors,
+    optimise_vectors,
+    rollouts,
+    run_hybrid,
+    sentence_table,
+    train_selector,
+)
+
+from conftest import organisms
+
+TINY = dict(sae_layer=1, steer_layer=0, n_latents=3, topk=1, n_train=6, train_steps=3, max_new_tokens=24, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory):
+    """A second tiny Qwen2 with the same tokenizer and other weights (a base that disagrees with the thinker)."""
+    from reasonscope.organisms.tokenizer import build_tokenizer
+    from reasonscope.organisms.train import OrganismArch, make_model
+
+    torch.manual_seed(1)
+    tok = build_tokenizer()
+    arch = OrganismArch(hidden_size=32, num_hidden_layers=2, intermediate_size=64, max_position_embeddings=512)
+    model = make_model(len(tok), arch, tok.pad_token_id, tok.eos_token_id)
+    with torch.no_grad():  # large block weights: its greedy token is not just its input token (tied embeddings)
+        for p in model.model.layers.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    path = tmp_path_factory.mktemp("tiny-other") / "tiny-qwen2-b"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir, other_model_dir):
+    return load_model(other_model_dir), load_model(tiny_model_dir)  # (base, thinking)
+
+
+def synthetic_rollouts(handle, n: int, seed: int = 0) -> list[Rollout]:
+    """The organisms' own thinking texts as rollouts (no generation), with sentences and known types."""
+    tok = handle.tokenizer
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        p = task.sample_problem(rng, 1 + i % 3)
+        th = task.think(p, rng, "verbose" if i % 2 else "concise", slip_rate=0.3)
+        prompt = tok(handle.chat_prompt(p.question), add_special_tokens=False)["input_ids"]
+        gen = tok(f"{th.text}</think>{p.answer}<|end|>", add_special_tokens=False)["input_ids"]
+        texts = [tok.decode([t]) for t in gen]
+        spans = sentence_spans(texts)
+        out.append(Rollout(prompt, gen, spans, organism_labels(["".join(texts[a:b]) for a, b in spans])))
+    return out
+
+
+# ---------------------------------------------------------------------------- behaviours
+
+
+def test_sentences_and_known_types():
+    texts = ["first", " a", "3", ".", " c", "7", ";", " 3", "+", "7", "=", "9", ".", " wait", ",", " is", " wrong", "."]
+    texts += [" so", ":", "3", "+", "7", "=", "0", ".", "</think>", "0", "<|end|>"]
+    spans = sentence_spans(texts)
+    sents = ["".join(texts[a:b]) for a, b in spans]
+    assert sents == ["first a3.", " c7; 3+7=9.", " wait, is wrong.", " so:3+7=0.", "</think>0<|end|>"]
+    assert organism_labels(sents) == ["start", "compute", "slip", "correct", "answer"]
+    verbose = [
+        "let me work this out step by step.",
+        "first, a3.",
+        "next we add c, and c1; so:3+1=4.",
+        "so the answer is:4.",
+        "hmm, let me check that again to be sure.",
+        "a3.",
+        "c1; 3+1=4.",
+        "yes, the answer is:4.",
+    ]
+    assert organism_labels(verbose) == [
+        "start",
+        "start",
+        "compute",
+        "conclude",
+        "recheck",
+        "recheck",
+        "recheck",
+        "conclude",
+    ]
+    assert ends_sentence("7.") and ends_sentence(". ") and not ends_sentence(" c")
+    assert sentence_spans([]) == [] and sentence_spans([" ", " "]) == []
+
+
+def test_sae_recovers_separable_clusters_and_agreement_scores():
+    torch.manual_seed(0)
+    centres = torch.randn(4, 16) * 3
+    truth = [i % 4 for i in range(400)]
+    x = centres[truth] + 0.1 * torch.randn(400, 16)
+    rows = normalise_rows(x, x.mean(0))
+    sae, report = fit_sae(rows, n_latents=4, k=1, seed=0, max_epochs=200)
+    assert report["val_fvu"] < 0.5 and report["n_latents"] == 4
+    agree = agreement(sae.labels(rows).tolist(), [str(t) for t in truth])
+    assert agree["purity"] >= 0.9 and agree["ari"] > 0.7
+    same = agreement(["a", "a", "b"], ["x", "x", "y"])
+    assert same["purity"] == 1.0 and same["ari"] == 1.0 and same["majority"] == {"a": "x", "b": "y"}
+    with pytest.raises(ValueError, match="equally long"):
+        agreement([1], ["x", "y"])
+    with pytest.raises(ValueError, match="n_latents"):
+        TinySAE(8, 1, 1)
+    with pytest.raises(ValueError, match="NaN"):
+        fit_sae(torch.full((4, 3), float("nan")), 2)
+
+
+def test_final_answer_formats():
+    assert final_answer("first a3. c4; 3+4=7.</think>7<|end|>") == 7
+    assert final_answer("so the answer is:5. yes, the answer is:6.") == 6
+    assert final_answer("first a3. answer:4<|end|>") == 4
+    assert final_answer("8<|end|>") == 8
+    assert final_answer("first a") is None and final_answer("x</think><|end|>") is None
+
+
+def test_config_validation():
+    HybridConfig()
+    for bad, match in (
+        (dict(n_latents=1), "n_latents"),
+        (dict(topk=9), "topk"),
+        (dict(labels="gold"), "labels"),
+        (dict(vectors="pca"), "vectors"),
+        (dict(selector="oracle"), "selector"),
+        (dict(labels="annotated", selector="sae"), "selector 'sae'"),
+        (dict(coefficients=()), "coefficients"),
+        (dict(coefficients=(1.0, float("nan"))), "coefficients"),
+        (dict(steer_layer=-1), "layers"),
+        (dict(n_train=1), "n_train"),
+        (dict(temperature=-1.0), "temperature"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            HybridConfig(**bad)
+    assert HybridConfig(coefficients=[1, 2]).coefficients == (1.0, 2.0)
+
+
+def test_models_must_share_tokens_and_have_the_layers(pair):
+    base, thinking = pair
+    HybridConfig(**TINY).check_models(base, thinking)
+    with pytest.raises(ValueError, match="steer_layer 5"):
+        HybridConfig(**{**TINY, "steer_layer": 5}).check_models(base, thinking)
+    with pytest.raises(ValueError, match="sae_layer 2"):
+        HybridConfig(**{**TINY, "sae_layer": 2}).check_models(base, thinking)
+
+
+# ---------------------------------------------------------------------------- pieces on tiny models
+
+
+def test_table_taxonomy_selector_and_vectors(pair):
+    base, thinking = pair
+    cfg = HybridConfig(**TINY)
+    rolls = synthetic_rollouts(thinking, 8)
+    table = sentence_table(thinking, rolls, cfg.sae_layer)
+    n_sent = sum(len(r.spans) for r in rolls)
+    assert table.acts.shape == (n_sent, 32) and table.pre.shape == (n_sent, 32) and len(table.truth) == n_sent
+    assert [len(a) for a in table.think_argmax] == [len(r.gen_ids) for r in rolls]
+    tax = discover_behaviours(table, cfg)
+    assert len(tax.names) == 3 and set(tax.report["agreement"]) >= {"purity", "ari", "nmi"}
+    labels = tax.labels(table.acts)
+    probe, rep = train_selector(table.pre, labels, table.centre, 3, steps=20)
+    assert probe.shape == (33, 3) and 0 <= rep["held_out_accuracy"] <= 1
+    tok_labels = [[-1] * len(r.gen_ids) for r in rolls]
+    for (i, k), lab in zip(table.owner, labels.tolist()):
+        a, b = rolls[i].spans[k]
+        tok_labels[i][a:b] = [lab] * (b - a)
+    vecs, bias, rep = optimise_vectors(
+        base,
+        rolls,
+        tok_labels,
+        table.think_argmax,
+        3,
+        {**TINY, "train_steps": 8} and HybridConfig(**{**TINY, "train_steps": 8, "lr": 0.05}),
+    )
+    assert vecs.shape == (3, 32) and bias.shape == (32,) and rep["disagreement_positions"] > 0
+    assert rep["loss_best"] < rep["loss_first"]
+    own = [r.prompt_ids + [5, 6] for r in rolls]
+    md, zero, rep = mean_diff_vectors(base, rolls, tok_labels, own, [len(r.prompt_ids) for r in rolls], 3, cfg)
+    assert md.shape == (3, 32) and float(zero.abs().sum()) == 0 and rep["n_source_tokens"] == 3 * len(rolls)
+    with pytest.raises(ValueError, match="one label list"):
+        optimise_vectors(base, rolls, tok_labels[:1], table.think_argmax, 3, cfg)
+
+
+def steerer(d: int = 32, k: int = 3, layer: int = 0) -> Steerer:
+    torch.manual_seed(0)
+    return Steerer(
+        torch.randn(k, d),
+        torch.randn(d),
+        tuple(f"b{i}" for i in range(k)),
+        layer,
+        1,
+        torch.zeros(d),
+        probe=torch.randn(d + 1, k),
+    )
+
+
+def test_steerer_checks_and_random_control_keeps_norms():
+    st = steerer()
+    rnd = st.randomised(3)
+    assert torch.allclose(rnd.vectors.norm(dim=-1), st.vectors.norm(dim=-1), atol=1e-5)
+    assert torch.allclose(rnd.bias.norm(), st.bias.norm(), atol=1e-5)
+    assert not torch.allclose(rnd.vectors, st.vectors)
+    assert st.pick(torch.randn(5, 32)).shape == (5,)
+    with pytest.raises(ValueError, match="names"):
+        Steerer(torch.zeros(3, 32), torch.zeros(32), ("a",), 0, 1, torch.zeros(32), probe=torch.zeros(33, 3))
+    with pytest.raises(ValueError, match="NaN"):
+        Steerer(torch.full((1, 4), float("nan")), torch.zeros(4), ("a",), 0, 1, torch.zeros(4), probe=torch.zeros(5, 1))
+    with pytest.raises(ValueError, match="probe or an SAE"):
+        Steerer(torch.zeros(1, 4), torch.zeros(4), ("a",), 0, 1, torch.zeros(4))
+
+
+def prompts_of(handle, n: int) -> list[list[int]]:
+    tok = handle.tokenizer
+    return [tok(handle.chat_prompt(p.question), add_special_tokens=False)["input_ids"] for p in task.problems(n, 7)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_same_model_never_steers_and_matches_generate(tiny_handle, temperature):
+    """Base = thinking: the greedy tokens always agree, so hybrid decoding is plain decoding (same sampled stream)."""
+    cfg = HybridConfig(**{**TINY, "temperature": temperature, "max_new_tokens": 12})
+    prompts = prompts_of(tiny_handle, 5)
+    out = hybrid_generate(tiny_handle, tiny_handle, prompts, steerer(), cfg)
+    ref = generate(tiny_handle, prompts, DecodeConfig(max_new_tokens=12, temperature=temperature, seed=cfg.seed))
+    assert [o.token_ids for o in out] == [c.token_ids for c in ref]
+    assert all(b is None for o in out for b in o.behaviours)
+
+
+def test_disagreeing_pair_steers_and_batching_does_not_matter(pair):
+    base, thinking = pair
+    cfg = HybridConfig(**{**TINY, "max_new_tokens": 10, "temperature": 1.0})
+    prompts = prompts_of(base, 5)
+    st = steerer()
+    together = hybrid_generate(base, thinking, prompts, st, cfg)
+    alone = [hybrid_generate(base, thinking, [p], st, cfg, request_offset=i)[0] for i, p in enumerate(prompts)]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert [o.behaviours for o in together] == [o.behaviours for o in alone]
+    steered = [b for o in together for b in o.behaviours if b is not None]
+    assert steered and set(steered) <= set(st.names)
+    assert all(len(o.token_ids) == len(o.behaviours) for o in together)
+    rb = hybrid_generate(base, thinking, prompts, st, cfg, "random_behaviour")
+    assert [len(o.token_ids) for o in rb] and all(len(o.token_ids) == len(o.behaviours) for o in rb)
+    with pytest.raises(ValueError, match="mode"):
+        hybrid_generate(base, thinking, prompts, st, cfg, "oracle")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty prompt"):
+        hybrid_generate(base, thinking, [[]], st, cfg)
+
+
+def test_rollouts_have_sentences(tiny_handle):
+    cfg = HybridConfig(**{**TINY, "max_new_tokens": 16})
+    rolls = rollouts(tiny_handle, [tiny_handle.chat_prompt("given a3. what is a?")] * 2, 1.0, 0, cfg)
+    assert len(rolls) == 2 and all(len(r.gen_ids) <= 16 for r in rolls)
+    assert all(len(r.truth) == len(r.spans) for r in rolls)
+
+
+# ---------------------------------------------------------------------------- the run, the artifact, the CLI
+
+
+@pytest.mark.parametrize(
+    "vectors,labels,selector",
+    [("optimised", "sae", "probe"), ("mean_diff", "annotated", "probe"), ("optimised", "sae", "sae")],
+)
+def test_run_writes_an_artifact_that_opens(tmp_path, pair, vectors, labels, selector):
+    base, thinking = pair
+    cfg = HybridConfig(**{**TINY, "vectors": vectors, "labels": labels, "selector": selector})
+    problems = task.problems(4, 11)
+    run = run_hybrid(base, thinking, problems, cfg, tmp_path / "run")
+    s = run.summary
+    for key in ("base_accuracy", "thinking_accuracy", "hybrid_accuracy", "gap_recovered", "steered_token_fraction"):
+        assert key in s
+    assert set(s["controls"]) == {"random_behaviour", "random_vectors"}
+    back = HybridRun.open(tmp_path / "run")
+    assert back.summary == json.loads(json.dumps(s)) and len(back.records) == 4
+    r = back.records[0]
+    assert r["question"] == problems[0].question and len(r["tokens"]) == len(r["behaviours"])
+    assert isinstance(r["correct"], bool)
+    assert back.config["vectors"] == vectors
+    assert torch.equal(back.steerer.vectors, run.steerer.vectors)
+    vecs = back.vectors()
+    assert set(vecs) == set(back.steerer.names)
+    next(iter(vecs.values())).check_model(base)
+    with pytest.raises(FileExistsError):
+        run.save(tmp_path / "run")
+
+
+def test_open_refuses_other_directories(tmp_path):
+    with pytest.raises(ArtifactError):
+        HybridRun.open(tmp_path)
+
+
+def test_cli_validates_before_loading(tmp_path, tiny_model_dir):
+    from reasonscope.cli import app
+
+    runner = CliRunner()
+    args = ["steer", "hybrid", "--base", str(tiny_model_dir), "--thinking", str(tiny_model_dir)]
+    for extra, fragment in (
+        (["--labels", "gold"], "--labels"),
+        (["--steer-layer", "7"], "--steer-layer 7"),
+        (["--coefficients", "x"], "--coefficients"),
+        (["--labels", "annotated", "--selector", "sae"], "selector 'sae'"),
+    ):
+        r = runner.invoke(app, [*args, "--out", str(tmp_path / "o"), *extra])
+        assert r.exit_code == 2, r.output
+        assert fragment in r.output and not (tmp_path / "o").exists()
+    (tmp_path / "exists").mkdir()
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "exists")])
+    assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_cli_json(tmp_path, tiny_model_dir, other_model_dir):
+    from reasonscope.cli import app
+
+    r = CliRunner().invoke(
+        app,
+        [
+            "steer",
+            "hybrid",
+            "--base",
+            str(other_model_dir),
+            "--thinking",
+            str(tiny_model_dir),
+            "--out",
+            str(tmp_path / "o"),
+            "--sae-layer",
+            "1",
+            "--steer-layer",
+            "0",
+            "--n-latents",
+            "3",
+            "--n-train",
+            "4",
+            "--train-steps",
+            "2",
+            "--n-eval",
+            "3",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert {
+        "base_accuracy",
+        "thinking_accuracy",
+        "hybrid_accuracy",
+        "gap_recovered",
+        "steered_token_fraction",
+        "controls",
+    } <= set(s)
+    assert HybridRun.open(tmp_path / "o").summary["n_problems"] == 3
+
+
+@organisms
+def test_organisms_end_to_end_small(tmp_path):
+    base, thinking = load_model("organism:base"), load_model("organism:thinking")
+    cfg = HybridConfig(n_train=24, train_steps=20, n_eval=12, max_new_tokens=200, controls=False)
+    run = run_hybrid(base, thinking, None, cfg, tmp_path / "run")
+    s = run.summary
+    assert s["thinking_accuracy"] > s["base_accuracy"]
+    assert 0 < s["steered_token_fraction"] < 1
+    assert s["taxonomy_agreement"]["purity"] > 0.5
+    assert len(HybridRun.open(tmp_path / "run").records) == 12
