@@ -3,11 +3,12 @@
 Usage:
     python bench/steering.py [--model organism:thinking] [--problems 64] [--max-new 128] [--repeats 5] [--threads 2]
 
-Both arms greedily decode the same organism prompts through :func:`reasonscope.generation.generate`,
-alternating repeat by repeat so machine load hits both alike. The steered arm applies a random vector at every
-layer with per-request γ = 0 (``positions="last"``, the ASC rule, the most work per call: a per-request lookup
-through ``current_batch``), so both arms generate identical tokens and the ratio is the hooks' cost alone.
-Prints seconds per generated token (median, min, max over repeats) and the ratio of medians.
+Every arm greedily decodes the same organism prompts through :func:`reasonscope.generation.generate`; the arms
+run round-robin within each repeat (order rotated per repeat) so machine load hits all alike. The steered arms
+apply a random vector with per-request γ = 0 (``positions="last"``, the ASC rule, with the per-request lookup
+through ``current_batch``), so every arm generates identical tokens and a ratio is the hooks' cost alone: one
+layer (ASC's setting, ``--layer``) and every layer (the most work per step). Prints a table of milliseconds per
+generated token (median, min, max over repeats) with the ratio of medians to the plain reference of the same run.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--layer", type=int, default=2, help="the one-layer arm's block (ASC's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -49,10 +51,16 @@ def main() -> None:
     cfg = DecodeConfig(max_new_tokens=args.max_new, batch_size=args.batch)
     gammas = [0.0] * len(prompts)
 
-    def run(steer: bool) -> tuple[float, int, list[list[int]]]:
+    arms: dict[str, list[int] | None] = {
+        "plain (reference)": None,
+        f"steered, layer {args.layer} (ASC)": [args.layer],
+        f"steered, all {g.n_layers} layers": list(range(g.n_layers)),
+    }
+
+    def run(layers: list[int] | None) -> tuple[float, int, list[list[int]]]:
         t = time.perf_counter()
-        if steer:
-            with vec.apply(h, gamma=gammas):
+        if layers is not None:
+            with vec.apply(h, gamma=gammas, layers=layers):
                 out = generate(h, prompts, cfg)
         else:
             out = generate(h, prompts, cfg)
@@ -61,22 +69,25 @@ def main() -> None:
         n = sum(len(c.token_ids) for c in out)
         return (time.perf_counter() - t) / n, n, [c.token_ids for c in out]
 
-    _, n, ref = run(False)  # warm-up, and the tokens both arms must produce
-    times: dict[bool, list[float]] = {False: [], True: []}
+    _, n, ref = run(None)  # warm-up, and the tokens every arm must produce
+    run(list(range(g.n_layers)))
+    names = list(arms)
+    times: dict[str, list[float]] = {k: [] for k in names}
     same = True
-    for _ in range(args.repeats):
-        for steer in (False, True):
-            per_token, _, ids = run(steer)
-            times[steer].append(per_token)
+    for r in range(args.repeats):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            per_token, _, ids = run(arms[k])
+            times[k].append(per_token)
             same = same and ids == ref
-    print(f"model {args.model} on {h.device}, {len(prompts)} prompts, {n} generated tokens per run")
-    for steer, label in ((False, "plain"), (True, "steered (all layers, per-request gamma)")):
-        ts = times[steer]
-        print(
-            f"{label:42s} {1e3 * statistics.median(ts):.4f} ms/token (min {1e3 * min(ts):.4f}, max {1e3 * max(ts):.4f})"
-        )
-    print(f"ratio steered/plain (medians): {statistics.median(times[True]) / statistics.median(times[False]):.4f}")
-    print(f"identical tokens: {same}")
+    threads = torch.get_num_threads()
+    print(f"model {args.model} on {h.device} ({threads} threads), {len(prompts)} prompts, {n} tokens per run")
+    print(f"{'arm':32s} {'median ms/tok':>14s} {'min':>8s} {'max':>8s} {'ratio':>7s}")
+    ref_med = statistics.median(times[names[0]])
+    for k in names:
+        ts = times[k]
+        med = statistics.median(ts)
+        print(f"{k:32s} {1e3 * med:14.4f} {1e3 * min(ts):8.4f} {1e3 * max(ts):8.4f} {med / ref_med:7.4f}")
+    print(f"repeats {args.repeats}; identical tokens in every arm: {same}")
 
 
 if __name__ == "__main__":
