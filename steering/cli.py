@@ -80,7 +80,8 @@ def asc_cmd(
     g = model_geometry(model)
     for x in cfg.layers or (layer,):
         if x >= g.n_layers:
-            fail(f"layer {x} does not exist in {model} (layers 0..{g.n_layers - 1})")
+            where = f"--layers {layers}: layer {x}" if cfg.layers else f"--layer {x}"
+            fail(f"{where} does not exist in {model} (layers 0..{g.n_layers - 1})")
     from reasonscope.models import load_model
 
     emit(run_asc(load_model(model), cfg, out), as_json)
