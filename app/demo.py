@@ -425,9 +425,15 @@ def summary_rows(run: RunDir) -> list[tuple[str, str]]:
         acc = ", ".join(f"{m} {per[sp]['accuracy']:.2f}" for m, per in curves.items() if sp in per)
         return f"accuracy at sparsity {sp}: {acc}"
 
+    def labels() -> str:
+        s = run.labels().summary()
+        fcs = s["first_correct_share"]["median"]
+        share = f"; first correct answer at {fcs:.0%} of the thinking (median)" if fcs is not None else ""
+        return f"{s['n_chunks']} chunks of {s['n_traces']} traces{share}"
+
     def probes() -> str:
         return ", ".join(
-            f"{t}: {ps.best_hook.split('.')[1]} AUROC {ps.report['best']['auroc']:.2f}"
+            f"{t}: layer {ps.best_hook.split('.')[1]} AUROC {ps.report['best']['auroc']:.2f}"
             for t, ps in run.probe_sets().items()
         )
 
@@ -461,6 +467,7 @@ def summary_rows(run: RunDir) -> list[tuple[str, str]]:
         ("capture", store),
         ("heads", heads),
         ("heads_eval", heads_eval),
+        ("labels", labels),
         ("probes", probes),
         ("monitor", monitor),
         ("asc", asc),
