@@ -11,16 +11,20 @@ import torch
 
 from reasonscope.models import load_model
 from reasonscope.organisms import task
+from reasonscope.organisms.evaluate import EVAL_SEED
 from steering.asc import (
+    SELECT_SEED,
     ASCConfig,
     _best,
     _cubic_root,
+    _first_token_texts,
     asc_gamma_max,
     efficiency_pairs,
     estimate_a_l,
     kl_bound,
     kl_gamma,
     run_asc,
+    selection_problems,
 )
 from steering.vector import SteeringVector, VectorMeta
 
@@ -105,18 +109,51 @@ def test_config_is_validated():
         ASCConfig(k_samples=1)
 
 
+def test_selection_split_is_disjoint_from_the_test_problems():
+    test = task.problems(300, EVAL_SEED)
+    select = selection_problems(200, test)
+    assert len(select) == 200 and not {p.uid for p in select} & {p.uid for p in test}
+    assert select == [p for p in task.problems(400, SELECT_SEED) if p.uid not in {q.uid for q in test}][:200]
+    with pytest.raises(ValueError, match="n_select"):
+        ASCConfig(n_select=0)
+    with pytest.raises(ValueError, match="extract_at"):
+        ASCConfig(extract_at="middle")  # type: ignore[arg-type]
+
+
+def test_start_extraction_reads_the_first_cot_token(tiny_handle):
+    prompts = ["d=2. what is d?", "e=1. what is e?"]
+    texts = [prompts[0] + " first d2.", prompts[1] + " let me see"]
+    tok = tiny_handle.tokenizer
+    got = _first_token_texts(tiny_handle, prompts, texts)
+    for p, t, g in zip(prompts, texts, got):
+        first = tok(t[len(p) :], add_special_tokens=False)["input_ids"][:1]
+        assert g == p + tok.decode(first) and t.startswith(g)
+
+
 @organisms
 def test_asc_end_to_end_on_the_thinking_organism(tmp_path):
     h = load_model("organism:thinking")
-    cfg = ASCConfig(n_pairs=16, n_calibration=16, sweep=(0.5, 8.0), n_eval=10, max_new_tokens=160, batch_size=16)
+    cfg = ASCConfig(
+        layers=(1, 2),
+        n_pairs=16,
+        n_calibration=16,
+        sweep=(0.5, 8.0),
+        n_eval=10,
+        n_select=12,
+        max_new_tokens=160,
+        batch_size=16,
+    )
     report = run_asc(h, cfg, tmp_path / "asc")
     assert {"gamma", "gamma_rule", "baseline", "steered", "length_reduction", "sweep", "kl_bound"} <= set(report)
-    assert [r["gamma"] for r in report["sweep"]] == [0.5, 8.0]
+    assert {"accuracy", "mean_think_tokens"} <= set(report["baseline"]) & set(report["steered"])
+    assert [(r["layer"], r["gamma"]) for r in report["sweep"]] == [(1, 0.5), (1, 8.0), (2, 0.5), (2, 8.0)]
+    assert report["split"]["test"] == {"n": 10, "seed": EVAL_SEED} and report["split"]["select"]["seed"] == SELECT_SEED
     assert report["kl_bound"]["bound"] <= cfg.epsilon * (1 + 1e-9)
-    assert report["sweep"][1]["mean_think_tokens"] < report["baseline"]["mean_think_tokens"]  # far too strong: short
+    strong = [r for r in report["sweep"] if r["gamma"] == 8.0]
+    assert all(r["accuracy"] < report["select_baseline"]["accuracy"] for r in strong)  # far too strong: derails
     vec = SteeringVector.open(tmp_path / "asc")
-    assert vec.meta.gamma == report["gamma"] and vec.meta.positions == "last" and vec.layers == (cfg.layer,)
-    assert vec.meta.gamma_detail["epsilon"] == cfg.epsilon
+    assert vec.meta.gamma == report["gamma"] and vec.meta.positions == "last" and vec.layers == (report["layer"],)
+    assert vec.meta.gamma_detail["epsilon"] == cfg.epsilon and "selected_on" in vec.meta.gamma_detail
 
 
 @organisms

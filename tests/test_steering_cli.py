@@ -80,6 +80,9 @@ def test_apply_and_asc_validate_before_loading(tmp_path, tiny_model_dir, tiny_ha
     user_error(runner.invoke(app, no_prompt), "--prompt")
     asc = ["steer", "asc", "--model", str(tiny_model_dir), "--out", str(tmp_path / "asc")]
     user_error(runner.invoke(app, [*asc, "--layer", "7"]), "--layer 7")
+    user_error(runner.invoke(app, [*asc, "--layers", "0,9"]), "--layers", "layer 9")
+    user_error(runner.invoke(app, [*asc, "--layers", "0,1.5"]), "--layers", "block numbers")
+    user_error(runner.invoke(app, [*asc, "--extract-at", "middle"]), "--extract-at")
     user_error(runner.invoke(app, [*asc, "--sweep", "a,b"]), "--sweep")
     user_error(runner.invoke(app, [*asc, "--epsilon", "0"]), "epsilon")
     user_error(runner.invoke(app, [*asc, "--gamma-rule", "best"]), "--gamma-rule")
@@ -88,7 +91,8 @@ def test_apply_and_asc_validate_before_loading(tmp_path, tiny_model_dir, tiny_ha
 
 @organisms
 def test_steer_asc_json(tmp_path):
-    args = ["steer", "asc", "--out", str(tmp_path / "asc"), "--n-eval", "6", "--n-pairs", "8", "--sweep", "0.5"]
+    args = ["steer", "asc", "--out", str(tmp_path / "asc"), "--n-eval", "6", "--n-select", "6", "--n-pairs", "8"]
+    args += ["--sweep", "0.5"]
     r = runner.invoke(app, [*args, "--max-new-tokens", "128", "--batch-size", "8", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
