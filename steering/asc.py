@@ -70,7 +70,8 @@ class ASCConfig:
     gamma_rule: GammaRule = "sweep"  # γ the artifact carries: the KL bound's, or the sweep's best (else the KL's)
     max_accuracy_drop: float = 0.02  # the sweep's best γ shortens most within this accuracy loss
     n_eval: int = 300  # held-out test problems (EVAL_SEED): baseline, KL-bound γ and the selected γ
-    n_select: int = 200  # selection split (SELECT_SEED, disjoint from the test problems): the sweep chooses here
+    n_select: int | None = None  # selection split (SELECT_SEED, disjoint from the test): the sweep chooses here;
+    # None: as many problems as n_eval
     temperature: float = 1.0
     seed: int = 0
     max_new_tokens: int = 640
@@ -89,7 +90,7 @@ class ASCConfig:
             raise ValueError(f"sweep strengths must be finite and >= 0, got {list(self.sweep)}")
         if self.reduce not in ("last", "mean"):
             raise ValueError(f"reduce {self.reduce!r} is not one of last, mean")
-        if self.n_select < 1:
+        if self.n_select is not None and self.n_select < 1:
             raise ValueError(f"n_select must be >= 1, got {self.n_select}")
         if self.pairs not in PAIR_CHOICES:
             raise ValueError(f"pairs {self.pairs!r} is not one of {', '.join(PAIR_CHOICES)}")
@@ -336,7 +337,7 @@ def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress
     kls = {layer: kl_gamma(handle, vec, calib, layer, cfg.epsilon) for layer in candidates}
 
     test = task.problems(cfg.n_eval, EVAL_SEED)
-    select = selection_problems(cfg.n_select, test)
+    select = selection_problems(cfg.n_eval if cfg.n_select is None else cfg.n_select, test)
     select_base = evaluate_gammas(handle, vec, [0.0], select, cfg, candidates[0])[0]
     sweep = [row for layer in candidates for row in evaluate_gammas(handle, vec, list(cfg.sweep), select, cfg, layer)]
     best = _best(sweep, select_base, cfg.max_accuracy_drop)
