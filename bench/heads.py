@@ -1,9 +1,11 @@
 """Issue 9 on an organism: score heads with every method, then ``evaluate_heads`` on held-out problems.
 
-    python bench/heads.py --model organism:thinking --n-train 48 --n-eval 300 --out runs/heads_bench.json
+    python bench/heads.py --model organism:thinking --n-train 64 --n-eval 300 --out runs/heads_bench.json
 
 The scorers read the model's own greedy traces on training problems (seed ``--seed``); evaluation uses
 other problems (seed ``--seed + 1``). The window is scaled to the traces (``window_for``) unless given.
+``--scores-out`` saves the head maps (and timings, the RLKV log) before the sweep; ``--scores-in`` reloads
+them to rerun the sweep alone. Timings depend on the machine's load: say how loaded it was.
 """
 
 from __future__ import annotations
@@ -22,20 +24,38 @@ from reasonscope.models import load_model
 from reasonscope.organisms import task
 from reasonscope.traces.generate import GenerationConfig, generate_traces
 
+METHODS = ("retrieval", "window", "gate-ig", "duo", "rlkv")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="organism:thinking")
-    ap.add_argument("--n-train", type=int, default=48)
+    ap.add_argument("--n-train", type=int, default=64)
     ap.add_argument("--n-eval", type=int, default=300)
     ap.add_argument("--levels", default="3,4")
     ap.add_argument("--sink", type=int, default=None)
     ap.add_argument("--recent", type=int, default=None)
+    ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--duo-steps", type=int, default=60)
-    ap.add_argument("--rlkv-steps", type=int, default=20)
+    ap.add_argument("--rlkv-steps", type=int, default=60)
+    ap.add_argument("--rlkv-lr", type=float, default=0.05)
+    ap.add_argument("--rlkv-beta", type=float, default=0.05)
+    ap.add_argument("--rlkv-tau", type=float, default=0.5)
+    ap.add_argument("--rlkv-temperature", type=float, default=0.0, help="0: greedy rollouts (sampling loops here)")
+    ap.add_argument("--rlkv-prompts", type=int, default=16)
+    ap.add_argument("--rlkv-samples", type=int, default=1)
+    ap.add_argument("--rlkv-rollout-tokens", type=int, default=128)
+    ap.add_argument("--rlkv-adv-norm", default="batch", choices=("batch", "group"))
+    ap.add_argument("--rlkv-budget-s", type=float, default=840.0, help="RLKV wall-time budget (15 min incl. setup)")
+    ap.add_argument("--rlkv-max-think", type=int, default=60, help="RLKV trains on problems solved within this")
     ap.add_argument("--draws", type=int, default=5)
-    ap.add_argument("--max-new-tokens", type=int, default=400)
+    ap.add_argument("--sparsities", default="0,0.25,0.5,0.75")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="Evaluation and RLKV rollout length")
+    ap.add_argument("--trace-tokens", type=int, default=400, help="Length of the own traces the scorers read")
+    ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--scores-out", type=Path, default=None)
+    ap.add_argument("--scores-in", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -46,7 +66,7 @@ def main() -> None:
     traces = generate_traces(
         h,
         [h.chat_prompt(p.question) for p in train],
-        GenerationConfig(max_new_tokens=args.max_new_tokens),
+        GenerationConfig(max_new_tokens=args.trace_tokens),
         golds=[str(p.answer) for p in train],
         grader="organism",
     )
@@ -58,36 +78,81 @@ def main() -> None:
         f"window {policy}",
         flush=True,
     )
-    scores, seconds = {}, {}
-    rlkv = RLKVConfig(steps=args.rlkv_steps, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    for method in ("retrieval", "window", "gate-ig", "duo", "rlkv"):
-        cfg = HeadConfig(method=method, sink=policy.sink, recent=policy.recent, duo_steps=args.duo_steps, rlkv=rlkv)
-        t0 = time.time()
-        scores[method] = score_heads(h, traces, cfg).scores
-        seconds[method] = round(time.time() - t0, 1)
-        print(f"{method}: {seconds[method]}s {[round(float(v), 4) for v in scores[method].flatten()]}", flush=True)
+    if args.scores_in is not None:
+        saved = json.loads(args.scores_in.read_text(encoding="utf-8"))
+        scores = {m: torch.tensor(s) for m, s in saved["scores"].items()}
+        seconds, rlkv_log = saved["scorer_seconds"], saved.get("rlkv_log", [])
+        if tuple(saved["policy"]) != (policy.sink, policy.recent):
+            raise ValueError(f"{args.scores_in} was scored with window {saved['policy']}, not {policy}")
+    else:
+        scores, seconds, rlkv_log = score_all(h, traces, policy, args)
+        if args.scores_out is not None:
+            blob = {
+                "scores": {m: s.tolist() for m, s in scores.items()},
+                "scorer_seconds": seconds,
+                "rlkv_log": rlkv_log,
+                "policy": [policy.sink, policy.recent],
+            }
+            args.scores_out.write_text(json.dumps(blob) + "\n", encoding="utf-8")
     held = task.problems(args.n_eval, seed=args.seed + 1, levels=levels)
-    retrieval = scores.pop("retrieval")
+    retrieval = scores.pop("retrieval", None)
     t0 = time.time()
+    cfg = EvalConfig(
+        sparsities=tuple(float(x) for x in args.sparsities.split(",")),
+        random_draws=args.draws,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
     res = evaluate_heads(
         h,
         [h.chat_prompt(p.question) for p in held],
         [str(p.answer) for p in held],
         scores,
         policy,
-        EvalConfig(random_draws=args.draws, max_new_tokens=args.max_new_tokens),
+        cfg,
         own_traces=traces,
         retrieval=retrieval,
     )
     res["scorer_seconds"] = seconds
     res["eval_seconds"] = round(time.time() - t0, 1)
-    res["scores"] = {
-        m: [round(float(v), 4) for v in s.flatten()] for m, s in {**scores, "retrieval": retrieval}.items()
-    }
+    res["scores"] = {m: [round(float(v), 4) for v in s.flatten()] for m, s in scores.items()}
+    if retrieval is not None:
+        res["scores"]["retrieval"] = [round(float(v), 4) for v in retrieval.flatten()]
     text = json.dumps(res, indent=1)
     if args.out is not None:
         args.out.write_text(text + "\n", encoding="utf-8")
     print(text)
+
+
+def score_all(
+    h: object, traces: list, policy: CompressionPolicy, args: argparse.Namespace
+) -> tuple[dict[str, torch.Tensor], dict[str, float], list[dict]]:
+    """Every method's head map on the model's own traces, with wall seconds (and the RLKV training log)."""
+    rlkv = RLKVConfig(
+        steps=args.rlkv_steps,
+        prompts_per_step=args.rlkv_prompts,
+        samples_per_prompt=args.rlkv_samples,
+        lr=args.rlkv_lr,
+        beta=args.rlkv_beta,
+        tau=args.rlkv_tau,
+        temperature=args.rlkv_temperature,
+        adv_norm=args.rlkv_adv_norm,
+        max_new_tokens=args.rlkv_rollout_tokens,
+        seed=args.seed,
+        time_budget_s=args.rlkv_budget_s,
+        max_think_tokens=args.rlkv_max_think,
+    )
+    scores, seconds, rlkv_log = {}, {}, []
+    for method in args.methods.split(","):
+        cfg = HeadConfig(method=method, sink=policy.sink, recent=policy.recent, duo_steps=args.duo_steps, rlkv=rlkv)
+        t0 = time.time()
+        hm = score_heads(h, traces, cfg)
+        scores[method] = hm.scores
+        seconds[method] = round(time.time() - t0, 1)
+        if method == "rlkv":
+            rlkv_log = hm.log
+        print(f"{method}: {seconds[method]}s {[round(float(v), 4) for v in scores[method].flatten()]}", flush=True)
+    return scores, seconds, rlkv_log
 
 
 if __name__ == "__main__":

@@ -155,6 +155,32 @@ def test_rlkv_runs_and_refuses_unsolved(tiny_handle, task_traces):
             t.grade = None
     assert alpha.shape == (2, 2) and ((alpha >= 0) & (alpha <= 1)).all()
     assert [e["step"] for e in log] == [0, 1] and {"reward_mean", "reg_scaling_factor", "alpha_std"} <= set(log[0])
+    assert {"mixed_groups", "mean_think_tokens", "alpha", "seconds"} <= set(log[0])
+
+
+def test_rlkv_budget_and_problem_filter(tiny_handle, task_traces):
+    solved = list(task_traces[:4])
+    for t in solved:
+        t.grade = True
+    log: list[dict] = []
+    try:
+        with pytest.raises(ValueError, match="max_think_tokens"):
+            rlkv_scores(tiny_handle, solved, POLICY, RLKVConfig(max_think_tokens=0))
+        rlkv_scores(  # greedy rollouts (no sampling), stopped by the wall-time budget after the first step
+            tiny_handle,
+            solved,
+            CompressionPolicy(sink=2, recent=4),
+            RLKVConfig(
+                steps=5, prompts_per_step=2, samples_per_prompt=1, temperature=0.0, max_new_tokens=8, time_budget_s=1e-6
+            ),
+            log=log,
+        )
+    finally:
+        for t in solved:
+            t.grade = None
+    assert len(log) == 1
+    with pytest.raises(ValueError, match="time_budget_s"):
+        RLKVConfig(time_budget_s=0)
 
 
 def test_head_map_artifact_round_trip_and_exports(tiny_handle, task_traces, tmp_path):

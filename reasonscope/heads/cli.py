@@ -93,6 +93,14 @@ def score(
     recent: Optional[int] = typer.Option(None, min=0, help="Recent tokens (default: scaled to the traces)."),
     steps: Optional[int] = typer.Option(None, min=1, help="IG steps / Duo steps / RLKV steps."),
     max_new_tokens: int = typer.Option(400, min=1),
+    rlkv_lr: float = typer.Option(0.05, min=0.0, help="RLKV: AdamW learning rate of the gates."),
+    rlkv_beta: float = typer.Option(0.05, min=0.0, help="RLKV: sparsity penalty scale β."),
+    rlkv_tau: float = typer.Option(0.5, help="RLKV: the penalty is on only while the mean reward is above τ."),
+    rlkv_temperature: float = typer.Option(
+        0.0, min=0.0, help="RLKV rollouts: 0 = greedy (organisms loop when sampled)."
+    ),
+    rlkv_budget_s: Optional[float] = typer.Option(840.0, min=1.0, help="RLKV: stop after this many seconds."),
+    rlkv_max_think: Optional[int] = typer.Option(None, min=1, help="RLKV: train on problems solved within this."),
 ) -> None:
     """Score every KV head (higher = keep a full cache) and write a head-map artifact."""
     from dataclasses import replace
@@ -117,7 +125,19 @@ def score(
         method=cast("Method", method),
         sink=policy.sink,
         recent=policy.recent,
-        rlkv=RLKVConfig(max_new_tokens=max_new_tokens, seed=seed),
+        rlkv=RLKVConfig(
+            steps=60,
+            prompts_per_step=16,
+            samples_per_prompt=1 if rlkv_temperature == 0 else 4,
+            lr=rlkv_lr,
+            beta=rlkv_beta,
+            tau=rlkv_tau,
+            temperature=rlkv_temperature,
+            max_new_tokens=min(max_new_tokens, 256),
+            seed=seed,
+            time_budget_s=rlkv_budget_s,
+            max_think_tokens=rlkv_max_think,
+        ),
         seed=seed,
     )
     if steps is not None:
@@ -134,10 +154,12 @@ def diff(
     n: int = typer.Option(100, min=1, help="Organism problems for validation."),
     n_attribution: int = typer.Option(16, min=1, help="Problems whose texts are attributed."),
     k: int = typer.Option(2, min=1, help="Emergent heads to validate."),
-    levels: str = typer.Option("1,2,3,4,5"),
+    levels: str = typer.Option("3,4", help="Organism levels (where the model is good but not saturated)."),
     seed: int = 0,
     steps: int = typer.Option(8, min=1, help="Integrated-gradient steps."),
-    max_new_tokens: int = typer.Option(400, min=1),
+    draws: int = typer.Option(3, min=1, help="Random head sets to validate against."),
+    max_new_tokens: int = typer.Option(256, min=1),
+    batch_size: int = typer.Option(256, min=1, help="Rows decoded together in validation."),
     out: Optional[Path] = typer.Option(None, help="Write the result as an emergent_heads artifact here."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
@@ -166,6 +188,8 @@ def diff(
         steps=steps,
         n_attribution=n_attribution,
         max_new_tokens=max_new_tokens,
+        random_draws=draws,
+        batch_size=batch_size,
         seed=seed,
     )
     if out is not None:
@@ -185,7 +209,8 @@ def evaluate(
     n_own: int = typer.Option(48, min=1, help="Own traces for the exhaustive best subset and retrieval."),
     exhaustive: bool = typer.Option(True, help="Try every subset (small models)."),
     retrieval: bool = typer.Option(True, help="Spearman with retrieval scores (organism-task traces)."),
-    max_new_tokens: int = typer.Option(400, min=1),
+    max_new_tokens: int = typer.Option(256, min=1),
+    batch_size: int = typer.Option(256, min=1, help="Rows decoded together (larger is faster on small models)."),
     out: Optional[Path] = typer.Option(None, help="Write a heads_eval artifact here."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
@@ -195,7 +220,11 @@ def evaluate(
 
     lv = _levels(levels)
     cfg = EvalConfig(
-        sparsities=_sparsities(sparsities), random_draws=draws, exhaustive=exhaustive, max_new_tokens=max_new_tokens
+        sparsities=_sparsities(sparsities),
+        random_draws=draws,
+        exhaustive=exhaustive,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
     )
     if out is not None:
         fresh_out(out)
@@ -218,7 +247,14 @@ def evaluate(
         hm.check_model(h)
     own = _own_traces(h, n_own, seed + 10_000, lv, max_new_tokens) if exhaustive or retrieval else None
     probs = task.problems(n, seed=seed, levels=lv)
-    scores = {hm.method: hm.scores for hm in heads}
+    scores: dict[str, Any] = {}
+    for hm in heads:  # one curve per map: a method given twice is numbered (rlkv, rlkv#2)
+        name = (
+            hm.method
+            if hm.method not in scores
+            else f"{hm.method}#{sum(k.split('#')[0] == hm.method for k in scores) + 1}"
+        )
+        scores[name] = hm.scores
     res = evaluate_heads(
         h,
         [h.chat_prompt(p.question) for p in probs],

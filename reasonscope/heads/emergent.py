@@ -185,6 +185,7 @@ def emergent_heads(
     random_draws: int = 3,
     grader: str = "organism",
     seed: int = 0,
+    batch_size: int = 64,
 ) -> dict[str, Any]:
     """Score both models on the post model's own texts, rank heads by emergence, validate the top ``k`` on ``post``.
 
@@ -201,7 +202,7 @@ def emergent_heads(
         raise ValueError(f"k={k} heads; choose 1..{gp.n_layers * gp.n_heads // 2} so as many random heads exist")
     tok = post.tokenizer
     encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[:n_attribution]]
-    done = generate(post, encoded, DecodeConfig(max_new_tokens=max_new_tokens, batch_size=64))
+    done = generate(post, encoded, DecodeConfig(max_new_tokens=max_new_tokens, batch_size=batch_size))
     pairs = []
     for p, ids, c in zip(prompts, encoded, done):
         parts = split_generation(post, ids, c.token_ids, True)
@@ -235,6 +236,7 @@ def emergent_heads(
             heads,
             random_draws=random_draws,
             max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
             grader=grader,
             seed=seed,
         ),

@@ -236,7 +236,7 @@ def evaluate_heads(
         log.append({"requests": len(rollouts), "unique_selections": len(order), "generate_seconds": seconds})
     result: dict[str, Any] = {
         "curves": curves,
-        "rank_agreement": rank_agreement(scores),
+        "rank_agreement": rank_agreement({**scores, "retrieval": retrieval} if retrieval is not None else scores),
         "policy": {"sink": policy.sink, "recent": policy.recent, "prefill": policy.prefill},
         "n_problems": n,
         "generate_seconds": round(seconds, 2),

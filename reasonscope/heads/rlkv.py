@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -44,12 +45,18 @@ class RLKVConfig:
     max_new_tokens: int = 256
     grad_clip: float = 1.0
     seed: int = 0
+    time_budget_s: float | None = None  # stop after the step that passes this wall time (None: run every step)
+    max_think_tokens: int | None = None  # train only on problems solved within this many thinking tokens
 
     def __post_init__(self) -> None:
         if self.adv_norm not in ("batch", "group"):
             raise ValueError(f"adv_norm must be 'batch' or 'group', got {self.adv_norm!r}")
         if self.steps < 1 or self.prompts_per_step < 1 or self.samples_per_prompt < 1:
             raise ValueError("steps, prompts_per_step and samples_per_prompt must be >= 1")
+        if self.ppo_epochs < 1 or self.lr <= 0 or self.beta < 0 or self.temperature < 0:
+            raise ValueError("ppo_epochs must be >= 1, lr > 0, beta >= 0 and temperature >= 0")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError(f"time_budget_s must be > 0 seconds or None, got {self.time_budget_s}")
 
 
 def advantages(rewards: torch.Tensor, groups: torch.Tensor, mode: Literal["batch", "group"]) -> torch.Tensor:
@@ -87,10 +94,17 @@ def rlkv_scores(
     solved = [t for t in problems if t.grade and t.gold is not None]
     if not solved:
         raise ValueError("RLKV trains on problems the model already solves: pass graded traces with grade=True")
+    if cfg.max_think_tokens is not None:
+        solved = [t for t in solved if t.think_span is not None and _think(t) <= cfg.max_think_tokens]
+        if not solved:
+            raise ValueError(
+                f"no solved problem thinks for at most max_think_tokens={cfg.max_think_tokens} tokens; raise it"
+            )
     g = handle.geometry
     rng = random.Random(cfg.seed)
     alpha = torch.ones(g.n_layers, g.n_kv_heads, requires_grad=True)
     opt = torch.optim.AdamW([alpha], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    t_start = time.perf_counter()
     for step in range(cfg.steps):
         picked = rng.sample(solved, min(cfg.prompts_per_step, len(solved)))
         prompts = [t.prompt for t in picked for _ in range(cfg.samples_per_prompt)]
@@ -106,52 +120,68 @@ def rlkv_scores(
         rollouts, _ = gated_rollouts(handle, prompts, alpha.detach().clone(), policy, gen, golds, grader)
         for i, t in enumerate(rollouts):
             t.meta["group"] = i // cfg.samples_per_prompt
+        all_rewards = [float(bool(t.grade)) for t in rollouts]
         rollouts = [t for t in rollouts if t.think_span is not None]
-        if not rollouts:
-            continue
-        rewards = torch.tensor([float(bool(t.grade)) for t in rollouts])
-        r_mean = float(rewards.mean())
-        adv = advantages(rewards, torch.tensor([t.meta["group"] for t in rollouts]), cfg.adv_norm)
-        for t, a in zip(rollouts, adv.tolist()):
-            t.meta["advantage"] = a
-        batches = _all_token_batches(handle, rollouts, policy)
-        with torch.no_grad():
-            old = [_token_logprobs(handle, b, alpha.detach(), policy) for b in batches]
-        for _ in range(cfg.ppo_epochs):
-            with torch.no_grad():
-                alpha.clamp_(0.0, 1.0)
-            opt.zero_grad()
-            pg_total, n_tok = torch.zeros(()), 0
-            for b, lp_old in zip(batches, old):
-                lp = _token_logprobs(handle, b, alpha, policy)
-                a = torch.tensor([t.meta["advantage"] for t in b.traces])[:, None]
-                ratio = (lp - lp_old).exp()
-                pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - cfg.clip, 1 + cfg.clip))
-                mask = b.scored
-                pg_sum = pg[mask].sum()
-                n_tok += int(mask.sum())
-                pg_total = pg_total + pg_sum
-            loss = pg_total / max(n_tok, 1) + sparsity_penalty(alpha, r_mean, cfg.beta, cfg.tau)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([alpha], cfg.grad_clip)
-            opt.step()
+        r_mean = sum(all_rewards) / len(all_rewards)  # raw reward of every rollout (an unclosed one scores 0)
+        mixed_groups = 0
+        if rollouts:
+            rewards = torch.tensor([float(bool(t.grade)) for t in rollouts])
+            groups = torch.tensor([t.meta["group"] for t in rollouts])
+            mixed_groups = sum(int(rewards[groups == gid].unique().numel() > 1) for gid in groups.unique())
+            adv = advantages(rewards, groups, cfg.adv_norm)
+            for t, a in zip(rollouts, adv.tolist()):
+                t.meta["advantage"] = a
+            batches = _all_token_batches(handle, rollouts, policy)
+            old = None
+            if cfg.ppo_epochs > 1:  # one epoch: the rollout gates are the current ones, ratio = e^(lp - lp.detach())
+                with torch.no_grad():
+                    old = [_token_logprobs(handle, b, alpha.detach(), policy) for b in batches]
+            for _ in range(cfg.ppo_epochs):
+                with torch.no_grad():
+                    alpha.clamp_(0.0, 1.0)
+                opt.zero_grad()
+                pg_total, n_tok = torch.zeros(()), 0
+                for i, b in enumerate(batches):
+                    lp = _token_logprobs(handle, b, alpha, policy)
+                    lp_old = lp.detach() if old is None else old[i]
+                    a = torch.tensor([t.meta["advantage"] for t in b.traces])[:, None]
+                    ratio = (lp - lp_old).exp()
+                    pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - cfg.clip, 1 + cfg.clip))
+                    mask = b.scored
+                    n_tok += int(mask.sum())
+                    pg_total = pg_total + pg[mask].sum()
+                loss = pg_total / max(n_tok, 1) + sparsity_penalty(alpha, r_mean, cfg.beta, cfg.tau)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([alpha], cfg.grad_clip)
+                opt.step()
         with torch.no_grad():
             alpha.clamp_(0.0, 1.0)
+        elapsed = time.perf_counter() - t_start
         if log is not None:
             a = alpha.detach()
             log.append(
                 {
                     "step": step,
                     "reward_mean": r_mean,
+                    "mixed_groups": mixed_groups,
+                    "mean_think_tokens": sum(t.think_tokens for t in rollouts) / max(len(rollouts), 1),
                     "reg_scaling_factor": (math.exp(r_mean) - 1) * (r_mean > cfg.tau),
                     "alpha_mean": float(a.mean()),
                     "alpha_std": float(a.std()),
                     "alpha_min": float(a.min()),
                     "alpha_max": float(a.max()),
                     "sparsity_at_0.5": float((a < 0.5).float().mean()),
+                    "alpha": [round(float(v), 4) for v in a.flatten()],
+                    "seconds": round(elapsed, 2),
                 }
             )
+        if cfg.time_budget_s is not None and elapsed > cfg.time_budget_s:
+            break
     return alpha.detach().clone()
+
+
+def _think(trace: Any) -> int:
+    return int(trace.think_span[1] - trace.think_span[0])
 
 
 def _all_token_batches(handle: Any, rollouts: Sequence[Any], policy: CompressionPolicy) -> list[Any]:
