@@ -125,7 +125,7 @@ def test_shipped_organisms_meet_the_targets():
     thinking = organism_traces(load_model("organism:thinking"), problems, 0.0, cfg)
     base = organism_traces(load_model("organism:base"), problems, 0.0, cfg)
     assert all(t.think_span for t in thinking)
-    # greedy decoding loops on a few of the hardest items (as real R1 models do), never on easy ones
+    # greedy, some of the hardest items end before </think> (the model loses its place), never easy ones
     assert all(p.level >= 4 for t, p in zip(thinking, problems) if t.truncated)
     assert all(t.think_span is None for t in base)
     # every "x<v>" the thinking writes must be x's value from the question, far back in the context
