@@ -247,3 +247,19 @@ def test_organism_reads_operands_through_a_few_heads():
     assert acc[1] < acc[0]
     kv, _ = retrieval_scores(h, traces)
     assert kv.max() > 0.5  # some head puts most of its mass on the operand's definition
+    # the RLKV reward signal: greedy rollouts under the scaled window solve the solved problems at full gates
+    # and fail some once every head is windowed (sampled rollouts loop, see the README)
+    from reasonscope.generation import DecodeConfig
+    from reasonscope.heads.evaluate import check_window, window_for
+    from reasonscope.heads.rollout import gated_rollouts
+
+    scaled = window_for([len(t.token_ids) - t.think_span[0] for t in traces if t.think_span is not None])
+    check_window(scaled, [len(t.token_ids) - t.think_span[0] for t in traces if t.think_span is not None])
+    solved = [t for t in traces if t.grade]
+    decode = DecodeConfig(max_new_tokens=300, batch_size=64)
+    rewards = []
+    for gate in (1.0, 0.0):
+        alpha = torch.full((g.n_layers, g.n_kv_heads), gate)
+        rolls, _ = gated_rollouts(h, [t.prompt for t in solved], alpha, scaled, decode, [t.gold for t in solved])
+        rewards.append(sum(bool(r.grade) for r in rolls) / len(rolls))
+    assert rewards[0] == 1.0 and rewards[1] < 0.5, rewards

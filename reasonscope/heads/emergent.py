@@ -14,6 +14,7 @@ intervention a request of one call (per-request scales read through ``current_ba
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -170,7 +171,16 @@ def validate_heads(
         rows.setdefault(key, {"accuracy": [], "mean_think_tokens": []})
         rows[key]["accuracy"].append(acc / n)
         rows[key]["mean_think_tokens"].append(think / n)
-    return {k: {m: sum(v) / len(v) for m, v in r.items()} | {"draws": len(r["accuracy"])} for k, r in rows.items()}
+    return {k: _mean_sd(r) for k, r in rows.items()}
+
+
+def _mean_sd(row: dict[str, list[float]]) -> dict[str, Any]:
+    """Mean of each metric over draws, with the accuracy's and thinking length's sample sd (0 for one draw)."""
+    out: dict[str, Any] = {m: sum(v) / len(v) for m, v in row.items()}
+    for m, name in (("accuracy", "accuracy_sd"), ("mean_think_tokens", "think_sd")):
+        out[name] = statistics.stdev(row[m]) if len(row[m]) > 1 else 0.0
+    out["draws"] = len(row["accuracy"])
+    return out
 
 
 def emergent_heads(
