@@ -93,20 +93,20 @@ class HybridConfig:
     """One hybrid run: taxonomy, vectors, selector, inference and the held-out evaluation."""
 
     sae_layer: int = 2  # thinking-model block whose output the taxonomy and the selector read
-    steer_layer: int = 1  # base-model block whose output is steered (about 37% of depth, as the paper's pairs)
+    steer_layer: int = 0  # base-model block whose output is steered (0 beat 1 on the 4-layer organisms)
     n_latents: int = 8  # SAE latents (behaviours) K
     topk: int = 3
     labels: Labels = "sae"
     vectors: Vectors = "optimised"
     selector: Selector = "probe"
-    coefficients: tuple[float, ...] = (0.5, 1.0)  # guardrail candidates c·(bias + V[b])
+    coefficients: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # guardrail candidates c·(bias + V[b])
     n_train: int = 256  # training problems (thinking rollouts)
-    train_steps: int = 150
-    lr: float = 1e-2
+    train_steps: int = 100
+    lr: float = 0.05
     n_eval: int = 300
     temperature: float = 1.0
     seed: int = 0
-    max_new_tokens: int = 400
+    max_new_tokens: int = 256
     batch_size: int = 64
     controls: bool = True
 
@@ -406,7 +406,7 @@ def optimise_vectors(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.train_steps))
     params = list(base.model.parameters())
     was = [q.requires_grad for q in params]
-    mb = min(len(rolls), 32)
+    mb = min(len(rolls), 16)
     losses: list[float] = []
     best = (math.inf, vecs.detach().clone(), bias.detach().clone())
     try:
@@ -553,9 +553,10 @@ def hybrid_generate(
     done: dict[int, HybridOutput] = {}
     for s in range(0, len(order), cfg.batch_size):
         chunk = order[s : s + cfg.batch_size]
-        res = _hybrid_batch(
-            base, thinking, [prompts[i] for i in chunk], steerer, cfg, mode, [request_offset + i for i in chunk]
-        )
+        with torch.no_grad():
+            res = _hybrid_batch(
+                base, thinking, [prompts[i] for i in chunk], steerer, cfg, mode, [request_offset + i for i in chunk]
+            )
         done.update(zip(chunk, res))
     out = [done[i] for i in range(len(prompts))]
     return out
@@ -606,6 +607,8 @@ def _hybrid_batch(
         if cfg.temperature > 0:
             u = torch.tensor([uniform(cfg.seed, requests[i], step) for i in alive], device=dev)
             chosen = sample(logits, cfg.temperature, 1.0, u)
+            if len(dis):  # a steered position emits the token the guardrail chose (the paper's v1 hybrid)
+                chosen[dis] = logits[dis].argmax(-1)
         else:
             chosen = logits.argmax(-1)
         steered = torch.zeros(len(alive), dtype=torch.bool)
