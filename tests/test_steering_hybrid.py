@@ -201,7 +201,7 @@ def test_table_taxonomy_selector_and_vectors(pair):
         tok_labels,
         table.think_argmax,
         3,
-        {**TINY, "train_steps": 8} and HybridConfig(**{**TINY, "train_steps": 8, "lr": 0.05}),
+        HybridConfig(**{**TINY, "train_steps": 8, "lr": 0.05}),
     )
     assert vecs.shape == (3, 32) and bias.shape == (32,) and rep["disagreement_positions"] > 0
     assert rep["loss_best"] < rep["loss_first"]
