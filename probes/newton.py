@@ -10,11 +10,12 @@ penalised) -- scikit-learn's ``LogisticRegression`` objective with ``C = 1 / (l2
 Pass 1 reads every training row once for the standardisation statistics, the per-class sums and a sample of rows
 whose covariance (Ledoit-Wolf shrunk) is the preconditioner. The start is the linear-discriminant solution
 (``w = Sigma_within^-1 (mu_1 - mu_0)``), the logistic optimum when the classes are Gaussian with a shared
-covariance. Each further pass evaluates the loss, gradient and validation loss of all ``V x L`` probes at once (one
-batched GEMM per row block for the logits, one for the gradients, each block read once) and takes one L-BFGS step
+covariance. Each further pass evaluates the loss, gradient and validation loss of all ``V x L`` probes at once (per
+read batch and layer, one GEMM for the logits of every probe and one for their gradients) and takes one L-BFGS step
 (Armijo backtracking, initial inverse Hessian ``gamma * Sigma^-1``) for every probe not yet done. A probe is done
 when ``max |grad| <= tol`` (scikit-learn's ``gtol``), when its validation loss has not improved by ``1e-5`` for
-``patience`` steps, or when its line search stalls; it keeps the point of lowest validation loss.
+``patience`` steps, when the objective stops decreasing (float32 noise) or when its line search stalls; it keeps
+the point of lowest validation loss (the last point when there is no validation split).
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def fit_logistic(
     device = device or torch.device("cpu")
     prob = _Problem(ys, train, val, pos_weight)
     v = prob.ys.shape[0]
-    # preconditioner rows: an eighth of the training rows within [1024, sample], and at most 1 GiB of them
+    # preconditioner rows: an eighth of the training rows within [4096, sample], and at most 1 GiB of them
     m_cap = min(max(4096, int(train.sum()) // 8), sample, max(256, (1 << 30) // max(1, n_layers * width * 4)))
     mean, std, s1, xs, n = _stats(stream, prob, n_layers, width, m_cap, device)
     passes = 1

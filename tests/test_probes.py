@@ -195,10 +195,10 @@ def synthetic(tmp_path, n_problems: int = 60, chunks: int = 8, d: int = 16, seed
     return ActivationStore.open(tmp_path / "store"), table
 
 
-@pytest.mark.parametrize("kind", ["logistic", "mlp"])
-def test_fit_finds_the_informative_layer(tmp_path, kind):
+@pytest.mark.parametrize(("kind", "solver"), [("logistic", "auto"), ("logistic", "adam"), ("mlp", "auto")])
+def test_fit_finds_the_informative_layer(tmp_path, kind, solver):
     store, table = synthetic(tmp_path)
-    cfg = ProbeConfig(kind=kind, hidden=8, epochs=30, patience=5, batch_size=64, bootstrap=50, lr=1e-2)
+    cfg = ProbeConfig(kind=kind, hidden=8, epochs=30, patience=5, batch_size=64, bootstrap=50, lr=1e-2, solver=solver)
     ps = fit_probes(store, table, cfg, tmp_path / "probes")
     r = ps.report
     assert r["best_hook"] == HOOKS[1]
