@@ -53,8 +53,10 @@ class MonitorConfig:
     """One policy at one threshold; ``min_think`` thinking tokens come before any exit.
 
     ``consecutive``: the probe and deviation policies exit once this many boundaries in a row crossed the
-    threshold (probes.md §2.5). ``boundaries``: a token whose text (trailing spaces removed) ends with one of
-    these ends a segment.
+    threshold (probes.md §2.5). ``answer_tokens``: after a *forced* ``</think>`` the answer gets at most this many
+    tokens, then EOS (as forced answers in :mod:`probes.forced`): a model that keeps reasoning after an early exit
+    has not answered, and those tokens would otherwise be thinking the saving does not count. ``boundaries``: a
+    token whose text (trailing spaces removed) ends with one of these ends a segment.
     """
 
     policy: Policy = "none"
@@ -67,13 +69,14 @@ class MonitorConfig:
     temperature: float = 0.0  # > 0: sampled; each request's stream is fixed by (seed, request, step) across policies
     seed: int = 0
     trial_tokens: int = 4
+    answer_tokens: int = 8
     grader: str = "organism"
     boundaries: tuple[str, ...] = BOUNDARY_CHARS
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        for name in ("window", "consecutive", "max_new_tokens", "batch_size", "trial_tokens"):
+        for name in ("window", "consecutive", "max_new_tokens", "batch_size", "trial_tokens", "answer_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -118,6 +121,7 @@ class _State:
     ent_n: list[int] = field(default_factory=list)
     recent: list[deque[float]] = field(default_factory=list)
     streak: list[int] = field(default_factory=list)
+    after: list[int] = field(default_factory=list)
     resid: torch.Tensor | None = None
     events: dict[str, list[list[tuple[int, float]]]] = field(default_factory=dict)
 
@@ -127,6 +131,7 @@ class _State:
         self.ent_sum, self.ent_n = [0.0] * self.n, [0] * self.n
         self.recent = [deque(maxlen=self.window) for _ in range(self.n)]
         self.streak = [0] * self.n
+        self.after = [0] * self.n
         self.events = {k: [[] for _ in range(self.n)] for k in SIGNALS}
 
 
@@ -147,6 +152,7 @@ class _Monitor:
         if end is None:
             raise ValueError("the model's vocabulary has no </think> token; the monitor needs a thinking model")
         self.end_id: int = end
+        self.eos_id: int = int(handle.tokenizer.eos_token_id)
         self.boundary, self.cue = token_sets(handle, cfg.boundaries)
         self.state = _State(len(prompts), cfg.window)
 
@@ -206,12 +212,17 @@ class _Monitor:
         for r in exit_rows:
             chosen[r] = self.end_id
             st.exited[rows[r]] = True
+        capped = False
         for r, q in enumerate(rows):
-            if q >= 0 and not st.closed[q]:
+            if q >= 0 and st.closed[q] and st.exited[q]:  # an answer after a forced exit: answer_tokens, then EOS
+                st.after[q] += 1
+                if st.after[q] > cfg.answer_tokens:
+                    chosen[r], capped = self.eos_id, True
+            elif q >= 0 and not st.closed[q]:
                 st.seq[q].append(chosen[r])
                 st.last[q] = chosen[r]
                 st.closed[q] = chosen[r] == self.end_id
-        return torch.tensor(chosen, device=tokens.device) if exit_rows else None
+        return torch.tensor(chosen, device=tokens.device) if exit_rows or capped else None
 
     def _rpdi(self, q: int) -> float:
         st = self.state
@@ -332,8 +343,9 @@ def exit_step(events: Sequence[tuple[int, float]], policy: Policy, threshold: fl
 def _finish(handle: ModelHandle, rec: Recording, cuts: set[tuple[int, int]]) -> dict[tuple[int, int], Outcome]:
     """Outcome of request ``q`` forced to close its thinking at step ``s``, for every ``(q, s)`` in ``cuts``.
 
-    The answer is decoded after ``prefix + </think>`` with the reference's sampling stream (token ``t`` of request
-    ``q`` draws ``uniform(seed, q, t)``) and its length budget, exactly as the live policy would continue.
+    The answer (at most ``answer_tokens``) is decoded after ``prefix + </think>`` with the reference's sampling
+    stream (token ``t`` of request ``q`` draws ``uniform(seed, q, t)``) and its length budget, exactly as the live
+    policy would continue.
     """
     cfg, out = rec.cfg, {}
     todo = []
@@ -357,7 +369,7 @@ def _finish(handle: ModelHandle, rec: Recording, cuts: set[tuple[int, int]]) -> 
         return sample(logits, cfg.temperature, 1.0, torch.tensor(u, device=logits.device))
 
     prompts = [rec.prompts[q] + rec.tokens[q][:s] + [rec.end_id] for q, s in todo]
-    budget = max(cfg.max_new_tokens - o for o in offsets)
+    budget = min(cfg.answer_tokens, max(cfg.max_new_tokens - o for o in offsets))
     dec = DecodeConfig(budget, 0.0, batch_size=cfg.batch_size)
     for (q, s), o, c in zip(todo, offsets, generate(handle, prompts, dec, on_token=resample)):
         gen = [*rec.tokens[q][:s], rec.end_id, *c.token_ids[: cfg.max_new_tokens - o]]
