@@ -9,6 +9,8 @@ apply a random vector with per-request γ = 0 (``positions="last"``, the ASC rul
 through ``current_batch``), so every arm generates identical tokens and a ratio is the hooks' cost alone: one
 layer (ASC's setting, ``--layer``) and every layer (the most work per step). Prints a table of milliseconds per
 generated token (median, min, max over repeats) with the ratio of medians to the plain reference of the same run.
+On a shared CPU the spread between repeats can exceed the hooks' cost, so the hooks are also timed alone (every
+layer's hook on one decode-step input, median of repeats) and scaled by the run's forward passes per token.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import torch
 
-from reasonscope.generation import DecodeConfig, generate
+from reasonscope.generation import _CURRENT, Batch, DecodeConfig, generate
 from reasonscope.models import load_model
 from reasonscope.organisms import evaluate, task
-from steering.vector import SteeringVector, VectorMeta
+from steering.vector import SteeringVector, VectorMeta, _adder
 
 
 def main() -> None:
@@ -88,6 +90,37 @@ def main() -> None:
         med = statistics.median(ts)
         print(f"{k:32s} {1e3 * med:14.4f} {1e3 * min(ts):8.4f} {1e3 * max(ts):8.4f} {med / ref_med:7.4f}")
     print(f"repeats {args.repeats}; identical tokens in every arm: {same}")
+    passes = [0]
+
+    def count(batch: Batch, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+        passes[0] += 1
+
+    generate(h, prompts, cfg, on_token=count)
+    width = min(args.batch, len(prompts))
+    x = torch.randn(width, 1, g.d_model, device=h.device)
+    gam = torch.tensor(gammas, device=h.device)
+    for label, layers in ((f"layer {args.layer}", [args.layer]), (f"all {g.n_layers} layers", range(g.n_layers))):
+        hooks = [_adder(vec.direction(i).to(h.device), gam, "last", {}) for i in layers]
+        reps = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(500):
+                step = Batch(
+                    torch.arange(width),
+                    torch.zeros(width, 1, dtype=torch.long),
+                    torch.zeros(width, dtype=torch.long),
+                    False,
+                )
+                token = _CURRENT.set(step)
+                for hook in hooks:
+                    hook(x)
+                _CURRENT.reset(token)
+            reps.append((time.perf_counter() - t) / 500)
+        per_token = statistics.median(reps) * passes[0] / n
+        print(
+            f"hooks alone, {label}: {1e6 * statistics.median(reps):.1f} us per forward pass, {passes[0]} passes for "
+            f"{n} tokens: {1e3 * per_token:.4f} ms/token = {per_token / ref_med:.4f} of the plain median"
+        )
 
 
 if __name__ == "__main__":
