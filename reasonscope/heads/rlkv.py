@@ -105,6 +105,7 @@ def rlkv_scores(
     alpha = torch.ones(g.n_layers, g.n_kv_heads, requires_grad=True)
     opt = torch.optim.AdamW([alpha], lr=cfg.lr, weight_decay=cfg.weight_decay)
     t_start = time.perf_counter()
+    trajectory, n_steps = torch.zeros_like(alpha.detach()), 0
     for step in range(cfg.steps):
         picked = rng.sample(solved, min(cfg.prompts_per_step, len(solved)))
         prompts = [t.prompt for t in picked for _ in range(cfg.samples_per_prompt)]
@@ -156,6 +157,8 @@ def rlkv_scores(
                 opt.step()
         with torch.no_grad():
             alpha.clamp_(0.0, 1.0)
+            trajectory += alpha.detach()
+            n_steps += 1
         elapsed = time.perf_counter() - t_start
         if log is not None:
             a = alpha.detach()
@@ -177,7 +180,12 @@ def rlkv_scores(
             )
         if cfg.time_budget_s is not None and elapsed > cfg.time_budget_s:
             break
-    return alpha.detach().clone()
+    # gates clamped to the same bound (0 or 1) tie; rank them by their mean over training (a gate that left
+    # later ranks higher) through a 1e-4 convex mix that keeps every value in [0, 1]
+    return (alpha.detach() * (1 - TIE_MIX) + TIE_MIX * trajectory / max(n_steps, 1)).clone()
+
+
+TIE_MIX = 1e-4
 
 
 def _think(trace: Any) -> int:
