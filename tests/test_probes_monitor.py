@@ -147,14 +147,19 @@ def test_organism_end_to_end(tmp_path):
     traces = [t for t in traces if t.think_span and t.thinking.strip()]
     cfg = LabelConfig(matcher="organism", forced=True, forced_max_new_tokens=3)
     table = label_traces(traces, cfg, tmp_path / "labels", handle=h)
-    assert table.summary()["first_correct_share"]["n"] > 0.5 * len(traces)
+    summary = table.summary()
+    assert summary["first_correct_share"]["n"] > 0.4 * len(traces)
+    assert {"safe_exit", "stable"} <= set(summary["targets"])
     store = capture(h, traces, CaptureConfig(hooks="hook_resid_post", positions="segment_ends"), tmp_path / "store")
-    ps = fit_probes(store, table, ProbeConfig(target="correct", lr=3e-3, batch_size=256, bootstrap=50), tmp_path / "p")
+    fit = ProbeConfig(target="correct", lr=3e-3, batch_size=256, bootstrap=50)
+    ps = fit_probes(store, table, fit, tmp_path / "p")
     best = ps.report["best"]
-    assert best["auroc_within_problem"] > 0.7 and best["selectivity"] > 0
-    assert best["auroc"] > ps.report["baselines"]["bag_of_words"]["auroc"]
+    assert best["auroc"] > 0.75 and best["auroc"] > ps.report["baselines"]["bag_of_words"]["auroc"]
+    over = fit_probes(store, table, replace(fit, target="after_first_correct"), tmp_path / "o")
+    assert over.report["best"]["auroc_within_problem"] > 0.9 and over.report["best"]["selectivity"] > 0
     ev = task.problems(40, seed=999)
     prompts, golds = [h.chat_prompt(p.question) for p in ev], [str(p.answer) for p in ev]
-    res = sweep(h, prompts, golds, {"probe": [0.5, 1.5], "deer": [0.9]}, MonitorConfig(batch_size=40), ps)
+    mcfg = MonitorConfig(batch_size=40, temperature=1.0)  # sampled: greedy thinking is concise, nothing to cut
+    res = sweep(h, prompts, golds, {"probe": [0.5, 1.5], "deer": [0.9]}, mcfg, over)
     assert res["probe@1.5"] == res["none"]
     assert res["probe@0.5"]["saved_fraction"] > 0 and res["probe@0.5"]["exited"] > 0
