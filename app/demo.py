@@ -46,9 +46,10 @@ class DemoConfig:
     asc_pairs: int = 32
     asc_eval: int = 32
     asc_sweep: tuple[float, ...] = (1.0, 2.0)
-    hybrid_n: int = 32  # held-out problems of the hybrid evaluation
-    hybrid_train: int = 96  # thinking rollouts the behaviours, selector and vectors are learnt from
-    hybrid_steps: int = 60
+    hybrid_n: int = 24  # held-out problems of the hybrid evaluation
+    hybrid_train: int = 64  # thinking rollouts the behaviours, selector and vectors are learnt from
+    hybrid_steps: int = 40
+    hybrid_max_new_tokens: int = 256  # token-by-token decoding of two models: the demo's slowest loop
     seed: int = 0
 
     @classmethod
@@ -278,7 +279,7 @@ def _hybrid(ctx: Context) -> None:
         n_train=c.hybrid_train,
         train_steps=c.hybrid_steps,
         n_eval=len(problems),
-        max_new_tokens=c.max_new_tokens,
+        max_new_tokens=c.hybrid_max_new_tokens,
         seed=c.seed,
     )
     ctx.log(
