@@ -391,3 +391,14 @@ def test_organisms_end_to_end_small(tmp_path):
     assert 0 < s["steered_token_fraction"] < 1
     assert s["taxonomy_agreement"]["purity"] > 0.5
     assert len(HybridRun.open(tmp_path / "run").records) == 12
+
+
+def test_agreement_scores_match_their_definitions():
+    from steering.behaviours import agreement
+
+    same = agreement([0, 0, 1, 2], ["x", "x", "y", "z"])
+    assert same["ari"] == same["nmi"] == same["purity"] == 1.0
+    # values from the ARI (Hubert-Arabie) and arithmetic-NMI formulas, as scikit-learn computes them
+    g = agreement(["0", "0", "1", "1", "2", "2"], ["a", "a", "b", "b", "b", "c"])
+    assert g["ari"] == pytest.approx(0.4444, abs=1e-4) and g["nmi"] == pytest.approx(0.7397, abs=1e-4)
+    assert agreement([0, 0, 0], ["a", "a", "a"])["nmi"] == 1.0
