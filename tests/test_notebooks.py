@@ -27,6 +27,5 @@ def test_notebook_runs(path):
     ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    if path.stem != "hybrid":  # the hybrid notebook draws once steering.hybrid is installed
-        figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
-        assert figures, f"{path.name} drew no plotly figure"
+    figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert figures, f"{path.name} drew no plotly figure"
