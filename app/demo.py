@@ -114,6 +114,15 @@ class Stage:
 # ---------------------------------------------------------------------------- stages
 
 
+def _opens(open_fn: Callable[[Path], object], path: Path) -> bool:
+    """Whether ``path`` already holds a finished artifact that ``open_fn`` reads (a sub-stage to skip)."""
+    try:
+        open_fn(path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _traces(ctx: Context) -> None:
     from reasonscope.organisms import task
     from reasonscope.organisms.evaluate import EvalConfig, organism_traces, summarize
@@ -154,11 +163,8 @@ def _heads(ctx: Context) -> None:
     h = ctx.model("thinking")
     for method in ctx.cfg.head_methods:
         out = ctx.run.stage_path("heads", method)
-        try:
-            HeadMap.open(out)
+        if _opens(HeadMap.open, out):
             continue
-        except (OSError, ValueError):
-            pass
         ctx.log(f"  scoring KV heads: {method} (window {policy.sink}+{policy.recent}, {len(rows)} traces)")
         cfg = HeadConfig(
             method=method,  # type: ignore[arg-type]
@@ -223,11 +229,8 @@ def _probes(ctx: Context) -> None:
     store, labels = ctx.run.store(), ctx.run.labels()
     for target in ctx.cfg.probe_targets:
         out = ctx.run.stage_path("probes", target)
-        try:
-            ProbeSet.open(out)
+        if _opens(ProbeSet.open, out):
             continue
-        except (OSError, ValueError):
-            pass
         ctx.log(f"  fitting '{target}' probes on every layer")
         cfg = ProbeConfig(target=target, epochs=ctx.cfg.probe_epochs, bootstrap=100, seed=ctx.cfg.seed, device="cpu")
         fit_probes(store, labels, cfg, out)

@@ -548,7 +548,6 @@ def hybrid_generate(
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if any(not p for p in prompts):
         raise ValueError("empty prompt: every prompt needs at least one token")
-    out: list[HybridOutput] = []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     done: dict[int, HybridOutput] = {}
     for s in range(0, len(order), cfg.batch_size):
@@ -558,8 +557,7 @@ def hybrid_generate(
                 base, thinking, [prompts[i] for i in chunk], steerer, cfg, mode, [request_offset + i for i in chunk]
             )
         done.update(zip(chunk, res))
-    out = [done[i] for i in range(len(prompts))]
-    return out
+    return [done[i] for i in range(len(prompts))]
 
 
 def _hybrid_batch(
