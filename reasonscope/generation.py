@@ -10,14 +10,22 @@ Hooks (``{hook_name: fn(tensor) -> tensor | None}``, as in ``ModelHandle.run``) 
 prefill and every decode step, and are removed when generation ends or raises. Per-request parameters (a
 steering strength, a gate set) are looked up through :func:`current_batch`: ``values[current_batch().rows]``
 gives each batch row the value of the request it serves.
+
+A *companion* model (same tokenizer) can decode the same tokens in lockstep over its own slot cache, with its own
+hooks; ``on_token`` sees its logits (``Batch.companion_logits``) beside the model's. ``on_token`` may also
+*re-run* the current pass for some rows (``Batch.rerun``) after changing per-request state its hooks read: the
+model's logits for those rows come back and their keys and values replace the first run's in the cache (e.g.
+steer only where two models disagree, keeping the steered position in the cache).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -61,6 +69,20 @@ class Batch:
     positions: torch.Tensor  # [batch, pos] position of each input token in its request's sequence; -1 = padding
     n_generated: torch.Tensor  # [batch] tokens each row had generated before this pass
     prefill: bool  # True: prompts of newly admitted requests; False: one decode step
+    companion_logits: torch.Tensor | None = None  # [batch, vocab] float32 of the companion model (in on_token)
+    _rerun: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def rerun(self, rows: torch.Tensor) -> torch.Tensor:
+        """Run this pass again for batch rows ``rows`` (distinct indices into this batch) on the model, hooks active.
+
+        Only inside the ``on_token`` call of this pass. During the re-run :func:`current_batch` is the sub-batch of
+        those rows (``rows`` = their requests). Their keys and values replace those of the earlier run (a prefill
+        re-runs the whole prompt); the companion is not re-run. Returns float32 last-position logits
+        ``[len(rows), vocab]``.
+        """
+        if self._rerun is None:
+            raise RuntimeError("this Batch cannot be re-run: only the batch given to on_token can")
+        return self._rerun(rows)
 
 
 OnToken = Callable[[Batch, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
@@ -76,7 +98,8 @@ class SlotCache(Cache):
 
     After ``prefill(slots)`` a forward pass writes its prompts at positions ``0..T`` of those slots and attends
     among them only; after ``decode(positions, length)`` it writes one token per slot at that slot's position and
-    attends over every slot's first ``length`` positions (the caller's mask says which of them are real).
+    attends over every slot's first ``length`` positions (the caller's mask says which of them are real);
+    ``decode(positions, length, slots)`` does the same for the given slots only (one batch row per slot).
     """
 
     def __init__(self, slots: int, capacity: int):
@@ -86,15 +109,18 @@ class SlotCache(Cache):
         self.values: list[torch.Tensor] = []
         self._slots: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
-        self._rows: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None  # decode: the slot of each batch row
+        self._all = False  # decode: row i is slot i, every slot (the KV returned is a view, not a copy)
         self._length = 0
 
     def prefill(self, slots: torch.Tensor) -> None:
         self._slots, self._positions = slots, None
 
-    def decode(self, positions: torch.Tensor, length: int) -> None:
-        if self._rows is None or len(self._rows) != len(positions):
-            self._rows = torch.arange(len(positions), device=positions.device)
+    def decode(self, positions: torch.Tensor, length: int, slots: torch.Tensor | None = None) -> None:
+        if slots is not None:
+            self._rows, self._all = slots, False
+        elif not self._all or self._rows is None or len(self._rows) != len(positions):
+            self._rows, self._all = torch.arange(len(positions), device=positions.device), True
         self._slots, self._positions, self._length = None, positions, length
 
     def update(
@@ -112,13 +138,15 @@ class SlotCache(Cache):
         rows, positions = self._rows.to(k.device), self._positions.to(k.device)  # type: ignore[union-attr]
         k[rows, :, positions] = key_states[:, :, 0]
         v[rows, :, positions] = value_states[:, :, 0]
-        return k[:, :, : self._length], v[:, :, : self._length]
+        if self._all:
+            return k[:, :, : self._length], v[:, :, : self._length]
+        return k[rows, :, : self._length], v[rows, :, : self._length]
 
     def keep(self, slots: torch.Tensor) -> None:
         """Drop every slot not in ``slots`` (renumbered in that order)."""
         self.keys = [k[slots.to(k.device)] for k in self.keys]
         self.values = [v[slots.to(v.device)] for v in self.values]
-        self.slots, self._rows = len(slots), None
+        self.slots, self._rows, self._all = len(slots), None, False
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self._length
@@ -188,15 +216,38 @@ def _check_model(model: Any) -> str:
     return impl
 
 
+def _check_companion(handle: Any, companion: Any) -> None:
+    """Refuse a companion that cannot read the model's token ids, or that lives on another device."""
+    n, m = len(handle.tokenizer), len(companion.tokenizer)
+    if n != m:
+        raise ValueError(
+            f"the companion's tokenizer has {m} tokens, the model's {n}: a companion reads the model's token ids, "
+            "so it must share the model's tokenizer"
+        )
+    if torch.device(companion.device) != torch.device(handle.device):
+        raise ValueError(
+            f"the companion is on {companion.device}, the model on {handle.device}: load both on one device"
+        )
+
+
 class _Engine:
     """The state of one :func:`generate` call: slots, the waiting queue, and finished completions."""
 
     def __init__(
-        self, handle: Any, prompts: list[list[int]], cfg: DecodeConfig, on_token: OnToken | None, progress: bool
+        self,
+        handle: Any,
+        prompts: list[list[int]],
+        cfg: DecodeConfig,
+        on_token: OnToken | None,
+        progress: bool,
+        companion: Any = None,
     ):
         tok, self.model, self.cfg, self.on_token = handle.tokenizer, handle.model, cfg, on_token
         self.impl = _check_model(self.model)
         self.device = handle.device
+        self.running: str | None = None  # "model" | "companion": whose pass runs (the other's hooks stay idle)
+        self.passes = 0  # forward passes so far; a Batch may re-run only while on_token handles its pass
+        self.live = -1
         self.prompts = prompts
         eos = cfg.eos_token_ids
         if eos is None:
@@ -209,6 +260,11 @@ class _Engine:
         self.width = min(cfg.batch_size, len(prompts))
         self.refill = cfg.refill or max(1, cfg.batch_size // 8)
         self.cache = SlotCache(self.width, max(map(len, prompts)) + cfg.max_new_tokens)
+        self.caches = [self.cache]  # every slot operation applies to each
+        self.models: dict[str, tuple[Any, str, SlotCache]] = {"model": (self.model, self.impl, self.cache)}
+        if companion is not None:
+            self.caches.append(SlotCache(self.width, self.cache.capacity))
+            self.models["companion"] = (companion.model, _check_model(companion.model), self.caches[1])
         self.mask = torch.zeros(self.width, self.cache.capacity, dtype=torch.bool, device=self.device)
         self.req = [-1] * self.width  # request served by each slot (-1 idle)
         self.start = [0] * self.width  # first real position (left padding of its prefill group)
@@ -217,13 +273,13 @@ class _Engine:
         self.out: list[list[int]] = [[] for _ in range(self.width)]
         self.rows = torch.arange(self.width, device=self.device)
         self.done: list[Completion | None] = [None] * len(prompts)
-        self.bar = None
-        if progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=len(prompts), desc="generate", unit="seq")
+        self.progress, self.bar = progress, None
 
     def run(self) -> list[Completion]:
+        if self.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(self.prompts), desc="generate", unit="seq")
         try:
             while self.queue or any(r >= 0 for r in self.req):
                 free = [s for s, r in enumerate(self.req) if r < 0]
@@ -241,28 +297,79 @@ class _Engine:
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def _forward(
-        self, ids: torch.Tensor, allowed: torch.Tensor, position_ids: torch.Tensor, batch: Batch
-    ) -> torch.Tensor:
+    def guard(self, hooks: Mapping[str, HookFn] | None, companion: bool) -> dict[str, HookFn]:
+        """``hooks`` for the model (or the companion), idle during the other model's passes (they may be one module)."""
+        if len(self.models) == 1:
+            return dict(hooks or {})
+        mine = "companion" if companion else "model"
+
+        def only(fn: HookFn, x: torch.Tensor) -> torch.Tensor | None:
+            return fn(x) if self.running == mine else None
+
+        return {name: partial(only, fn) for name, fn in (hooks or {}).items()}
+
+    def _run(self, who: str, ids: torch.Tensor, allowed: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        model, impl, cache = self.models[who]
         mask = allowed
-        if self.impl == "eager":  # additive mask, as HF builds it for eager; sdpa and custom functions get bools
-            dtype = self.model.dtype
+        if impl == "eager":  # additive mask, as HF builds it for eager; sdpa and custom functions get bools
+            dtype = model.dtype
             mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill_(
                 ~allowed, torch.finfo(dtype).min
             )
-        token = _CURRENT.set(batch)
+        self.running = who
         try:
-            out = self.model(
+            out = model(
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=self.cache,
+                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
         finally:
-            _CURRENT.reset(token)
+            self.running = None
         return out.logits[:, -1].float()
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        allowed: torch.Tensor,
+        position_ids: torch.Tensor,
+        batch: Batch,
+        slots: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Batch]:
+        """One pass of the model (and the companion) over ``slots``; returns its logits and the batch for on_token.
+
+        ``positions`` (decode): the cache position each row writes; None: a prefill.
+        """
+        self.passes += 1
+        token = _CURRENT.set(batch)
+        try:
+            logits = self._run("model", ids, allowed, position_ids)
+            companion = self._run("companion", ids, allowed, position_ids) if len(self.models) > 1 else None
+        finally:
+            _CURRENT.reset(token)
+        ctx = (self.passes, ids, allowed, position_ids, batch, slots, positions, logits.shape[-1])
+        return logits, replace(batch, companion_logits=companion, _rerun=partial(self._rerun, ctx))
+
+    def _rerun(self, ctx: tuple, rows: torch.Tensor) -> torch.Tensor:
+        n, ids, allowed, position_ids, batch, slots, positions, vocab = ctx
+        if n != self.live:
+            raise RuntimeError("Batch.rerun works only inside the on_token call of its own pass")
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        if not len(rows):
+            return torch.empty(0, vocab, device=self.device)
+        if positions is None:
+            self.cache.prefill(slots[rows])
+        else:
+            self.cache.decode(positions[rows], allowed.shape[-1], slots[rows])
+        sub = Batch(batch.rows[rows], batch.positions[rows], batch.n_generated[rows], batch.prefill)
+        token = _CURRENT.set(sub)
+        try:
+            return self._run("model", ids[rows], allowed[rows], position_ids[rows])
+        finally:
+            _CURRENT.reset(token)
 
     def _prefill(self, free: list[int]) -> None:
         """Admit waiting prompts (longest first) into free slots with one forward pass; choose their first token."""
@@ -278,14 +385,15 @@ class _Engine:
         eye = torch.eye(width, dtype=torch.bool, device=self.device)  # padding attends to itself: never NaN
         allowed = ((causal & real[:, None, :]) | eye)[:, None]
         slot_t = self._tensor(slots)
-        self.cache.prefill(slot_t)
+        for cache in self.caches:
+            cache.prefill(slot_t)
         batch = Batch(
             rows=self._tensor(reqs),
             positions=position_ids.masked_fill(~real, -1),
             n_generated=torch.zeros(n, dtype=torch.long, device=self.device),
             prefill=True,
         )
-        logits = self._forward(ids, allowed, position_ids, batch)
+        logits, batch = self._forward(ids, allowed, position_ids, batch, slot_t)
         self.mask[slot_t] = False
         self.mask[slot_t, :width] = real
         for s, r, p in zip(slots, reqs, pads):
@@ -299,14 +407,16 @@ class _Engine:
         self.mask[self.rows, positions] = True
         idle = torch.tensor([r < 0 for r in self.req], device=self.device)
         position_ids = self._tensor([ln - st for ln, st in zip(self.length, self.start)])[:, None]
-        self.cache.decode(positions, span)
+        for cache in self.caches:
+            cache.decode(positions, span)
         batch = Batch(
             rows=self._tensor(self.req),
             positions=position_ids.masked_fill(idle[:, None], -1),
             n_generated=self._tensor([len(o) for o in self.out]),
             prefill=False,
         )
-        logits = self._forward(self._tensor(self.next)[:, None], self.mask[:, None, None, :span], position_ids, batch)
+        ids, allowed = self._tensor(self.next)[:, None], self.mask[:, None, None, :span]
+        logits, batch = self._forward(ids, allowed, position_ids, batch, self.rows, positions)
         for s, r in enumerate(self.req):
             self.length[s] += r >= 0
         self._accept(list(range(self.width)), logits, batch)
@@ -320,7 +430,11 @@ class _Engine:
         else:
             tokens = logits.argmax(-1)
         if self.on_token is not None:
-            forced = self.on_token(batch, tokens, logits)
+            self.live = self.passes
+            try:
+                forced = self.on_token(batch, tokens, logits)
+            finally:
+                self.live = -1
             tokens = tokens if forced is None else forced
         finished = []
         for s, t in zip(slots, tokens.tolist()):
@@ -355,7 +469,8 @@ class _Engine:
         """Drop idle slots once no prompt waits, so the tail of the run decodes a narrower batch."""
         live = [s for s, r in enumerate(self.req) if r >= 0]
         idx = self._tensor(live)
-        self.cache.keep(idx)
+        for cache in self.caches:
+            cache.keep(idx)
         self.mask = self.mask[idx]
         for name in ("req", "start", "length", "next", "out"):
             values = getattr(self, name)
@@ -371,6 +486,8 @@ def generate(
     hooks: Mapping[str, HookFn] | None = None,
     on_token: OnToken | None = None,
     progress: bool = False,
+    companion: Any = None,
+    companion_hooks: Mapping[str, HookFn] | None = None,
 ) -> list[Completion]:
     """Generate a completion for each prompt (text, tokenized without special tokens, or token ids).
 
@@ -378,6 +495,11 @@ def generate(
     ``on_token(batch, tokens, logits)`` is called after each token choice with the chosen ``tokens`` ``[batch]``
     and the float32 ``logits`` ``[batch, vocab]``; a returned tensor replaces ``tokens`` (e.g. force
     ``</think>`` on rows where a probe fired). Idle rows' entries are ignored. Output order = input order.
+    It may call ``batch.rerun(rows)`` (see :meth:`Batch.rerun`).
+
+    ``companion``: a second model handle (same tokenizer and device) that reads the same tokens in lockstep, with
+    ``companion_hooks`` attached; its logits reach ``on_token`` as ``batch.companion_logits``. Each hook set fires
+    in its own model's passes only (the two may be one module).
     """
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
@@ -389,7 +511,18 @@ def generate(
         raise ValueError("empty prompt: every prompt needs at least one token (e.g. the chat template's BOS)")
     if not ids:
         return []
+    if companion is None and companion_hooks:
+        raise ValueError("companion_hooks were given without a companion model")
+    if companion is not None:
+        _check_companion(handle, companion)
+    engine = _Engine(handle, ids, cfg, on_token, progress, companion)
     g = handle.geometry
     # no_grad rather than inference_mode: tensors that hooks keep stay usable in autograd later (probe training)
-    with torch.no_grad(), attach(handle.model, dict(hooks or {}), g.n_layers, g.n_heads):
-        return _Engine(handle, ids, cfg, on_token, progress).run()
+    with torch.no_grad(), ExitStack() as stack:
+        stack.enter_context(attach(handle.model, engine.guard(hooks, companion=False), g.n_layers, g.n_heads))
+        if companion is not None:
+            cg = companion.geometry
+            stack.enter_context(
+                attach(companion.model, engine.guard(companion_hooks, companion=True), cg.n_layers, cg.n_heads)
+            )
+        return engine.run()

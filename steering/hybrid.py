@@ -16,13 +16,13 @@ Pipeline (:func:`run_hybrid`):
    token differs from the thinking model's, ``bias + V[behaviour of the sentence being written]`` is added and
    ``V``, ``bias`` minimise the cross-entropy of the thinking model's token) or ``mean_diff`` (mean base residual
    over the behaviour's sentences of the rollouts minus the mean over the base's own unsteered outputs).
-5. **Hybrid inference** (§3.3). Both models read one shared token sequence; every emitted token is the base's. At
-   each step the greedy next tokens of both models are compared; where they agree the base's unsteered
-   distribution is used; where they differ the base is re-run with ``c·(bias + V[b])`` added at ``steer_layer``
-   at the last position for each ``c`` in ``coefficients``, and the candidate whose greedy token the thinking
-   model finds most likely is used (the perplexity guardrail). The token is then drawn from that distribution at
-   ``temperature`` with the generation engine's per-(seed, request, step) uniforms. The steered position's keys
-   and values stay in the base's cache (as in the training pass).
+5. **Hybrid inference** (§3.3): :func:`reasonscope.generation.generate` on the base with the thinking model as
+   its companion, so both read one shared token sequence; every emitted token is the base's. At each step the
+   greedy next tokens of both models are compared; where they agree the token is drawn from the base's unsteered
+   distribution at ``temperature`` (the engine's per-(seed, request, step) uniforms); where they differ the base
+   re-runs that position with ``c·(bias + V[b])`` added at ``steer_layer`` for each ``c`` in ``coefficients``,
+   and the greedy token of the candidate the thinking model finds most likely is emitted (the perplexity
+   guardrail). The steered position's keys and values stay in the base's cache (as in the training pass).
 
 Format: the thinking model's chat prompt ``<|user|>q<|assistant|><think>`` is the shared prefix (the base never
 trained on ``<think>``/``</think>``; it reads them as untrained tokens). Base, thinking and hybrid are generated
@@ -45,8 +45,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, write_artifact
-from reasonscope.generation import DecodeConfig, generate, sample, uniform
-from reasonscope.hooks import attach
+from reasonscope.generation import Batch, DecodeConfig, current_batch, generate, sample, uniform
 from reasonscope.organisms import task
 from reasonscope.organisms.evaluate import EVAL_SEED
 
@@ -510,25 +509,6 @@ class HybridOutput:
     finished: bool
 
 
-def _step(model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any, hooks: dict) -> Any:
-    g = model.config
-    with attach(model, hooks, g.num_hidden_layers, g.num_attention_heads):
-        return (
-            model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-            .logits[:, -1]
-            .float()
-        )
-
-
-def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    from transformers.cache_utils import DynamicCache
-
-    c = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        c.update(k, v, i)
-    return c
-
-
 def hybrid_generate(
     base: Any,
     thinking: Any,
@@ -538,7 +518,8 @@ def hybrid_generate(
     mode: Mode = "hybrid",
     request_offset: int = 0,
 ) -> list[HybridOutput]:
-    """Hybrid decoding of ``prompts`` (token ids, one shared sequence per request) in batches of ``cfg.batch_size``.
+    """Hybrid decoding of ``prompts`` (token ids, one shared sequence per request): :func:`generate` on the base
+    with the thinking model as its companion, ``cfg.batch_size`` slots.
 
     ``mode``: ``hybrid``; ``random_behaviour`` (behaviour drawn uniformly among ``steerer.allowed`` at each
     sentence start); ``random_vectors`` (give a :meth:`Steerer.randomised` steerer; selection as ``hybrid``).
@@ -548,163 +529,125 @@ def hybrid_generate(
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     if any(not p for p in prompts):
         raise ValueError("empty prompt: every prompt needs at least one token")
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    done: dict[int, HybridOutput] = {}
-    for s in range(0, len(order), cfg.batch_size):
-        chunk = order[s : s + cfg.batch_size]
-        with torch.no_grad():
-            res = _hybrid_batch(
-                base, thinking, [prompts[i] for i in chunk], steerer, cfg, mode, [request_offset + i for i in chunk]
-            )
-        done.update(zip(chunk, res))
-    return [done[i] for i in range(len(prompts))]
+    if not prompts:
+        return []
+    run = _Hybrid(base, thinking, len(prompts), steerer, cfg, mode, request_offset)
+    dcfg = DecodeConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=1.0,
+        seed=cfg.seed,
+        eos_token_ids=(base.tokenizer.eos_token_id,),
+        batch_size=cfg.batch_size,
+    )
+    comps = generate(
+        base,
+        [list(p) for p in prompts],
+        dcfg,
+        hooks={f"blocks.{steerer.layer}.hook_resid_post": run.steer},
+        on_token=run.on_token,
+        companion=thinking,
+        companion_hooks={f"blocks.{steerer.read_layer}.hook_resid_post": run.read},
+    )
+    return [HybridOutput(c.token_ids, run.behaviours[i], c.finish_reason == "eos") for i, c in enumerate(comps)]
 
 
-def _hybrid_batch(
-    base: Any,
-    thinking: Any,
-    prompts: list[list[int]],
-    st: Steerer,
-    cfg: HybridConfig,
-    mode: Mode,
-    requests: list[int],
-) -> list[HybridOutput]:
-    tok = base.tokenizer
-    dev = base.device
-    bm, tm = base.model, thinking.model
-    eos = {tok.eos_token_id}
-    think_end = tok.get_vocab().get(thinking.think_end)
-    ids, mask, _ = _padded(base, prompts)
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    n = len(prompts)
-    bc, tc = _cache_new(), _cache_new()
-    seen: dict[str, torch.Tensor] = {}
+class _Hybrid:
+    """One :func:`hybrid_generate` call: per-request behaviours, the two hooks and the ``on_token`` step.
 
-    def read(x: torch.Tensor) -> None:
-        seen["x"] = x[:, -1].detach()
+    The thinking model (companion) hook reads ``read_layer`` at the last position; at each sentence start (the
+    prompt, and after a token that ends a sentence or is ``</think>``) it picks the request's behaviour. Rows whose
+    greedy tokens differ are re-run on the base with ``c·(bias + V[b])`` added at ``layer`` (the base hook), one
+    re-run per coefficient; per row the candidate whose greedy token the thinking model finds most likely (first
+    best on ties) is emitted and its keys and values stay in the cache.
+    """
 
-    read_hook = {f"blocks.{st.read_layer}.hook_resid_post": read}
-    t_logits = _step(tm, ids, mask, pos, tc, read_hook)
-    b_logits = _step(bm, ids, mask, pos, bc, {})
-    vecs, bias = st.vectors.to(dev), st.bias.to(dev)
-    coefs = torch.tensor(st_coefs(cfg), device=dev)
-    alive = list(range(n))  # batch row -> request slot
-    last_in = ids[:, -1:].clone()
-    last_pos = pos[:, -1:].clone()
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    behs: list[list[str | None]] = [[] for _ in range(n)]
-    finished = [False] * n
-    current = _choose(st, seen["x"], mode, cfg.seed, [requests[i] for i in alive], 0)
-    for step in range(cfg.max_new_tokens):
-        gt, gb = t_logits.argmax(-1), b_logits.argmax(-1)
-        dis = (gt != gb).nonzero()[:, 0]
-        logits = b_logits.clone()
-        if len(dis):
-            logits[dis] = _steered(bm, bc, mask, last_in, last_pos, dis, current, vecs, bias, coefs, st.layer, t_logits)
-        if cfg.temperature > 0:
-            u = torch.tensor([uniform(cfg.seed, requests[i], step) for i in alive], device=dev)
-            chosen = sample(logits, cfg.temperature, 1.0, u)
-            if len(dis):  # a steered position emits the token the guardrail chose (the paper's v1 hybrid)
-                chosen[dis] = logits[dis].argmax(-1)
-        else:
-            chosen = logits.argmax(-1)
-        steered = torch.zeros(len(alive), dtype=torch.bool)
-        steered[dis.cpu()] = True
-        keep = []
-        for row, (slot, t) in enumerate(zip(alive, chosen.tolist())):
-            tokens[slot].append(t)
-            behs[slot].append(st.names[int(current[row])] if steered[row] else None)
-            if t in eos:
-                finished[slot] = True
-            elif step + 1 < cfg.max_new_tokens:
-                keep.append(row)
-        if not keep:
-            break
-        k_t = torch.tensor(keep, device=dev)
-        if len(keep) < len(alive):
-            bc.batch_select_indices(k_t)
-            tc.batch_select_indices(k_t)
-            mask, chosen, current = mask[k_t], chosen[k_t], current[k_t.cpu()]
-            last_pos = last_pos[k_t]
-            alive = [alive[r] for r in keep]
-        last_in = chosen[:, None]
-        last_pos = last_pos + 1
-        mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=mask.dtype, device=dev)], dim=1)
-        t_logits = _step(tm, last_in, mask, last_pos, tc, read_hook)
-        b_logits = _step(bm, last_in, mask, last_pos, bc, {})
-        texts = [tok.decode([t]) for t in last_in[:, 0].tolist()]
-        starts = [
-            i for i, (x, t) in enumerate(zip(texts, last_in[:, 0].tolist())) if ends_sentence(x) or t == think_end
-        ]
-        if starts:
-            new = _choose(st, seen["x"][starts], mode, cfg.seed, [requests[alive[i]] for i in starts], step + 1)
-            current[starts] = new
-    return [HybridOutput(tokens[i], behs[i], finished[i]) for i in range(n)]
+    def __init__(
+        self, base: Any, thinking: Any, n: int, st: Steerer, cfg: HybridConfig, mode: Mode, offset: int
+    ) -> None:
+        dev = base.device
+        self.st, self.cfg, self.mode, self.offset = st, cfg, mode, offset
+        self.tok = base.tokenizer
+        self.think_end = self.tok.get_vocab().get(thinking.think_end)
+        self.vecs, self.bias = st.vectors.to(dev), st.bias.to(dev)
+        self.coefs = torch.tensor(cfg.coefficients, device=dev)
+        self.behaviour = torch.zeros(n, dtype=torch.long)  # behaviour of the sentence each request is writing
+        self.behaviours: list[list[str | None]] = [[] for _ in range(n)]
+        self.last = [-1] * n  # each request's last emitted token: its next input
+        self.delta = torch.zeros(n + 1, st.vectors.shape[1], device=dev)  # row n (idle rows' -1) stays 0
+        self.steering = False  # the base hook adds delta only while steered rows are re-run
+        self.acts: torch.Tensor | None = None  # the thinking model's read_layer output at the last position
+        self.starts: dict[int, bool] = {}
 
+    def read(self, x: torch.Tensor) -> None:
+        self.acts = x[:, -1]
 
-def st_coefs(cfg: HybridConfig) -> list[float]:
-    return list(cfg.coefficients)
-
-
-def _cache_new() -> Any:
-    from transformers.cache_utils import DynamicCache
-
-    return DynamicCache()
-
-
-def _choose(st: Steerer, acts: torch.Tensor, mode: Mode, seed: int, requests: list[int], step: int) -> torch.Tensor:
-    """Behaviour per row at a sentence start: the thinking model's pick, or a seeded random one (control)."""
-    if mode == "random_behaviour":
-        allowed = st.allowed
-        picks = [allowed[int(uniform(seed ^ 0x5EED, r, step) * len(allowed))] for r in requests]
-        return torch.tensor(picks, dtype=torch.long)
-    return st.pick(acts).cpu()
-
-
-def _steered(
-    model: Any,
-    cache: Any,
-    mask: torch.Tensor,
-    last_in: torch.Tensor,
-    last_pos: torch.Tensor,
-    rows: torch.Tensor,
-    current: torch.Tensor,
-    vecs: torch.Tensor,
-    bias: torch.Tensor,
-    coefs: torch.Tensor,
-    layer: int,
-    t_logits: torch.Tensor,
-) -> torch.Tensor:
-    """Re-run the last input of ``rows`` with ``c·(bias + V[b])`` added at ``layer`` for each ``c``; keep, per row,
-    the candidate whose greedy token the thinking model finds most likely (its KV replaces the unsteered one)."""
-    g, r = len(coefs), len(rows)
-    past = [(lay.keys[rows, :, :-1], lay.values[rows, :, :-1]) for lay in cache.layers]
-    tmp = _cache([(k.repeat(g, 1, 1, 1), v.repeat(g, 1, 1, 1)) for k, v in past])
-    delta = bias[None] + vecs[current[rows.cpu()].to(vecs.device)]  # [r, d]
-    delta = (coefs[:, None, None] * delta[None]).reshape(g * r, -1)
-
-    def add(x: torch.Tensor) -> torch.Tensor:
+    def steer(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.steering:
+            return None
         y = x.clone()
-        y[:, -1] += delta.to(x)
+        y[:, -1] += self.delta[current_batch().rows].to(x)  # type: ignore[union-attr]
         return y
 
-    cand = _step(
-        model,
-        last_in[rows].repeat(g, 1),
-        mask[rows].repeat(g, 1),
-        last_pos[rows].repeat(g, 1),
-        tmp,
-        {f"blocks.{layer}.hook_resid_post": add},
-    ).reshape(g, r, -1)
-    logp = torch.log_softmax(t_logits[rows], -1)  # [r, vocab]
-    score = logp.gather(-1, cand.argmax(-1).T).T  # [g, r]
-    best = score.argmax(0)  # first best: the smallest coefficient wins ties
-    pick = best * r + torch.arange(r, device=best.device)
-    for lay, tl in zip(cache.layers, tmp.layers):
-        lay.keys[rows, :, -1] = tl.keys[pick, :, -1]
-        lay.values[rows, :, -1] = tl.values[pick, :, -1]
-    return cand[best, torch.arange(r, device=best.device)]
+    def _starts(self, token: int) -> bool:
+        """Whether the sentence after ``token`` is a new one."""
+        if token not in self.starts:
+            self.starts[token] = ends_sentence(self.tok.decode([token])) or token == self.think_end
+        return self.starts[token]
+
+    def _choose(self, rows: list[int], requests: list[int], steps: list[int]) -> torch.Tensor:
+        """Behaviour of the sentence starting at batch ``rows``: the thinking model's pick, or a seeded random one."""
+        if self.mode == "random_behaviour":
+            allowed, seed = self.st.allowed, self.cfg.seed ^ 0x5EED
+            picks = [allowed[int(uniform(seed, self.offset + r, s) * len(allowed))] for r, s in zip(requests, steps)]
+            return torch.tensor(picks, dtype=torch.long)
+        return self.st.pick(self.acts[rows]).cpu()  # type: ignore[index]
+
+    def on_token(self, batch: Batch, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        cfg, reqs, steps = self.cfg, batch.rows.tolist(), batch.n_generated.tolist()
+        live = [i for i, r in enumerate(reqs) if r >= 0]
+        starts = live if batch.prefill else [i for i in live if self._starts(self.last[reqs[i]])]
+        if starts:
+            who = [reqs[i] for i in starts]
+            self.behaviour[who] = self._choose(starts, who, [steps[i] for i in starts])
+        if self.offset and cfg.temperature > 0:  # generate drew from request i's stream; this is offset + i
+            u = [uniform(cfg.seed, self.offset + r, s) if r >= 0 else 0.0 for r, s in zip(reqs, steps)]
+            tokens = sample(logits, cfg.temperature, 1.0, torch.tensor(u, device=logits.device))
+        think = batch.companion_logits
+        assert think is not None
+        dis = ((think.argmax(-1) != logits.argmax(-1)) & (batch.rows >= 0)).nonzero()[:, 0]
+        if len(dis):  # a steered position emits the token the guardrail chose, also when sampling
+            tokens = tokens.clone()
+            tokens[dis] = self._steered(batch, dis, think)
+        steered = set(dis.tolist())
+        out = tokens.tolist()
+        for i in live:
+            r = reqs[i]
+            self.behaviours[r].append(self.st.names[int(self.behaviour[r])] if i in steered else None)
+            self.last[r] = out[i]
+        return tokens
+
+    def _steered(self, batch: Batch, rows: torch.Tensor, think: torch.Tensor) -> torch.Tensor:
+        """Greedy token of the winning candidate of each of ``rows``; leaves its keys and values in the cache."""
+        req = batch.rows[rows]
+        base_delta = self.bias[None] + self.vecs[self.behaviour[req.cpu()].to(self.vecs.device)]  # [r, d]
+        cands = []
+        self.steering = True
+        try:
+            for c in self.coefs:
+                self.delta[req] = c * base_delta
+                cands.append(batch.rerun(rows))
+            cand = torch.stack(cands)  # [g, r, vocab]
+            score = torch.log_softmax(think[rows], -1).gather(-1, cand.argmax(-1).T).T  # [g, r]
+            best = score.argmax(0)  # first best: the smallest coefficient wins ties
+            redo = (best != len(self.coefs) - 1).nonzero()[:, 0]  # the last re-run left the last candidate's KV
+            if len(redo):
+                self.delta[req[redo]] = self.coefs[best[redo], None] * base_delta[redo]
+                batch.rerun(rows[redo])
+        finally:
+            self.steering = False
+            self.delta[req] = 0
+        return cand[best, torch.arange(len(rows), device=best.device)].argmax(-1)
 
 
 # ---------------------------------------------------------------------------- the run and its artifact

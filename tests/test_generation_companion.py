@@ -1,0 +1,233 @@
+"""The generation engine's companion model (lockstep decoding, its own hooks) and re-runs of batch rows."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_generation import encode, forced_eos_at, varied_model
+
+from reasonscope.generation import Batch, DecodeConfig, current_batch, generate
+
+from conftest import torch_hooks
+
+LAYER = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def main(tiny_model_dir):
+    return varied_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def other(tiny_model_dir):
+    """Another model on the same tokenizer (other weights, eager attention: its own mask kind)."""
+    from reasonscope.models import load_model
+
+    h = load_model(tiny_model_dir, attn_implementation="eager")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in h.model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return h
+
+
+def cfg(**kw) -> DecodeConfig:
+    return DecodeConfig(**{"max_new_tokens": 10, "batch_size": 3, "refill": 1, **kw})
+
+
+def record_companion(seen: dict):
+    def on_token(batch, tokens, logits):
+        for row, (r, n) in enumerate(zip(batch.rows.tolist(), batch.n_generated.tolist())):
+            if r >= 0:
+                seen[(r, n)] = batch.companion_logits[row].clone()
+
+    return on_token
+
+
+def assert_companion_reads(seen: dict, out, handle) -> None:
+    """Every step's companion logits = a plain forward of ``handle`` over the request's sequence."""
+    for r, c in enumerate(out):
+        ref = handle.run(torch.tensor([c.prompt_ids + c.token_ids[:-1]]))[0].float()
+        got = torch.stack([seen[(r, n)] for n in range(len(c.token_ids))])
+        torch.testing.assert_close(got, ref[len(c.prompt_ids) - 1 :], rtol=1e-4, atol=1e-4)
+
+
+def test_companion_logits_equal_the_companion_alone(main, other):
+    prompts = encode(main)
+    lengths = {0: 3, 2: 7, 4: 2}  # rows end at different steps: refills and the final compaction
+    force = forced_eos_at(lengths, main.tokenizer.eos_token_id)
+    seen: dict = {}
+
+    def on_token(batch, tokens, logits):
+        record_companion(seen)(batch, tokens, logits)
+        return force(batch, tokens, logits)
+
+    out = generate(main, prompts, cfg(), on_token=on_token, companion=other)
+    plain = generate(main, prompts, cfg(), on_token=force)
+    assert [c.token_ids for c in out] == [c.token_ids for c in plain]  # the companion only reads
+    assert_companion_reads(seen, out, other)
+    alone = generate(other, prompts, cfg(), on_token=force)
+    assert any(a.token_ids != c.token_ids for a, c in zip(alone, out))  # it follows the model, not itself
+
+
+def test_hooks_run_on_their_own_model_only(main):
+    """The companion may be the model itself: each hook still fires in its own model's passes only."""
+    prompts = encode(main)[:3]
+    v = torch.randn(main.geometry.d_model, generator=torch.Generator().manual_seed(0)) * 20
+    passes, reads = [], []
+    seen: dict = {}
+
+    def on_token(batch, tokens, logits):
+        passes.append(batch.prefill)
+        record_companion(seen)(batch, tokens, logits)
+
+    def steer(x):
+        return x + v
+
+    out = generate(
+        main,
+        prompts,
+        cfg(),
+        hooks={LAYER: steer},
+        on_token=on_token,
+        companion=main,
+        companion_hooks={LAYER: lambda x: reads.append(current_batch().prefill)},
+    )
+    steered = generate(main, prompts, cfg(), hooks={LAYER: steer})
+    assert [c.token_ids for c in out] == [c.token_ids for c in steered]
+    assert reads == passes  # once per pass, not in the model's pass too
+    assert_companion_reads(seen, out, main)  # the companion pass is unsteered
+
+
+def test_rerun_with_unchanged_state_changes_nothing(main, other):
+    prompts = encode(main)
+    force = forced_eos_at({1: 4, 3: 6}, main.tokenizer.eos_token_id)
+    inside: list[tuple[list[int], bool]] = []
+    checked = []
+
+    def hook(x):
+        b = current_batch()
+        inside.append((b.rows.tolist(), b.prefill))
+
+    def on_token(batch, tokens, logits):
+        assert batch.rerun(torch.tensor([], dtype=torch.long)).shape == (0, logits.shape[1])
+        idx = (batch.rows >= 0).nonzero()[:, 0][::2]
+        inside.clear()
+        again = batch.rerun(idx)
+        assert inside == [(batch.rows[idx].tolist(), batch.prefill)]  # hooks see the sub-batch
+        torch.testing.assert_close(again, logits[idx], rtol=1e-5, atol=1e-5)
+        checked.append(batch.prefill)
+        return force(batch, tokens, logits)
+
+    plain = generate(main, prompts, cfg(), on_token=force)
+    for companion in (None, other):
+        out = generate(main, prompts, cfg(), hooks={LAYER: hook}, on_token=on_token, companion=companion)
+        assert [c.token_ids for c in out] == [c.token_ids for c in plain]
+    assert True in checked and False in checked
+
+
+def steer_once(handle, prompts, at: dict[int, int], batch_size: int, rerun: bool, companion=None):
+    """Steer request ``r`` on the pass that chooses its token ``at[r]`` (0: the prefill, whole prompt), either
+    in that pass (``rerun=False``) or by re-running its row from ``on_token`` and emitting the re-run's greedy
+    token. Returns the tokens and each request's logits ``[steps, vocab]`` (the re-run's where steered).
+    """
+    n = len(prompts)
+    v = torch.randn(handle.geometry.d_model, generator=torch.Generator().manual_seed(2)) * 5
+    when = torch.tensor([at.get(r, -1) for r in range(n)] + [-1])  # index -1 (idle rows): never
+    gamma = torch.zeros(n + 1)
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+
+    def hook(x):
+        b = current_batch()
+        g = gamma[b.rows] if rerun else (b.n_generated == when[b.rows]).float()
+        return x + g.view(-1, 1, 1) * v
+
+    def on_token(batch, tokens, logits):
+        idx = ((batch.n_generated == when[batch.rows]) & (batch.rows >= 0)).nonzero()[:, 0]
+        if rerun and len(idx):
+            gamma[batch.rows[idx]] = 1.0
+            try:
+                steered = batch.rerun(idx)
+            finally:
+                gamma.zero_()
+            logits, tokens = logits.clone(), tokens.clone()
+            logits[idx], tokens[idx] = steered, steered.argmax(-1)
+        for row, (r, k) in enumerate(zip(batch.rows.tolist(), batch.n_generated.tolist())):
+            if r >= 0:
+                seen[(r, k)] = logits[row]
+        return tokens
+
+    c = DecodeConfig(max_new_tokens=8, batch_size=batch_size, refill=1)
+    out = generate(handle, prompts, c, hooks={LAYER: hook}, on_token=on_token, companion=companion)
+    tokens = [o.token_ids for o in out]
+    return tokens, [torch.stack([seen[(r, k)] for k in range(len(t))]) for r, t in enumerate(tokens)]
+
+
+def test_rerun_keeps_the_steered_keys_and_values(main, other):
+    """A re-run row's keys and values replace the first run's: later tokens read the steered position."""
+    prompts = encode(main)
+    at = {0: 2, 1: 0, 2: 5, 4: 1}
+    ref, ref_logits = steer_once(main, prompts, at, 3, rerun=False)
+    assert ref != [c.token_ids for c in generate(main, prompts, DecodeConfig(max_new_tokens=8))]
+    alone = [steer_once(main, [p], {0: at.get(i, -1)}, 1, rerun=True) for i, p in enumerate(prompts)]
+    runs = [
+        steer_once(main, prompts, at, 3, rerun=True),
+        steer_once(main, prompts, at, 3, rerun=True, companion=other),
+        ([t[0] for t, _ in alone], [lg[0] for _, lg in alone]),
+    ]
+    for tokens, logits in runs:
+        assert tokens == ref
+        for got, want in zip(logits, ref_logits):  # every later step reads the steered keys and values
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_rerun_only_inside_its_on_token(main):
+    kept: list[Batch] = []
+
+    def on_token(batch, tokens, logits):
+        kept.append(batch)
+        if len(kept) == 2:
+            with pytest.raises(RuntimeError, match="its own pass"):
+                kept[0].rerun(torch.tensor([0]))
+
+    generate(main, encode(main)[:2], cfg(max_new_tokens=3), on_token=on_token)
+    with pytest.raises(RuntimeError, match="its own pass"):
+        kept[-1].rerun(torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="on_token"):
+        Batch(torch.zeros(1), torch.zeros(1, 1), torch.zeros(1), False).rerun(torch.tensor([0]))
+
+
+def test_hooks_removed_when_on_token_raises(main, other):
+    before = torch_hooks(main.model), torch_hooks(other.model)
+
+    def on_token(batch, tokens, logits):
+        if not batch.prefill:
+            batch.rerun(torch.tensor([0]))
+            raise RuntimeError("boom in on_token")
+
+    with pytest.raises(RuntimeError, match="boom in on_token"):
+        generate(
+            main,
+            encode(main)[:2],
+            cfg(),
+            hooks={LAYER: lambda x: None},
+            on_token=on_token,
+            companion=other,
+            companion_hooks={"blocks.1.hook_resid_post": lambda x: None},
+        )
+    assert (torch_hooks(main.model), torch_hooks(other.model)) == before and current_batch() is None
+
+
+def test_companion_must_share_tokens_and_device(main):
+    prompts = encode(main)[:1]
+    small = SimpleNamespace(tokenizer=[0] * 7, device=main.device)
+    with pytest.raises(ValueError, match="share the model's tokenizer"):
+        generate(main, prompts, companion=small)
+    elsewhere = SimpleNamespace(tokenizer=main.tokenizer, device=torch.device("meta"))
+    with pytest.raises(ValueError, match="load both on one device"):
+        generate(main, prompts, companion=elsewhere)
+    with pytest.raises(ValueError, match="without a companion"):
+        generate(main, prompts, companion_hooks={LAYER: lambda x: None})
