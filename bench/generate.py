@@ -25,6 +25,7 @@ import argparse
 import math
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -174,6 +175,7 @@ def main() -> None:
             out, seconds = timed(fn, cuda)
             outputs[name] = out
             rates[name].append(sum(map(len, out)) / seconds)
+            print(f"  {name}: {seconds:.1f}s, {rates[name][-1]:,.0f} tokens/s", file=sys.stderr, flush=True)
     hf_name, engine_name = list(methods)
     _, row_steps = hf_generate(h, prompts, max_new, a.batch, eos, lengths)
     real = sum(map(len, outputs[hf_name]))

@@ -6,30 +6,59 @@ The scorers read the model's own greedy traces on training problems (seed ``--se
 other problems (seed ``--seed + 1``). The window is scaled to the traces (``window_for``) unless given.
 ``--scores-out`` saves the head maps (and timings, the RLKV log) before the sweep; ``--scores-in`` reloads
 them to rerun the sweep alone. Timings depend on the machine's load: say how loaded it was.
+
+    python bench/heads.py --shape 1.5b --n-train 16 --n-eval 64 --rlkv-steps 10 --duo-steps 10   # GPU timing
+
+``--shape 1.5b`` times the scorers and the evaluator on a random-init DeepSeek-R1-Distill-Qwen-1.5B / Qwen2-1.5B
+(config from ../shared/data/tokenizers/qwen2; bf16 on CUDA, float32 on CPU; ``--layers`` keeps fewer layers for
+a quick CPU check of the path). Random weights solve nothing and never stop, so that run is for time and memory
+only: traces run to ``--trace-tokens``, they are marked solved so that RLKV has problems to train on (its reward
+is then always 0, the same work per step), and there is no retrieval score or exhaustive ceiling (2^56 subsets).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from reasonscope.heads import CompressionPolicy, HeadConfig, score_heads
 from reasonscope.heads.evaluate import EvalConfig, check_window, evaluate_heads, window_for
 from reasonscope.heads.rlkv import RLKVConfig
-from reasonscope.models import load_model
+from reasonscope.models import ModelHandle, load_model
 from reasonscope.organisms import task
 from reasonscope.traces.generate import GenerationConfig, generate_traces
 
 METHODS = ("retrieval", "window", "gate-ig", "duo", "rlkv")
+QWEN2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers" / "qwen2"
+
+
+def random_qwen2(layers: int | None) -> ModelHandle:
+    """A random-init Qwen2-1.5B-shape model (bf16 on CUDA, float32 on CPU) with the real tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from reasonscope.traces.loaders import qwen2_tokenizer
+
+    cfg = AutoConfig.from_pretrained(QWEN2)
+    if layers:
+        cfg.num_hidden_layers, cfg.layer_types = layers, cfg.layer_types[:layers]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
+    return ModelHandle(model=model, tokenizer=qwen2_tokenizer(QWEN2), source="random:qwen2-1.5b", path=str(QWEN2))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="organism:thinking")
+    ap.add_argument("--shape", choices=("organism", "1.5b"), default="organism", help="1.5b: GPU timing (see above)")
+    ap.add_argument("--layers", type=int, default=None, help="1.5b: keep this many layers (a quick CPU check)")
     ap.add_argument("--n-train", type=int, default=64)
     ap.add_argument("--n-eval", type=int, default=300)
     ap.add_argument("--levels", default="3,4")
@@ -59,17 +88,22 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
-    h = load_model(args.model)
+    timing = args.shape == "1.5b"
+    h: Any = random_qwen2(args.layers) if timing else load_model(args.model)
+    if timing and args.methods == ",".join(METHODS):
+        args.methods = ",".join(m for m in METHODS if m != "retrieval")
     levels = tuple(int(x) for x in args.levels.split(","))
     train = task.problems(args.n_train, seed=args.seed, levels=levels)
     t0 = time.time()
     traces = generate_traces(
         h,
-        [h.chat_prompt(p.question) for p in train],
-        GenerationConfig(max_new_tokens=args.trace_tokens),
+        [h.chat_prompt(p.question, thinking=timing) for p in train],
+        GenerationConfig(max_new_tokens=args.trace_tokens, batch_size=args.batch_size),
         golds=[str(p.answer) for p in train],
         grader="organism",
     )
+    if timing:  # random weights solve nothing: mark the traces solved so that RLKV runs (timing only)
+        traces = [dataclasses.replace(t, grade=True) for t in traces]
     generated = [len(t.token_ids) - t.think_span[0] for t in traces if t.think_span is not None]
     policy = window_for(generated) if args.sink is None else CompressionPolicy(args.sink, args.recent or 0)
     check_window(policy, generated)
@@ -98,6 +132,7 @@ def main() -> None:
     retrieval = scores.pop("retrieval", None)
     t0 = time.time()
     cfg = EvalConfig(
+        exhaustive=not timing,
         sparsities=tuple(float(x) for x in args.sparsities.split(",")),
         random_draws=args.draws,
         max_new_tokens=args.max_new_tokens,
@@ -105,7 +140,7 @@ def main() -> None:
     )
     res = evaluate_heads(
         h,
-        [h.chat_prompt(p.question) for p in held],
+        [h.chat_prompt(p.question, thinking=timing) for p in held],
         [str(p.answer) for p in held],
         scores,
         policy,
@@ -140,7 +175,7 @@ def score_all(
         max_new_tokens=args.rlkv_rollout_tokens,
         seed=args.seed,
         time_budget_s=args.rlkv_budget_s,
-        max_think_tokens=args.rlkv_max_think,
+        max_think_tokens=None if args.shape == "1.5b" else args.rlkv_max_think,
     )
     scores, seconds, rlkv_log = {}, {}, []
     for method in args.methods.split(","):

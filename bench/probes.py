@@ -66,8 +66,11 @@ def n_train(n: int) -> int:
     return int(0.8 * n)
 
 
-def fit_ours(x: torch.Tensor, y: torch.Tensor, early: bool) -> tuple[float, float, int, torch.Tensor]:
-    """Seconds, test AUROC, passes and standardised-space coefficients of :func:`probes.train.fit` (in memory).
+def fit_ours(
+    x: torch.Tensor, y: torch.Tensor, early: bool, device: torch.device
+) -> tuple[float, float, int, torch.Tensor]:
+    """Seconds, test AUROC, passes and standardised-space coefficients of :func:`probes.train.fit` (in memory,
+    on ``device``: on a GPU the activations are placed there once, before the clock starts).
 
     ``early``: the last eighth of the training rows is the validation split, and the fit stops at the first pass
     that does not improve the validation loss (``patience=1``); otherwise it trains on all of them and stops at
@@ -87,15 +90,23 @@ def fit_ours(x: torch.Tensor, y: torch.Tensor, early: bool) -> tuple[float, floa
         epochs=200,
         patience=1 if early else 5,
         tol=1e-4,
-        device="cpu",
+        device=str(device),
     )
-    batches = [(torch.arange(s, min(s + 65536, n)), x[None, s : s + 65536]) for s in range(0, n, 65536)]
+    xd = x.to(device)
+    batches = [(torch.arange(s, min(s + 65536, n)), xd[None, s : s + 65536]) for s in range(0, n, 65536)]
+    _sync(device)
     t = time.perf_counter()
-    probe = BatchedProbe(2, 1, x.shape[1], "logistic")
-    passes = fit(probe, batches, data, cfg, torch.device("cpu"))
+    probe = BatchedProbe(2, 1, x.shape[1], "logistic").to(device)
+    passes = fit(probe, batches, data, cfg, device)
+    _sync(device)
     seconds = time.perf_counter() - t
-    p = predict(probe, batches, n, torch.device("cpu"), side == TEST)[0, 0]
-    return seconds, metrics.auroc(p[nt:], y[nt:]), passes, probe.w.detach()[0, 0].clone()
+    p = predict(probe, batches, n, device, side == TEST)[0, 0]
+    return seconds, metrics.auroc(p[nt:], y[nt:]), passes, probe.w.detach()[0, 0].cpu().clone()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def fit_sklearn(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, int, torch.Tensor]:
@@ -119,7 +130,7 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def all_layers(layers: int, d: int, rows: int, root: Path) -> dict[str, float]:
+def all_layers(layers: int, d: int, rows: int, root: Path, device: str) -> dict[str, float]:
     """Write a ``layers`` x ``d`` bf16 store of ``rows`` chunk rows and time ``fit_probes`` over every layer."""
     hooks = [f"blocks.{i}.hook_resid_post" for i in range(layers)]
     per, chunks = 64, 8
@@ -160,7 +171,7 @@ def all_layers(layers: int, d: int, rows: int, root: Path) -> dict[str, float]:
     w.finalize()
     store = ActivationStore.open(root / "store", check="size")
     t = time.perf_counter()
-    ps = fit_probes(store, table, ProbeConfig(bootstrap=0), root / "p")
+    ps = fit_probes(store, table, ProbeConfig(bootstrap=0, device=device), root / "p")
     seconds = time.perf_counter() - t
     aurocs = [ps.report["layers"][h]["auroc"] for h in hooks]
     return {
@@ -194,6 +205,7 @@ def main() -> None:
     ap.add_argument("--no-to-tol", dest="to_tol", action="store_false", help="skip ours to scikit-learn's tol")
     ap.add_argument("--sk-repeats", type=int, default=3, help="timed fits of scikit-learn (0: skip it)")
 
+    ap.add_argument("--device", default="cpu", help="where our fitter runs (cuda: the GPU figure; sklearn: CPU)")
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--layer-rows", type=int, default=8000)
     args = ap.parse_args()
@@ -203,7 +215,7 @@ def main() -> None:
     for early, name in ((True, "reasonscope (early stop)"), (False, "reasonscope (tol 1e-4)")):
         if not (args.early if early else args.to_tol):
             continue
-        ours = [fit_ours(x, y, early) for _ in range(args.repeats)]
+        ours = [fit_ours(x, y, early, torch.device(args.device)) for _ in range(args.repeats)]
         coefs[name] = ours[0][3]
         rows.append(
             {
@@ -241,7 +253,7 @@ def main() -> None:
     del x, y
     print(
         f"n={args.n} (train {n_train(args.n)}, test {args.n - n_train(args.n)})  d={args.d}  "
-        f"factors={args.factors}  threads {_threads()}"
+        f"factors={args.factors}  ours on {args.device}  threads {_threads()}"
     )
     print(f"{'fitter':<26}{'median s':>10}{'steps':>7}{'AUROC':>8}{'speed-up':>10}{'AUROC gap':>11}{'cos(w)':>9}  runs")
     for r in rows:
@@ -257,7 +269,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             report["all_layers"] = {
                 k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
-                for k, v in all_layers(args.layers, args.d, args.layer_rows, Path(tmp)).items()
+                for k, v in all_layers(args.layers, args.d, args.layer_rows, Path(tmp), args.device).items()
             }
         print(json.dumps(report["all_layers"]), flush=True)
     print(json.dumps(report, default=lambda v: round(v, 4) if isinstance(v, float) else str(v)), flush=True)

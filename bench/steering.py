@@ -106,9 +106,9 @@ def main() -> None:
             t = time.perf_counter()
             for _ in range(500):
                 step = Batch(
-                    torch.arange(width),
-                    torch.zeros(width, 1, dtype=torch.long),
-                    torch.zeros(width, dtype=torch.long),
+                    torch.arange(width, device=h.device),
+                    torch.zeros(width, 1, dtype=torch.long, device=h.device),
+                    torch.zeros(width, dtype=torch.long, device=h.device),
                     False,
                 )
                 token = _CURRENT.set(step)

@@ -245,14 +245,15 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
         if cache.get("batch") is batch and cache.get("dtype") == dtype:
             return cache["g"]
         rows = batch.rows
+        gam = gamma.to(rows.device)
         if per_request:
             if int(rows.max()) >= len(gamma):
                 raise ValueError(
                     f"{len(gamma)} gamma values but generate serves request {int(rows.max())}; give one per request"
                 )
-            g = gamma[rows.clamp(min=0)]
+            g = gam[rows.clamp(min=0)]
         else:
-            g = gamma.expand(len(rows))
+            g = gam.expand(len(rows))
         g = (g * (rows >= 0)).to(dtype)[:, None, None]  # idle rows: no steering
         cache.update(batch=batch, dtype=dtype, g=g)
         return g
@@ -271,7 +272,7 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
                 )
             if per_request and len(gamma) != x.shape[0]:
                 raise ValueError(f"{len(gamma)} gamma values for a batch of {x.shape[0]} rows; give one or one per row")
-            g = (gamma if per_request else gamma.expand(x.shape[0])).to(x.dtype)[:, None, None]
+            g = (gamma if per_request else gamma.expand(x.shape[0])).to(x.device, x.dtype)[:, None, None]
         else:
             if rule == "generated" and batch.prefill:
                 return None

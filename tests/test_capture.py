@@ -62,7 +62,7 @@ def test_store_rows_match_direct_run(tiny_handle, task_traces, tmp_path):
     t = task_traces[4]
     ids = torch.tensor([t.token_ids])
     got = {}
-    tiny_handle.run(ids, hooks={"blocks.1.hook_resid_post": lambda x: got.update(h=x[0].clone())})
+    tiny_handle.run(ids, hooks={"blocks.1.hook_resid_post": lambda x: got.update(h=x[0].cpu())})
     a, b = t.think_span
     assert torch.allclose(store.get("blocks.1.hook_resid_post", trace=t.id), got["h"][a:b], atol=1e-5)
     rows = store.rows()

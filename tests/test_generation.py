@@ -59,7 +59,7 @@ def forced_eos_at(lengths: dict[int, int], eos: int):
     """An ``on_token`` callback ending request ``i`` after ``lengths[i]`` tokens."""
 
     def on_token(batch, tokens, logits):
-        limit = torch.tensor([lengths.get(r, 10**9) for r in batch.rows.tolist()])
+        limit = torch.tensor([lengths.get(r, 10**9) for r in batch.rows.tolist()], device=tokens.device)
         return torch.where(batch.n_generated + 1 >= limit, torch.full_like(tokens, eos), tokens)
 
     return on_token
@@ -204,7 +204,7 @@ def test_hooks_act_during_decoding_with_per_row_state(varied):
         seen.append(b.prefill)
         if b.prefill:
             return None  # decoding only: the prompt is read unsteered
-        return x + gamma[b.rows].view(-1, 1, 1) * v
+        return x + gamma.to(x.device)[b.rows].view(-1, 1, 1) * v.to(x.device)
 
     steered = generate(varied, prompts, cfg, hooks={"blocks.0.hook_resid_post": steer})
     assert True in seen and False in seen and current_batch() is None

@@ -85,7 +85,7 @@ def test_hooks_run_on_their_own_model_only(main):
         record_companion(seen)(batch, tokens, logits)
 
     def steer(x):
-        return x + v
+        return x + v.to(x.device)
 
     out = generate(
         main,
@@ -142,19 +142,21 @@ def steer_once(handle, prompts, at: dict[int, int], batch_size: int, rerun: bool
 
     def hook(x):
         b = current_batch()
-        g = gamma[b.rows] if rerun else (b.n_generated == when[b.rows]).float()
-        return x + g.view(-1, 1, 1) * v
+        rows = b.rows.cpu()
+        g = gamma[rows] if rerun else (b.n_generated.cpu() == when[rows]).float()
+        return x + (g.view(-1, 1, 1) * v).to(x.device)
 
     def on_token(batch, tokens, logits):
-        idx = ((batch.n_generated == when[batch.rows]) & (batch.rows >= 0)).nonzero()[:, 0]
+        rows = batch.rows.cpu()
+        idx = ((batch.n_generated.cpu() == when[rows]) & (rows >= 0)).nonzero()[:, 0]
         if rerun and len(idx):
-            gamma[batch.rows[idx]] = 1.0
+            gamma[rows[idx]] = 1.0
             try:
-                steered = batch.rerun(idx)
+                steered = batch.rerun(idx.to(batch.rows.device))
             finally:
                 gamma.zero_()
             logits, tokens = logits.clone(), tokens.clone()
-            logits[idx], tokens[idx] = steered, steered.argmax(-1)
+            logits[idx.to(logits.device)], tokens[idx.to(tokens.device)] = steered, steered.argmax(-1)
         for row, (r, k) in enumerate(zip(batch.rows.tolist(), batch.n_generated.tolist())):
             if r >= 0:
                 seen[(r, k)] = logits[row]

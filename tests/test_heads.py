@@ -102,6 +102,7 @@ def test_gates_are_differentiable(tiny_handle, batch):
 
 
 def _decode(handle, seq, prefill, cache):
+    seq = seq.to(handle.device)
     out = [handle.model(input_ids=seq[:, :prefill], past_key_values=cache, use_cache=True).logits]
     for t in range(prefill, seq.shape[1]):
         out.append(handle.model(input_ids=seq[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
@@ -142,7 +143,12 @@ def test_physical_cache_refuses_padding_and_bad_mask(tiny_handle, batch):
         compressed_cache(tiny_handle, torch.tensor([[True, False], [True, True]]), POLICY) as (cache, _),
         pytest.raises(ValueError, match="unpadded rows"),
     ):
-        tiny_handle.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        tiny_handle.model(
+            input_ids=ids.to(tiny_handle.device),
+            attention_mask=mask.to(tiny_handle.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
 
 
 @pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])

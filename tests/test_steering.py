@@ -39,7 +39,7 @@ def resid(h, layer, ids, mask):
     seen = {}
     with torch.no_grad():
         logits = h.run(ids, mask, hooks={f"blocks.{layer}.hook_resid_post": lambda x: seen.setdefault("x", x.clone())})
-    return seen["x"], logits
+    return seen["x"].cpu(), logits.cpu()
 
 
 @pytest.mark.parametrize("positions", ["all", "last"])

@@ -72,7 +72,7 @@ def windowing_scores(
             )
             b = len(batch.traces)
             for i, h in enumerate(heads):
-                total[h] += token_kl(base, logits[i * b : (i + 1) * b].cpu(), where.cpu()).sum()
+                total[h] += token_kl(base, logits[i * b : (i + 1) * b], where.to(base.device)).sum().item()
     return (total / max(count, 1)).view(g.n_layers, g.n_kv_heads)
 
 
