@@ -147,10 +147,14 @@ def decode_tokens_per_s(
         with compressed_cache(handle, full, policy) as (cache, _):
             x = torch.tensor([list(ids)], device=handle.device)
             logits = handle.model(input_ids=x, past_key_values=cache, use_cache=True).logits
+            if logits.is_cuda:  # the clock starts once the prefill has run
+                torch.cuda.synchronize(logits.device)
             t0 = time.perf_counter()
             for _ in range(tokens):
                 x = logits[:, -1:].argmax(-1)
                 logits = handle.model(input_ids=x, past_key_values=cache, use_cache=True).logits
+            if logits.is_cuda:  # nothing in the loop waits for the GPU
+                torch.cuda.synchronize(logits.device)
             seconds += time.perf_counter() - t0
             total += tokens
     return total / seconds if seconds > 0 else 0.0
