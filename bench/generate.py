@@ -2,18 +2,24 @@
 
 Usage:
     python bench/generate.py --shape organism [--problems 500] [--repeats 5] [--batch 64] [--threads 2]   # CPU
+    python bench/generate.py --shape organism-eval [--problems 500] [--repeats 5]                         # CPU
     python bench/generate.py --shape 1.5b [--problems 256] [--max-new 2048] [--batch 64]                  # GPU
 
-Both methods decode the same prompts greedily in the same run, alternating repeat by repeat so that load
-on the machine hits both alike. Columns: generated tokens per second of wall time (every generated token up
-to and including EOS; median, min and max over ``--repeats`` runs) and the median's ratio to HF ``generate``.
+Both methods decode the same prompts (greedily, or by pure sampling at the same temperature) in the same
+run, alternating call by call so that load on the machine hits both alike. Columns: generated tokens (every
+one up to and including EOS) per second of the calls' summed wall time; median, min and max over
+``--repeats`` runs, and the median's ratio to HF ``generate``.
 HF ``generate`` runs as ``generate_traces`` did: prompts sorted by length, left-padded static batches of
 ``--batch``, each decoding until its longest row ends. The footer gives the fraction of requests whose
 greedy tokens are identical under both methods, and the fraction of HF's decoded row-steps that were real
 tokens (the waste continuous batching removes).
 
-Shapes: ``organism`` is the organism eval workload (``organism:thinking`` on the eval problems, chat
-prompts, 640 new tokens, fp32 on CPU). ``1.5b`` is a random-init DeepSeek-R1-Distill-Qwen-1.5B / Qwen2-1.5B
+Shapes: ``organism`` is the greedy thinking part of the organism eval (``organism:thinking`` on the eval
+problems, chat prompts, 640 new tokens, fp32 on CPU). ``organism-eval`` is every generation call that
+``reasonscope organism eval`` makes: the thinking organism greedy and at temperature 1 (seed 1), the base greedy
+on chat prompts and on ``{question} notes:`` prompts; sampled tokens differ between the two methods (different
+random streams), so only the greedy calls count towards the identical-tokens footer.
+``1.5b`` is a random-init DeepSeek-R1-Distill-Qwen-1.5B / Qwen2-1.5B
 (config from ../shared/data/tokenizers/qwen2, bf16 on CUDA) on random prompts of 32-512 tokens; random
 weights never stop, so each request is forced to end (EOS) at a length drawn log-uniformly from
 ``--max-new``/16 to ``--max-new`` (a tenfold spread, as reasoning traces have), identically in both methods.
@@ -28,6 +34,8 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +57,41 @@ def organism_workload(n: int) -> tuple[Any, list[list[int]], int, dict[int, int]
         for p in task.problems(n, evaluate.EVAL_SEED)
     ]
     return h, prompts, 640, None
+
+
+def organism_eval_workload(n: int) -> list[Part]:
+    """Every generation ``reasonscope organism eval`` makes: the thinking organism greedy and at temperature 1
+    (seed 1) on chat prompts, the base greedy on chat prompts and on ``{question} notes:`` prompts."""
+    from reasonscope.models import load_model
+    from reasonscope.organisms import evaluate, task
+
+    thinking, base = load_model("organism:thinking"), load_model("organism:base")
+    problems = task.problems(n, evaluate.EVAL_SEED)
+    tok = thinking.tokenizer
+
+    def ids(texts: list[str]) -> list[list[int]]:
+        return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    chat = ids([thinking.chat_prompt(p.question) for p in problems])
+    notes = ids([task.notes_prompt(p) for p in problems])
+    return [
+        Part("thinking, greedy", thinking, chat, 0.0, 0),
+        Part("thinking, temperature 1", thinking, chat, 1.0, 1),
+        Part("base, greedy", base, chat, 0.0, 0),
+        Part("base, notes prompt, greedy", base, notes, 0.0, 0),
+    ]
+
+
+@dataclass
+class Part:
+    """One generation call of a workload: model, prompts, temperature and sampling seed."""
+
+    name: str
+    handle: Any
+    prompts: list[list[int]]
+    temperature: float
+    seed: int
+    lengths: dict[int, int] | None = None  # forced EOS after lengths[i] tokens (random weights never stop)
 
 
 def random_workload(
@@ -96,9 +139,16 @@ class ForceEosHF:
 
 
 def hf_generate(
-    h: Any, prompts: list[list[int]], max_new: int, batch: int, eos: int, lengths: dict[int, int] | None
+    h: Any,
+    prompts: list[list[int]],
+    max_new: int,
+    batch: int,
+    eos: int,
+    lengths: dict[int, int] | None,
+    temperature: float = 0.0,
 ) -> tuple[list[list[int]], int]:
-    """Greedy HF ``generate`` in length-sorted left-padded batches; returns outputs and decoded row-steps."""
+    """HF ``generate`` in length-sorted left-padded batches (greedy, or pure sampling at ``temperature``);
+    returns outputs and decoded row-steps."""
     from transformers import LogitsProcessorList
 
     pad = h.tokenizer.pad_token_id if h.tokenizer.pad_token_id is not None else eos
@@ -115,7 +165,11 @@ def hf_generate(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=max_new,
-            do_sample=False,
+            **(
+                {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+                if temperature > 0
+                else {"do_sample": False}
+            ),
             eos_token_id=eos,
             pad_token_id=pad,
             logits_processor=procs,
@@ -137,10 +191,28 @@ def timed(fn: Callable[[], Any], cuda: bool) -> tuple[Any, float]:
     return res, time.perf_counter() - t
 
 
+def run_hf(part: Part, max_new: int, batch: int) -> tuple[list[list[int]], int]:
+    eos = part.handle.tokenizer.eos_token_id
+    return hf_generate(part.handle, part.prompts, max_new, batch, eos, part.lengths, part.temperature)
+
+
+def run_engine(part: Part, max_new: int, batch: int) -> list[list[int]]:
+    eos = part.handle.tokenizer.eos_token_id
+    cfg = DecodeConfig(
+        max_new_tokens=max_new,
+        batch_size=batch,
+        eos_token_ids=(eos,),
+        temperature=part.temperature,
+        seed=part.seed,
+    )
+    on_token = force_eos_engine(part.lengths, eos, part.handle.device) if part.lengths else None
+    return [c.token_ids for c in generate(part.handle, part.prompts, cfg, on_token=on_token)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=["organism", "1.5b"], default="organism")
-    p.add_argument("--problems", type=int, default=None, help="requests (default: 500 organism, 256 for 1.5b)")
+    p.add_argument("--shape", choices=["organism", "organism-eval", "1.5b"], default="organism")
+    p.add_argument("--problems", type=int, default=None, help="problems (default: 500 organism, 256 for 1.5b)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per method (median, min, max)")
     p.add_argument("--batch", type=int, default=64, help="HF static batch size = engine slots")
     p.add_argument("--max-new", type=int, default=2048, help="1.5b: longest forced generation")
@@ -151,49 +223,72 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     cuda = a.device == "cuda"
     if a.shape == "organism":
-        h, prompts, max_new, lengths = organism_workload(a.problems or 500)
+        h, prompts, max_new, _ = organism_workload(a.problems or 500)
+        parts = [Part("thinking, greedy", h, prompts, 0.0, 0)]
+    elif a.shape == "organism-eval":
+        parts, max_new = organism_eval_workload(a.problems or 500), 640
     else:
         h, prompts, max_new, lengths = random_workload(a.problems or 256, a.max_new, a.layers, a.device)
-    eos = h.tokenizer.eos_token_id
-    cfg = DecodeConfig(max_new_tokens=max_new, batch_size=a.batch, eos_token_ids=(eos,))
-    on_token = force_eos_engine(lengths, eos, h.device) if lengths else None
-    methods: dict[str, Callable[[], list[list[int]]]] = {
-        f"HF generate (static batches of {a.batch}, sorted by prompt length)": lambda: hf_generate(
-            h, prompts, max_new, a.batch, eos, lengths
-        )[0],
-        f"reasonscope.generation ({a.batch} slots, continuous batching)": lambda: [
-            c.token_ids for c in generate(h, prompts, cfg, on_token=on_token)
-        ],
-    }
-    warm = prompts[: min(len(prompts), 8)]  # allocator, kernels, lazy imports
-    hf_generate(h, warm, 8, a.batch, eos, None)
-    generate(h, warm, DecodeConfig(max_new_tokens=8, eos_token_ids=(eos,)))
-    rates: dict[str, list[float]] = {m: [] for m in methods}
-    outputs: dict[str, list[list[int]]] = {}
+        parts = [Part("random weights, forced lengths", h, prompts, 0.0, 0, lengths)]
+    hf_name = f"HF generate (static batches of {a.batch}, sorted by prompt length)"
+    engine_name = f"reasonscope.generation ({a.batch} slots, continuous batching)"
+    for part in parts:  # allocator, kernels, lazy imports
+        warm = Part(part.name, part.handle, part.prompts[:8], part.temperature, part.seed)
+        run_hf(warm, 8, a.batch)
+        run_engine(warm, 8, a.batch)
+    seconds: dict[tuple[str, str], list[float]] = {}
+    outputs: dict[tuple[str, str], list[list[int]]] = {}
+    row_steps: dict[str, int] = {}
+
+    def record(name: str, part: Part, out: list[list[int]], t: float) -> None:
+        outputs[name, part.name] = out
+        seconds.setdefault((name, part.name), []).append(t)
+        print(f"  {part.name} | {name}: {t:.1f}s, {sum(map(len, out)) / t:,.0f} tokens/s", file=sys.stderr, flush=True)
+
     for _ in range(a.repeats):
-        for name, fn in methods.items():
-            out, seconds = timed(fn, cuda)
-            outputs[name] = out
-            rates[name].append(sum(map(len, out)) / seconds)
-            print(f"  {name}: {seconds:.1f}s, {rates[name][-1]:,.0f} tokens/s", file=sys.stderr, flush=True)
-    hf_name, engine_name = list(methods)
-    _, row_steps = hf_generate(h, prompts, max_new, a.batch, eos, lengths)
-    real = sum(map(len, outputs[hf_name]))
-    same = sum(x == y for x, y in zip(outputs[hf_name], outputs[engine_name]))
+        for part in parts:
+            (out, row_steps[part.name]), t = timed(partial(run_hf, part, max_new, a.batch), cuda)
+            record(hf_name, part, out, t)
+            out, t = timed(partial(run_engine, part, max_new, a.batch), cuda)
+            record(engine_name, part, out, t)
+    tokens = {k: sum(map(len, v)) for k, v in outputs.items()}
     device = torch.cuda.get_device_name() if cuda else f"CPU, {a.threads} threads"
-    base = statistics.median(rates[hf_name])
+    dtype = parts[0].handle.model.dtype
     print(
-        f"\ngeneration benchmark: shape={a.shape} device={device} dtype={h.model.dtype} requests={len(prompts)} "
-        f"slots/batch={a.batch} max_new_tokens={max_new} repeats={a.repeats}, greedy"
+        f"\ngeneration benchmark: shape={a.shape} device={device} dtype={dtype} problems={len(parts[0].prompts)} "
+        f"generation calls={len(parts)} slots/batch={a.batch} max_new_tokens={max_new} repeats={a.repeats}"
     )
+    print("tokens/s: generated tokens (up to and including EOS) of every call over the summed wall time of the calls;")
+    print("median, min and max over the repeats; x HF generate: the medians' ratio")
     print("| method | tokens/s (median) | min | max | x HF generate |")
     print("|---|---:|---:|---:|---:|")
-    for name, r in rates.items():
-        med = statistics.median(r)
-        print(f"| {name} | {med:,.0f} | {min(r):,.0f} | {max(r):,.0f} | {med / base:.2f} |")
+    totals = {}
+    for name in (hf_name, engine_name):
+        n = sum(tokens[name, part.name] for part in parts)
+        runs = [n / sum(seconds[name, part.name][r] for part in parts) for r in range(a.repeats)]
+        totals[name] = statistics.median(runs)
+        print(
+            f"| {name} | {totals[name]:,.0f} | {min(runs):,.0f} | {max(runs):,.0f} | "
+            f"{totals[name] / totals[hf_name]:.2f} |"
+        )
+    if len(parts) > 1:
+        print("\n| generation call | tokens | HF real row-steps | HF s (median) | ours s (median) | x HF generate |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for part in parts:
+            hs = statistics.median(seconds[hf_name, part.name])
+            es = statistics.median(seconds[engine_name, part.name])
+            real = 100 * tokens[hf_name, part.name] / row_steps[part.name]
+            print(
+                f"| {part.name} | {tokens[engine_name, part.name]:,} | {real:.1f}% | {hs:.2f} | {es:.2f} | "
+                f"{hs / es:.2f} |"
+            )
+    greedy = [part for part in parts if part.temperature == 0]
+    same = sum(x == y for part in greedy for x, y in zip(outputs[hf_name, part.name], outputs[engine_name, part.name]))
+    n_greedy = sum(len(part.prompts) for part in greedy)
+    real = sum(tokens[hf_name, part.name] for part in parts) / sum(row_steps.values())
     print(
-        f"\nidentical greedy tokens vs HF generate: {same}/{len(prompts)} ({100 * same / len(prompts):.1f}%); "
-        f"HF static batches: {100 * real / row_steps:.1f}% of decoded row-steps are real tokens"
+        f"\nidentical greedy tokens vs HF generate: {same}/{n_greedy} ({100 * same / n_greedy:.1f}%) over the greedy "
+        f"calls; HF static batches: {100 * real:.1f}% of decoded row-steps are real tokens"
     )
 
 
