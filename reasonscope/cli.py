@@ -155,12 +155,17 @@ def traces_generate(
     ),
     max_new_tokens: int = typer.Option(640, min=1),
     temperature: float = typer.Option(0.0, min=0.0),
+    samples: int = typer.Option(
+        1, min=1, help="Traces per problem (needs --temperature > 0); ids get '#s<k>', meta problem_id the problem's."
+    ),
     batch_size: int = typer.Option(32, min=1),
     seed: int = 0,
     dtype: str = typer.Option("float32", help="Compute dtype of the model: float32 | bfloat16 | float16 (or alias)."),
 ) -> None:
     """Generate, segment and grade traces; write them as JSONL."""
     out_file(out)
+    if samples > 1 and temperature <= 0:
+        fail(f"--samples {samples} with greedy decoding gives {samples} identical traces; pass --temperature > 0")
     model_dtype = dtype_option(dtype, "--dtype")
     model_geometry(model)
     grader, rows = _dataset_rows(dataset, n)
@@ -182,6 +187,11 @@ def traces_generate(
         prompts = [handle.chat_prompt(t.prompt, thinking=True) for t in rows]
         ids, metas = [t.id for t in rows], [{} for _ in rows]
         golds = [t.gold for t in rows]
+    if samples > 1:  # each request samples its own stream: (seed, request index)
+        metas = [{**m, "problem_id": i, "sample": k} for i, m in zip(ids, metas) for k in range(samples)]
+        ids = [f"{i}#s{k}" for i in ids for k in range(samples)]
+        prompts = [p for p in prompts for _ in range(samples)]
+        golds = [g for g in golds for _ in range(samples)]
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
     traces = generate_traces(
         handle,

@@ -139,6 +139,7 @@ def test_verify(tiny_model_dir, traces_file, tmp_path):
         (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--dtype", "int3"], "unknown dtype 'int3'"),
         (["--dataset", "squad"], "'organism', 'gsm8k:<path|hub id>'"),
+        (["--samples", "3"], "pass --temperature > 0"),
         (["--dataset", "gsm8k:/nonexistent/test.jsonl"], "/nonexistent/test.jsonl is not a file"),
     ],
 )
@@ -147,6 +148,18 @@ def test_generate_rejects_bad_arguments_before_loading(tiny_model_dir, tmp_path,
     r = runner.invoke(app, ["traces", "generate", "--model", str(tiny_model_dir), "--out", str(out), *args])
     user_error(r, needle)
     assert not out.exists()
+
+
+def test_several_samples_per_problem_share_the_problem_id(tiny_model_dir, tmp_path):
+    out = tmp_path / "t.jsonl"
+    args = ["--n", "3", "--samples", "2", "--temperature", "1", "--max-new-tokens", "8", "--out", str(out)]
+    r = runner.invoke(app, ["traces", "generate", "--model", str(tiny_model_dir), *args])
+    assert r.exit_code == 0, r.output
+    traces = read_traces_jsonl(out)
+    assert [t.id.split("#")[1] for t in traces] == ["s0", "s1"] * 3
+    assert [t.meta["problem_id"] for t in traces[::2]] == [t.meta["problem_id"] for t in traces[1::2]]
+    assert len({t.meta["problem_id"] for t in traces}) == 3
+    assert any(a.token_ids != b.token_ids for a, b in zip(traces[::2], traces[1::2]))  # each request samples its own
 
 
 def test_unwritable_out_fails_before_generation(tiny_model_dir, tmp_path, no_model_load):
