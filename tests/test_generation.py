@@ -18,13 +18,13 @@ QUESTIONS = [
 ]
 
 
-def varied_model(path, attn: str = "sdpa"):
+def varied_model(path, attn: str = "sdpa", seed: int = 0):
     """The tiny model with weights of std 0.3 (seeded): its greedy text varies, unlike the fixture's tied-embedding
     init, which repeats the last prompt token (so equal outputs would prove little)."""
     from reasonscope.models import load_model
 
     h = load_model(path, attn_implementation=attn)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in h.model.named_parameters():
             if "norm" not in name:

@@ -23,15 +23,7 @@ def main(tiny_model_dir):
 @pytest.fixture(scope="module")
 def other(tiny_model_dir):
     """Another model on the same tokenizer (other weights, eager attention: its own mask kind)."""
-    from reasonscope.models import load_model
-
-    h = load_model(tiny_model_dir, attn_implementation="eager")
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in h.model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return h
+    return varied_model(tiny_model_dir, attn="eager", seed=1)
 
 
 def cfg(**kw) -> DecodeConfig:
