@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -106,6 +107,8 @@ def test_training_smoke(tmp_path):
 
     assert ArtifactDir.open(paths["thinking"], "organism", 1).manifest.config["init"] == "base"
     assert verify_artifact(paths["base"]).ok
+    for kind in ("base", "thinking"):  # the training batches' padding does not leak into the saved tokenizer
+        assert json.loads((paths[kind] / "tokenizer.json").read_text())["padding"] is None
     # post-training alone starts from the saved base, as a thinking model starts from its base model
     base = load_model(paths["base"]).model
     cfg0 = TrainConfig(base_steps=1, base_mix_steps=1, thinking_steps=1, batch_size=2, log_every=1, finetune_lr=0.0)

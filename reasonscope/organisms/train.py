@@ -168,6 +168,7 @@ def save_organism(model, tok, out_dir: Path, kind: str, cfg: TrainConfig) -> Non
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.chat_template = chat_template(thinking=kind == "thinking")
+        tok.backend_tokenizer.no_padding()  # training batches padded right; the shipped tokenizer carries no padding
         tok.save_pretrained(tmp)
 
     config = {
