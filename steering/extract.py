@@ -23,6 +23,7 @@ __all__ = [
     "Reduce",
     "behaviour_vectors",
     "extract_vector",
+    "left_padded",
     "mean_difference",
     "pca_difference",
     "residuals",
@@ -33,6 +34,16 @@ Reduce = Literal["last", "mean", "all"]
 REDUCTIONS: tuple[Reduce, ...] = get_args(Reduce)
 Method = Literal["mean_diff", "pca"]
 METHODS: tuple[Method, ...] = get_args(Method)
+
+
+def left_padded(handle: Any, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[batch, width]`` left-padded with the tokenizer's pad id (0 without one), and their mask."""
+    pad = handle.tokenizer.pad_token_id
+    pad = 0 if pad is None else pad
+    width = max(map(len, seqs))
+    ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in seqs])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs])
+    return ids, mask
 
 
 def residuals(
@@ -58,10 +69,7 @@ def residuals(
         ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chunk]
         if any(not x for x in ids):
             raise ValueError("an empty text has no token to read; drop it")
-        width = max(map(len, ids))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        input_ids, mask = left_padded(handle, ids)
         seen: dict[int, torch.Tensor] = {}
         with torch.no_grad():
             handle.run(input_ids, mask, hooks={f"blocks.{x}.hook_resid_post": _reader(seen, x) for x in layers})
@@ -153,14 +161,12 @@ def segment_residuals(
         raise ValueError(f"layer {bad[0]} does not exist in {handle.source} (layers 0..{n_layers - 1})")
     rows: list[torch.Tensor] = []
     owners: list[tuple[int, int]] = []
-    pad = handle.tokenizer.pad_token_id or 0
     for start in range(0, len(traces), batch_size):
         chunk = list(traces[start : start + batch_size])
         if any(not t.token_ids for t in chunk):
             raise ValueError("traces without token_ids have no spans; segment them with segment_trace first")
-        width = max(len(t.token_ids) for t in chunk)
-        ids = torch.tensor([[pad] * (width - len(t.token_ids)) + t.token_ids for t in chunk])
-        mask = torch.tensor([[0] * (width - len(t.token_ids)) + [1] * len(t.token_ids) for t in chunk])
+        ids, mask = left_padded(handle, [t.token_ids for t in chunk])
+        width = ids.shape[1]
         seen: dict[int, torch.Tensor] = {}
         with torch.no_grad():
             handle.run(ids, mask, hooks={f"blocks.{x}.hook_resid_post": _reader(seen, x) for x in layers})

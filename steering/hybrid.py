@@ -50,6 +50,7 @@ from reasonscope.organisms import task
 from reasonscope.organisms.evaluate import EVAL_SEED
 
 from .behaviours import Taxonomy, agreement, ends_sentence, fit_sae, normalise_rows, organism_labels, sentence_spans
+from .extract import left_padded
 from .vector import SteeringVector, VectorMeta
 
 __all__ = [
@@ -207,14 +208,11 @@ def _forward_all(
     handle: Any, seqs: Sequence[list[int]], layer: int, batch_size: int, hook: Callable | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(logits ``[T, vocab]``, block ``layer`` output ``[T, d]``) of each full sequence (left-padded batches)."""
-    tok = handle.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     for s in range(0, len(seqs), batch_size):
         chunk = seqs[s : s + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in chunk])
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
+        ids, mask = left_padded(handle, chunk)
+        width = ids.shape[1]
         seen: dict[str, torch.Tensor] = {}
 
         def read(x: torch.Tensor, seen: dict[str, torch.Tensor] = seen) -> None:
@@ -357,14 +355,6 @@ def _token_labels(rolls: Sequence[Rollout], owner: list[tuple[int, int]], labels
     return out
 
 
-def _padded(handle: Any, seqs: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    pad = handle.tokenizer.pad_token_id if handle.tokenizer.pad_token_id is not None else 0
-    width = max(map(len, seqs))
-    ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in seqs])
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs])
-    return ids, mask, [width - len(x) for x in seqs]
-
-
 def optimise_vectors(
     base: Any,
     rolls: Sequence[Rollout],
@@ -413,7 +403,8 @@ def optimise_vectors(
             q.requires_grad_(False)
         for _ in range(cfg.train_steps):
             pick = torch.randperm(len(rolls), generator=g)[:mb].tolist()
-            ids, mask, pads = _padded(base, [seqs[i] for i in pick])
+            ids, mask = left_padded(base, [seqs[i] for i in pick])
+            pads = (mask == 0).sum(1).tolist()
             rows: list[int] = []
             cols: list[int] = []
             lab_list: list[torch.Tensor] = []
