@@ -32,9 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+from shapes import QWEN2
 
-ROOT = Path(__file__).resolve().parents[1]
-QWEN2 = ROOT.parent / "shared" / "data" / "tokenizers" / "qwen2"
 METHODS = {
     "a": "reference: HF forward to the last hooked layer (no hooks, no LM head)",
     "b": "reasonscope capture -> host memory",

@@ -36,15 +36,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
+from shapes import random_qwen2
 
 from reasonscope.generation import Batch, DecodeConfig, generate
-
-ROOT = Path(__file__).resolve().parents[1]
-QWEN2 = ROOT.parent / "shared" / "data" / "tokenizers" / "qwen2"
 
 
 def organism_workload(n: int) -> tuple[Any, list[list[int]], int, dict[int, int] | None]:
@@ -97,19 +94,7 @@ class Part:
 def random_workload(
     n: int, max_new: int, layers: int | None, device: str
 ) -> tuple[Any, list[list[int]], int, dict[int, int]]:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from reasonscope.models import ModelHandle
-    from reasonscope.traces.loaders import qwen2_tokenizer
-
-    cfg = AutoConfig.from_pretrained(QWEN2)
-    if layers:
-        cfg.num_hidden_layers, cfg.layer_types = layers, cfg.layer_types[:layers]
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
-    h = ModelHandle(model=model, tokenizer=qwen2_tokenizer(QWEN2), source="random:qwen2-1.5b", path=str(QWEN2))
+    h = random_qwen2(layers, device)
     rng = random.Random(0)
     prompts = [[rng.randrange(150000) for _ in range(rng.randint(32, 512))] for _ in range(n)]
     lengths = {i: int(math.exp(rng.uniform(math.log(max(1, max_new // 16)), math.log(max_new)))) for i in range(n)}

@@ -26,32 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from shapes import random_qwen2
 
 from reasonscope.heads import CompressionPolicy, HeadConfig, score_heads
 from reasonscope.heads.evaluate import EvalConfig, check_window, evaluate_heads, window_for
 from reasonscope.heads.rlkv import RLKVConfig
-from reasonscope.models import ModelHandle, load_model
+from reasonscope.models import load_model
 from reasonscope.organisms import task
 from reasonscope.traces.generate import GenerationConfig, generate_traces
 
 METHODS = ("retrieval", "window", "gate-ig", "duo", "rlkv")
-QWEN2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers" / "qwen2"
-
-
-def random_qwen2(layers: int | None) -> ModelHandle:
-    """A random-init Qwen2-1.5B-shape model (bf16 on CUDA, float32 on CPU) with the real tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from reasonscope.traces.loaders import qwen2_tokenizer
-
-    cfg = AutoConfig.from_pretrained(QWEN2)
-    if layers:
-        cfg.num_hidden_layers, cfg.layer_types = layers, cfg.layer_types[:layers]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
-    return ModelHandle(model=model, tokenizer=qwen2_tokenizer(QWEN2), source="random:qwen2-1.5b", path=str(QWEN2))
 
 
 def main() -> None:

@@ -1,0 +1,29 @@
+"""The random-init 1.5B shape the GPU benchmarks share: the real DeepSeek-R1-Distill-Qwen-1.5B / Qwen2-1.5B
+config and tokenizer from ../shared/data/tokenizers/qwen2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+QWEN2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers" / "qwen2"
+
+
+def random_qwen2(layers: int | None = None, device: str | None = None):  # -> reasonscope.models.ModelHandle
+    """A random-init model of that shape (seed 0; bf16 on CUDA, float32 on CPU) with the real tokenizer;
+    ``layers`` keeps only the first layers (a quick check of a path on CPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from reasonscope.models import ModelHandle
+    from reasonscope.traces.loaders import qwen2_tokenizer
+
+    cfg = AutoConfig.from_pretrained(QWEN2)
+    if layers:
+        cfg.num_hidden_layers, cfg.layer_types = layers, cfg.layer_types[:layers]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
+    return ModelHandle(model=model, tokenizer=qwen2_tokenizer(QWEN2), source="random:qwen2-1.5b", path=str(QWEN2))
