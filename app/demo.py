@@ -179,7 +179,7 @@ def _heads(ctx: Context) -> None:
 def _heads_eval(ctx: Context) -> None:
     from reasonscope.artifacts import write_artifact
     from reasonscope.heads.evaluate import FORMAT, KIND, EvalConfig, evaluate_heads
-    from reasonscope.heads.retrieval import retrieval_scores
+    from reasonscope.heads.retrieval import read_scores
     from reasonscope.organisms import task
 
     maps = ctx.run.head_maps()
@@ -194,6 +194,7 @@ def _heads_eval(ctx: Context) -> None:
     )
     policy = next(iter(maps.values())).policy
     ctx.log(f"  generating with compressed caches: {len(maps)} maps + baselines x {len(cfg.sparsities)} sparsities")
+    reads = read_scores(h, own)
     result = evaluate_heads(
         h,
         [h.chat_prompt(p.question) for p in probs],
@@ -202,7 +203,8 @@ def _heads_eval(ctx: Context) -> None:
         policy,
         cfg,
         own_traces=own,
-        retrieval=retrieval_scores(h, own)[0],
+        retrieval=reads["value"][0],
+        name_reads=reads["name"][0],
     )
     config = {"maps": sorted(maps), "n": len(probs), "sparsities": list(cfg.sparsities)}
 

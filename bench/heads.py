@@ -30,6 +30,7 @@ from shapes import random_qwen2
 
 from reasonscope.heads import CompressionPolicy, HeadConfig, score_heads
 from reasonscope.heads.evaluate import EvalConfig, check_window, evaluate_heads, window_for
+from reasonscope.heads.retrieval import read_scores
 from reasonscope.heads.rlkv import RLKVConfig
 from reasonscope.models import load_model
 from reasonscope.organisms import task
@@ -114,6 +115,7 @@ def main() -> None:
             args.scores_out.write_text(json.dumps(blob) + "\n", encoding="utf-8")
     held = task.problems(args.n_eval, seed=args.seed + 1, levels=levels)
     retrieval = scores.pop("retrieval", None)
+    name_reads = read_scores(h, traces)["name"][0] if retrieval is not None else None
     t0 = time.time()
     cfg = EvalConfig(
         exhaustive=not timing,
@@ -131,12 +133,15 @@ def main() -> None:
         cfg,
         own_traces=traces,
         retrieval=retrieval,
+        name_reads=name_reads,
     )
     res["scorer_seconds"] = seconds
     res["eval_seconds"] = round(time.time() - t0, 1)
     res["scores"] = {m: [round(float(v), 4) for v in s.flatten()] for m, s in scores.items()}
     if retrieval is not None:
         res["scores"]["retrieval"] = [round(float(v), 4) for v in retrieval.flatten()]
+    if name_reads is not None:
+        res["scores"]["name_reads"] = [round(float(v), 4) for v in name_reads.flatten()]
     text = json.dumps(res, indent=1)
     if args.out is not None:
         args.out.write_text(text + "\n", encoding="utf-8")

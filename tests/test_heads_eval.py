@@ -44,7 +44,10 @@ def test_evaluate_curves_match_direct_generation(tiny_handle, problems):
     for r in own:
         r.grade = True
     log: list[dict] = []
-    res = evaluate_heads(tiny_handle, prompts, golds, scores, POLICY, cfg, own_traces=own, retrieval=retrieval, log=log)
+    names = torch.tensor([[0.1, 0.2], [0.3, 0.9]])
+    res = evaluate_heads(
+        tiny_handle, prompts, golds, scores, POLICY, cfg, own_traces=own, retrieval=retrieval, log=log, name_reads=names
+    )
     assert set(res["curves"]) == {"a", "b", "random", "uniform", "exhaustive"}
     assert set(res["curves"]["random"]) == {"0", "0.5"} and set(res["curves"]["exhaustive"]) == {"0.5"}
     row = res["curves"]["a"]["0.5"]
@@ -60,6 +63,12 @@ def test_evaluate_curves_match_direct_generation(tiny_handle, problems):
     assert res["curves"]["exhaustive"]["0.5"]["teacher_forced_accuracy"] == 1.0
     assert res["rank_agreement"]["a"]["b"] == pytest.approx(spearman(scores["a"], scores["b"]), abs=1e-4)
     assert res["retrieval_spearman"]["a"] == pytest.approx(1.0) and res["top_head"]["a"]["in_retrieval_top2"]
+    assert res["name_reads_top2"] == ["L1H1", "L1H0"] and res["top_head"]["b"] == {
+        "head": "L0H1",
+        "in_retrieval_top2": False,
+        "in_name_reads_top2": False,
+    }
+    assert res["rank_agreement"]["name_reads"]["a"] == pytest.approx(spearman(names, scores["a"]), abs=1e-4)
     assert log[0]["unique_selections"] < log[0]["requests"]
 
 

@@ -19,8 +19,8 @@ from reasonscope.heads import (
 )
 from reasonscope.heads.accuracy import exhaustive_best, teacher_forced_accuracy
 from reasonscope.heads.batches import trace_batches
-from reasonscope.heads.retrieval import operand_reads, retrieval_scores
-from reasonscope.heads.rlkv import RLKVConfig, advantages, rlkv_scores, sparsity_penalty
+from reasonscope.heads.retrieval import RECENT, name_reads, operand_reads, read_scores, retrieval_scores
+from reasonscope.heads.rlkv import RLKVConfig, advantages, break_ties, rlkv_scores, sparsity_penalty
 from reasonscope.heads.scorers import duo_scores, gate_ig_scores, gated_logits, token_kl, windowing_scores
 
 POLICY = CompressionPolicy(sink=4, recent=8)
@@ -110,6 +110,24 @@ def test_operand_reads_point_at_definitions(tiny_handle, task_traces):
     assert torch.equal(kv, per_q.view(2, 2, 2).amax(-1)) and ((per_q >= 0) & (per_q <= 1)).all()
 
 
+def test_name_reads_point_at_the_chain(tiny_handle, task_traces):
+    tok = tiny_handle.tokenizer
+    for t in task_traces[:4]:
+        reads = name_reads(t, tok)
+        assert reads
+        for r in reads:
+            (key,) = r.keys
+            name = tok.decode([t.token_ids[r.query + 1]]).strip()  # the query predicts the name
+            assert tok.decode([t.token_ids[key]]).strip() == name and len(name) == 1
+            assert r.query + 1 >= t.think_span[0] and key < r.query
+            start = max(t.think_span[0], r.query + 1 - RECENT)
+            before = [tok.decode([i]).strip() for i in t.token_ids[start : r.query + 1]]
+            assert name not in before  # a name mentioned within RECENT tokens may be copied: not a read
+    both = read_scores(tiny_handle, task_traces[:3])
+    assert set(both) == {"value", "name"}
+    assert torch.equal(both["value"][0], retrieval_scores(tiny_handle, task_traces[:3])[0])
+
+
 def test_teacher_forced_accuracy_and_exhaustive(tiny_handle, own_traces):
     policy = CompressionPolicy(sink=2, recent=3)
     batches = trace_batches(tiny_handle, own_traces, policy, batch_size=4)
@@ -155,7 +173,16 @@ def test_rlkv_runs_and_refuses_unsolved(tiny_handle, task_traces):
             t.grade = None
     assert alpha.shape == (2, 2) and ((alpha >= 0) & (alpha <= 1)).all()
     assert [e["step"] for e in log] == [0, 1] and {"reward_mean", "reg_scaling_factor", "alpha_std"} <= set(log[0])
-    assert {"mixed_groups", "mean_think_tokens", "alpha", "seconds"} <= set(log[0])
+    assert {"mixed_groups", "mean_think_tokens", "alpha", "pressure", "seconds"} <= set(log[0])
+
+
+def test_rlkv_ties_follow_the_reward_gradient():
+    alpha = torch.tensor([[0.0, 0.0, 0.004], [1.0, 0.996, 0.5]])  # 0.004 and 0.996: within a step of the bound
+    pressure = torch.tensor([[0.2, -0.3, 0.1], [-5.0, 1.0, 0.0]])
+    out = break_ties(alpha, pressure, step=0.01)
+    assert ((out >= 0) & (out <= 1)).all() and (out - alpha).abs().max() <= 0.004 + 1e-4
+    assert out.flatten().argsort(descending=True).tolist() == [4, 3, 5, 0, 2, 1]
+    assert break_ties(alpha, pressure, step=0.001).flatten().argsort(descending=True).tolist() == [3, 4, 5, 2, 0, 1]
 
 
 def test_rlkv_budget_and_problem_filter(tiny_handle, task_traces):
@@ -245,8 +272,9 @@ def test_organism_reads_operands_through_a_few_heads():
     acc = teacher_forced_accuracy(h, batches, masks, policy)
     assert float(acc[0]) == pytest.approx(sum(bool(t.grade) for t in traces) / len(traces))
     assert acc[1] < acc[0]
-    kv, _ = retrieval_scores(h, traces)
-    assert kv.max() > 0.5  # some head puts most of its mass on the operand's definition
+    reads = read_scores(h, traces)
+    assert reads["value"][0].max() > 0.5  # some head puts most of its mass on the operand's definition
+    assert reads["name"][0].max() > 0.5  # and some head on the next operand's name in the question's chain
     # the RLKV reward signal: greedy rollouts under the scaled window solve the solved problems at full gates
     # and fail some once every head is windowed (sampled rollouts loop, see the README)
     from reasonscope.generation import DecodeConfig

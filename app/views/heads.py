@@ -83,11 +83,12 @@ def _curves(run: RunDir) -> None:
     fig = curves_figure(result, CURVE_METRICS[label or "accuracy"])
     fig.update_layout(title=f"{label} vs sparsity ({result['n_problems']} problems)", height=380)
     st.plotly_chart(fig, key="hd_curves")
-    if "retrieval_spearman" in result:
-        st.caption(
-            "Spearman with the retrieval ground truth: "
-            + ", ".join(f"{m} {v:.2f}" for m, v in result["retrieval_spearman"].items())
-        )
+    for key, truth in (("retrieval", "value reads (retrieval)"), ("name_reads", "name reads")):
+        if f"{key}_spearman" in result:
+            st.caption(
+                f"Spearman with the {truth} ground truth (top two: {', '.join(result[f'{key}_top2'])}): "
+                + ", ".join(f"{m} {v:.2f}" for m, v in result[f"{key}_spearman"].items())
+            )
 
 
 def _attention(run: RunDir, n_layers: int, n_kv: int) -> None:

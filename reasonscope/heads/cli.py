@@ -208,7 +208,7 @@ def evaluate(
     draws: int = typer.Option(5, min=0, help="Random-selection draws."),
     n_own: int = typer.Option(48, min=1, help="Own traces for the exhaustive best subset and retrieval."),
     exhaustive: bool = typer.Option(True, help="Try every subset (small models)."),
-    retrieval: bool = typer.Option(True, help="Spearman with retrieval scores (organism-task traces)."),
+    retrieval: bool = typer.Option(True, help="Compare with the value/name-read ground truths (organism traces)."),
     max_new_tokens: int = typer.Option(256, min=1),
     batch_size: int = typer.Option(256, min=1, help="Rows decoded together (larger is faster on small models)."),
     out: Optional[Path] = typer.Option(None, help="Write a heads_eval artifact here."),
@@ -240,7 +240,7 @@ def evaluate(
         raise ValueError("the --map artifacts were scored under different windows; score them with one sink/recent")
     from ..models import load_model
     from ..organisms import task
-    from .retrieval import retrieval_scores
+    from .retrieval import read_scores
 
     h = load_model(model)
     for hm in heads:
@@ -255,6 +255,7 @@ def evaluate(
             else f"{hm.method}#{sum(k.split('#')[0] == hm.method for k in scores) + 1}"
         )
         scores[name] = hm.scores
+    reads = read_scores(h, own) if retrieval and own is not None else {}
     res = evaluate_heads(
         h,
         [h.chat_prompt(p.question) for p in probs],
@@ -263,7 +264,8 @@ def evaluate(
         heads[0].policy,
         cfg,
         own_traces=own,
-        retrieval=retrieval_scores(h, own)[0] if retrieval and own is not None else None,
+        retrieval=reads["value"][0] if "value" in reads else None,
+        name_reads=reads["name"][0] if "name" in reads else None,
     )
     if out is not None:
         _write_result(out, "heads_eval", res, {"model": model, "maps": [str(p) for p in maps], "n": n, "seed": seed})

@@ -179,9 +179,13 @@ def evaluate_heads(
     own_traces: Sequence[Any] | None = None,
     retrieval: torch.Tensor | None = None,
     log: list[dict[str, Any]] | None = None,
+    name_reads: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Sweep every method over ``cfg.sparsities``; returns ``{"curves", "rank_agreement", "retrieval_spearman",
-    ...}``. ``own_traces`` (the model's graded greedy traces) enable the exhaustive-best baseline."""
+    ...}``. ``own_traces`` (the model's graded greedy traces) enable the exhaustive-best baseline.
+
+    ``retrieval`` and ``name_reads`` (:func:`~reasonscope.heads.retrieval.read_scores`, value and name reads) are
+    ground truths each scorer's ranking and top head are compared with."""
     g = handle.geometry
     for m, s in scores.items():
         if tuple(s.shape) != (g.n_layers, g.n_kv_heads):
@@ -238,24 +242,22 @@ def evaluate_heads(
             curves.setdefault("random", {})[f"{sp:g}"] = _summary(random_rows)
     if log is not None:
         log.append({"requests": len(rollouts), "unique_selections": len(order), "generate_seconds": seconds})
+    truths = {k: v for k, v in (("retrieval", retrieval), ("name_reads", name_reads)) if v is not None}
     result: dict[str, Any] = {
         "curves": curves,
-        "rank_agreement": rank_agreement({**scores, "retrieval": retrieval} if retrieval is not None else scores),
+        "rank_agreement": rank_agreement({**scores, **truths}),
         "policy": {"sink": policy.sink, "recent": policy.recent, "prefill": policy.prefill},
         "n_problems": n,
         "generate_seconds": round(seconds, 2),
     }
-    if retrieval is not None:
-        result["retrieval_spearman"] = {m: round(spearman(s, retrieval), 4) for m, s in scores.items()}
-        top2 = retrieval.flatten().argsort(descending=True)[:2].tolist()
-        result["top_head"] = {
-            m: {
-                "head": _head(int(s.flatten().argmax()), g.n_kv_heads),
-                "in_retrieval_top2": int(s.flatten().argmax()) in top2,
-            }
-            for m, s in scores.items()
-        }
-        result["retrieval_top2"] = [_head(i, g.n_kv_heads) for i in top2]
+    if truths:
+        result["top_head"] = {m: {"head": _head(int(s.flatten().argmax()), g.n_kv_heads)} for m, s in scores.items()}
+    for name, truth in truths.items():
+        result[f"{name}_spearman"] = {m: round(spearman(s, truth), 4) for m, s in scores.items()}
+        top2 = truth.flatten().argsort(descending=True)[:2].tolist()
+        for m, s in scores.items():
+            result["top_head"][m][f"in_{name}_top2"] = int(s.flatten().argmax()) in top2
+        result[f"{name}_top2"] = [_head(i, g.n_kv_heads) for i in top2]
     return result
 
 

@@ -105,7 +105,7 @@ def rlkv_scores(
     alpha = torch.ones(g.n_layers, g.n_kv_heads, requires_grad=True)
     opt = torch.optim.AdamW([alpha], lr=cfg.lr, weight_decay=cfg.weight_decay)
     t_start = time.perf_counter()
-    trajectory, n_steps = torch.zeros_like(alpha.detach()), 0
+    pressure = torch.zeros_like(alpha.detach())  # summed reward gradient on each gate (+ = the reward wants it open)
     for step in range(cfg.steps):
         picked = rng.sample(solved, min(cfg.prompts_per_step, len(solved)))
         prompts = [t.prompt for t in picked for _ in range(cfg.samples_per_prompt)]
@@ -151,14 +151,15 @@ def rlkv_scores(
                     mask = b.scored
                     n_tok += int(mask.sum())
                     pg_total = pg_total + pg[mask].sum()
-                loss = pg_total / max(n_tok, 1) + sparsity_penalty(alpha, r_mean, cfg.beta, cfg.tau)
+                pg_loss = pg_total / max(n_tok, 1)
+                if pg_loss.requires_grad:
+                    pressure -= torch.autograd.grad(pg_loss, alpha, retain_graph=True)[0]
+                loss = pg_loss + sparsity_penalty(alpha, r_mean, cfg.beta, cfg.tau)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_([alpha], cfg.grad_clip)
                 opt.step()
         with torch.no_grad():
             alpha.clamp_(0.0, 1.0)
-            trajectory += alpha.detach()
-            n_steps += 1
         elapsed = time.perf_counter() - t_start
         if log is not None:
             a = alpha.detach()
@@ -175,17 +176,26 @@ def rlkv_scores(
                     "alpha_max": float(a.max()),
                     "sparsity_at_0.5": float((a < 0.5).float().mean()),
                     "alpha": [round(float(v), 4) for v in a.flatten()],
+                    "pressure": [round(float(v), 6) for v in pressure.flatten()],
                     "seconds": round(elapsed, 2),
                 }
             )
         if cfg.time_budget_s is not None and elapsed > cfg.time_budget_s:
             break
-    # gates clamped to the same bound (0 or 1) tie; rank them by their mean over training (a gate that left
-    # later ranks higher) through a 1e-4 convex mix that keeps every value in [0, 1]
-    return (alpha.detach() * (1 - TIE_MIX) + TIE_MIX * trajectory / max(n_steps, 1)).clone()
+    return break_ties(alpha.detach(), pressure, cfg.lr)
 
 
 TIE_MIX = 1e-4
+
+
+def break_ties(alpha: torch.Tensor, pressure: torch.Tensor, step: float) -> torch.Tensor:
+    """Head scores from the final gates: gates within one optimiser ``step`` (the learning rate) of a bound are at
+    that bound (the rest is the last step's noise), and gates at one bound tie while the clamp discards what the
+    reward said about them. Tied gates are ordered by ``pressure``, the reward's summed gradient on each (higher =
+    the reward wanted it open), through a ``TIE_MIX`` convex mix that keeps every value in [0, 1]."""
+    at_bound = torch.where(alpha <= step, 0.0, torch.where(alpha >= 1 - step, 1.0, alpha))
+    tie = torch.sigmoid(pressure / pressure.abs().max().clamp_min(1e-12))
+    return at_bound * (1 - TIE_MIX) + TIE_MIX * tie
 
 
 def _think(trace: Any) -> int:
