@@ -95,6 +95,7 @@ def fit_cmd(
     hidden: int = typer.Option(32, min=1),
     epochs: int = typer.Option(50, min=1),
     lr: float = typer.Option(1e-3),
+    select_on: str = typer.Option("auroc", help="Picks the best layer: auroc | auroc_within_problem (validation)."),
     seed: int = 0,
     device: str = "auto",
     as_json: bool = typer.Option(False, "--json", help="Print the evaluation as JSON on stdout."),
@@ -105,6 +106,7 @@ def fit_cmd(
     from .batched import PROBE_KINDS
     from .fit import ProbeConfig, fit_probes
     from .labels import LabelTable
+    from .train import SELECT_ON
 
     cfg = ProbeConfig(
         target=target,
@@ -113,6 +115,7 @@ def fit_cmd(
         hidden=hidden,
         epochs=epochs,
         lr=lr,
+        select_on=choice(select_on, SELECT_ON, "--select-on"),
         seed=seed,
         device=device,
     )

@@ -4,9 +4,9 @@ Per layer, a task probe and a control probe (labels shuffled within each problem
 arXiv 1909.03368) are trained together on BCE with ``pos_weight = N_neg/N_pos`` (Zhang et al. 2025) on
 standardised features, early-stopped on the validation problems' loss: logistic probes full-batch
 (:mod:`probes.newton`, every layer in the same few passes over the store), MLP probes by minibatch Adam. The
-best layer is chosen on validation AUROC; test metrics (pooled and within-problem AUROC, ECE, Brier, accuracy,
-bootstrap CI over problems) and selectivity (task AUROC - control AUROC) are reported per layer, beside baselines
-(:mod:`probes.baselines`).
+best layer is chosen on validation AUROC (pooled, or within problems: ``ProbeConfig.select_on``); test metrics
+(pooled and within-problem AUROC, ECE, Brier, accuracy, bootstrap CI over problems) and selectivity (task AUROC -
+control AUROC) are reported per layer, beside baselines (:mod:`probes.baselines`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from .train import ProbeConfig, fit, predict
 
 
 def _layer_reports(p: torch.Tensor, data: Labelled, hooks: list[str], cfg: ProbeConfig) -> dict[str, dict]:
-    """Per hook: validation AUROC, test metrics with a bootstrap CI, control AUROC and selectivity."""
+    """Per hook: validation AUROC (pooled and within problems), test metrics with a bootstrap CI, control AUROC and
+    selectivity."""
     val, test = data.side == VAL, data.side == TEST
     out = {}
     for i, hook in enumerate(hooks):
@@ -39,6 +40,7 @@ def _layer_reports(p: torch.Tensor, data: Labelled, hooks: list[str], cfg: Probe
         control = metrics.auroc(p[1, i, test], data.control[test])
         r.update(
             val_auroc=metrics.auroc(p[0, i, val], data.y[val]),
+            val_auroc_within_problem=metrics.auroc_within(p[0, i, val], data.y[val], data.group[val]),
             auroc_ci=[lo, hi],
             control_auroc=control,
             selectivity=r["auroc"] - control,
@@ -60,10 +62,12 @@ def fit_probes(
     epochs = fit(probe, stream, data, cfg, device)
     p = predict(probe, stream, len(data.y), device)
     layers = _layer_reports(p, data, hooks, cfg)
-    best = max(hooks, key=lambda h: -math.inf if math.isnan(layers[h]["val_auroc"]) else layers[h]["val_auroc"])
+    key = f"val_{cfg.select_on}"
+    best = max(hooks, key=lambda h: -math.inf if math.isnan(layers[h][key]) else layers[h][key])
     report = {
         "target": cfg.target,
         "best_hook": best,
+        "selected_on": key,
         "best": layers[best],
         "layers": layers,
         "epochs": epochs,

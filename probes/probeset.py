@@ -63,7 +63,7 @@ class ProbeSet:
 
     @property
     def best_hook(self) -> str:
-        """The hook chosen on validation AUROC."""
+        """The hook chosen on validation AUROC (``report["selected_on"]``: pooled or within problems)."""
         return str(self.report["best_hook"])
 
     def check_model(self, weight_hash: str) -> None:

@@ -19,6 +19,7 @@ from .data import TRAIN, VAL, Batches, Labelled
 from .newton import fit_logistic
 
 SOLVERS = ("auto", "lbfgs", "adam")
+SELECT_ON = ("auroc", "auroc_within_problem")  # the validation metric that picks the best layer
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,9 @@ class ProbeConfig:
 
     ``solver``: ``lbfgs`` (full batch; logistic only; ``epochs`` caps its passes over the data, ``tol`` is its
     gradient tolerance, ``weight_decay`` its L2 strength on the mean loss), ``adam`` (minibatches of
-    ``batch_size`` at ``lr``), ``auto`` (lbfgs for logistic probes, adam for MLPs).
+    ``batch_size`` at ``lr``), ``auto`` (lbfgs for logistic probes, adam for MLPs). ``select_on``: the validation
+    metric that picks the best layer, pooled AUROC or the mean AUROC within problems (for targets, such as
+    confidence across samples of one problem, where the within-problem contrast is what counts).
     """
 
     target: str = "correct"
@@ -49,6 +52,7 @@ class ProbeConfig:
     cache_bytes: int = 2 << 30
     solver: str = "auto"
     tol: float = 1e-4
+    select_on: str = "auroc"
 
     def __post_init__(self) -> None:
         if self.kind not in PROBE_KINDS:
@@ -63,6 +67,8 @@ class ProbeConfig:
                 raise ValueError(f"{name} must be in (0, 1), got {v!r}")
         if not (self.lr > 0 and self.weight_decay >= 0 and self.bootstrap >= 0 and self.cache_bytes >= 0):
             raise ValueError("lr must be > 0 and weight_decay, bootstrap, cache_bytes >= 0")
+        if self.select_on not in SELECT_ON:
+            raise ValueError(f"select_on must be one of {', '.join(SELECT_ON)}, got {self.select_on!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         if self.solver == "lbfgs" and self.kind != "logistic":

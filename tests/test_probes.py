@@ -151,8 +151,11 @@ def test_metrics_known_values():
 HOOKS = [f"blocks.{i}.hook_resid_post" for i in range(3)]
 
 
-def synthetic(tmp_path, n_problems: int = 60, chunks: int = 8, d: int = 16, seed: int = 0):
-    """Layer 0: noise; layer 1: the label along one direction; layer 2: only the problem's difficulty."""
+def synthetic(
+    tmp_path, n_problems: int = 60, chunks: int = 8, d: int = 16, seed: int = 0, label: float = 2.0, spread: float = 0.3
+):
+    """Layer 0: noise; layer 1: the label along one direction (``label`` apart); layer 2: only the problem's
+    difficulty, its chance of a positive label (uniform in 0.5 ± ``spread``)."""
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     ids = [f"p{i}" for i in range(n_problems)]
@@ -172,11 +175,11 @@ def synthetic(tmp_path, n_problems: int = 60, chunks: int = 8, d: int = 16, seed
         acts: dict[str, list[torch.Tensor]] = {h: [] for h in HOOKS}
         rows: dict[str, list[int]] = {"trace": [], "position": [], "token_id": [], "segment": []}
         for t in range(lo, hi):
-            diff = rng.uniform(0.2, 0.8)
+            diff = rng.uniform(0.5 - spread, 0.5 + spread)
             y = torch.tensor([float(rng.random() < diff) for _ in range(chunks)])
             y[0], y[1] = 0.0, 1.0  # both classes in every problem
             acts[HOOKS[0]].append(torch.randn(chunks, d, generator=g))
-            acts[HOOKS[1]].append(torch.randn(chunks, d, generator=g) + 2.0 * (2 * y[:, None] - 1) * direction)
+            acts[HOOKS[1]].append(torch.randn(chunks, d, generator=g) + label * (2 * y[:, None] - 1) * direction)
             acts[HOOKS[2]].append(torch.randn(chunks, d, generator=g) + 4.0 * diff * direction)
             for k in range(chunks):
                 rows["trace"].append(t)
@@ -219,6 +222,22 @@ def test_fit_finds_the_informative_layer(tmp_path, kind, solver):
     test_rows = torch.tensor([store.manifest.trace_ids[int(t)] in test_problems for t in rows["trace"]])
     y = torch.tensor(table.targets["correct"])
     assert metrics.auroc(p[test_rows], y[test_rows]) == pytest.approx(good["auroc"], abs=1e-6)
+
+
+def test_best_layer_by_within_problem_auroc(tmp_path):
+    """A weak within-problem signal (layer 1) against a strong difficulty signal (layer 2): pooled validation AUROC
+    prefers the layer that reads difficulty, within-problem AUROC the one that reads the label."""
+    store, table = synthetic(tmp_path, n_problems=120, label=0.06, spread=0.48)
+    picked = {}
+    for select_on in ("auroc", "auroc_within_problem"):
+        ps = fit_probes(store, table, ProbeConfig(bootstrap=0, select_on=select_on), tmp_path / select_on)
+        picked[select_on] = ps.best_hook
+        assert ps.report["selected_on"] == f"val_{select_on}"
+        layers = ps.report["layers"]
+        assert ps.best_hook == max(HOOKS, key=lambda h: layers[h][f"val_{select_on}"])
+    assert picked == {"auroc": HOOKS[2], "auroc_within_problem": HOOKS[1]}
+    with pytest.raises(ValueError, match="select_on must be one of"):
+        ProbeConfig(select_on="accuracy")
 
 
 def test_probeset_refuses_other_models(tmp_path):

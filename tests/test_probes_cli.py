@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from probes.cli import probe_app
 from probes.labels import write_labels
+from probes.probeset import ProbeSet
 from reasonscope.traces import write_traces_jsonl
 
 from conftest import shared_data
@@ -72,6 +73,10 @@ def test_fit_and_eval(tmp_path):
     assert ev == fit["correct"]
     assert set(ev) >= {"best_layer", "auroc", "auroc_within_problem", "ece", "brier", "selectivity"}
     assert "--kind" in _err(runner.invoke(probe_app, [*args[:-1], str(tmp_path / "q"), "--kind", "svm"]))
+    assert "--select-on" in _err(runner.invoke(probe_app, [*args[:-1], str(tmp_path / "q"), "--select-on", "acc"]))
+    r = runner.invoke(probe_app, [*args[:-1], str(tmp_path / "w"), "--select-on", "auroc_within_problem"])
+    assert r.exit_code == 0, r.output
+    assert ProbeSet.open(tmp_path / "w").report["selected_on"] == "val_auroc_within_problem"
     assert "not a directory" in _err(runner.invoke(probe_app, ["eval", "--probes", str(tmp_path / "none")]))
 
 
