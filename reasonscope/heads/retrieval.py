@@ -42,21 +42,26 @@ class Read:
     keys: tuple[int, ...]
 
 
-def _token_at(offsets: Sequence[tuple[int, int]]) -> Callable[[int], int | None]:
+def _locate(trace: Any, tokenizer: Any, pattern: re.Pattern) -> tuple[re.Match, Callable[[int], int | None]] | None:
+    """``pattern``'s match in the prompt and a lookup from a character of the full text to its token (None: no
+    match)."""
+    m = pattern.search(trace.prompt)
+    if m is None:
+        return None
+    _, offsets = token_offsets(trace, tokenizer)
+
     def token_at(char: int) -> int | None:
         return next((i for i, (s, e) in enumerate(offsets) if s <= char < e), None)
 
-    return token_at
+    return m, token_at
 
 
 def operand_reads(trace: Any, tokenizer: Any) -> list[Read]:
     """The value reads of an organism trace (empty if its prompt has no ``given ...`` definitions)."""
-    _, offsets = token_offsets(trace, tokenizer)
-    m = _DEFS.search(trace.prompt)
-    if m is None:
+    found = _locate(trace, tokenizer, _DEFS)
+    if found is None:
         return []
-    token_at = _token_at(offsets)
-
+    m, token_at = found
     defs = {}
     for p in _PAIR.finditer(m.group(1)):
         var, val = token_at(m.start(1) + p.start(1)), token_at(m.start(1) + p.start(2))
@@ -74,11 +79,10 @@ def operand_reads(trace: Any, tokenizer: Any) -> list[Read]:
 
 def name_reads(trace: Any, tokenizer: Any) -> list[Read]:
     """The name reads of an organism trace (empty if its prompt has no ``what is a + c ...?`` chain)."""
-    _, offsets = token_offsets(trace, tokenizer)
-    m = _CHAIN.search(trace.prompt)
-    if m is None:
+    found = _locate(trace, tokenizer, _CHAIN)
+    if found is None:
         return []
-    token_at = _token_at(offsets)
+    m, token_at = found
     chain = {p.group(1): token_at(m.start(1) + p.start(1)) for p in _NAME.finditer(m.group(1))}
     off = thinking_offset(trace)
     reads: list[Read] = []
