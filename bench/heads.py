@@ -4,6 +4,7 @@
 
 The scorers read the model's own greedy traces on training problems (seed ``--seed``); evaluation uses
 other problems (seed ``--seed + 1``). The window is scaled to the traces (``window_for``) unless given.
+``--single-heads`` adds the accuracy with each KV head windowed alone (a causal check of the rankings).
 ``--scores-out`` saves the head maps (and timings, the RLKV log) before the sweep; ``--scores-in`` reloads
 them to rerun the sweep alone. Timings depend on the machine's load: say how loaded it was.
 
@@ -39,6 +40,27 @@ from reasonscope.traces.generate import GenerationConfig, generate_traces
 METHODS = ("retrieval", "window", "gate-ig", "duo", "rlkv")
 
 
+def single_heads(h: Any, held: list[Any], policy: CompressionPolicy, cfg: EvalConfig, timing: bool) -> dict:
+    """Generated accuracy on ``held`` with one KV head windowed and every other head full, per head."""
+    g = h.geometry
+    n = g.n_layers * g.n_kv_heads
+    maps = {}
+    for i in range(n):
+        full = torch.ones(n)
+        full[i] = 0
+        maps[f"L{i // g.n_kv_heads}H{i % g.n_kv_heads}"] = full
+    one = dataclasses.replace(cfg, sparsities=(1 / n,), random_draws=1, exhaustive=False, timing_prompts=0)
+    res = evaluate_heads(
+        h,
+        [h.chat_prompt(p.question, thinking=timing) for p in held],
+        [str(p.answer) for p in held],
+        {head: m.view(g.n_layers, g.n_kv_heads) for head, m in maps.items()},
+        policy,
+        one,
+    )
+    return {head: res["curves"][head][f"{1 / n:g}"]["accuracy"] for head in maps}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="organism:thinking")
@@ -71,6 +93,7 @@ def main() -> None:
     ap.add_argument("--scores-out", type=Path, default=None)
     ap.add_argument("--scores-in", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--single-heads", action="store_true", help="also: accuracy with each KV head windowed alone")
     args = ap.parse_args()
     torch.manual_seed(0)
     timing = args.shape == "1.5b"
@@ -142,6 +165,8 @@ def main() -> None:
         res["scores"]["retrieval"] = [round(float(v), 4) for v in retrieval.flatten()]
     if name_reads is not None:
         res["scores"]["name_reads"] = [round(float(v), 4) for v in name_reads.flatten()]
+    if args.single_heads:
+        res["single_head_windowed"] = single_heads(h, held, policy, cfg, timing)
     text = json.dumps(res, indent=1)
     if args.out is not None:
         args.out.write_text(text + "\n", encoding="utf-8")
