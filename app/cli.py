@@ -7,7 +7,6 @@ Same rules as :mod:`reasonscope.cli`: arguments and locations are checked before
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -77,4 +76,7 @@ def app_cmd(
         str(run.resolve()),
     ]
     say(f"explorer on http://{address}:{port} (Ctrl-C stops it)")
-    raise typer.Exit(subprocess.call(cmd, env={**os.environ, "REASONSCOPE_RUN": str(run.resolve())}))
+    # the server replaces this process, so stopping `reasonscope app` (a signal, a supervisor) stops the server too
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, cmd, {**os.environ, "REASONSCOPE_RUN": str(run.resolve())})

@@ -220,6 +220,27 @@ def _settle(page, timeout_s: float = 180) -> None:
     assert errors.count() == 0, errors.first.inner_text()
 
 
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@organisms
+def test_stopping_the_app_command_stops_the_server(quick_run):
+    """`reasonscope app` becomes the server: terminating it leaves no Streamlit process behind on the port."""
+    port = _free_port()
+    proc = _serve(quick_run, port)
+    proc.terminate()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _answers(port) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _answers(port)
+
+
 @organisms
 def test_explorer_in_chromium(quick_run, tmp_path):
     """Every page in headless Chromium: pick a trace, click a head, move γ; no exception; screenshots saved."""
