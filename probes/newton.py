@@ -84,12 +84,15 @@ def _stats(stream: Batches, prob: _Problem, n_layers: int, width: int, sample: i
         k = int(keep.sum())
         if k == 0:
             continue
-        xt = (x if k == len(idx) else x[:, keep]).to(device)
-        yt = prob.ys[:, idx[keep]].to(device)
+        x = x.to(device)
+        kept = keep.nonzero()[:, 0].to(device)
+        mask = keep.to(device).float()
+        # weights instead of a gather: rows off the training split count 0 (a gather would copy the batch)
+        lhs_all = torch.cat([mask[None], prob.ys[:, idx].to(device) * mask])  # [1+V, n]
         if shift is None:
-            shift = xt[:, : min(k, 1024)].mean(1, keepdim=True)  # [L, 1, d]
-        for s, xb in _blocks(xt, STATS_BLOCK_BYTES):
-            lhs = torch.cat([torch.ones(1, xb.shape[1], device=device), yt[:, s : s + xb.shape[1]]])  # [1+V, B]
+            shift = x[:, kept[:1024]].mean(1, keepdim=True)  # [L, 1, d]
+        for s, xb in _blocks(x, STATS_BLOCK_BYTES):
+            lhs = lhs_all[:, s : s + xb.shape[1]]  # [1+V, B]
             t = xb - shift
             for i in range(n_layers):
                 sums = lhs @ t[i]  # [1+V, d]: the shifted sum, and per class the shifted sums
@@ -101,7 +104,7 @@ def _stats(stream: Batches, prob: _Problem, n_layers: int, width: int, sample: i
                 sq[i] += (ones @ t[i])[0].double()
         n += k
         if have < sample:
-            take = xt[:, : sample - have].clone()
+            take = x[:, kept[: sample - have]]  # a gather: a copy
             rows.append(take)
             have += take.shape[1]
     assert shift is not None, "no training rows"
@@ -231,7 +234,7 @@ def fit_logistic(
     mean, std, s1, xs, n = _stats(stream, prob, n_layers, width, m_cap, device)
     passes = 1
     # preconditioner: Ledoit-Wolf covariance of the standardised sample (+ ridge), Cholesky per layer
-    xs = ((xs.double() - mean[:, None]) / std[:, None]).float()
+    xs = xs.sub_(mean.float()[:, None]).div_(std.float()[:, None])  # standardised, in place (a gathered copy)
     sigma = _ledoit_wolf(xs).double()
     del xs
     ridge = max(4 * l2, 1e-6)
