@@ -151,11 +151,11 @@ def rlkv_scores(
                     mask = b.scored
                     n_tok += int(mask.sum())
                     pg_total = pg_total + pg[mask].sum()
-                pg_loss = pg_total / max(n_tok, 1)
-                if pg_loss.requires_grad:
-                    pressure -= torch.autograd.grad(pg_loss, alpha, retain_graph=True)[0]
-                loss = pg_loss + sparsity_penalty(alpha, r_mean, cfg.beta, cfg.tau)
-                loss.backward()
+                penalty = sparsity_penalty(alpha, r_mean, cfg.beta, cfg.tau)
+                (penalty_grad,) = torch.autograd.grad(penalty, alpha, retain_graph=True)
+                (pg_total / max(n_tok, 1) + penalty).backward()
+                assert alpha.grad is not None
+                pressure -= alpha.grad - penalty_grad  # the reward's part of the gradient, before the clip
                 torch.nn.utils.clip_grad_norm_([alpha], cfg.grad_clip)
                 opt.step()
         with torch.no_grad():
