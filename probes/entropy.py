@@ -31,15 +31,9 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 def token_entropies(handle: ModelHandle, traces: Sequence[Trace], token_budget: int = 8192) -> list[torch.Tensor]:
     """Per trace, ``H_t`` for every token position (``[n_tokens]``, float32, CPU); left-padded length batches."""
     out: list[torch.Tensor | None] = [None] * len(traces)
-    pad = handle.tokenizer.pad_token_id or 0
     for batch in length_batches([len(t.token_ids) for t in traces], token_budget):
-        width = len(traces[batch[0]].token_ids)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(batch):
-            n = len(traces[i].token_ids)
-            ids[r, width - n :] = torch.tensor(traces[i].token_ids)
-            mask[r, width - n :] = 1
+        ids, mask = handle.left_padded([traces[i].token_ids for i in batch])
+        width = ids.shape[1]
         with torch.inference_mode():
             h = entropy(handle.run(ids, mask)).cpu()
         for r, i in enumerate(batch):

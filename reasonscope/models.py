@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -123,6 +123,15 @@ class ModelHandle:
         from .identity import weight_hash
 
         return weight_hash(self.model)
+
+    def left_padded(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids ``[batch, width]`` left-padded with the tokenizer's pad id (0 without one), and their mask."""
+        pad = self.tokenizer.pad_token_id
+        pad = 0 if pad is None else pad
+        width = max(map(len, seqs))
+        ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in seqs])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs])
+        return ids, mask
 
     def chat_prompt(self, question: str, thinking: bool | None = None) -> str:
         """The generation prompt for ``question`` through the tokenizer's chat template.

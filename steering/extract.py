@@ -23,7 +23,6 @@ __all__ = [
     "Reduce",
     "behaviour_vectors",
     "extract_vector",
-    "left_padded",
     "mean_difference",
     "pca_difference",
     "residuals",
@@ -34,16 +33,6 @@ Reduce = Literal["last", "mean", "all"]
 REDUCTIONS: tuple[Reduce, ...] = get_args(Reduce)
 Method = Literal["mean_diff", "pca"]
 METHODS: tuple[Method, ...] = get_args(Method)
-
-
-def left_padded(handle: Any, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids ``[batch, width]`` left-padded with the tokenizer's pad id (0 without one), and their mask."""
-    pad = handle.tokenizer.pad_token_id
-    pad = 0 if pad is None else pad
-    width = max(map(len, seqs))
-    ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in seqs])
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs])
-    return ids, mask
 
 
 def residuals(
@@ -69,7 +58,7 @@ def residuals(
         ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chunk]
         if any(not x for x in ids):
             raise ValueError("an empty text has no token to read; drop it")
-        input_ids, mask = left_padded(handle, ids)
+        input_ids, mask = handle.left_padded(ids)
         seen: dict[int, torch.Tensor] = {}
         with torch.no_grad():
             handle.run(input_ids, mask, hooks={f"blocks.{x}.hook_resid_post": _reader(seen, x) for x in layers})
@@ -165,7 +154,7 @@ def segment_residuals(
         chunk = list(traces[start : start + batch_size])
         if any(not t.token_ids for t in chunk):
             raise ValueError("traces without token_ids have no spans; segment them with segment_trace first")
-        ids, mask = left_padded(handle, [t.token_ids for t in chunk])
+        ids, mask = handle.left_padded([t.token_ids for t in chunk])
         width = ids.shape[1]
         seen: dict[int, torch.Tensor] = {}
         with torch.no_grad():

@@ -50,7 +50,6 @@ from reasonscope.organisms import task
 from reasonscope.organisms.evaluate import EVAL_SEED
 
 from .behaviours import Taxonomy, agreement, ends_sentence, fit_sae, normalise_rows, organism_labels, sentence_spans
-from .extract import left_padded
 from .vector import SteeringVector, VectorMeta
 
 __all__ = [
@@ -211,7 +210,7 @@ def _forward_all(
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     for s in range(0, len(seqs), batch_size):
         chunk = seqs[s : s + batch_size]
-        ids, mask = left_padded(handle, chunk)
+        ids, mask = handle.left_padded(chunk)
         width = ids.shape[1]
         seen: dict[str, torch.Tensor] = {}
 
@@ -403,7 +402,7 @@ def optimise_vectors(
             q.requires_grad_(False)
         for _ in range(cfg.train_steps):
             pick = torch.randperm(len(rolls), generator=g)[:mb].tolist()
-            ids, mask = left_padded(base, [seqs[i] for i in pick])
+            ids, mask = base.left_padded([seqs[i] for i in pick])
             pads = (mask == 0).sum(1).tolist()
             rows: list[int] = []
             cols: list[int] = []

@@ -43,16 +43,10 @@ def trace_batches(
     longest = max(len(t.token_ids) for t in usable)
     policy.check_context(longest)
     usable.sort(key=lambda t: len(t.token_ids))
-    pad = handle.tokenizer.pad_token_id
     out = []
     for i in range(0, len(usable), batch_size):
         chunk = usable[i : i + batch_size]
-        width = max(len(t.token_ids) for t in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, t in enumerate(chunk):
-            ids[r, width - len(t.token_ids) :] = torch.tensor(t.token_ids)
-            mask[r, width - len(t.token_ids) :] = 1
+        ids, mask = handle.left_padded([t.token_ids for t in chunk])
         prefill = torch.tensor([t.think_span[0] for t in chunk])
         rank = mask.cumsum(-1) - 1
         n = mask.sum(-1, keepdim=True)
