@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
-from reasonscope.generation import Batch, DecodeConfig, generate, sample, uniform
+from reasonscope.generation import Batch, DecodeConfig, generate
 from reasonscope.traces import GRADERS
 
 from .entropy import entropy
@@ -357,21 +357,11 @@ def _finish(handle: ModelHandle, rec: Recording, cuts: set[tuple[int, int]]) -> 
     if not todo:
         return out
     offsets = [s + 1 for _, s in todo]
-    source = [q for q, _ in todo]
-
-    def resample(batch: Batch, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
-        if cfg.temperature <= 0:
-            return None
-        u = [
-            uniform(cfg.seed, source[i], offsets[i] + int(n)) if i >= 0 else 0.0
-            for i, n in zip(batch.rows.tolist(), batch.n_generated.tolist())
-        ]
-        return sample(logits, cfg.temperature, 1.0, torch.tensor(u, device=logits.device))
-
     prompts = [rec.prompts[q] + rec.tokens[q][:s] + [rec.end_id] for q, s in todo]
     budget = min(cfg.answer_tokens, max(cfg.max_new_tokens - o for o in offsets))
-    dec = DecodeConfig(budget, 0.0, batch_size=cfg.batch_size)
-    for (q, s), o, c in zip(todo, offsets, generate(handle, prompts, dec, on_token=resample)):
+    dec = DecodeConfig(budget, cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size)
+    streams = [(q, o) for (q, _), o in zip(todo, offsets)]
+    for (q, s), o, c in zip(todo, offsets, generate(handle, prompts, dec, streams=streams)):
         gen = [*rec.tokens[q][:s], rec.end_id, *c.token_ids[: cfg.max_new_tokens - o]]
         out[q, s] = _outcome(handle, gen, rec.golds[q], rec.end_id, True, cfg.grader)
     return out

@@ -44,7 +44,7 @@ class DecodeConfig:
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
-    seed: int = 0  # sampling: request i's token t draws from a stream fixed by (seed, i, t)
+    seed: int = 0  # sampling: request i's token t draws from a stream fixed by (seed, i, t) (generate's streams)
     stop: tuple[str, ...] = ()  # end a row once its generated text contains one of these
     eos_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's and generation_config's EOS
     batch_size: int = 32  # rows decoded together; KV memory: batch_size x (longest prompt + max_new_tokens) tokens
@@ -241,6 +241,7 @@ class _Engine:
         on_token: OnToken | None,
         progress: bool,
         companion: Any = None,
+        streams: Sequence[tuple[int, int]] | None = None,
     ):
         tok, self.model, self.cfg, self.on_token = handle.tokenizer, handle.model, cfg, on_token
         self.impl = _check_model(self.model)
@@ -249,6 +250,7 @@ class _Engine:
         self.passes = 0  # forward passes so far; a Batch may re-run only while on_token handles its pass
         self.live = -1
         self.prompts = prompts
+        self.streams = list(streams) if streams is not None else [(i, 0) for i in range(len(prompts))]
         eos = cfg.eos_token_ids
         if eos is None:
             gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
@@ -293,6 +295,10 @@ class _Engine:
             if self.bar is not None:
                 self.bar.close()
         return self.done  # type: ignore[return-value]
+
+    def _uniform(self, request: int, step: int) -> float:
+        key, start = self.streams[request]
+        return uniform(self.cfg.seed, key, start + step)
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -425,7 +431,7 @@ class _Engine:
         """Choose the next token of each row of the pass (row i serves ``slots[i]``); retire finished rows."""
         cfg = self.cfg
         if cfg.temperature > 0:
-            u = [uniform(cfg.seed, self.req[s], len(self.out[s])) if self.req[s] >= 0 else 0.0 for s in slots]
+            u = [self._uniform(self.req[s], len(self.out[s])) if self.req[s] >= 0 else 0.0 for s in slots]
             tokens = sample(logits, cfg.temperature, cfg.top_p, torch.tensor(u, device=self.device))
         else:
             tokens = logits.argmax(-1)
@@ -488,6 +494,7 @@ def generate(
     progress: bool = False,
     companion: Any = None,
     companion_hooks: Mapping[str, HookFn] | None = None,
+    streams: Sequence[tuple[int, int]] | None = None,
 ) -> list[Completion]:
     """Generate a completion for each prompt (text, tokenized without special tokens, or token ids).
 
@@ -500,6 +507,10 @@ def generate(
     ``companion``: a second model handle (same tokenizer and device) that reads the same tokens in lockstep, with
     ``companion_hooks`` attached; its logits reach ``on_token`` as ``batch.companion_logits``. Each hook set fires
     in its own model's passes only (the two may be one module).
+
+    ``streams``: when sampling, request ``i``'s ``t``-th token draws ``uniform(cfg.seed, key, start + t)`` for
+    ``streams[i] = (key, start)``; the default ``(i, 0)``. A split run (or a continuation from a prefix of ``start``
+    generated tokens) given the original streams draws exactly what the original run drew.
     """
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
@@ -515,7 +526,9 @@ def generate(
         raise ValueError("companion_hooks were given without a companion model")
     if companion is not None:
         _check_companion(handle, companion)
-    engine = _Engine(handle, ids, cfg, on_token, progress, companion)
+    if streams is not None and len(streams) != len(ids):
+        raise ValueError(f"{len(streams)} streams for {len(ids)} prompts; give one (key, start) per prompt")
+    engine = _Engine(handle, ids, cfg, on_token, progress, companion, streams)
     g = handle.geometry
     # no_grad rather than inference_mode: tensors that hooks keep stay usable in autograd later (probe training)
     with torch.no_grad(), ExitStack() as stack:

@@ -45,7 +45,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, write_artifact
-from reasonscope.generation import Batch, DecodeConfig, current_batch, generate, sample, uniform
+from reasonscope.generation import Batch, DecodeConfig, current_batch, generate, uniform
 from reasonscope.organisms import task
 from reasonscope.organisms.evaluate import EVAL_SEED
 
@@ -538,6 +538,7 @@ def hybrid_generate(
         on_token=run.on_token,
         companion=thinking,
         companion_hooks={f"blocks.{steerer.read_layer}.hook_resid_post": run.read},
+        streams=[(request_offset + i, 0) for i in range(len(prompts))],
     )
     return [HybridOutput(c.token_ids, run.behaviours[i], c.finish_reason == "eos") for i, c in enumerate(comps)]
 
@@ -594,15 +595,12 @@ class _Hybrid:
         return self.st.pick(self.acts[rows]).cpu()  # type: ignore[index]
 
     def on_token(self, batch: Batch, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        cfg, reqs, steps = self.cfg, batch.rows.tolist(), batch.n_generated.tolist()
+        reqs, steps = batch.rows.tolist(), batch.n_generated.tolist()
         live = [i for i, r in enumerate(reqs) if r >= 0]
         starts = live if batch.prefill else [i for i in live if self._starts(self.last[reqs[i]])]
         if starts:
             who = [reqs[i] for i in starts]
             self.behaviour[who] = self._choose(starts, who, [steps[i] for i in starts])
-        if self.offset and cfg.temperature > 0:  # generate drew from request i's stream; this is offset + i
-            u = [uniform(cfg.seed, self.offset + r, s) if r >= 0 else 0.0 for r, s in zip(reqs, steps)]
-            tokens = sample(logits, cfg.temperature, 1.0, torch.tensor(u, device=logits.device))
         think = batch.companion_logits
         assert think is not None
         dis = ((think.argmax(-1) != logits.argmax(-1)) & (batch.rows >= 0)).nonzero()[:, 0]

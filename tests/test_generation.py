@@ -146,6 +146,22 @@ def test_sampling_is_seeded_and_batching_invariant(varied):
     ]
 
 
+def test_streams_name_each_request_s_random_draws(varied):
+    """``streams``: swapped keys swap the samples; a continuation from a prefix with ``start`` = its length draws
+    what the full run drew after that prefix."""
+    prompt = encode(varied)[0]
+    cfg = DecodeConfig(max_new_tokens=12, temperature=1.0, seed=3, eos_token_ids=(-1,))
+    a, b = (c.token_ids for c in generate(varied, [prompt, prompt], cfg))
+    assert a != b
+    swapped = [c.token_ids for c in generate(varied, [prompt, prompt], cfg, streams=[(1, 0), (0, 0)])]
+    assert swapped == [b, a]
+    rest = DecodeConfig(**{**cfg.__dict__, "max_new_tokens": 7})
+    (tail,) = generate(varied, [prompt + a[:5]], rest, streams=[(0, 5)])
+    assert tail.token_ids == a[5:]
+    with pytest.raises(ValueError, match="one \\(key, start\\) per prompt"):
+        generate(varied, [prompt], cfg, streams=[(0, 0), (1, 0)])
+
+
 def test_sample_follows_the_distribution():
     probs = torch.tensor([0.5, 0.0, 0.3, 0.2])
     u = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
