@@ -49,7 +49,9 @@ def single_heads(h: Any, held: list[Any], policy: CompressionPolicy, cfg: EvalCo
         full = torch.ones(n)
         full[i] = 0
         maps[f"L{i // g.n_kv_heads}H{i % g.n_kv_heads}"] = full
-    one = dataclasses.replace(cfg, sparsities=(1 / n,), random_draws=1, exhaustive=False, timing_prompts=0)
+    one = dataclasses.replace(
+        cfg, sparsities=(1 / n,), random_draws=0, uniform=False, exhaustive=False, timing_prompts=0
+    )
     res = evaluate_heads(
         h,
         [h.chat_prompt(p.question, thinking=timing) for p in held],
