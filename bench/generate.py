@@ -44,18 +44,6 @@ from shapes import random_qwen2
 from reasonscope.generation import Batch, DecodeConfig, generate
 
 
-def organism_workload(n: int) -> tuple[Any, list[list[int]], int, dict[int, int] | None]:
-    from reasonscope.models import load_model
-    from reasonscope.organisms import evaluate, task
-
-    h = load_model("organism:thinking")
-    prompts = [
-        h.tokenizer(h.chat_prompt(p.question), add_special_tokens=False)["input_ids"]
-        for p in task.problems(n, evaluate.EVAL_SEED)
-    ]
-    return h, prompts, 640, None
-
-
 def organism_eval_workload(n: int) -> list[Part]:
     """Every generation ``reasonscope organism eval`` makes: the thinking organism greedy and at temperature 1
     (seed 1) on chat prompts, the base greedy on chat prompts and on ``{question} notes:`` prompts."""
@@ -207,11 +195,9 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cuda = a.device == "cuda"
-    if a.shape == "organism":
-        h, prompts, max_new, _ = organism_workload(a.problems or 500)
-        parts = [Part("thinking, greedy", h, prompts, 0.0, 0)]
-    elif a.shape == "organism-eval":
+    if a.shape in ("organism", "organism-eval"):
         parts, max_new = organism_eval_workload(a.problems or 500), 640
+        parts = parts[:1] if a.shape == "organism" else parts  # organism: the greedy thinking call alone
     else:
         h, prompts, max_new, lengths = random_workload(a.problems or 256, a.max_new, a.layers, a.device)
         parts = [Part("random weights, forced lengths", h, prompts, 0.0, 0, lengths)]
