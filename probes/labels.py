@@ -6,7 +6,9 @@ gold (NaN where the chunk states none); ``after_first_correct`` = at or after th
 first-correct position, FCP); ``deviated`` = a correct answer was reached earlier and this chunk's is wrong;
 ``safe_exit`` = forcing ``</think>`` after the chunk yields a correct answer (needs a model, :mod:`probes.forced`);
 ``stable`` = the forced answer equals the trace's own final answer (answer convergence: the rest of the thinking
-is redundant; a trace that never answers is stable everywhere);
+is redundant; a trace that never answers is stable everywhere); ``no_loss_exit`` = exiting here costs no accuracy:
+the forced answer is correct or the trace's own final answer is not (the early-exit decision's label: it also marks
+a runaway trace that thinking on will not save);
 ``rpdi`` / ``rpdi_transition`` = the deviation indices at the chunk end and ``deviation`` = ``rpdi > lam`` (needs a
 model, :mod:`probes.entropy`). Per trace: the Self-Braking overthink score (Zhao et al. 2025, arXiv 2505.14604)
 ``S = beta*kappa + (1-beta)*(1-eta)``.
@@ -38,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 KIND = "probe_labels"
 FILE = "labels.json"
 TEXT_TARGETS = ("correct", "after_first_correct", "deviated")
-MODEL_TARGETS = ("safe_exit", "stable", "rpdi", "rpdi_transition", "deviation", "entropy")
+MODEL_TARGETS = ("safe_exit", "stable", "no_loss_exit", "rpdi", "rpdi_transition", "deviation", "entropy")
 SBT_KEYWORDS = (
     "another",
     "backtrack",
@@ -262,6 +264,9 @@ def _model_targets(
         table.targets["stable"] = [
             x for t, kind, per in zip(traces, kinds, graded) for x in _stable(t, kind, [a for a, _ in per])
         ]
+        table.targets["no_loss_exit"] = [
+            x for t, kind, per in zip(traces, kinds, graded) for x in _no_loss(t, kind, [ok for _, ok in per])
+        ]
     if cfg.entropy:
         from .entropy import chunk_signals
 
@@ -282,6 +287,16 @@ def _stable(trace: Trace, kind: Literal["organism", "math"], forced: list[str | 
     if final is None:
         return [1.0] * len(forced)
     return [float(a is not None and bool(g.is_correct(a, final))) for a in forced]
+
+
+def _no_loss(trace: Trace, kind: Literal["organism", "math"], forced_ok: list[bool]) -> list[float]:
+    """Per position: 1 when exiting there loses nothing: the forced answer is correct, or the trace's own final
+    answer is not (NaN without a gold answer)."""
+    if trace.gold is None:
+        return [math.nan] * len(forced_ok)
+    final = GRADERS[kind].extract(trace.answer) if trace.answer.strip() else None
+    final_ok = final is not None and bool(is_correct(final, trace.gold, kind))
+    return [float(ok or not final_ok) for ok in forced_ok]
 
 
 def write_labels(

@@ -102,9 +102,11 @@ def test_model_labels_forced_and_entropy(tiny_handle, task_traces):
     cfg = LabelConfig(matcher="organism", forced=True, entropy=True, window=4, forced_max_new_tokens=3)
     table = build_labels(traces, cfg, handle=tiny_handle)
     n = len(table)
-    for k in ("safe_exit", "rpdi", "rpdi_transition", "deviation", "entropy"):
+    for k in ("safe_exit", "no_loss_exit", "rpdi", "rpdi_transition", "deviation", "entropy"):
         assert len(table.targets[k]) == n
     assert set(table.targets["safe_exit"]) <= {0.0, 1.0}
+    # an exit costs nothing where the forced answer is correct
+    assert all(nl >= s for s, nl in zip(table.targets["safe_exit"], table.targets["no_loss_exit"]))
     assert all(not math.isnan(x) for x in table.targets["entropy"])
     dev = [x for x in table.targets["deviation"] if not math.isnan(x)]
     assert dev and set(dev) <= {0.0, 1.0}

@@ -6,7 +6,7 @@ import math
 
 from probes.answers import chunk_answers, organism_ops
 from probes.chunks import chunk_thinking
-from probes.labels import LabelConfig, _stable, build_labels
+from probes.labels import LabelConfig, _no_loss, _stable, build_labels
 from reasonscope.traces import Trace
 
 VERBOSE = (
@@ -16,7 +16,7 @@ VERBOSE = (
 )
 
 
-def _trace(thinking: str, answer: str = "3", gold: str = "3") -> Trace:
+def _trace(thinking: str, answer: str = "3", gold: str | None = "3") -> Trace:
     prompt = "<|user|>given b3, o1, g1. what is b + o - g?<|assistant|><think>"
     return Trace(id="t", prompt=prompt, thinking=thinking, answer=answer, gold=gold, source="organism:thinking")
 
@@ -54,3 +54,13 @@ def test_stable_is_answer_convergence():
     assert _stable(t, "organism", ["4", None, "3", "3"]) == [0.0, 0.0, 1.0, 1.0]
     # a trace that never answers (thinking ran into the length limit): any exit is at least as good
     assert _stable(_trace(VERBOSE, answer=""), "organism", ["4", None]) == [1.0, 1.0]
+
+
+def test_no_loss_exit_marks_exits_that_cost_nothing():
+    forced_ok = [False, True, False]
+    # a correct trace: only where the forced answer is correct
+    assert _no_loss(_trace(VERBOSE), "organism", forced_ok) == [0.0, 1.0, 0.0]
+    # a wrong final answer, or none (a runaway trace): no exit can lose it
+    assert _no_loss(_trace(VERBOSE, answer="5"), "organism", forced_ok) == [1.0, 1.0, 1.0]
+    assert _no_loss(_trace(VERBOSE, answer=""), "organism", forced_ok) == [1.0, 1.0, 1.0]
+    assert all(math.isnan(x) for x in _no_loss(_trace(VERBOSE, gold=None), "organism", forced_ok))
