@@ -49,7 +49,9 @@ def labels_cmd(
     model: Optional[str] = typer.Option(None, help="Model for token positions, forced answers and entropies."),
     matcher: str = typer.Option("auto", help="Intermediate-answer matcher: auto | organism | math."),
     chunking: str = typer.Option("auto", help="auto | paragraphs | sentences."),
-    forced: bool = typer.Option(False, help="Add safe_exit labels (forced answers; needs --model)."),
+    forced: bool = typer.Option(
+        False, help="Add safe_exit, stable and no_loss_exit labels (forced answers; needs --model)."
+    ),
     entropy: bool = typer.Option(False, help="Add the deviation-index signals (needs --model)."),
     window: int = typer.Option(32, min=1, help="Deviation index window W (tokens)."),
     lam: float = typer.Option(1.5, help="Deviation threshold lambda."),
