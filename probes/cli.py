@@ -171,7 +171,8 @@ def monitor_cmd(
     ),
     max_loss: float = typer.Option(0.01, min=0.0, help="Accuracy loss allowed when choosing a threshold."),
     probe_thresholds: str = typer.Option(
-        "0.3,0.5,0.7,0.8,0.9,0.95,0.98,0.99", help="Probe policy thresholds (p >= t exits)."
+        "0.3,0.5,0.7,0.75,0.8,0.82,0.84,0.86,0.88,0.9,0.92,0.95,0.98,0.99",
+        help="Probe policy thresholds (p >= t exits).",
     ),
     deer_thresholds: str = typer.Option(
         "0.5,0.7,0.8,0.9,0.95,0.98,0.99", help="DEER-style thresholds (trial confidence > t exits)."
