@@ -276,17 +276,21 @@ def _model_targets(
         table.targets["deviation"] = [math.nan if math.isnan(x) else float(x > cfg.lam) for x in table.targets["rpdi"]]
 
 
+def _final_answer(trace: Trace, kind: Literal["organism", "math"]) -> str | None:
+    """The answer the trace itself gives after its thinking (None: it never answers)."""
+    return GRADERS[kind].extract(trace.answer) if trace.answer.strip() else None
+
+
 def _stable(trace: Trace, kind: Literal["organism", "math"], forced: list[str | None]) -> list[float]:
     """Per position: 1 when the forced answer equals the trace's own final answer (thinking on changes nothing).
 
     A trace that never answers (its thinking runs into the length limit) is stable everywhere: thinking on yields
     no answer at all, so any forced answer is at least as good.
     """
-    g = GRADERS[kind]
-    final = g.extract(trace.answer) if trace.answer.strip() else None
+    final = _final_answer(trace, kind)
     if final is None:
         return [1.0] * len(forced)
-    return [float(a is not None and bool(g.is_correct(a, final))) for a in forced]
+    return [float(a is not None and is_correct(a, final, kind)) for a in forced]
 
 
 def _no_loss(trace: Trace, kind: Literal["organism", "math"], forced_ok: list[bool]) -> list[float]:
@@ -294,8 +298,8 @@ def _no_loss(trace: Trace, kind: Literal["organism", "math"], forced_ok: list[bo
     answer is not (NaN without a gold answer)."""
     if trace.gold is None:
         return [math.nan] * len(forced_ok)
-    final = GRADERS[kind].extract(trace.answer) if trace.answer.strip() else None
-    final_ok = final is not None and bool(is_correct(final, trace.gold, kind))
+    final = _final_answer(trace, kind)
+    final_ok = final is not None and is_correct(final, trace.gold, kind)
     return [float(ok or not final_ok) for ok in forced_ok]
 
 
