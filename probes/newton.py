@@ -16,11 +16,13 @@ on CPU so that the gradient reads rows the logits left in cache) and takes one L
 (Armijo backtracking, initial inverse Hessian ``gamma * Sigma^-1``) for every probe not yet done. A probe is done
 when ``max |grad| <= tol`` (scikit-learn's ``gtol``), when its validation loss has not improved by ``1e-5`` for
 ``patience`` steps, when the objective stops decreasing (float32 noise) or when its line search stalls; it keeps
-the point of lowest validation loss (the last point when there is no validation split).
+the point of lowest validation loss (the last point when there is no validation split). A variant whose probes are
+all done drops out of the passes (e.g. the shuffled-label control, often done at the start).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -72,6 +74,12 @@ class _Problem:
         cw = torch.where(self.ys > 0.5, pos_weight[:, None].float(), torch.ones_like(self.ys))
         self.cw = cw * train[None].float()  # [V, M] training weight, 0 off the training rows
         self.csum = self.cw.sum(1).double()  # [V]
+
+    def select(self, keep: torch.Tensor) -> _Problem:
+        """The same rows for the variants ``keep`` ``[V]`` (bool) only."""
+        sub = copy.copy(self)
+        sub.ys, sub.cw, sub.csum = self.ys[keep], self.cw[keep], self.csum[keep]
+        return sub
 
 
 def _stats(stream: Batches, prob: _Problem, n_layers: int, width: int, sample: int, device: torch.device):
@@ -323,7 +331,11 @@ def fit_logistic(
     alpha = torch.ones(shape, device=device)
     while passes < max_passes and not bool(done.all()):
         trial = theta + alpha[..., None] * p
-        ft, gt, ht, vt = _evaluate(stream, prob, trial, mean, std, l2, device)
+        live = ~done.all(1)  # variants with a layer still open; the others are not evaluated again
+        ft, gt, ht, vt = f.clone(), g.clone(), h.clone(), best_v.clone()
+        evaluated = _evaluate(stream, prob.select(live), trial[live], mean, std, l2, device)
+        for full, part in zip((ft, gt, ht, vt), evaluated):
+            full[live] = part
         passes += 1
         slope = (g * p).sum(-1)
         ok = torch.isfinite(ft) & (ft <= f + 1e-4 * alpha.double() * slope.double()) & ~done

@@ -111,6 +111,21 @@ def test_all_layers_at_once_equal_each_layer_alone():
         assert torch.allclose(together.mean[layer], alone.mean[0]) and torch.allclose(together.std[layer], alone.std[0])
 
 
+def test_each_variant_alone_equals_all_variants_together():
+    """A variant whose probes finish first drops out of the later passes without changing the others."""
+    x, ys = _problem(layers=2)
+    n = x.shape[1]
+    train = torch.arange(n) < 2400
+    val = torch.zeros(n, dtype=torch.bool)
+    together = _fit(x, ys, train, val, torch.ones(2), 1e-2, tol=1e-5)
+    passes = []
+    for v in range(2):
+        alone = _fit(x, ys[v : v + 1], train, val, torch.ones(1), 1e-2, tol=1e-5)
+        assert torch.allclose(together.w[v], alone.w[0], atol=1e-5) and torch.allclose(together.b[v], alone.b[0])
+        passes.append(alone.passes)
+    assert passes[0] != passes[1] and together.passes == max(passes)  # one variant did drop out first
+
+
 def test_fit_does_not_depend_on_the_read_batches():
     x, ys = _problem(layers=2)
     n = x.shape[1]
