@@ -4,7 +4,7 @@ Three backends share the hook naming of :mod:`reasonscope.hooks`:
 
 - ``"hf"`` (default): the plain ``transformers`` model with PyTorch hooks;
 - ``"transformer_lens"``: ``TransformerBridge.boot_transformers`` (eager attention);
-- ``"nnsight"``: ``nnsight.LanguageModel(..., dispatch=True)``.
+- ``"nnsight"``: ``nnsight.TransformersModel(..., task="text-generation", dispatch=True)``.
 
 ``handle.run(input_ids, attention_mask, hooks={name: fn})`` runs a forward pass through the
 chosen backend, calling ``fn(activation)`` at each named hook point (a returned tensor replaces
@@ -83,7 +83,7 @@ class ModelHandle:
     source: str  # what was passed to load_model
     path: str  # resolved local directory or hub id
     backend: Backend = "hf"
-    wrapper: Any = None  # TransformerBridge or nnsight.LanguageModel, when that backend is chosen
+    wrapper: Any = None  # TransformerBridge or nnsight.TransformersModel, when that backend is chosen
     meta: dict = field(default_factory=dict)
 
     @property
@@ -316,7 +316,7 @@ def load_model(
     if backend == "nnsight":
         import nnsight
 
-        wrapper = nnsight.LanguageModel(path, tokenizer=tokenizer, dispatch=True, **kwargs)
+        wrapper = nnsight.TransformersModel(path, task="text-generation", tokenizer=tokenizer, dispatch=True, **kwargs)
         model = wrapper._module
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
