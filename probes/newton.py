@@ -125,7 +125,8 @@ def _stats(stream: Batches, prob: _Problem, n_layers: int, width: int, sample: i
     ny = prob.ys[:, prob.train].sum(1).double().to(device)  # [V]
     s1 = s1 + ny[None, :, None] * sh[:, None]  # raw per-class sums
     std = var.sqrt() + 1e-6
-    return mean, std, s1, torch.cat(rows, 1), n
+    sample_rows = rows[0] if len(rows) == 1 else torch.cat(rows, 1)  # one piece: no second copy (up to 1 GiB)
+    return mean, std, s1, sample_rows, n
 
 
 def _ledoit_wolf(xs: torch.Tensor) -> torch.Tensor:
