@@ -47,7 +47,8 @@ class DecodeConfig:
     seed: int = 0  # sampling: request i's token t draws from a stream fixed by (seed, i, t) (generate's streams)
     stop: tuple[str, ...] = ()  # end a row once its generated text contains one of these
     eos_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's and generation_config's EOS
-    batch_size: int = 32  # rows decoded together; KV memory: batch_size x (longest prompt + max_new_tokens) tokens
+    batch_size: int = 32  # rows decoded together; KV memory: batch_size x the longest sequence so far, rounded up
+    # by doubling (at most batch_size x (longest prompt + max_new_tokens) tokens)
     refill: int | None = None  # prefill waiting prompts once this many slots are free; None: batch_size // 8
     prefill_tokens: int = 16384  # token budget (rows x padded length) of one prefill forward pass
 
@@ -94,7 +95,10 @@ def current_batch() -> Batch | None:
 
 
 class SlotCache(Cache):
-    """KV cache of ``slots`` sequences, ``[slots, kv_heads, capacity, head_dim]`` per layer (allocated on first write).
+    """KV cache of ``slots`` sequences, ``[slots, kv_heads, size, head_dim]`` per layer (allocated on first write).
+
+    ``reserve(n)`` makes room for positions ``0..n-1``: ``size`` at least doubles when it grows, up to ``capacity``,
+    so memory follows the longest sequence rather than the longest one possible (a few copies in all).
 
     After ``prefill(slots)`` a forward pass writes its prompts at positions ``0..T`` of those slots and attends
     among them only; after ``decode(positions, length)`` it writes one token per slot at that slot's position and
@@ -105,6 +109,7 @@ class SlotCache(Cache):
     def __init__(self, slots: int, capacity: int):
         super().__init__(layers=[])
         self.slots, self.capacity = slots, capacity
+        self.size = 0  # positions allocated (or to allocate) per slot
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._slots: torch.Tensor | None = None
@@ -112,6 +117,19 @@ class SlotCache(Cache):
         self._rows: torch.Tensor | None = None  # decode: the slot of each batch row
         self._all = False  # decode: row i is slot i, every slot (the KV returned is a view, not a copy)
         self._length = 0
+
+    def reserve(self, length: int) -> None:
+        if length <= self.size:
+            return
+        if length > self.capacity:
+            raise ValueError(f"{length} positions asked of a slot cache of capacity {self.capacity}")
+        new = min(self.capacity, max(length, 2 * self.size))
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], new - t.shape[2], t.shape[3])], 2)
+
+        self.keys, self.values = [grow(k) for k in self.keys], [grow(v) for v in self.values]
+        self.size = new
 
     def prefill(self, slots: torch.Tensor) -> None:
         self._slots, self._positions = slots, None
@@ -128,7 +146,7 @@ class SlotCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx == len(self.keys):
             for buf, x in ((self.keys, key_states), (self.values, value_states)):
-                buf.append(x.new_zeros(self.slots, x.shape[1], self.capacity, x.shape[3]))  # zeros: never NaN
+                buf.append(x.new_zeros(self.slots, x.shape[1], self.size, x.shape[3]))  # zeros: never NaN
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if self._slots is not None:
             n, slots = key_states.shape[2], self._slots.to(k.device)  # a no-op unless layers span devices
@@ -267,7 +285,7 @@ class _Engine:
         if companion is not None:
             self.caches.append(SlotCache(self.width, self.cache.capacity))
             self.models["companion"] = (companion.model, _check_model(companion.model), self.caches[1])
-        self.mask = torch.zeros(self.width, self.cache.capacity, dtype=torch.bool, device=self.device)
+        self.mask = torch.zeros(self.width, 0, dtype=torch.bool, device=self.device)  # [slot, position]: real keys
         self.req = [-1] * self.width  # request served by each slot (-1 idle)
         self.start = [0] * self.width  # first real position (left padding of its prefill group)
         self.length = [0] * self.width  # next write position
@@ -391,6 +409,7 @@ class _Engine:
         eye = torch.eye(width, dtype=torch.bool, device=self.device)  # padding attends to itself: never NaN
         allowed = ((causal & real[:, None, :]) | eye)[:, None]
         slot_t = self._tensor(slots)
+        self._reserve(width)
         for cache in self.caches:
             cache.prefill(slot_t)
         batch = Batch(
@@ -406,9 +425,18 @@ class _Engine:
             self.req[s], self.start[s], self.length[s], self.out[s] = r, p, width, []
         self._accept(slots, logits, batch)
 
+    def _reserve(self, length: int) -> None:
+        """Room for positions ``0..length-1`` of every slot, in each cache and in the mask."""
+        for cache in self.caches:
+            cache.reserve(length)
+        extra = self.cache.size - self.mask.shape[1]
+        if extra > 0:
+            self.mask = torch.cat([self.mask, self.mask.new_zeros(self.width, extra)], 1)
+
     def _decode(self) -> None:
         """One decode step over every slot (idle ones compute discarded garbage)."""
         span = max(ln for ln, r in zip(self.length, self.req) if r >= 0) + 1
+        self._reserve(span)
         positions = self._tensor(self.length)
         self.mask[self.rows, positions] = True
         idle = torch.tensor([r < 0 for r in self.req], device=self.device)

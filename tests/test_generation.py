@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reasonscope.generation import DecodeConfig, current_batch, generate, sample, uniform
+from reasonscope.generation import DecodeConfig, SlotCache, current_batch, generate, sample, uniform
 
 from conftest import organisms, torch_hooks
 
@@ -90,6 +90,41 @@ def test_continuous_batching_equals_one_by_one(varied):
         alone = generate(varied, [p], DecodeConfig(max_new_tokens=16), on_token=forced_eos_at({0: lengths[i]}, eos))
         assert batched[i].token_ids == alone[0].token_ids
         assert len(batched[i].token_ids) == min(lengths[i], 16) or batched[i].token_ids[-1] == eos
+
+
+def test_slot_cache_grows_by_doubling_and_keeps_its_contents():
+    cache = SlotCache(slots=2, capacity=100)
+    cache.reserve(5)
+    cache.prefill(torch.tensor([1, 0]))
+    k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    cache.update(k, v, 0)
+    assert cache.keys[0].shape == (2, 3, 5, 4)
+    for asked, size in [(5, 5), (6, 10), (70, 70), (90, 100), (100, 100)]:
+        cache.reserve(asked)
+        assert cache.size == size and cache.keys[0].shape[2] == size and cache.values[0].shape[2] == size
+    assert torch.equal(cache.keys[0][[1, 0], :, :5], k) and torch.equal(cache.values[0][[1, 0], :, :5], v)
+    assert not cache.keys[0][:, :, 5:].any()
+    with pytest.raises(ValueError, match="capacity 100"):
+        cache.reserve(101)
+
+
+def test_kv_memory_follows_the_longest_sequence(varied, monkeypatch):
+    """Rows that stop early leave the cache at their length (rounded up by doubling), not at max_new_tokens."""
+    sizes = []
+    reserve = SlotCache.reserve
+
+    def spy(self, length):
+        reserve(self, length)
+        sizes.append(self.size)
+
+    monkeypatch.setattr(SlotCache, "reserve", spy)
+    prompts = encode(varied)
+    eos = varied.tokenizer.eos_token_id
+    cfg = DecodeConfig(max_new_tokens=400, batch_size=3, refill=1)
+    out = generate(varied, prompts, cfg, on_token=forced_eos_at(dict.fromkeys(range(len(prompts)), 4), eos))
+    longest = max(len(c.prompt_ids) + len(c.token_ids) for c in out)
+    assert all(len(c.token_ids) <= 4 for c in out)
+    assert max(sizes) < 2 * longest < max(map(len, prompts)) + 400
 
 
 def test_activations_during_generation_equal_a_plain_forward(varied):
