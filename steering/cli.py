@@ -7,15 +7,14 @@ loads; a user error is one ``error:`` line and exit status 2.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from reasonscope.cli_kit import ErrorGroup, choice, emit, fail, floats, fresh_out, model_geometry, out_file, say
 
-from .asc import EXTRACT_CHOICES, GAMMA_CHOICES, PAIR_CHOICES, ASCConfig
-from .export import FORMATS, load_vector
-from .vector import POSITIONS, SteeringVector
+if TYPE_CHECKING:  # the commands import what they run: `reasonscope --help` does not load torch
+    from .vector import SteeringVector
 
 steer_app = typer.Typer(cls=ErrorGroup, no_args_is_help=True, help="Steer reasoning: ASC compression, apply a vector.")
 
@@ -23,6 +22,8 @@ steer_app = typer.Typer(cls=ErrorGroup, no_args_is_help=True, help="Steer reason
 def _vector(src: Path, option: str, layer: Optional[int] = None, key: Optional[str] = None) -> SteeringVector:
     if not src.exists():
         fail(f"{option} {src} does not exist; pass a steering_vector directory or a .gguf/.safetensors/.pt file")
+    from .export import load_vector
+
     return load_vector(src, layer=layer, key=key)
 
 
@@ -56,7 +57,7 @@ def asc_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Extract the concise − verbose vector, choose γ (KL bound, sweep) and report length and accuracy vs γ."""
-    from .asc import run_asc
+    from .asc import EXTRACT_CHOICES, GAMMA_CHOICES, PAIR_CHOICES, ASCConfig, run_asc
 
     fresh_out(out)
     cfg = ASCConfig(
@@ -163,6 +164,8 @@ def apply_cmd(
     """Generate with and without the vector; print the texts (and, with --n, accuracy and thinking tokens)."""
     if not prompt and n == 0:
         fail("nothing to generate: give --prompt TEXT (repeatable) or --n N organism problems")
+    from .vector import POSITIONS
+
     rule = None if positions is None else choice(positions, POSITIONS, "--positions")
     vec = _vector(vector, "--vector", layer, key)
     g = model_geometry(model)
@@ -212,7 +215,7 @@ def export_cmd(
     model_hint: Optional[str] = typer.Option(None, help="controlvector.model_hint (default: the model's type)."),
 ) -> None:
     """Export a steering vector for serving (llama.cpp, EasySteer/vLLM) or as safetensors."""
-    from .export import export_vector
+    from .export import FORMATS, export_vector
 
     fmt = choice(format, FORMATS, "--format")
     out_file(out)

@@ -45,6 +45,21 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(reasonscope.models, "load_model", refuse)
 
 
+def test_help_does_not_load_torch():
+    """``reasonscope --help`` (and a command's help) stays fast: nothing it imports pulls in torch."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from reasonscope.cli import app\n"
+        "for args in (['--help'], ['steer', 'asc', '--help'], ['probe', 'fit', '--help'], ['heads', '--help']):\n"
+        "    r = CliRunner().invoke(app, args)\n"
+        "    assert r.exit_code == 0, (args, r.output)\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 @pytest.fixture(scope="module")
 def traces_file(tiny_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "traces.jsonl"
