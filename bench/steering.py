@@ -2,6 +2,7 @@
 
 Usage:
     python bench/steering.py [--model organism:thinking] [--problems 64] [--max-new 128] [--repeats 5] [--threads 2]
+    python bench/steering.py --shape 1.5b [--problems 64] [--max-new 128]                                  # GPU
 
 Every arm greedily decodes the same organism prompts through :func:`reasonscope.generation.generate`; the arms
 run round-robin within each repeat (order rotated per repeat) so machine load hits all alike. The steered arms
@@ -11,6 +12,8 @@ layer (ASC's setting, ``--layer``) and every layer (the most work per step). Pri
 generated token (median, min, max over repeats) with the ratio of medians to the plain reference of the same run.
 On a shared CPU the spread between repeats can exceed the hooks' cost, so the hooks are also timed alone (every
 layer's hook on one decode-step input, median of repeats) and scaled by the run's forward passes per token.
+``--shape 1.5b``: the random-init DeepSeek-R1-Distill-Qwen-1.5B shape (bf16 on CUDA; bench/shapes.py) on random
+prompts of 32-256 tokens; its rows never stop, so each decodes ``--max-new`` tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)  # this script shares the steering package's name: import the package, not this file
 
+import random
+
 import torch
 
 from reasonscope.generation import _CURRENT, Batch, DecodeConfig, generate
@@ -35,6 +40,7 @@ from steering.vector import SteeringVector, VectorMeta, _adder
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="organism:thinking")
+    ap.add_argument("--shape", choices=["organism", "1.5b"], default="organism", help="1.5b: ignore --model")
     ap.add_argument("--problems", type=int, default=64)
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64)
@@ -44,9 +50,18 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    h = load_model(args.model)
+    prompts: list[str] | list[list[int]]
+    if args.shape == "1.5b":
+        sys.path.append(str(Path(__file__).resolve().parent))  # after the steering package: bench/shapes.py
+        from shapes import random_qwen2
+
+        h, args.model = random_qwen2(), "random:qwen2-1.5b"
+        rng = random.Random(0)
+        prompts = [[rng.randrange(150000) for _ in range(rng.randint(32, 256))] for _ in range(args.problems)]
+    else:
+        h = load_model(args.model)
+        prompts = [h.chat_prompt(p.question) for p in task.problems(args.problems, evaluate.EVAL_SEED)]
     g = h.geometry
-    prompts = [h.chat_prompt(p.question) for p in task.problems(args.problems, evaluate.EVAL_SEED)]
     torch.manual_seed(0)
     meta = VectorMeta(d_model=g.d_model, layers=tuple(range(g.n_layers)), positions="last", n_layers=g.n_layers)
     vec = SteeringVector(torch.randn(g.n_layers, g.d_model), meta)
@@ -110,6 +125,7 @@ def main() -> None:
                     torch.zeros(width, 1, dtype=torch.long, device=h.device),
                     torch.zeros(width, dtype=torch.long, device=h.device),
                     False,
+                    len(prompts),
                 )
                 token = _CURRENT.set(step)
                 for hook in hooks:

@@ -70,6 +70,7 @@ class Batch:
     positions: torch.Tensor  # [batch, pos] position of each input token in its request's sequence; -1 = padding
     n_generated: torch.Tensor  # [batch] tokens each row had generated before this pass
     prefill: bool  # True: prompts of newly admitted requests; False: one decode step
+    requests: int  # requests of the generate call (rows index 0..requests-1): per-request state checks on the host
     companion_logits: torch.Tensor | None = None  # [batch, vocab] float32 of the companion model (in on_token)
     _rerun: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
@@ -388,7 +389,7 @@ class _Engine:
             self.cache.prefill(slots[rows])
         else:
             self.cache.decode(positions[rows], allowed.shape[-1], slots[rows])
-        sub = Batch(batch.rows[rows], batch.positions[rows], batch.n_generated[rows], batch.prefill)
+        sub = Batch(batch.rows[rows], batch.positions[rows], batch.n_generated[rows], batch.prefill, batch.requests)
         token = _CURRENT.set(sub)
         try:
             return self._run("model", ids[rows], allowed[rows], position_ids[rows])
@@ -417,6 +418,7 @@ class _Engine:
             positions=position_ids.masked_fill(~real, -1),
             n_generated=torch.zeros(n, dtype=torch.long, device=self.device),
             prefill=True,
+            requests=len(self.prompts),
         )
         logits, batch = self._forward(ids, allowed, position_ids, batch, slot_t)
         self.mask[slot_t] = False
@@ -448,6 +450,7 @@ class _Engine:
             positions=position_ids.masked_fill(idle[:, None], -1),
             n_generated=self._tensor([len(o) for o in self.out]),
             prefill=False,
+            requests=len(self.prompts),
         )
         ids, allowed = self._tensor(self.next)[:, None], self.mask[:, None, None, :span]
         logits, batch = self._forward(ids, allowed, position_ids, batch, self.rows, positions)

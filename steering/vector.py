@@ -234,8 +234,8 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
     """The hook adding ``γ_row · v`` to ``x [batch, pos, d_model]`` at the positions ``rule`` selects.
 
     Per forward pass of :func:`reasonscope.generation.generate` the per-row strengths ``[batch, 1, 1]`` are looked
-    up once and kept in ``shared`` (one dict for all layers of one ``apply``), so a decode step costs each steered
-    layer one fused ``x + g·v`` (``addcmul``), no copy and no host sync.
+    up once (one gather) and kept in ``shared`` (one dict for all layers of one ``apply``), so a decode step costs
+    each steered layer one fused ``x + g·v`` (``addcmul``), no copy and no host sync.
     """
     per_request = len(gamma) > 1
     cache: dict[str, Any] = {} if shared is None else shared
@@ -244,17 +244,19 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
     def rows_gamma(batch: Any, dtype: torch.dtype) -> torch.Tensor:
         if cache.get("batch") is batch and cache.get("dtype") == dtype:
             return cache["g"]
-        rows = batch.rows
-        gam = gamma.to(rows.device)
-        if per_request:
-            if int(rows.max()) >= len(gamma):
-                raise ValueError(
-                    f"{len(gamma)} gamma values but generate serves request {int(rows.max())}; give one per request"
-                )
-            g = gam[rows.clamp(min=0)]
-        else:
-            g = gam.expand(len(rows))
-        g = (g * (rows >= 0)).to(dtype)[:, None, None]  # idle rows: no steering
+        if per_request and batch.requests > len(gamma):  # checked on the host: no device sync in the forward pass
+            raise ValueError(
+                f"{len(gamma)} gamma values for the {batch.requests} requests of this generate call; "
+                "give one per request"
+            )
+        tables = cache.setdefault("tables", {})
+        table = tables.get((dtype, batch.requests))
+        if table is None:  # γ per request, then a 0 that idle rows (-1) read: one gather per pass
+            per_row = gamma if per_request else gamma.expand(batch.requests)
+            table = tables[dtype, batch.requests] = torch.cat([per_row, per_row.new_zeros(1)]).to(
+                batch.rows.device, dtype
+            )
+        g = table[batch.rows][:, None, None]
         cache.update(batch=batch, dtype=dtype, g=g)
         return g
 

@@ -191,7 +191,7 @@ def test_rerun_only_inside_its_on_token(main):
     with pytest.raises(RuntimeError, match="its own pass"):
         kept[-1].rerun(torch.tensor([0]))
     with pytest.raises(RuntimeError, match="on_token"):
-        Batch(torch.zeros(1), torch.zeros(1, 1), torch.zeros(1), False).rerun(torch.tensor([0]))
+        Batch(torch.zeros(1), torch.zeros(1, 1), torch.zeros(1), False, 1).rerun(torch.tensor([0]))
 
 
 def test_hooks_removed_when_on_token_raises(main, other):

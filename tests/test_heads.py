@@ -204,6 +204,8 @@ def test_per_request_gates_in_generation_equal_separate_calls(tiny_handle):
         gated_attention(tiny_handle, gates[0], policy, per_request=True),
     ):
         pytest.fail("entering the context should have been refused")
+    with pytest.raises(ValueError, match="per-request gates have 2 rows for the 3 requests"):
+        _step_logits(tiny_handle, prompts, gates[:2], policy, True)
 
     cfg = DecodeConfig(max_new_tokens=16, batch_size=2)
     rolled, _ = gated_rollouts(

@@ -90,6 +90,8 @@ def test_per_request_gamma_during_generation(tiny_handle, positions):
     assert all(s.token_ids != p.token_ids for s, p in zip(steered[2:], plain[2:]))
     again = generate(h, prompts, cfg)
     assert [c.token_ids for c in again] == [c.token_ids for c in plain]
+    with pytest.raises(ValueError, match="2 gamma values for the 4 requests"), vec.apply(h, gamma=[0.0, 1.0]):
+        generate(h, prompts, cfg)
 
 
 def test_generated_rule_needs_the_generation_engine(tiny_handle):

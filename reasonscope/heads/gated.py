@@ -122,6 +122,11 @@ def _layer_alpha(state: GateState, layer: int, b: int, group: int) -> torch.Tens
                 "per-request gates are read inside reasonscope.generation.generate only; "
                 "give per-row gates (per_request=False) for a plain forward pass"
             )
+        if batch.requests > a.shape[0]:  # checked on the host: no device sync inside the forward pass
+            raise ValueError(
+                f"per-request gates have {a.shape[0]} rows for the {batch.requests} requests of this generate "
+                "call; give alpha [requests, L, H_kv]"
+            )
         a = a[batch.rows.clamp(min=0).to(a.device)]  # idle rows (-1) compute discarded output
     a = a.reshape(-1, a.shape[-1])
     if a.shape[0] not in (1, b):
