@@ -77,7 +77,7 @@ class _Problem:
 
     def select(self, keep: torch.Tensor) -> _Problem:
         """The same rows for the variants ``keep`` ``[V]`` (bool) only."""
-        sub = copy.copy(self)
+        sub, keep = copy.copy(self), keep.to(self.ys.device)  # the solver's flags may live on the GPU
         sub.ys, sub.cw, sub.csum = self.ys[keep], self.cw[keep], self.csum[keep]
         return sub
 
