@@ -19,6 +19,7 @@ prompts of 32-256 tokens; its rows never stop, so each decodes ``--max-new`` tok
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -74,43 +75,53 @@ def main() -> None:
         f"steered, all {g.n_layers} layers": list(range(g.n_layers)),
     }
 
-    def run(layers: list[int] | None) -> tuple[float, int, list[list[int]]]:
+    def run(layers: list[int] | None) -> tuple[float, list[float], list[list[int]], int]:
+        """Seconds per generated token, the wall time of each decode step, the tokens, and the forward passes."""
+        stamps: list[tuple[bool, float]] = []
+
+        def clock(batch: Batch, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+            stamps.append((batch.prefill, time.perf_counter()))  # each pass's tokens were synced before the next
+
         t = time.perf_counter()
         if layers is not None:
             with vec.apply(h, gamma=gammas, layers=layers):
-                out = generate(h, prompts, cfg)
+                out = generate(h, prompts, cfg, on_token=clock)
         else:
-            out = generate(h, prompts, cfg)
+            out = generate(h, prompts, cfg, on_token=clock)
         if h.device.type == "cuda":
             torch.cuda.synchronize()
         n = sum(len(c.token_ids) for c in out)
-        return (time.perf_counter() - t) / n, n, [c.token_ids for c in out]
+        steps = [b - a for (_, a), (prefill, b) in itertools.pairwise(stamps) if not prefill]
+        return (time.perf_counter() - t) / n, steps, [c.token_ids for c in out], len(stamps)
 
-    _, n, ref = run(None)  # warm-up, and the tokens every arm must produce
+    _, _, ref, passes = run(None)  # warm-up, and the tokens every arm must produce
+    n = sum(map(len, ref))
     run(list(range(g.n_layers)))
     names = list(arms)
     times: dict[str, list[float]] = {k: [] for k in names}
+    steps: dict[str, list[float]] = {k: [] for k in names}
     same = True
     for r in range(args.repeats):
         for k in names[r % len(names) :] + names[: r % len(names)]:
-            per_token, _, ids = run(arms[k])
+            per_token, step_times, ids, _ = run(arms[k])
             times[k].append(per_token)
+            steps[k] += step_times
             same = same and ids == ref
     threads = torch.get_num_threads()
     print(f"model {args.model} on {h.device} ({threads} threads), {len(prompts)} prompts, {n} tokens per run")
-    print(f"{'arm':32s} {'median ms/tok':>14s} {'min':>8s} {'max':>8s} {'ratio':>7s}")
-    ref_med = statistics.median(times[names[0]])
+    print(f"{'arm':32s} {'median ms/tok':>14s} {'min':>8s} {'max':>8s} {'ratio':>7s} {'step ms':>8s} {'ratio':>7s}")
+    ref_med, ref_step = statistics.median(times[names[0]]), statistics.median(steps[names[0]])
     for k in names:
-        ts = times[k]
+        ts, step = times[k], statistics.median(steps[k])
         med = statistics.median(ts)
-        print(f"{k:32s} {1e3 * med:14.4f} {1e3 * min(ts):8.4f} {1e3 * max(ts):8.4f} {med / ref_med:7.4f}")
-    print(f"repeats {args.repeats}; identical tokens in every arm: {same}")
-    passes = [0]
-
-    def count(batch: Batch, tokens: torch.Tensor, logits: torch.Tensor) -> None:
-        passes[0] += 1
-
-    generate(h, prompts, cfg, on_token=count)
+        print(
+            f"{k:32s} {1e3 * med:14.4f} {1e3 * min(ts):8.4f} {1e3 * max(ts):8.4f} {med / ref_med:7.4f} "
+            f"{1e3 * step:8.3f} {step / ref_step:7.4f}"
+        )
+    print(
+        f"repeats {args.repeats}; identical tokens in every arm: {same}; step ms: median wall time of a decode step "
+        f"over every step of every repeat ({len(steps[names[0]])} per arm)"
+    )
     width = min(args.batch, len(prompts))
     x = torch.randn(width, 1, g.d_model, device=h.device)
     gam = torch.tensor(gammas, device=h.device)
@@ -139,9 +150,9 @@ def main() -> None:
             if h.device.type == "cuda":
                 torch.cuda.synchronize()
             reps.append((time.perf_counter() - t) / 500)
-        per_token = statistics.median(reps) * passes[0] / n
+        per_token = statistics.median(reps) * passes / n
         print(
-            f"hooks alone, {label}: {1e6 * statistics.median(reps):.1f} us per forward pass, {passes[0]} passes for "
+            f"hooks alone, {label}: {1e6 * statistics.median(reps):.1f} us per forward pass, {passes} passes for "
             f"{n} tokens: {1e3 * per_token:.4f} ms/token = {per_token / ref_med:.4f} of the plain median"
         )
 
