@@ -156,6 +156,36 @@ def test_activations_during_generation_equal_a_plain_forward(varied):
         torch.testing.assert_close(got, ref["x"], rtol=1e-4, atol=1e-5)
 
 
+def test_plain_calls_skip_autograd_and_kept_activations_stay_usable_in_it(tiny_handle, monkeypatch):
+    """A call nothing can look into runs under inference_mode; with a hook on the model, what it keeps can still
+    enter autograd (e.g. a probe trained on it)."""
+    h = tiny_handle
+    modes: list[bool] = []
+    forward = h.model.forward
+
+    def spy(*args, **kwargs):
+        modes.append(torch.is_inference_mode_enabled())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(h.model, "forward", spy)
+    cfg = DecodeConfig(max_new_tokens=3)
+    plain = generate(h, QUESTIONS[:2], cfg)
+    assert modes and all(modes)
+    modes.clear()
+    kept: list[torch.Tensor] = []
+    handle = h.model.model.layers[0].register_forward_hook(
+        lambda m, a, out: kept.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        hooked = generate(h, QUESTIONS[:2], cfg)
+    finally:
+        handle.remove()
+    assert modes and not any(modes) and [c.token_ids for c in hooked] == [c.token_ids for c in plain]
+    w = torch.ones(kept[0].shape[-1], requires_grad=True)
+    (kept[0] @ w).sum().backward()
+    assert w.grad is not None
+
+
 def test_text_prompts_and_empty_prompt(tiny_handle):
     text = [tiny_handle.chat_prompt(q) for q in QUESTIONS[:2]]
     assert [c.token_ids for c in generate(tiny_handle, text, DecodeConfig(max_new_tokens=5))] == [
