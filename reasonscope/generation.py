@@ -236,12 +236,18 @@ def _check_model(model: Any) -> str:
 
 
 def _hooked(model: torch.nn.Module) -> bool:
-    """Whether any forward hook (global, or on any module of ``model``) could see this call's tensors."""
+    """Whether a forward hook (global, or on a module of ``model``) could keep this call's tensors. transformers'
+    own output-capturing hooks (left on the modules after any ``output_hidden_states=True`` call) record only what
+    a call asks for, and generation asks for nothing."""
     from torch.nn.modules import module as nn_module
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return any(
+        getattr(fn, "__module__", None) != "transformers.utils.output_capturing"
+        for m in model.modules()
+        for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+    )
 
 
 def _check_companion(handle: Any, companion: Any) -> None:

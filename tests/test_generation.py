@@ -181,7 +181,7 @@ def test_plain_calls_skip_autograd_and_kept_activations_stay_usable_in_it(tiny_h
     finally:
         handle.remove()
     assert modes and not any(modes) and [c.token_ids for c in hooked] == [c.token_ids for c in plain]
-    w = torch.ones(kept[0].shape[-1], requires_grad=True)
+    w = torch.ones(kept[0].shape[-1], requires_grad=True, device=kept[0].device)
     (kept[0] @ w).sum().backward()
     assert w.grad is not None
 

@@ -44,6 +44,7 @@ def test_geometry_and_markers(tiny_handle):
 def test_hook_shapes_follow_conventions(tiny_handle):
     ids, mask = batch(tiny_handle, ["a=3, b=4. what is a + b?", "a=3?"])
     got = run_all(tiny_handle, ids, mask, HOOKS)
+    ids, mask = ids.to(tiny_handle.device), mask.to(tiny_handle.device)
     hf = tiny_handle.model(
         ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), output_hidden_states=True
     )
@@ -72,14 +73,14 @@ def test_attention_pattern_needs_eager(tiny_model_dir):
     got = run_all(h, ids, mask, ["blocks.1.attn.hook_pattern"])
     pattern = got["blocks.1.attn.hook_pattern"]
     assert pattern.shape == (1, 4, ids.shape[1], ids.shape[1])
-    assert torch.allclose(pattern.sum(-1), torch.ones(1, 4, ids.shape[1]), atol=1e-5)
+    assert torch.allclose(pattern.sum(-1).cpu(), torch.ones(1, 4, ids.shape[1]), atol=1e-5)
     assert torch.all(pattern.triu(1) == 0)  # causal
 
 
 def test_hook_replacement_steers_downstream(tiny_handle):
     ids, mask = batch(tiny_handle, ["a=3, b=4. what is a + b?"])
     base = tiny_handle.run(ids, mask)
-    v = torch.randn(32)
+    v = torch.randn(32, device=tiny_handle.device)
     steered = tiny_handle.run(ids, mask, hooks={"blocks.0.hook_resid_post": lambda x: x + 5 * v})
     assert not torch.allclose(base, steered)
     again = tiny_handle.run(ids, mask)
@@ -101,7 +102,7 @@ def test_hooks_removed_when_forward_raises(tiny_handle):
     def forward_under_attach():
         with attach(tiny_handle.model, {"blocks.0.hook_resid_pre": boom}, 2, 4):
             assert count() == before + 1
-            tiny_handle.model(ids)
+            tiny_handle.model(ids.to(tiny_handle.device))
 
     with pytest.raises(RuntimeError, match="boom"):  # raised through attach's exit
         forward_under_attach()

@@ -66,7 +66,7 @@ def test_estimates_match_autograd_and_the_kl_stays_within_budget(tiny_model_dir)
     def logits(t: torch.Tensor) -> torch.Tensor:
         def hook(x: torch.Tensor) -> torch.Tensor:
             x = x.clone()
-            x[:, -1] = x[:, -1] + t * unit
+            x[:, -1] = x[:, -1] + t * unit.to(x)
             return x
 
         return h.run(enc["input_ids"], enc["attention_mask"], hooks={"blocks.0.hook_resid_post": hook})[:, -1]

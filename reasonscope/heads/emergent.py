@@ -64,7 +64,7 @@ def _scale_hooks(scale: torch.Tensor, per_request: bool = False) -> dict[str, An
                 s = s[batch.rows.clamp(min=0).to(s.device)][:, None, :, None]
             else:
                 s = s[None, None, :, None]
-            return z * s.to(z.dtype)
+            return z * s.to(z)  # the scales may live on the CPU (attribution's leaf), z on the model's device
 
         return hook
 
