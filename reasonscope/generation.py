@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from .hooks import HookFn, attach
+from .hooks import HookFn, attach, may_keep_tensors
 
 _MASK64 = (1 << 64) - 1
 _CURRENT: ContextVar[Batch | None] = ContextVar("reasonscope_generation_batch", default=None)
@@ -233,21 +233,6 @@ def _check_model(model: Any) -> str:
             "disable sliding windows in its config (use_sliding_window=False) to use it"
         )
     return impl
-
-
-def _hooked(model: torch.nn.Module) -> bool:
-    """Whether a forward hook (global, or on a module of ``model``) could keep this call's tensors. transformers'
-    own output-capturing hooks (left on the modules after any ``output_hidden_states=True`` call) record only what
-    a call asks for, and generation asks for nothing."""
-    from torch.nn.modules import module as nn_module
-
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-        return True
-    return any(
-        getattr(fn, "__module__", None) != "transformers.utils.output_capturing"
-        for m in model.modules()
-        for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
-    )
 
 
 def _check_companion(handle: Any, companion: Any) -> None:
@@ -580,7 +565,7 @@ def generate(
     # cannot enter autograd later (probe training on kept activations): only where no hook, callback, companion or
     # custom attention function could keep one; elsewhere no_grad
     sealed = not hooks and on_token is None and companion is None and engine.impl in ("sdpa", "eager")
-    grad_mode = torch.inference_mode() if sealed and not _hooked(handle.model) else torch.no_grad()
+    grad_mode = torch.inference_mode() if sealed and not may_keep_tensors(handle.model) else torch.no_grad()
     with grad_mode, ExitStack() as stack:
         stack.enter_context(attach(handle.model, engine.guard(hooks, companion=False), g.n_layers, g.n_heads))
         if companion is not None:

@@ -230,10 +230,14 @@ def get_module(model: Any, path: str) -> Any:
 
 
 @contextmanager
-def attach(model: nn.Module, hooks: Mapping[str, HookFn], n_layers: int, n_heads: int) -> Iterator[None]:
+def attach(
+    model: nn.Module, hooks: Mapping[str, HookFn], n_layers: int, n_heads: int, pure: bool = False
+) -> Iterator[None]:
     """Run ``hooks`` (name -> fn(tensor) -> replacement or None) on an HF model's forward passes.
 
-    The hooks are removed on exit, also when the forward pass raises.
+    ``pure``: the functions keep no tensor beyond the pass (e.g. a steering add), so a generation may run them
+    under ``torch.inference_mode`` (see :func:`may_keep_tensors`). The hooks are removed on exit, also when the
+    forward pass raises.
     """
     check_attention(hooks, getattr(model.config, "_attn_implementation", None))
     handles = []
@@ -242,13 +246,34 @@ def attach(model: nn.Module, hooks: Mapping[str, HookFn], n_layers: int, n_heads
             point = parse_hook(name, n_layers)
             mod = get_module(model, point.module_path)
             if point.spec.side == "input":
-                handles.append(mod.register_forward_pre_hook(_pre_hook(point, fn, n_heads), with_kwargs=True))
+                hook = _pre_hook(point, fn, n_heads)
+                handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
             else:
-                handles.append(mod.register_forward_hook(_post_hook(point, fn, n_heads)))
+                hook = _post_hook(point, fn, n_heads)
+                handles.append(mod.register_forward_hook(hook))
+            setattr(hook, _PURE, pure)
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+_PURE = "reasonscope_pure"  # attribute of a torch hook that attach(pure=True) registered
+_CAPTURING = "transformers.utils.output_capturing"  # records only what a call asks for (output_hidden_states=...)
+
+
+def may_keep_tensors(model: nn.Module) -> bool:
+    """Whether a forward hook (a global one, or one on a module of ``model``) could keep a tensor of a pass: any
+    hook but those of ``attach(..., pure=True)`` and transformers' own output-capturing hooks."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(
+        not getattr(fn, _PURE, False) and getattr(fn, "__module__", None) != _CAPTURING
+        for m in model.modules()
+        for fn in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+    )
 
 
 def _pre_hook(point: HookPoint, fn: HookFn, n_heads: int) -> Callable[..., Any]:

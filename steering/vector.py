@@ -188,7 +188,7 @@ class SteeringVector:
             for layer in use
         }
         geo = handle.geometry
-        with attach(handle.model, hooks, geo.n_layers, geo.n_heads):
+        with attach(handle.model, hooks, geo.n_layers, geo.n_heads, pure=True):  # generation may skip autograd
             yield
 
     # ------------------------------------------------------------------ disk
@@ -253,9 +253,9 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
         table = tables.get((dtype, batch.requests))
         if table is None:  # γ per request, then a 0 that idle rows (-1) read: one gather per pass
             per_row = gamma if per_request else gamma.expand(batch.requests)
-            table = tables[dtype, batch.requests] = torch.cat([per_row, per_row.new_zeros(1)]).to(
-                batch.rows.device, dtype
-            )
+            with torch.inference_mode(False):  # kept across calls, like vs
+                table = torch.cat([per_row, per_row.new_zeros(1)]).to(batch.rows.device, dtype)
+            tables[dtype, batch.requests] = table
         g = table[batch.rows][:, None, None]
         cache.update(batch=batch, dtype=dtype, g=g)
         return g
@@ -263,7 +263,8 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
     def hook(x: torch.Tensor) -> torch.Tensor | None:
         vx = vs.get(x.dtype)
         if vx is None:
-            vx = vs[x.dtype] = v.to(x.dtype)
+            with torch.inference_mode(False):  # kept across calls: usable in autograd even if made in a generation
+                vx = vs[x.dtype] = v.to(x.dtype)
         batch = current_batch()
         real = None
         if batch is None:

@@ -94,6 +94,34 @@ def test_per_request_gamma_during_generation(tiny_handle, positions):
         generate(h, prompts, cfg)
 
 
+def test_steered_generation_skips_autograd_and_the_vector_still_trains_afterwards(tiny_model_dir, monkeypatch):
+    """Steering hooks keep no tensor, so a steered generation runs under inference_mode like a plain one; what the
+    hooks cache there (the direction cast to bf16, the per-request strengths) stays usable in autograd later."""
+    h = load_model(tiny_model_dir, dtype=torch.bfloat16)
+    vec = make_vector(h, layers=(0, 1), positions="last")
+    modes: list[bool] = []
+    forward = h.model.forward
+
+    def spy(*args, **kwargs):
+        modes.append(torch.is_inference_mode_enabled())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(h.model, "forward", spy)
+    cfg = DecodeConfig(max_new_tokens=6, batch_size=2)
+    with vec.apply(h, gamma=[0.0, 30.0]):
+        steered = generate(h, TEXTS, cfg)
+        assert modes and all(modes)
+        with torch.no_grad():
+            plain_then = generate(h, TEXTS, cfg, on_token=lambda b, t, lg: None)  # a callback: no_grad
+    assert not modes[-1] and [c.token_ids for c in plain_then] == [c.token_ids for c in steered]
+    ids, mask = batch(h)
+    emb = h.model.get_input_embeddings()
+    with vec.apply(h, gamma=2.0):
+        logits = h.run(ids, mask)
+    logits.float().sum().backward()  # through the steered blocks, with the cached bf16 direction
+    assert emb.weight.grad is not None and bool(torch.isfinite(emb.weight.grad).all())
+
+
 def test_generated_rule_needs_the_generation_engine(tiny_handle):
     vec = make_vector(tiny_handle, positions="generated")
     ids, mask = batch(tiny_handle)
