@@ -253,9 +253,8 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
         table = tables.get((dtype, batch.requests))
         if table is None:  # γ per request, then a 0 that idle rows (-1) read: one gather per pass
             per_row = gamma if per_request else gamma.expand(batch.requests)
-            with torch.inference_mode(False):  # kept across calls, like vs
-                table = torch.cat([per_row, per_row.new_zeros(1)]).to(batch.rows.device, dtype)
-            tables[dtype, batch.requests] = table
+            table = torch.cat([per_row, per_row.new_zeros(1)]).to(batch.rows.device, dtype)
+            tables[dtype, batch.requests] = table  # read inside generate only, never by autograd
         g = table[batch.rows][:, None, None]
         cache.update(batch=batch, dtype=dtype, g=g)
         return g
