@@ -8,12 +8,15 @@ import torch
 from test_generation import QUESTIONS, encode, hf_greedy
 from transformers import DynamicCache
 
+from reasonscope.capture import CaptureConfig, capture, capture_batch, select_positions
 from reasonscope.generation import DecodeConfig, generate
 from reasonscope.heads import CompressionPolicy, compressed_cache, gated_attention
 from reasonscope.heads.gated import gated_run
 from reasonscope.hooks import HOOK_SPECS
 from reasonscope.models import load_model
 from steering.vector import SteeringVector, VectorMeta
+
+from conftest import make_task_traces
 
 ARCHS = ["llama", "qwen3"]
 
@@ -131,3 +134,22 @@ def test_backends_agree(arch_handle, backend):
     for n in names:
         assert torch.allclose(got[n], ref[n], atol=1e-5), n
     assert torch.allclose(logits, ref_logits, atol=1e-4)
+
+
+def test_capture_batched_equals_one_by_one_and_the_store_equals_a_run(arch_handle, tmp_path):
+    h = arch_handle
+    traces = make_task_traces(h.tokenizer, 6)
+    hooks = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_post"]
+    cfg = CaptureConfig(hooks=hooks, positions="all", padding_side="left")
+    pos = [select_positions(t, "all") for t in traces]
+    batched = capture_batch(h, traces, pos, cfg)
+    for i, t in enumerate(traces):
+        single = capture_batch(h, [t], [pos[i]], cfg)
+        for name in hooks:
+            assert torch.allclose(batched[name][i], single[name][0], atol=1e-5), (name, i)
+    store = capture(h, traces, CaptureConfig(hooks=hooks[1:], positions="think"), str(tmp_path / "s"), progress=False)
+    t = traces[3]
+    got: dict[str, torch.Tensor] = {}
+    h.run(torch.tensor([t.token_ids]), hooks={hooks[1]: lambda x: got.update(x=x[0].cpu())})
+    a, b = t.think_span
+    assert torch.allclose(store.get(hooks[1], trace=t.id), got["x"][a:b], atol=1e-5)
