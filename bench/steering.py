@@ -9,9 +9,11 @@ run round-robin within each repeat (order rotated per repeat) so machine load hi
 apply a random vector with per-request γ = 0 (``positions="last"``, the ASC rule, with the per-request lookup
 through ``current_batch``), so every arm generates identical tokens and a ratio is the hooks' cost alone: one
 layer (ASC's setting, ``--layer``) and every layer (the most work per step). Prints a table of milliseconds per
-generated token (median, min, max over repeats) with the ratio of medians to the plain reference of the same run.
-On a shared CPU the spread between repeats can exceed the hooks' cost, so the hooks are also timed alone (every
-layer's hook on one decode-step input, median of repeats) and scaled by the run's forward passes per token.
+generated token (median, min, max over repeats) with the ratio of medians to the plain reference of the same run,
+and the median wall time of one decode step over every step of every repeat (``step ms``: robust to a slow repeat,
+which moves the per-run figures by up to ±15% on a GPU machine). Every arm passes the same timing callback, so
+every arm runs under ``no_grad``. The hooks are also timed alone (every layer's hook on one decode-step input, a new
+batch per pass, median of repeats) and scaled by the run's forward passes per token.
 ``--shape 1.5b``: the random-init DeepSeek-R1-Distill-Qwen-1.5B shape (bf16 on CUDA; bench/shapes.py) on random
 prompts of 32-256 tokens; its rows never stop, so each decodes ``--max-new`` tokens.
 """
