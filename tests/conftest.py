@@ -104,6 +104,19 @@ def task_traces(tiny_handle):
     return make_task_traces(tiny_handle.tokenizer, 12)
 
 
+def grad_modes(model, monkeypatch) -> list[bool]:
+    """A list that records, for each forward call of ``model`` from now on, whether inference_mode was on."""
+    modes: list[bool] = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        modes.append(torch.is_inference_mode_enabled())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    return modes
+
+
 def torch_hooks(model) -> set[tuple[str, int]]:
     """(module, hook id) of every forward and pre-forward hook on ``model``.
 

@@ -7,7 +7,7 @@ import torch
 
 from reasonscope.generation import DecodeConfig, SlotCache, current_batch, generate, sample, uniform
 
-from conftest import organisms, torch_hooks
+from conftest import grad_modes, organisms, torch_hooks
 
 QUESTIONS = [
     "given a3, b4, c1, d9. what is a + b - c + d?",
@@ -160,14 +160,7 @@ def test_plain_calls_skip_autograd_and_kept_activations_stay_usable_in_it(tiny_h
     """A call nothing can look into runs under inference_mode; with a hook on the model, what it keeps can still
     enter autograd (e.g. a probe trained on it)."""
     h = tiny_handle
-    modes: list[bool] = []
-    forward = h.model.forward
-
-    def spy(*args, **kwargs):
-        modes.append(torch.is_inference_mode_enabled())
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(h.model, "forward", spy)
+    modes = grad_modes(h.model, monkeypatch)
     cfg = DecodeConfig(max_new_tokens=3)
     plain = generate(h, QUESTIONS[:2], cfg)
     assert modes and all(modes)

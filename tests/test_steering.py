@@ -18,7 +18,7 @@ from steering.extract import (
 )
 from steering.vector import SteeringVector, VectorMeta
 
-from conftest import torch_hooks
+from conftest import grad_modes, torch_hooks
 
 TEXTS = ["a=3, b=4, c=1. what is a + b - c?", "d=2. what is d?"]  # row 2 is left-padded
 
@@ -99,14 +99,7 @@ def test_steered_generation_skips_autograd_and_the_vector_still_trains_afterward
     hooks cache there (the direction cast to bf16) stays usable in autograd in a later pass of the same apply."""
     h = load_model(tiny_model_dir, dtype=torch.bfloat16)
     vec = make_vector(h, layers=(0, 1), positions="last")
-    modes: list[bool] = []
-    forward = h.model.forward
-
-    def spy(*args, **kwargs):
-        modes.append(torch.is_inference_mode_enabled())
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(h.model, "forward", spy)
+    modes = grad_modes(h.model, monkeypatch)
     cfg = DecodeConfig(max_new_tokens=6, batch_size=2)
     with vec.apply(h, gamma=[0.0, 30.0]):
         steered = generate(h, TEXTS, cfg)
