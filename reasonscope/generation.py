@@ -562,8 +562,8 @@ def generate(
     engine = _Engine(handle, ids, cfg, on_token, progress, companion, streams)
     g = handle.geometry
     # inference_mode skips autograd's bookkeeping (8% faster on the organism eval on CPU), but a tensor made under it
-    # cannot enter autograd later (probe training on kept activations): only where no hook, callback, companion or
-    # custom attention function could keep one; elsewhere no_grad
+    # cannot enter autograd later (probe training on kept activations): only where no hook (hooks.may_keep_tensors),
+    # callback, companion or custom attention function could keep one; elsewhere no_grad
     sealed = not hooks and on_token is None and companion is None and engine.impl in ("sdpa", "eager")
     grad_mode = torch.inference_mode() if sealed and not may_keep_tensors(handle.model) else torch.no_grad()
     with grad_mode, ExitStack() as stack:
