@@ -102,27 +102,31 @@ def main() -> None:
     names = list(arms)
     times: dict[str, list[float]] = {k: [] for k in names}
     steps: dict[str, list[float]] = {k: [] for k in names}
-    same = True
+    same = dict.fromkeys(names, 0)  # repeats whose tokens equal the warm-up's plain tokens (plain too: determinism)
     for r in range(args.repeats):
         for k in names[r % len(names) :] + names[: r % len(names)]:
             per_token, step_times, ids, _ = run(arms[k])
             times[k].append(per_token)
             steps[k] += step_times
-            same = same and ids == ref
+            same[k] += ids == ref
     threads = torch.get_num_threads()
     print(f"model {args.model} on {h.device} ({threads} threads), {len(prompts)} prompts, {n} tokens per run")
-    print(f"{'arm':32s} {'median ms/tok':>14s} {'min':>8s} {'max':>8s} {'ratio':>7s} {'step ms':>8s} {'ratio':>7s}")
+    print(
+        f"{'arm':32s} {'median ms/tok':>14s} {'min':>8s} {'max':>8s} {'ratio':>7s} {'step ms':>8s} {'ratio':>7s} "
+        f"{'same tokens':>11s}"
+    )
     ref_med, ref_step = statistics.median(times[names[0]]), statistics.median(steps[names[0]])
     for k in names:
         ts, step = times[k], statistics.median(steps[k])
         med = statistics.median(ts)
         print(
             f"{k:32s} {1e3 * med:14.4f} {1e3 * min(ts):8.4f} {1e3 * max(ts):8.4f} {med / ref_med:7.4f} "
-            f"{1e3 * step:8.3f} {step / ref_step:7.4f}"
+            f"{1e3 * step:8.3f} {step / ref_step:7.4f} {same[k]:>5d} of {args.repeats:<2d}"
         )
     print(
-        f"repeats {args.repeats}; identical tokens in every arm: {same}; step ms: median wall time of a decode step "
-        f"over every step of every repeat ({len(steps[names[0]])} per arm)"
+        f"repeats {args.repeats}; same tokens: repeats equal to the first plain run's tokens (plain's own count shows "
+        f"run-to-run determinism); step ms: median wall time of a decode step over every step of every repeat "
+        f"({len(steps[names[0]])} per arm)"
     )
     width = min(args.batch, len(prompts))
     x = torch.randn(width, 1, g.d_model, device=h.device)
