@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from test_generation import QUESTIONS, encode, hf_greedy
+from test_heads import decode_steps
+from test_models import HOOKS, run_all
 from transformers import DynamicCache
 
 from reasonscope.capture import CaptureConfig, capture, capture_batch, select_positions
@@ -60,10 +62,8 @@ def test_geometry_and_every_hook(arch_handle):
     g = h.geometry
     assert (g.n_layers, g.d_model, g.n_heads, g.n_kv_heads, g.head_dim) == (2, 32, 4, 2, 8)
     ids = torch.tensor(encode(h, QUESTIONS[:1]))
-    names = [f"blocks.{layer}.{kind}" for layer in range(2) for kind in HOOK_SPECS if kind != "attn.hook_pattern"]
-    got: dict[str, torch.Tensor] = {}
-    h.run(ids, hooks={n: (lambda x, n=n: got.__setitem__(n, x.clone())) for n in names})
-    for name in names:
+    got = run_all(h, ids, torch.ones_like(ids), HOOKS)
+    for name in HOOKS:
         assert got[name].shape == HOOK_SPECS[name.split(".", 2)[2]].size(g, 1, ids.shape[1]), name
     hidden = h.model(ids.to(h.device), output_hidden_states=True).hidden_states
     assert torch.allclose(got["blocks.0.hook_resid_post"], hidden[1], atol=1e-5)
@@ -86,21 +86,12 @@ def test_gated_attention_and_the_physical_cache(arch_handle):
         assert torch.allclose(gated_run(h, state, seq), h.run(seq), atol=1e-5)  # alpha = 1: the model itself
     policy, keep = CompressionPolicy(sink=2, recent=4), torch.tensor([[True, False], [False, True]])
 
-    def decode(cache, n_prefill: int = 6) -> torch.Tensor:
-        s = seq.to(h.device)
-        out = [h.model(input_ids=s[:, :n_prefill], past_key_values=cache, use_cache=True).logits]
-        out += [
-            h.model(input_ids=s[:, t : t + 1], past_key_values=cache, use_cache=True).logits
-            for t in range(6, s.shape[1])
-        ]
-        return torch.cat(out, 1)
-
     with torch.no_grad():
         with gated_attention(h, keep.float(), policy):
-            simulated = decode(DynamicCache(config=h.model.config))
+            simulated = decode_steps(h, seq, 6, DynamicCache(config=h.model.config))
         with compressed_cache(h, keep, policy) as (cache, _):
-            physical = decode(cache)
-        full = decode(DynamicCache(config=h.model.config))
+            physical = decode_steps(h, seq, 6, cache)
+        full = decode_steps(h, seq, 6, DynamicCache(config=h.model.config))
     assert (physical - simulated).abs().max() <= 1e-4 and (physical - full).abs().max() > 1e-3
 
 
@@ -123,17 +114,12 @@ def test_backends_agree(arch_handle, backend):
     h = arch_handle
     ids = torch.tensor([p[:10] for p in encode(h, QUESTIONS[:2])])
     names = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.hook_mlp_out"]
-
-    def run(handle):
-        got: dict[str, torch.Tensor] = {}
-        logits = handle.run(ids, hooks={n: (lambda x, n=n: got.__setitem__(n, x.detach().clone())) for n in names})
-        return got, logits.detach()
-
-    ref, ref_logits = run(h)
-    got, logits = run(load_model(h.path, backend=backend))
+    mask = torch.ones_like(ids)
+    ref = run_all(h, ids, mask, names)
+    got = run_all(load_model(h.path, backend=backend), ids, mask, names)
     for n in names:
         assert torch.allclose(got[n], ref[n], atol=1e-5), n
-    assert torch.allclose(logits, ref_logits, atol=1e-4)
+    assert torch.allclose(got["logits"], ref["logits"], atol=1e-4)
 
 
 def test_capture_batched_equals_one_by_one_and_the_store_equals_a_run(arch_handle, tmp_path):

@@ -101,7 +101,7 @@ def test_gates_are_differentiable(tiny_handle, batch):
     assert alpha.grad is not None and torch.isfinite(alpha.grad).all() and alpha.grad.abs().sum() > 0
 
 
-def _decode(handle, seq, prefill, cache):
+def decode_steps(handle, seq, prefill, cache):
     seq = seq.to(handle.device)
     out = [handle.model(input_ids=seq[:, :prefill], past_key_values=cache, use_cache=True).logits]
     for t in range(prefill, seq.shape[1]):
@@ -117,13 +117,13 @@ def test_physical_cache_equals_mask_simulation(tiny_handle, batch, prefill):
     full_mask = torch.tensor([[True, False], [False, False]])
     with torch.no_grad():
         with gated_attention(tiny_handle, full_mask.float(), policy):
-            simulated = _decode(tiny_handle, seq, n_prefill, DynamicCache(config=tiny_handle.model.config))
+            simulated = decode_steps(tiny_handle, seq, n_prefill, DynamicCache(config=tiny_handle.model.config))
         with gated_attention(tiny_handle, full_mask.float(), policy, prefill_lengths=torch.tensor([n_prefill])):
             forced = tiny_handle.run(seq)
         with compressed_cache(tiny_handle, full_mask, policy) as (cache, _):
-            physical = _decode(tiny_handle, seq, n_prefill, cache)
+            physical = decode_steps(tiny_handle, seq, n_prefill, cache)
             held = cache.nbytes()
-        full = _decode(tiny_handle, seq, n_prefill, DynamicCache(config=tiny_handle.model.config))
+        full = decode_steps(tiny_handle, seq, n_prefill, DynamicCache(config=tiny_handle.model.config))
     assert (physical - simulated).abs().max() <= 1e-4
     assert (forced - simulated).abs().max() <= 1e-4
     assert (physical - full).abs().max() > 1e-2
