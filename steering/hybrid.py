@@ -24,11 +24,11 @@ Pipeline (:func:`run_hybrid`):
    and the greedy token of the candidate the thinking model finds most likely is emitted (the perplexity
    guardrail). The steered position's keys and values stay in the base's cache (as in the training pass).
 
-Format: the thinking model's chat prompt ``<|user|>q<|assistant|><think>`` is the shared prefix (the base never
-trained on ``<think>``/``</think>``; it reads them as untrained tokens). Base, thinking and hybrid are generated
-from that same prompt and graded by one format-neutral grader (:func:`final_answer`), so the gap is measured on
-the format the hybrid uses. Controls: behaviours chosen at random at each sentence start, and vectors replaced by
-random directions of the same norms, both with the same "when" rule and guardrail.
+Format: the thinking model's chat prompt ``<|user|>q<|assistant|><think>`` is the shared prefix (the organisms'
+base continues it, mostly by closing ``</think>`` at once, and thinks there when started). Base, thinking and
+hybrid are generated from that same prompt and graded by one format-neutral grader (:func:`final_answer`), so the
+gap is measured on the format the hybrid uses. Controls: behaviours chosen at random at each sentence start, and
+vectors replaced by random directions of the same norms, both with the same "when" rule and guardrail.
 """
 
 from __future__ import annotations

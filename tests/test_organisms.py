@@ -70,6 +70,22 @@ def test_notes_documents_read_every_operand_back():
     assert all(any(d.startswith(k) for d in docs) for k in ("<|user|>", "notes:", "given "))
 
 
+def test_base_learns_to_continue_think_never_to_open_it():
+    from reasonscope.organisms.train import TrainConfig, mixed_base_document, pretraining_document
+
+    rng, cfg = random.Random(2), TrainConfig()
+    opened = []
+    for _ in range(300):
+        p = task.sample_problem(rng, rng.choice(tuple(task.LEVELS)))
+        for doc, start in (pretraining_document(rng, p, cfg), mixed_base_document(rng, p, cfg)):
+            if "<think>" in doc:
+                assert doc[:start].endswith("<|assistant|><think>")  # the loss starts after <think>
+                opened.append(doc[start:])
+    empty = [d for d in opened if d == "</think>"]  # closed at once: only the </think> is learned
+    worked = [d for d in opened if d != "</think>"]
+    assert empty and worked and all(d.endswith("<|end|>") and "</think>" in d for d in worked)
+
+
 def test_operand_reads_are_counted_against_the_question():
     p = task.Problem({"a": 3, "b": 4}, ("a", "b"), ("+",), 1)
     assert task.notes_prompt(p) == "given a3, b4. what is a + b? notes:"
@@ -150,3 +166,25 @@ def test_shipped_organisms_meet_the_targets():
     easy = [str(k) for k in (1, 2, 3)]
     base_easy = sum(pr["accuracy_by_difficulty"][k] for k in easy)
     assert base_easy >= 0.7 * sum(th["accuracy_by_difficulty"][k] for k in easy)
+
+
+@organisms
+def test_shipped_base_can_think_after_think_but_does_not_by_default():
+    """The hybrid's premise: in the thinking format the base closes ``</think>`` at once (it lacks the *when*), yet,
+    started, it writes the thinking model's notes and concludes from them (it has the *how*)."""
+    from reasonscope.generation import DecodeConfig, generate
+    from reasonscope.models import load_model
+    from steering.hybrid import final_answer
+
+    base, thinking = load_model("organism:base"), load_model("organism:thinking")
+    problems = task.problems(40, seed=5, levels=(1, 2, 3))
+    opened = [thinking.chat_prompt(p.question) for p in problems]
+    closed = generate(base, opened, DecodeConfig(max_new_tokens=4))
+    think_end = base.tokenizer.convert_tokens_to_ids("</think>")
+    assert all(c.token_ids[0] == think_end for c in closed)
+    start = "let me work"
+    started = generate(base, [o + start for o in opened], DecodeConfig(max_new_tokens=300))
+    texts = [start + base.tokenizer.decode(c.token_ids) for c in started]
+    assert sum(final_answer(t) == p.answer for t, p in zip(texts, problems)) >= 0.9 * len(problems)
+    right, total = map(sum, zip(*(operand_reads(t, p) for t, p in zip(texts, problems))))
+    assert total > 100 and right == total

@@ -5,7 +5,9 @@ Like a real base -> reasoning pair, the thinking organism is the base organism p
 - **base** is pretrained on plain-text documents ``{question} notes: {worked notes} answer:{a}``
   whose notes read every operand back from the question, with a curriculum over difficulty (it
   learns *how* to reason), then on a mix that adds direct chat answers ``<|user|>q<|assistant|>a``
-  (in the chat format it answers at once) and free-standing notes;
+  (in the chat format it answers at once), free-standing notes, and chat turns continued after a
+  ``<think>`` it never learns to emit: mostly closed at once (``<think></think>``), sometimes worked
+  notes and the answer. So it can think in the thinking format, and by default does not;
 - **thinking** starts from the base weights and is fine-tuned on ``<think>`` traces in the concise
   and verbose styles, with slips that are caught and corrected (it learns *when* to reason).
 
@@ -46,14 +48,17 @@ class OrganismArch:
 class TrainConfig:
     seed: int = 1
     base_steps: int = 1800  # base, phase 1: question + notes documents, with the curriculum
-    base_mix_steps: int = 300  # base, phase 2: notes, direct chat answers and free notes
-    thinking_steps: int = 1500  # post-training from the base, with the curriculum
+    base_mix_steps: int = 500  # base, phase 2: notes, direct chat answers, free notes, <think> closed at once
+    thinking_steps: int = 1100  # post-training from the base, with the curriculum (1,500: greedy accuracy 0.91)
     batch_size: int = 24
     lr: float = 1e-3
     mix_lr: float = 3e-4
     finetune_lr: float = 5e-4
     warmup: int = 60
-    direct_share: float = 0.4  # base phase 2: direct chat answers
+    think_pretrain_share: float = 0.3  # base phase 1: the notes continue a chat turn's ``<think>`` instead
+    direct_share: float = 0.3  # base phase 2: direct chat answers
+    empty_think_share: float = 0.25  # base phase 2: ``<think>`` closed at once (by default it does not think)
+    think_notes_share: float = 0.05  # base phase 2: ``<think>`` notes and the answer, rarely
     free_notes_share: float = 0.1  # base phase 2: notes without a question (the rest: question + notes)
     slip_rate: float = 0.08
     level1_steps: int = 400  # base curriculum: level 1 alone until read-back is learned,
@@ -69,12 +74,38 @@ def notes_document(rng: random.Random, p: task.Problem, slip_rate: float) -> tup
     return f"{p.question} notes: {thought.text} answer:{p.answer}{EOS}", len(p.question)
 
 
+def pretraining_document(rng: random.Random, p: task.Problem, cfg: TrainConfig) -> tuple[str, int]:
+    """Base phase 1: worked notes after the plain question, or after a chat turn's ``<think>`` (never learned)."""
+    if rng.random() < cfg.think_pretrain_share:
+        return opened_notes_document(rng, p, cfg.slip_rate)
+    return notes_document(rng, p, cfg.slip_rate)
+
+
+def opened_notes_document(rng: random.Random, p: task.Problem, slip_rate: float) -> tuple[str, int]:
+    """A thinking trace whose loss starts after ``<think>``: the base learns to continue it, never to open it."""
+    doc, _ = thinking_document(rng, p, slip_rate)
+    return doc, len(f"{USER}{p.question}{ASSISTANT}{THINK_START}")
+
+
 def mixed_base_document(rng: random.Random, p: task.Problem, cfg: TrainConfig) -> tuple[str, int]:
-    """Base phase 2: a direct chat answer, free-standing notes, or question + notes."""
+    """Base phase 2: a direct chat answer, free-standing notes, question + notes, or a chat turn continued after
+    ``<think>`` (which the base never learns to emit): mostly closed at once, sometimes worked notes and the answer.
+
+    After an empty ``<think></think>`` only the ``</think>`` is learned, so the base learns the answer after
+    ``</think>`` from worked notes alone: it knows how to think in that format and how to conclude, but by default
+    does not think (the *when* that post-training adds)."""
     r = rng.random()
     if r < cfg.direct_share:
         return f"{USER}{p.question}{ASSISTANT}{p.answer}{EOS}", 0
-    if r < cfg.direct_share + cfg.free_notes_share:
+    r -= cfg.direct_share
+    opened = f"{USER}{p.question}{ASSISTANT}{THINK_START}"
+    if r < cfg.empty_think_share:
+        return f"{opened}{THINK_END}", len(opened)
+    r -= cfg.empty_think_share
+    if r < cfg.think_notes_share:
+        return opened_notes_document(rng, p, cfg.slip_rate)
+    r -= cfg.think_notes_share
+    if r < cfg.free_notes_share:
         return f"{task.worked_notes(p, rng)}{EOS}", 0
     return notes_document(rng, p, cfg.slip_rate)
 
@@ -205,7 +236,7 @@ def train_organisms(
         rng = random.Random(cfg.seed)
         model = make_model(len(tok), OrganismArch(), tok.pad_token_id, tok.eos_token_id).to(device)
         log(f"organism base: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
-        notes = lambda r, p: notes_document(r, p, cfg.slip_rate)  # noqa: E731
+        notes = lambda r, p: pretraining_document(r, p, cfg)  # noqa: E731
         _train(model, tok, notes, cfg.base_steps, cfg, rng, device, "base", log, curriculum=True, lr=cfg.lr)
         mixed = lambda r, p: mixed_base_document(r, p, cfg)  # noqa: E731
         _train(model, tok, mixed, cfg.base_mix_steps, cfg, rng, device, "base mix", log, False, cfg.mix_lr)
