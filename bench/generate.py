@@ -57,12 +57,13 @@ def organism_eval_workload(n: int) -> list[Part]:
     def ids(texts: list[str]) -> list[list[int]]:
         return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
-    chat = ids([thinking.chat_prompt(p.question) for p in problems])
+    chat = ids([thinking.chat_prompt(p.question) for p in problems])  # ends with <think>
+    base_chat = ids([base.chat_prompt(p.question) for p in problems])  # the base's own template, as the eval's
     notes = ids([task.notes_prompt(p) for p in problems])
     return [
         Part("thinking, greedy", thinking, chat, 0.0, 0),
         Part("thinking, temperature 1", thinking, chat, 1.0, 1),
-        Part("base, greedy", base, chat, 0.0, 0),
+        Part("base, greedy", base, base_chat, 0.0, 0),
         Part("base, notes prompt, greedy", base, notes, 0.0, 0),
     ]
 
