@@ -2,12 +2,12 @@
 
 Like a real base -> reasoning pair, the thinking organism is the base organism post-trained:
 
-- **base** is pretrained on plain-text documents ``{question} notes: {worked notes} answer:{a}``
-  whose notes read every operand back from the question, with a curriculum over difficulty (it
-  learns *how* to reason), then on a mix that adds direct chat answers ``<|user|>q<|assistant|>a``
-  (in the chat format it answers at once), free-standing notes, and chat turns continued after a
-  ``<think>`` it never learns to emit: mostly closed at once (``<think></think>``), sometimes worked
-  notes and the answer. So it can think in the thinking format, and by default does not;
+- **base** is pretrained on worked notes that read every operand back from the question, as plain text
+  ``{question} notes: {worked notes} answer:{a}`` and (30%) as the continuation of a chat turn's
+  ``<think>``, with a curriculum over difficulty (it learns *how* to reason, in both formats), then on a
+  mix that adds direct chat answers ``<|user|>q<|assistant|>a`` (in the chat format it answers at once),
+  free-standing notes, and ``<think>`` closed at once. It never learns to emit ``<think>``, and after one
+  it closes it at once by default, though it can think there;
 - **thinking** starts from the base weights and is fine-tuned on ``<think>`` traces in the concise
   and verbose styles, with slips that are caught and corrected (it learns *when* to reason).
 
@@ -75,7 +75,7 @@ def notes_document(rng: random.Random, p: task.Problem, slip_rate: float) -> tup
 
 
 def pretraining_document(rng: random.Random, p: task.Problem, cfg: TrainConfig) -> tuple[str, int]:
-    """Base phase 1: worked notes after the plain question, or after a chat turn's ``<think>`` (never learned)."""
+    """Base phase 1: worked notes after the plain question, or after a chat turn's ``<think>`` (not a target)."""
     if rng.random() < cfg.think_pretrain_share:
         return opened_notes_document(rng, p, cfg.slip_rate)
     return notes_document(rng, p, cfg.slip_rate)
