@@ -27,11 +27,13 @@ _MATH = re.compile(
 
 
 def matcher_for(trace: Trace, matcher: Matcher) -> Literal["organism", "math"]:
-    """The concrete matcher: ``auto`` reads organism traces (``source`` starting with ``organism``) as organism."""
+    """The concrete matcher: ``auto`` reads organism traces (``source`` starting with ``organism``, or graded by the
+    organism grader, e.g. generated from an organism's directory) as organism, any other as math."""
     if matcher not in MATCHERS:
         raise ValueError(f"unknown matcher {matcher!r}; choose one of {', '.join(MATCHERS)}")
     if matcher == "auto":
-        return "organism" if trace.source.startswith("organism") else "math"
+        organism = trace.source.startswith("organism") or trace.meta.get("grader") == "organism"
+        return "organism" if organism else "math"
     return matcher
 
 

@@ -16,6 +16,14 @@ def test_batched_greedy_equals_one_by_one(tiny_handle):
         assert b.thinking == s.thinking and b.answer == s.answer and b.token_ids == s.token_ids
 
 
+def test_graded_traces_name_their_grader(tiny_handle):
+    prompts = [tiny_handle.chat_prompt("a=3. what is a?")]
+    cfg = GenerationConfig(max_new_tokens=4)
+    (graded,) = generate_traces(tiny_handle, prompts, cfg, golds=["3"], grader="organism", source="/any/dir")
+    assert graded.meta["grader"] == "organism" and graded.grade is not None
+    assert "grader" not in generate_traces(tiny_handle, prompts, cfg)[0].meta
+
+
 def test_sampling_is_seeded(tiny_handle):
     prompts = [tiny_handle.chat_prompt("a=3. what is a?")] * 4
     cfg = GenerationConfig(max_new_tokens=8, temperature=1.0, seed=3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from probes.answers import chunk_answers, organism_ops
+from probes.answers import chunk_answers, matcher_for, organism_ops
 from probes.chunks import chunk_thinking
 from probes.labels import LabelConfig, _no_loss, _stable, build_labels
 from reasonscope.traces import Trace
@@ -25,6 +25,15 @@ def test_organism_ops_reads_the_question():
     assert organism_ops("given b3, o1, g1. what is b + o - g?") == 2
     assert organism_ops("given c1, g8. what is c + g?") == 1
     assert organism_ops("q <think>") is None
+
+
+def test_auto_matcher_knows_organism_traces_by_source_or_grader():
+    t = _trace("first b3.")
+    assert matcher_for(t, "auto") == "organism"
+    from_dir = Trace(id="t", prompt=t.prompt, thinking="", answer="3", source="/models/org/thinking")
+    assert matcher_for(from_dir, "auto") == "math"  # nothing says it is an organism trace
+    from_dir.meta["grader"] = "organism"  # generate_traces records the grader it used
+    assert matcher_for(from_dir, "auto") == "organism" and matcher_for(from_dir, "math") == "math"
 
 
 def test_answers_only_where_the_chain_completes():

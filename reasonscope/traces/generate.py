@@ -82,7 +82,8 @@ def generate_traces(
     Thinking traces are segmented (sentences shorter than ``min_chars`` merge into the next) and
     their ``token_ids`` are the tokenization of their text, so spans always index real text
     (``meta["sampled_ids_differ"]`` marks the rare sample that was not the canonical tokenization).
-    With ``grader`` and ``golds``, each trace is graded (see :mod:`reasonscope.traces.grading`).
+    With ``grader`` and ``golds``, each trace is graded (see :mod:`reasonscope.traces.grading`); ``meta["grader"]``
+    names the grader.
     """
     from .segment import segment_trace
 
@@ -107,6 +108,7 @@ def generate_traces(
 
         g = GRADERS[grader]
         for t in out:
+            t.meta["grader"] = grader
             if t.gold is not None:
                 t.grade = bool(g.is_correct(g.extract(t.answer), t.gold)) if not t.truncated else False
     return out
