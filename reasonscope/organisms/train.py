@@ -74,6 +74,11 @@ def notes_document(rng: random.Random, p: task.Problem, slip_rate: float) -> tup
     return f"{p.question} notes: {thought.text} answer:{p.answer}{EOS}", len(p.question)
 
 
+def chat_turn(p: task.Problem) -> str:
+    """The chat prompt of ``p`` as both organisms read it: ``<|user|>q<|assistant|>``."""
+    return f"{USER}{p.question}{ASSISTANT}"
+
+
 def pretraining_document(rng: random.Random, p: task.Problem, cfg: TrainConfig) -> tuple[str, int]:
     """Base phase 1: worked notes after the plain question, or after a chat turn's ``<think>`` (not a target)."""
     if rng.random() < cfg.think_pretrain_share:
@@ -84,7 +89,7 @@ def pretraining_document(rng: random.Random, p: task.Problem, cfg: TrainConfig) 
 def opened_notes_document(rng: random.Random, p: task.Problem, slip_rate: float) -> tuple[str, int]:
     """A thinking trace whose loss starts after ``<think>``: the base learns to continue it, never to open it."""
     doc, _ = thinking_document(rng, p, slip_rate)
-    return doc, len(f"{USER}{p.question}{ASSISTANT}{THINK_START}")
+    return doc, len(chat_turn(p) + THINK_START)
 
 
 def mixed_base_document(rng: random.Random, p: task.Problem, cfg: TrainConfig) -> tuple[str, int]:
@@ -96,9 +101,9 @@ def mixed_base_document(rng: random.Random, p: task.Problem, cfg: TrainConfig) -
     does not think (the *when* that post-training adds)."""
     r = rng.random()
     if r < cfg.direct_share:
-        return f"{USER}{p.question}{ASSISTANT}{p.answer}{EOS}", 0
+        return f"{chat_turn(p)}{p.answer}{EOS}", 0
     r -= cfg.direct_share
-    opened = f"{USER}{p.question}{ASSISTANT}{THINK_START}"
+    opened = chat_turn(p) + THINK_START
     if r < cfg.empty_think_share:
         return f"{opened}{THINK_END}", len(opened)
     r -= cfg.empty_think_share
@@ -113,7 +118,7 @@ def mixed_base_document(rng: random.Random, p: task.Problem, cfg: TrainConfig) -
 def thinking_document(rng: random.Random, p: task.Problem, slip_rate: float) -> tuple[str, int]:
     style = "verbose" if rng.random() < 0.5 else "concise"
     thought = task.think(p, rng, style, slip_rate)
-    prompt = f"{USER}{p.question}{ASSISTANT}"
+    prompt = chat_turn(p)
     return f"{prompt}{THINK_START}{thought.text}{THINK_END}{p.answer}{EOS}", len(prompt)
 
 
