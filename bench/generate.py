@@ -1,9 +1,9 @@
 """Generation throughput: reasonscope.generation (continuous batching) beside HF ``generate`` (static batches).
 
 Usage:
-    python bench/generate.py --shape organism [--problems 500] [--repeats 5] [--batch 64] [--threads 2]   # CPU
-    python bench/generate.py --shape organism-eval [--problems 500] [--repeats 5]                         # CPU
-    python bench/generate.py --shape 1.5b [--problems 256] [--max-new 2048] [--batch 64]                  # GPU
+    python bench/generate.py --shape organism [--problems 500] [--repeats 5] [--batch 64] [--threads 2]  # CPU
+    python bench/generate.py --shape organism-eval [--problems 500] [--repeats 3] [--batch 32 64 128]    # CPU
+    python bench/generate.py --shape 1.5b [--problems 256] [--max-new 2048] [--batch 64]                 # GPU
 
 Both methods decode the same prompts (greedily, or by pure sampling at the same temperature) in the same
 run, alternating call by call so that load on the machine hits both alike. Columns: generated tokens (every
@@ -12,7 +12,9 @@ one up to and including EOS) per second of the calls' summed wall time; median, 
 HF ``generate`` runs as ``generate_traces`` did: prompts sorted by length, left-padded static batches of
 ``--batch``, each decoding until its longest row ends. The footer gives the fraction of requests whose
 greedy tokens are identical under both methods, and the fraction of HF's decoded row-steps that were real
-tokens (the waste continuous batching removes).
+tokens (the waste continuous batching removes). ``--batch 32 64 128`` runs both methods at each B and also
+compares each at its best B; ``--span-groups 4 1`` adds the engine with one key span for all rows (no grouping,
+see reasonscope.generation) as a further row.
 
 Shapes: ``organism`` is the greedy thinking part of the organism eval (``organism:thinking`` on the eval
 problems, chat prompts, 640 new tokens, fp32 on CPU). ``organism-eval`` is every generation call that
@@ -41,6 +43,7 @@ from typing import Any
 import torch
 from shapes import random_qwen2
 
+from reasonscope import generation
 from reasonscope.generation import Batch, DecodeConfig, generate
 
 
@@ -167,10 +170,12 @@ def timed(fn: Callable[[], Any], cuda: bool) -> tuple[Any, float]:
 
 def run_hf(part: Part, max_new: int, batch: int) -> tuple[list[list[int]], int]:
     eos = part.handle.tokenizer.eos_token_id
+    torch.manual_seed(part.seed)  # sampled lengths (and so HF's padding waste) alike in every repeat
     return hf_generate(part.handle, part.prompts, max_new, batch, eos, part.lengths, part.temperature)
 
 
-def run_engine(part: Part, max_new: int, batch: int) -> list[list[int]]:
+def run_engine(part: Part, max_new: int, batch: int, span_groups: int = generation.SPAN_GROUPS) -> list[list[int]]:
+    generation.SPAN_GROUPS = span_groups
     eos = part.handle.tokenizer.eos_token_id
     cfg = DecodeConfig(
         max_new_tokens=max_new,
@@ -188,9 +193,17 @@ def main() -> None:
     p.add_argument("--shape", choices=["organism", "organism-eval", "1.5b"], default="organism")
     p.add_argument("--problems", type=int, default=None, help="problems (default: 500 organism, 256 for 1.5b)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per method (median, min, max)")
-    p.add_argument("--batch", type=int, default=64, help="HF static batch size = engine slots")
+    p.add_argument("--batch", type=int, nargs="+", default=[64], help="HF static batch sizes = engine slots (a grid)")
     p.add_argument("--max-new", type=int, default=2048, help="1.5b: longest forced generation")
     p.add_argument("--layers", type=int, default=None, help="1.5b: fewer layers (a quick check of the path)")
+    p.add_argument(
+        "--span-groups",
+        type=int,
+        nargs="+",
+        default=[generation.SPAN_GROUPS],
+        help="row groups of the engine's decode attention (1: every row reads the longest row's keys); "
+        "more values add engine rows to the table",
+    )
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
@@ -202,66 +215,85 @@ def main() -> None:
     else:
         h, prompts, max_new, lengths = random_workload(a.problems or 256, a.max_new, a.layers, a.device)
         parts = [Part("random weights, forced lengths", h, prompts, 0.0, 0, lengths)]
-    hf_name = f"HF generate (static batches of {a.batch}, sorted by prompt length)"
-    engine_name = f"reasonscope.generation ({a.batch} slots, continuous batching)"
+    runners: dict[str, Callable] = {"HF generate": run_hf}
+    for g in a.span_groups:
+        extra = f", {g} span group{'s' * (g > 1)}" if g != a.span_groups[0] else ""
+        name = "reasonscope.generation" + extra
+        runners[name] = partial(run_engine, span_groups=g)
     for part in parts:  # allocator, kernels, lazy imports
         warm = Part(part.name, part.handle, part.prompts[:8], part.temperature, part.seed)
-        run_hf(warm, 8, a.batch)
-        run_engine(warm, 8, a.batch)
-    seconds: dict[tuple[str, str], list[float]] = {}
-    outputs: dict[tuple[str, str], list[list[int]]] = {}
-    row_steps: dict[str, int] = {}
-
-    def record(name: str, part: Part, out: list[list[int]], t: float) -> None:
-        outputs[name, part.name] = out
-        seconds.setdefault((name, part.name), []).append(t)
-        print(f"  {part.name} | {name}: {t:.1f}s, {sum(map(len, out)) / t:,.0f} tokens/s", file=sys.stderr, flush=True)
-
+        for run in runners.values():
+            run(warm, 8, a.batch[0])
+    seconds: dict[tuple[str, int, str], list[float]] = {}
+    outputs: dict[tuple[str, int, str], list[list[int]]] = {}
+    row_steps: dict[tuple[int, str], int] = {}
     for _ in range(a.repeats):
-        for part in parts:
-            (out, row_steps[part.name]), t = timed(partial(run_hf, part, max_new, a.batch), cuda)
-            record(hf_name, part, out, t)
-            out, t = timed(partial(run_engine, part, max_new, a.batch), cuda)
-            record(engine_name, part, out, t)
-    tokens = {k: sum(map(len, v)) for k, v in outputs.items()}
+        for b in a.batch:
+            for part in parts:
+                for name, run in runners.items():
+                    res, t = timed(partial(run, part, max_new, b), cuda)
+                    if name == "HF generate":
+                        res, row_steps[b, part.name] = res
+                    outputs[name, b, part.name] = res
+                    seconds.setdefault((name, b, part.name), []).append(t)
+                    rate = sum(map(len, res)) / t
+                    print(f"  {part.name} | {name} @{b}: {t:.1f}s, {rate:,.0f} tokens/s", file=sys.stderr, flush=True)
     device = torch.cuda.get_device_name() if cuda else f"CPU, {a.threads} threads"
-    dtype = parts[0].handle.model.dtype
     print(
-        f"\ngeneration benchmark: shape={a.shape} device={device} dtype={dtype} problems={len(parts[0].prompts)} "
-        f"generation calls={len(parts)} slots/batch={a.batch} max_new_tokens={max_new} repeats={a.repeats}"
+        f"\ngeneration benchmark: shape={a.shape} device={device} dtype={parts[0].handle.model.dtype} "
+        f"problems={len(parts[0].prompts)} generation calls={len(parts)} max_new_tokens={max_new} repeats={a.repeats}"
     )
-    print("tokens/s: generated tokens (up to and including EOS) of every call over the summed wall time of the calls;")
-    print("median, min and max over the repeats; x HF generate: the medians' ratio")
-    print("| method | tokens/s (median) | min | max | x HF generate |")
-    print("|---|---:|---:|---:|---:|")
-    totals = {}
-    for name in (hf_name, engine_name):
-        n = sum(tokens[name, part.name] for part in parts)
-        runs = [n / sum(seconds[name, part.name][r] for part in parts) for r in range(a.repeats)]
-        totals[name] = statistics.median(runs)
+    print("HF generate: static batches of B, sorted by prompt length; reasonscope.generation: B slots, continuous")
+    print("batching. tokens/s: generated tokens (up to and including EOS) of every call over the summed wall time of")
+    print("the calls; median, min and max over the repeats; x HF best: the median's ratio to HF generate's best B")
+    rates: dict[tuple[str, int], float] = {}
+    table = []
+    for name in runners:
+        for b in a.batch:
+            n = sum(sum(map(len, outputs[name, b, part.name])) for part in parts)
+            runs = [n / sum(seconds[name, b, part.name][r] for part in parts) for r in range(a.repeats)]
+            rates[name, b] = statistics.median(runs)
+            table.append((name, b, min(runs), max(runs)))
+    hf_b = max(a.batch, key=lambda b: rates["HF generate", b])
+    ours_b = max(a.batch, key=lambda b: rates["reasonscope.generation", b])
+    print("| method | B | tokens/s (median) | min | max | x HF best | x HF at this B |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, b, lo, hi in table:
+        r = rates[name, b]
         print(
-            f"| {name} | {totals[name]:,.0f} | {min(runs):,.0f} | {max(runs):,.0f} | "
-            f"{totals[name] / totals[hf_name]:.2f} |"
+            f"| {name} | {b} | {r:,.0f} | {lo:,.0f} | {hi:,.0f} | {r / rates['HF generate', hf_b]:.2f} | "
+            f"{r / rates['HF generate', b]:.2f} |"
         )
+    print(
+        f"\nbest of each: reasonscope.generation at B={ours_b} over HF generate at B={hf_b}: "
+        f"{rates['reasonscope.generation', ours_b] / rates['HF generate', hf_b]:.2f}x"
+    )
     if len(parts) > 1:
-        print("\n| generation call | tokens | HF real row-steps | HF s (median) | ours s (median) | x HF generate |")
+        print(
+            f"\n| generation call (HF at B={hf_b}, ours at B={ours_b}) | tokens | HF real row-steps | HF s (median) "
+            "| ours s (median) | x HF |"
+        )
         print("|---|---:|---:|---:|---:|---:|")
         for part in parts:
-            hs = statistics.median(seconds[hf_name, part.name])
-            es = statistics.median(seconds[engine_name, part.name])
-            real = 100 * tokens[hf_name, part.name] / row_steps[part.name]
-            print(
-                f"| {part.name} | {tokens[engine_name, part.name]:,} | {real:.1f}% | {hs:.2f} | {es:.2f} | "
-                f"{hs / es:.2f} |"
-            )
+            hs = statistics.median(seconds["HF generate", hf_b, part.name])
+            es = statistics.median(seconds["reasonscope.generation", ours_b, part.name])
+            real = 100 * sum(map(len, outputs["HF generate", hf_b, part.name])) / row_steps[hf_b, part.name]
+            tokens = sum(map(len, outputs["reasonscope.generation", ours_b, part.name]))
+            print(f"| {part.name} | {tokens:,} | {real:.1f}% | {hs:.2f} | {es:.2f} | {hs / es:.2f} |")
     greedy = [part for part in parts if part.temperature == 0]
-    same = sum(x == y for part in greedy for x, y in zip(outputs[hf_name, part.name], outputs[engine_name, part.name]))
     n_greedy = sum(len(part.prompts) for part in greedy)
-    real = sum(tokens[hf_name, part.name] for part in parts) / sum(row_steps.values())
-    print(
-        f"\nidentical greedy tokens vs HF generate: {same}/{n_greedy} ({100 * same / n_greedy:.1f}%) over the greedy "
-        f"calls; HF static batches: {100 * real:.1f}% of decoded row-steps are real tokens"
-    )
+    for b in a.batch:
+        same = sum(
+            x == y
+            for part in greedy
+            for x, y in zip(outputs["HF generate", b, part.name], outputs["reasonscope.generation", b, part.name])
+        )
+        hf_tokens = sum(sum(map(len, outputs["HF generate", b, part.name])) for part in parts)
+        real = hf_tokens / sum(row_steps[b, part.name] for part in parts)
+        print(
+            f"B={b}: identical greedy tokens vs HF generate {same}/{n_greedy} ({100 * same / n_greedy:.1f}%) over the "
+            f"greedy calls; HF static batches: {100 * real:.1f}% of decoded row-steps are real tokens"
+        )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@
 once. Each batch row (a *slot*) owns one sequence of a preallocated KV cache; when a row ends (EOS, a stop
 string, ``max_new_tokens``) its slot is refilled with a waiting prompt, so decode steps are not spent on
 finished rows. Waiting prompts are prefilled in groups into free slots (left-padded within the group); per-row
-position ids and a per-row attention mask make every row equal to its unbatched self.
+position ids and a per-row attention mask make every row equal to its unbatched self. With SDPA attention, slots
+are renumbered longest sequence first after each refill, and a decode step attends per group of
+:data:`SPAN_GROUPS` runs of rows over that group's longest sequence only, so short rows do not read long rows'
+keys (the attention implementation is swapped for the call and restored on exit).
 
 Hooks (``{hook_name: fn(tensor) -> tensor | None}``, as in ``ModelHandle.run``) run on the HF module during
 prefill and every decode step, and are removed when generation ends or raises. Per-request parameters (a
@@ -21,8 +24,8 @@ steer only where two models disagree, keeping the steered position in the cache)
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -35,6 +38,10 @@ from .hooks import HookFn, attach, may_keep_tensors
 
 _MASK64 = (1 << 64) - 1
 _CURRENT: ContextVar[Batch | None] = ContextVar("reasonscope_generation_batch", default=None)
+# decode steps of an SDPA model: (first row, end row, key span) of each group of batch rows, see _sliced_sdpa
+_SPANS: ContextVar[tuple[tuple[int, int, int], ...] | None] = ContextVar("reasonscope_key_spans", default=None)
+SLICED_SDPA = "reasonscope_sliced_sdpa"
+SPAN_GROUPS = 4  # row groups of a decode step (slots sorted by length, so that short rows skip long rows' keys)
 
 
 @dataclass(frozen=True)
@@ -161,10 +168,17 @@ class SlotCache(Cache):
             return k[:, :, : self._length], v[:, :, : self._length]
         return k[rows, :, : self._length], v[rows, :, : self._length]
 
-    def keep(self, slots: torch.Tensor) -> None:
-        """Drop every slot not in ``slots`` (renumbered in that order)."""
-        self.keys = [k[slots.to(k.device)] for k in self.keys]
-        self.values = [v[slots.to(v.device)] for v in self.values]
+    def keep(self, slots: torch.Tensor, length: int) -> None:
+        """Keep ``slots`` (renumbered in that order), drop the rest; positions ``0..length-1`` move with their slot.
+
+        Later positions keep stale (finite) values that no mask lets a row attend to. Copies ``length`` positions
+        per layer, in place.
+        """
+        for buf in (self.keys, self.values):
+            for i, t in enumerate(buf):
+                idx = slots.to(t.device)
+                t[: len(idx), :, :length] = t[:, :, :length].index_select(0, idx)
+                buf[i] = t[: len(idx)]
         self.slots, self._rows, self._all = len(slots), None, False
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
@@ -249,6 +263,66 @@ def _check_companion(handle: Any, companion: Any) -> None:
         )
 
 
+def _sliced_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """HF's SDPA attention; in a decode step of :func:`generate`, run per group of rows over that group's key span.
+
+    Row ``i`` attends to its first ``n`` keys only (the mask hides the rest), so cutting the keys at ``n`` changes
+    nothing but the memory read: a decode step reads each group's span, not the longest row's for every row.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    spans = _SPANS.get()
+    if spans is None or query.shape[2] != 1 or attention_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    parts = [
+        sdpa_attention_forward(
+            module, query[a:b], key[a:b, :, :n], value[a:b, :, :n], attention_mask[a:b, ..., :n], **kwargs
+        )[0]
+        for a, b, n in spans
+    ]
+    return torch.cat(parts), None
+
+
+@contextmanager
+def _sliced(model: Any) -> Iterator[bool]:
+    """Run an SDPA ``model`` with :func:`_sliced_sdpa` inside the block (restored on exit); yields whether it does."""
+    cfg = getattr(model.config, "text_config", model.config)
+    if cfg._attn_implementation != "sdpa":
+        yield False
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SLICED_SDPA, _sliced_sdpa)
+    AttentionMaskInterface.register(SLICED_SDPA, sdpa_mask)
+    cfg._attn_implementation = SLICED_SDPA
+    try:
+        yield True
+    finally:
+        cfg._attn_implementation = "sdpa"
+
+
+def _span_groups(ends: list[int], groups: int) -> tuple[tuple[int, int, int], ...]:
+    """Split rows into ``groups`` runs of consecutive rows, each with the largest ``ends`` of its rows as its span
+    (runs of equal span merged)."""
+    size = -(-len(ends) // groups)
+    spans: list[tuple[int, int, int]] = []
+    for a in range(0, len(ends), size):
+        b, n = min(a + size, len(ends)), max(ends[a : a + size])
+        if spans and spans[-1][2] == n:
+            spans[-1] = (spans[-1][0], b, n)
+        else:
+            spans.append((a, b, n))
+    return tuple(spans)
+
+
 class _Engine:
     """The state of one :func:`generate` call: slots, the waiting queue, and finished completions."""
 
@@ -295,6 +369,8 @@ class _Engine:
         self.rows = torch.arange(self.width, device=self.device)
         self.done: list[Completion | None] = [None] * len(prompts)
         self.progress, self.bar = progress, None
+        self.sliced = False  # the model runs _sliced_sdpa: decode steps sort slots by length and pass key spans
+        self.unsorted = False  # a prefill admitted rows since the slots were last sorted
 
     def run(self) -> list[Completion]:
         if self.progress:
@@ -390,10 +466,11 @@ class _Engine:
         else:
             self.cache.decode(positions[rows], allowed.shape[-1], slots[rows])
         sub = Batch(batch.rows[rows], batch.positions[rows], batch.n_generated[rows], batch.prefill, batch.requests)
-        token = _CURRENT.set(sub)
+        token, spans = _CURRENT.set(sub), _SPANS.set(None)  # any rows: the whole span
         try:
             return self._run("model", ids[rows], allowed[rows], position_ids[rows])
         finally:
+            _SPANS.reset(spans)
             _CURRENT.reset(token)
 
     def _prefill(self, free: list[int]) -> None:
@@ -425,6 +502,7 @@ class _Engine:
         self.mask[slot_t, :width] = real
         for s, r, p in zip(slots, reqs, pads):
             self.req[s], self.start[s], self.length[s], self.out[s] = r, p, width, []
+        self.unsorted = True
         self._accept(slots, logits, batch)
 
     def _reserve(self, length: int) -> None:
@@ -437,6 +515,8 @@ class _Engine:
 
     def _decode(self) -> None:
         """One decode step over every slot (idle ones compute discarded garbage)."""
+        if self.sliced and self.unsorted:
+            self._sort()
         span = max(ln for ln, r in zip(self.length, self.req) if r >= 0) + 1
         self._reserve(span)
         positions = self._tensor(self.length)
@@ -453,7 +533,12 @@ class _Engine:
             requests=len(self.prompts),
         )
         ids, allowed = self._tensor(self.next)[:, None], self.mask[:, None, None, :span]
-        logits, batch = self._forward(ids, allowed, position_ids, batch, self.rows, positions)
+        ends = [ln + 1 if r >= 0 else 1 for ln, r in zip(self.length, self.req)]
+        token = _SPANS.set(_span_groups(ends, SPAN_GROUPS) if self.sliced else None)
+        try:
+            logits, batch = self._forward(ids, allowed, position_ids, batch, self.rows, positions)
+        finally:
+            _SPANS.reset(token)
         for s, r in enumerate(self.req):
             self.length[s] += r >= 0
         self._accept(list(range(self.width)), logits, batch)
@@ -504,10 +589,20 @@ class _Engine:
 
     def _compact(self) -> None:
         """Drop idle slots once no prompt waits, so the tail of the run decodes a narrower batch."""
-        live = [s for s, r in enumerate(self.req) if r >= 0]
+        self._keep([s for s, r in enumerate(self.req) if r >= 0])
+
+    def _sort(self) -> None:
+        """Renumber slots longest sequence first (idle last): each group of rows then has a short key span."""
+        order = sorted(range(self.width), key=lambda s: (self.req[s] < 0, -self.length[s]))
+        if order != list(range(self.width)):
+            self._keep(order)
+        self.unsorted = False
+
+    def _keep(self, live: list[int]) -> None:
+        """Keep slots ``live`` (renumbered in that order), drop the rest."""
         idx = self._tensor(live)
         for cache in self.caches:
-            cache.keep(idx)
+            cache.keep(idx, max(self.length[s] for s in live))
         self.mask = self.mask[idx]
         for name in ("req", "start", "length", "next", "out"):
             values = getattr(self, name)
@@ -568,9 +663,11 @@ def generate(
     grad_mode = torch.inference_mode() if sealed and not may_keep_tensors(handle.model) else torch.no_grad()
     with grad_mode, ExitStack() as stack:
         stack.enter_context(attach(handle.model, engine.guard(hooks, companion=False), g.n_layers, g.n_heads))
+        engine.sliced = stack.enter_context(_sliced(handle.model))
         if companion is not None:
             cg = companion.geometry
             stack.enter_context(
                 attach(companion.model, engine.guard(companion_hooks, companion=True), cg.n_layers, cg.n_heads)
             )
+            stack.enter_context(_sliced(companion.model))
         return engine.run()

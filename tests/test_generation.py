@@ -92,6 +92,51 @@ def test_continuous_batching_equals_one_by_one(varied):
         assert len(batched[i].token_ids) == min(lengths[i], 16) or batched[i].token_ids[-1] == eos
 
 
+def test_decode_steps_read_each_row_group_s_own_key_span(varied, monkeypatch):
+    """SDPA decode steps sort slots by length and attend per row group over its own span: same tokens as one span
+    for all rows, fewer keys read, and the model's attention implementation restored afterwards."""
+    import transformers.integrations.sdpa_attention as hf_sdpa
+
+    from reasonscope import generation
+
+    prompts = encode(varied) * 4  # 20 requests of 5 prompt lengths through 8 slots, ending at different steps
+    lengths = {i: 2 + (17 * i) % 60 for i in range(len(prompts))}
+    eos = varied.tokenizer.eos_token_id
+    cfg = DecodeConfig(max_new_tokens=64, batch_size=8, refill=2)
+    calls: list[tuple[int, int]] = []
+    real = hf_sdpa.sdpa_attention_forward
+
+    def spy(module, query, key, value, mask, **kwargs):
+        if query.shape[2] == 1:
+            calls.append((query.shape[0], key.shape[2]))
+        return real(module, query, key, value, mask, **kwargs)
+
+    monkeypatch.setattr(hf_sdpa, "sdpa_attention_forward", spy)
+
+    def keys_read() -> tuple[list[list[int]], int]:
+        calls.clear()
+        out = generate(varied, prompts, cfg, on_token=forced_eos_at(lengths, eos))
+        return [c.token_ids for c in out], sum(rows * span for rows, span in calls)
+
+    grouped, read = keys_read()
+    assert varied.model.config._attn_implementation == "sdpa"
+    with monkeypatch.context() as m:
+        m.setattr(generation._Engine, "unsorted", property(lambda self: False, lambda self, v: None), raising=False)
+        unsorted, read_unsorted = keys_read()  # groups of slots in admission order
+    monkeypatch.setattr(generation, "SPAN_GROUPS", 1)
+    whole, read_whole = keys_read()
+    assert grouped == unsorted == whole
+    assert read < 0.9 * read_unsorted < 0.9 * read_whole, (read, read_unsorted, read_whole)
+
+
+def test_span_groups_split_rows_into_runs_with_their_longest_span():
+    from reasonscope.generation import _span_groups
+
+    assert _span_groups([9, 7, 4, 4, 1, 1], 3) == ((0, 2, 9), (2, 4, 4), (4, 6, 1))
+    assert _span_groups([5, 5, 5, 2], 2) == ((0, 4, 5),)  # equal spans merge
+    assert _span_groups([3, 8, 2, 1, 1], 2) == ((0, 3, 8), (3, 5, 1))
+
+
 def test_slot_cache_grows_by_doubling_and_keeps_its_contents():
     cache = SlotCache(slots=2, capacity=100)
     cache.reserve(5)
@@ -305,6 +350,7 @@ def test_hooks_removed_after_an_exception(tiny_handle):
         )
     assert calls == [True, False] and current_batch() is None
     assert torch_hooks(tiny_handle.model) == hooks_before
+    assert tiny_handle.model.config._attn_implementation == tiny_handle.attn_implementation == "sdpa"
     assert generate(tiny_handle, encode(tiny_handle)[:1], DecodeConfig(max_new_tokens=3))[0].token_ids
 
 

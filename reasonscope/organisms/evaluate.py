@@ -19,7 +19,7 @@ EVAL_SEED = 1_000_003  # disjoint from the training stream (seeded 0..)
 class EvalConfig:
     n_problems: int = 500
     seed: int = EVAL_SEED
-    batch_size: int = 64
+    batch_size: int = 128  # generation slots: the engine's fastest on this workload (bench/generate.py, B 32-128)
     max_new_tokens: int = 640
 
 
