@@ -4,10 +4,10 @@
 once. Each batch row (a *slot*) owns one sequence of a preallocated KV cache; when a row ends (EOS, a stop
 string, ``max_new_tokens``) its slot is refilled with a waiting prompt, so decode steps are not spent on
 finished rows. Waiting prompts are prefilled in groups into free slots (left-padded within the group); per-row
-position ids and a per-row attention mask make every row equal to its unbatched self. With SDPA attention, slots
-are renumbered longest sequence first after each refill, and a decode step attends per group of
-:data:`SPAN_GROUPS` runs of rows over that group's longest sequence only, so short rows do not read long rows'
-keys (the attention implementation is swapped for the call and restored on exit).
+position ids and a per-row attention mask make every row equal to its unbatched self. With SDPA attention, a decode step
+splits its rows into :data:`SPAN_GROUPS` runs, each attending over its own longest sequence only, and slots are
+renumbered longest sequence first after a refill (when that cuts the keys read by 10%), so short rows do not read
+long rows' keys (the attention implementation is swapped for the call and restored on exit).
 
 Hooks (``{hook_name: fn(tensor) -> tensor | None}``, as in ``ModelHandle.run``) run on the HF module during
 prefill and every decode step, and are removed when generation ends or raises. Per-request parameters (a
