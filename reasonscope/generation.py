@@ -517,7 +517,8 @@ class _Engine:
         """One decode step over every slot (idle ones compute discarded garbage)."""
         if self.sliced and self.unsorted:
             self._sort()
-        span = max(ln for ln, r in zip(self.length, self.req) if r >= 0) + 1
+        ends = self._ends()
+        span = max(ends)
         self._reserve(span)
         positions = self._tensor(self.length)
         self.mask[self.rows, positions] = True
@@ -533,7 +534,6 @@ class _Engine:
             requests=len(self.prompts),
         )
         ids, allowed = self._tensor(self.next)[:, None], self.mask[:, None, None, :span]
-        ends = [ln + 1 if r >= 0 else 1 for ln, r in zip(self.length, self.req)]
         token = _SPANS.set(_span_groups(ends, SPAN_GROUPS) if self.sliced else None)
         try:
             logits, batch = self._forward(ids, allowed, position_ids, batch, self.rows, positions)
@@ -597,8 +597,8 @@ class _Engine:
         Only when that cuts the keys a step reads by 10% or more: the sort copies every slot's keys once, which the
         shorter spans of the steps until the next refill must repay.
         """
-        order = sorted(range(self.width), key=lambda s: (self.req[s] < 0, -self.length[s]))
-        ends = [ln + 1 if r >= 0 else 1 for ln, r in zip(self.length, self.req)]
+        ends = self._ends()
+        order = sorted(range(self.width), key=lambda s: -ends[s])  # idle slots (end 1) last
 
         def read(e: list[int]) -> int:
             return sum((b - a) * n for a, b, n in _span_groups(e, SPAN_GROUPS))
@@ -606,6 +606,10 @@ class _Engine:
         if read([ends[s] for s in order]) < 0.9 * read(ends):
             self._keep(order)
         self.unsorted = False
+
+    def _ends(self) -> list[int]:
+        """Keys each slot's next decode step attends to: its sequence and the new token (an idle slot: 1)."""
+        return [ln + 1 if r >= 0 else 1 for ln, r in zip(self.length, self.req)]
 
     def _keep(self, live: list[int]) -> None:
         """Keep slots ``live`` (renumbered in that order), drop the rest."""
