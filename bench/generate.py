@@ -201,8 +201,8 @@ def main() -> None:
         type=int,
         nargs="+",
         default=[generation.SPAN_GROUPS],
-        help="row groups of the engine's decode attention (1: every row reads the longest row's keys); "
-        "more values add engine rows to the table",
+        help="row groups of the engine's decode attention on CPU (1: every row reads the longest row's keys; CUDA "
+        "always uses 1); more values add engine rows to the table",
     )
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

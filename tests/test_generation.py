@@ -137,6 +137,19 @@ def test_span_groups_split_rows_into_runs_with_their_longest_span():
     assert _span_groups([3, 8, 2, 1, 1], 2) == ((0, 3, 8), (3, 5, 1))
 
 
+def test_row_groups_are_a_cpu_path(tiny_model_dir):
+    """Grouped key spans run on CPU only (one SDPA call is faster on CUDA); the meta device stands in for a GPU."""
+    from reasonscope.generation import SLICED_SDPA, _sliced
+
+    cpu = varied_model(tiny_model_dir).model
+    with _sliced(cpu) as sliced:
+        assert sliced and cpu.config._attn_implementation == SLICED_SDPA
+    assert cpu.config._attn_implementation == "sdpa"
+    elsewhere = cpu.to("meta")
+    with _sliced(elsewhere) as sliced:
+        assert not sliced and elsewhere.config._attn_implementation == "sdpa"
+
+
 def test_slot_cache_grows_by_doubling_and_keeps_its_contents():
     cache = SlotCache(slots=2, capacity=100)
     cache.reserve(5)
