@@ -99,7 +99,7 @@ def hybrid_cmd(
     labels: str = typer.Option("sae", help="Behaviour labels: sae (unsupervised) | annotated (known types)."),
     vectors: str = typer.Option("optimised", help="optimised | mean_diff."),
     selector: str = typer.Option("probe", help="Which behaviour: probe (on the thinking model) | sae (argmax)."),
-    coefficients: str = typer.Option("0.5,1,2,4", help="Guardrail strengths, comma-separated."),
+    coefficients: str = typer.Option("0.25,0.5", help="Guardrail strengths, comma-separated."),
     n_train: int = typer.Option(256, min=2, help="Training problems (thinking rollouts)."),
     train_steps: int = typer.Option(100, min=0),
     n_eval: int = typer.Option(300, min=1, help="Held-out organism problems."),

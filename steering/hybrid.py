@@ -98,7 +98,9 @@ class HybridConfig:
     labels: Labels = "sae"
     vectors: Vectors = "optimised"
     selector: Selector = "probe"
-    coefficients: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)  # guardrail candidates c·(bias + V[b])
+    # guardrail candidates c·(bias + V[b]). On the organisms ‖bias + V[b]‖ is about the residual's norm at block 0:
+    # pushes of c >= 0.75 open the thinking in any direction (random vectors then recover 87% of the gap)
+    coefficients: tuple[float, ...] = (0.25, 0.5)
     n_train: int = 256  # training problems (thinking rollouts)
     train_steps: int = 100
     lr: float = 0.05
@@ -492,11 +494,12 @@ def mean_diff_vectors(
 @dataclass
 class HybridOutput:
     """One request of :func:`hybrid_generate`: generated ids, the behaviour steered at each token (None: not
-    steered) and whether it ended with EOS."""
+    steered), whether it ended with EOS, and at each steered token the push's norm over the residual's."""
 
     token_ids: list[int]
     behaviours: list[str | None]
     finished: bool
+    pushes: list[float] = field(default_factory=list)
 
 
 def hybrid_generate(
@@ -540,7 +543,10 @@ def hybrid_generate(
         companion_hooks={f"blocks.{steerer.read_layer}.hook_resid_post": run.read},
         streams=[(request_offset + i, 0) for i in range(len(prompts))],
     )
-    return [HybridOutput(c.token_ids, run.behaviours[i], c.finish_reason == "eos") for i, c in enumerate(comps)]
+    return [
+        HybridOutput(c.token_ids, run.behaviours[i], c.finish_reason == "eos", run.pushes[i])
+        for i, c in enumerate(comps)
+    ]
 
 
 class _Hybrid:
@@ -564,6 +570,8 @@ class _Hybrid:
         self.coefs = torch.tensor(cfg.coefficients, device=dev)
         self.behaviour = torch.zeros(n, dtype=torch.long)  # behaviour of the sentence each request is writing
         self.behaviours: list[list[str | None]] = [[] for _ in range(n)]
+        self.pushes: list[list[float]] = [[] for _ in range(n)]  # ‖c·(bias + V[b])‖ / ‖h‖ of each emitted push
+        self.resid = torch.ones(n + 1, device=dev)  # ‖h‖ at the steered layer and position, per request
         self.last = [-1] * n  # each request's last emitted token: its next input
         self.delta = torch.zeros(n + 1, st.vectors.shape[1], device=dev)  # row n (idle rows' -1) stays 0
         self.steering = False  # the base hook adds delta only while steered rows are re-run
@@ -576,8 +584,10 @@ class _Hybrid:
     def steer(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.steering:
             return None
+        rows = current_batch().rows  # type: ignore[union-attr]
+        self.resid[rows] = x[:, -1].norm(dim=-1).to(self.resid)
         y = x.clone()
-        y[:, -1] += self.delta[current_batch().rows].to(x)  # type: ignore[union-attr]
+        y[:, -1] += self.delta[rows].to(x)
         return y
 
     def _starts(self, token: int) -> bool:
@@ -632,6 +642,9 @@ class _Hybrid:
             if len(redo):
                 self.delta[req[redo]] = self.coefs[best[redo], None] * base_delta[redo]
                 batch.rerun(rows[redo])
+            push = self.coefs[best] * base_delta.norm(dim=-1) / self.resid[req]
+            for r, v in zip(req.tolist(), push.tolist()):
+                self.pushes[r].append(v)
         finally:
             self.steering = False
             self.delta[req] = 0
@@ -682,11 +695,13 @@ def _score(outs: Sequence[HybridOutput], tok: Any, golds: Sequence[int]) -> tupl
     correct = [_grade(tok.decode(o.token_ids), o.finished, g) for o, g in zip(outs, golds)]
     n_tok = sum(len(o.token_ids) for o in outs)
     n_steer = sum(b is not None for o in outs for b in o.behaviours)
+    pushes = sorted(v for o in outs for v in o.pushes)
     return correct, {
         "accuracy": round(sum(correct) / len(correct), 4),
         "steered_token_fraction": round(n_steer / max(1, n_tok), 4),
         "mean_tokens": round(n_tok / len(outs), 2),
         "truncated_fraction": round(sum(not o.finished for o in outs) / len(outs), 4),
+        "median_push_to_residual": round(pushes[len(pushes) // 2], 4) if pushes else None,
     }
 
 

@@ -276,6 +276,32 @@ def test_disagreeing_pair_steers_and_batching_does_not_matter(pair):
         hybrid_generate(base, thinking, [[]], st, cfg)
 
 
+def test_pushes_are_measured_against_the_residual(pair):
+    """Each steered token records ‖c·(bias + V[b])‖ / ‖h‖; at a request's first steered token h is the plain base's
+    block output at that position (nothing earlier was steered), so the ratio can be recomputed."""
+    base, thinking = pair
+    c = 0.5
+    cfg = HybridConfig(**{**TINY, "max_new_tokens": 10, "coefficients": (c,)})
+    prompts = prompts_of(base, 3)
+    st = steerer()
+    out = hybrid_generate(base, thinking, prompts, st, cfg)
+    checked = 0
+    for p, o in zip(prompts, out):
+        steered = [t for t, b in enumerate(o.behaviours) if b is not None]
+        assert len(o.pushes) == len(steered) and all(v > 0 for v in o.pushes)
+        if not steered:
+            continue
+        t, name = steered[0], o.behaviours[steered[0]]
+        seen = {}
+        ids = torch.tensor([p + o.token_ids[:t]])
+        with torch.no_grad():
+            base.run(ids, hooks={"blocks.0.hook_resid_post": lambda x, seen=seen: seen.update(h=x[0, -1])})
+        push = c * (st.bias + st.vectors[st.names.index(name)]).norm() / seen["h"].norm()
+        assert o.pushes[0] == pytest.approx(float(push), rel=1e-4)
+        checked += 1
+    assert checked
+
+
 def test_rollouts_have_sentences(tiny_handle):
     cfg = HybridConfig(**{**TINY, "max_new_tokens": 16})
     rolls = rollouts(tiny_handle, [tiny_handle.chat_prompt("given a3. what is a?")] * 2, 1.0, 0, cfg)
@@ -299,6 +325,7 @@ def test_run_writes_an_artifact_that_opens(tmp_path, pair, vectors, labels, sele
     for key in ("base_accuracy", "thinking_accuracy", "hybrid_accuracy", "gap_recovered", "steered_token_fraction"):
         assert key in s
     assert set(s["controls"]) == {"random_behaviour", "random_vectors"}
+    assert all("median_push_to_residual" in r for r in s["runs"].values())
     back = HybridRun.open(tmp_path / "run")
     assert back.summary == json.loads(json.dumps(s)) and len(back.records) == 4
     r = back.records[0]
@@ -383,14 +410,18 @@ def test_cli_json(tmp_path, tiny_model_dir, other_model_dir):
 
 @organisms
 def test_organisms_end_to_end_small(tmp_path):
+    """On the organisms the hybrid recovers most of the gap and both controls far less (60 problems, seeded)."""
     base, thinking = load_model("organism:base"), load_model("organism:thinking")
-    cfg = HybridConfig(n_train=24, train_steps=20, n_eval=12, max_new_tokens=200, controls=False)
+    cfg = HybridConfig(n_train=48, train_steps=40, n_eval=60, max_new_tokens=200)
     run = run_hybrid(base, thinking, None, cfg, tmp_path / "run")
     s = run.summary
     assert s["thinking_accuracy"] > s["base_accuracy"]
-    assert 0 < s["steered_token_fraction"] < 1
+    assert s["gap_recovered"] >= 0.5 and 0 < s["steered_token_fraction"] <= 0.2
+    for name, control in s["controls"].items():
+        assert control["gap_recovered"] <= s["gap_recovered"] - 0.3, (name, control, s["gap_recovered"])
+    assert s["runs"]["hybrid"]["median_push_to_residual"] < 1
     assert s["taxonomy_agreement"]["purity"] > 0.5
-    assert len(HybridRun.open(tmp_path / "run").records) == 12
+    assert len(HybridRun.open(tmp_path / "run").records) == 60
 
 
 def test_agreement_scores_match_their_definitions():
