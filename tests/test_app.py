@@ -261,7 +261,7 @@ def test_explorer_in_chromium(quick_run, tmp_path):
 
             def go(name: str) -> None:
                 page.get_by_test_id("stSidebar").get_by_text(name, exact=True).click()
-                page.get_by_role("heading", name=name).wait_for(timeout=120_000)
+                page.get_by_role("heading", name=name, exact=True).wait_for(timeout=120_000)
                 _settle(page)
 
             def shot(name: str) -> None:
