@@ -154,7 +154,7 @@ def apply_cmd(
     prompt: list[str] = typer.Option([], help="Question(s), formatted with the chat template (repeatable)."),
     n: int = typer.Option(0, min=0, help="Also steer this many held-out organism problems (graded)."),
     gamma: Optional[float] = typer.Option(None, help="Strength (default: the vector's)."),
-    positions: Optional[str] = typer.Option(None, help="last | all | generated (default: the vector's)."),
+    positions: Optional[str] = typer.Option(None, help="last | all | generated | prompt (default: the vector's)."),
     layer: Optional[int] = typer.Option(None, help="Steer only this layer of the vector."),
     key: Optional[str] = typer.Option(None, help="Behaviour of a .pt dict of vectors."),
     max_new_tokens: int = typer.Option(256, min=1),

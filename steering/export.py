@@ -42,6 +42,7 @@ _APPLY: dict[str, dict[str, Any]] = {
     "all": {"prompt": "all", "generation": "all"},
     "last": {"prompt_positions": [-1], "generation": "all"},
     "generated": {"generation": "all"},
+    "prompt": {"prompt_positions": [-1]},
 }
 
 

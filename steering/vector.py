@@ -4,7 +4,9 @@ Layer ``L`` is the output of decoder block ``L`` (``blocks.L.hook_resid_post``, 
 conventions.md). The stored direction is target − source (e.g. concise − verbose), unnormalised; ``gamma`` in the
 metadata multiplies it as stored. Position rules: ``all`` (every real token of every forward pass), ``last`` (the
 last position of every forward pass: the last prompt token at prefill, then each generated token, as ASC injects),
-``generated`` (decode steps of :func:`reasonscope.generation.generate` only).
+``generated`` (decode steps of :func:`reasonscope.generation.generate` only), ``prompt`` (the last prompt token
+at prefill only: the decision the model takes before its first generated token; in a plain forward pass, the last
+position, as ``last``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from reasonscope.models import ModelHandle
 __all__ = ["GAMMA_RULES", "KIND", "POSITIONS", "Positions", "SteeringVector", "VectorMeta", "meta_json"]
 
 KIND = "steering_vector"
-Positions = Literal["last", "all", "generated"]
+Positions = Literal["last", "all", "generated", "prompt"]
 POSITIONS: tuple[Positions, ...] = get_args(Positions)
 GAMMA_RULES = ("fixed", "kl_bound", "sweep", "imported")
 DIRECTIONS_FILE = "directions.safetensors"
@@ -276,14 +278,14 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
                 raise ValueError(f"{len(gamma)} gamma values for a batch of {x.shape[0]} rows; give one or one per row")
             g = (gamma if per_request else gamma.expand(x.shape[0])).to(x.device, x.dtype)[:, None, None]
         else:
-            if rule == "generated" and batch.prefill:
+            if (rule == "generated" and batch.prefill) or (rule == "prompt" and not batch.prefill):
                 return None
             g = rows_gamma(batch, x.dtype)
             if rule == "all" and batch.prefill:
                 real = batch.positions >= 0  # left padding of a prefill group stays untouched
         if x.shape[1] == 1 or (rule == "all" and real is None):
             return torch.addcmul(x, g, vx)  # x + g·v at every position (one decode position, or all)
-        if rule == "last":
+        if rule in ("last", "prompt"):
             out = x.clone()
             out[:, -1:] = torch.addcmul(x[:, -1:], g, vx)  # left-padded: the last column is every row's last token
             return out

@@ -76,7 +76,7 @@ def test_per_row_gamma_in_a_forward_pass(tiny_handle):
         h.run(ids, mask)
 
 
-@pytest.mark.parametrize("positions", ["last", "generated", "all"])
+@pytest.mark.parametrize("positions", ["last", "generated", "all", "prompt"])
 def test_per_request_gamma_during_generation(tiny_handle, positions):
     h = tiny_handle
     vec = make_vector(h, layers=(0, 1), positions=positions)
@@ -113,6 +113,45 @@ def test_steered_generation_skips_autograd_and_the_vector_still_trains_afterward
         logits = h.run(ids, mask)
     logits.float().sum().backward()  # d logits / d gamma: autograd keeps that cached direction
     assert gamma.grad is not None and bool(torch.isfinite(gamma.grad))
+
+
+def test_prompt_rule_steers_the_last_prompt_token_of_the_prefill_only(tiny_handle):
+    """Each step's logits under ``prompt`` equal a full re-run of prompt ⊕ tokens so far with γ·v at the prompt's
+    last position only (its steered keys stay in the cache; decode steps are not steered)."""
+    h = tiny_handle
+    vec = make_vector(h, layers=(0, 1), positions="prompt")
+    seen: dict[int, list[torch.Tensor]] = {}
+
+    def keep(b, tokens, logits):
+        for row, req in enumerate(b.rows.tolist()):
+            if req >= 0:
+                seen.setdefault(req, []).append(logits[row].float().clone())
+
+    with vec.apply(h, gamma=3.0):
+        steered = generate(h, TEXTS, DecodeConfig(max_new_tokens=6, batch_size=2), on_token=keep)
+    for req, c in enumerate(steered):
+        n = len(c.prompt_ids)
+
+        def at_prompt_end(x, layer, n=n):
+            x = x.clone()
+            x[:, n - 1] += 3.0 * vec.direction(layer)
+            return x
+
+        hooks = {f"blocks.{i}.hook_resid_post": (lambda x, i=i: at_prompt_end(x, i)) for i in (0, 1)}
+        assert len(seen[req]) == len(c.token_ids)
+        for k, got in enumerate(seen[req]):
+            with torch.no_grad():
+                ref = h.run(torch.tensor([c.prompt_ids + c.token_ids[:k]]), hooks=hooks)[0, -1].float()
+            assert torch.allclose(got, ref, atol=1e-4), (req, k)
+        with torch.no_grad():
+            plain = h.run(torch.tensor([c.prompt_ids]))[0, -1].float()
+        assert not torch.allclose(seen[req][0], plain, atol=1e-2)  # the first token's logits were steered
+    ids, mask = batch(h)
+    with vec.apply(h, gamma=3.0):  # a plain forward pass: the last position, as ``last``
+        before, _ = resid(h, 0, ids, mask)
+    with vec.apply(h, gamma=3.0, positions="last"):
+        after, _ = resid(h, 0, ids, mask)
+    assert torch.equal(before, after)
 
 
 def test_generated_rule_needs_the_generation_engine(tiny_handle):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -90,6 +91,23 @@ def test_gguf_refuses_layer_zero_for_llama_cpp(tmp_path):
     spec = json.loads(files[1].read_text())
     assert spec["vectors"][0]["apply"] == {"prompt_positions": [-1], "generation": "all"}
     assert spec["vectors"][0]["scale"] == pytest.approx(0.4) and spec["vectors"][0]["layers"] == [0, 2]
+
+
+@pytest.mark.parametrize(
+    "positions, apply",
+    [
+        ("all", {"prompt": "all", "generation": "all"}),
+        ("last", {"prompt_positions": [-1], "generation": "all"}),
+        ("generated", {"generation": "all"}),
+        ("prompt", {"prompt_positions": [-1]}),
+    ],
+)
+def test_easysteer_apply_spec_follows_the_position_rule(tmp_path, positions, apply):
+    vec = vector()
+    vec = SteeringVector(vec.directions, dataclasses.replace(vec.meta, positions=positions))
+    files = export_vector(vec, tmp_path / "e.gguf", "easysteer")
+    assert json.loads(files[1].read_text())["vectors"][0]["apply"] == apply
+    assert load_vector(files[0]).meta.positions == positions
 
 
 @pytest.mark.parametrize("fmt, name", [("gguf", "v.gguf"), ("easysteer", "e.gguf"), ("safetensors", "v.safetensors")])
