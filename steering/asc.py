@@ -26,11 +26,13 @@ from reasonscope.organisms import task
 from reasonscope.organisms.evaluate import EVAL_SEED, EvalConfig, organism_traces, summarize, think_tokens
 
 from .extract import extract_vector
+from .learned import LEARN_POSITIONS, LearnConfig, LearnPositions, learn_vector
 from .vector import SteeringVector
 
 __all__ = [
     "EXTRACT_CHOICES",
     "SELECT_SEED",
+    "VECTOR_CHOICES",
     "ASCConfig",
     "GammaRule",
     "asc_gamma_max",
@@ -50,6 +52,8 @@ Pairs = Literal["styles", "efficiency"]
 PAIR_CHOICES: tuple[Pairs, ...] = get_args(Pairs)
 ExtractAt = Literal["end", "start"]
 EXTRACT_CHOICES: tuple[ExtractAt, ...] = get_args(ExtractAt)
+VectorKind = Literal["mean_diff", "learned"]
+VECTOR_CHOICES: tuple[VectorKind, ...] = get_args(VectorKind)
 SELECT_SEED = 3_000_017  # the selection split's problem stream: neither training (0..) nor test (EVAL_SEED)
 
 
@@ -61,6 +65,11 @@ class ASCConfig:
     layers: tuple[int, ...] = ()  # candidate layers, chosen with γ on the selection split (empty: ``layer`` only)
     reduce: Literal["last", "mean"] = "last"  # ASC reads the last token; "mean" averages over the text's tokens
     extract_at: ExtractAt = "end"  # read at the end of question ⊕ CoT (the paper), or after the CoT's first token
+    vector: VectorKind = "mean_diff"  # the paper's difference of means, or learned (steering.learned, all
+    # candidate layers together, under a KL trust region: ASC's ACL version in spirit)
+    positions: LearnPositions = "last"  # ASC's injection (every forward pass's last position) or the prompt's last
+    learn_steps: int = 150  # learned: Adam steps
+    kl_weight: float = 30.0  # learned: weight of the trust region
     n_pairs: int = 64
     pairs: Pairs = "styles"  # concise/verbose task styles, or shortest/longest correct samples (efficiency)
     k_samples: int = 4  # efficiency pairs: samples per question at temperature 1
@@ -82,6 +91,13 @@ class ASCConfig:
             raise ValueError(f"layers must be >= 0, got {[self.layer, *self.layers]}")
         if self.extract_at not in EXTRACT_CHOICES:
             raise ValueError(f"extract_at {self.extract_at!r} is not one of {', '.join(EXTRACT_CHOICES)}")
+        if self.vector not in VECTOR_CHOICES:
+            raise ValueError(f"vector {self.vector!r} is not one of {', '.join(VECTOR_CHOICES)}")
+        if self.positions not in LEARN_POSITIONS:
+            raise ValueError(f"positions {self.positions!r} is not one of {', '.join(LEARN_POSITIONS)}")
+        if self.vector == "learned" and self.extract_at != "end":
+            raise ValueError("extract_at applies to the mean difference; a learned vector reads the whole pair")
+        LearnConfig(steps=self.learn_steps, kl_weight=self.kl_weight)  # raises on a bad learning setting
         if self.n_pairs < 1 or self.n_calibration < 1 or self.n_eval < 1:
             raise ValueError("n_pairs, n_calibration and n_eval must be >= 1")
         if not self.epsilon > 0:
@@ -141,16 +157,23 @@ def asc_gamma_max(a: float, lip: float, epsilon: float = 1e-3) -> float:
     return max(0.0, (1 - lip * raw / (4 * a)) * raw)
 
 
-def _last_logits(handle: Any, ids: torch.Tensor, mask: torch.Tensor, layer: int, delta: torch.Tensor) -> torch.Tensor:
-    """Last-position logits with ``delta [d]`` added to block ``layer``'s output at the last position."""
+def _layers(layer: int | Sequence[int]) -> tuple[int, ...]:
+    return (layer,) if isinstance(layer, int) else tuple(layer)
 
-    def hook(x: torch.Tensor) -> torch.Tensor:
+
+def _last_logits(
+    handle: Any, ids: torch.Tensor, mask: torch.Tensor, layers: tuple[int, ...], delta: torch.Tensor
+) -> torch.Tensor:
+    """Last-position logits with ``delta [len(layers), d]`` added to those blocks' outputs at the last position."""
+
+    def hook(x: torch.Tensor, k: int) -> torch.Tensor:
         x = x.clone()
-        x[:, -1] = x[:, -1] + delta.to(x)
+        x[:, -1] = x[:, -1] + delta[k].to(x)
         return x
 
+    hooks = {f"blocks.{layer}.hook_resid_post": (lambda x, k=k: hook(x, k)) for k, layer in enumerate(layers)}
     with torch.no_grad():
-        return handle.run(ids, mask, hooks={f"blocks.{layer}.hook_resid_post": hook})[:, -1].float()
+        return handle.run(ids, mask, hooks=hooks)[:, -1].float()
 
 
 def _encode(handle: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,13 +182,16 @@ def _encode(handle: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tens
 
 
 def estimate_a_l(
-    handle: Any, texts: Sequence[str], layer: int, direction: torch.Tensor, rel_step: float = 1e-2
+    handle: Any, texts: Sequence[str], layer: int | Sequence[int], direction: torch.Tensor, rel_step: float = 1e-2
 ) -> dict[str, float]:
     """a = median ‖J v̂‖ and L = p95 ‖∂²F/∂t²‖ at the last token of ``texts``, by central differences in fp32.
 
-    The step is ``rel_step`` times the median residual norm at that point.
+    ``direction``: ``[d]`` for one layer, or ``[len(layer), d]`` for several, perturbed together (v̂ is the unit
+    vector over all of them). The step is ``rel_step`` times the median residual norm at that point (over layers).
     """
-    unit = direction.float() / direction.float().norm()
+    layers = _layers(layer)
+    unit = direction.float().reshape(len(layers), -1)
+    unit = unit / unit.norm()
     ids, mask = _encode(handle, texts)
     norms: list[torch.Tensor] = []
 
@@ -173,29 +199,35 @@ def estimate_a_l(
         norms.append(x[:, -1].float().norm(dim=-1))
 
     with torch.no_grad():
-        handle.run(ids, mask, hooks={f"blocks.{layer}.hook_resid_post": reader})
-    dt = rel_step * float(norms[0].median())
-    f0 = _last_logits(handle, ids, mask, layer, torch.zeros_like(unit))
-    fp = _last_logits(handle, ids, mask, layer, dt * unit)
-    fm = _last_logits(handle, ids, mask, layer, -dt * unit)
+        handle.run(ids, mask, hooks={f"blocks.{x}.hook_resid_post": reader for x in layers})
+    dt = rel_step * float(torch.stack([n.median() for n in norms]).median())
+    f0 = _last_logits(handle, ids, mask, layers, torch.zeros_like(unit))
+    fp = _last_logits(handle, ids, mask, layers, dt * unit)
+    fm = _last_logits(handle, ids, mask, layers, -dt * unit)
     a_i = ((fp - fm) / (2 * dt)).norm(dim=-1)
     l_i = ((fp - 2 * f0 + fm) / dt**2).norm(dim=-1)
     return {"a": float(a_i.median()), "L": float(torch.quantile(l_i, 0.95)), "step": dt, "n_points": len(texts)}
 
 
-def measured_kl(handle: Any, texts: Sequence[str], layer: int, delta: torch.Tensor) -> dict[str, float]:
+def measured_kl(handle: Any, texts: Sequence[str], layer: int | Sequence[int], delta: torch.Tensor) -> dict[str, float]:
     """Median and 95th percentile of KL(p ‖ p̃) between unsteered and steered next-token distributions."""
+    layers = _layers(layer)
+    delta = delta.float().reshape(len(layers), -1)
     ids, mask = _encode(handle, texts)
-    p = torch.log_softmax(_last_logits(handle, ids, mask, layer, torch.zeros_like(delta)), -1)
-    q = torch.log_softmax(_last_logits(handle, ids, mask, layer, delta), -1)
+    p = torch.log_softmax(_last_logits(handle, ids, mask, layers, torch.zeros_like(delta)), -1)
+    q = torch.log_softmax(_last_logits(handle, ids, mask, layers, delta), -1)
     kl = (p.exp() * (p - q)).sum(-1)
     return {"median": float(kl.median()), "p95": float(torch.quantile(kl, 0.95)), "max": float(kl.max())}
 
 
-def kl_gamma(handle: Any, vec: SteeringVector, texts: Sequence[str], layer: int, epsilon: float) -> dict[str, Any]:
-    """The KL-bounded γ for ``vec``'s (unnormalised) direction at ``layer``, with a, L and the measured KL."""
-    v = vec.direction(layer)
-    est = estimate_a_l(handle, texts, layer, v)
+def kl_gamma(
+    handle: Any, vec: SteeringVector, texts: Sequence[str], layer: int | Sequence[int], epsilon: float
+) -> dict[str, Any]:
+    """The KL-bounded γ for ``vec``'s (unnormalised) directions at ``layer`` (one or several, together), with a,
+    L and the measured KL."""
+    layers = _layers(layer)
+    v = torch.stack([vec.direction(x) for x in layers])
+    est = estimate_a_l(handle, texts, layers, v)
     unit_gamma = asc_gamma_max(est["a"], est["L"], epsilon)
     gamma = unit_gamma / float(v.norm())
     return {
@@ -205,7 +237,7 @@ def kl_gamma(handle: Any, vec: SteeringVector, texts: Sequence[str], layer: int,
         "epsilon": epsilon,
         **est,
         "bound": kl_bound(est["a"], est["L"], unit_gamma),
-        "measured_kl": measured_kl(handle, texts, layer, gamma * v),
+        "measured_kl": measured_kl(handle, texts, layers, gamma * v),
     }
 
 
@@ -252,19 +284,21 @@ def evaluate_gammas(
     gammas: Sequence[float],
     problems: Sequence[task.Problem],
     cfg: ASCConfig,
-    layer: int | None = None,
+    layer: int | Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Accuracy and thinking tokens of ``handle`` at each γ through the generation engine (``layer``: only that one).
+    """Accuracy and thinking tokens of ``handle`` at each γ through the generation engine, steering at
+    ``cfg.positions`` (``layer``: only that one, or those together; None: all of the vector's).
 
     Every γ samples with the same seed, so problem i draws the same random stream at each γ (paired comparison).
     """
     ecfg = EvalConfig(n_problems=len(problems), batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
-    layers = None if layer is None else [layer]
+    layers = None if layer is None else _layers(layer)
+    where = {} if layer is None else {"layer": layer} if isinstance(layer, int) else {"layers": list(layers or ())}
     out = []
     for g in gammas:
-        with vec.apply(handle, gamma=g, layers=layers, positions="last"):
+        with vec.apply(handle, gamma=g, layers=layers, positions=cfg.positions):
             traces = organism_traces(handle, list(problems), cfg.temperature, ecfg, seed=cfg.seed)
-        out.append({"gamma": g, **({} if layer is None else {"layer": layer}), **summarize(traces)})
+        out.append({"gamma": g, **where, **summarize(traces)})
     return out
 
 
@@ -286,8 +320,14 @@ def _best(rows: list[dict[str, Any]], baseline: dict[str, Any], max_drop: float)
     return min(ok, key=lambda r: r["mean_think_tokens"]) if ok else None
 
 
+def _split(handle: Any, texts: Sequence[str]) -> list[tuple[str, str]]:
+    """``prompt ⊕ thinking`` texts as (prompt through ``<think>``, thinking ⊕ ``</think>``)."""
+    cut = [t.index(handle.think_start) + len(handle.think_start) for t in texts]
+    return [(t[:i], t[i:] + handle.think_end) for t, i in zip(texts, cut)]
+
+
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
-    keys = ("layer", "gamma", "accuracy", "mean_think_tokens", "truncated_fraction")
+    keys = ("layer", "layers", "gamma", "accuracy", "mean_think_tokens", "truncated_fraction")
     return {k: r[k] for k in keys if k in r}
 
 
@@ -311,8 +351,10 @@ def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress
 
     The fixed-γ sweep (every candidate layer x ``cfg.sweep``) runs on ``cfg.n_select`` problems of the selection
     stream; the test problems (``cfg.n_eval`` from EVAL_SEED, disjoint) are generated only at γ = 0, the KL-bound
-    γ and the selected γ. Writes the artifact at ``out``. Returns the report (``gamma``, ``gamma_rule``,
-    ``baseline``, ``steered``, ``length_reduction``, ``sweep``, ``kl_bound``, ...).
+    γ and the selected γ. ``cfg.vector = "learned"`` learns one vector over all candidate layers together
+    (:func:`steering.learned.learn_vector` on the pairs split at ``<think>``), so the sweep chooses γ only. Writes
+    the artifact at ``out``. Returns the report (``gamma``, ``gamma_rule``, ``baseline``, ``steered``,
+    ``length_reduction``, ``sweep``, ``kl_bound``, ...).
     """
     g = handle.geometry
     candidates = tuple(dict.fromkeys(cfg.layers or (cfg.layer,)))
@@ -332,30 +374,44 @@ def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress
         read_v = _first_token_texts(handle, prompts_v, verbose)
     paper = "ASC arXiv 2507.04742 v2" if cfg.pairs == "styles" else "Efficiency Steering arXiv 2506.15647"
     recipe = {"paper": paper, "n_pairs_used": len(concise), **asdict(cfg)}
-    vec = extract_vector(handle, read_c, read_v, list(candidates), cfg.reduce, "mean_diff", "last", recipe)
+    choices: list[int | tuple[int, ...]]  # what the sweep chooses among: one block, or the learned blocks together
+    if cfg.vector == "learned":
+        learn = LearnConfig(steps=cfg.learn_steps, kl_weight=cfg.kl_weight, positions=cfg.positions, seed=cfg.seed)
+        split_c, split_v = _split(handle, concise), _split(handle, verbose)
+        prompts = [p for p, _ in split_c]
+        vec = learn_vector(handle, prompts, [c for _, c in split_c], [c for _, c in split_v], candidates, learn, recipe)
+        choices = [candidates[0] if len(candidates) == 1 else candidates]
+    else:
+        vec = extract_vector(handle, read_c, read_v, list(candidates), cfg.reduce, "mean_diff", cfg.positions, recipe)
+        choices = list(candidates)
     calib = [t for pair in zip(read_c, read_v) for t in pair][: cfg.n_calibration]
-    kls = {layer: kl_gamma(handle, vec, calib, layer, cfg.epsilon) for layer in candidates}
+    kls = {c: kl_gamma(handle, vec, calib, c, cfg.epsilon) for c in choices}
 
     test = task.problems(cfg.n_eval, EVAL_SEED)
     select = selection_problems(cfg.n_eval if cfg.n_select is None else cfg.n_select, test)
-    select_base = evaluate_gammas(handle, vec, [0.0], select, cfg, candidates[0])[0]
-    sweep = [row for layer in candidates for row in evaluate_gammas(handle, vec, list(cfg.sweep), select, cfg, layer)]
+    select_base = evaluate_gammas(handle, vec, [0.0], select, cfg, choices[0])[0]
+    sweeps = {c: evaluate_gammas(handle, vec, list(cfg.sweep), select, cfg, c) for c in choices}
+    sweep = [row for rows in sweeps.values() for row in rows]
     best = _best(sweep, select_base, cfg.max_accuracy_drop)
-    layer = candidates[0] if best is None else best["layer"]
-    kl = kls[layer]
+    chosen_at = next((c for c, rows in sweeps.items() if any(r is best for r in rows)), choices[0])
+    layers = _layers(chosen_at)
+    kl = kls[chosen_at]
     gammas = [0.0, kl["gamma"]] + ([best["gamma"]] if best is not None else [])
-    rows = evaluate_gammas(handle, vec, gammas, test, cfg, layer)
+    rows = evaluate_gammas(handle, vec, gammas, test, cfg, chosen_at)
     baseline, at_kl = rows[0], rows[1]
     at_best = rows[2] if best is not None else None
     chosen = at_kl if cfg.gamma_rule == "kl_bound" or at_best is None else at_best
     rule = "kl_bound" if chosen is at_kl else "sweep"
     report = {
         "model": handle.source,
-        "layer": layer,
+        "layer": chosen_at if isinstance(chosen_at, int) else None,
+        "layers": list(layers),
+        "vector": cfg.vector,
+        "positions": cfg.positions,
         "gamma": chosen["gamma"],
         "gamma_rule": rule,
         "extract_at": cfg.extract_at,
-        "kl_bound": {**kl, "layer": layer},
+        "kl_bound": {**kl, "layers": list(layers)},
         "kl_gamma_eval": {**_brief(at_kl), "length_reduction": _reduction(at_kl, baseline)},
         "best_sweep_gamma": None if best is None else best["gamma"],
         "best_sweep_eval": None
@@ -368,9 +424,11 @@ def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress
         "split": {"test": {"n": len(test), "seed": EVAL_SEED}, "select": {"n": len(select), "seed": SELECT_SEED}},
         "select_baseline": _brief(select_base),
         "sweep": [_brief(r) for r in sweep],
-        "kl_gamma_by_layer": {str(x): kls[x]["gamma"] for x in candidates},
+        "kl_gamma_by_layer": {",".join(map(str, _layers(c))): kls[c]["gamma"] for c in choices},
         "config": asdict(cfg),
     }
+    if cfg.vector == "learned":
+        report["learned"] = {k: vec.meta.recipe[k] for k in ("final_p_target", "final_mean_kl", "n_pairs")}
     detail = {
         "epsilon": cfg.epsilon,
         "a": kl["a"],
@@ -379,7 +437,7 @@ def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress
         "sweep": list(cfg.sweep),
         "selected_on": f"{len(select)} problems, seed {SELECT_SEED}",
     }
-    vec = SteeringVector(vec.direction(layer)[None], replace(vec.meta, layers=(layer,)))
+    vec = SteeringVector(torch.stack([vec.direction(x) for x in layers]), replace(vec.meta, layers=layers))
     vec = vec.with_gamma(chosen["gamma"], rule, detail)
     if out is not None:
         vec.save(out, report=report)

@@ -42,6 +42,14 @@ def asc_cmd(
     layers: str = typer.Option("", help="Candidate blocks, comma-separated: chosen with γ on the selection split."),
     reduce: str = typer.Option("last", help="Extraction position: last (ASC) | mean (over the text)."),
     extract_at: str = typer.Option("end", help="Read at the end of question+CoT (paper) | start (its first token)."),
+    vector: str = typer.Option(
+        "mean_diff", help="mean_diff (the paper) | learned (candidate layers together, KL-bound)."
+    ),
+    positions: str = typer.Option(
+        "last", help="Steer the last position of every pass (ASC) | prompt (its last token)."
+    ),
+    learn_steps: int = typer.Option(150, min=1, help="learned: optimisation steps."),
+    kl_weight: float = typer.Option(30.0, min=0.0, help="learned: weight of the KL trust region."),
     n_pairs: int = typer.Option(64, min=1, help="Questions for the concise/verbose pairs of the mean difference."),
     pairs: str = typer.Option("styles", help="styles (concise vs verbose) | efficiency (shortest vs longest correct)."),
     k_samples: int = typer.Option(4, min=2, help="efficiency pairs: samples per question."),
@@ -57,7 +65,8 @@ def asc_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Extract the concise − verbose vector, choose γ (KL bound, sweep) and report length and accuracy vs γ."""
-    from .asc import EXTRACT_CHOICES, GAMMA_CHOICES, PAIR_CHOICES, ASCConfig, run_asc
+    from .asc import EXTRACT_CHOICES, GAMMA_CHOICES, PAIR_CHOICES, VECTOR_CHOICES, ASCConfig, run_asc
+    from .learned import LEARN_POSITIONS
 
     fresh_out(out)
     cfg = ASCConfig(
@@ -65,6 +74,10 @@ def asc_cmd(
         layers=_layer_list(layers),
         reduce=choice(reduce, ("last", "mean"), "--reduce"),
         extract_at=choice(extract_at, EXTRACT_CHOICES, "--extract-at"),
+        vector=choice(vector, VECTOR_CHOICES, "--vector"),
+        positions=choice(positions, LEARN_POSITIONS, "--positions"),
+        learn_steps=learn_steps,
+        kl_weight=kl_weight,
         n_pairs=n_pairs,
         pairs=choice(pairs, PAIR_CHOICES, "--pairs"),
         k_samples=k_samples,

@@ -80,6 +80,29 @@ def test_estimates_match_autograd_and_the_kl_stays_within_budget(tiny_model_dir)
     big = kl_gamma(h, vec, texts, 0, 1e-1)
     assert big["gamma"] > res["gamma"] and big["measured_kl"]["median"] > res["measured_kl"]["median"]
 
+    w = torch.randn(2, h.geometry.d_model)  # two blocks perturbed together along one unit direction
+    joint = estimate_a_l(h, texts, (0, 1), w)
+    wu = w / w.norm()
+
+    def both(t: torch.Tensor) -> torch.Tensor:
+        def add(k: int):
+            def hook(x: torch.Tensor) -> torch.Tensor:
+                x = x.clone()
+                x[:, -1] = x[:, -1] + t * wu[k].to(x)
+                return x
+
+            return hook
+
+        hooks = {f"blocks.{k}.hook_resid_post": add(k) for k in (0, 1)}
+        return h.run(enc["input_ids"], enc["attention_mask"], hooks=hooks)[:, -1]
+
+    _, jw = torch.func.jvp(both, (torch.zeros(()),), (torch.ones(()),))
+    assert joint["a"] == pytest.approx(float(jw.detach().norm(dim=-1).median()), rel=1e-2)
+    vec2 = SteeringVector(w, VectorMeta(d_model=h.geometry.d_model, layers=(0, 1)))
+    res2 = kl_gamma(h, vec2, texts, (0, 1), 1e-3)
+    assert res2["vector_norm"] == pytest.approx(float(w.norm()))
+    assert res2["bound"] <= 1e-3 * (1 + 1e-9) and res2["measured_kl"]["median"] <= 1e-3
+
 
 def test_best_sweep_gamma_must_shorten_within_the_accuracy_loss():
     base = {"gamma": 0.0, "accuracy": 0.80, "mean_think_tokens": 100.0}
@@ -107,6 +130,14 @@ def test_config_is_validated():
         ASCConfig(pairs="random")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="k_samples"):
         ASCConfig(k_samples=1)
+    with pytest.raises(ValueError, match="vector"):
+        ASCConfig(vector="pca")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="positions"):
+        ASCConfig(positions="all")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="extract_at applies to the mean difference"):
+        ASCConfig(vector="learned", extract_at="start")
+    with pytest.raises(ValueError, match="steps"):
+        ASCConfig(vector="learned", learn_steps=0)
 
 
 def test_selection_split_is_disjoint_from_the_test_problems():
@@ -154,6 +185,35 @@ def test_asc_end_to_end_on_the_thinking_organism(tmp_path):
     vec = SteeringVector.open(tmp_path / "asc")
     assert vec.meta.gamma == report["gamma"] and vec.meta.positions == "last" and vec.layers == (report["layer"],)
     assert vec.meta.gamma_detail["epsilon"] == cfg.epsilon and "selected_on" in vec.meta.gamma_detail
+
+
+@organisms
+def test_learned_asc_at_the_prompt_flips_the_style_on_the_thinking_organism(tmp_path):
+    """The organism picks its style at the first thinking token ("first" concise, "let" verbose, ~50/50 at T=1);
+    a vector learned over blocks 0-3 at the prompt's last token makes that choice concise."""
+    h = load_model("organism:thinking")
+    cfg = ASCConfig(
+        vector="learned",
+        positions="prompt",
+        layers=(0, 1, 2, 3),
+        learn_steps=40,
+        n_pairs=48,
+        n_calibration=16,
+        sweep=(1.0,),
+        n_eval=40,
+        n_select=40,
+        max_new_tokens=400,
+        batch_size=40,
+    )
+    report = run_asc(h, cfg, tmp_path / "asc")
+    assert report["layers"] == [0, 1, 2, 3] and report["layer"] is None and report["positions"] == "prompt"
+    assert [(r["layers"], r["gamma"]) for r in report["sweep"]] == [([0, 1, 2, 3], 1.0)]
+    assert report["learned"]["final_p_target"] > 0.8 and report["kl_bound"]["bound"] <= cfg.epsilon * (1 + 1e-9)
+    base, at_one = report["select_baseline"], report["sweep"][0]
+    assert at_one["mean_think_tokens"] < 0.8 * base["mean_think_tokens"]  # concise instead of ~half verbose
+    assert at_one["accuracy"] >= base["accuracy"] - 0.1
+    vec = SteeringVector.open(tmp_path / "asc")
+    assert vec.layers == (0, 1, 2, 3) and vec.meta.positions == "prompt" and vec.meta.recipe["method"] == "learned"
 
 
 @organisms

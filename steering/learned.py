@@ -1,0 +1,164 @@
+"""Learned steering vectors: the decision between two continuations of a prompt, under a KL trust region.
+
+In the spirit of ASC's ACL version (a vector learned under a KL trust region, research/steering.md §1), for pairs
+of continuations of one prompt (e.g. concise and verbose thinking): with γ = 1 and ``v_ℓ`` added to the output of
+each block ℓ in ``layers`` at ``positions`` (teacher-forced; ``last``: the last prompt token and every
+continuation token, ASC's injection; ``prompt``: the last prompt token only), minimise
+
+    −mean_i log p_v(target_i[j_i] | prompt_i ⊕ target_i[:j_i]) + λ · mean_t KL(p(·|t) ‖ p_v(·|t))
+
+where ``j_i`` is the first token at which the pair's continuations differ (the decision) and ``t`` runs over
+every other next-token prediction of both continuations (the trust region; ``p`` is the unsteered model).
+Adam over the directions only: the model is frozen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args
+
+import torch
+
+from .vector import SteeringVector, VectorMeta
+
+__all__ = ["LEARN_POSITIONS", "LearnConfig", "LearnPositions", "learn_vector"]
+
+LearnPositions = Literal["last", "prompt"]
+LEARN_POSITIONS: tuple[LearnPositions, ...] = get_args(LearnPositions)
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    """Optimisation of :func:`learn_vector`."""
+
+    steps: int = 150
+    batch_size: int = 16  # pairs per step
+    lr: float = 0.05
+    kl_weight: float = 30.0  # λ: the trust region's weight against the decision's log-likelihood
+    positions: LearnPositions = "last"  # where v acts while it is learned (and in the vector's metadata)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
+            raise ValueError(f"lr must be > 0 and kl_weight >= 0 (finite), got {self.lr}, {self.kl_weight}")
+        if self.positions not in LEARN_POSITIONS:
+            raise ValueError(f"positions {self.positions!r} is not one of {', '.join(LEARN_POSITIONS)}")
+
+
+def _decision(target: Sequence[int], source: Sequence[int], i: int) -> int:
+    for j, (a, b) in enumerate(zip(target, source)):
+        if a != b:
+            return j
+    raise ValueError(f"pair {i}: one continuation is a prefix of the other, so there is no token to decide between")
+
+
+def learn_vector(
+    handle: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    sources: Sequence[str],
+    layers: Sequence[int],
+    cfg: LearnConfig = LearnConfig(),
+    recipe: Mapping[str, Any] | None = None,
+) -> SteeringVector:
+    """Learn ``v`` (one direction per layer) that moves ``prompts[i]``'s continuation from ``sources[i]`` toward
+    ``targets[i]`` at their first differing token, within the KL trust region; the vector's γ is 1."""
+    if not (len(prompts) == len(targets) == len(sources)) or not prompts:
+        raise ValueError(
+            f"learn_vector needs as many targets and sources as prompts (>= 1), got "
+            f"{len(prompts)}, {len(targets)}, {len(sources)}"
+        )
+    g = handle.geometry
+    layers = tuple(layers)
+    for layer in layers:
+        if not 0 <= layer < g.n_layers:
+            raise ValueError(f"layer {layer} does not exist in {handle.source} (layers 0..{g.n_layers - 1})")
+
+    def ids(text: str) -> list[int]:
+        return list(handle.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    pairs = []
+    for i, (p, t, s) in enumerate(zip(prompts, targets, sources)):
+        pi, ti, si = ids(p), ids(t), ids(s)
+        pairs.append((pi, ti, si, _decision(ti, si, i)))
+    frozen = [q.requires_grad for q in handle.model.parameters()]
+    try:
+        handle.model.requires_grad_(False)
+        return _optimise(handle, pairs, layers, cfg, dict(recipe or {}))
+    finally:
+        for q, flag in zip(handle.model.parameters(), frozen):
+            q.requires_grad_(flag)
+
+
+def _optimise(
+    handle: Any,
+    pairs: list[tuple[list[int], list[int], list[int], int]],
+    layers: tuple[int, ...],
+    cfg: LearnConfig,
+    recipe: dict[str, Any],
+) -> SteeringVector:
+    g = handle.geometry
+    v = torch.zeros(len(layers), g.d_model, device=handle.device, requires_grad=True)
+    opt = torch.optim.Adam([v], lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    last_kl, last_p = 0.0, 0.0
+    for _ in range(cfg.steps):
+        batch = [pairs[i] for i in torch.randperm(len(pairs), generator=gen)[: cfg.batch_size].tolist()]
+        decide = torch.zeros((), device=handle.device)
+        kl_sum = torch.zeros((), device=handle.device)
+        n_kl = 0
+        for side in (1, 2):  # target continuations, then source ones
+            logp, logp0, start, seqs = _forward(handle, v, layers, [(b[0], b[side]) for b in batch], cfg.positions)
+            pos = torch.arange(logp.shape[1], device=logp.device)[None]
+            at = start + torch.tensor([b[3] for b in batch], device=logp.device)[:, None]  # decision's logits
+            kl = (logp0.exp() * (logp0 - logp)).sum(-1)
+            guard = (pos >= start) & (pos != at)
+            kl_sum = kl_sum + (kl * guard).sum()
+            n_kl += int(guard.sum())
+            if side == 1:
+                row = torch.arange(len(batch), device=logp.device)
+                lp = logp[row, at[:, 0], seqs[row, at[:, 0] + 1]]  # the target's token at the decision
+                decide = -lp.mean()
+                last_p = float(lp.detach().exp().mean())
+        kl_mean = kl_sum / max(n_kl, 1)
+        loss = decide + cfg.kl_weight * kl_mean
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        last_kl = float(kl_mean.detach())
+    info = {
+        "method": "learned",
+        "objective": "decision log-likelihood + kl_weight * mean KL(unsteered || steered)",
+        "n_pairs": len(pairs),
+        "final_p_target": round(last_p, 4),
+        "final_mean_kl": round(last_kl, 6),
+        **asdict(cfg),
+        **recipe,
+    }
+    meta = VectorMeta.for_model(handle, layers, cfg.positions, info)
+    return SteeringVector(v.detach(), meta)
+
+
+def _forward(
+    handle: Any, v: torch.Tensor, layers: tuple[int, ...], rows: list[tuple[list[int], list[int]]], rule: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probs ``[n, T-1, V]`` with and without ``v`` of the left-padded ``prompt ⊕ continuation`` rows, each
+    row's last-prompt-token index ``[n, 1]`` and the ids."""
+    seqs, mask = handle.left_padded([p + c for p, c in rows])
+    seqs, mask = seqs.to(handle.device), mask.to(handle.device)
+    width = seqs.shape[1]
+    start = torch.tensor([width - len(c) - 1 for _, c in rows], device=handle.device)[:, None]
+    pos = torch.arange(width, device=handle.device)[None]
+    where = ((pos >= start) if rule == "last" else (pos == start)).float()[..., None]
+    hooks = {
+        f"blocks.{layer}.hook_resid_post": (lambda x, k=k: x + where.to(x) * v[k].to(x))
+        for k, layer in enumerate(layers)
+    }
+    logp = handle.run(seqs, mask, hooks=hooks)[:, :-1].float().log_softmax(-1)
+    with torch.no_grad():
+        logp0 = handle.run(seqs, mask)[:, :-1].float().log_softmax(-1)
+    return logp, logp0, start, seqs
