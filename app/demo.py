@@ -43,9 +43,12 @@ class DemoConfig:
     monitor_thresholds: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {"probe": (0.7, 0.9), "deer": (0.9,), "deviation": (1.5,)}
     )
-    asc_pairs: int = 32
-    asc_eval: int = 32
-    asc_sweep: tuple[float, ...] = (1.0, 2.0)
+    asc_vector: str = "learned"  # learned at the prompt's last token (compresses the organisms), or mean_diff
+    asc_learn_steps: int = 40
+    asc_pairs: int = 256  # a learned vector's steps read 16 pairs each, so more pairs cost nothing
+    asc_eval: int = 96
+    asc_sweep: tuple[float, ...] = (1.0, 1.5)
+    asc_max_drop: float = 0.05  # ~100 problems at T=1: accuracy's sampling error alone is ~5 points
     hybrid_n: int = 24  # held-out problems of the hybrid evaluation
     hybrid_train: int = 64  # thinking rollouts the behaviours, selector and vectors are learnt from
     hybrid_steps: int = 40
@@ -68,6 +71,7 @@ class DemoConfig:
             probe_epochs=5,
             monitor_n=8,
             monitor_thresholds={"probe": (0.9,), "deviation": (1.5,)},
+            asc_learn_steps=10,
             asc_pairs=8,
             asc_eval=8,
             asc_sweep=(1.0,),
@@ -80,6 +84,8 @@ class DemoConfig:
         for name in ("n", "max_new_tokens", "head_traces", "heads_eval_n", "monitor_n", "asc_pairs", "asc_eval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.asc_vector not in ("learned", "mean_diff"):
+            raise ValueError(f"asc_vector {self.asc_vector!r} is not one of learned, mean_diff")
 
 
 @dataclass
@@ -260,17 +266,25 @@ def _monitor(ctx: Context) -> None:
 def _asc(ctx: Context) -> None:
     from steering.asc import ASCConfig, run_asc
 
+    h = ctx.model("thinking")
+    learned = ctx.cfg.asc_vector == "learned"
     cfg = ASCConfig(
+        vector="learned" if learned else "mean_diff",
+        positions="prompt" if learned else "last",
+        layers=tuple(range(1, h.geometry.n_layers)) if learned else (),  # llama.cpp cannot steer block 0
+        learn_steps=ctx.cfg.asc_learn_steps,
         n_pairs=ctx.cfg.asc_pairs,
         n_eval=ctx.cfg.asc_eval,
         sweep=ctx.cfg.asc_sweep,
+        max_accuracy_drop=ctx.cfg.asc_max_drop,
         max_new_tokens=ctx.cfg.max_new_tokens,
         seed=ctx.cfg.seed,
     )
     ctx.log(
-        f"  ASC vector from {cfg.n_pairs} concise/verbose pairs; γ sweep {list(cfg.sweep)} on {cfg.n_eval} problems"
+        f"  ASC {cfg.vector} vector ({cfg.positions} positions) from {cfg.n_pairs} concise/verbose pairs; "
+        f"γ sweep {list(cfg.sweep)} on {cfg.n_eval} problems"
     )
-    run_asc(ctx.model("thinking"), cfg, ctx.run.stage_path("asc"), progress=True)
+    run_asc(h, cfg, ctx.run.stage_path("asc"), progress=True)
 
 
 def _hybrid(ctx: Context) -> None:

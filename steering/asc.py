@@ -8,6 +8,9 @@ root of x³ + x² − β = 0, γ_raw = (a/L)x, γ_max = max(0, (1 − Lγ_raw/(4
 ¼a²γ² + ¼Laγ³ + (1/16)L²γ⁴ ≤ ε (eq. 10); the stored vector is unnormalised, so γ = γ_max/‖v‖.
 Pairs: ``styles`` (the organism task's concise and verbose thinking for the same question) or ``efficiency``
 (Efficiency Steering, arXiv 2506.15647: the shortest vs the longest correct of ``k_samples`` sampled traces).
+``vector="learned"`` replaces the mean difference by :func:`steering.learned.learn_vector` (the pair's first
+differing token under a KL trust region, every candidate layer at once); ``positions="prompt"`` steers the last
+prompt token only (the KL bound is then estimated at the prompts).
 Evaluation generates through :func:`reasonscope.generation.generate` (the same seed at every γ).
 """
 
@@ -384,7 +387,10 @@ def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress
     else:
         vec = extract_vector(handle, read_c, read_v, list(candidates), cfg.reduce, "mean_diff", cfg.positions, recipe)
         choices = list(candidates)
-    calib = [t for pair in zip(read_c, read_v) for t in pair][: cfg.n_calibration]
+    if cfg.positions == "prompt":  # the KL bound's points are where the vector acts
+        calib = [p for p, _ in _split(handle, concise)][: cfg.n_calibration]
+    else:
+        calib = [t for pair in zip(read_c, read_v) for t in pair][: cfg.n_calibration]
     kls = {c: kl_gamma(handle, vec, calib, c, cfg.epsilon) for c in choices}
 
     test = task.problems(cfg.n_eval, EVAL_SEED)

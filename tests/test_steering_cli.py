@@ -86,6 +86,9 @@ def test_apply_and_asc_validate_before_loading(tmp_path, tiny_model_dir, tiny_ha
     user_error(runner.invoke(app, [*asc, "--sweep", "a,b"]), "--sweep")
     user_error(runner.invoke(app, [*asc, "--epsilon", "0"]), "epsilon")
     user_error(runner.invoke(app, [*asc, "--gamma-rule", "best"]), "--gamma-rule")
+    user_error(runner.invoke(app, [*asc, "--vector", "pca"]), "--vector")
+    user_error(runner.invoke(app, [*asc, "--positions", "all"]), "--positions")
+    user_error(runner.invoke(app, [*asc, "--vector", "learned", "--extract-at", "start"]), "extract_at")
     assert not (tmp_path / "asc").exists()
 
 
