@@ -78,3 +78,11 @@ def test_bad_input_is_refused(tiny_handle):
         LearnConfig(steps=0)
     with pytest.raises(ValueError, match="kl_weight"):
         LearnConfig(kl_weight=float("nan"))
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+def test_the_backends_learn_the_same_vector(tiny_model_dir, tiny_handle, backend):
+    cfg = LearnConfig(steps=5, batch_size=3)
+    ref = learn_vector(tiny_handle, PROMPTS, TARGETS, SOURCES, (0, 1), cfg)
+    got = learn_vector(load_model(tiny_model_dir, backend=backend), PROMPTS, TARGETS, SOURCES, (0, 1), cfg)
+    assert torch.allclose(got.directions, ref.directions, atol=1e-5) and float(ref.directions.norm()) > 0.1
