@@ -376,6 +376,8 @@ def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress
         read_c = _first_token_texts(handle, prompts, concise)
         read_v = _first_token_texts(handle, prompts_v, verbose)
     paper = "ASC arXiv 2507.04742 v2" if cfg.pairs == "styles" else "Efficiency Steering arXiv 2506.15647"
+    if cfg.vector == "learned":
+        paper += "; vector learned under a KL trust region (ASC, ACL 2026 Findings, in spirit)"
     recipe = {"paper": paper, "n_pairs_used": len(concise), **asdict(cfg)}
     choices: list[int | tuple[int, ...]]  # what the sweep chooses among: one block, or the learned blocks together
     if cfg.vector == "learned":

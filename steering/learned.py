@@ -131,13 +131,13 @@ def _optimise(
         opt.step()
         last_kl = float(kl_mean.detach())
     info = {
+        **recipe,
         "method": "learned",
         "objective": "decision log-likelihood + kl_weight * mean KL(unsteered || steered)",
         "n_pairs": len(pairs),
         "final_p_target": round(last_p, 4),
         "final_mean_kl": round(last_kl, 6),
         **asdict(cfg),
-        **recipe,
     }
     meta = VectorMeta.for_model(handle, layers, cfg.positions, info)
     return SteeringVector(v.detach(), meta)
