@@ -42,15 +42,11 @@ def asc_cmd(
     layers: str = typer.Option("", help="Candidate blocks, comma-separated: chosen with γ on the selection split."),
     reduce: str = typer.Option("last", help="Extraction position: last (ASC) | mean (over the text)."),
     extract_at: str = typer.Option("end", help="Read at the end of question+CoT (paper) | start (its first token)."),
-    vector: str = typer.Option(
-        "mean_diff", help="mean_diff (the paper) | learned (candidate layers together, KL-bound)."
-    ),
-    positions: str = typer.Option(
-        "last", help="Steer the last position of every pass (ASC) | prompt (its last token)."
-    ),
+    vector: str = typer.Option("mean_diff", help="mean_diff (the paper) | learned (under a KL trust region)."),
+    positions: str = typer.Option("last", help="last (every forward pass, ASC) | prompt (its last token only)."),
     learn_steps: int = typer.Option(150, min=1, help="learned: optimisation steps."),
     kl_weight: float = typer.Option(30.0, min=0.0, help="learned: weight of the KL trust region."),
-    n_pairs: int = typer.Option(64, min=1, help="Questions for the concise/verbose pairs of the mean difference."),
+    n_pairs: int = typer.Option(64, min=1, help="Questions for the concise/verbose pairs."),
     pairs: str = typer.Option("styles", help="styles (concise vs verbose) | efficiency (shortest vs longest correct)."),
     k_samples: int = typer.Option(4, min=2, help="efficiency pairs: samples per question."),
     epsilon: float = typer.Option(1e-3, help="KL budget of the strength rule."),
