@@ -64,6 +64,20 @@ def test_the_trust_region_keeps_the_other_predictions(sharp):
     assert held.meta.recipe["final_mean_kl"] < 0.5 * free.meta.recipe["final_mean_kl"]
 
 
+def test_flags_are_restored_when_training_raises(tiny_model_dir, monkeypatch):
+    h = load_model(tiny_model_dir)
+    flags = [q.requires_grad for q in h.model.parameters()]
+    assert any(flags)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("forward failed")
+
+    monkeypatch.setattr(h, "run", broken)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        learn_vector(h, PROMPTS, TARGETS, SOURCES, (0,), LearnConfig(steps=2))
+    assert [q.requires_grad for q in h.model.parameters()] == flags
+
+
 def test_bad_input_is_refused(tiny_handle):
     h = tiny_handle
     with pytest.raises(ValueError, match="prefix"):
