@@ -296,7 +296,7 @@ def evaluate_gammas(
     """
     ecfg = EvalConfig(n_problems=len(problems), batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
     layers = None if layer is None else _layers(layer)
-    where = {} if layer is None else {"layer": layer} if isinstance(layer, int) else {"layers": list(layers or ())}
+    where: dict[str, Any] = {"layer": layer} if isinstance(layer, int) else {"layers": list(layers)} if layers else {}
     out = []
     for g in gammas:
         with vec.apply(handle, gamma=g, layers=layers, positions=cfg.positions):
@@ -380,17 +380,18 @@ def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress
         paper += "; vector learned under a KL trust region (ASC, ACL 2026 Findings, in spirit)"
     recipe = {"paper": paper, "n_pairs_used": len(concise), **asdict(cfg)}
     choices: list[int | tuple[int, ...]]  # what the sweep chooses among: one block, or the learned blocks together
+    split_c = _split(handle, concise)
+    prompts = [p for p, _ in split_c]
     if cfg.vector == "learned":
         learn = LearnConfig(steps=cfg.learn_steps, kl_weight=cfg.kl_weight, positions=cfg.positions, seed=cfg.seed)
-        split_c, split_v = _split(handle, concise), _split(handle, verbose)
-        prompts = [p for p, _ in split_c]
-        vec = learn_vector(handle, prompts, [c for _, c in split_c], [c for _, c in split_v], candidates, learn, recipe)
+        targets, sources = [c for _, c in split_c], [c for _, c in _split(handle, verbose)]
+        vec = learn_vector(handle, prompts, targets, sources, candidates, learn, recipe)
         choices = [candidates[0] if len(candidates) == 1 else candidates]
     else:
         vec = extract_vector(handle, read_c, read_v, list(candidates), cfg.reduce, "mean_diff", cfg.positions, recipe)
         choices = list(candidates)
     if cfg.positions == "prompt":  # the KL bound's points are where the vector acts
-        calib = [p for p, _ in _split(handle, concise)][: cfg.n_calibration]
+        calib = prompts[: cfg.n_calibration]
     else:
         calib = [t for pair in zip(read_c, read_v) for t in pair][: cfg.n_calibration]
     kls = {c: kl_gamma(handle, vec, calib, c, cfg.epsilon) for c in choices}

@@ -108,24 +108,21 @@ def _optimise(
     last_kl, last_p = 0.0, 0.0
     for _ in range(cfg.steps):
         batch = [pairs[i] for i in torch.randperm(len(pairs), generator=gen)[: cfg.batch_size].tolist()]
-        decide = torch.zeros((), device=handle.device)
-        kl_sum = torch.zeros((), device=handle.device)
-        n_kl = 0
+        kls, n_kl = [], 0
         for side in (1, 2):  # target continuations, then source ones
             logp, logp0, start, seqs = _forward(handle, v, layers, [(b[0], b[side]) for b in batch], cfg.positions)
             pos = torch.arange(logp.shape[1], device=logp.device)[None]
             at = start + torch.tensor([b[3] for b in batch], device=logp.device)[:, None]  # decision's logits
             kl = (logp0.exp() * (logp0 - logp)).sum(-1)
             guard = (pos >= start) & (pos != at)
-            kl_sum = kl_sum + (kl * guard).sum()
+            kls.append((kl * guard).sum())
             n_kl += int(guard.sum())
             if side == 1:
                 row = torch.arange(len(batch), device=logp.device)
                 lp = logp[row, at[:, 0], seqs[row, at[:, 0] + 1]]  # the target's token at the decision
-                decide = -lp.mean()
-                last_p = float(lp.detach().exp().mean())
-        kl_mean = kl_sum / max(n_kl, 1)
-        loss = decide + cfg.kl_weight * kl_mean
+        kl_mean = (kls[0] + kls[1]) / max(n_kl, 1)
+        loss = -lp.mean() + cfg.kl_weight * kl_mean
+        last_p = float(lp.detach().exp().mean())
         opt.zero_grad()
         loss.backward()
         opt.step()
