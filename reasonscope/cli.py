@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import typer
 
 from .cli_kit import (
     ErrorGroup,
     choice,
+    dataset_rows,
     dtype_option,
     fail,
     model_geometry,
@@ -26,9 +27,6 @@ from .cli_kit import (
     say,
 )
 from .heads.cli import heads_app
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .traces.record import Trace
 
 PLUGIN_GROUP = "reasonscope.commands"  # entry points: a typer.Typer (a command group) or a function (a command)
 
@@ -121,29 +119,6 @@ def organism_eval(
 
 # ---------------------------------------------------------------------------- traces
 
-DATASETS = {"gsm8k": ("question", "answer"), "math": ("problem", "answer")}
-
-
-def _dataset_rows(dataset: str, n: Optional[int]) -> tuple[str, list[Trace] | None]:
-    """``organism`` or ``<gsm8k|math>:<JSON(L) path or hub id>`` -> (grader, question rows or None)."""
-    if dataset == "organism":
-        return "organism", None
-    kind, _, where = dataset.partition(":")
-    if kind not in DATASETS or not where:
-        fail(f"--dataset {dataset!r}: use 'organism', 'gsm8k:<path|hub id>' or 'math:<path|hub id>'")
-    local = Path(where).expanduser()
-    if (local.suffix in (".json", ".jsonl") or where.startswith((".", "/", "~"))) and not local.is_file():
-        fail(f"--dataset {dataset!r}: {local} is not a file; pass an existing JSON(L) file or a hub id")
-    from .traces.loaders import load_hf_dataset
-
-    q, a = DATASETS[kind]
-    rows = load_hf_dataset(
-        str(local) if local.is_file() else where, question_field=q, answer_field=a, dataset_kind=kind
-    )[:n]
-    if not rows:
-        fail(f"--dataset {dataset!r} holds no problems")
-    return kind, rows
-
 
 @traces_app.command("generate")
 def traces_generate(
@@ -168,7 +143,7 @@ def traces_generate(
         fail(f"--samples {samples} with greedy decoding gives {samples} identical traces; pass --temperature > 0")
     model_dtype = dtype_option(dtype, "--dtype")
     model_geometry(model)
-    grader, rows = _dataset_rows(dataset, n)
+    grader, rows = dataset_rows(dataset, n)
 
     from .models import load_model
     from .traces.generate import GenerationConfig, generate_traces

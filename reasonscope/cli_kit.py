@@ -161,3 +161,34 @@ def read_traces(path: Path, option: str = "--traces") -> list[Trace]:
     if not rows:
         fail(f"{option} {path} holds no traces; generate some with `reasonscope traces generate --out {path}`")
     return rows
+
+
+DATASETS = {"gsm8k": ("question", "answer"), "math": ("problem", "answer")}
+
+
+def dataset_source(dataset: str) -> tuple[str, str | None]:
+    """A checked ``--dataset`` (``organism`` or ``<gsm8k|math>:<JSON(L) path or hub id>``) -> (grader, where),
+    ``where`` None for the organism task; nothing is loaded."""
+    if dataset == "organism":
+        return "organism", None
+    kind, _, where = dataset.partition(":")
+    if kind not in DATASETS or not where:
+        fail(f"--dataset {dataset!r}: use 'organism', 'gsm8k:<path|hub id>' or 'math:<path|hub id>'")
+    local = Path(where).expanduser()
+    if (local.suffix in (".json", ".jsonl") or where.startswith((".", "/", "~"))) and not local.is_file():
+        fail(f"--dataset {dataset!r}: {local} is not a file; pass an existing JSON(L) file or a hub id")
+    return kind, str(local) if local.is_file() else where
+
+
+def dataset_rows(dataset: str, n: int | None = None) -> tuple[str, list[Trace] | None]:
+    """``--dataset`` -> (grader, its first ``n`` question rows, or None for the organism task)."""
+    kind, where = dataset_source(dataset)
+    if where is None:
+        return kind, None
+    from .traces.loaders import load_hf_dataset  # loads `datasets`: only when a dataset is named
+
+    q, a = DATASETS[kind]
+    rows = load_hf_dataset(where, question_field=q, answer_field=a, dataset_kind=kind)[:n]
+    if not rows:
+        fail(f"--dataset {dataset!r} holds no problems")
+    return kind, rows

@@ -6,8 +6,10 @@ pass (the last prompt token at prefill, then each generated token). Strength (§
 a = median ‖J v̂‖, L = 95th percentile of ‖d²/dt² F(h + t v̂)‖ over calibration points, β = 4εL²/a⁴, x the positive
 root of x³ + x² − β = 0, γ_raw = (a/L)x, γ_max = max(0, (1 − Lγ_raw/(4a))·γ_raw), which keeps
 ¼a²γ² + ¼Laγ³ + (1/16)L²γ⁴ ≤ ε (eq. 10); the stored vector is unnormalised, so γ = γ_max/‖v‖.
-Pairs: ``styles`` (the organism task's concise and verbose thinking for the same question) or ``efficiency``
-(Efficiency Steering, arXiv 2506.15647: the shortest vs the longest correct of ``k_samples`` sampled traces).
+Pairs: ``styles`` (the organism task's concise and verbose thinking for the same question), ``efficiency``
+(Efficiency Steering, arXiv 2506.15647: the shortest vs the longest correct of ``k_samples`` sampled traces), or
+any model's own pairs (:func:`read_pairs`); evaluation questions: the organism task's, or any graded set
+(:class:`Question`, e.g. GSM8K or MATH-500 under their graders).
 ``vector="learned"`` replaces the mean difference by :func:`steering.learned.learn_vector` (the pair's first
 differing token under a KL trust region, every candidate layer at once); ``positions="prompt"`` steers the last
 prompt token only (the KL bound is then estimated at the prompts).
@@ -16,9 +18,10 @@ Evaluation generates through :func:`reasonscope.generation.generate` (the same s
 
 from __future__ import annotations
 
+import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -26,7 +29,9 @@ from typing import Any, Literal, get_args
 import torch
 
 from reasonscope.organisms import task
-from reasonscope.organisms.evaluate import EVAL_SEED, EvalConfig, organism_traces, summarize, think_tokens
+from reasonscope.organisms.evaluate import EVAL_SEED, summarize, think_tokens
+from reasonscope.traces import GRADERS, Trace
+from reasonscope.traces.generate import GenerationConfig, generate_traces
 
 from .extract import extract_vector
 from .learned import LEARN_POSITIONS, LearnConfig, LearnPositions, learn_vector
@@ -38,6 +43,8 @@ __all__ = [
     "VECTOR_CHOICES",
     "ASCConfig",
     "GammaRule",
+    "Pair",
+    "Question",
     "asc_gamma_max",
     "asc_pairs",
     "efficiency_pairs",
@@ -45,6 +52,8 @@ __all__ = [
     "evaluate_gammas",
     "kl_bound",
     "kl_gamma",
+    "organism_questions",
+    "read_pairs",
     "run_asc",
     "selection_problems",
 ]
@@ -88,8 +97,11 @@ class ASCConfig:
     seed: int = 0
     max_new_tokens: int = 640
     batch_size: int = 64
+    grader: str = "organism"  # grades the evaluation questions: organism | gsm8k | math
 
     def __post_init__(self) -> None:
+        if self.grader not in GRADERS:
+            raise ValueError(f"grader {self.grader!r} is not one of {', '.join(GRADERS)}")
         if self.layer < 0 or any(x < 0 for x in self.layers):
             raise ValueError(f"layers must be >= 0, got {[self.layer, *self.layers]}")
         if self.extract_at not in EXTRACT_CHOICES:
@@ -247,60 +259,128 @@ def kl_gamma(
 # ---------------------------------------------------------------------------- pairs, evaluation, the run
 
 
-def asc_pairs(handle: Any, problems: Sequence[task.Problem], seed: int = 0) -> tuple[list[str], list[str]]:
-    """(concise, verbose) texts ``chat_prompt(q) ⊕ thinking`` for organism problems, same slips in both."""
-    concise, verbose = [], []
+@dataclass(frozen=True)
+class Pair:
+    """One extraction pair: the prompt (chat-formatted, ending where the thinking begins) and two thinking texts for
+    it, ``concise`` (the direction's target) and ``verbose``."""
+
+    prompt: str
+    concise: str
+    verbose: str
+
+
+@dataclass(frozen=True)
+class Question:
+    """One evaluation question: its chat-formatted prompt, the gold answer, an id and (organisms) its level."""
+
+    prompt: str
+    gold: str
+    id: str = ""
+    level: int | None = None
+
+
+def organism_questions(handle: Any, problems: Sequence[task.Problem]) -> list[Question]:
+    """Organism task problems as evaluation questions."""
+    return [Question(handle.chat_prompt(p.question), str(p.answer), p.uid, p.level) for p in problems]
+
+
+def read_pairs(path: str | Path, chat_prompt: Callable[[str], str]) -> list[Pair]:
+    """Pairs from a JSONL file: one object a line with ``concise`` and ``verbose`` thinking texts and either
+    ``prompt`` (used as is) or ``question`` (formatted by ``chat_prompt``, e.g. ``handle.chat_prompt``)."""
+    path = Path(path)
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg}); write one object a line") from None
+        texts = row.get("concise"), row.get("verbose"), row.get("prompt", row.get("question"))
+        if not isinstance(row, dict) or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise ValueError(
+                f"{path}:{n}: a pair needs non-empty strings 'concise', 'verbose' and 'prompt' or 'question'"
+            )
+        if row["concise"] == row["verbose"]:
+            raise ValueError(f"{path}:{n}: 'concise' equals 'verbose', so the pair holds no difference")
+        prompt = row["prompt"] if "prompt" in row else chat_prompt(row["question"])
+        pairs.append(Pair(prompt, row["concise"], row["verbose"]))
+    if not pairs:
+        raise ValueError(f"{path} holds no pairs; write JSONL rows {{'question', 'concise', 'verbose'}}")
+    return pairs
+
+
+def asc_pairs(handle: Any, problems: Sequence[task.Problem], seed: int = 0) -> list[Pair]:
+    """The organism task's concise and verbose thinking for each problem, with the same slips in both."""
+    out = []
     for i, p in enumerate(problems):
-        prompt = handle.chat_prompt(p.question)
-        concise.append(prompt + task.think(p, random.Random(seed * 1_000_003 + i), "concise").text)
-        verbose.append(prompt + task.think(p, random.Random(seed * 1_000_003 + i), "verbose").text)
-    return concise, verbose
+        concise = task.think(p, random.Random(seed * 1_000_003 + i), "concise").text
+        verbose = task.think(p, random.Random(seed * 1_000_003 + i), "verbose").text
+        out.append(Pair(handle.chat_prompt(p.question), concise, verbose))
+    return out
 
 
-def efficiency_pairs(handle: Any, problems: Sequence[task.Problem], cfg: ASCConfig) -> tuple[list[str], list[str]]:
-    """(shortest, longest) correct of ``cfg.k_samples`` temperature-1 traces per problem, as prompt ⊕ thinking.
+def _traces(handle: Any, questions: Sequence[Question], temperature: float, cfg: ASCConfig, seed: int) -> list[Trace]:
+    gen = GenerationConfig(
+        max_new_tokens=cfg.max_new_tokens, temperature=temperature, batch_size=cfg.batch_size, seed=seed
+    )
+    traces = generate_traces(
+        handle,
+        [q.prompt for q in questions],
+        gen,
+        ids=[q.id or f"q{i}" for i, q in enumerate(questions)],
+        golds=[q.gold for q in questions],
+        grader=cfg.grader,
+        source="organism" if cfg.grader == "organism" else handle.source,
+        min_chars=0,
+    )
+    for t, q in zip(traces, questions):
+        if q.level is not None:
+            t.meta["level"] = q.level
+    return traces
 
-    Problems with fewer than two correct samples of different lengths are skipped.
+
+def efficiency_pairs(handle: Any, questions: Sequence[Question], cfg: ASCConfig) -> list[Pair]:
+    """The shortest and the longest correct of ``cfg.k_samples`` temperature-1 traces per question.
+
+    Questions with fewer than two correct samples of different lengths are skipped.
     """
     k = cfg.k_samples
-    ecfg = EvalConfig(n_problems=len(problems), batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
-    traces = organism_traces(handle, [p for p in problems for _ in range(k)], 1.0, ecfg, seed=cfg.seed + 1)
-    short, long = [], []
-    for i in range(len(problems)):
+    traces = _traces(handle, [q for q in questions for _ in range(k)], 1.0, cfg, seed=cfg.seed + 1)
+    out = []
+    for i in range(len(questions)):
         ok = [t for t in traces[i * k : (i + 1) * k] if t.grade and t.think_span]
         if len(ok) < 2:
             continue
         a, b = min(ok, key=think_tokens), max(ok, key=think_tokens)
         if think_tokens(a) < think_tokens(b):
-            short.append(a.prompt + a.thinking)
-            long.append(b.prompt + b.thinking)
-    if not short:
+            out.append(Pair(a.prompt, a.thinking, b.thinking))
+    if not out:
         raise ValueError(
-            f"no problem had two correct samples of different lengths among {k}; raise k_samples or n_pairs"
+            f"no question had two correct samples of different lengths among {k}; raise k_samples or n_pairs"
         )
-    return short, long
+    return out
 
 
 def evaluate_gammas(
     handle: Any,
     vec: SteeringVector,
     gammas: Sequence[float],
-    problems: Sequence[task.Problem],
+    questions: Sequence[Question],
     cfg: ASCConfig,
     layer: int | Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Accuracy and thinking tokens of ``handle`` at each γ through the generation engine, steering at
     ``cfg.positions`` (``layer``: only that one, or those together; None: all of the vector's).
 
-    Every γ samples with the same seed, so problem i draws the same random stream at each γ (paired comparison).
+    Every γ samples with the same seed, so question i draws the same random stream at each γ (paired comparison).
     """
-    ecfg = EvalConfig(n_problems=len(problems), batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
     layers = None if layer is None else _layers(layer)
     where: dict[str, Any] = {"layer": layer} if isinstance(layer, int) else {"layers": list(layers)} if layers else {}
     out = []
     for g in gammas:
         with vec.apply(handle, gamma=g, layers=layers, positions=cfg.positions):
-            traces = organism_traces(handle, list(problems), cfg.temperature, ecfg, seed=cfg.seed)
+            traces = _traces(handle, questions, cfg.temperature, cfg, seed=cfg.seed)
         out.append({"gamma": g, **where, **summarize(traces)})
     return out
 
@@ -316,6 +396,37 @@ def selection_problems(n: int, exclude: Sequence[task.Problem]) -> list[task.Pro
     return out
 
 
+def _splits(
+    handle: Any, cfg: ASCConfig, questions: Sequence[Question] | None
+) -> tuple[list[Question], list[Question], list[Question], dict[str, Any]]:
+    """(selection, test, efficiency-pair) questions and how they were split: the organism streams, or the rows of
+    ``questions`` in order (selection first, then test, then the efficiency pairs' questions)."""
+    n_select = cfg.n_eval if cfg.n_select is None else cfg.n_select
+    if questions is None:
+        test_p = task.problems(cfg.n_eval, EVAL_SEED)
+        select = organism_questions(handle, selection_problems(n_select, test_p))
+        pool = organism_questions(handle, task.problems(cfg.n_pairs, cfg.seed))
+        split: dict[str, Any] = {
+            "test": {"n": cfg.n_eval, "seed": EVAL_SEED},
+            "select": {"n": n_select, "seed": SELECT_SEED},
+        }
+        return select, organism_questions(handle, test_p), pool, split
+    need = n_select + cfg.n_eval
+    if len(questions) < need:
+        raise ValueError(
+            f"{len(questions)} questions: the selection split takes the first {n_select} and the test the next "
+            f"{cfg.n_eval}; pass at least {need} or lower n_select / n_eval"
+        )
+    pool = list(questions[need : need + cfg.n_pairs])
+    if cfg.pairs == "efficiency" and not pool:
+        raise ValueError(
+            f"efficiency pairs sample questions after the first {need} (selection and test), and there are none; "
+            "pass more questions or lower n_select / n_eval"
+        )
+    split = {"select": {"n": n_select, "rows": [0, n_select]}, "test": {"n": cfg.n_eval, "rows": [n_select, need]}}
+    return list(questions[:n_select]), list(questions[n_select:need]), pool, split
+
+
 def _best(rows: list[dict[str, Any]], baseline: dict[str, Any], max_drop: float) -> dict[str, Any] | None:
     """The sweep row with the fewest thinking tokens that is shorter than the baseline within the accuracy loss."""
     floor = baseline["accuracy"] - max_drop - 1e-12
@@ -323,25 +434,15 @@ def _best(rows: list[dict[str, Any]], baseline: dict[str, Any], max_drop: float)
     return min(ok, key=lambda r: r["mean_think_tokens"]) if ok else None
 
 
-def _split(handle: Any, texts: Sequence[str]) -> list[tuple[str, str]]:
-    """``prompt ⊕ thinking`` texts as (prompt through ``<think>``, thinking ⊕ ``</think>``)."""
-    cut = [t.index(handle.think_start) + len(handle.think_start) for t in texts]
-    return [(t[:i], t[i:] + handle.think_end) for t, i in zip(texts, cut)]
-
-
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
     keys = ("layer", "layers", "gamma", "accuracy", "mean_think_tokens", "truncated_fraction")
     return {k: r[k] for k in keys if k in r}
 
 
-def _first_token_texts(handle: Any, prompts: Sequence[str], texts: Sequence[str]) -> list[str]:
-    """``prompt ⊕`` the first token of each CoT (``texts[i]`` starts with ``prompts[i]``)."""
-    tok = handle.tokenizer
-    out = []
-    for prompt, text in zip(prompts, texts):
-        ids = tok(text[len(prompt) :], add_special_tokens=False)["input_ids"]
-        out.append(prompt + tok.decode(ids[:1]))
-    return out
+def _first_token(handle: Any, text: str) -> str:
+    """The first token of ``text``, decoded."""
+    ids = handle.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return handle.tokenizer.decode(ids[:1])
 
 
 def _reduction(row: dict[str, Any], baseline: dict[str, Any]) -> float:
@@ -349,42 +450,59 @@ def _reduction(row: dict[str, Any], baseline: dict[str, Any]) -> float:
     return round(1 - row["mean_think_tokens"] / base, 4) if base else 0.0
 
 
-def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
-    """Extract the concise − verbose vector, choose layer and γ on a selection split, evaluate on held-out problems.
+def run_asc(
+    handle: Any,
+    cfg: ASCConfig,
+    out: str | Path | None = None,
+    progress: bool = False,
+    *,
+    pairs: Sequence[Pair] | None = None,
+    questions: Sequence[Question] | None = None,
+) -> dict[str, Any]:
+    """Extract the concise − verbose vector, choose layer and γ on a selection split, evaluate on held-out questions.
 
-    The fixed-γ sweep (every candidate layer x ``cfg.sweep``) runs on ``cfg.n_select`` problems of the selection
-    stream; the test problems (``cfg.n_eval`` from EVAL_SEED, disjoint) are generated only at γ = 0, the KL-bound
-    γ and the selected γ. ``cfg.vector = "learned"`` learns one vector over all candidate layers together
-    (:func:`steering.learned.learn_vector` on the pairs split at ``<think>``), so the sweep chooses γ only. Writes
-    the artifact at ``out``. Returns the report (``gamma``, ``gamma_rule``, ``baseline``, ``steered``,
-    ``length_reduction``, ``sweep``, ``kl_bound``, ...).
+    ``pairs``: the extraction pairs (e.g. :func:`read_pairs`; None: ``cfg.pairs`` of the organism task, or the
+    efficiency pairs sampled on ``questions``). ``questions`` (graded by ``cfg.grader``): the first ``n_select``
+    are the selection split, the next ``n_eval`` the test, the rest feed efficiency pairs; None: the organism task
+    (selection stream SELECT_SEED, test EVAL_SEED, disjoint). The fixed-γ sweep (every candidate layer x
+    ``cfg.sweep``) runs on the selection split; the test questions are generated only at γ = 0, the KL-bound γ
+    and the selected γ. ``cfg.vector = "learned"`` learns one vector over all candidate layers together
+    (:func:`steering.learned.learn_vector`), so the sweep chooses γ only. Writes the artifact at ``out``. Returns
+    the report (``gamma``, ``gamma_rule``, ``baseline``, ``steered``, ``length_reduction``, ``sweep``,
+    ``kl_bound``, ...).
     """
     g = handle.geometry
     candidates = tuple(dict.fromkeys(cfg.layers or (cfg.layer,)))
     for layer in candidates:
         if layer >= g.n_layers:
             raise ValueError(f"layer {layer} does not exist in {handle.source} (layers 0..{g.n_layers - 1})")
-    pair_problems = task.problems(cfg.n_pairs, cfg.seed)
-    if cfg.pairs == "styles":
-        concise, verbose = asc_pairs(handle, pair_problems, cfg.seed)
-    else:
-        concise, verbose = efficiency_pairs(handle, pair_problems, cfg)
-    read_c, read_v = concise, verbose
+    if questions is None and cfg.grader != "organism":
+        raise ValueError(f"grader {cfg.grader!r} grades given questions; the default ones are the organism task's")
+    select, test, pool, split = _splits(handle, cfg, questions)
+    if pairs is None:
+        if cfg.pairs == "styles":
+            pairs = asc_pairs(handle, task.problems(cfg.n_pairs, cfg.seed), cfg.seed)
+        else:
+            pairs = efficiency_pairs(handle, pool, cfg)
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("no pairs given; pass concise/verbose pairs (read_pairs) or leave pairs=None")
+    prompts = [p.prompt for p in pairs]
     if cfg.extract_at == "start":
-        prompts = [t[: t.index(handle.think_start) + len(handle.think_start)] for t in concise]
-        prompts_v = [t[: t.index(handle.think_start) + len(handle.think_start)] for t in verbose]
-        read_c = _first_token_texts(handle, prompts, concise)
-        read_v = _first_token_texts(handle, prompts_v, verbose)
+        read_c = [p.prompt + _first_token(handle, p.concise) for p in pairs]
+        read_v = [p.prompt + _first_token(handle, p.verbose) for p in pairs]
+    else:
+        read_c = [p.prompt + p.concise for p in pairs]
+        read_v = [p.prompt + p.verbose for p in pairs]
     paper = "ASC arXiv 2507.04742 v2" if cfg.pairs == "styles" else "Efficiency Steering arXiv 2506.15647"
     if cfg.vector == "learned":
         paper += "; vector learned under a KL trust region (ASC, ACL 2026 Findings, in spirit)"
-    recipe = {"paper": paper, "n_pairs_used": len(concise), **asdict(cfg)}
+    recipe = {"paper": paper, "n_pairs_used": len(pairs), **asdict(cfg)}
     choices: list[int | tuple[int, ...]]  # what the sweep chooses among: one block, or the learned blocks together
-    split_c = _split(handle, concise)
-    prompts = [p for p, _ in split_c]
     if cfg.vector == "learned":
         learn = LearnConfig(steps=cfg.learn_steps, kl_weight=cfg.kl_weight, positions=cfg.positions, seed=cfg.seed)
-        targets, sources = [c for _, c in split_c], [c for _, c in _split(handle, verbose)]
+        targets = [p.concise + handle.think_end for p in pairs]
+        sources = [p.verbose + handle.think_end for p in pairs]
         vec = learn_vector(handle, prompts, targets, sources, candidates, learn, recipe)
         choices = [candidates[0] if len(candidates) == 1 else candidates]
     else:
@@ -396,8 +514,6 @@ def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress
         calib = [t for pair in zip(read_c, read_v) for t in pair][: cfg.n_calibration]
     kls = {c: kl_gamma(handle, vec, calib, c, cfg.epsilon) for c in choices}
 
-    test = task.problems(cfg.n_eval, EVAL_SEED)
-    select = selection_problems(cfg.n_eval if cfg.n_select is None else cfg.n_select, test)
     select_base = evaluate_gammas(handle, vec, [0.0], select, cfg, choices[0])[0]
     sweeps = {c: evaluate_gammas(handle, vec, list(cfg.sweep), select, cfg, c) for c in choices}
     sweep = [row for rows in sweeps.values() for row in rows]
@@ -430,7 +546,7 @@ def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress
         "steered": chosen,
         "length_reduction": _reduction(chosen, baseline),
         "accuracy_change": round(chosen["accuracy"] - baseline["accuracy"], 4),
-        "split": {"test": {"n": len(test), "seed": EVAL_SEED}, "select": {"n": len(select), "seed": SELECT_SEED}},
+        "split": split,
         "select_baseline": _brief(select_base),
         "sweep": [_brief(r) for r in sweep],
         "kl_gamma_by_layer": {",".join(map(str, _layers(c))): kls[c]["gamma"] for c in choices},
@@ -444,7 +560,8 @@ def run_asc(handle: Any, cfg: ASCConfig, out: str | Path | None = None, progress
         "L": kl["L"],
         "kl_gamma": kl["gamma"],
         "sweep": list(cfg.sweep),
-        "selected_on": f"{len(select)} problems, seed {SELECT_SEED}",
+        "selected_on": f"{len(select)} questions, "
+        + (f"seed {SELECT_SEED}" if questions is None else f"rows {split['select']['rows']} of the given questions"),
     }
     vec = SteeringVector(torch.stack([vec.direction(x) for x in layers]), replace(vec.meta, layers=layers))
     vec = vec.with_gamma(chosen["gamma"], rule, detail)

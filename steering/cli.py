@@ -38,6 +38,13 @@ def _layer_list(text: str) -> tuple[int, ...]:
 def asc_cmd(
     model: str = typer.Option("organism:thinking", help="The thinking model (organism:thinking or a directory)."),
     out: Path = typer.Option(..., help="Write the steering_vector artifact (with report.json) here."),
+    pairs_file: Optional[Path] = typer.Option(
+        None, help="Your model's pairs: JSONL rows {question | prompt, concise, verbose} (thinking texts)."
+    ),
+    dataset: str = typer.Option(
+        "organism", help="Questions: 'organism', 'gsm8k:<path>' or 'math:<path>' (selection rows, then test rows)."
+    ),
+    dtype: str = typer.Option("float32", help="Compute dtype of the model: float32 | bfloat16 | float16 (or alias)."),
     layer: int = typer.Option(2, min=0, help="Block whose output is read and steered."),
     layers: str = typer.Option("", help="Candidate blocks, comma-separated: chosen with γ on the selection split."),
     reduce: str = typer.Option("last", help="Extraction position: last (ASC) | mean (over the text)."),
@@ -46,8 +53,10 @@ def asc_cmd(
     positions: str = typer.Option("last", help="last (every forward pass, ASC) | prompt (its last token only)."),
     learn_steps: int = typer.Option(150, min=1, help="learned: optimisation steps."),
     kl_weight: float = typer.Option(30.0, min=0.0, help="learned: weight of the KL trust region."),
-    n_pairs: int = typer.Option(64, min=1, help="Questions for the concise/verbose pairs."),
-    pairs: str = typer.Option("styles", help="styles (concise vs verbose) | efficiency (shortest vs longest correct)."),
+    n_pairs: int = typer.Option(64, min=1, help="Questions for generated pairs (styles, efficiency)."),
+    pairs: str = typer.Option(
+        "styles", help="styles (the organism's concise vs verbose) | efficiency (shortest vs longest correct)."
+    ),
     k_samples: int = typer.Option(4, min=2, help="efficiency pairs: samples per question."),
     epsilon: float = typer.Option(1e-3, help="KL budget of the strength rule."),
     sweep: str = typer.Option("0.5,1,2,4", help="Fixed strengths to evaluate, comma-separated."),
@@ -60,11 +69,19 @@ def asc_cmd(
     batch_size: int = typer.Option(64, min=1),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Extract the concise − verbose vector, choose γ (KL bound, sweep) and report length and accuracy vs γ."""
-    from .asc import EXTRACT_CHOICES, GAMMA_CHOICES, PAIR_CHOICES, VECTOR_CHOICES, ASCConfig, run_asc
+    """Extract the concise − verbose vector, choose γ (KL bound, sweep) and report length and accuracy vs γ.
+
+    On the organisms by default; on any model with --pairs-file (its concise and verbose thinking) or --pairs
+    efficiency, and --dataset (the first --n-select rows choose γ, the next --n-eval test it).
+    """
+    from reasonscope.cli_kit import dataset_rows, dataset_source, dtype_option
+
+    from .asc import EXTRACT_CHOICES, GAMMA_CHOICES, PAIR_CHOICES, VECTOR_CHOICES, ASCConfig, read_pairs, run_asc
     from .learned import LEARN_POSITIONS
 
     fresh_out(out)
+    model_dtype = dtype_option(dtype, "--dtype")
+    grader, dataset_at = dataset_source(dataset)
     cfg = ASCConfig(
         layer=layer,
         layers=_layer_list(layers),
@@ -86,15 +103,38 @@ def asc_cmd(
         seed=seed,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        grader=grader,
     )
+    if pairs_file is not None:
+        if not pairs_file.is_file():
+            fail(f"--pairs-file {pairs_file} is not a file; write JSONL rows {{question, concise, verbose}}")
+        read_pairs(pairs_file, str)  # checks every row before the model loads
     g = model_geometry(model)
     for x in cfg.layers or (layer,):
         if x >= g.n_layers:
             where = f"--layers {layers}: layer {x}" if cfg.layers else f"--layer {x}"
             fail(f"{where} does not exist in {model} (layers 0..{g.n_layers - 1})")
+    if not model.startswith("organism:"):
+        if dataset_at is None:
+            fail(f"--model {model}: the default questions are the organism task's; pass --dataset gsm8k:<path>")
+        if pairs_file is None and cfg.pairs == "styles":
+            fail(
+                f"--model {model}: styles pairs are the organism task's; pass --pairs-file with your model's "
+                "concise and verbose thinking, or --pairs efficiency"
+            )
+    _, rows = dataset_rows(dataset, n_select + n_eval + (n_pairs if cfg.pairs == "efficiency" else 0))
+    if rows is not None and len(rows) < n_select + n_eval:
+        fail(f"--dataset {dataset!r} has {len(rows)} rows, fewer than --n-select {n_select} + --n-eval {n_eval}")
     from reasonscope.models import load_model
 
-    emit(run_asc(load_model(model), cfg, out), as_json)
+    from .asc import Question
+
+    handle = load_model(model, dtype=model_dtype)
+    pairs_given = None if pairs_file is None else read_pairs(pairs_file, lambda q: handle.chat_prompt(q, thinking=True))
+    questions = None
+    if rows is not None:
+        questions = [Question(handle.chat_prompt(t.prompt, thinking=True), str(t.gold), t.id) for t in rows]
+    emit(run_asc(handle, cfg, out, pairs=pairs_given, questions=questions), as_json)
 
 
 @steer_app.command("hybrid")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -15,17 +16,23 @@ from reasonscope.organisms.evaluate import EVAL_SEED
 from steering.asc import (
     SELECT_SEED,
     ASCConfig,
+    Pair,
+    Question,
     _best,
     _cubic_root,
-    _first_token_texts,
+    _first_token,
     asc_gamma_max,
+    asc_pairs,
     efficiency_pairs,
     estimate_a_l,
     kl_bound,
     kl_gamma,
+    organism_questions,
+    read_pairs,
     run_asc,
     selection_problems,
 )
+from steering.extract import extract_vector
 from steering.vector import SteeringVector, VectorMeta
 
 from conftest import organisms
@@ -152,13 +159,93 @@ def test_selection_split_is_disjoint_from_the_test_problems():
 
 
 def test_start_extraction_reads_the_first_cot_token(tiny_handle):
-    prompts = ["d=2. what is d?", "e=1. what is e?"]
-    texts = [prompts[0] + " first d2.", prompts[1] + " let me see"]
     tok = tiny_handle.tokenizer
-    got = _first_token_texts(tiny_handle, prompts, texts)
-    for p, t, g in zip(prompts, texts, got):
-        first = tok(t[len(p) :], add_special_tokens=False)["input_ids"][:1]
-        assert g == p + tok.decode(first) and t.startswith(g)
+    for text in (" first d2.", "let me see"):
+        got = _first_token(tiny_handle, text)
+        assert got == tok.decode(tok(text, add_special_tokens=False)["input_ids"][:1]) and text.startswith(got)
+
+
+def test_read_pairs_takes_prompts_or_questions_and_names_the_bad_line(tmp_path):
+    good = tmp_path / "pairs.jsonl"
+    rows = [
+        {"question": "what is 2+2?", "concise": "2+2=4.", "verbose": "let me add: 2+2=4. yes."},
+        {"prompt": "<p>what is 3+1?<think>", "concise": "3+1=4.", "verbose": "three plus one: 4."},
+    ]
+    good.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    got = read_pairs(good, lambda q: f"<u>{q}<think>")
+    assert got == [
+        Pair("<u>what is 2+2?<think>", "2+2=4.", "let me add: 2+2=4. yes."),
+        Pair("<p>what is 3+1?<think>", "3+1=4.", "three plus one: 4."),
+    ]
+    cases = {
+        '{"question": "q", "concise": "a"}\n': "pairs.jsonl:1: a pair needs",
+        '{"question": "q", "concise": "a", "verbose": "b"}\nnot json\n': "pairs.jsonl:2: not JSON",
+        '{"question": "q", "concise": "a", "verbose": "a"}\n': "pairs.jsonl:1: 'concise' equals 'verbose'",
+        '{"question": "q", "concise": " ", "verbose": "b"}\n': "pairs.jsonl:1: a pair needs",
+        "\n": "holds no pairs",
+    }
+    for text, message in cases.items():
+        good.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            read_pairs(good, str)
+
+
+def _pairs_and_questions(h) -> tuple[list[Pair], list[Question]]:
+    pairs = [
+        Pair(h.chat_prompt(f"what is {i}+1?"), f"{i}+1={i + 1}.", f"let me add one to {i}: {i}+1={i + 1}. yes.")
+        for i in range(6)
+    ]
+    questions = [Question(h.chat_prompt(f"what is {i}+2?"), str(i + 2), f"q{i}") for i in range(9)]
+    return pairs, questions
+
+
+def test_asc_runs_on_given_pairs_and_questions(tmp_path, tiny_handle, monkeypatch):
+    """Any model's ASC: the vector is the pairs' mean difference; the first n_select questions choose γ, the next
+    n_eval test it, graded by cfg.grader."""
+    import steering.asc as asc
+
+    h = tiny_handle
+    pairs, questions = _pairs_and_questions(h)
+    calls: list[tuple[list[str], str | None]] = []
+    real = asc.generate_traces
+
+    def spy(handle, prompts, cfg, **kw):
+        calls.append((list(prompts), kw["grader"]))
+        return real(handle, prompts, cfg, **kw)
+
+    monkeypatch.setattr(asc, "generate_traces", spy)
+    cfg = ASCConfig(
+        layers=(0, 1), n_select=3, n_eval=4, n_calibration=4, sweep=(0.5,), max_new_tokens=6, grader="gsm8k"
+    )
+    report = run_asc(h, cfg, tmp_path / "asc", pairs=pairs, questions=questions)
+    assert report["split"] == {"select": {"n": 3, "rows": [0, 3]}, "test": {"n": 4, "rows": [3, 7]}}
+    select, test = [q.prompt for q in questions[:3]], [q.prompt for q in questions[3:7]]
+    seen = [prompts for prompts, _ in calls]  # selection: γ 0, then the sweep at each layer; test: γ 0, KL, best
+    assert seen[:3] == [select] * 3 and seen[3:] == [test] * (len(seen) - 3) and len(seen) in (5, 6)
+    assert {grader for _, grader in calls} == {"gsm8k"}
+    assert report["baseline"]["n"] == 4 and "accuracy_by_difficulty" not in report["baseline"]
+    vec = SteeringVector.open(tmp_path / "asc")
+    texts_c, texts_v = [p.prompt + p.concise for p in pairs], [p.prompt + p.verbose for p in pairs]
+    want = extract_vector(h, texts_c, texts_v, [0, 1], "last", "mean_diff", "last", {})
+    layer = report["layers"][0]
+    torch.testing.assert_close(vec.direction(layer), want.direction(layer))
+    assert vec.meta.recipe["n_pairs_used"] == 6 and "rows [0, 3]" in vec.meta.gamma_detail["selected_on"]
+
+
+def test_asc_refuses_too_few_questions_and_an_unusable_grader(tiny_handle):
+    h = tiny_handle
+    pairs, questions = _pairs_and_questions(h)
+    cfg = ASCConfig(layers=(0,), n_select=5, n_eval=5, sweep=(0.5,), max_new_tokens=4)
+    with pytest.raises(ValueError, match="pass at least 10"):
+        run_asc(h, cfg, pairs=pairs, questions=questions)
+    with pytest.raises(ValueError, match="grader 'gsm8k' grades given questions"):
+        run_asc(h, ASCConfig(layer=0, grader="gsm8k"), pairs=pairs)
+    with pytest.raises(ValueError, match="efficiency pairs sample questions after the first 9"):
+        run_asc(h, ASCConfig(layer=0, pairs="efficiency", n_select=4, n_eval=5), questions=questions)
+    with pytest.raises(ValueError, match="no pairs given"):
+        run_asc(h, ASCConfig(layer=0, n_select=3, n_eval=4), pairs=[], questions=questions)
+    with pytest.raises(ValueError, match="grader"):
+        ASCConfig(grader="exact")
 
 
 @organisms
@@ -220,6 +307,21 @@ def test_learned_asc_at_the_prompt_flips_the_style_on_the_thinking_organism(tmp_
 def test_efficiency_pairs_are_shortest_and_longest_correct():
     h = load_model("organism:thinking")
     cfg = ASCConfig(pairs="efficiency", k_samples=4, max_new_tokens=200, batch_size=32)
-    short, long = efficiency_pairs(h, task.problems(8, 0, levels=(2, 3)), cfg)
-    assert short and len(short) == len(long)
-    assert all(len(h.tokenizer(a)["input_ids"]) < len(h.tokenizer(b)["input_ids"]) for a, b in zip(short, long))
+    pairs = efficiency_pairs(h, organism_questions(h, task.problems(8, 0, levels=(2, 3))), cfg)
+    assert pairs
+    tok = h.tokenizer
+    assert all(len(tok(p.concise)["input_ids"]) < len(tok(p.verbose)["input_ids"]) for p in pairs)
+
+
+@organisms
+def test_organism_pairs_and_questions_given_explicitly_give_the_default_run(tmp_path):
+    """run_asc's defaults are the organism task's pairs and splits: passing them in changes only the split's
+    description."""
+    h = load_model("organism:thinking")
+    cfg = ASCConfig(layer=2, n_pairs=8, n_calibration=8, sweep=(0.5,), n_eval=8, n_select=8, max_new_tokens=160)
+    default = run_asc(h, cfg)
+    test = task.problems(8, EVAL_SEED)
+    questions = organism_questions(h, selection_problems(8, test) + test)
+    given = run_asc(h, cfg, pairs=asc_pairs(h, task.problems(8, 0)), questions=questions)
+    assert default.pop("split") != given.pop("split")
+    assert default == given

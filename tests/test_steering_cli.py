@@ -12,7 +12,7 @@ from reasonscope.cli import app  # mounts `steer` and `export` through their ent
 from steering.export import read_gguf
 from steering.vector import SteeringVector, VectorMeta
 
-from conftest import organisms
+from conftest import organisms, shared_data
 
 runner = CliRunner()
 
@@ -90,6 +90,49 @@ def test_apply_and_asc_validate_before_loading(tmp_path, tiny_model_dir, tiny_ha
     user_error(runner.invoke(app, [*asc, "--positions", "all"]), "--positions")
     user_error(runner.invoke(app, [*asc, "--vector", "learned", "--extract-at", "start"]), "extract_at")
     assert not (tmp_path / "asc").exists()
+
+
+def _pairs_file(tmp_path) -> str:
+    rows = [
+        {"question": f"what is {i}+1?", "concise": f"{i}+1={i + 1}.", "verbose": f"let me see. {i}+1={i + 1}. yes."}
+        for i in range(4)
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_asc_on_any_model_needs_its_pairs_and_questions(tmp_path, tiny_model_dir):
+    """A model that is not an organism gets no organism questions or pairs by default: the command says what to
+    pass, before the model loads; bad pair files name the line."""
+    gsm8k = f"gsm8k:{shared_data('gsm8k/test.jsonl')}"
+    asc = ["steer", "asc", "--model", str(tiny_model_dir), "--out", str(tmp_path / "asc"), "--layer", "0"]
+    user_error(runner.invoke(app, asc), "the default questions are the organism task's", "--dataset")
+    user_error(runner.invoke(app, [*asc, "--dataset", gsm8k]), "--pairs-file")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "concise": "a", "verbose": "b"}\n{"question": "q"}\n')
+    user_error(runner.invoke(app, [*asc, "--dataset", gsm8k, "--pairs-file", str(bad)]), "bad.jsonl:2")
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"question": "what is 1+1?", "answer": "#### 2"}\n')
+    args = [*asc, "--dataset", f"gsm8k:{few}", "--pairs-file", _pairs_file(tmp_path)]
+    user_error(runner.invoke(app, args), "has 1 rows", "--n-select")
+    user_error(runner.invoke(app, [*asc, "--dataset", "gsm8k:/no/such.jsonl"]), "is not a file")
+    user_error(runner.invoke(app, [*asc, "--dtype", "int3"]), "--dtype")
+    assert not (tmp_path / "asc").exists()
+
+
+def test_steer_asc_on_gsm8k_with_a_pairs_file(tmp_path, tiny_model_dir):
+    gsm8k = shared_data("gsm8k/test.jsonl")
+    args = ["steer", "asc", "--model", str(tiny_model_dir), "--out", str(tmp_path / "asc"), "--layers", "0,1"]
+    args += ["--pairs-file", _pairs_file(tmp_path), "--dataset", f"gsm8k:{gsm8k}", "--n-select", "2"]
+    args += ["--n-eval", "3", "--sweep", "0.5", "--max-new-tokens", "4", "--json"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["split"] == {"select": {"n": 2, "rows": [0, 2]}, "test": {"n": 3, "rows": [2, 5]}}
+    assert out["config"]["grader"] == "gsm8k" and out["baseline"]["n"] == 3
+    vec = SteeringVector.open(tmp_path / "asc")
+    assert vec.meta.recipe["n_pairs_used"] == 4 and vec.layers == tuple(out["layers"])
 
 
 @organisms

@@ -105,12 +105,14 @@ def think_tokens(t: Trace) -> int:
 
 
 def summarize(traces: list[Trace]) -> dict:
+    """Accuracy, mean thinking tokens and the truncated share; by difficulty too when traces carry a ``level``."""
     by_level: dict[int, list[bool]] = defaultdict(list)
     tokens_by_level: dict[int, list[int]] = defaultdict(list)
     for t in traces:
-        by_level[t.meta["level"]].append(bool(t.grade))
-        tokens_by_level[t.meta["level"]].append(think_tokens(t))
-    return {
+        if "level" in t.meta:
+            by_level[t.meta["level"]].append(bool(t.grade))
+            tokens_by_level[t.meta["level"]].append(think_tokens(t))
+    out: dict[str, Any] = {
         "n": len(traces),
         "accuracy": round(mean(bool(t.grade) for t in traces), 4),
         "accuracy_by_difficulty": {str(k): round(mean(v), 4) for k, v in sorted(by_level.items())},
@@ -118,6 +120,9 @@ def summarize(traces: list[Trace]) -> dict:
         "mean_think_tokens_by_difficulty": {str(k): round(mean(v), 2) for k, v in sorted(tokens_by_level.items())},
         "truncated_fraction": round(mean(t.truncated for t in traces), 4),
     }
+    if not by_level:
+        del out["accuracy_by_difficulty"], out["mean_think_tokens_by_difficulty"]
+    return out
 
 
 def style_summary(traces: list[Trace]) -> dict:

@@ -173,7 +173,13 @@ def load_hf_dataset(
     grader = get_grader(dataset_kind)
     path = Path(name_or_path)
     if path.suffix in (".json", ".jsonl") and path.exists():
-        ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a local file: nothing to download, no bar
+        try:
+            ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
         stem = path.parent.name or path.stem
     else:
         ds = datasets.load_dataset(str(name_or_path), split=split)
