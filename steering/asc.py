@@ -45,6 +45,7 @@ __all__ = [
     "GammaRule",
     "Pair",
     "Question",
+    "answer_questions",
     "asc_gamma_max",
     "asc_pairs",
     "efficiency_pairs",
@@ -320,24 +321,35 @@ def asc_pairs(handle: Any, problems: Sequence[task.Problem], seed: int = 0) -> l
     return out
 
 
-def _traces(handle: Any, questions: Sequence[Question], temperature: float, cfg: ASCConfig, seed: int) -> list[Trace]:
-    gen = GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens, temperature=temperature, batch_size=cfg.batch_size, seed=seed
-    )
+def answer_questions(
+    handle: Any,
+    questions: Sequence[Question],
+    grader: str,
+    temperature: float = 1.0,
+    seed: int = 0,
+    max_new_tokens: int = 640,
+    batch_size: int = 64,
+) -> list[Trace]:
+    """Generate one graded trace per question through the generation engine (levels kept in ``meta``)."""
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
     traces = generate_traces(
         handle,
         [q.prompt for q in questions],
         gen,
         ids=[q.id or f"q{i}" for i, q in enumerate(questions)],
         golds=[q.gold for q in questions],
-        grader=cfg.grader,
-        source="organism" if cfg.grader == "organism" else handle.source,
+        grader=grader,
+        source="organism" if grader == "organism" else handle.source,
         min_chars=0,
     )
     for t, q in zip(traces, questions):
         if q.level is not None:
             t.meta["level"] = q.level
     return traces
+
+
+def _traces(handle: Any, questions: Sequence[Question], temperature: float, cfg: ASCConfig, seed: int) -> list[Trace]:
+    return answer_questions(handle, questions, cfg.grader, temperature, seed, cfg.max_new_tokens, cfg.batch_size)
 
 
 def efficiency_pairs(handle: Any, questions: Sequence[Question], cfg: ASCConfig) -> list[Pair]:

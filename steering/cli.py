@@ -201,7 +201,11 @@ def apply_cmd(
     vector: Path = typer.Option(..., "--vector", help="A steering_vector directory or an importable vector file."),
     model: str = typer.Option(..., help="Model to steer (local directory, hub id or organism:thinking|base)."),
     prompt: list[str] = typer.Option([], help="Question(s), formatted with the chat template (repeatable)."),
-    n: int = typer.Option(0, min=0, help="Also steer this many held-out organism problems (graded)."),
+    n: int = typer.Option(0, min=0, help="Also steer this many graded questions (see --dataset)."),
+    dataset: str = typer.Option(
+        "organism", help="--n's questions: 'organism', or the first rows of 'gsm8k:<path>' or 'math:<path>'."
+    ),
+    dtype: str = typer.Option("float32", help="Compute dtype of the model: float32 | bfloat16 | float16 (or alias)."),
     gamma: Optional[float] = typer.Option(None, help="Strength (default: the vector's)."),
     positions: Optional[str] = typer.Option(None, help="last | all | generated | prompt (default: the vector's)."),
     layer: Optional[int] = typer.Option(None, help="Steer only this layer of the vector."),
@@ -212,9 +216,13 @@ def apply_cmd(
 ) -> None:
     """Generate with and without the vector; print the texts (and, with --n, accuracy and thinking tokens)."""
     if not prompt and n == 0:
-        fail("nothing to generate: give --prompt TEXT (repeatable) or --n N organism problems")
+        fail("nothing to generate: give --prompt TEXT (repeatable) or --n N graded questions")
+    from reasonscope.cli_kit import dataset_rows, dataset_source, dtype_option
+
     from .vector import POSITIONS
 
+    model_dtype = dtype_option(dtype, "--dtype")
+    grader, dataset_at = dataset_source(dataset)
     rule = None if positions is None else choice(positions, POSITIONS, "--positions")
     vec = _vector(vector, "--vector", layer, key)
     g = model_geometry(model)
@@ -223,10 +231,13 @@ def apply_cmd(
             f"--vector {vector} (width {vec.meta.d_model}, layers {list(vec.layers)}) does not fit {model} "
             f"(d_model {g.d_model}, layers 0..{g.n_layers - 1}); use a vector extracted from this model"
         )
+    if n and dataset_at is None and not model.startswith("organism:"):
+        fail(f"--model {model}: --n's default questions are the organism task's; pass --dataset gsm8k:<path>")
+    rows = dataset_rows(dataset, n)[1] if n else None
     from reasonscope.generation import DecodeConfig, generate
     from reasonscope.models import load_model
 
-    h = load_model(model)
+    h = load_model(model, dtype=model_dtype)
     vec.check_model(h)
     report: dict[str, Any] = {
         "gamma": vec.meta.gamma if gamma is None else gamma,
@@ -245,13 +256,17 @@ def apply_cmd(
         ]
     if n:
         from reasonscope.organisms import task
-        from reasonscope.organisms.evaluate import EVAL_SEED, EvalConfig, organism_traces, summarize
+        from reasonscope.organisms.evaluate import EVAL_SEED, summarize
 
-        problems = task.problems(n, EVAL_SEED)
-        ecfg = EvalConfig(n_problems=n, max_new_tokens=max_new_tokens)
-        report["plain"] = summarize(organism_traces(h, problems, temperature, ecfg))
+        from .asc import Question, answer_questions, organism_questions
+
+        if rows is None:
+            questions = organism_questions(h, task.problems(n, EVAL_SEED))
+        else:
+            questions = [Question(h.chat_prompt(t.prompt, thinking=True), str(t.gold), t.id) for t in rows]
+        report["plain"] = summarize(answer_questions(h, questions, grader, temperature, 0, max_new_tokens))
         with vec.apply(h, gamma=gamma, positions=rule):
-            report["steered"] = summarize(organism_traces(h, problems, temperature, ecfg))
+            report["steered"] = summarize(answer_questions(h, questions, grader, temperature, 0, max_new_tokens))
     emit(report, as_json)
 
 

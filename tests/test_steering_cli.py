@@ -67,6 +67,31 @@ def test_apply_prints_plain_and_steered_completions(tmp_path, tiny_model_dir, ti
     assert out["completions"][0]["plain"] != out["completions"][0]["steered"]
 
 
+def test_apply_grades_the_first_dataset_rows(tmp_path, tiny_model_dir, tiny_handle, monkeypatch):
+    import steering.asc as asc
+    from reasonscope.traces import load_hf_dataset
+
+    gsm8k = shared_data("gsm8k/test.jsonl")
+    seen: list[tuple[list[str], list[str | None], str | None]] = []
+    real = asc.generate_traces
+
+    def spy(handle, prompts, cfg, **kw):
+        seen.append((list(prompts), list(kw["golds"]), kw["grader"]))
+        return real(handle, prompts, cfg, **kw)
+
+    monkeypatch.setattr(asc, "generate_traces", spy)
+    src = saved_vector(tmp_path, tiny_handle)
+    args = ["steer", "apply", "--vector", src, "--model", str(tiny_model_dir), "--n", "3"]
+    r = runner.invoke(app, [*args, "--dataset", f"gsm8k:{gsm8k}", "--max-new-tokens", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["plain"]["n"] == out["steered"]["n"] == 3 and "accuracy_by_difficulty" not in out["plain"]
+    rows = load_hf_dataset(gsm8k)[:3]
+    want = ([tiny_handle.chat_prompt(t.prompt, thinking=True) for t in rows], [t.gold for t in rows], "gsm8k")
+    assert seen == [want, want]  # plain, then steered
+    user_error(runner.invoke(app, args), "--n's default questions are the organism task's", "--dataset")
+
+
 def test_apply_and_asc_validate_before_loading(tmp_path, tiny_model_dir, tiny_handle):
     g = tiny_handle.geometry
     meta = VectorMeta(d_model=g.d_model + 1, layers=(0,))
