@@ -126,3 +126,32 @@ def test_score_then_eval_on_tiny_model(tiny_model_dir, tiny_handle, task_traces,
     assert json.loads((tmp_path / "ev" / "result.json").read_text())["curves"] == res["curves"]
     assert len(head_map_figure(hm.scores).data) == 1 and len(curves_figure(res).data) == len(res["curves"])
     assert len(retrieval_scatter({"window": hm.scores}, torch.rand(2, 2)).data[0].x) == 4
+
+
+def test_eval_on_a_dataset_grades_its_first_rows(tiny_model_dir, tiny_handle, task_traces, tmp_path, monkeypatch):
+    import reasonscope.heads.evaluate as evaluate
+    from reasonscope.traces import load_hf_dataset
+    from reasonscope.traces.loaders import write_traces_jsonl
+
+    from conftest import shared_data
+
+    m, gsm8k = str(tiny_model_dir), shared_data("gsm8k/test.jsonl")
+    write_traces_jsonl(tmp_path / "t.jsonl", task_traces)
+    args = ["heads", "score", "--model", m, "--traces", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "w")]
+    assert runner.invoke(app, [*args, "--sink", "4", "--recent", "8"]).exit_code == 0
+    seen = []
+    real = evaluate.evaluate_heads
+
+    def spy(handle, prompts, golds, scores, policy, cfg, **kw):
+        seen.append((list(prompts), list(golds), cfg.grader, cfg.exhaustive, kw["own_traces"]))
+        return real(handle, prompts, golds, scores, policy, cfg, **kw)
+
+    monkeypatch.setattr(evaluate, "evaluate_heads", spy)
+    ev = ["heads", "eval", "--model", m, "--map", str(tmp_path / "w"), "--dataset", f"gsm8k:{gsm8k}", "--n", "2"]
+    r = runner.invoke(app, [*ev, "--sparsities", "0,0.5", "--draws", "1", "--max-new-tokens", "6", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = load_hf_dataset(gsm8k)[:2]
+    prompts = [tiny_handle.chat_prompt(t.prompt, thinking=True) for t in rows]
+    assert seen == [(prompts, [t.gold for t in rows], "gsm8k", False, None)]  # no organism ground truths
+    assert set(json.loads(r.stdout)["curves"]) == {"window", "random", "uniform"}
+    user_error(runner.invoke(app, [*ev, "--exhaustive"]), "--exhaustive and --retrieval")

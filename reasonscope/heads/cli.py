@@ -3,7 +3,7 @@
 Arguments, input artifacts and output locations are checked before a model loads; user errors are
 ``ValueError``/``OSError`` with a message naming the fix, which the root CLI prints as one ``error:`` line
 (exit status 2). Problems are organism-task problems (``--n``, ``--seed``, ``--levels``) unless
-``--traces`` gives graded traces of the model.
+``--traces`` gives graded traces of the model (``score``) or ``--dataset`` a graded question set (``eval``).
 """
 
 from __future__ import annotations
@@ -201,30 +201,47 @@ def diff(
 def evaluate(
     model: str = typer.Option(..., help="Model directory, hub id or organism:NAME."),
     maps: list[Path] = typer.Option(..., "--map", help="Head-map artifact (repeat for each method)."),
-    n: int = typer.Option(300, min=1, help="Held-out organism problems."),
+    n: int = typer.Option(300, min=1, help="Held-out questions: organism problems, or the first rows of --dataset."),
+    dataset: str = typer.Option("organism", help="Questions: 'organism', 'gsm8k:<path>' or 'math:<path>'."),
     levels: str = typer.Option("3,4"),
     seed: int = typer.Option(1, help="Held-out problem seed (use another than the scoring traces')."),
     sparsities: str = typer.Option("0,0.25,0.5,0.75"),
     draws: int = typer.Option(5, min=0, help="Random-selection draws."),
     n_own: int = typer.Option(48, min=1, help="Own traces for the exhaustive best subset and retrieval."),
-    exhaustive: bool = typer.Option(True, help="Try every subset (small models)."),
-    retrieval: bool = typer.Option(True, help="Compare with the value/name-read ground truths (organism traces)."),
+    exhaustive: Optional[bool] = typer.Option(
+        None, "--exhaustive/--no-exhaustive", help="Try every subset (small models; default: on for organisms)."
+    ),
+    retrieval: Optional[bool] = typer.Option(
+        None,
+        "--retrieval/--no-retrieval",
+        help="Compare with the value/name-read ground truths (organism traces; default: on for organisms).",
+    ),
     max_new_tokens: int = typer.Option(256, min=1),
     batch_size: int = typer.Option(256, min=1, help="Rows decoded together (larger is faster on small models)."),
     out: Optional[Path] = typer.Option(None, help="Write a heads_eval artifact here."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Generate with the compressed cache per head map and baseline; print curves and rank agreement."""
+    from ..cli_kit import dataset_rows, dataset_source
     from .evaluate import EvalConfig, evaluate_heads
     from .headmap import HeadMap
 
     lv = _levels(levels)
+    grader, dataset_at = dataset_source(dataset)
+    organism = dataset_at is None
+    if not organism and (exhaustive or retrieval):
+        raise ValueError(
+            "--exhaustive and --retrieval read the organism task's traces (ground truths); drop them with --dataset"
+        )
+    exhaustive = organism if exhaustive is None else exhaustive
+    retrieval = organism if retrieval is None else retrieval
     cfg = EvalConfig(
         sparsities=_sparsities(sparsities),
         random_draws=draws,
         exhaustive=exhaustive,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        grader=grader,
     )
     if out is not None:
         fresh_out(out)
@@ -238,6 +255,7 @@ def evaluate(
             )
     if len({hm.policy for hm in heads}) > 1:
         raise ValueError("the --map artifacts were scored under different windows; score them with one sink/recent")
+    _, rows = dataset_rows(dataset, n)
     from ..models import load_model
     from ..organisms import task
     from .retrieval import read_scores
@@ -246,7 +264,11 @@ def evaluate(
     for hm in heads:
         hm.check_model(h)
     own = _own_traces(h, n_own, seed + 10_000, lv, max_new_tokens) if exhaustive or retrieval else None
-    probs = task.problems(n, seed=seed, levels=lv)
+    if rows is None:
+        probs = task.problems(n, seed=seed, levels=lv)
+        prompts, golds = [h.chat_prompt(p.question) for p in probs], [str(p.answer) for p in probs]
+    else:
+        prompts, golds = [h.chat_prompt(t.prompt, thinking=True) for t in rows], [str(t.gold) for t in rows]
     scores: dict[str, Any] = {}
     for hm in heads:  # one curve per map: a method given twice is numbered (rlkv, rlkv#2)
         name = (
@@ -258,8 +280,8 @@ def evaluate(
     reads = read_scores(h, own) if retrieval and own is not None else {}
     res = evaluate_heads(
         h,
-        [h.chat_prompt(p.question) for p in probs],
-        [str(p.answer) for p in probs],
+        prompts,
+        golds,
         scores,
         heads[0].policy,
         cfg,
@@ -268,7 +290,8 @@ def evaluate(
         name_reads=reads["name"][0] if "name" in reads else None,
     )
     if out is not None:
-        _write_result(out, "heads_eval", res, {"model": model, "maps": [str(p) for p in maps], "n": n, "seed": seed})
+        config = {"model": model, "maps": [str(p) for p in maps], "n": len(prompts), "seed": seed, "dataset": dataset}
+        _write_result(out, "heads_eval", res, config)
     typer.echo(json.dumps(res, indent=1 if not as_json else None))
 
 
