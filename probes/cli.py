@@ -162,12 +162,15 @@ def monitor_cmd(
     model: str = typer.Option(..., help="Thinking model (path, hub id or organism:thinking)."),
     probes: Optional[Path] = typer.Option(None, help="probe_set for the probe policy."),
     traces: Optional[Path] = typer.Option(None, help="Trace JSONL whose prompts and gold answers to use."),
-    n: int = typer.Option(100, min=1, help="Organism test problems (held-out seed) when no --traces."),
+    dataset: str = typer.Option(
+        "organism", help="Questions when no --traces: 'organism', 'gsm8k:<path>' or 'math:<path>' (its grader)."
+    ),
+    n: int = typer.Option(100, min=1, help="Test questions when no --traces (organism: a held-out seed)."),
     val_n: int = typer.Option(
         0,
         min=0,
         help="Validation problems to choose each policy's threshold on (organism: another held-out seed; "
-        "--traces: the first VAL_N records); the chosen thresholds are then reported on the test problems.",
+        "--traces or --dataset: the first VAL_N rows); the chosen thresholds are then reported on the test problems.",
     ),
     max_loss: float = typer.Option(0.01, min=0.0, help="Accuracy loss allowed when choosing a threshold."),
     probe_thresholds: str = typer.Option(
@@ -187,7 +190,7 @@ def monitor_cmd(
     seed: int = typer.Option(0, help="Sampling seed (request i's token t draws from a stream fixed by it)."),
     batch_size: int = typer.Option(64, min=1),
     max_new_tokens: int = typer.Option(640, min=1),
-    grader: str = typer.Option("organism", help="organism | gsm8k | math."),
+    grader: str = typer.Option("organism", help="--traces' grader: organism | gsm8k | math."),
     as_json: bool = typer.Option(False, "--json", help="Print {policy: {accuracy, think_tokens, saved_fraction}}."),
 ) -> None:
     """Early exit during generation: tokens saved vs accuracy for probe, DEER-style and deviation policies.
@@ -196,11 +199,16 @@ def monitor_cmd(
     policy at the threshold chosen on the validation problems ({policy: {..., threshold}}), the test curve
     ("curve") and the validation curve ("validation").
     """
+    from reasonscope.cli_kit import dataset_rows, dataset_source
     from reasonscope.traces import GRADERS
 
     from .monitor import MonitorConfig, Policy, choose, curve, record
 
     grader = choice(grader, tuple(GRADERS), "--grader")
+    if dataset != "organism":
+        if traces is not None:
+            fail("give --traces or --dataset, not both")
+        grader = dataset_source(dataset)[0]
     thresholds: dict[Policy, tuple[float, ...]] = {
         "deer": floats(deer_thresholds, "--deer-thresholds", "0.8,0.9,0.95"),
         "deviation": floats(deviation_thresholds, "--deviation-thresholds", "1.5,2"),
@@ -219,11 +227,12 @@ def monitor_cmd(
         max_new_tokens=max_new_tokens,
         grader=grader,
     )
-    rows = read_traces(traces) if traces is not None else None
+    rows = read_traces(traces) if traces is not None else dataset_rows(dataset, val_n + n)[1]
+    source = f"--traces {traces}" if traces is not None else f"--dataset {dataset}"
     if rows is not None and any(t.gold is None for t in rows):
-        fail(f"--traces {traces}: every record needs a 'gold' answer to grade the monitored answers")
+        fail(f"{source}: every record needs a 'gold' answer to grade the monitored answers")
     if rows is not None and val_n >= len(rows):
-        fail(f"--val-n {val_n} leaves no test records of the {len(rows)} in --traces; lower it")
+        fail(f"--val-n {val_n} leaves no test records of the {len(rows)} in {source}; lower it")
     model_geometry(model)
     from reasonscope.models import load_model
 
@@ -232,8 +241,9 @@ def monitor_cmd(
     ps = ProbeSet.open(probes) if probes is not None else None
     handle = load_model(model)
     if rows is not None:
-        val = [(t.prompt, str(t.gold)) for t in rows[:val_n]]
-        test = [(t.prompt, str(t.gold)) for t in rows[val_n:]]
+        chat = (lambda q: q) if traces is not None else (lambda q: handle.chat_prompt(q, thinking=True))
+        val = [(chat(t.prompt), str(t.gold)) for t in rows[:val_n]]
+        test = [(chat(t.prompt), str(t.gold)) for t in rows[val_n:]]
     else:
         from reasonscope.organisms import task
         from reasonscope.organisms.evaluate import EVAL_SEED

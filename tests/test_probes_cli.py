@@ -105,3 +105,29 @@ def test_monitor_cli(tiny_model_dir, tmp_path):
     assert "--probes" in _err(runner.invoke(probe_app, [*args, "--probes", str(tmp_path / "none")]))
     r = runner.invoke(probe_app, ["monitor", "--model", str(tmp_path / "nomodel")])  # core lists what it tried
     assert r.exit_code == 2 and r.stderr.startswith("error: --model")
+
+
+def test_monitor_on_a_dataset_uses_its_first_rows_and_grader(tiny_model_dir, tiny_handle, tmp_path, monkeypatch):
+    import probes.monitor as monitor
+    from reasonscope.traces import load_hf_dataset
+
+    gsm8k = shared_data("gsm8k/test.jsonl")
+    seen = []
+    real = monitor.record
+
+    def spy(handle, prompts, golds, cfg, probes=None):
+        seen.append((list(prompts), list(golds), cfg.grader))
+        return real(handle, prompts, golds, cfg, probes)
+
+    monkeypatch.setattr(monitor, "record", spy)
+    args = ["monitor", "--model", str(tiny_model_dir), "--dataset", f"gsm8k:{gsm8k}", "--n", "2", "--val-n", "1"]
+    r = runner.invoke(probe_app, [*args, "--max-new-tokens", "4", "--deer-thresholds", "0.9", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = load_hf_dataset(gsm8k)[:3]
+    qa = [(tiny_handle.chat_prompt(t.prompt, thinking=True), t.gold) for t in rows]
+    test, val = qa[1:], qa[:1]  # validation: the first --val-n rows; test: the next --n
+    assert seen == [([q for q, _ in part], [g for _, g in part], "gsm8k") for part in (test, val)]
+    assert json.loads(r.stdout)["validation"]["n"] == 1
+    traces = tmp_path / "t.jsonl"
+    traces.write_text("")
+    assert "not both" in _err(runner.invoke(probe_app, [*args, "--traces", str(traces)]))
