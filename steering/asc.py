@@ -329,6 +329,7 @@ def answer_questions(
     seed: int = 0,
     max_new_tokens: int = 640,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> list[Trace]:
     """Generate one graded trace per question through the generation engine (levels kept in ``meta``)."""
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
@@ -340,6 +341,7 @@ def answer_questions(
         golds=[q.gold for q in questions],
         grader=grader,
         source="organism" if grader == "organism" else handle.source,
+        progress=progress,
         min_chars=0,
     )
     for t, q in zip(traces, questions):
@@ -348,17 +350,21 @@ def answer_questions(
     return traces
 
 
-def _traces(handle: Any, questions: Sequence[Question], temperature: float, cfg: ASCConfig, seed: int) -> list[Trace]:
-    return answer_questions(handle, questions, cfg.grader, temperature, seed, cfg.max_new_tokens, cfg.batch_size)
+def _traces(
+    handle: Any, questions: Sequence[Question], temperature: float, cfg: ASCConfig, seed: int, progress: bool = False
+) -> list[Trace]:
+    return answer_questions(
+        handle, questions, cfg.grader, temperature, seed, cfg.max_new_tokens, cfg.batch_size, progress
+    )
 
 
-def efficiency_pairs(handle: Any, questions: Sequence[Question], cfg: ASCConfig) -> list[Pair]:
+def efficiency_pairs(handle: Any, questions: Sequence[Question], cfg: ASCConfig, progress: bool = False) -> list[Pair]:
     """The shortest and the longest correct of ``cfg.k_samples`` temperature-1 traces per question.
 
     Questions with fewer than two correct samples of different lengths are skipped.
     """
     k = cfg.k_samples
-    traces = _traces(handle, [q for q in questions for _ in range(k)], 1.0, cfg, seed=cfg.seed + 1)
+    traces = _traces(handle, [q for q in questions for _ in range(k)], 1.0, cfg, cfg.seed + 1, progress)
     out = []
     for i in range(len(questions)):
         ok = [t for t in traces[i * k : (i + 1) * k] if t.grade and t.think_span]
@@ -381,6 +387,7 @@ def evaluate_gammas(
     questions: Sequence[Question],
     cfg: ASCConfig,
     layer: int | Sequence[int] | None = None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Accuracy and thinking tokens of ``handle`` at each γ through the generation engine, steering at
     ``cfg.positions`` (``layer``: only that one, or those together; None: all of the vector's).
@@ -392,7 +399,7 @@ def evaluate_gammas(
     out = []
     for g in gammas:
         with vec.apply(handle, gamma=g, layers=layers, positions=cfg.positions):
-            traces = _traces(handle, questions, cfg.temperature, cfg, seed=cfg.seed)
+            traces = _traces(handle, questions, cfg.temperature, cfg, cfg.seed, progress)
         out.append({"gamma": g, **where, **summarize(traces)})
     return out
 
@@ -495,7 +502,7 @@ def run_asc(
         if cfg.pairs == "styles":
             pairs = asc_pairs(handle, task.problems(cfg.n_pairs, cfg.seed), cfg.seed)
         else:
-            pairs = efficiency_pairs(handle, pool, cfg)
+            pairs = efficiency_pairs(handle, pool, cfg, progress)
     pairs = list(pairs)
     if not pairs:
         raise ValueError("no pairs given; pass concise/verbose pairs (read_pairs) or leave pairs=None")
@@ -526,15 +533,15 @@ def run_asc(
         calib = [t for pair in zip(read_c, read_v) for t in pair][: cfg.n_calibration]
     kls = {c: kl_gamma(handle, vec, calib, c, cfg.epsilon) for c in choices}
 
-    select_base = evaluate_gammas(handle, vec, [0.0], select, cfg, choices[0])[0]
-    sweeps = {c: evaluate_gammas(handle, vec, list(cfg.sweep), select, cfg, c) for c in choices}
+    select_base = evaluate_gammas(handle, vec, [0.0], select, cfg, choices[0], progress)[0]
+    sweeps = {c: evaluate_gammas(handle, vec, list(cfg.sweep), select, cfg, c, progress) for c in choices}
     sweep = [row for rows in sweeps.values() for row in rows]
     best = _best(sweep, select_base, cfg.max_accuracy_drop)
     chosen_at = next((c for c, rows in sweeps.items() if any(r is best for r in rows)), choices[0])
     layers = _layers(chosen_at)
     kl = kls[chosen_at]
     gammas = [0.0, kl["gamma"]] + ([best["gamma"]] if best is not None else [])
-    rows = evaluate_gammas(handle, vec, gammas, test, cfg, chosen_at)
+    rows = evaluate_gammas(handle, vec, gammas, test, cfg, chosen_at, progress)
     baseline, at_kl = rows[0], rows[1]
     at_best = rows[2] if best is not None else None
     chosen = at_kl if cfg.gamma_rule == "kl_bound" or at_best is None else at_best

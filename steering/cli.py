@@ -134,7 +134,7 @@ def asc_cmd(
     questions = None
     if rows is not None:
         questions = [Question(handle.chat_prompt(t.prompt, thinking=True), str(t.gold), t.id) for t in rows]
-    emit(run_asc(handle, cfg, out, pairs=pairs_given, questions=questions), as_json)
+    emit(run_asc(handle, cfg, out, progress=True, pairs=pairs_given, questions=questions), as_json)
 
 
 @steer_app.command("hybrid")
