@@ -83,6 +83,7 @@ class ASCConfig:
     positions: LearnPositions = "last"  # ASC's injection (every forward pass's last position) or the prompt's last
     learn_steps: int = 150  # learned: Adam steps
     kl_weight: float = 30.0  # learned: weight of the trust region
+    learn_micro_batch: int | None = None  # learned: pairs per forward pass (None: all 16 of a step at once)
     n_pairs: int = 64
     pairs: Pairs = "styles"  # concise/verbose task styles, or shortest/longest correct samples (efficiency)
     k_samples: int = 4  # efficiency pairs: samples per question at temperature 1
@@ -113,7 +114,7 @@ class ASCConfig:
             raise ValueError(f"positions {self.positions!r} is not one of {', '.join(LEARN_POSITIONS)}")
         if self.vector == "learned" and self.extract_at != "end":
             raise ValueError("extract_at applies to the mean difference; a learned vector reads the whole pair")
-        LearnConfig(steps=self.learn_steps, kl_weight=self.kl_weight)  # raises on a bad learning setting
+        self.learn_config()  # raises on a bad learning setting
         if self.n_pairs < 1 or self.n_calibration < 1 or self.n_eval < 1:
             raise ValueError("n_pairs, n_calibration and n_eval must be >= 1")
         if not self.epsilon > 0:
@@ -134,6 +135,16 @@ class ASCConfig:
             raise ValueError("gamma_rule 'sweep' needs at least one sweep strength")
         if self.temperature < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("temperature must be >= 0, max_new_tokens and batch_size >= 1")
+
+    def learn_config(self) -> LearnConfig:
+        """The learned vector's optimisation (``vector="learned"``)."""
+        return LearnConfig(
+            steps=self.learn_steps,
+            kl_weight=self.kl_weight,
+            positions=self.positions,
+            seed=self.seed,
+            micro_batch=self.learn_micro_batch,
+        )
 
 
 # ---------------------------------------------------------------------------- the KL-bounded strength
@@ -297,8 +308,8 @@ def read_pairs(path: str | Path, chat_prompt: Callable[[str], str]) -> list[Pair
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON ({e.msg}); write one object a line") from None
-        texts = row.get("concise"), row.get("verbose"), row.get("prompt", row.get("question"))
-        if not isinstance(row, dict) or not all(isinstance(t, str) and t.strip() for t in texts):
+        keys = ("concise", "verbose", "prompt" if isinstance(row, dict) and "prompt" in row else "question")
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip() for k in keys):
             raise ValueError(
                 f"{path}:{n}: a pair needs non-empty strings 'concise', 'verbose' and 'prompt' or 'question'"
             )
@@ -498,6 +509,7 @@ def run_asc(
     if questions is None and cfg.grader != "organism":
         raise ValueError(f"grader {cfg.grader!r} grades given questions; the default ones are the organism task's")
     select, test, pool, split = _splits(handle, cfg, questions)
+    given = pairs is not None
     if pairs is None:
         if cfg.pairs == "styles":
             pairs = asc_pairs(handle, task.problems(cfg.n_pairs, cfg.seed), cfg.seed)
@@ -516,10 +528,10 @@ def run_asc(
     paper = "ASC arXiv 2507.04742 v2" if cfg.pairs == "styles" else "Efficiency Steering arXiv 2506.15647"
     if cfg.vector == "learned":
         paper += "; vector learned under a KL trust region (ASC, ACL 2026 Findings, in spirit)"
-    recipe = {"paper": paper, "n_pairs_used": len(pairs), **asdict(cfg)}
+    recipe = {"paper": paper, "pairs_given": given, "n_pairs_used": len(pairs), **asdict(cfg)}
     choices: list[int | tuple[int, ...]]  # what the sweep chooses among: one block, or the learned blocks together
     if cfg.vector == "learned":
-        learn = LearnConfig(steps=cfg.learn_steps, kl_weight=cfg.kl_weight, positions=cfg.positions, seed=cfg.seed)
+        learn = cfg.learn_config()
         targets = [p.concise + handle.think_end for p in pairs]
         sources = [p.verbose + handle.think_end for p in pairs]
         vec = learn_vector(handle, prompts, targets, sources, candidates, learn, recipe)

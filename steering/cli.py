@@ -53,6 +53,9 @@ def asc_cmd(
     positions: str = typer.Option("last", help="last (every forward pass, ASC) | prompt (its last token only)."),
     learn_steps: int = typer.Option(150, min=1, help="learned: optimisation steps."),
     kl_weight: float = typer.Option(30.0, min=0.0, help="learned: weight of the KL trust region."),
+    learn_micro_batch: Optional[int] = typer.Option(
+        None, min=1, help="learned: pairs per forward pass (fewer for long CoTs on a large vocabulary)."
+    ),
     n_pairs: int = typer.Option(64, min=1, help="Questions for generated pairs (styles, efficiency)."),
     pairs: str = typer.Option(
         "styles", help="styles (the organism's concise vs verbose) | efficiency (shortest vs longest correct)."
@@ -91,6 +94,7 @@ def asc_cmd(
         positions=choice(positions, LEARN_POSITIONS, "--positions"),
         learn_steps=learn_steps,
         kl_weight=kl_weight,
+        learn_micro_batch=learn_micro_batch,
         n_pairs=n_pairs,
         pairs=choice(pairs, PAIR_CHOICES, "--pairs"),
         k_samples=k_samples,

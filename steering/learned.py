@@ -39,10 +39,14 @@ class LearnConfig:
     kl_weight: float = 30.0  # λ: the trust region's weight against the decision's log-likelihood
     positions: LearnPositions = "last"  # where v acts while it is learned (and in the vector's metadata)
     seed: int = 0
+    micro_batch: int | None = None  # pairs per forward pass (gradients accumulate over a step); None: batch_size.
+    # A pass holds [rows, tokens, vocab] log-probs twice, so long real CoTs with a 150k vocabulary need a few rows
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1 (or None: batch_size), got {self.micro_batch}")
         if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
             raise ValueError(f"lr must be > 0 and kl_weight >= 0 (finite), got {self.lr}, {self.kl_weight}")
         if self.positions not in LEARN_POSITIONS:
@@ -105,28 +109,21 @@ def _optimise(
     v = torch.zeros(len(layers), g.d_model, device=handle.device, requires_grad=True)
     opt = torch.optim.Adam([v], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
+    micro = cfg.micro_batch or cfg.batch_size
     last_kl, last_p = 0.0, 0.0
     for _ in range(cfg.steps):
         batch = [pairs[i] for i in torch.randperm(len(pairs), generator=gen)[: cfg.batch_size].tolist()]
-        kls, n_kl = [], 0
-        for side in (1, 2):  # target continuations, then source ones
-            logp, logp0, start, seqs = _forward(handle, v, layers, [(b[0], b[side]) for b in batch], cfg.positions)
-            pos = torch.arange(logp.shape[1], device=logp.device)[None]
-            at = start + torch.tensor([b[3] for b in batch], device=logp.device)[:, None]  # decision's logits
-            kl = (logp0.exp() * (logp0 - logp)).sum(-1)
-            guard = (pos >= start) & (pos != at)
-            kls.append((kl * guard).sum())
-            n_kl += int(guard.sum())
-            if side == 1:
-                row = torch.arange(len(batch), device=logp.device)
-                lp = logp[row, at[:, 0], seqs[row, at[:, 0] + 1]]  # the target's token at the decision
-        kl_mean = (kls[0] + kls[1]) / max(n_kl, 1)
-        loss = -lp.mean() + cfg.kl_weight * kl_mean
-        last_p = float(lp.detach().exp().mean())
+        n_kl = max(1, sum(len(b[1]) + len(b[2]) - 2 for b in batch))  # every prediction but the decision's
         opt.zero_grad()
-        loss.backward()
+        p_sum, kl_sum = 0.0, 0.0
+        for i in range(0, len(batch), micro):  # the step's loss, accumulated part by part
+            lp, kl = _terms(handle, v, layers, batch[i : i + micro], cfg.positions)
+            loss = -lp.sum() / len(batch) + cfg.kl_weight * kl / n_kl
+            loss.backward()
+            p_sum += float(lp.detach().exp().sum())
+            kl_sum += float(kl.detach())
         opt.step()
-        last_kl = float(kl_mean.detach())
+        last_p, last_kl = p_sum / len(batch), kl_sum / n_kl
     info = {
         **recipe,
         "method": "learned",
@@ -138,6 +135,27 @@ def _optimise(
     }
     meta = VectorMeta.for_model(handle, layers, cfg.positions, info)
     return SteeringVector(v.detach(), meta)
+
+
+def _terms(
+    handle: Any,
+    v: torch.Tensor,
+    layers: tuple[int, ...],
+    part: list[tuple[list[int], list[int], list[int], int]],
+    rule: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For these pairs: the target's log-prob at each decision ``[n]``, and the KL summed over every other
+    prediction of both continuations."""
+    kls, lps = [], []
+    for rows in ([(p, t) for p, t, _, _ in part], [(p, s) for p, _, s, _ in part]):  # targets, then sources
+        logp, logp0, start, seqs = _forward(handle, v, layers, rows, rule)
+        pos = torch.arange(logp.shape[1], device=logp.device)[None]
+        at = start + torch.tensor([b[3] for b in part], device=logp.device)[:, None]  # decision's logits
+        kl = (logp0.exp() * (logp0 - logp)).sum(-1)
+        kls.append((kl * ((pos >= start) & (pos != at))).sum())
+        row = torch.arange(len(part), device=logp.device)
+        lps.append(logp[row, at[:, 0], seqs[row, at[:, 0] + 1]])  # each continuation's token at the decision
+    return lps[0], kls[0] + kls[1]
 
 
 def _forward(

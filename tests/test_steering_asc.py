@@ -145,6 +145,9 @@ def test_config_is_validated():
         ASCConfig(vector="learned", extract_at="start")
     with pytest.raises(ValueError, match="steps"):
         ASCConfig(vector="learned", learn_steps=0)
+    with pytest.raises(ValueError, match="micro_batch"):
+        ASCConfig(vector="learned", learn_micro_batch=0)
+    assert ASCConfig(learn_micro_batch=2, seed=3).learn_config().micro_batch == 2
 
 
 def test_selection_split_is_disjoint_from_the_test_problems():
@@ -182,6 +185,7 @@ def test_read_pairs_takes_prompts_or_questions_and_names_the_bad_line(tmp_path):
         '{"question": "q", "concise": "a", "verbose": "b"}\nnot json\n': "pairs.jsonl:2: not JSON",
         '{"question": "q", "concise": "a", "verbose": "a"}\n': "pairs.jsonl:1: 'concise' equals 'verbose'",
         '{"question": "q", "concise": " ", "verbose": "b"}\n': "pairs.jsonl:1: a pair needs",
+        "[1, 2]\n": "pairs.jsonl:1: a pair needs",
         "\n": "holds no pairs",
     }
     for text, message in cases.items():
@@ -229,7 +233,8 @@ def test_asc_runs_on_given_pairs_and_questions(tmp_path, tiny_handle, monkeypatc
     want = extract_vector(h, texts_c, texts_v, [0, 1], "last", "mean_diff", "last", {})
     layer = report["layers"][0]
     torch.testing.assert_close(vec.direction(layer), want.direction(layer))
-    assert vec.meta.recipe["n_pairs_used"] == 6 and "rows [0, 3]" in vec.meta.gamma_detail["selected_on"]
+    assert vec.meta.recipe["n_pairs_used"] == 6 and vec.meta.recipe["pairs_given"]
+    assert "rows [0, 3]" in vec.meta.gamma_detail["selected_on"]
 
 
 def test_asc_refuses_too_few_questions_and_an_unusable_grader(tiny_handle):

@@ -92,6 +92,23 @@ def test_bad_input_is_refused(tiny_handle):
         LearnConfig(steps=0)
     with pytest.raises(ValueError, match="kl_weight"):
         LearnConfig(kl_weight=float("nan"))
+    with pytest.raises(ValueError, match="micro_batch"):
+        LearnConfig(micro_batch=0)
+
+
+@pytest.mark.parametrize("positions", ["prompt", "last"])
+def test_micro_batches_learn_the_batch_vector(sharp, positions):
+    """Pairs one forward pass at a time (accumulated gradients) give the vector of the whole batch at once."""
+    h = sharp
+    whole = LearnConfig(steps=8, batch_size=3, lr=0.1, kl_weight=1.0, positions=positions)
+    ref = learn_vector(h, PROMPTS, TARGETS, SOURCES, (0, 1), whole)
+    for micro in (1, 2):
+        cfg = LearnConfig(steps=8, batch_size=3, lr=0.1, kl_weight=1.0, positions=positions, micro_batch=micro)
+        got = learn_vector(h, PROMPTS, TARGETS, SOURCES, (0, 1), cfg)
+        torch.testing.assert_close(got.directions, ref.directions, atol=1e-5, rtol=1e-4)
+        for key in ("final_p_target", "final_mean_kl"):
+            assert got.meta.recipe[key] == pytest.approx(ref.meta.recipe[key], abs=1e-4)
+    assert float(ref.directions.norm()) > 0.1
 
 
 @pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
