@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random Qwen2 (GQA) model directory and organism-task traces for it.
+"""Shared fixtures: tiny random Qwen2 (GQA) model directories (organism and R1 tokenizers) and organism traces.
 
 Tests on ``../shared/data`` or on the shipped organism weights skip when those are missing, except
 in CI (``CI=true``) or with ``REASONSCOPE_REQUIRE_SHARED=1``, where they fail instead.
@@ -63,6 +63,30 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     arch = OrganismArch(hidden_size=32, num_hidden_layers=2, intermediate_size=64, max_position_embeddings=512)
     model = make_model(len(tok), arch, tok.pad_token_id, tok.eos_token_id)
     path = tmp_path_factory.mktemp("tiny") / "tiny-qwen2"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+R1_TEMPLATE = (  # the R1-distill chat format, reduced to what generation needs: a user turn, then <think>
+    "{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def r1_tiny_dir(tmp_path_factory) -> Path:
+    """A 2-layer Qwen2 with the real R1-distill tokenizer (151,665 tokens) and its chat format: real-model paths
+    (multi-token ``<think>``, the GSM8K grader, a 150k vocabulary) at tiny-model cost."""
+    from reasonscope.organisms.train import OrganismArch, make_model
+    from reasonscope.traces import qwen2_tokenizer
+
+    tok = qwen2_tokenizer(shared_data("tokenizers/qwen2"))
+    tok.chat_template = R1_TEMPLATE
+    torch.manual_seed(0)
+    arch = OrganismArch(hidden_size=32, num_hidden_layers=2, intermediate_size=64, max_position_embeddings=2048)
+    model = make_model(len(tok), arch, tok.pad_token_id, tok.eos_token_id)
+    path = tmp_path_factory.mktemp("r1-tiny") / "r1-tiny"
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

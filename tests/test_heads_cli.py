@@ -155,3 +155,21 @@ def test_eval_on_a_dataset_grades_its_first_rows(tiny_model_dir, tiny_handle, ta
     assert seen == [(prompts, [t.gold for t in rows], "gsm8k", False, None)]  # no organism ground truths
     assert set(json.loads(r.stdout)["curves"]) == {"window", "random", "uniform"}
     user_error(runner.invoke(app, [*ev, "--exhaustive"]), "--exhaustive and --retrieval")
+
+
+def test_heads_on_an_r1_format_model(r1_tiny_dir, tmp_path):
+    """A real model's flow on the R1 tokenizer and chat format: its GSM8K traces, a head map scored on them, and
+    compression curves on the next GSM8K rows."""
+    from conftest import shared_data
+
+    m, gsm8k = str(r1_tiny_dir), f"gsm8k:{shared_data('gsm8k/test.jsonl')}"
+    traces = str(tmp_path / "t.jsonl")
+    gen = ["traces", "generate", "--model", m, "--dataset", gsm8k, "--n", "6", "--temperature", "1"]
+    assert runner.invoke(app, [*gen, "--max-new-tokens", "48", "--out", traces]).exit_code == 0
+    r = runner.invoke(app, ["heads", "score", "--model", m, "--traces", traces, "--out", str(tmp_path / "w")])
+    assert r.exit_code == 0, r.output
+    ev = ["heads", "eval", "--model", m, "--map", str(tmp_path / "w"), "--dataset", gsm8k, "--n", "3"]
+    r = runner.invoke(app, [*ev, "--sparsities", "0,0.5", "--draws", "1", "--max-new-tokens", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["n_problems"] == 3 and res["curves"]["window"]["0.5"]["achieved_sparsity"] == 0.5

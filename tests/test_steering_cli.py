@@ -160,6 +160,33 @@ def test_steer_asc_on_gsm8k_with_a_pairs_file(tmp_path, tiny_model_dir):
     assert vec.meta.recipe["n_pairs_used"] == 4 and vec.layers == tuple(out["layers"])
 
 
+def test_asc_apply_and_export_on_an_r1_format_model(tmp_path, r1_tiny_dir):
+    """The real-model path end to end on the R1 tokenizer and chat format: ASC from a pairs file on GSM8K (a
+    learned vector, one pair per forward pass), graded application, and the serving exports read back."""
+    from steering.export import load_vector
+
+    gsm8k = f"gsm8k:{shared_data('gsm8k/test.jsonl')}"
+    model = ["--model", str(r1_tiny_dir)]
+    args = ["steer", "asc", *model, "--pairs-file", _pairs_file(tmp_path), "--dataset", gsm8k, "--layers", "1"]
+    args += ["--n-select", "2", "--n-eval", "2", "--sweep", "0.5", "--max-new-tokens", "6", "--vector", "learned"]
+    args += ["--positions", "prompt", "--learn-steps", "2", "--learn-micro-batch", "1", "--out", str(tmp_path / "v")]
+    r = runner.invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["layers"] == [1] and out["vector"] == "learned" and out["learned"]["n_pairs"] == 4
+    r = runner.invoke(
+        app, ["steer", "apply", *model, "--vector", str(tmp_path / "v"), "--n", "2", "--dataset", gsm8k, "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["steered"]["n"] == 2
+    vec = SteeringVector.open(tmp_path / "v")
+    for fmt, name in (("gguf", "v.gguf"), ("easysteer", "es"), ("safetensors", "v.safetensors")):
+        r = runner.invoke(app, ["export", "--in", str(tmp_path / "v"), "--format", fmt, "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+    back = load_vector(tmp_path / "v.gguf")
+    torch.testing.assert_close(back.direction(1), vec.direction(1))
+
+
 @organisms
 def test_steer_asc_json(tmp_path):
     args = ["steer", "asc", "--out", str(tmp_path / "asc"), "--n-eval", "6", "--n-select", "6", "--n-pairs", "8"]
