@@ -11,7 +11,18 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from reasonscope.cli_kit import ErrorGroup, choice, emit, fail, floats, fresh_out, model_geometry, read_traces
+from reasonscope.cli_kit import (
+    DTYPE_HELP,
+    ErrorGroup,
+    choice,
+    dtype_option,
+    emit,
+    fail,
+    floats,
+    fresh_out,
+    model_geometry,
+    read_traces,
+)
 
 from .answers import MATCHERS
 from .chunks import CHUNKINGS
@@ -56,10 +67,12 @@ def labels_cmd(
     window: int = typer.Option(32, min=1, help="Deviation index window W (tokens)."),
     lam: float = typer.Option(1.5, help="Deviation threshold lambda."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
 ) -> None:
     """Label every chunk of the traces (text-side recipes need no model) and summarise."""
     from .labels import LabelConfig, build_labels, label_traces
 
+    model_dtype = dtype_option(dtype, "--dtype")
     cfg = LabelConfig(
         matcher=choice(matcher, MATCHERS, "--matcher"),
         chunking=choice(chunking, CHUNKINGS, "--chunking"),
@@ -81,7 +94,7 @@ def labels_cmd(
     if model is not None:
         from reasonscope.models import load_model
 
-        handle = load_model(model)
+        handle = load_model(model, dtype=model_dtype)
     table = label_traces(rows, cfg, out, handle) if out is not None else build_labels(rows, cfg, handle)
     _emit(table.summary(), as_json)
 
@@ -192,6 +205,7 @@ def monitor_cmd(
     max_new_tokens: int = typer.Option(640, min=1),
     grader: str = typer.Option("organism", help="--traces' grader: organism | gsm8k | math."),
     as_json: bool = typer.Option(False, "--json", help="Print {policy: {accuracy, think_tokens, saved_fraction}}."),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
 ) -> None:
     """Early exit during generation: tokens saved vs accuracy for probe, DEER-style and deviation policies.
 
@@ -205,6 +219,7 @@ def monitor_cmd(
     from .monitor import MonitorConfig, Policy, choose, curve, record
 
     grader = choice(grader, tuple(GRADERS), "--grader")
+    model_dtype = dtype_option(dtype, "--dtype")
     if dataset != "organism":
         if traces is not None:
             fail("give --traces or --dataset, not both")
@@ -239,7 +254,7 @@ def monitor_cmd(
     from .probeset import ProbeSet
 
     ps = ProbeSet.open(probes) if probes is not None else None
-    handle = load_model(model)
+    handle = load_model(model, dtype=model_dtype)
     if rows is not None:
         chat = (lambda q: q) if traces is not None else (lambda q: handle.chat_prompt(q, thinking=True))
         val = [(chat(t.prompt), str(t.gold)) for t in rows[:val_n]]

@@ -71,7 +71,8 @@ class ProbeSet:
         if weight_hash != self.weight_hash:
             raise ValueError(
                 f"these probes ({self.path}) were fitted on the model with weight hash {self.weight_hash}, not "
-                f"{weight_hash}; fit probes on this model's activations"
+                f"{weight_hash}; fit probes on this model's activations, or, if it is the same checkpoint, load it "
+                "in the dtype its activations were captured in (--dtype): the hash covers the dtype"
             )
 
     def check_handle(self, handle: ModelHandle) -> None:

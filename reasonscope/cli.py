@@ -15,6 +15,7 @@ from typing import Any, Optional
 import typer
 
 from .cli_kit import (
+    DTYPE_HELP,
     ErrorGroup,
     choice,
     dataset_rows,
@@ -135,7 +136,7 @@ def traces_generate(
     ),
     batch_size: int = typer.Option(32, min=1),
     seed: int = 0,
-    dtype: str = typer.Option("float32", help="Compute dtype of the model: float32 | bfloat16 | float16 (or alias)."),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
 ) -> None:
     """Generate, segment and grade traces; write them as JSONL."""
     out_file(out)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .traces.record import Trace
 
 C = TypeVar("C", bound=str)
+DTYPE_HELP = "Compute dtype of the model: float32 | bfloat16 | float16 (or alias)."
 USER_ERRORS = (ValueError, OSError)  # bad input, missing or unwritable files, unloadable models
 
 

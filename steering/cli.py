@@ -11,7 +11,18 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from reasonscope.cli_kit import ErrorGroup, choice, emit, fail, floats, fresh_out, model_geometry, out_file, say
+from reasonscope.cli_kit import (
+    DTYPE_HELP,
+    ErrorGroup,
+    choice,
+    emit,
+    fail,
+    floats,
+    fresh_out,
+    model_geometry,
+    out_file,
+    say,
+)
 
 if TYPE_CHECKING:  # the commands import what they run: `reasonscope --help` does not load torch
     from .vector import SteeringVector
@@ -44,7 +55,7 @@ def asc_cmd(
     dataset: str = typer.Option(
         "organism", help="Questions: 'organism', 'gsm8k:<path>' or 'math:<path>' (selection rows, then test rows)."
     ),
-    dtype: str = typer.Option("float32", help="Compute dtype of the model: float32 | bfloat16 | float16 (or alias)."),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
     layer: int = typer.Option(2, min=0, help="Block whose output is read and steered."),
     layers: str = typer.Option("", help="Candidate blocks, comma-separated: chosen with γ on the selection split."),
     reduce: str = typer.Option("last", help="Extraction position: last (ASC) | mean (over the text)."),
@@ -209,7 +220,7 @@ def apply_cmd(
     dataset: str = typer.Option(
         "organism", help="--n's questions: 'organism', or the first rows of 'gsm8k:<path>' or 'math:<path>'."
     ),
-    dtype: str = typer.Option("float32", help="Compute dtype of the model: float32 | bfloat16 | float16 (or alias)."),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
     gamma: Optional[float] = typer.Option(None, help="Strength (default: the vector's)."),
     positions: Optional[str] = typer.Option(None, help="last | all | generated | prompt (default: the vector's)."),
     layer: Optional[int] = typer.Option(None, help="Steer only this layer of the vector."),

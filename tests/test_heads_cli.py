@@ -63,6 +63,8 @@ def test_bad_input_fails_early_and_writes_nothing(tiny_model_dir, tmp_path, no_m
         runner.invoke(app, ["heads", "eval", "--model", m, "--map", str(tmp_path / "wrong")]), "layers x KV heads"
     )
     user_error(runner.invoke(app, ["heads", "diff", "--base", m, "--model", str(tmp_path / "nope")]), "--model")
+    for cmd in (["score", "--out", str(tmp_path / "o")], ["eval", "--map", str(tmp_path / "o")], ["diff", "--base", m]):
+        user_error(runner.invoke(app, ["heads", *cmd, "--model", m, "--dtype", "int3"]), "--dtype")
     assert not (tmp_path / "o").exists()
 
 

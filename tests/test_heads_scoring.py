@@ -227,6 +227,10 @@ def test_head_map_artifact_round_trip_and_exports(tiny_handle, task_traces, tmp_
     wrong = HeadMap(torch.ones(3, 2), "window", hm.model_hash, cfg.policy)
     with pytest.raises(ValueError, match="layers x KV heads"):
         wrong.check_model(tiny_handle)
+    from reasonscope.models import load_model
+
+    with pytest.raises(ValueError, match="the hash covers the dtype"):  # the same checkpoint in bfloat16
+        back.check_model(load_model(tiny_handle.source, dtype="bfloat16"))
     (tmp_path / "hm" / "scores.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="damaged"):
         HeadMap.open(tmp_path / "hm")

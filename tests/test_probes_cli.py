@@ -51,6 +51,7 @@ def test_labels_user_errors(tmp_path, task_traces):
     assert "--model" in _err(runner.invoke(probe_app, ["labels", "--traces", str(path), "--forced"]))
     assert "does not exist" in _err(runner.invoke(probe_app, ["labels", "--traces", str(tmp_path / "x.jsonl")]))
     assert "--matcher" in _err(runner.invoke(probe_app, ["labels", "--traces", str(path), "--matcher", "x"]))
+    assert "--dtype" in _err(runner.invoke(probe_app, ["labels", "--traces", str(path), "--dtype", "int3"]))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "prompt": "q", "thinking": "", "answer": "1", "gold": "1"}) + "\n")
     out = tmp_path / "l"
@@ -102,6 +103,7 @@ def test_monitor_cli(tiny_model_dir, tmp_path):
             "threshold": t,
         }
     assert "--deer-thresholds" in _err(runner.invoke(probe_app, [*args, "--deer-thresholds", "high"]))
+    assert "--dtype" in _err(runner.invoke(probe_app, [*args, "--dtype", "int3"]))
     assert "--probes" in _err(runner.invoke(probe_app, [*args, "--probes", str(tmp_path / "none")]))
     r = runner.invoke(probe_app, ["monitor", "--model", str(tmp_path / "nomodel")])  # core lists what it tried
     assert r.exit_code == 2 and r.stderr.startswith("error: --model")

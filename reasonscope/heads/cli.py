@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 
 import typer
 
-from ..cli_kit import choice, floats, fresh_out, model_geometry, say
+from ..cli_kit import DTYPE_HELP, choice, dtype_option, floats, fresh_out, model_geometry, say
 
 if TYPE_CHECKING:  # pragma: no cover
     from .score import Method
@@ -101,6 +101,7 @@ def score(
     ),
     rlkv_budget_s: Optional[float] = typer.Option(840.0, min=1.0, help="RLKV: stop after this many seconds."),
     rlkv_max_think: Optional[int] = typer.Option(None, min=1, help="RLKV: train on problems solved within this."),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
 ) -> None:
     """Score every KV head (higher = keep a full cache) and write a head-map artifact."""
     from dataclasses import replace
@@ -109,6 +110,7 @@ def score(
     from .score import HeadConfig, score_heads
 
     choice(method, SCORE_METHODS, "--method")
+    model_dtype = dtype_option(dtype, "--dtype")
     given = _window(sink, recent)
     lv = _levels(levels)
     fresh_out(out)
@@ -118,7 +120,7 @@ def score(
     from ..models import load_model
     from ..traces.loaders import read_traces_jsonl
 
-    h = load_model(model)
+    h = load_model(model, dtype=model_dtype)
     rows = read_traces_jsonl(traces) if traces is not None else _own_traces(h, n, seed, lv, max_new_tokens)
     policy = _policy_for(rows, given)
     cfg = HeadConfig(
@@ -162,9 +164,11 @@ def diff(
     batch_size: int = typer.Option(256, min=1, help="Rows decoded together in validation."),
     out: Optional[Path] = typer.Option(None, help="Write the result as an emergent_heads artifact here."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
 ) -> None:
     """Emergent heads (Thinking Sparks): score both models, rank the rise, validate by ablation and scaling."""
     lv = _levels(levels)
+    model_dtype = dtype_option(dtype, "--dtype")
     if out is not None:
         fresh_out(out)
     gb, gm = model_geometry(base), model_geometry(model)
@@ -178,9 +182,9 @@ def diff(
     from .emergent import emergent_heads
 
     probs = task.problems(n, seed=seed, levels=lv)
-    post = load_model(model)
+    post = load_model(model, dtype=model_dtype)
     res = emergent_heads(
-        load_model(base),
+        load_model(base, dtype=model_dtype),
         post,
         [post.chat_prompt(p.question) for p in probs],
         [str(p.answer) for p in probs],
@@ -220,6 +224,7 @@ def evaluate(
     batch_size: int = typer.Option(256, min=1, help="Rows decoded together (larger is faster on small models)."),
     out: Optional[Path] = typer.Option(None, help="Write a heads_eval artifact here."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
 ) -> None:
     """Generate with the compressed cache per head map and baseline; print curves and rank agreement."""
     from ..cli_kit import dataset_rows, dataset_source
@@ -227,6 +232,7 @@ def evaluate(
     from .headmap import HeadMap
 
     lv = _levels(levels)
+    model_dtype = dtype_option(dtype, "--dtype")
     grader, dataset_at = dataset_source(dataset)
     organism = dataset_at is None
     if not organism and (exhaustive or retrieval):
@@ -260,7 +266,7 @@ def evaluate(
     from ..organisms import task
     from .retrieval import read_scores
 
-    h = load_model(model)
+    h = load_model(model, dtype=model_dtype)
     for hm in heads:
         hm.check_model(h)
     own = _own_traces(h, n_own, seed + 10_000, lv, max_new_tokens) if exhaustive or retrieval else None

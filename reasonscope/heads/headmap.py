@@ -47,7 +47,8 @@ class HeadMap:
         if self.model_hash != handle.weight_hash:
             raise ValueError(
                 f"head map {self.path or ''} was scored on weights {self.model_hash}, not this model's "
-                f"{handle.weight_hash}; score this model's heads (reasonscope heads score)"
+                f"{handle.weight_hash}; score this model's heads (reasonscope heads score), or, if it is the same "
+                "checkpoint, load it in the dtype the map was scored in (--dtype): the hash covers the dtype"
             )
 
     def full_heads(self, sparsity: float) -> torch.Tensor:
