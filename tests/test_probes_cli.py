@@ -133,3 +133,26 @@ def test_monitor_on_a_dataset_uses_its_first_rows_and_grader(tiny_model_dir, tin
     traces = tmp_path / "t.jsonl"
     traces.write_text("")
     assert "not both" in _err(runner.invoke(probe_app, [*args, "--traces", str(traces)]))
+
+
+def test_labels_capture_and_monitor_on_an_r1_format_model(r1_tiny_dir, tmp_path):
+    """The real-model flow on the R1 tokenizer and chat format: GSM8K traces, activations at the chunk ends,
+    forced-answer labels, and the monitor's policies on the next GSM8K rows."""
+    from reasonscope.cli import app
+    from reasonscope.store import ActivationStore
+
+    m, gsm8k = str(r1_tiny_dir), f"gsm8k:{shared_data('gsm8k/test.jsonl')}"
+    traces = str(tmp_path / "t.jsonl")
+    gen = ["traces", "generate", "--model", m, "--dataset", gsm8k, "--n", "4", "--temperature", "1"]
+    assert runner.invoke(app, [*gen, "--max-new-tokens", "40", "--out", traces]).exit_code == 0
+    cap = ["capture", "--model", m, "--traces", traces, "--positions", "segment_ends", "--out", str(tmp_path / "a")]
+    r = runner.invoke(app, cap)
+    assert r.exit_code == 0, r.output
+    assert len(ActivationStore.open(tmp_path / "a")) > 0
+    r = runner.invoke(probe_app, ["labels", "--traces", traces, "--model", m, "--forced", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n_traces"] == 4
+    mon = ["monitor", "--model", m, "--dataset", gsm8k, "--n", "2", "--val-n", "1", "--max-new-tokens", "16"]
+    r = runner.invoke(probe_app, [*mon, "--temperature", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["none"]["n"] == 2
