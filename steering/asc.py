@@ -31,10 +31,10 @@ import torch
 from reasonscope.organisms import task
 from reasonscope.organisms.evaluate import EVAL_SEED, summarize, think_tokens
 from reasonscope.traces import GRADERS, Trace
-from reasonscope.traces.generate import GenerationConfig, generate_traces
 
 from .extract import extract_vector
 from .learned import LEARN_POSITIONS, LearnConfig, LearnPositions, learn_vector
+from .questions import Question, answer_questions, organism_questions
 from .vector import SteeringVector
 
 __all__ = [
@@ -44,8 +44,6 @@ __all__ = [
     "ASCConfig",
     "GammaRule",
     "Pair",
-    "Question",
-    "answer_questions",
     "asc_gamma_max",
     "asc_pairs",
     "efficiency_pairs",
@@ -53,7 +51,6 @@ __all__ = [
     "evaluate_gammas",
     "kl_bound",
     "kl_gamma",
-    "organism_questions",
     "read_pairs",
     "run_asc",
     "selection_problems",
@@ -281,21 +278,6 @@ class Pair:
     verbose: str
 
 
-@dataclass(frozen=True)
-class Question:
-    """One evaluation question: its chat-formatted prompt, the gold answer, an id and (organisms) its level."""
-
-    prompt: str
-    gold: str
-    id: str = ""
-    level: int | None = None
-
-
-def organism_questions(handle: Any, problems: Sequence[task.Problem]) -> list[Question]:
-    """Organism task problems as evaluation questions."""
-    return [Question(handle.chat_prompt(p.question), str(p.answer), p.uid, p.level) for p in problems]
-
-
 def read_pairs(path: str | Path, chat_prompt: Callable[[str], str]) -> list[Pair]:
     """Pairs from a JSONL file: one object a line with ``concise`` and ``verbose`` thinking texts and either
     ``prompt`` (used as is) or ``question`` (formatted by ``chat_prompt``, e.g. ``handle.chat_prompt``)."""
@@ -330,35 +312,6 @@ def asc_pairs(handle: Any, problems: Sequence[task.Problem], seed: int = 0) -> l
         verbose = task.think(p, random.Random(seed * 1_000_003 + i), "verbose").text
         out.append(Pair(handle.chat_prompt(p.question), concise, verbose))
     return out
-
-
-def answer_questions(
-    handle: Any,
-    questions: Sequence[Question],
-    grader: str,
-    temperature: float = 1.0,
-    seed: int = 0,
-    max_new_tokens: int = 640,
-    batch_size: int = 64,
-    progress: bool = False,
-) -> list[Trace]:
-    """Generate one graded trace per question through the generation engine (levels kept in ``meta``)."""
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
-    traces = generate_traces(
-        handle,
-        [q.prompt for q in questions],
-        gen,
-        ids=[q.id or f"q{i}" for i, q in enumerate(questions)],
-        golds=[q.gold for q in questions],
-        grader=grader,
-        source="organism" if grader == "organism" else handle.source,
-        progress=progress,
-        min_chars=0,
-    )
-    for t, q in zip(traces, questions):
-        if q.level is not None:
-            t.meta["level"] = q.level
-    return traces
 
 
 def _traces(

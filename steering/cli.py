@@ -142,13 +142,13 @@ def asc_cmd(
         fail(f"--dataset {dataset!r} has {len(rows)} rows, fewer than --n-select {n_select} + --n-eval {n_eval}")
     from reasonscope.models import load_model
 
-    from .asc import Question
+    from .questions import dataset_questions
 
     handle = load_model(model, dtype=model_dtype)
     pairs_given = None if pairs_file is None else read_pairs(pairs_file, lambda q: handle.chat_prompt(q, thinking=True))
     questions = None
     if rows is not None:
-        questions = [Question(handle.chat_prompt(t.prompt, thinking=True), str(t.gold), t.id) for t in rows]
+        questions = dataset_questions(handle, rows)
     emit(run_asc(handle, cfg, out, progress=True, pairs=pairs_given, questions=questions), as_json)
 
 
@@ -172,12 +172,20 @@ def hybrid_cmd(
     max_new_tokens: int = typer.Option(256, min=1),
     batch_size: int = typer.Option(64, min=1),
     controls: bool = typer.Option(True, help="Also run the random-behaviour and random-vector controls."),
+    dataset: str = typer.Option(
+        "organism", help="'organism', or 'gsm8k:<path>' / 'math:<path>': the first --n-eval rows, then --n-train."
+    ),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Hybrid steering: the thinking model picks when and which behaviour, the base is steered; gap recovered."""
+    from reasonscope.cli_kit import dataset_rows, dataset_source, dtype_option
+
     from .hybrid import LABELS, SELECTORS, VECTORS, HybridConfig
 
     fresh_out(out)
+    model_dtype = dtype_option(dtype, "--dtype")
+    grader, _ = dataset_source(dataset)
     try:
         cfg = HybridConfig(
             sae_layer=sae_layer,
@@ -195,6 +203,7 @@ def hybrid_cmd(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             controls=controls,
+            grader=grader,
         )
     except ValueError as e:
         fail(str(e))
@@ -203,11 +212,20 @@ def hybrid_cmd(
         fail(f"--steer-layer {steer_layer} does not exist in {base} (layers 0..{gb.n_layers - 1})")
     if sae_layer >= gt.n_layers:
         fail(f"--sae-layer {sae_layer} does not exist in {thinking} (layers 0..{gt.n_layers - 1})")
+    _, rows = dataset_rows(dataset, n_eval + n_train)
+    if rows is not None and len(rows) < n_eval + 2:
+        fail(f"--dataset {dataset!r} has {len(rows)} rows; --n-eval {n_eval} of them leave fewer than 2 to train on")
     from reasonscope.models import load_model
 
     from .hybrid import run_hybrid
+    from .questions import dataset_questions
 
-    run = run_hybrid(load_model(base), load_model(thinking), None, cfg, out)
+    bh, th = load_model(base, dtype=model_dtype), load_model(thinking, dtype=model_dtype)
+    if rows is None:
+        run = run_hybrid(bh, th, None, cfg, out)
+    else:
+        qs = dataset_questions(th, rows)
+        run = run_hybrid(bh, th, None, cfg, out, questions=qs[:n_eval], train_questions=qs[n_eval:])
     emit(run.summary, as_json)
 
 
@@ -273,12 +291,12 @@ def apply_cmd(
         from reasonscope.organisms import task
         from reasonscope.organisms.evaluate import EVAL_SEED, summarize
 
-        from .asc import Question, answer_questions, organism_questions
+        from .questions import answer_questions, dataset_questions, organism_questions
 
         if rows is None:
             questions = organism_questions(h, task.problems(n, EVAL_SEED))
         else:
-            questions = [Question(h.chat_prompt(t.prompt, thinking=True), str(t.gold), t.id) for t in rows]
+            questions = dataset_questions(h, rows)
         report["plain"] = summarize(answer_questions(h, questions, grader, temperature, 0, max_new_tokens))
         with vec.apply(h, gamma=gamma, positions=rule):
             report["steered"] = summarize(answer_questions(h, questions, grader, temperature, 0, max_new_tokens))

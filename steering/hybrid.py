@@ -48,8 +48,10 @@ from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, write_artifact
 from reasonscope.generation import Batch, DecodeConfig, current_batch, generate, uniform
 from reasonscope.organisms import task
 from reasonscope.organisms.evaluate import EVAL_SEED
+from reasonscope.traces import GRADERS
 
 from .behaviours import Taxonomy, agreement, ends_sentence, fit_sae, normalise_rows, organism_labels, sentence_spans
+from .questions import Question, grade_completion, organism_questions
 from .vector import SteeringVector, VectorMeta
 
 __all__ = [
@@ -110,9 +112,14 @@ class HybridConfig:
     max_new_tokens: int = 256
     batch_size: int = 64
     controls: bool = True
+    grader: str = "organism"  # grades the evaluation questions: organism (format-neutral) | gsm8k | math
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "coefficients", tuple(float(c) for c in self.coefficients))
+        if self.grader not in GRADERS:
+            raise ValueError(f"grader {self.grader!r} is not one of {', '.join(GRADERS)}")
+        if self.labels == "annotated" and self.grader != "organism":
+            raise ValueError("labels 'annotated' are the organisms' sentence types; with a dataset use labels 'sae'")
         if self.sae_layer < 0 or self.steer_layer < 0:
             raise ValueError(f"layers must be >= 0, got sae_layer={self.sae_layer}, steer_layer={self.steer_layer}")
         if self.n_latents < 2 or not 1 <= self.topk <= self.n_latents:
@@ -170,8 +177,11 @@ def final_answer(text: str, think_end: str = "</think>") -> int | None:
     return int(m.group()) if m else None
 
 
-def _grade(text: str, finished: bool, gold: int) -> bool:
-    return finished and final_answer(text) == gold
+def _grade(text: str, finished: bool, gold: str, grader: str) -> bool:
+    """A finished completion's answer against ``gold``: :func:`final_answer` for the organisms, else the grader's."""
+    if not finished:
+        return False
+    return final_answer(text) == int(gold) if grader == "organism" else grade_completion(text, gold, grader)
 
 
 # ---------------------------------------------------------------------------- rollouts and sentences
@@ -262,8 +272,9 @@ def discover_behaviours(table: SentenceTable, cfg: HybridConfig) -> Taxonomy:
     """Train the top-k SAE on the sentences; name each latent by its index and the known type it mostly holds."""
     x = normalise_rows(table.acts, table.centre)
     sae, report = fit_sae(x, cfg.n_latents, cfg.topk, seed=cfg.seed)
-    latents = sae.labels(x).tolist()
-    agree = agreement(latents, table.truth)
+    if cfg.grader != "organism":  # no known sentence types to name the latents by
+        return Taxonomy(sae, table.centre.clone(), tuple(map(str, range(cfg.n_latents))), {"sae": report})
+    agree = agreement(sae.labels(x).tolist(), table.truth)
     names = tuple(f"{i}:{agree['majority'].get(str(i), 'unused')}" for i in range(cfg.n_latents))
     return Taxonomy(sae, table.centre.clone(), names, {"sae": report, "agreement": agree})
 
@@ -691,8 +702,10 @@ def build_steerer(base: Any, thinking: Any, rolls: Sequence[Rollout], cfg: Hybri
     return steerer, report
 
 
-def _score(outs: Sequence[HybridOutput], tok: Any, golds: Sequence[int]) -> tuple[list[bool], dict[str, Any]]:
-    correct = [_grade(tok.decode(o.token_ids), o.finished, g) for o, g in zip(outs, golds)]
+def _score(
+    outs: Sequence[HybridOutput], tok: Any, golds: Sequence[str], grader: str
+) -> tuple[list[bool], dict[str, Any]]:
+    correct = [_grade(tok.decode(o.token_ids), o.finished, g, grader) for o, g in zip(outs, golds)]
     n_tok = sum(len(o.token_ids) for o in outs)
     n_steer = sum(b is not None for o in outs for b in o.behaviours)
     pushes = sorted(v for o in outs for v in o.pushes)
@@ -709,10 +722,11 @@ def _gap(h: float, b: float, t: float) -> float | None:
     return None if t == b else round((h - b) / (t - b), 4)
 
 
-def _by_level(correct: Sequence[bool], levels: Sequence[int]) -> dict[str, float]:
+def _by_level(correct: Sequence[bool], levels: Sequence[int | None]) -> dict[str, float]:
     acc: dict[int, list[bool]] = {}
     for c, lv in zip(correct, levels):
-        acc.setdefault(lv, []).append(c)
+        if lv is not None:
+            acc.setdefault(lv, []).append(c)
     return {str(k): round(sum(v) / len(v), 4) for k, v in sorted(acc.items())}
 
 
@@ -723,23 +737,36 @@ def run_hybrid(
     cfg: HybridConfig,
     out: str | Path | None = None,
     replace: bool = False,
+    *,
+    questions: Sequence[Question] | None = None,
+    train_questions: Sequence[Question] | None = None,
 ) -> HybridRun:
-    """Build the steerer on training rollouts, evaluate base, thinking, hybrid and the controls on ``problems``
-    (default: ``cfg.n_eval`` held-out organism problems), and write a ``hybrid_run`` artifact at ``out``."""
+    """Build the steerer on training rollouts, evaluate base, thinking, hybrid and the controls, and write a
+    ``hybrid_run`` artifact at ``out``.
+
+    Evaluation: ``problems`` (organism problems; None: ``cfg.n_eval`` held-out ones) or ``questions`` (any graded
+    set, in the thinking model's chat format, graded by ``cfg.grader``); training rollouts: ``cfg.n_train``
+    organism problems of a disjoint stream, or ``train_questions`` (their prompts).
+    """
     cfg.check_models(base_handle, thinking_handle)
-    if problems is None:
-        problems = task.problems(cfg.n_eval, EVAL_SEED)
-    problems = list(problems)
-    if not problems:
-        raise ValueError("no problems to evaluate")
+    if questions is not None and problems is not None:
+        raise ValueError("give problems (organism) or questions, not both")
+    if cfg.grader != "organism" and (questions is None or train_questions is None):
+        raise ValueError(f"grader {cfg.grader!r} grades given questions: pass questions and train_questions")
+    if questions is None:
+        questions = organism_questions(thinking_handle, problems or task.problems(cfg.n_eval, EVAL_SEED))
+    if train_questions is None:
+        train_questions = organism_questions(thinking_handle, task.problems(cfg.n_train, TRAIN_SEED + cfg.seed))
+    questions, train_questions = list(questions), list(train_questions)
+    if not questions or not train_questions:
+        raise ValueError("no questions to evaluate or to train on")
     tok = thinking_handle.tokenizer
-    train = task.problems(cfg.n_train, TRAIN_SEED + cfg.seed)
-    rolls = rollouts(thinking_handle, [thinking_handle.chat_prompt(p.question) for p in train], 1.0, cfg.seed + 1, cfg)
+    rolls = rollouts(thinking_handle, [q.prompt for q in train_questions], 1.0, cfg.seed + 1, cfg)
     steerer, build = build_steerer(base_handle, thinking_handle, rolls, cfg)
 
-    prompts = [tok(thinking_handle.chat_prompt(p.question), add_special_tokens=False)["input_ids"] for p in problems]
-    golds = [p.answer for p in problems]
-    levels = [p.level for p in problems]
+    prompts = [tok(q.prompt, add_special_tokens=False)["input_ids"] for q in questions]
+    golds = [q.gold for q in questions]
+    levels = [q.level for q in questions]
     dcfg = DecodeConfig(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size
     )
@@ -748,22 +775,24 @@ def run_hybrid(
         comps = generate(h, prompts, dcfg)
         plain[name] = [HybridOutput(c.token_ids, [None] * len(c.token_ids), c.finish_reason == "eos") for c in comps]
     hyb = hybrid_generate(base_handle, thinking_handle, prompts, steerer, cfg, "hybrid")
-    runs: dict[str, tuple[list[bool], dict[str, Any]]] = {k: _score(v, tok, golds) for k, v in plain.items()}
-    runs["hybrid"] = _score(hyb, tok, golds)
+    runs: dict[str, tuple[list[bool], dict[str, Any]]] = {
+        k: _score(v, tok, golds, cfg.grader) for k, v in plain.items()
+    }
+    runs["hybrid"] = _score(hyb, tok, golds, cfg.grader)
     if cfg.controls:
         rb = hybrid_generate(base_handle, thinking_handle, prompts, steerer, cfg, "random_behaviour")
         rv = hybrid_generate(base_handle, thinking_handle, prompts, steerer.randomised(cfg.seed + 17), cfg)
-        runs["random_behaviour"] = _score(rb, tok, golds)
-        runs["random_vectors"] = _score(rv, tok, golds)
+        runs["random_behaviour"] = _score(rb, tok, golds, cfg.grader)
+        runs["random_vectors"] = _score(rv, tok, golds, cfg.grader)
     b, t, h = (runs[k][1]["accuracy"] for k in ("base", "thinking", "hybrid"))
     controls = {
         k: {**runs[k][1], "gap_recovered": _gap(runs[k][1]["accuracy"], b, t)}
         for k in ("random_behaviour", "random_vectors")
         if k in runs
     }
-    agree = build["taxonomy"]["agreement"]
+    agree = build["taxonomy"].get("agreement")
     summary: dict[str, Any] = {
-        "n_problems": len(problems),
+        "n_problems": len(questions),
         "base_accuracy": b,
         "thinking_accuracy": t,
         "hybrid_accuracy": h,
@@ -772,23 +801,25 @@ def run_hybrid(
         "controls": controls,
         "accuracy_by_level": {k: _by_level(v[0], levels) for k, v in runs.items()},
         "runs": {k: v[1] for k, v in runs.items()},
-        "taxonomy_agreement": {k: agree[k] for k in ("purity", "inverse_purity", "ari", "nmi")},
+        "taxonomy_agreement": agree and {k: agree[k] for k in ("purity", "inverse_purity", "ari", "nmi")},
         "behaviours": build["behaviours"],
         "selector": build["selector"],
         "vectors": build["vectors"],
-        "format": "shared prompt <|user|>q<|assistant|><think> for all three; one grader (final_answer)",
+        "format": "the thinking model's chat prompt, shared by all three; one grader ("
+        + ("final_answer" if cfg.grader == "organism" else cfg.grader)
+        + ")",
         "base_model": base_handle.source,
         "thinking_model": thinking_handle.source,
     }
     records = []
-    for i, p in enumerate(problems):
+    for i, q in enumerate(questions):
         o = hyb[i]
         records.append(
             {
-                "uid": p.uid,
-                "question": p.question,
-                "level": p.level,
-                "gold": p.answer,
+                "uid": q.id,
+                "question": q.text or q.prompt,
+                "level": q.level,
+                "gold": q.gold,
                 "tokens": _texts(tok, o.token_ids),
                 "behaviours": o.behaviours,
                 "correct": runs["hybrid"][0][i],

@@ -17,7 +17,6 @@ from steering.asc import (
     SELECT_SEED,
     ASCConfig,
     Pair,
-    Question,
     _best,
     _cubic_root,
     _first_token,
@@ -27,12 +26,12 @@ from steering.asc import (
     estimate_a_l,
     kl_bound,
     kl_gamma,
-    organism_questions,
     read_pairs,
     run_asc,
     selection_problems,
 )
 from steering.extract import extract_vector
+from steering.questions import Question, organism_questions
 from steering.vector import SteeringVector, VectorMeta
 
 from conftest import organisms
@@ -206,18 +205,18 @@ def _pairs_and_questions(h) -> tuple[list[Pair], list[Question]]:
 def test_asc_runs_on_given_pairs_and_questions(tmp_path, tiny_handle, monkeypatch):
     """Any model's ASC: the vector is the pairs' mean difference; the first n_select questions choose γ, the next
     n_eval test it, graded by cfg.grader."""
-    import steering.asc as asc
+    import steering.questions as questions_module
 
     h = tiny_handle
     pairs, questions = _pairs_and_questions(h)
     calls: list[tuple[list[str], str | None]] = []
-    real = asc.generate_traces
+    real = questions_module.generate_traces
 
     def spy(handle, prompts, cfg, **kw):
         calls.append((list(prompts), kw["grader"]))
         return real(handle, prompts, cfg, **kw)
 
-    monkeypatch.setattr(asc, "generate_traces", spy)
+    monkeypatch.setattr(questions_module, "generate_traces", spy)
     cfg = ASCConfig(
         layers=(0, 1), n_select=3, n_eval=4, n_calibration=4, sweep=(0.5,), max_new_tokens=6, grader="gsm8k"
     )

@@ -68,18 +68,18 @@ def test_apply_prints_plain_and_steered_completions(tmp_path, tiny_model_dir, ti
 
 
 def test_apply_grades_the_first_dataset_rows(tmp_path, tiny_model_dir, tiny_handle, monkeypatch):
-    import steering.asc as asc
+    import steering.questions as questions_module
     from reasonscope.traces import load_hf_dataset
 
     gsm8k = shared_data("gsm8k/test.jsonl")
     seen: list[tuple[list[str], list[str | None], str | None]] = []
-    real = asc.generate_traces
+    real = questions_module.generate_traces
 
     def spy(handle, prompts, cfg, **kw):
         seen.append((list(prompts), list(kw["golds"]), kw["grader"]))
         return real(handle, prompts, cfg, **kw)
 
-    monkeypatch.setattr(asc, "generate_traces", spy)
+    monkeypatch.setattr(questions_module, "generate_traces", spy)
     src = saved_vector(tmp_path, tiny_handle)
     args = ["steer", "apply", "--vector", src, "--model", str(tiny_model_dir), "--n", "3"]
     r = runner.invoke(app, [*args, "--dataset", f"gsm8k:{gsm8k}", "--max-new-tokens", "4", "--json"])

@@ -408,6 +408,62 @@ def test_cli_json(tmp_path, tiny_model_dir, other_model_dir):
     assert HybridRun.open(tmp_path / "o").summary["n_problems"] == 3
 
 
+@pytest.fixture(scope="module")
+def r1_other_dir(r1_tiny_dir, tmp_path_factory):
+    """A second R1-format tiny model: the same tokenizer, other (larger) block weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(r1_tiny_dir)
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    path = tmp_path_factory.mktemp("r1-other") / "r1-other"
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(r1_tiny_dir).save_pretrained(path)
+    return path
+
+
+def test_hybrid_on_a_dataset_with_r1_format_models(tmp_path, r1_tiny_dir, r1_other_dir):
+    """Real-model hybrid steering: the first --n-eval GSM8K rows are evaluated under the GSM8K grader, the next
+    --n-train rows give the thinking model's rollouts; latents have no known types to be named by."""
+    from reasonscope.cli import app
+    from reasonscope.traces import load_hf_dataset
+
+    from conftest import shared_data
+
+    gsm8k = shared_data("gsm8k/test.jsonl")
+    args = ["steer", "hybrid", "--base", str(r1_other_dir), "--thinking", str(r1_tiny_dir), "--sae-layer", "1"]
+    args += ["--dataset", f"gsm8k:{gsm8k}", "--n-eval", "2", "--n-train", "4", "--train-steps", "2", "--n-latents", "3"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o"), "--max-new-tokens", "12", "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert s["n_problems"] == 2 and s["taxonomy_agreement"] is None and "gsm8k" in s["format"]
+    run = HybridRun.open(tmp_path / "o")
+    rows = load_hf_dataset(gsm8k)[:2]
+    assert [(x["question"], x["gold"]) for x in run.records] == [(t.prompt, t.gold) for t in rows]
+    assert all(name.isdigit() for name in run.taxonomy["names"])
+    bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o2"), "--labels", "annotated"])
+    assert bad.exit_code == 2 and "labels 'annotated'" in bad.output
+
+
+def test_dataset_grading_and_its_refusals(pair):
+    from steering.hybrid import _grade
+
+    assert _grade("so 16-3-4=9 and 9*2=18.</think>The answer is $\\boxed{18}$.", True, "18", "gsm8k")
+    assert not _grade("</think>\\boxed{18}", False, "18", "gsm8k")  # unfinished: no answer
+    assert not _grade("</think>\\boxed{17}", True, "18", "gsm8k")
+    assert _grade("first a3.</think>7<|end|>", True, "7", "organism")
+    base, thinking = pair
+    with pytest.raises(ValueError, match="pass questions and train_questions"):
+        run_hybrid(base, thinking, None, HybridConfig(sae_layer=1, grader="gsm8k"))
+    with pytest.raises(ValueError, match="not both"):
+        run_hybrid(base, thinking, task.problems(2, 0), HybridConfig(sae_layer=1), questions=[])
+    with pytest.raises(ValueError, match="grader"):
+        HybridConfig(grader="exact")
+
+
 @organisms
 def test_organisms_end_to_end_small(tmp_path):
     """On the organisms the hybrid recovers most of the gap and both controls far less (60 problems, seeded)."""

@@ -122,7 +122,11 @@ def _hybrid(run: RunDir) -> None:
     pick = st.selectbox(
         "hybrid run",
         range(len(records)),
-        format_func=lambda i: f"{i}: level {records[i].get('level')} · {records[i]['question']}",
+        format_func=lambda i: (
+            f"{i}: "
+            + (f"level {records[i]['level']} · " if records[i].get("level") is not None else "")
+            + str(records[i]["question"])[:120]
+        ),
         key="st_hybrid",
     )
     r = records[pick or 0]
