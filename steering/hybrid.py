@@ -25,10 +25,12 @@ Pipeline (:func:`run_hybrid`):
    guardrail). The steered position's keys and values stay in the base's cache (as in the training pass).
 
 Format: the thinking model's chat prompt ``<|user|>q<|assistant|><think>`` is the shared prefix (the organisms'
-base continues it, mostly by closing ``</think>`` at once, and thinks there when started). Base, thinking and
-hybrid are generated from that same prompt and graded by one format-neutral grader (:func:`final_answer`), so the
-gap is measured on the format the hybrid uses. Controls: behaviours chosen at random at each sentence start, and
-vectors replaced by random directions of the same norms, both with the same "when" rule and guardrail.
+base continues it, mostly by closing ``</think>`` at once, and thinks there when started); any base/thinking pair
+that shares one tokenizer runs on a dataset's questions the same way (``questions``, ``train_questions``).
+Base, thinking and hybrid are generated from that same prompt and graded by one grader (the organisms':
+format-neutral :func:`final_answer`; a dataset's: its own), so the gap is measured on the format the hybrid uses.
+Controls: behaviours chosen at random at each sentence start, and vectors replaced by random directions of the
+same norms, both with the same "when" rule and guardrail.
 """
 
 from __future__ import annotations
@@ -754,7 +756,8 @@ def run_hybrid(
     if cfg.grader != "organism" and (questions is None or train_questions is None):
         raise ValueError(f"grader {cfg.grader!r} grades given questions: pass questions and train_questions")
     if questions is None:
-        questions = organism_questions(thinking_handle, problems or task.problems(cfg.n_eval, EVAL_SEED))
+        chosen = task.problems(cfg.n_eval, EVAL_SEED) if problems is None else problems
+        questions = organism_questions(thinking_handle, chosen)
     if train_questions is None:
         train_questions = organism_questions(thinking_handle, task.problems(cfg.n_train, TRAIN_SEED + cfg.seed))
     questions, train_questions = list(questions), list(train_questions)

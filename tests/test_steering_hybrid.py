@@ -458,6 +458,8 @@ def test_dataset_grading_and_its_refusals(pair):
     base, thinking = pair
     with pytest.raises(ValueError, match="pass questions and train_questions"):
         run_hybrid(base, thinking, None, HybridConfig(sae_layer=1, grader="gsm8k"))
+    with pytest.raises(ValueError, match="no questions"):
+        run_hybrid(base, thinking, [], HybridConfig(sae_layer=1))
     with pytest.raises(ValueError, match="not both"):
         run_hybrid(base, thinking, task.problems(2, 0), HybridConfig(sae_layer=1), questions=[])
     with pytest.raises(ValueError, match="grader"):
