@@ -80,7 +80,7 @@ class ASCConfig:
     positions: LearnPositions = "last"  # ASC's injection (every forward pass's last position) or the prompt's last
     learn_steps: int = 150  # learned: Adam steps
     kl_weight: float = 30.0  # learned: weight of the trust region
-    learn_micro_batch: int | None = None  # learned: pairs per forward pass (None: all 16 of a step at once)
+    learn_micro_batch: int | None = None  # learned: pairs per forward pass (None: sized to LOGIT_BUDGET)
     n_pairs: int = 64
     pairs: Pairs = "styles"  # concise/verbose task styles, or shortest/longest correct samples (efficiency)
     k_samples: int = 4  # efficiency pairs: samples per question at temperature 1

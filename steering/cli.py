@@ -65,7 +65,7 @@ def asc_cmd(
     learn_steps: int = typer.Option(150, min=1, help="learned: optimisation steps."),
     kl_weight: float = typer.Option(30.0, min=0.0, help="learned: weight of the KL trust region."),
     learn_micro_batch: Optional[int] = typer.Option(
-        None, min=1, help="learned: pairs per forward pass (fewer for long CoTs on a large vocabulary)."
+        None, min=1, help="learned: pairs per forward pass (default: sized to 512 MiB of log-probs)."
     ),
     n_pairs: int = typer.Option(64, min=1, help="Questions for generated pairs (styles, efficiency)."),
     pairs: str = typer.Option(

@@ -25,6 +25,8 @@ from .vector import SteeringVector, VectorMeta
 
 __all__ = ["LEARN_POSITIONS", "LearnConfig", "LearnPositions", "learn_vector"]
 
+LOGIT_BUDGET = 1 << 27  # log-prob elements (rows x tokens x vocab) of one forward pass: 512 MiB in float32 (the
+# pass holds several tensors of that size: on a 151,665-token vocabulary, ~680-token pairs one at a time peak at 3.3 GB)
 LearnPositions = Literal["last", "prompt"]
 LEARN_POSITIONS: tuple[LearnPositions, ...] = get_args(LearnPositions)
 
@@ -39,18 +41,21 @@ class LearnConfig:
     kl_weight: float = 30.0  # λ: the trust region's weight against the decision's log-likelihood
     positions: LearnPositions = "last"  # where v acts while it is learned (and in the vector's metadata)
     seed: int = 0
-    micro_batch: int | None = None  # pairs per forward pass (gradients accumulate over a step); None: batch_size.
-    # A pass holds [rows, tokens, vocab] log-probs twice, so long real CoTs with a 150k vocabulary need a few rows
+    micro_batch: int | None = None  # pairs per forward pass (gradients accumulate over a step); None: as many as
+    # keep a pass's [rows, tokens, vocab] log-probs within LOGIT_BUDGET (a 150k vocabulary and long CoTs: 1-2 rows)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
         if self.micro_batch is not None and self.micro_batch < 1:
-            raise ValueError(f"micro_batch must be >= 1 (or None: batch_size), got {self.micro_batch}")
+            raise ValueError(f"micro_batch must be >= 1 (or None: sized to LOGIT_BUDGET), got {self.micro_batch}")
         if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
             raise ValueError(f"lr must be > 0 and kl_weight >= 0 (finite), got {self.lr}, {self.kl_weight}")
         if self.positions not in LEARN_POSITIONS:
             raise ValueError(f"positions {self.positions!r} is not one of {', '.join(LEARN_POSITIONS)}")
+
+
+Pair = tuple[list[int], list[int], list[int], int]  # prompt, target and source ids, the decision's index
 
 
 def _decision(target: Sequence[int], source: Sequence[int], i: int) -> int:
@@ -100,7 +105,7 @@ def learn_vector(
 
 def _optimise(
     handle: Any,
-    pairs: list[tuple[list[int], list[int], list[int], int]],
+    pairs: list[Pair],
     layers: tuple[int, ...],
     cfg: LearnConfig,
     recipe: dict[str, Any],
@@ -109,15 +114,15 @@ def _optimise(
     v = torch.zeros(len(layers), g.d_model, device=handle.device, requires_grad=True)
     opt = torch.optim.Adam([v], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    micro = cfg.micro_batch or cfg.batch_size
+    vocab = int(handle.model.get_output_embeddings().weight.shape[0])
     last_kl, last_p = 0.0, 0.0
     for _ in range(cfg.steps):
         batch = [pairs[i] for i in torch.randperm(len(pairs), generator=gen)[: cfg.batch_size].tolist()]
         n_kl = max(1, sum(len(b[1]) + len(b[2]) - 2 for b in batch))  # every prediction but the decision's
         opt.zero_grad()
         p_sum, kl_sum = 0.0, 0.0
-        for i in range(0, len(batch), micro):  # the step's loss, accumulated part by part
-            lp, kl = _terms(handle, v, layers, batch[i : i + micro], cfg.positions)
+        for part in _parts(batch, cfg.micro_batch, vocab):  # the step's loss, accumulated part by part
+            lp, kl = _terms(handle, v, layers, part, cfg.positions)
             loss = -lp.sum() / len(batch) + cfg.kl_weight * kl / n_kl
             loss.backward()
             p_sum += float(lp.detach().exp().sum())
@@ -137,11 +142,29 @@ def _optimise(
     return SteeringVector(v.detach(), meta)
 
 
+def _parts(batch: list[Pair], rows: int | None, vocab: int) -> list[list[Pair]]:
+    """The step's pairs in forward passes of ``rows`` pairs, or (None) of as many as keep a pass's log-probs
+    (rows x widest prompt ⊕ continuation x vocab) within LOGIT_BUDGET; at least one pair a pass."""
+    if rows is not None:
+        return [batch[i : i + rows] for i in range(0, len(batch), rows)]
+    parts: list[list[Pair]] = []
+    width = 0
+    for pair in batch:
+        w = max(width, len(pair[0]) + max(len(pair[1]), len(pair[2])))
+        if parts and (len(parts[-1]) + 1) * w * vocab <= LOGIT_BUDGET:
+            parts[-1].append(pair)
+            width = w
+        else:
+            parts.append([pair])
+            width = len(pair[0]) + max(len(pair[1]), len(pair[2]))
+    return parts
+
+
 def _terms(
     handle: Any,
     v: torch.Tensor,
     layers: tuple[int, ...],
-    part: list[tuple[list[int], list[int], list[int], int]],
+    part: list[Pair],
     rule: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For these pairs: the target's log-prob at each decision ``[n]``, and the KL summed over every other

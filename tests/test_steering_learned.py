@@ -98,9 +98,9 @@ def test_bad_input_is_refused(tiny_handle):
 
 @pytest.mark.parametrize("positions", ["prompt", "last"])
 def test_micro_batches_learn_the_batch_vector(sharp, positions):
-    """Pairs one forward pass at a time (accumulated gradients) give the vector of the whole batch at once."""
+    """Pairs one or two a forward pass (accumulated gradients) give the vector of the whole batch at once."""
     h = sharp
-    whole = LearnConfig(steps=8, batch_size=3, lr=0.1, kl_weight=1.0, positions=positions)
+    whole = LearnConfig(steps=8, batch_size=3, lr=0.1, kl_weight=1.0, positions=positions, micro_batch=3)
     ref = learn_vector(h, PROMPTS, TARGETS, SOURCES, (0, 1), whole)
     for micro in (1, 2):
         cfg = LearnConfig(steps=8, batch_size=3, lr=0.1, kl_weight=1.0, positions=positions, micro_batch=micro)
@@ -109,6 +109,24 @@ def test_micro_batches_learn_the_batch_vector(sharp, positions):
         for key in ("final_p_target", "final_mean_kl"):
             assert got.meta.recipe[key] == pytest.approx(ref.meta.recipe[key], abs=1e-4)
     assert float(ref.directions.norm()) > 0.1
+
+
+def test_passes_are_sized_to_the_logit_budget(sharp, monkeypatch):
+    """By default a step's pairs share a forward pass while their log-probs fit LOGIT_BUDGET; a smaller budget
+    splits them, and the vector stays the same."""
+    import steering.learned as learned
+
+    pair = ([1] * 5, [2] * 10, [3] * 12, 0)  # one pass holds rows x 17 tokens x vocab log-probs
+    assert learned._parts([pair] * 4, None, 100) == [[pair] * 4]
+    monkeypatch.setattr(learned, "LOGIT_BUDGET", 2 * 17 * 100)
+    assert learned._parts([pair] * 5, None, 100) == [[pair] * 2, [pair] * 2, [pair]]
+    assert learned._parts([pair] * 5, 3, 100) == [[pair] * 3, [pair] * 2]
+    cfg = LearnConfig(steps=6, batch_size=3, lr=0.1, kl_weight=1.0)
+    monkeypatch.setattr(learned, "LOGIT_BUDGET", 1)  # one pair a pass
+    split = learn_vector(sharp, PROMPTS, TARGETS, SOURCES, (0, 1), cfg)
+    monkeypatch.setattr(learned, "LOGIT_BUDGET", 1 << 40)
+    whole = learn_vector(sharp, PROMPTS, TARGETS, SOURCES, (0, 1), cfg)
+    torch.testing.assert_close(split.directions, whole.directions, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
