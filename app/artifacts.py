@@ -1,4 +1,4 @@
-"""The artifacts the demo adds (``trace_set``, ``json_result``, ``vector_exports``) and the run-directory layout.
+"""The artifacts the demo adds (``trace_set``, ``vector_exports``; results as core ``JsonResult``) and the run layout.
 
 A run directory holds one artifact directory per stage (see :data:`STAGE_DIRS`). :class:`RunDir` opens each
 through its own ``open`` API and, for a stage that is not there, raises :class:`MissingStage` naming the command
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, ArtifactError, write_artifact
+from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, ArtifactError, JsonResult, write_artifact
 from reasonscope.traces.loaders import read_traces_jsonl, write_traces_jsonl
 from reasonscope.traces.record import Trace
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["STAGE_DIRS", "Exports", "JsonResult", "MissingStage", "RunDir", "TraceSet"]
 
-TRACE_SET, JSON_RESULT, VECTOR_EXPORTS = "trace_set", "json_result", "vector_exports"
+TRACE_SET, VECTOR_EXPORTS = "trace_set", "vector_exports"
 SUFFIX = {"gguf": ".gguf", "easysteer": ".easysteer.gguf", "safetensors": ".safetensors"}
 
 # stage -> artifact directory inside a run directory
@@ -86,37 +86,6 @@ class TraceSet:
         models = list(art.manifest.config["models"])
         traces = {m: read_traces_jsonl(art.file(f"{m}.jsonl")) for m in models}
         return cls(Path(path), traces, json.loads(art.file("summary.json").read_text(encoding="utf-8")))
-
-
-# ---------------------------------------------------------------------------- json_result
-
-
-@dataclass(frozen=True)
-class JsonResult:
-    """A stage result that is one JSON document (``result.json``), e.g. the monitor's trade-off sweep."""
-
-    path: Path | None
-    what: str
-    result: Mapping[str, Any]
-    config: Mapping[str, Any]
-
-    def write(self, out: str | Path, inputs: Mapping[str, str]) -> JsonResult:
-        def files(tmp: Path) -> None:
-            (tmp / "result.json").write_text(json.dumps(self.result, indent=1) + "\n", encoding="utf-8")
-
-        cfg = {**dict(self.config), "what": self.what}
-        write_artifact(out, JSON_RESULT, ARTIFACT_FORMATS[JSON_RESULT], cfg, inputs, files)
-        return JsonResult(Path(out), self.what, self.result, self.config)
-
-    @classmethod
-    def open(cls, path: str | Path, what: str | None = None, kind: str = JSON_RESULT) -> JsonResult:
-        """Open a ``json_result`` (or another kind holding ``result.json``, e.g. ``heads_eval``)."""
-        art = ArtifactDir.open(path, kind, ARTIFACT_FORMATS[kind])
-        cfg = dict(art.manifest.config)
-        found = str(cfg.get("what", kind))
-        if what is not None and kind == JSON_RESULT and found != what:
-            raise ArtifactError(f"{path} holds a {found!r} result, not {what!r}; point at the {what} stage")
-        return cls(Path(path), found, json.loads(art.file("result.json").read_text(encoding="utf-8")), cfg)
 
 
 # ---------------------------------------------------------------------------- vector_exports

@@ -8,7 +8,6 @@ capture resumes inside its store). ``run.json`` pins the weights and config a ru
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -183,8 +182,7 @@ def _heads(ctx: Context) -> None:
 
 
 def _heads_eval(ctx: Context) -> None:
-    from reasonscope.artifacts import write_artifact
-    from reasonscope.heads.evaluate import FORMAT, KIND, EvalConfig, evaluate_heads
+    from reasonscope.heads.evaluate import KIND, EvalConfig, evaluate_heads
     from reasonscope.heads.retrieval import read_scores
     from reasonscope.organisms import task
 
@@ -213,11 +211,7 @@ def _heads_eval(ctx: Context) -> None:
         name_reads=reads["name"][0],
     )
     config = {"maps": sorted(maps), "n": len(probs), "sparsities": list(cfg.sparsities)}
-
-    def files(tmp: Path) -> None:  # the layout `reasonscope heads eval --out` writes
-        (tmp / "result.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-
-    write_artifact(ctx.run.stage_path("heads_eval"), KIND, FORMAT, config, {"model": h.weight_hash}, files)
+    JsonResult(None, KIND, result, config).write(ctx.run.stage_path("heads_eval"), {"model": h.weight_hash}, KIND)
 
 
 def _labels(ctx: Context) -> None:

@@ -206,6 +206,9 @@ def monitor_cmd(
     grader: str = typer.Option("organism", help="--traces' grader: organism | gsm8k | math."),
     as_json: bool = typer.Option(False, "--json", help="Print {policy: {accuracy, think_tokens, saved_fraction}}."),
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    out: Optional[Path] = typer.Option(
+        None, help="Also write the test trade-off curve as a monitor result (a run's monitor/ stage)."
+    ),
 ) -> None:
     """Early exit during generation: tokens saved vs accuracy for probe, DEER-style and deviation policies.
 
@@ -220,6 +223,8 @@ def monitor_cmd(
 
     grader = choice(grader, tuple(GRADERS), "--grader")
     model_dtype = dtype_option(dtype, "--dtype")
+    if out is not None:
+        fresh_out(out)
     if dataset != "organism":
         if traces is not None:
             fail("give --traces or --dataset, not both")
@@ -274,18 +279,29 @@ def monitor_cmd(
         return curve(handle, rec, thresholds)
 
     test_curve = points(test)
+
+    def save(extra: dict[str, Any]) -> None:  # the test curve, the layout a run's monitor/ stage holds
+        if out is not None:
+            from reasonscope.artifacts import JsonResult
+
+            config = {"model": model, "n": len(test), "thresholds": {k: list(v) for k, v in thresholds.items()}}
+            config["probe_target"] = ps.target if ps is not None else None
+            JsonResult(None, "monitor", test_curve, {**config, **extra}).write(out, {"model": handle.weight_hash})
+
     if not val:
+        save({})
         _emit(test_curve, as_json)
         return
     val_curve = points(val)
     chosen = choose(val_curve, max_loss)
-    out: dict[str, Any] = {"none": {**test_curve["none"], "n": len(test)}}
+    save({"val_n": len(val), "max_loss": max_loss, "chosen": chosen})
+    report: dict[str, Any] = {"none": {**test_curve["none"], "n": len(test)}}
     for policy in thresholds:
         if policy in chosen:
             t = chosen[policy]["threshold"]
-            out[policy] = {**test_curve[f"{policy}@{t:g}"], "threshold": t}
+            report[policy] = {**test_curve[f"{policy}@{t:g}"], "threshold": t}
         else:  # no threshold kept the accuracy on validation: the policy never exits
-            out[policy] = {**test_curve["none"], "threshold": None}
-    out["curve"] = test_curve
-    out["validation"] = {"n": len(val), "max_loss": max_loss, "chosen": chosen, "curve": val_curve}
-    _emit(out, as_json)
+            report[policy] = {**test_curve["none"], "threshold": None}
+    report["curve"] = test_curve
+    report["validation"] = {"n": len(val), "max_loss": max_loss, "chosen": chosen, "curve": val_curve}
+    _emit(report, as_json)

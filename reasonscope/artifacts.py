@@ -32,6 +32,7 @@ __all__ = [
     "FileRecord",
     "ForeignArtifactError",
     "IncompleteArtifactError",
+    "JsonResult",
     "Manifest",
     "VerifyReport",
     "atomic_dir",
@@ -465,3 +466,33 @@ def verify_artifact(path: str | Path) -> VerifyReport:
         except CorruptFileError as e:
             problems.append(str(e))
     return VerifyReport(path, m.kind, m.format, m.complete, n, size, tuple(problems))
+
+
+@dataclass(frozen=True)
+class JsonResult:
+    """A result that is one JSON document (``result.json``) with the config it was computed under: kind
+    ``json_result`` (its config's ``what`` names it, e.g. ``monitor``), or its own kind (``heads_eval``, ...)."""
+
+    path: Path | None
+    what: str
+    result: Mapping[str, Any]
+    config: Mapping[str, Any]
+
+    def write(self, out: str | Path, inputs: Mapping[str, str], kind: str = "json_result") -> JsonResult:
+        """Write the artifact atomically at ``out``; returns the result with its ``path``."""
+
+        def files(tmp: Path) -> None:
+            (tmp / "result.json").write_text(json.dumps(self.result, indent=1) + "\n", encoding="utf-8")
+
+        write_artifact(out, kind, ARTIFACT_FORMATS[kind], {**dict(self.config), "what": self.what}, inputs, files)
+        return JsonResult(Path(out), self.what, self.result, self.config)
+
+    @classmethod
+    def open(cls, path: str | Path, what: str | None = None, kind: str = "json_result") -> JsonResult:
+        """Open a ``kind`` artifact holding ``result.json`` (``what``: refuse a ``json_result`` of another name)."""
+        art = ArtifactDir.open(path, kind, ARTIFACT_FORMATS[kind])
+        cfg = dict(art.manifest.config)
+        found = str(cfg.get("what", kind))
+        if what is not None and kind == "json_result" and found != what:
+            raise ArtifactError(f"{path} holds a {found!r} result, not {what!r}; point at the {what} stage")
+        return cls(Path(path), found, json.loads(art.file("result.json").read_text(encoding="utf-8")), cfg)

@@ -123,13 +123,21 @@ def test_monitor_on_a_dataset_uses_its_first_rows_and_grader(tiny_model_dir, tin
 
     monkeypatch.setattr(monitor, "record", spy)
     args = ["monitor", "--model", str(tiny_model_dir), "--dataset", f"gsm8k:{gsm8k}", "--n", "2", "--val-n", "1"]
-    r = runner.invoke(probe_app, [*args, "--max-new-tokens", "4", "--deer-thresholds", "0.9", "--json"])
+    out = tmp_path / "run" / "monitor"
+    opts = ["--max-new-tokens", "4", "--deer-thresholds", "0.9", "--json", "--out", str(out)]
+    r = runner.invoke(probe_app, [*args, *opts])
     assert r.exit_code == 0, r.output
     rows = load_hf_dataset(gsm8k)[:3]
     qa = [(tiny_handle.chat_prompt(t.prompt, thinking=True), t.gold) for t in rows]
     test, val = qa[1:], qa[:1]  # validation: the first --val-n rows; test: the next --n
     assert seen == [([q for q, _ in part], [g for _, g in part], "gsm8k") for part in (test, val)]
-    assert json.loads(r.stdout)["validation"]["n"] == 1
+    shown = json.loads(r.stdout)
+    assert shown["validation"]["n"] == 1
+    from app.artifacts import RunDir
+
+    saved = RunDir(tmp_path / "run").monitor()  # the explorer's monitor stage: the test curve
+    assert saved.result == shown["curve"] and saved.config["chosen"] == shown["validation"]["chosen"]
+    assert "already exists" in _err(runner.invoke(probe_app, [*args, "--out", str(out)]))
     traces = tmp_path / "t.jsonl"
     traces.write_text("")
     assert "not both" in _err(runner.invoke(probe_app, [*args, "--traces", str(traces)]))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 
 import typer
 
+from ..artifacts import JsonResult
 from ..cli_kit import DTYPE_HELP, choice, dtype_option, floats, fresh_out, model_geometry, say
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -197,7 +198,8 @@ def diff(
         seed=seed,
     )
     if out is not None:
-        _write_result(out, "emergent_heads", res, {"base": base, "model": model, "n": n, "k": k, "seed": seed})
+        config = {"base": base, "model": model, "n": n, "k": k, "seed": seed}
+        JsonResult(None, "emergent_heads", res, config).write(out, {}, kind="emergent_heads")
     typer.echo(json.dumps(res, indent=1 if not as_json else None))
 
 
@@ -297,14 +299,5 @@ def evaluate(
     )
     if out is not None:
         config = {"model": model, "maps": [str(p) for p in maps], "n": len(prompts), "seed": seed, "dataset": dataset}
-        _write_result(out, "heads_eval", res, config)
+        JsonResult(None, "heads_eval", res, config).write(out, {}, kind="heads_eval")
     typer.echo(json.dumps(res, indent=1 if not as_json else None))
-
-
-def _write_result(out: Path, kind: str, result: dict[str, Any], config: dict[str, Any]) -> None:
-    from ..artifacts import write_artifact
-
-    def files(tmp: Path) -> None:
-        (tmp / "result.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-
-    write_artifact(out, kind, 1, config, {}, files)
