@@ -277,7 +277,7 @@ def apply_cmd(
         "positions": rule or vec.meta.positions,
     }
     if prompt:
-        prompts = [h.chat_prompt(p) for p in prompt]
+        prompts = [h.chat_prompt(p, thinking=True) for p in prompt]
         cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature)
         plain = generate(h, prompts, cfg)
         with vec.apply(h, gamma=gamma, positions=rule):
