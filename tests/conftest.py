@@ -93,6 +93,23 @@ def r1_tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def r1_other_dir(r1_tiny_dir, tmp_path_factory):
+    """A second R1-format tiny model: the same tokenizer, other (larger) block weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(r1_tiny_dir)
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3)
+    path = tmp_path_factory.mktemp("r1-other") / "r1-other"
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(r1_tiny_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_handle(tiny_model_dir):
     from reasonscope.models import load_model
 

@@ -175,3 +175,28 @@ def test_heads_on_an_r1_format_model(r1_tiny_dir, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["n_problems"] == 3 and res["curves"]["window"]["0.5"]["achieved_sparsity"] == 0.5
+
+
+def test_diff_on_a_dataset_with_r1_format_models(r1_tiny_dir, r1_other_dir, tmp_path, monkeypatch):
+    """Thinking Sparks on a real model pair's format: GSM8K rows as the questions, graded by GSM8K's grader (a
+    random model closes no thinking, so the run then stops with the error that says so)."""
+    import reasonscope.heads.emergent as emergent
+    from reasonscope.traces import load_hf_dataset
+
+    from conftest import shared_data
+
+    gsm8k = shared_data("gsm8k/test.jsonl")
+    seen = []
+    real = emergent.emergent_heads
+
+    def spy(base, post, prompts, golds, **kw):
+        seen.append((len(prompts), list(golds), kw["grader"]))
+        return real(base, post, prompts, golds, **kw)
+
+    monkeypatch.setattr(emergent, "emergent_heads", spy)
+    args = ["heads", "diff", "--base", str(r1_other_dir), "--model", str(r1_tiny_dir), "--dataset", f"gsm8k:{gsm8k}"]
+    args += ["--n", "3", "--n-attribution", "2", "--k", "1", "--steps", "2", "--draws", "1", "--max-new-tokens", "8"]
+    r = runner.invoke(app, [*args, "--json", "--out", str(tmp_path / "e")])
+    assert seen == [(3, [t.gold for t in load_hf_dataset(gsm8k)[:3]], "gsm8k")]
+    user_error(r, "closed no thinking")
+    assert not (tmp_path / "e").exists()

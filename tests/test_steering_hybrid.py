@@ -408,23 +408,6 @@ def test_cli_json(tmp_path, tiny_model_dir, other_model_dir):
     assert HybridRun.open(tmp_path / "o").summary["n_problems"] == 3
 
 
-@pytest.fixture(scope="module")
-def r1_other_dir(r1_tiny_dir, tmp_path_factory):
-    """A second R1-format tiny model: the same tokenizer, other (larger) block weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(r1_tiny_dir)
-    with torch.no_grad():
-        for p in model.model.layers.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.3)
-    path = tmp_path_factory.mktemp("r1-other") / "r1-other"
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(r1_tiny_dir).save_pretrained(path)
-    return path
-
-
 def test_hybrid_on_a_dataset_with_r1_format_models(tmp_path, r1_tiny_dir, r1_other_dir):
     """Real-model hybrid steering: the first --n-eval GSM8K rows are evaluated under the GSM8K grader, the next
     --n-train rows give the thinking model's rollouts; latents have no known types to be named by."""

@@ -154,7 +154,8 @@ def score(
 def diff(
     base: str = typer.Option(..., help="The base model the thinking model was tuned from."),
     model: str = typer.Option(..., help="The thinking (post-trained) model."),
-    n: int = typer.Option(100, min=1, help="Organism problems for validation."),
+    n: int = typer.Option(100, min=1, help="Questions for validation: organism problems, or --dataset's first rows."),
+    dataset: str = typer.Option("organism", help="Questions: 'organism', 'gsm8k:<path>' or 'math:<path>'."),
     n_attribution: int = typer.Option(16, min=1, help="Problems whose texts are attributed."),
     k: int = typer.Option(2, min=1, help="Emergent heads to validate."),
     levels: str = typer.Option("3,4", help="Organism levels (where the model is good but not saturated)."),
@@ -168,8 +169,11 @@ def diff(
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
 ) -> None:
     """Emergent heads (Thinking Sparks): score both models, rank the rise, validate by ablation and scaling."""
+    from ..cli_kit import dataset_rows, dataset_source
+
     lv = _levels(levels)
     model_dtype = dtype_option(dtype, "--dtype")
+    grader, _ = dataset_source(dataset)
     if out is not None:
         fresh_out(out)
     gb, gm = model_geometry(base), model_geometry(model)
@@ -178,27 +182,33 @@ def diff(
             f"--base has {gb.n_layers}x{gb.n_heads} heads, --model {gm.n_layers}x{gm.n_heads}; "
             "give the base the model was tuned from"
         )
+    _, rows = dataset_rows(dataset, n)
     from ..models import load_model
     from ..organisms import task
     from .emergent import emergent_heads
 
-    probs = task.problems(n, seed=seed, levels=lv)
     post = load_model(model, dtype=model_dtype)
+    if rows is None:
+        probs = task.problems(n, seed=seed, levels=lv)
+        prompts, golds = [post.chat_prompt(p.question) for p in probs], [str(p.answer) for p in probs]
+    else:
+        prompts, golds = [post.chat_prompt(t.prompt, thinking=True) for t in rows], [str(t.gold) for t in rows]
     res = emergent_heads(
         load_model(base, dtype=model_dtype),
         post,
-        [post.chat_prompt(p.question) for p in probs],
-        [str(p.answer) for p in probs],
+        prompts,
+        golds,
         k=k,
         steps=steps,
         n_attribution=n_attribution,
         max_new_tokens=max_new_tokens,
         random_draws=draws,
         batch_size=batch_size,
+        grader=grader,
         seed=seed,
     )
     if out is not None:
-        config = {"base": base, "model": model, "n": n, "k": k, "seed": seed}
+        config = {"base": base, "model": model, "n": len(prompts), "k": k, "seed": seed, "dataset": dataset}
         JsonResult(None, "emergent_heads", res, config).write(out, {}, kind="emergent_heads")
     typer.echo(json.dumps(res, indent=1 if not as_json else None))
 
