@@ -18,7 +18,6 @@ Evaluation generates through :func:`reasonscope.generation.generate` (the same s
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ import torch
 from reasonscope.organisms import task
 from reasonscope.organisms.evaluate import EVAL_SEED, summarize, think_tokens
 from reasonscope.traces import GRADERS, Trace
+from reasonscope.traces.loaders import numbered_records
 
 from .extract import extract_vector
 from .learned import LEARN_POSITIONS, LearnConfig, LearnPositions, learn_vector
@@ -281,17 +281,10 @@ class Pair:
 def read_pairs(path: str | Path, chat_prompt: Callable[[str], str]) -> list[Pair]:
     """Pairs from a JSONL file: one object a line with ``concise`` and ``verbose`` thinking texts and either
     ``prompt`` (used as is) or ``question`` (formatted by ``chat_prompt``, e.g. ``handle.chat_prompt``)."""
-    path = Path(path)
     pairs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg}); write one object a line") from None
-        keys = ("concise", "verbose", "prompt" if isinstance(row, dict) and "prompt" in row else "question")
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip() for k in keys):
+    for n, row in numbered_records(path):  # a bad line raises naming file and line
+        keys = ("concise", "verbose", "prompt" if "prompt" in row else "question")
+        if not all(isinstance(row.get(k), str) and row[k].strip() for k in keys):
             raise ValueError(
                 f"{path}:{n}: a pair needs non-empty strings 'concise', 'verbose' and 'prompt' or 'question'"
             )

@@ -52,20 +52,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer Qwen2 with 4 query / 2 KV heads and the organism tokenizer, saved like a hub model."""
-    from reasonscope.organisms.tokenizer import build_tokenizer
+def save_tiny_model(tok, path: Path, seed: int, max_positions: int = 512, block_std: float | None = None) -> Path:
+    """A 2-layer Qwen2 (32 wide, 4 query / 2 KV heads) for ``tok``, saved with it like a hub model at ``path``;
+    ``block_std`` redraws the block weights that large (a model whose greedy token is not just its input's)."""
     from reasonscope.organisms.train import OrganismArch, make_model
 
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    arch = OrganismArch(hidden_size=32, num_hidden_layers=2, intermediate_size=64, max_position_embeddings=512)
+    torch.manual_seed(seed)
+    arch = OrganismArch(
+        hidden_size=32, num_hidden_layers=2, intermediate_size=64, max_position_embeddings=max_positions
+    )
     model = make_model(len(tok), arch, tok.pad_token_id, tok.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny") / "tiny-qwen2"
+    if block_std is not None:
+        with torch.no_grad():
+            for p in model.model.layers.parameters():
+                if p.ndim == 2:
+                    p.normal_(0, block_std)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 with the organism tokenizer."""
+    from reasonscope.organisms.tokenizer import build_tokenizer
+
+    return save_tiny_model(build_tokenizer(), tmp_path_factory.mktemp("tiny") / "tiny-qwen2", seed=0)
 
 
 R1_TEMPLATE = (  # the R1-distill chat format, reduced to what generation needs: a user turn, then <think>
@@ -74,39 +86,26 @@ R1_TEMPLATE = (  # the R1-distill chat format, reduced to what generation needs:
 )
 
 
-@pytest.fixture(scope="session")
-def r1_tiny_dir(tmp_path_factory) -> Path:
-    """A 2-layer Qwen2 with the real R1-distill tokenizer (151,665 tokens) and its chat format: real-model paths
-    (multi-token ``<think>``, the GSM8K grader, a 150k vocabulary) at tiny-model cost."""
-    from reasonscope.organisms.train import OrganismArch, make_model
+def _r1_tokenizer():
     from reasonscope.traces import qwen2_tokenizer
 
     tok = qwen2_tokenizer(shared_data("tokenizers/qwen2"))
     tok.chat_template = R1_TEMPLATE
-    torch.manual_seed(0)
-    arch = OrganismArch(hidden_size=32, num_hidden_layers=2, intermediate_size=64, max_position_embeddings=2048)
-    model = make_model(len(tok), arch, tok.pad_token_id, tok.eos_token_id)
-    path = tmp_path_factory.mktemp("r1-tiny") / "r1-tiny"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tok
 
 
 @pytest.fixture(scope="session")
-def r1_other_dir(r1_tiny_dir, tmp_path_factory):
-    """A second R1-format tiny model: the same tokenizer, other (larger) block weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def r1_tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 with the real R1-distill tokenizer (151,665 tokens) and its chat format: real-model
+    paths (multi-token ``<think>``, the GSM8K grader, a 150k vocabulary) at tiny-model cost."""
+    return save_tiny_model(_r1_tokenizer(), tmp_path_factory.mktemp("r1-tiny") / "r1-tiny", 0, max_positions=2048)
 
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(r1_tiny_dir)
-    with torch.no_grad():
-        for p in model.model.layers.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.3)
+
+@pytest.fixture(scope="session")
+def r1_other_dir(tmp_path_factory) -> Path:
+    """A second R1-format tiny model: the same tokenizer, other (larger) block weights."""
     path = tmp_path_factory.mktemp("r1-other") / "r1-other"
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(r1_tiny_dir).save_pretrained(path)
-    return path
+    return save_tiny_model(_r1_tokenizer(), path, 1, max_positions=2048, block_std=0.3)
 
 
 @pytest.fixture(scope="session")

@@ -181,10 +181,10 @@ def test_read_pairs_takes_prompts_or_questions_and_names_the_bad_line(tmp_path):
     ]
     cases = {
         '{"question": "q", "concise": "a"}\n': "pairs.jsonl:1: a pair needs",
-        '{"question": "q", "concise": "a", "verbose": "b"}\nnot json\n': "pairs.jsonl:2: not JSON",
+        '{"question": "q", "concise": "a", "verbose": "b"}\nnot json\n': "pairs.jsonl:2: malformed JSON",
         '{"question": "q", "concise": "a", "verbose": "a"}\n': "pairs.jsonl:1: 'concise' equals 'verbose'",
         '{"question": "q", "concise": " ", "verbose": "b"}\n': "pairs.jsonl:1: a pair needs",
-        "[1, 2]\n": "pairs.jsonl:1: a pair needs",
+        "[1, 2]\n": "pairs.jsonl:1: expected a JSON object",
         "\n": "holds no pairs",
     }
     for text, message in cases.items():

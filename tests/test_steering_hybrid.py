@@ -38,7 +38,7 @@ from steering.hybrid import (
     train_selector,
 )
 
-from conftest import organisms
+from conftest import organisms, save_tiny_model
 
 TINY = dict(sae_layer=1, steer_layer=0, n_latents=3, topk=1, n_train=6, train_steps=3, max_new_tokens=24, batch_size=4)
 
@@ -47,20 +47,8 @@ TINY = dict(sae_layer=1, steer_layer=0, n_latents=3, topk=1, n_train=6, train_st
 def other_model_dir(tmp_path_factory):
     """A second tiny Qwen2 with the same tokenizer and other weights (a base that disagrees with the thinker)."""
     from reasonscope.organisms.tokenizer import build_tokenizer
-    from reasonscope.organisms.train import OrganismArch, make_model
 
-    torch.manual_seed(1)
-    tok = build_tokenizer()
-    arch = OrganismArch(hidden_size=32, num_hidden_layers=2, intermediate_size=64, max_position_embeddings=512)
-    model = make_model(len(tok), arch, tok.pad_token_id, tok.eos_token_id)
-    with torch.no_grad():  # large block weights: its greedy token is not just its input token (tied embeddings)
-        for p in model.model.layers.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.3)
-    path = tmp_path_factory.mktemp("tiny-other") / "tiny-qwen2-b"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(build_tokenizer(), tmp_path_factory.mktemp("tiny-other") / "tiny-qwen2-b", 1, block_std=0.3)
 
 
 @pytest.fixture(scope="module")

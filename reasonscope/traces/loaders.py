@@ -15,7 +15,7 @@ from .record import THINK_END, THINK_START, Trace
 # ---------------------------------------------------------------------------- JSONL
 
 
-def _numbered_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def numbered_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` per non-blank line; errors name file and line."""
     try:
         data = Path(path).read_bytes()
@@ -41,7 +41,7 @@ def _numbered_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:
     """Yield one dict per non-blank line; a bad line raises ``ValueError`` naming file and line."""
-    for _, record in _numbered_records(path):
+    for _, record in numbered_records(path):
         yield record
 
 
@@ -62,7 +62,7 @@ _REQUIRED = [
 def read_traces_jsonl(path: str | Path) -> list[Trace]:
     """Read traces written by :func:`write_traces_jsonl`; errors name file, line and field."""
     traces = []
-    for lineno, d in _numbered_records(path):
+    for lineno, d in numbered_records(path):
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
             raise ValueError(f"{path}:{lineno}: trace record is missing required field(s) {missing}")
