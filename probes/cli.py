@@ -216,7 +216,7 @@ def monitor_cmd(
     policy at the threshold chosen on the validation problems ({policy: {..., threshold}}), the test curve
     ("curve") and the validation curve ("validation").
     """
-    from reasonscope.cli_kit import dataset_rows, dataset_source
+    from reasonscope.cli_kit import dataset_rows, dataset_source, organism_only
     from reasonscope.traces import GRADERS
 
     from .monitor import MonitorConfig, Policy, choose, curve, record
@@ -254,6 +254,8 @@ def monitor_cmd(
     if rows is not None and val_n >= len(rows):
         fail(f"--val-n {val_n} leaves no test records of the {len(rows)} in {source}; lower it")
     model_geometry(model)
+    if rows is None:
+        organism_only(model, "--model", "pass --dataset gsm8k:<path> or --traces")
     from reasonscope.models import load_model
 
     from .probeset import ProbeSet

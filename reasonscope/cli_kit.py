@@ -142,6 +142,28 @@ def model_geometry(model: str) -> Geometry:
         ) from None
 
 
+def organism_format(model: str) -> bool:
+    """Whether ``model`` speaks the organism task's chat format (``organism:*``, or a directory whose tokenizer has
+    the organisms' chat markers), so that organism problems are questions it can answer."""
+    if model.startswith("organism:"):
+        return True
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return False  # a hub id: a real model
+    from transformers import AutoTokenizer
+
+    from .organisms.tokenizer import ASSISTANT, USER
+
+    vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+    return USER in vocab and ASSISTANT in vocab
+
+
+def organism_only(model: str, option: str, fix: str) -> None:
+    """Refuse organism problems for a model that does not speak their format, naming ``fix``."""
+    if not organism_format(model):
+        fail(f"{option} {model}: the default questions are the organism task's, which this model does not speak; {fix}")
+
+
 def dtype_option(value: str, option: str) -> DtypeName:
     """A dtype name or alias (``bf16``, ``float32``, ...), else a user error naming ``option``."""
     from .dtypes import dtype_name

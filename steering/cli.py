@@ -20,6 +20,8 @@ from reasonscope.cli_kit import (
     floats,
     fresh_out,
     model_geometry,
+    organism_format,
+    organism_only,
     out_file,
     say,
 )
@@ -129,14 +131,13 @@ def asc_cmd(
         if x >= g.n_layers:
             where = f"--layers {layers}: layer {x}" if cfg.layers else f"--layer {x}"
             fail(f"{where} does not exist in {model} (layers 0..{g.n_layers - 1})")
-    if not model.startswith("organism:"):
+    if (dataset_at is None or (pairs_file is None and cfg.pairs == "styles")) and not organism_format(model):
         if dataset_at is None:
-            fail(f"--model {model}: the default questions are the organism task's; pass --dataset gsm8k:<path>")
-        if pairs_file is None and cfg.pairs == "styles":
-            fail(
-                f"--model {model}: styles pairs are the organism task's; pass --pairs-file with your model's "
-                "concise and verbose thinking, or --pairs efficiency"
-            )
+            organism_only(model, "--model", "pass --dataset gsm8k:<path>")
+        fail(
+            f"--model {model}: styles pairs are the organism task's; pass --pairs-file with your model's "
+            "concise and verbose thinking, or --pairs efficiency"
+        )
     _, rows = dataset_rows(dataset, n_select + n_eval + (n_pairs if cfg.pairs == "efficiency" else 0))
     if rows is not None and len(rows) < n_select + n_eval:
         fail(f"--dataset {dataset!r} has {len(rows)} rows, fewer than --n-select {n_select} + --n-eval {n_eval}")
@@ -212,6 +213,8 @@ def hybrid_cmd(
         fail(f"--steer-layer {steer_layer} does not exist in {base} (layers 0..{gb.n_layers - 1})")
     if sae_layer >= gt.n_layers:
         fail(f"--sae-layer {sae_layer} does not exist in {thinking} (layers 0..{gt.n_layers - 1})")
+    if dataset == "organism":
+        organism_only(thinking, "--thinking", "pass --dataset gsm8k:<path>")
     _, rows = dataset_rows(dataset, n_eval + n_train)
     if rows is not None and len(rows) < n_eval + 2:
         fail(f"--dataset {dataset!r} has {len(rows)} rows; --n-eval {n_eval} of them leave fewer than 2 to train on")
@@ -264,8 +267,8 @@ def apply_cmd(
             f"--vector {vector} (width {vec.meta.d_model}, layers {list(vec.layers)}) does not fit {model} "
             f"(d_model {g.d_model}, layers 0..{g.n_layers - 1}); use a vector extracted from this model"
         )
-    if n and dataset_at is None and not model.startswith("organism:"):
-        fail(f"--model {model}: --n's default questions are the organism task's; pass --dataset gsm8k:<path>")
+    if n and dataset_at is None:
+        organism_only(model, "--model", "pass --dataset gsm8k:<path> for --n")
     rows = dataset_rows(dataset, n)[1] if n else None
     from reasonscope.generation import DecodeConfig, generate
     from reasonscope.models import load_model

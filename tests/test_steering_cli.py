@@ -67,7 +67,7 @@ def test_apply_prints_plain_and_steered_completions(tmp_path, tiny_model_dir, ti
     assert out["completions"][0]["plain"] != out["completions"][0]["steered"]
 
 
-def test_apply_grades_the_first_dataset_rows(tmp_path, tiny_model_dir, tiny_handle, monkeypatch):
+def test_apply_grades_the_first_dataset_rows(tmp_path, tiny_model_dir, tiny_handle, r1_tiny_dir, monkeypatch):
     import steering.questions as questions_module
     from reasonscope.traces import load_hf_dataset
 
@@ -89,7 +89,8 @@ def test_apply_grades_the_first_dataset_rows(tmp_path, tiny_model_dir, tiny_hand
     rows = load_hf_dataset(gsm8k)[:3]
     want = ([tiny_handle.chat_prompt(t.prompt, thinking=True) for t in rows], [t.gold for t in rows], "gsm8k")
     assert seen == [want, want]  # plain, then steered
-    user_error(runner.invoke(app, args), "--n's default questions are the organism task's", "--dataset")
+    r1 = ["steer", "apply", "--vector", src, "--model", str(r1_tiny_dir), "--n", "3"]
+    user_error(runner.invoke(app, r1), "the default questions are the organism task's", "--dataset")
 
 
 def test_apply_and_asc_validate_before_loading(tmp_path, tiny_model_dir, tiny_handle):
@@ -127,11 +128,11 @@ def _pairs_file(tmp_path) -> str:
     return str(path)
 
 
-def test_asc_on_any_model_needs_its_pairs_and_questions(tmp_path, tiny_model_dir):
-    """A model that is not an organism gets no organism questions or pairs by default: the command says what to
-    pass, before the model loads; bad pair files name the line."""
+def test_asc_on_any_model_needs_its_pairs_and_questions(tmp_path, r1_tiny_dir):
+    """A model that does not speak the organism format gets no organism questions or pairs by default: the command
+    says what to pass, before the model loads; bad pair files name the line."""
     gsm8k = f"gsm8k:{shared_data('gsm8k/test.jsonl')}"
-    asc = ["steer", "asc", "--model", str(tiny_model_dir), "--out", str(tmp_path / "asc"), "--layer", "0"]
+    asc = ["steer", "asc", "--model", str(r1_tiny_dir), "--out", str(tmp_path / "asc"), "--layer", "0"]
     user_error(runner.invoke(app, asc), "the default questions are the organism task's", "--dataset")
     user_error(runner.invoke(app, [*asc, "--dataset", gsm8k]), "--pairs-file")
     bad = tmp_path / "bad.jsonl"
@@ -198,3 +199,26 @@ def test_steer_asc_json(tmp_path):
         assert key in out
     assert {"accuracy", "mean_think_tokens"} <= set(out["baseline"]) and out["sweep"][0]["gamma"] == 0.5
     assert np.isfinite(out["kl_bound"]["gamma"])
+
+
+def test_organism_defaults_are_refused_for_models_that_do_not_speak_them(tmp_path, r1_tiny_dir, tiny_model_dir):
+    """Every command whose default questions are the organism task's refuses a model without the organisms' chat
+    format (here the real R1 tokenizer) before it loads, naming what to pass; organism-format models keep them."""
+    from reasonscope.cli_kit import organism_format
+    from reasonscope.heads import CompressionPolicy, HeadMap
+
+    m = str(r1_tiny_dir)
+    HeadMap(torch.ones(2, 2), "window", "sha256:x", CompressionPolicy()).save(tmp_path / "map", {}, {})
+    hybrid = ["steer", "hybrid", "--base", m, "--thinking", m, "--out", str(tmp_path / "o"), "--sae-layer", "1"]
+    cases = [
+        (["heads", "score", "--model", m, "--out", str(tmp_path / "o")], "--traces"),
+        (["heads", "eval", "--model", m, "--map", str(tmp_path / "map")], "--dataset"),
+        (["heads", "diff", "--base", m, "--model", m], "--dataset"),
+        (["probe", "monitor", "--model", m], "--dataset"),
+        (hybrid, "--dataset"),
+    ]
+    for args, fix in cases:
+        user_error(runner.invoke(app, args), "the default questions are the organism task's", fix)
+    assert not (tmp_path / "o").exists()
+    assert organism_format(str(tiny_model_dir)) and organism_format("organism:base") and not organism_format(m)
+    assert not organism_format("someone/some-hub-model")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional, cast
 import typer
 
 from ..artifacts import JsonResult
-from ..cli_kit import DTYPE_HELP, choice, dtype_option, floats, fresh_out, model_geometry, say
+from ..cli_kit import DTYPE_HELP, choice, dtype_option, floats, fresh_out, model_geometry, organism_only, say
 
 if TYPE_CHECKING:  # pragma: no cover
     from .score import Method
@@ -118,6 +118,8 @@ def score(
     if traces is not None and not traces.is_file():
         raise FileNotFoundError(f"--traces {traces} does not exist; generate them with `reasonscope traces generate`")
     model_geometry(model)
+    if traces is None:
+        organism_only(model, "--model", "pass --traces (its graded traces: reasonscope traces generate --dataset ...)")
     from ..models import load_model
     from ..traces.loaders import read_traces_jsonl
 
@@ -182,6 +184,8 @@ def diff(
             f"--base has {gb.n_layers}x{gb.n_heads} heads, --model {gm.n_layers}x{gm.n_heads}; "
             "give the base the model was tuned from"
         )
+    if dataset == "organism":
+        organism_only(model, "--model", "pass --dataset gsm8k:<path>")
     _, rows = dataset_rows(dataset, n)
     from ..models import load_model
     from ..organisms import task
@@ -273,6 +277,8 @@ def evaluate(
             )
     if len({hm.policy for hm in heads}) > 1:
         raise ValueError("the --map artifacts were scored under different windows; score them with one sink/recent")
+    if organism:
+        organism_only(model, "--model", "pass --dataset gsm8k:<path>")
     _, rows = dataset_rows(dataset, n)
     from ..models import load_model
     from ..organisms import task
