@@ -68,6 +68,17 @@ def _own_traces(handle: Any, n: int, seed: int, levels: tuple[int, ...], max_new
     )
 
 
+def _questions(handle: Any, rows: list[Any] | None, n: int, seed: int, levels: tuple[int, ...]) -> tuple[list, list]:
+    """(prompts, golds): ``n`` organism problems at ``levels`` (``rows`` None), else the dataset rows, opening the
+    thinking in ``handle``'s chat format."""
+    if rows is None:
+        from ..organisms import task
+
+        probs = task.problems(n, seed=seed, levels=levels)
+        return [handle.chat_prompt(p.question) for p in probs], [str(p.answer) for p in probs]
+    return [handle.chat_prompt(t.prompt, thinking=True) for t in rows], [str(t.gold) for t in rows]
+
+
 def _policy_for(traces: list[Any], given: Any) -> Any:
     from .evaluate import check_window, window_for
 
@@ -188,15 +199,10 @@ def diff(
         organism_only(model, "--model", "pass --dataset gsm8k:<path>")
     _, rows = dataset_rows(dataset, n)
     from ..models import load_model
-    from ..organisms import task
     from .emergent import emergent_heads
 
     post = load_model(model, dtype=model_dtype)
-    if rows is None:
-        probs = task.problems(n, seed=seed, levels=lv)
-        prompts, golds = [post.chat_prompt(p.question) for p in probs], [str(p.answer) for p in probs]
-    else:
-        prompts, golds = [post.chat_prompt(t.prompt, thinking=True) for t in rows], [str(t.gold) for t in rows]
+    prompts, golds = _questions(post, rows, n, seed, lv)
     res = emergent_heads(
         load_model(base, dtype=model_dtype),
         post,
@@ -281,18 +287,13 @@ def evaluate(
         organism_only(model, "--model", "pass --dataset gsm8k:<path>")
     _, rows = dataset_rows(dataset, n)
     from ..models import load_model
-    from ..organisms import task
     from .retrieval import read_scores
 
     h = load_model(model, dtype=model_dtype)
     for hm in heads:
         hm.check_model(h)
     own = _own_traces(h, n_own, seed + 10_000, lv, max_new_tokens) if exhaustive or retrieval else None
-    if rows is None:
-        probs = task.problems(n, seed=seed, levels=lv)
-        prompts, golds = [h.chat_prompt(p.question) for p in probs], [str(p.answer) for p in probs]
-    else:
-        prompts, golds = [h.chat_prompt(t.prompt, thinking=True) for t in rows], [str(t.gold) for t in rows]
+    prompts, golds = _questions(h, rows, n, seed, lv)
     scores: dict[str, Any] = {}
     for hm in heads:  # one curve per map: a method given twice is numbered (rlkv, rlkv#2)
         name = (
