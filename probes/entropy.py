@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from reasonscope.budget import rows_per_pass, vocab_size
 from reasonscope.capture import length_batches
 from reasonscope.traces import Trace
 
@@ -29,9 +30,11 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def token_entropies(handle: ModelHandle, traces: Sequence[Trace], token_budget: int = 8192) -> list[torch.Tensor]:
-    """Per trace, ``H_t`` for every token position (``[n_tokens]``, float32, CPU); left-padded length batches."""
+    """Per trace, ``H_t`` for every token position (``[n_tokens]``, float32, CPU); left-padded length batches of
+    at most ``token_budget`` tokens whose logits also fit the logit budget (:mod:`reasonscope.budget`)."""
     out: list[torch.Tensor | None] = [None] * len(traces)
-    for batch in length_batches([len(t.token_ids) for t in traces], token_budget):
+    tokens = min(token_budget, rows_per_pass(1, vocab_size(handle)))
+    for batch in length_batches([len(t.token_ids) for t in traces], tokens):
         ids, mask = handle.left_padded([traces[i].token_ids for i in batch])
         width = ids.shape[1]
         with torch.inference_mode():

@@ -21,12 +21,12 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from reasonscope.budget import passes, vocab_size
+
 from .vector import SteeringVector, VectorMeta
 
 __all__ = ["LEARN_POSITIONS", "LearnConfig", "LearnPositions", "learn_vector"]
 
-LOGIT_BUDGET = 1 << 27  # log-prob elements (rows x tokens x vocab) of one forward pass: 512 MiB in float32 (the
-# pass holds several tensors of that size: on a 151,665-token vocabulary, ~680-token pairs one at a time peak at 3.3 GB)
 LearnPositions = Literal["last", "prompt"]
 LEARN_POSITIONS: tuple[LearnPositions, ...] = get_args(LearnPositions)
 
@@ -48,7 +48,7 @@ class LearnConfig:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
         if self.micro_batch is not None and self.micro_batch < 1:
-            raise ValueError(f"micro_batch must be >= 1 (or None: sized to LOGIT_BUDGET), got {self.micro_batch}")
+            raise ValueError(f"micro_batch must be >= 1 (or None: sized to the logit budget), got {self.micro_batch}")
         if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
             raise ValueError(f"lr must be > 0 and kl_weight >= 0 (finite), got {self.lr}, {self.kl_weight}")
         if self.positions not in LEARN_POSITIONS:
@@ -114,7 +114,7 @@ def _optimise(
     v = torch.zeros(len(layers), g.d_model, device=handle.device, requires_grad=True)
     opt = torch.optim.Adam([v], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    vocab = int(handle.model.get_output_embeddings().weight.shape[0])
+    vocab = vocab_size(handle)
     last_kl, last_p = 0.0, 0.0
     for _ in range(cfg.steps):
         batch = [pairs[i] for i in torch.randperm(len(pairs), generator=gen)[: cfg.batch_size].tolist()]
@@ -144,20 +144,11 @@ def _optimise(
 
 def _parts(batch: list[Pair], rows: int | None, vocab: int) -> list[list[Pair]]:
     """The step's pairs in forward passes of ``rows`` pairs, or (None) of as many as keep a pass's log-probs
-    (rows x widest prompt ⊕ continuation x vocab) within LOGIT_BUDGET; at least one pair a pass."""
+    (rows x widest prompt ⊕ continuation x vocab) within ``reasonscope.budget.LOGIT_BUDGET``; at least one a pass."""
     if rows is not None:
         return [batch[i : i + rows] for i in range(0, len(batch), rows)]
-    parts: list[list[Pair]] = []
-    width = 0
-    for pair in batch:
-        w = max(width, len(pair[0]) + max(len(pair[1]), len(pair[2])))
-        if parts and (len(parts[-1]) + 1) * w * vocab <= LOGIT_BUDGET:
-            parts[-1].append(pair)
-            width = w
-        else:
-            parts.append([pair])
-            width = len(pair[0]) + max(len(pair[1]), len(pair[2]))
-    return parts
+    widths = [len(p[0]) + max(len(p[1]), len(p[2])) for p in batch]
+    return [[batch[i] for i in group] for group in passes(widths, vocab)]
 
 
 def _terms(

@@ -140,6 +140,42 @@ def test_teacher_forced_accuracy_and_exhaustive(tiny_handle, own_traces):
     assert best_acc >= float(teacher_forced_accuracy(tiny_handle, batches, torch.stack(every), policy).max())
 
 
+def test_passes_within_the_logit_budget_give_the_same_scores(tiny_handle, batches, own_traces, monkeypatch):
+    """With a logit budget of one element every pass holds one row (one head's or one selection's copy of one
+    trace) and Duo recomputes the full model's logits instead of keeping them: the scores do not change."""
+    import reasonscope.budget as budget
+
+    vocab = budget.vocab_size(tiny_handle)
+    policy = CompressionPolicy(sink=2, recent=3)
+    own = trace_batches(tiny_handle, own_traces, policy, batch_size=4)
+    masks = torch.stack(
+        [select_full_heads(torch.rand(2, 2, generator=torch.Generator().manual_seed(s)), 0.5) for s in range(5)]
+    )
+
+    def run() -> list[torch.Tensor]:
+        return [
+            windowing_scores(tiny_handle, batches, POLICY, heads_per_pass=4),
+            gate_ig_scores(tiny_handle, batches, POLICY, steps=2),
+            duo_scores(tiny_handle, batches, POLICY, steps=4, lr=0.05, l1=1.0),
+            teacher_forced_accuracy(tiny_handle, own, masks, policy),
+        ]
+
+    whole = run()
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 1)
+    monkeypatch.setattr(budget, "CACHE_BUDGET", 0)
+    for got, ref in zip(run(), whole):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-7)
+    widest = max(b.input_ids.shape[1] for b in batches)
+    assert [len(b.traces) for b in trace_batches(tiny_handle, own_traces, policy, batch_size=4)] == [1] * len(
+        own_traces
+    )
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 2 * widest * vocab)  # two of the widest rows a pass
+    split = trace_batches(tiny_handle, [t for b in batches for t in b.traces], POLICY, 6)
+    assert sum(len(b.traces) for b in split) == sum(len(b.traces) for b in batches)
+    assert all(len(b.traces) * b.input_ids.shape[1] * vocab <= budget.LOGIT_BUDGET for b in split)
+    assert max(len(b.traces) for b in split) > 2  # shorter rows share a pass
+
+
 def test_rlkv_pieces():
     r = torch.tensor([1.0, 0.0, 1.0, 1.0])
     assert torch.allclose(
@@ -174,6 +210,40 @@ def test_rlkv_runs_and_refuses_unsolved(tiny_handle, task_traces):
     assert alpha.shape == (2, 2) and ((alpha >= 0) & (alpha <= 1)).all()
     assert [e["step"] for e in log] == [0, 1] and {"reward_mean", "reg_scaling_factor", "alpha_std"} <= set(log[0])
     assert {"mixed_groups", "mean_think_tokens", "alpha", "pressure", "seconds"} <= set(log[0])
+
+
+def test_rlkv_gradient_does_not_depend_on_how_rollouts_are_batched(monkeypatch):
+    """Each batch's policy-gradient term is back-propagated on its own, normalised by every batch's tokens: one
+    rollout a pass (a logit budget of one element) learns the same gates (thinking organism: mixed rewards)."""
+    from conftest import ORGANISMS_READY
+
+    if not ORGANISMS_READY:
+        pytest.skip("organism weights not trained (reasonscope organism train)")
+    import reasonscope.budget as budget
+    from reasonscope.models import load_model
+    from reasonscope.organisms import task
+    from reasonscope.traces.record import Trace
+
+    h = load_model("organism:thinking")
+    solved = [
+        Trace(f"p{i}", h.chat_prompt(p.question), "", "", gold=str(p.answer), grade=True)
+        for i, p in enumerate(task.problems(4, seed=3, levels=(3, 4)))
+    ]
+    cfg = RLKVConfig(steps=2, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=200, lr=0.1)
+
+    def run() -> tuple[torch.Tensor, list[dict]]:
+        log: list[dict] = []
+        return rlkv_scores(h, solved, CompressionPolicy(sink=4, recent=8), cfg, log=log), log
+
+    ref, ref_log = run()
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 1)
+    got, log = run()
+    assert 0 < ref_log[0]["reward_mean"] < 1  # advantages are not all zero
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(log[-1]["pressure"]), torch.tensor(ref_log[-1]["pressure"]), atol=1e-5, rtol=1e-3
+    )
+    assert max(abs(p) for p in ref_log[-1]["pressure"]) > 1e-4
 
 
 def test_rlkv_ties_follow_the_reward_gradient():

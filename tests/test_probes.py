@@ -112,6 +112,24 @@ def test_model_labels_forced_and_entropy(tiny_handle, task_traces):
     assert dev and set(dev) <= {0.0, 1.0}
 
 
+def test_entropies_do_not_depend_on_the_logit_budget(tiny_handle, task_traces, monkeypatch):
+    """Passes are cut to the logit budget (one trace a pass at one element); each trace's entropies are its own."""
+    import reasonscope.budget as budget
+    from probes.entropy import entropy, token_entropies
+
+    whole = token_entropies(tiny_handle, task_traces[:5])
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 1)
+    calls: list[int] = []
+    run = tiny_handle.run
+    monkeypatch.setattr(tiny_handle, "run", lambda ids, *a, **k: calls.append(len(ids)) or run(ids, *a, **k))
+    split = token_entropies(tiny_handle, task_traces[:5])
+    assert calls == [1] * 5
+    for got, ref, t in zip(split, whole, task_traces):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+        alone = entropy(tiny_handle.run(torch.tensor([t.token_ids]))[0]).cpu()
+        torch.testing.assert_close(got, alone, rtol=1e-4, atol=1e-5)
+
+
 def test_deviation_index_known_answer():
     h = torch.tensor([9.0, 1, 1, 1, 1, 3, 3])  # position 0 is before the thinking
     r = deviation_index(h, start=1, window=2)

@@ -114,17 +114,18 @@ def test_micro_batches_learn_the_batch_vector(sharp, positions):
 def test_passes_are_sized_to_the_logit_budget(sharp, monkeypatch):
     """By default a step's pairs share a forward pass while their log-probs fit LOGIT_BUDGET; a smaller budget
     splits them, and the vector stays the same."""
+    import reasonscope.budget as budget
     import steering.learned as learned
 
     pair = ([1] * 5, [2] * 10, [3] * 12, 0)  # one pass holds rows x 17 tokens x vocab log-probs
     assert learned._parts([pair] * 4, None, 100) == [[pair] * 4]
-    monkeypatch.setattr(learned, "LOGIT_BUDGET", 2 * 17 * 100)
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 2 * 17 * 100)
     assert learned._parts([pair] * 5, None, 100) == [[pair] * 2, [pair] * 2, [pair]]
     assert learned._parts([pair] * 5, 3, 100) == [[pair] * 3, [pair] * 2]
     cfg = LearnConfig(steps=6, batch_size=3, lr=0.1, kl_weight=1.0)
-    monkeypatch.setattr(learned, "LOGIT_BUDGET", 1)  # one pair a pass
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 1)  # one pair a pass
     split = learn_vector(sharp, PROMPTS, TARGETS, SOURCES, (0, 1), cfg)
-    monkeypatch.setattr(learned, "LOGIT_BUDGET", 1 << 40)
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 1 << 40)
     whole = learn_vector(sharp, PROMPTS, TARGETS, SOURCES, (0, 1), cfg)
     torch.testing.assert_close(split.directions, whole.directions, atol=1e-5, rtol=1e-4)
 

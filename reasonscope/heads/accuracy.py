@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..budget import rows_per_pass, vocab_size
 from .batches import TraceBatch
 from .policy import CompressionPolicy
 from .scorers import gated_logits
@@ -21,18 +22,22 @@ def teacher_forced_accuracy(
     """Per selection ``[k, L, H_kv]``: fraction of traces that are correct and whose every generated token is
     still the argmax under the compression (so greedy decoding would reproduce the same correct answer)."""
     k = full_masks.shape[0]
+    vocab = vocab_size(handle)
     hits, n = torch.zeros(k), 0
     for batch in batches:
         b = len(batch.traces)
         n += b
-        rows = batch.replicate(k)
-        logits = gated_logits(handle, rows, full_masks.float().repeat_interleave(b, 0), policy).cpu()
-        ids, mask = rows.input_ids, rows.attention_mask
-        rank = mask.cumsum(-1) - 1
-        gen = mask.bool() & (rank >= rows.prefill_lengths[:, None] - 1) & (rank < mask.sum(-1, keepdim=True) - 1)
-        wrong = (logits.argmax(-1) != torch.roll(ids, -1, dims=1)) & gen
-        good = torch.tensor([bool(t.grade) for t in rows.traces]) & ~wrong.any(-1)
-        hits += good.view(k, b).float().sum(-1)
+        per_pass = max(1, rows_per_pass(batch.input_ids.shape[1], vocab) // b)  # selections (batch copies) a pass
+        for lo in range(0, k, per_pass):
+            masks = full_masks[lo : lo + per_pass]
+            rows = batch.replicate(len(masks))
+            logits = gated_logits(handle, rows, masks.float().repeat_interleave(b, 0), policy).cpu()
+            ids, mask = rows.input_ids, rows.attention_mask
+            rank = mask.cumsum(-1) - 1
+            gen = mask.bool() & (rank >= rows.prefill_lengths[:, None] - 1) & (rank < mask.sum(-1, keepdim=True) - 1)
+            wrong = (logits.argmax(-1) != torch.roll(ids, -1, dims=1)) & gen
+            good = torch.tensor([bool(t.grade) for t in rows.traces]) & ~wrong.any(-1)
+            hits[lo : lo + len(masks)] += good.view(len(masks), b).float().sum(-1)
     return hits / max(n, 1)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..budget import passes, vocab_size
 from .policy import CompressionPolicy
 
 
@@ -36,7 +37,8 @@ class TraceBatch:
 def trace_batches(
     handle: Any, traces: Sequence[Any], policy: CompressionPolicy, batch_size: int = 16
 ) -> list[TraceBatch]:
-    """Length-sorted teacher-forced batches of traces that have a think span; refuses a window covering them all."""
+    """Length-sorted teacher-forced batches of traces that have a think span, at most ``batch_size`` rows whose
+    logits fit the logit budget (:mod:`reasonscope.budget`); refuses a window covering them all."""
     usable = [t for t in traces if t.think_span is not None and t.token_ids]
     if not usable:
         raise ValueError("no trace has thinking tokens (think_span); generate traces with a thinking model first")
@@ -44,8 +46,8 @@ def trace_batches(
     policy.check_context(longest)
     usable.sort(key=lambda t: len(t.token_ids))
     out = []
-    for i in range(0, len(usable), batch_size):
-        chunk = usable[i : i + batch_size]
+    for group in passes([len(t.token_ids) for t in usable], vocab_size(handle), batch_size):
+        chunk = [usable[i] for i in group]
         ids, mask = handle.left_padded([t.token_ids for t in chunk])
         prefill = torch.tensor([t.think_span[0] for t in chunk])
         rank = mask.cumsum(-1) - 1

@@ -141,21 +141,17 @@ def rlkv_scores(
                 with torch.no_grad():
                     alpha.clamp_(0.0, 1.0)
                 opt.zero_grad()
-                pg_total, n_tok = torch.zeros(()), 0
-                for i, b in enumerate(batches):
+                n_tok = max(1, sum(int(b.scored.sum()) for b in batches))
+                for i, b in enumerate(batches):  # one batch's graph (and logits) held at a time
                     lp = _token_logprobs(handle, b, alpha, policy)
                     lp_old = lp.detach() if old is None else old[i]
                     a = torch.tensor([t.meta["advantage"] for t in b.traces])[:, None]
                     ratio = (lp - lp_old).exp()
                     pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - cfg.clip, 1 + cfg.clip))
-                    mask = b.scored
-                    n_tok += int(mask.sum())
-                    pg_total = pg_total + pg[mask].sum()
-                penalty = sparsity_penalty(alpha, r_mean, cfg.beta, cfg.tau)
-                (penalty_grad,) = torch.autograd.grad(penalty, alpha, retain_graph=True)
-                (pg_total / max(n_tok, 1) + penalty).backward()
+                    (pg[b.scored].sum() / n_tok).backward()
                 assert alpha.grad is not None
-                pressure -= alpha.grad - penalty_grad  # the reward's part of the gradient, before the clip
+                pressure -= alpha.grad  # the reward's part of the gradient, before the penalty and the clip
+                sparsity_penalty(alpha, r_mean, cfg.beta, cfg.tau).backward()
                 torch.nn.utils.clip_grad_norm_([alpha], cfg.grad_clip)
                 opt.step()
         with torch.no_grad():

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from .. import budget
 from .batches import TraceBatch
 from .gated import gated_attention, gated_run
 from .policy import CompressionPolicy
@@ -53,17 +54,21 @@ def _check(batches: Sequence[TraceBatch]) -> None:
 def windowing_scores(
     handle: Any, batches: Sequence[TraceBatch], policy: CompressionPolicy, heads_per_pass: int = 8
 ) -> torch.Tensor:
-    """Exact windowing: per KV head, mean KL(full ‖ only that head windowed) over scored positions."""
+    """Exact windowing: per KV head, mean KL(full ‖ only that head windowed) over scored positions; at most
+    ``heads_per_pass`` heads (copies of the batch) a pass, fewer where their logits would pass the logit budget."""
     _check(batches)
     g = handle.geometry
     n = g.n_layers * g.n_kv_heads
+    vocab = budget.vocab_size(handle)
     total, count = torch.zeros(n), 0
     for batch in batches:
         base = full_logits(handle, batch)
         where = batch.scored
         count += int(where.sum())
-        for lo in range(0, n, heads_per_pass):
-            heads = list(range(lo, min(n, lo + heads_per_pass)))
+        fit = budget.rows_per_pass(batch.input_ids.shape[1], vocab) // len(batch.traces)
+        per_pass = max(1, min(heads_per_pass, fit))
+        for lo in range(0, n, per_pass):
+            heads = list(range(lo, min(n, lo + per_pass)))
             alpha = torch.ones(len(heads), n)
             alpha[torch.arange(len(heads)), heads] = 0.0
             rows = batch.replicate(len(heads))
@@ -108,10 +113,10 @@ def gate_ig_scores(
         raise ValueError(f"gate-IG needs steps >= 1, got {steps}")
     g = handle.geometry
     grads = torch.zeros(g.n_layers, g.n_kv_heads)
-    bases = [full_logits(handle, b).cpu() if loss == "kl" else None for b in batches]
-    for k in range(1, steps + 1):
-        alpha = torch.full((g.n_layers, g.n_kv_heads), 1.0 - (k - 0.5) / steps, requires_grad=True)
-        for batch, base in zip(batches, bases):
+    for batch in batches:  # one batch's full logits held at a time
+        base = full_logits(handle, batch).cpu() if loss == "kl" else None
+        for k in range(1, steps + 1):
+            alpha = torch.full((g.n_layers, g.n_kv_heads), 1.0 - (k - 0.5) / steps, requires_grad=True)
             (grad,) = torch.autograd.grad(trace_loss(handle, batch, alpha, policy, loss, base), alpha)
             grads += grad.detach().cpu()
     return -grads / (steps * len(batches))
@@ -127,16 +132,20 @@ def duo_scores(
     seed: int = 0,
     log: list[dict] | None = None,
 ) -> torch.Tensor:
-    """DuoAttention-style gates: minimise KL(full ‖ gated) + ``l1``·mean|α| by AdamW; init 1, clamped each step."""
+    """DuoAttention-style gates: minimise KL(full ‖ gated) + ``l1``·mean|α| by AdamW; init 1, clamped each step.
+
+    The full model's logits are kept for every batch when they fit ``budget.CACHE_BUDGET``, else recomputed."""
     _check(batches)
     g = handle.geometry
     torch.manual_seed(seed)
     alpha = torch.ones(g.n_layers, g.n_kv_heads, requires_grad=True)
     opt = torch.optim.AdamW([alpha], lr=lr, weight_decay=0.0)
-    bases = [full_logits(handle, b).cpu() for b in batches]
+    held = sum(b.input_ids.numel() for b in batches) * budget.vocab_size(handle) <= budget.CACHE_BUDGET
+    bases = [full_logits(handle, b).cpu() for b in batches] if held else None
     for step in range(steps):
         i = step % len(batches)
-        distill = trace_loss(handle, batches[i], alpha, policy, "kl", bases[i])
+        base = bases[i] if bases is not None else full_logits(handle, batches[i]).cpu()
+        distill = trace_loss(handle, batches[i], alpha, policy, "kl", base)
         total = distill + l1 * alpha.abs().mean()
         opt.zero_grad()
         total.backward()
