@@ -100,11 +100,10 @@ def head_attention(handle: ModelHandle, trace: Trace, layer: int, kv_head: int) 
     g = handle.geometry
     if not (0 <= layer < g.n_layers and 0 <= kv_head < g.n_kv_heads):
         raise ValueError(f"no KV head L{layer}H{kv_head}: the model has {g.n_layers} layers x {g.n_kv_heads} KV heads")
-    seen: list[torch.Tensor] = []
-    ids = torch.tensor([trace.token_ids], device=handle.device)
-    handle.run(ids, hooks={f"blocks.{layer}.attn.hook_pattern": lambda p: seen.append(p.detach().float().cpu())})
+    name = f"blocks.{layer}.attn.hook_pattern"
+    pattern = handle.run_with_cache(torch.tensor([trace.token_ids]), names=name)[name].float().cpu()
     group = g.n_heads // g.n_kv_heads
-    return seen[0][0, kv_head * group : (kv_head + 1) * group].mean(0)
+    return pattern[0, kv_head * group : (kv_head + 1) * group].mean(0)
 
 
 @dataclass(frozen=True)

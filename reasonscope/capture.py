@@ -20,6 +20,7 @@ import torch
 from .dtypes import DtypeName, dtype_name, torch_dtype
 from .hooks import HookPoint, check_attention, parse_hook, select_hooks
 from .identity import trace_digest
+from .models import StopForward
 from .store import PADDING_SIDES, POSITION_RULES, ActivationStore, PaddingSide, PositionRule, StoreManifest, StoreWriter
 from .traces.record import Trace
 
@@ -110,10 +111,6 @@ def length_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]
     return batches
 
 
-class _Stop(Exception):
-    """Raised after the last hooked module to skip the rest of the forward pass."""
-
-
 class _Gatherer:
     """Hook callbacks that keep only the selected rows and ship them to host memory."""
 
@@ -153,7 +150,7 @@ class _Gatherer:
                 sel.record_stream(self.stream)
                 self.out[name] = host
             if name == self.stop_after:
-                raise _Stop
+                raise StopForward
 
         return fn
 
@@ -202,7 +199,7 @@ def capture_batch(
     last = max(points, key=lambda p: p.sort_key).name
     stop = last if (cfg.stop_early and handle.backend == "hf") else None
     gather = _Gatherer(points, index, torch_dtype(cfg.dtype), stop, keys.to(dev), key_ok.to(dev))
-    with torch.inference_mode(), contextlib.suppress(_Stop):
+    with torch.inference_mode(), contextlib.suppress(StopForward):
         handle.run(ids, mask, hooks=gather.fns)
     flat = gather.result()
     counts = [len(p) for p in positions]

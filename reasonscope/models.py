@@ -9,10 +9,13 @@ Three backends share the hook naming of :mod:`reasonscope.hooks`:
 ``handle.run(input_ids, attention_mask, hooks={name: fn})`` runs a forward pass through the
 chosen backend, calling ``fn(activation)`` at each named hook point (a returned tensor replaces
 the activation), and gives the logits. Hook names may be patterns (:func:`reasonscope.hooks.select_hooks`).
+``handle.run_with_cache(input_ids, attention_mask, names)`` gives the activations at ``names`` instead; on the
+``"hf"`` backend that pass stops after the last of them, so no logits are computed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -173,6 +176,42 @@ class ModelHandle:
             return self.wrapper.run_with_hooks(input_ids, attention_mask=attention_mask, fwd_hooks=fwd)
         return self._run_nnsight(input_ids, attention_mask, position_ids, hooks)
 
+    def run_with_cache(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        names: str | Sequence[str] = "blocks.*.hook_resid_post",
+        hooks: Mapping[str, HookFn] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Activations at ``names`` (patterns allowed), canonical shapes, detached, on the model's device.
+
+        ``hooks`` act first, so a cached point holds what they returned. On the ``"hf"`` backend the pass stops
+        after the last cached point: neither the later blocks nor the unembedding run (no ``[batch, pos, vocab]``
+        logits, the largest tensor of a long pass on a 150k vocabulary).
+        """
+        g = self.geometry
+        wanted = select_hooks(names, g.n_layers)
+        edits = expand_hooks(hooks or {}, g.n_layers)
+        last = max(wanted, key=lambda n: parse_hook(n, g.n_layers).sort_key)
+        stop = self.backend == "hf"
+        cache: dict[str, torch.Tensor] = {}
+
+        def reader(name: str) -> HookFn:
+            edit = edits.get(name)
+
+            def fn(x: torch.Tensor) -> torch.Tensor | None:
+                new = check_replacement(name, edit(x), x) if edit is not None else None
+                cache[name] = (x if new is None else new).detach()
+                if stop and name == last:
+                    raise StopForward
+                return new
+
+            return fn
+
+        with contextlib.suppress(StopForward):
+            self.run(input_ids, attention_mask, hooks={**edits, **{n: reader(n) for n in wanted}})
+        return cache
+
     def _run_nnsight(
         self,
         input_ids: torch.Tensor,
@@ -204,6 +243,10 @@ class ModelHandle:
                         env.output = new
             logits = lm.output.logits.save()
         return logits
+
+
+class StopForward(Exception):
+    """Raised by a hook after the last point a pass needs, to skip the rest of the forward pass."""
 
 
 def expand_hooks(hooks: Mapping[str, HookFn], n_layers: int) -> dict[str, HookFn]:

@@ -27,6 +27,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from reasonscope.budget import passes, vocab_size
 from reasonscope.organisms import task
 from reasonscope.organisms.evaluate import EVAL_SEED, summarize, think_tokens
 from reasonscope.traces import GRADERS, Trace
@@ -185,10 +186,17 @@ def _layers(layer: int | Sequence[int]) -> tuple[int, ...]:
     return (layer,) if isinstance(layer, int) else tuple(layer)
 
 
+def _passes(handle: Any, seqs: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Indices of ``seqs`` in length-sorted forward passes whose logits fit the logit budget."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    return [[order[k] for k in group] for group in passes([len(seqs[i]) for i in order], vocab_size(handle))]
+
+
 def _last_logits(
-    handle: Any, ids: torch.Tensor, mask: torch.Tensor, layers: tuple[int, ...], delta: torch.Tensor
+    handle: Any, seqs: Sequence[Sequence[int]], layers: tuple[int, ...], delta: torch.Tensor
 ) -> torch.Tensor:
-    """Last-position logits with ``delta [len(layers), d]`` added to those blocks' outputs at the last position."""
+    """Last-position logits ``[n, vocab]`` (float32) with ``delta [len(layers), d]`` added to those blocks'
+    outputs at the last position."""
 
     def hook(x: torch.Tensor, k: int) -> torch.Tensor:
         x = x.clone()
@@ -196,13 +204,21 @@ def _last_logits(
         return x
 
     hooks = {f"blocks.{layer}.hook_resid_post": (lambda x, k=k: hook(x, k)) for k, layer in enumerate(layers)}
-    with torch.no_grad():
-        return handle.run(ids, mask, hooks=hooks)[:, -1].float()
+    out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+    for rows in _passes(handle, seqs):
+        ids, mask = handle.left_padded([seqs[i] for i in rows])
+        with torch.no_grad():
+            last = handle.run(ids, mask, hooks=hooks)[:, -1].float().clone()  # not a view: frees the pass
+        for r, i in enumerate(rows):
+            out[i] = last[r]
+    return torch.stack(out)
 
 
-def _encode(handle: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    enc = handle.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
-    return enc["input_ids"], enc["attention_mask"]
+def _encode(handle: Any, texts: Sequence[str]) -> list[list[int]]:
+    seqs = [list(handle.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    if not seqs or not all(seqs):
+        raise ValueError("the KL bound needs at least one text, and no empty text (it reads the last token)")
+    return seqs
 
 
 def estimate_a_l(
@@ -216,18 +232,17 @@ def estimate_a_l(
     layers = _layers(layer)
     unit = direction.float().reshape(len(layers), -1)
     unit = unit / unit.norm()
-    ids, mask = _encode(handle, texts)
-    norms: list[torch.Tensor] = []
-
-    def reader(x: torch.Tensor) -> None:
-        norms.append(x[:, -1].float().norm(dim=-1))
-
-    with torch.no_grad():
-        handle.run(ids, mask, hooks={f"blocks.{x}.hook_resid_post": reader for x in layers})
-    dt = rel_step * float(torch.stack([n.median() for n in norms]).median())
-    f0 = _last_logits(handle, ids, mask, layers, torch.zeros_like(unit))
-    fp = _last_logits(handle, ids, mask, layers, dt * unit)
-    fm = _last_logits(handle, ids, mask, layers, -dt * unit)
+    seqs = _encode(handle, texts)
+    names = [f"blocks.{x}.hook_resid_post" for x in layers]
+    norms = torch.zeros(len(seqs), len(layers))
+    for rows in _passes(handle, seqs):
+        with torch.no_grad():
+            cache = handle.run_with_cache(*handle.left_padded([seqs[i] for i in rows]), names)
+        norms[rows] = torch.stack([cache[n][:, -1].float().norm(dim=-1).cpu() for n in names], dim=1)
+    dt = rel_step * float(norms.median(dim=0).values.median())
+    f0 = _last_logits(handle, seqs, layers, torch.zeros_like(unit))
+    fp = _last_logits(handle, seqs, layers, dt * unit)
+    fm = _last_logits(handle, seqs, layers, -dt * unit)
     a_i = ((fp - fm) / (2 * dt)).norm(dim=-1)
     l_i = ((fp - 2 * f0 + fm) / dt**2).norm(dim=-1)
     return {"a": float(a_i.median()), "L": float(torch.quantile(l_i, 0.95)), "step": dt, "n_points": len(texts)}
@@ -237,9 +252,9 @@ def measured_kl(handle: Any, texts: Sequence[str], layer: int | Sequence[int], d
     """Median and 95th percentile of KL(p ‖ p̃) between unsteered and steered next-token distributions."""
     layers = _layers(layer)
     delta = delta.float().reshape(len(layers), -1)
-    ids, mask = _encode(handle, texts)
-    p = torch.log_softmax(_last_logits(handle, ids, mask, layers, torch.zeros_like(delta)), -1)
-    q = torch.log_softmax(_last_logits(handle, ids, mask, layers, delta), -1)
+    seqs = _encode(handle, texts)
+    p = torch.log_softmax(_last_logits(handle, seqs, layers, torch.zeros_like(delta)), -1)
+    q = torch.log_softmax(_last_logits(handle, seqs, layers, delta), -1)
     kl = (p.exp() * (p - q)).sum(-1)
     return {"median": float(kl.median()), "p95": float(torch.quantile(kl, 0.95)), "max": float(kl.max())}
 

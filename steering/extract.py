@@ -59,10 +59,7 @@ def residuals(
         if any(not x for x in ids):
             raise ValueError("an empty text has no token to read; drop it")
         input_ids, mask = handle.left_padded(ids)
-        seen: dict[int, torch.Tensor] = {}
-        with torch.no_grad():
-            handle.run(input_ids, mask, hooks={f"blocks.{x}.hook_resid_post": _reader(seen, x) for x in layers})
-        acts = torch.stack([seen[x] for x in layers], dim=2)  # [batch, pos, n_layers, d]
+        acts = _residuals(handle, input_ids, mask, layers)  # [batch, pos, n_layers, d]
         real = mask.bool()
         if reduce == "last":
             out.append(acts[:, -1])
@@ -74,11 +71,12 @@ def residuals(
     return torch.cat(out)
 
 
-def _reader(seen: dict[int, torch.Tensor], layer: int) -> Any:
-    def hook(x: torch.Tensor) -> None:
-        seen[layer] = x.detach().float().cpu()
-
-    return hook
+def _residuals(handle: Any, ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+    """``[batch, pos, n_layers, d]`` float32 on the CPU: the output of each block in ``layers`` (no logits)."""
+    names = [f"blocks.{x}.hook_resid_post" for x in layers]
+    with torch.no_grad():
+        cache = handle.run_with_cache(ids, mask, names)
+    return torch.stack([cache[n].float().cpu() for n in names], dim=2)
 
 
 def mean_difference(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -156,10 +154,7 @@ def segment_residuals(
             raise ValueError("traces without token_ids have no spans; segment them with segment_trace first")
         ids, mask = handle.left_padded([t.token_ids for t in chunk])
         width = ids.shape[1]
-        seen: dict[int, torch.Tensor] = {}
-        with torch.no_grad():
-            handle.run(ids, mask, hooks={f"blocks.{x}.hook_resid_post": _reader(seen, x) for x in layers})
-        acts = torch.stack([seen[x] for x in layers], dim=2)  # [batch, pos, n_layers, d]
+        acts = _residuals(handle, ids, mask, layers)  # [batch, pos, n_layers, d]
         for b, t in enumerate(chunk):
             offset = width - len(t.token_ids)
             for k, seg in enumerate(t.segments):

@@ -67,6 +67,43 @@ def test_backends_agree_with_plain_hf(tiny_model_dir, tiny_handle, backend):
         assert torch.allclose(other[name][m], ref[name][m], atol=1e-5), name
 
 
+@pytest.mark.parametrize("backend", ["hf", "transformer_lens", "nnsight"])
+def test_run_with_cache_reads_what_hooks_read(tiny_model_dir, tiny_handle, backend):
+    """``run_with_cache`` gives the activations a reading hook sees, in every backend; an edit hook acts first."""
+    texts = ["a=3, b=4, c=1. what is a + b - c?", "d=2. what is d?"]
+    ids, mask = batch(tiny_handle, texts)
+    ref = run_all(tiny_handle, ids, mask, HOOKS)
+    handle = tiny_handle if backend == "hf" else load_model(tiny_model_dir, backend=backend)
+    got = handle.run_with_cache(ids, mask, "blocks.*.hook_resid_post")
+    assert sorted(got) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    m = mask.bool()
+    for name, x in got.items():
+        assert torch.allclose(x[m], ref[name][m], atol=1e-5), name
+    zeroed = handle.run_with_cache(
+        ids,
+        mask,
+        ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"],
+        hooks={"blocks.0.hook_resid_post": lambda x: x * 0},
+    )
+    assert not zeroed["blocks.0.hook_resid_post"].any() and not zeroed["blocks.1.hook_resid_pre"].any()
+
+
+def test_run_with_cache_stops_before_the_logits(tiny_handle):
+    """On hf the pass ends at the last cached point: the unembedding never runs, and the hooks are gone after."""
+    ids, mask = batch(tiny_handle, ["a=3, b=4. what is a + b?"])
+    before = tiny_handle.run(ids, mask)
+    calls: list[int] = []
+    h = tiny_handle.model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        tiny_handle.run_with_cache(ids, mask, "blocks.0.hook_resid_post")
+        assert calls == []
+        tiny_handle.run(ids, mask)
+        assert calls == [1]
+    finally:
+        h.remove()
+    assert torch.equal(tiny_handle.run(ids, mask), before)
+
+
 def test_attention_pattern_needs_eager(tiny_model_dir):
     h = load_model(tiny_model_dir, attn_implementation="eager")
     ids, mask = batch(h, ["a=3, b=4. what is a + b?"])

@@ -110,6 +110,28 @@ def test_estimates_match_autograd_and_the_kl_stays_within_budget(tiny_model_dir)
     assert res2["bound"] <= 1e-3 * (1 + 1e-9) and res2["measured_kl"]["median"] <= 1e-3
 
 
+def test_kl_bound_passes_are_cut_to_the_logit_budget(tiny_handle, monkeypatch):
+    """The KL bound reads its texts in length-sorted passes within the logit budget (one text a pass at one
+    element): a, L, γ and the measured KL do not change."""
+    import reasonscope.budget as budget
+
+    texts = ["a=3, b=4, c=1. what is a + b - c?", "d=2. what is d?", "e=1, f=5. what is e + f?", "g=9."]
+    torch.manual_seed(0)
+    vec = SteeringVector(torch.randn(2, tiny_handle.geometry.d_model), VectorMeta(d_model=32, layers=(0, 1)))
+    whole = kl_gamma(tiny_handle, vec, texts, (0, 1), 1e-3)
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 1)
+    calls: list[int] = []
+    run = tiny_handle.run
+    monkeypatch.setattr(tiny_handle, "run", lambda ids, *a, **k: calls.append(len(ids)) or run(ids, *a, **k))
+    split = kl_gamma(tiny_handle, vec, texts, (0, 1), 1e-3)
+    assert set(calls) == {1} and len(calls) == 6 * len(texts)  # norms, three logit reads, two KL reads
+    for key in ("gamma", "a", "L"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-4), key
+    assert split["measured_kl"]["median"] == pytest.approx(whole["measured_kl"]["median"], rel=1e-2)  # float32 noise
+    with pytest.raises(ValueError, match="empty text"):
+        kl_gamma(tiny_handle, vec, ["a=1.", ""], (0, 1), 1e-3)
+
+
 def test_best_sweep_gamma_must_shorten_within_the_accuracy_loss():
     base = {"gamma": 0.0, "accuracy": 0.80, "mean_think_tokens": 100.0}
     rows = [
