@@ -39,7 +39,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -47,6 +47,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, write_artifact
+from reasonscope.budget import passes, vocab_size
 from reasonscope.generation import Batch, DecodeConfig, current_batch, generate, uniform
 from reasonscope.organisms import task
 from reasonscope.organisms.evaluate import EVAL_SEED
@@ -218,12 +219,13 @@ def rollouts(thinking: Any, prompts: Sequence[str], temperature: float, seed: in
 
 
 def _forward_all(
-    handle: Any, seqs: Sequence[list[int]], layer: int, batch_size: int, hook: Callable | None = None
+    handle: Any, seqs: Sequence[list[int]], layer: int, batch_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(logits ``[T, vocab]``, block ``layer`` output ``[T, d]``) of each full sequence (left-padded batches)."""
+    """(greedy next token ``[T]``, block ``layer`` output ``[T, d]``) of each full sequence: left-padded passes of
+    at most ``batch_size`` sequences whose logits fit the logit budget."""
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for s in range(0, len(seqs), batch_size):
-        chunk = seqs[s : s + batch_size]
+    for group in passes([len(x) for x in seqs], vocab_size(handle), batch_size):
+        chunk = [seqs[i] for i in group]
         ids, mask = handle.left_padded(chunk)
         width = ids.shape[1]
         seen: dict[str, torch.Tensor] = {}
@@ -232,9 +234,9 @@ def _forward_all(
             seen["x"] = x.detach().float().cpu()
 
         with torch.no_grad():
-            logits = handle.run(ids, mask, hooks={f"blocks.{layer}.hook_resid_post": read}).float().cpu()
+            greedy = handle.run(ids, mask, hooks={f"blocks.{layer}.hook_resid_post": read}).argmax(-1).cpu()
         for b, x in enumerate(chunk):
-            out.append((logits[b, width - len(x) :], seen["x"][b, width - len(x) :]))
+            out.append((greedy[b, width - len(x) :], seen["x"][b, width - len(x) :]))
     return out
 
 
@@ -256,10 +258,10 @@ def sentence_table(thinking: Any, rolls: Sequence[Rollout], layer: int, batch_si
         raise ValueError("no rollouts to read sentences from")
     fw = _forward_all(thinking, [r.prompt_ids + r.gen_ids for r in rolls], layer, batch_size)
     acts, pre, owner, truth, means, argmax = [], [], [], [], [], []
-    for i, (r, (logits, x)) in enumerate(zip(rolls, fw)):
+    for i, (r, (greedy, x)) in enumerate(zip(rolls, fw)):
         p = len(r.prompt_ids)
         means.append(x[p - 1 :].mean(0))
-        argmax.append(logits[p - 1 : -1].argmax(-1))
+        argmax.append(greedy[p - 1 : -1])
         for k, (a, b) in enumerate(r.spans):
             acts.append(x[p + a - 1 : p + b].mean(0))
             pre.append(x[p + a - 1])
@@ -390,9 +392,9 @@ def optimise_vectors(
     fw = _forward_all(base, seqs, cfg.steer_layer, cfg.batch_size)
     examples = []  # per rollout: (positions in the full sequence, labels, targets)
     n_pos = n_gen = 0
-    for r, (logits, _), labs, tgt in zip(rolls, fw, token_labels, think_argmax):
+    for r, (greedy, _), labs, tgt in zip(rolls, fw, token_labels, think_argmax):
         p = len(r.prompt_ids)
-        base_greedy = logits[p - 1 : -1].argmax(-1)
+        base_greedy = greedy[p - 1 : -1]
         lab = torch.tensor(list(labs), dtype=torch.long)
         keep = (base_greedy != tgt) & (lab >= 0)
         idx = keep.nonzero()[:, 0]
@@ -410,6 +412,7 @@ def optimise_vectors(
     params = list(base.model.parameters())
     was = [q.requires_grad for q in params]
     mb = min(len(rolls), 16)
+    vocab = vocab_size(base)
     losses: list[float] = []
     best = (math.inf, vecs.detach().clone(), bias.detach().clone())
     try:
@@ -417,37 +420,22 @@ def optimise_vectors(
             q.requires_grad_(False)
         for _ in range(cfg.train_steps):
             pick = torch.randperm(len(rolls), generator=g)[:mb].tolist()
-            ids, mask = base.left_padded([seqs[i] for i in pick])
-            pads = (mask == 0).sum(1).tolist()
-            rows: list[int] = []
-            cols: list[int] = []
-            lab_list: list[torch.Tensor] = []
-            tgts: list[torch.Tensor] = []
-            for b, i in enumerate(pick):
-                pos, lab, tgt = examples[i]
-                rows += [b] * len(pos)
-                cols += (pos + pads[b]).tolist()
-                lab_list.append(lab)
-                tgts.append(tgt)
-            if not rows:
+            n_step = sum(len(examples[i][0]) for i in pick)
+            if n_step == 0:
                 continue
-            r_t, c_t = torch.tensor(rows), torch.tensor(cols)
-            lab_t, tgt_t = torch.cat(lab_list), torch.cat(tgts)
-            dev = base.device
-            delta = bias[None] + vecs[lab_t]
-
-            def add(x: torch.Tensor, r_t: torch.Tensor = r_t, c_t: torch.Tensor = c_t, delta: Any = delta) -> Any:
-                y = x.clone()
-                y[r_t.to(x.device), c_t.to(x.device)] += delta.to(x)
-                return y
-
-            logits = base.run(ids, mask, hooks={f"blocks.{cfg.steer_layer}.hook_resid_post": add})
-            loss = torch.nn.functional.cross_entropy(logits[r_t.to(dev), c_t.to(dev)].float(), tgt_t.to(dev))
             opt.zero_grad()
-            loss.backward()
+            loss = 0.0
+            for part in passes([len(seqs[i]) for i in pick], vocab, mb):  # gradients accumulate pass by pass
+                rows = [pick[j] for j in part]
+                ce = _steered_ce(
+                    base, [seqs[i] for i in rows], [examples[i] for i in rows], vecs, bias, cfg.steer_layer
+                )
+                if ce is not None:
+                    (ce / n_step).backward()
+                    loss += float(ce.detach()) / n_step
             opt.step()
             sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss)
             if losses[-1] < best[0]:
                 best = (losses[-1], vecs.detach().clone(), bias.detach().clone())
     finally:
@@ -464,6 +452,35 @@ def optimise_vectors(
         "bias_norm": round(float(b_best.norm()), 3),
     }
     return v_best, b_best, report
+
+
+def _steered_ce(
+    base: Any,
+    seqs: Sequence[list[int]],
+    examples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    vecs: torch.Tensor,
+    bias: torch.Tensor,
+    layer: int,
+) -> torch.Tensor | None:
+    """Summed cross-entropy of the thinking model's tokens at the examples' positions, with ``bias + V[behaviour]``
+    added there to block ``layer``'s output (one left-padded pass); None when no position is in these rows."""
+    ids, mask = base.left_padded(seqs)
+    pads = (mask == 0).sum(1).tolist()
+    rows = torch.tensor([b for b, (pos, _, _) in enumerate(examples) for _ in range(len(pos))], dtype=torch.long)
+    if not len(rows):
+        return None
+    cols = torch.cat([pos + pads[b] for b, (pos, _, _) in enumerate(examples)])
+    labs, tgts = torch.cat([lab for _, lab, _ in examples]), torch.cat([tgt for _, _, tgt in examples])
+    delta = bias[None] + vecs[labs]
+
+    def add(x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        y[rows.to(x.device), cols.to(x.device)] += delta.to(x)
+        return y
+
+    logits = base.run(ids, mask, hooks={f"blocks.{layer}.hook_resid_post": add})
+    dev = logits.device
+    return torch.nn.functional.cross_entropy(logits[rows.to(dev), cols.to(dev)].float(), tgts.to(dev), reduction="sum")
 
 
 def mean_diff_vectors(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -198,6 +199,34 @@ def test_table_taxonomy_selector_and_vectors(pair):
     assert md.shape == (3, 32) and float(zero.abs().sum()) == 0 and rep["n_source_tokens"] == 3 * len(rolls)
     with pytest.raises(ValueError, match="one label list"):
         optimise_vectors(base, rolls, tok_labels[:1], table.think_argmax, 3, cfg)
+
+
+def test_reads_and_vector_learning_are_cut_to_the_logit_budget(pair, monkeypatch):
+    """One rollout a pass (a logit budget of one element): the thinking model's greedy tokens and activations, and
+    the optimised vectors (gradients accumulated pass by pass), are those of whole batches."""
+    import reasonscope.budget as budget
+
+    base, thinking = pair
+    cfg = HybridConfig(**{**TINY, "train_steps": 6, "lr": 0.05})
+    rolls = synthetic_rollouts(thinking, 8)
+
+    def learn() -> tuple[Any, ...]:
+        table = sentence_table(thinking, rolls, cfg.sae_layer)
+        labels = torch.arange(len(table.owner)) % 3
+        tok_labels = [[-1] * len(r.gen_ids) for r in rolls]
+        for (i, k), lab in zip(table.owner, labels.tolist()):
+            a, b = rolls[i].spans[k]
+            tok_labels[i][a:b] = [lab] * (b - a)
+        return table, optimise_vectors(base, rolls, tok_labels, table.think_argmax, 3, cfg)
+
+    ref_table, (ref_v, ref_b, ref_rep) = learn()
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 1)
+    table, (v, b, rep) = learn()
+    torch.testing.assert_close(table.acts, ref_table.acts)
+    assert all(torch.equal(x, y) for x, y in zip(table.think_argmax, ref_table.think_argmax))
+    torch.testing.assert_close(v, ref_v, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b, ref_b, atol=1e-5, rtol=1e-4)
+    assert rep["loss_first"] == pytest.approx(ref_rep["loss_first"], rel=1e-4)
 
 
 def steerer(d: int = 32, k: int = 3, layer: int = 0) -> Steerer:
