@@ -116,34 +116,35 @@ class Generation:
     correct: bool | None
 
 
-def _completion(handle: ModelHandle, ids: Sequence[int], gold: str | None) -> Generation:
+def _completion(handle: ModelHandle, ids: Sequence[int], gold: str | None, grader: str) -> Generation:
     from reasonscope.traces import GRADERS
 
     tok = handle.tokenizer
     end = handle.think_ids[1]
     k = list(ids).index(end) if end is not None and end in ids else len(ids)
     answer = tok.decode(list(ids[k + 1 :]), skip_special_tokens=True).strip() if k < len(ids) else ""
-    grader = GRADERS["organism"]
-    ok = None if gold is None else bool(k < len(ids) and grader.is_correct(grader.extract(answer), gold))
+    g = GRADERS[grader]
+    ok = None if gold is None else bool(k < len(ids) and g.is_correct(g.extract(answer), gold))
     return Generation(token_strings(tok, ids), k, answer, ok)
 
 
 def steer_compare(
     handle: ModelHandle,
     vec: SteeringVector,
-    question: str,
+    prompt: str,
     gammas: Sequence[float],
     gold: str | None = None,
+    grader: str = "organism",
     max_new_tokens: int = 512,
 ) -> list[Generation]:
-    """Greedy completions of ``question`` at each γ (γ = 0: unsteered), in one batched ``generate`` call."""
+    """Greedy completions of ``prompt`` (chat-formatted, thinking opened) at each γ (γ = 0: unsteered), in one
+    batched ``generate`` call, graded by ``grader`` against ``gold``."""
     from reasonscope.generation import DecodeConfig, generate
 
-    prompt = handle.chat_prompt(question)
     cfg = DecodeConfig(max_new_tokens=max_new_tokens, batch_size=max(1, len(gammas)))
     with vec.apply(handle, gamma=[float(g) for g in gammas]):
         out = generate(handle, [prompt] * len(gammas), cfg)
-    return [_completion(handle, c.token_ids, gold) for c in out]
+    return [_completion(handle, c.token_ids, gold, grader) for c in out]
 
 
 def finite_range(values: Sequence[float]) -> tuple[float, float]:

@@ -24,9 +24,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from reasonscope.store import ActivationStore
     from steering.vector import SteeringVector
 
-__all__ = ["STAGE_DIRS", "Exports", "JsonResult", "MissingStage", "RunDir", "TraceSet"]
+__all__ = ["STAGE_COMMANDS", "STAGE_DIRS", "Exports", "JsonResult", "MissingStage", "RunDir", "TraceSet"]
 
 TRACE_SET, VECTOR_EXPORTS = "trace_set", "vector_exports"
+MODELS_ENV = "REASONSCOPE_MODELS"  # JSON {"thinking": source, "base": source, "dtype": name} from `reasonscope app`
+TRACES_JSONL = "traces.jsonl"  # a run on your own model: its traces, as `traces generate --out` writes them
 SUFFIX = {"gguf": ".gguf", "easysteer": ".easysteer.gguf", "safetensors": ".safetensors"}
 
 # stage -> artifact directory inside a run directory
@@ -44,16 +46,32 @@ STAGE_DIRS: dict[str, str] = {
 }
 
 
-class MissingStage(LookupError):
-    """A stage's artifact is absent or unusable; ``str()`` says which command writes it."""
+# stage -> the command that writes it into a run on your own model (M: the model, D: a graded dataset)
+STAGE_COMMANDS: dict[str, str] = {
+    "traces": "reasonscope traces generate --model M --dataset D --out {run}/traces.jsonl",
+    "capture": "reasonscope capture --model M --traces {run}/traces.jsonl --positions segment_ends --out {run}/capture",
+    "heads": "reasonscope heads score --model M --traces {run}/traces.jsonl --method duo --out {run}/heads/duo",
+    "heads_eval": "reasonscope heads eval --model M --map {run}/heads/duo --dataset D --out {run}/heads_eval",
+    "labels": "reasonscope probe labels --traces {run}/traces.jsonl --model M --forced --out {run}/labels",
+    "probes": "reasonscope probe fit --store {run}/capture --labels {run}/labels --target correct "
+    "--out {run}/probes/correct",
+    "monitor": "reasonscope probe monitor --model M --probes {run}/probes/correct --dataset D --out {run}/monitor",
+    "asc": "reasonscope steer asc --model M --pairs-file PAIRS --dataset D --out {run}/asc",
+    "hybrid": "reasonscope steer hybrid --base B --thinking M --dataset D --out {run}/hybrid",
+    "exports": "reasonscope export --in {run}/asc --format gguf --out asc.gguf",
+}
 
-    def __init__(self, stage: str, run: Path, why: str = "") -> None:
+
+class MissingStage(LookupError):
+    """A stage's artifact is absent or unusable; ``str()`` says so and ``command`` is what writes it: the demo for a
+    demo run, the stage's own command for a run on your own model."""
+
+    def __init__(self, stage: str, run: Path, why: str = "", own_model: bool = False) -> None:
         self.stage, self.run = stage, run
+        self.command = STAGE_COMMANDS[stage].format(run=run) if own_model else f"reasonscope demo --out {run}"
         detail = f" ({why})" if why else ""
-        super().__init__(
-            f"this run has no usable '{stage}' stage{detail}; write it with `reasonscope demo --out {run}` "
-            "(finished stages are reused)"
-        )
+        reuse = "" if own_model else " (finished stages are reused)"
+        super().__init__(f"this run has no usable '{stage}' stage{detail}; write it with `{self.command}`{reuse}")
 
 
 # ---------------------------------------------------------------------------- trace_set
@@ -82,6 +100,15 @@ class TraceSet:
 
     @classmethod
     def open(cls, path: str | Path) -> TraceSet:
+        """A ``trace_set`` artifact, or a JSONL of one model's traces (``traces generate --out RUN/traces.jsonl``),
+        which becomes the ``thinking`` traces."""
+        if Path(path).is_file():
+            from reasonscope.organisms.evaluate import summarize
+
+            rows = read_traces_jsonl(path)
+            if not rows:
+                raise ValueError(f"{path} holds no trace")
+            return cls(Path(path), {"thinking": rows}, {"thinking": summarize(rows)})
         art = ArtifactDir.open(path, TRACE_SET, ARTIFACT_FORMATS[TRACE_SET])
         models = list(art.manifest.config["models"])
         traces = {m: read_traces_jsonl(art.file(f"{m}.jsonl")) for m in models}
@@ -126,21 +153,31 @@ class Exports:
 
 
 class RunDir:
-    """A demo run directory; every ``open_*`` returns the stage's opened artifact or raises :class:`MissingStage`."""
+    """A run directory; every stage method returns the stage's opened artifact or raises :class:`MissingStage`.
 
-    def __init__(self, path: str | Path) -> None:
+    A demo run (``reasonscope demo``) holds every stage; a run on your own model (``own_model``) holds what its
+    stage commands wrote there (:data:`STAGE_COMMANDS`), its traces as ``traces.jsonl``."""
+
+    def __init__(self, path: str | Path, own_model: bool = False) -> None:
         self.path = Path(path)
+        self.own_model = own_model
 
     def stage_path(self, stage: str, *sub: str) -> Path:
-        return self.path.joinpath(STAGE_DIRS[stage], *sub)
+        path = self.path.joinpath(STAGE_DIRS[stage], *sub)
+        jsonl = self.path / TRACES_JSONL
+        return jsonl if stage == "traces" and not sub and not path.exists() and jsonl.is_file() else path
+
+    def command(self, stage: str) -> str:
+        """The command that writes ``stage`` into this run."""
+        return MissingStage(stage, self.path, own_model=self.own_model).command
 
     def _open(self, stage: str, fn: Any, path: Path) -> Any:
         if not path.exists():
-            raise MissingStage(stage, self.path)
+            raise MissingStage(stage, self.path, own_model=self.own_model)
         try:
             return fn(path)
         except (ArtifactError, OSError, KeyError, ValueError) as e:
-            raise MissingStage(stage, self.path, f"{type(e).__name__}: {e}") from e
+            raise MissingStage(stage, self.path, f"{type(e).__name__}: {e}", self.own_model) from e
 
     def has(self, stage: str) -> bool:
         return self.stage_path(stage).exists()
@@ -158,7 +195,7 @@ class RunDir:
 
         root = self.stage_path("heads")
         if not root.is_dir():
-            raise MissingStage("heads", self.path)
+            raise MissingStage("heads", self.path, own_model=self.own_model)
         return {p.name: self._open("heads", HeadMap.open, p) for p in sorted(root.iterdir()) if p.is_dir()}
 
     def heads_eval(self) -> JsonResult:
@@ -174,7 +211,7 @@ class RunDir:
 
         root = self.stage_path("probes")
         if not root.is_dir():
-            raise MissingStage("probes", self.path)
+            raise MissingStage("probes", self.path, own_model=self.own_model)
         return {p.name: self._open("probes", ProbeSet.open, p) for p in sorted(root.iterdir()) if p.is_dir()}
 
     def monitor(self) -> JsonResult:
@@ -198,5 +235,6 @@ class RunDir:
         try:
             from steering.hybrid import HybridRun  # type: ignore[import-not-found,unused-ignore]
         except ImportError as e:
-            raise MissingStage("hybrid", self.path, "steering.hybrid is not available in this install") from e
+            why = "steering.hybrid is not available in this install"
+            raise MissingStage("hybrid", self.path, why, self.own_model) from e
         return self._open("hybrid", HybridRun.open, self.stage_path("hybrid"))

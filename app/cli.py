@@ -6,6 +6,7 @@ Same rules as :mod:`reasonscope.cli`: arguments and locations are checked before
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ from typing import Optional
 
 import typer
 
-from reasonscope.cli_kit import fail, model_geometry, out_dir, say
+from reasonscope.cli_kit import DTYPE_HELP, dtype_option, fail, model_geometry, out_dir, say
+
+from .artifacts import MODELS_ENV, STAGE_DIRS, TRACES_JSONL
 
 EXPLORER = Path(__file__).resolve().parent / "explorer.py"
 
@@ -53,15 +56,41 @@ def demo_cmd(
 
 
 def app_cmd(
-    run: Path = typer.Argument(..., help="A run directory written by `reasonscope demo --out RUN_DIR`."),
+    run: Path = typer.Argument(..., help="A run directory: `reasonscope demo --out RUN`, or your own model's stages."),
+    model: Optional[str] = typer.Option(
+        None, help="The thinking model a run on your own model was made with (its live views load it)."
+    ),
+    base: Optional[str] = typer.Option(None, help="Its base model, where the run has one (the traces page)."),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
     port: int = typer.Option(8501, min=1, max=65535, help="Port to serve the explorer on."),
     address: str = typer.Option("localhost", help="Address to listen on (0.0.0.0 to expose it)."),
 ) -> None:
-    """Open the Streamlit explorer on a run directory (headless: open the printed URL in a browser)."""
+    """Open the Streamlit explorer on a run directory (headless: open the printed URL in a browser).
+
+    A run on your own model is a directory its stage commands wrote into (`traces generate --out RUN/traces.jsonl`,
+    `capture --out RUN/capture`, `heads score --out RUN/heads/<method>`, `probe fit --out RUN/probes/<target>`, ...);
+    open it with `--model` (and `--dtype`) so the live views load that model."""
     if not run.is_dir():
         fail(f"{run} is not a directory; write a run with `reasonscope demo --out {run}` first")
-    if not (run / "run.json").is_file() and not (run / "traces").is_dir():
+    demo = (run / "run.json").is_file() or (run / "traces").is_dir()
+    own = (run / TRACES_JSONL).is_file() or any((run / d).is_dir() for d in STAGE_DIRS.values())
+    if model is None and not demo:
+        if own:
+            fail(f"{run} is a run on your own model (no run.json); name its model: `reasonscope app {run} --model M`")
         fail(f"{run} holds no demo run (no run.json or traces/); write one with `reasonscope demo --out {run}`")
+    if model is not None and not own:
+        fail(
+            f"{run} holds no stage output; write its traces with "
+            f"`reasonscope traces generate --model {model} --dataset D --out {run}/{TRACES_JSONL}` first"
+        )
+    given: dict[str, str] = {}
+    if model is not None:
+        given = {"thinking": model, "dtype": dtype_option(dtype, "--dtype")}
+        for source in (model, base):
+            if source is not None:
+                model_geometry(source)  # fails at once, naming what was tried
+        if base is not None:
+            given["base"] = base
     cmd = [
         sys.executable,
         "-m",
@@ -79,4 +108,8 @@ def app_cmd(
     # the server replaces this process, so stopping `reasonscope app` (a signal, a supervisor) stops the server too
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, cmd, {**os.environ, "REASONSCOPE_RUN": str(run.resolve())})
+    env = {**os.environ, "REASONSCOPE_RUN": str(run.resolve())}
+    env.pop(MODELS_ENV, None)
+    if given:
+        env[MODELS_ENV] = json.dumps(given)
+    os.execve(sys.executable, cmd, env)

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.artifacts import RunDir
-from app.state import RUN_ENV, run_path
+from app.state import RUN_ENV, model_sources, open_run, run_path
 from app.views import export, heads, probes, steering, traces
 
 PAGES = {
@@ -30,9 +29,15 @@ def main() -> None:
             f"(or set {RUN_ENV}); write a run with `reasonscope demo --out runs/demo`"
         )
         return
-    run = RunDir(path)
+    run = open_run(path)
     st.sidebar.title("reasonscope")
     st.sidebar.caption(f"run: {path}")
+    given = model_sources()
+    models = {k: v for k, v in given.items() if k != "dtype"} or {
+        "thinking": "organism:thinking",
+        "base": "organism:base",
+    }
+    st.sidebar.caption(" · ".join(f"{k}: {v}" for k, v in models.items()))
     page = st.sidebar.radio("page", list(PAGES), key="page")
     PAGES[page or "Traces"](run)
 

@@ -6,6 +6,7 @@ demo finishes later shows up on the next rerun. Heavy work runs on a worker thre
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 
 import streamlit as st
 
-from .artifacts import MissingStage, RunDir
+from .artifacts import MODELS_ENV, MissingStage, RunDir
 
 T = TypeVar("T")
 RUN_ENV = "REASONSCOPE_RUN"
@@ -36,12 +37,34 @@ def _executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="reasonscope-explorer")
 
 
-@st.cache_resource(show_spinner="loading the model (once)")
+def model_sources() -> dict[str, str]:
+    """The models a run was made with, as ``reasonscope app --model/--base/--dtype`` gave them (``thinking``,
+    ``base``, ``dtype``); empty for a demo run, whose models are the organisms."""
+    raw = os.environ.get(MODELS_ENV)
+    return dict(json.loads(raw)) if raw else {}
+
+
+def open_run(path: Path) -> RunDir:
+    """The run directory, telling a run on your own model (``--model`` given) from a demo run."""
+    return RunDir(path, own_model=bool(model_sources()))
+
+
 def model(name: str, eager: bool = False) -> Any:
-    """``organism:<name>`` (eager attention for attention maps), loaded once per explorer process."""
+    """The run's ``name`` model (``thinking`` or ``base``): the one ``reasonscope app`` was given, else
+    ``organism:<name>``; eager attention for attention maps. Loaded once per explorer process."""
+    given = model_sources()
+    source = given.get(name) if given else f"organism:{name}"
+    if source is None:
+        flag = "--model" if name == "thinking" else f"--{name}"
+        raise LookupError(f"no {name} model was given; start the explorer with `reasonscope app RUN {flag} PATH`")
+    return _load(source, given.get("dtype") or "float32", eager)
+
+
+@st.cache_resource(show_spinner="loading the model (once)")
+def _load(source: str, dtype: str, eager: bool) -> Any:
     from reasonscope.models import load_model
 
-    return load_model(f"organism:{name}", attn_implementation="eager" if eager else None)
+    return load_model(source, dtype=dtype, attn_implementation="eager" if eager else None)
 
 
 def _stamp(run: RunDir, stage: str) -> float:
@@ -52,7 +75,7 @@ def _stamp(run: RunDir, stage: str) -> float:
 
 @st.cache_resource(show_spinner="opening the run's artifacts")
 def _opened(path: str, stage: str, stamp: float) -> Any:
-    run = RunDir(path)
+    run = open_run(Path(path))
     return {
         "traces": run.traces,
         "capture": run.store,
@@ -80,7 +103,7 @@ def need(run: RunDir, *stages: str) -> list[Any] | None:
             out.append(artifact(run, s))
         except MissingStage as e:
             st.warning(str(e))
-            st.code(f"reasonscope demo --out {run.path}", language="bash")
+            st.code(e.command, language="bash")
             return None
     return out
 

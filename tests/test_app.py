@@ -3,6 +3,7 @@ every page under Streamlit's AppTest, the CLI's checks, and every page in a real
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -147,6 +148,74 @@ def test_app_command_checks_the_run_dir(tmp_path):
     assert r.exit_code == 2 and "reasonscope demo --out" in r.stderr
     r = runner.invoke(cli, ["app", str(tmp_path)])
     assert r.exit_code == 2 and "holds no demo run" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def own_run(r1_tiny_dir, tmp_path_factory) -> Path:
+    """A run on "your own model" (a tiny model with the R1 tokenizer and chat format), written by the stage
+    commands into one directory: GSM8K traces, a head map, activations, chunk labels and an ASC vector."""
+    from conftest import shared_data
+
+    run = tmp_path_factory.mktemp("own") / "run"
+    m, gsm8k = str(r1_tiny_dir), f"gsm8k:{shared_data('gsm8k/test.jsonl')}"
+    traces = str(run / "traces.jsonl")
+    pairs = run.parent / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps(
+                {"question": f"what is {i}+1?", "concise": f"{i}+1={i + 1}.", "verbose": f"so {i}+1={i + 1}. yes."}
+            )
+            + "\n"
+            for i in range(4)
+        )
+    )
+    steps = [
+        ["traces", "generate", "--model", m, "--dataset", gsm8k, "--n", "4", "--temperature", "1"]
+        + ["--max-new-tokens", "40", "--out", traces],
+        ["heads", "score", "--model", m, "--traces", traces, "--out", str(run / "heads" / "window")],
+        ["capture", "--model", m, "--traces", traces, "--positions", "segment_ends", "--out", str(run / "capture")],
+        ["probe", "labels", "--traces", traces, "--out", str(run / "labels")],
+        ["steer", "asc", "--model", m, "--pairs-file", str(pairs), "--dataset", gsm8k, "--layers", "1"]
+        + ["--n-select", "2", "--n-eval", "2", "--sweep", "0.5", "--max-new-tokens", "6", "--out", str(run / "asc")],
+    ]
+    for args in steps:
+        r = runner.invoke(cli, args)
+        assert r.exit_code == 0, (args, r.output)
+    return run
+
+
+def test_explorer_on_a_run_of_your_own_model(own_run, r1_tiny_dir, monkeypatch):
+    """Every page opens a run the stage commands wrote on another model: the traces page colours that model's
+    traces by its entropies, the heads page shows its attention, the steering page generates on the traces'
+    prompts, and a stage the run lacks names its own command, not the demo."""
+    monkeypatch.setenv("REASONSCOPE_MODELS", json.dumps({"thinking": str(r1_tiny_dir), "dtype": "float32"}))
+    at = _apptest(own_run, "Traces", monkeypatch)
+    assert at.header[0].value == "Traces" and len(at.get("html")) >= 1
+    assert any(str(r1_tiny_dir) in c.value for c in at.sidebar.caption)
+    at.selectbox(key="tr_pick").set_value(1).run()
+    assert not at.exception, [e.message for e in at.exception]
+    at = _apptest(own_run, "Heads", monkeypatch)
+    at.selectbox(key="hd_layer").set_value(1).run()
+    assert not at.exception and any("L1H0" in str(getattr(c, "proto", "")) for c in at.get("plotly_chart"))
+    assert any("reasonscope heads eval" in i.value for i in at.info)
+    at = _apptest(own_run, "Steering", monkeypatch)
+    texts = " ".join(m.value for m in at.markdown)
+    assert "without steering" in texts and "steered, γ" in texts
+    at = _apptest(own_run, "Probes", monkeypatch)
+    assert any("reasonscope probe fit" in w.value for w in at.warning)
+    at = _apptest(own_run, "Export", monkeypatch)
+    assert any(f"reasonscope export --in {own_run}/asc" in w.value for w in at.warning)
+
+
+def test_app_command_on_a_run_of_your_own_model(own_run, tmp_path):
+    r = runner.invoke(cli, ["app", str(own_run)])
+    assert r.exit_code == 2 and "--model" in r.stderr and "own model" in r.stderr
+    r = runner.invoke(cli, ["app", str(tmp_path), "--model", "organism:thinking"])
+    assert r.exit_code == 2 and "traces.jsonl" in r.stderr
+    r = runner.invoke(cli, ["app", str(own_run), "--model", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "nope" in r.stderr
+    r = runner.invoke(cli, ["app", str(own_run), "--model", "organism:thinking", "--dtype", "int3"])
+    assert r.exit_code == 2 and "--dtype" in r.stderr
 
 
 def test_explorer_without_a_run_says_how_to_start(monkeypatch):

@@ -73,7 +73,7 @@ def render(run: RunDir) -> None:
 
 def _curves(run: RunDir) -> None:
     if not run.has("heads_eval"):
-        st.info(f"no compression curves yet: `reasonscope demo --out {run.path}` writes them")
+        st.info(f"no compression curves yet: `{run.command('heads_eval')}` writes them")
         return
     got = need(run, "heads_eval")
     if got is None:

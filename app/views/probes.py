@@ -102,7 +102,7 @@ def _trajectory(run: RunDir, sets: dict) -> None:
 def _monitor(run: RunDir) -> None:
     st.subheader("early-exit monitor: thinking saved vs accuracy")
     if not run.has("monitor"):
-        st.info(f"no monitor sweep yet: `reasonscope demo --out {run.path}` writes it")
+        st.info(f"no monitor sweep yet: `{run.command('monitor')}` writes it")
         return
     got = need(run, "monitor")
     if got is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -17,11 +18,31 @@ N_PROBLEMS = 24
 PALETTE = ("#f4a261", "#2a9d8f", "#e76f51", "#8ab17d", "#9b5de5", "#00bbf9", "#f15bb5", "#fee440")
 
 
-def _problems() -> list[Any]:
-    from reasonscope.organisms import task
-    from reasonscope.organisms.evaluate import EVAL_SEED
+@dataclass(frozen=True)
+class Question:
+    """A question the side-by-side generation can ask: its label, chat prompt (thinking opened), gold, grader."""
 
-    return task.problems(N_PROBLEMS, EVAL_SEED)
+    label: str
+    prompt: str
+    gold: str | None
+    grader: str
+
+
+def _questions(run: RunDir, handle: Any) -> list[Question]:
+    """Held-out organism problems on a demo run; on your own model, the prompts of the run's traces."""
+    if not run.own_model:
+        from reasonscope.organisms import task
+        from reasonscope.organisms.evaluate import EVAL_SEED
+
+        return [
+            Question(f"level {p.level}: {p.question}", handle.chat_prompt(p.question), str(p.answer), "organism")
+            for p in task.problems(N_PROBLEMS, EVAL_SEED)
+        ]
+    try:
+        rows = artifact(run, "traces").traces["thinking"][:N_PROBLEMS]
+    except LookupError:
+        return []
+    return [Question(f"{t.id}: {t.prompt[-120:]}", t.prompt, t.gold, t.meta.get("grader", "math")) for t in rows]
 
 
 def render(run: RunDir) -> None:
@@ -43,31 +64,30 @@ def render(run: RunDir) -> None:
         st.plotly_chart(figures.steering_sweep_figure(report), key="st_sweep")
         st.caption(f"ASC at layer {report['layer']}, KL bound γ = {report['kl_bound']['gamma']:.3g}; held-out problems")
     with right:
-        _side_by_side(vec, report)
+        _side_by_side(run, vec, report)
     _hybrid(run)
 
 
-def _side_by_side(vec: Any, report: dict[str, Any]) -> None:
-    problems = _problems()
-    pick = st.selectbox(
-        "problem",
-        range(len(problems)),
-        format_func=lambda i: f"level {problems[i].level}: {problems[i].question}",
-        key="st_problem",
-    )
+def _side_by_side(run: RunDir, vec: Any, report: dict[str, Any]) -> None:
+    handle = model("thinking")
+    questions = _questions(run, handle)
+    if not questions:
+        st.info(f"no questions to generate on: this run has no traces (`{run.command('traces')}` writes them)")
+        return
+    pick = st.selectbox("problem", range(len(questions)), format_func=lambda i: questions[i].label, key="st_problem")
     top = max([report["gamma"], *[r["gamma"] for r in report["sweep"]]]) * 1.5 or 1.0
     gamma = st.slider("γ", 0.0, float(round(top, 2)), float(round(report["gamma"], 2)), step=0.05, key="st_gamma")
-    p = problems[pick or 0]
-    handle = model("thinking")
+    q = questions[pick or 0]
     plain, steered = cached(
-        f"steer/{vec.meta.model_hash}/{p.uid}/{gamma:.3f}",
+        f"steer/{vec.meta.model_hash}/{q.prompt}/{gamma:.3f}",
         lambda: background(
             analysis.steer_compare,
             handle,
             vec,
-            p.question,
+            q.prompt,
             [0.0, gamma],
-            str(p.answer),
+            q.gold,
+            q.grader,
             label=f"generating at γ = 0 and {gamma:g}",
         ),
     )
@@ -77,7 +97,7 @@ def _side_by_side(vec: Any, report: dict[str, Any]) -> None:
             ok = "—" if gen.correct is None else ("✓ correct" if gen.correct else "✗ wrong")
             st.markdown(f"**{name}** · {gen.think_tokens} thinking tokens · answer `{gen.answer or '-'}` {ok}")
             st.html(_plain_tokens(gen.tokens))
-    st.caption(f"gold answer: {p.answer}")
+    st.caption(f"gold answer: {q.gold}")
 
 
 def _plain_tokens(tokens: Sequence[str]) -> str:
@@ -98,13 +118,13 @@ def behaviour_html(tokens: Sequence[str], behaviours: Sequence[str | None], colo
 
 
 def _hybrid(run: RunDir) -> None:
-    st.subheader("hybrid steering: the base organism steered where the thinking organism would reason")
+    st.subheader("hybrid steering: the base model steered where the thinking model would reason")
     try:
         hy = artifact(run, "hybrid")
     except MissingStage as e:
         st.info(
             f"{e}. Hybrid steering comes from `steering.hybrid` (run_hybrid); once it is installed, "
-            f"`reasonscope demo --out {run.path}` adds the stage."
+            f"`{run.command('hybrid')}` adds the stage."
         )
         return
     summary = dict(hy.summary)

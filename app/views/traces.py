@@ -111,7 +111,7 @@ def _segments(run: RunDir, t: Any) -> None:
     )
     st.dataframe(seg, hide_index=True)
     if not run.has("labels"):
-        st.caption(f"no chunk labels in this run: `reasonscope demo --out {run.path}` writes them")
+        st.caption(f"no chunk labels in this run: `{run.command('labels')}` writes them")
         return
     try:
         labels = artifact(run, "labels")
@@ -120,7 +120,7 @@ def _segments(run: RunDir, t: Any) -> None:
         return
     idx = [i for i, tid in enumerate(labels.trace_id) if tid == t.id]
     if not idx:
-        st.caption("this trace was not labelled (labels cover the thinking organism's traces)")
+        st.caption("this trace was not labelled (labels cover the thinking model's traces)")
         return
     table = {"chunk": [labels.chunk[i] for i in idx], "text": [labels.text[i] for i in idx]}
     for name, vals in labels.targets.items():
