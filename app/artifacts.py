@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["STAGE_COMMANDS", "STAGE_DIRS", "Exports", "JsonResult", "MissingStage", "RunDir", "TraceSet"]
 
 TRACE_SET, VECTOR_EXPORTS = "trace_set", "vector_exports"
-MODELS_ENV = "REASONSCOPE_MODELS"  # JSON {"thinking": source, "base": source, "dtype": name} from `reasonscope app`
+MODELS_ENV = "REASONSCOPE_MODELS"  # JSON {"thinking": source, "dtype": name} from `reasonscope app --model`
 TRACES_JSONL = "traces.jsonl"  # a run on your own model: its traces, as `traces generate --out` writes them
 SUFFIX = {"gguf": ".gguf", "easysteer": ".easysteer.gguf", "safetensors": ".safetensors"}
 

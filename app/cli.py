@@ -60,7 +60,6 @@ def app_cmd(
     model: Optional[str] = typer.Option(
         None, help="The thinking model a run on your own model was made with (its live views load it)."
     ),
-    base: Optional[str] = typer.Option(None, help="Its base model, where the run has one (the traces page)."),
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
     port: int = typer.Option(8501, min=1, max=65535, help="Port to serve the explorer on."),
     address: str = typer.Option("localhost", help="Address to listen on (0.0.0.0 to expose it)."),
@@ -86,11 +85,7 @@ def app_cmd(
     given: dict[str, str] = {}
     if model is not None:
         given = {"thinking": model, "dtype": dtype_option(dtype, "--dtype")}
-        for source in (model, base):
-            if source is not None:
-                model_geometry(source)  # fails at once, naming what was tried
-        if base is not None:
-            given["base"] = base
+        model_geometry(model)  # fails at once, naming what was tried
     cmd = [
         sys.executable,
         "-m",

@@ -38,8 +38,8 @@ def _executor() -> ThreadPoolExecutor:
 
 
 def model_sources() -> dict[str, str]:
-    """The models a run was made with, as ``reasonscope app --model/--base/--dtype`` gave them (``thinking``,
-    ``base``, ``dtype``); empty for a demo run, whose models are the organisms."""
+    """The model a run on your own model was made with, as ``reasonscope app --model/--dtype`` gave it
+    (``{"thinking": source, "dtype": name}``); empty for a demo run, whose models are the organisms."""
     raw = os.environ.get(MODELS_ENV)
     return dict(json.loads(raw)) if raw else {}
 
@@ -50,13 +50,12 @@ def open_run(path: Path) -> RunDir:
 
 
 def model(name: str, eager: bool = False) -> Any:
-    """The run's ``name`` model (``thinking`` or ``base``): the one ``reasonscope app`` was given, else
-    ``organism:<name>``; eager attention for attention maps. Loaded once per explorer process."""
+    """The run's ``name`` model (``thinking`` or ``base``): the organism on a demo run, on your own model the one
+    ``reasonscope app --model`` was given (``thinking``); eager attention for attention maps. Loaded once."""
     given = model_sources()
     source = given.get(name) if given else f"organism:{name}"
     if source is None:
-        flag = "--model" if name == "thinking" else f"--{name}"
-        raise LookupError(f"no {name} model was given; start the explorer with `reasonscope app RUN {flag} PATH`")
+        raise LookupError(f"a run on your own model has one model, the thinking model of --model; not {name!r}")
     return _load(source, given.get("dtype") or "float32", eager)
 
 

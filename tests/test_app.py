@@ -187,7 +187,7 @@ def own_run(r1_tiny_dir, tmp_path_factory) -> Path:
 def test_explorer_on_a_run_of_your_own_model(own_run, r1_tiny_dir, monkeypatch):
     """Every page opens a run the stage commands wrote on another model: the traces page colours that model's
     traces by its entropies, the heads page shows its attention, the steering page generates on the traces'
-    prompts, and a stage the run lacks names its own command, not the demo."""
+    prompts, the export page exports the run's ASC vector, and a stage the run lacks names its own command."""
     monkeypatch.setenv("REASONSCOPE_MODELS", json.dumps({"thinking": str(r1_tiny_dir), "dtype": "float32"}))
     at = _apptest(own_run, "Traces", monkeypatch)
     assert at.header[0].value == "Traces" and len(at.get("html")) >= 1
@@ -203,8 +203,9 @@ def test_explorer_on_a_run_of_your_own_model(own_run, r1_tiny_dir, monkeypatch):
     assert "without steering" in texts and "steered, γ" in texts
     at = _apptest(own_run, "Probes", monkeypatch)
     assert any("reasonscope probe fit" in w.value for w in at.warning)
-    at = _apptest(own_run, "Export", monkeypatch)
-    assert any(f"reasonscope export --in {own_run}/asc" in w.value for w in at.warning)
+    at = _apptest(own_run, "Export", monkeypatch)  # no exports stage: the run's ASC vector is exported here
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert any(".gguf (" in s for s in labels) and any(".safetensors (" in s for s in labels), labels
 
 
 def test_app_command_on_a_run_of_your_own_model(own_run, tmp_path):

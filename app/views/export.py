@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+from typing import Any
+
 import streamlit as st
 
-from app.artifacts import RunDir
-from app.state import need
+from app.artifacts import SUFFIX, Exports, MissingStage, RunDir
+from app.state import artifact, cached, need
 
 ABOUT = {
     "gguf": "llama.cpp control vector: `llama-cli --control-vector-scaled FILE:γ` (layers ≥ 1)",
@@ -16,10 +20,14 @@ ABOUT = {
 
 def render(run: RunDir) -> None:
     st.header("Export")
-    got = need(run, "exports", "asc")
+    got = need(run, "asc")
     if got is None:
         return
-    exports, (vec, _) = got
+    vec, _ = got[0]
+    try:
+        exports = artifact(run, "exports")
+    except MissingStage:  # a run on your own model: export its ASC vector here
+        exports = cached(f"exports/{run.path}/{vec.meta.model_hash}", lambda: _export(vec))
     m = vec.meta
     st.markdown(
         f"ASC vector of **{m.model_id}**: layers {list(m.layers)}, width {m.d_model}, "
@@ -38,3 +46,14 @@ def render(run: RunDir) -> None:
     st.caption(
         f"or from the command line: `reasonscope export --in {run.stage_path('asc')} --format gguf --out asc.gguf`"
     )
+
+
+def _export(vec: Any) -> Exports:
+    """Every serving format of ``vec`` in a temporary ``vector_exports`` artifact (safetensors alone where
+    llama.cpp's formats refuse the vector, e.g. one on block 0)."""
+    out = Path(tempfile.mkdtemp(prefix="reasonscope-exports-")) / "exports"
+    try:
+        return Exports.write(vec, out, "asc", list(SUFFIX))
+    except ValueError as e:
+        st.warning(f"llama.cpp formats skipped: {e}")
+        return Exports.write(vec, out, "asc", ["safetensors"])
