@@ -1,8 +1,9 @@
-"""Baselines every probe is compared with (probes.md §5.3): position, entropy and bag of words.
+"""Baselines every probe is compared with (probes.md §5.3): position, entropy, self-surprise and bag of words.
 
 Each is a logistic probe on features of the labelled chunks, trained by the same loop and split as the activation
-probes: ``position`` = (share of the thinking, chunk index), ``entropy`` = mean next-token entropy of the chunk
-(when the labels have it), ``bag_of_words`` = hashed word counts of the chunk text (log1p).
+probes: ``position`` = (share of the thinking, chunk index), ``entropy`` = mean next-token entropy of the chunk and
+``surprise`` = the largest ``-log p`` of a token written in the thinking so far (when the labels have them, from
+``probe labels --entropy``), ``bag_of_words`` = hashed word counts of the chunk text (log1p).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def baseline_features(labels: LabelTable, rows: list[int]) -> dict[str, torch.Te
         "position": torch.tensor([[labels.share[i], float(labels.chunk[i])] for i in rows]),
         "bag_of_words": torch.stack([bag_of_words(labels.text[i]) for i in rows]),
     }
-    if "entropy" in labels.targets:
-        ent = [labels.targets["entropy"][i] for i in rows]
-        feats["entropy"] = torch.tensor([[0.0 if math.isnan(e) else e] for e in ent])
+    for name in ("entropy", "surprise"):
+        if name in labels.targets:
+            vals = [labels.targets[name][i] for i in rows]
+            feats[name] = torch.tensor([[0.0 if math.isnan(e) else e] for e in vals])
     return feats
 
 

@@ -3,6 +3,9 @@
 ``H_t = -sum_v p_t(v) log p_t(v)`` (nats) of the distribution the model predicts after token ``t``. The index at
 ``t`` (inside the thinking, ``t - start + 1 >= W``) is ``mean(H[t-W+1..t]) / mean(H[start..t])``; the transition
 variant replaces ``H`` by ``1[token t+1 is a transition word and H_t > tau]`` (a high-entropy transition).
+The self-surprise ``S_t = -log p_t(token t+1)`` is how unlikely the model found the token it went on to write; a
+chunk's ``surprise`` is its maximum over the thinking so far (the least likely step taken: a training-free
+confidence baseline, as a sampled slip is an unlikely token).
 """
 
 from __future__ import annotations
@@ -25,22 +28,39 @@ TRANSITION_WORDS = ("wait", "but", "alternatively", "hmm", "however")
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) over the last dimension, from ``log_softmax`` in float32."""
-    lp = logits.float().log_softmax(-1)
-    return -(lp.exp() * lp).sum(-1)
+    return _entropy(logits.float().log_softmax(-1))
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    return -(logp.exp() * logp).sum(-1)
 
 
 def token_entropies(handle: ModelHandle, traces: Sequence[Trace], token_budget: int = 8192) -> list[torch.Tensor]:
-    """Per trace, ``H_t`` for every token position (``[n_tokens]``, float32, CPU); left-padded length batches of
-    at most ``token_budget`` tokens whose logits also fit the logit budget (:mod:`reasonscope.budget`)."""
-    out: list[torch.Tensor | None] = [None] * len(traces)
+    """Per trace, ``H_t`` for every token position (``[n_tokens]``, float32, CPU); see :func:`token_stats`."""
+    return [h for h, _ in token_stats(handle, traces, token_budget)]
+
+
+def token_stats(
+    handle: ModelHandle, traces: Sequence[Trace], token_budget: int = 8192
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per trace, ``(H_t, S_t)`` for every token position (``[n_tokens]`` each, float32, CPU; ``S`` is NaN at the
+    last token), from one pass: left-padded length batches of at most ``token_budget`` tokens whose logits also fit
+    the logit budget (:mod:`reasonscope.budget`)."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(traces)
     tokens = min(token_budget, rows_per_pass(1, vocab_size(handle)))
     for batch in length_batches([len(t.token_ids) for t in traces], tokens):
         ids, mask = handle.left_padded([traces[i].token_ids for i in batch])
         width = ids.shape[1]
         with torch.inference_mode():
-            h = entropy(handle.run(ids, mask)).cpu()
+            lp = handle.run(ids, mask).float().log_softmax(-1)
+            h = _entropy(lp).cpu()
+            nxt = torch.roll(ids, -1, dims=1).to(lp.device)
+            s = (-lp.gather(-1, nxt[..., None])[..., 0]).cpu()
+            s[:, -1] = math.nan  # no token follows the last
+            del lp
         for r, i in enumerate(batch):
-            out[i] = h[r, width - len(traces[i].token_ids) :]
+            n = len(traces[i].token_ids)
+            out[i] = (h[r, width - n :], s[r, width - n :])
     return [x for x in out if x is not None]
 
 
@@ -73,14 +93,16 @@ def chunk_signals(
     window: int,
     tau: float | None = None,
 ) -> dict[str, list[list[float]]]:
-    """Per trace and position: ``rpdi``, ``rpdi_transition`` and ``entropy`` (mean H since the previous position)."""
-    ents = token_entropies(handle, traces)
+    """Per trace and position: ``rpdi``, ``rpdi_transition``, ``entropy`` (mean H since the previous position) and
+    ``surprise`` (max S over the thinking up to the position: the predictions of its tokens)."""
+    stats = token_stats(handle, traces)
+    ents = [h for h, _ in stats]
     if tau is None:
         tau = float(
             torch.cat([h[t.think_span[0] : t.think_span[1]] for h, t in zip(ents, traces) if t.think_span]).median()
         )
-    out: dict[str, list[list[float]]] = {"rpdi": [], "rpdi_transition": [], "entropy": []}
-    for t, h, pos in zip(traces, ents, positions):
+    out: dict[str, list[list[float]]] = {"rpdi": [], "rpdi_transition": [], "entropy": [], "surprise": []}
+    for t, (h, sur), pos in zip(traces, stats, positions):
         if t.think_span is None:
             raise ValueError(f"trace {t.id!r} has no think span; segment it with a tokenizer first")
         start = t.think_span[0]
@@ -90,4 +112,6 @@ def chunk_signals(
         out["rpdi"].append([float(rpdi[p]) for p in pos])
         out["rpdi_transition"].append([float(trans[p]) for p in pos])
         out["entropy"].append([float(h[a : p + 1].mean()) if p >= a else math.nan for a, p in zip(prev, pos)])
+        first = max(start - 1, 0)  # the prediction of the first thinking token
+        out["surprise"].append([float(sur[first:p].max()) if p > first else math.nan for p in pos])
     return out

@@ -9,8 +9,9 @@ first-correct position, FCP); ``deviated`` = a correct answer was reached earlie
 is redundant; a trace that never answers is stable everywhere); ``no_loss_exit`` = exiting here costs no accuracy:
 the forced answer is correct or the trace's own final answer is not (the early-exit decision's label: it also marks
 a runaway trace that thinking on will not save);
-``rpdi`` / ``rpdi_transition`` = the deviation indices at the chunk end and ``deviation`` = ``rpdi > lam`` (needs a
-model, :mod:`probes.entropy`). Per trace: the Self-Braking overthink score (Zhao et al. 2025, arXiv 2505.14604)
+``rpdi`` / ``rpdi_transition`` = the deviation indices at the chunk end and ``deviation`` = ``rpdi > lam``;
+``entropy`` and ``surprise`` (the least likely token written so far) are signals (both need a model,
+:mod:`probes.entropy`). Per trace: the Self-Braking overthink score (Zhao et al. 2025, arXiv 2505.14604)
 ``S = beta*kappa + (1-beta)*(1-eta)``.
 """
 
@@ -40,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
 KIND = "probe_labels"
 FILE = "labels.json"
 TEXT_TARGETS = ("correct", "after_first_correct", "deviated")
-MODEL_TARGETS = ("safe_exit", "stable", "no_loss_exit", "rpdi", "rpdi_transition", "deviation", "entropy")
+MODEL_TARGETS = ("safe_exit", "stable", "no_loss_exit", "rpdi", "rpdi_transition", "deviation", "entropy", "surprise")
 SBT_KEYWORDS = (
     "another",
     "backtrack",
@@ -271,7 +272,7 @@ def _model_targets(
         from .entropy import chunk_signals
 
         sig = chunk_signals(handle, traces, positions, cfg.window, cfg.transition_tau)
-        for name in ("rpdi", "rpdi_transition", "entropy"):
+        for name in ("rpdi", "rpdi_transition", "entropy", "surprise"):
             table.targets[name] = [x for per in sig[name] for x in per]
         table.targets["deviation"] = [math.nan if math.isnan(x) else float(x > cfg.lam) for x in table.targets["rpdi"]]
 

@@ -110,6 +110,14 @@ def test_model_labels_forced_and_entropy(tiny_handle, task_traces):
     assert all(not math.isnan(x) for x in table.targets["entropy"])
     dev = [x for x in table.targets["deviation"] if not math.isnan(x)]
     assert dev and set(dev) <= {0.0, 1.0}
+    # surprise: the largest -log p of a token written in the thinking up to the chunk end
+    t, end = traces[0], table.position[1]
+    with torch.no_grad():
+        lp = tiny_handle.run(torch.tensor([t.token_ids]))[0].float().log_softmax(-1)
+    start = t.think_span[0]
+    written = torch.tensor(t.token_ids[start : end + 1])
+    expect = float((-lp[start - 1 : end].gather(-1, written[:, None])).max())
+    assert table.trace_id[1] == t.id and table.targets["surprise"][1] == pytest.approx(expect, rel=1e-5)
 
 
 def test_entropies_do_not_depend_on_the_logit_budget(tiny_handle, task_traces, monkeypatch):

@@ -145,7 +145,7 @@ def test_organism_end_to_end(tmp_path):
     h = load_model("organism:thinking")
     traces = organism_traces(h, task.problems(160, seed=123), 1.0, EvalConfig(batch_size=64), seed=7)
     traces = [t for t in traces if t.think_span and t.thinking.strip()]
-    cfg = LabelConfig(matcher="organism", forced=True, forced_max_new_tokens=3)
+    cfg = LabelConfig(matcher="organism", forced=True, forced_max_new_tokens=3, entropy=True)
     table = label_traces(traces, cfg, tmp_path / "labels", handle=h)
     summary = table.summary()
     assert summary["first_correct_share"]["n"] > 0.4 * len(traces)
@@ -155,6 +155,7 @@ def test_organism_end_to_end(tmp_path):
     ps = fit_probes(store, table, fit, tmp_path / "p")
     best = ps.report["best"]
     assert best["auroc"] > 0.75 and best["auroc"] > ps.report["baselines"]["bag_of_words"]["auroc"]
+    assert {"position", "bag_of_words", "entropy", "surprise"} == set(ps.report["baselines"])
     over = fit_probes(store, table, replace(fit, target="after_first_correct"), tmp_path / "o")
     assert over.report["best"]["auroc_within_problem"] > 0.9 and over.report["best"]["selectivity"] > 0
     ev = task.problems(40, seed=999)
