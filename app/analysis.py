@@ -39,14 +39,15 @@ def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 
 
 def token_signals(handle: ModelHandle, trace: Trace, window: int = 8) -> dict[str, list[float]]:
-    """Per token of ``trace``: ``entropy`` (nats) of the next-token distribution and the ``deviation index``
-    (mean entropy over the last ``window`` thinking tokens / mean since the thinking began; NaN before)."""
-    from probes.entropy import deviation_index, token_entropies
+    """Per token of ``trace``: ``entropy`` (nats) of the next-token distribution, the ``deviation index`` (mean
+    entropy over the last ``window`` thinking tokens / mean since the thinking began; NaN before) and ``surprise``
+    (``-log p`` of this token when the model wrote it; NaN at the first)."""
+    from probes.entropy import deviation_index, token_stats
 
-    ent = token_entropies(handle, [trace])[0]
+    ent, sur = token_stats(handle, [trace])[0]
     start = trace.think_span[0] if trace.think_span else 0
     dev = deviation_index(ent, start, window)
-    return {"entropy": ent.tolist(), "deviation index": dev.tolist()}
+    return {"entropy": ent.tolist(), "deviation index": dev.tolist(), "surprise": [math.nan, *sur[:-1].tolist()]}
 
 
 def probe_trajectory(store: ActivationStore, ps: ProbeSet, trace_id: str, hook: str | None = None) -> dict[int, float]:

@@ -86,6 +86,8 @@ def test_traces_page(quick_run, monkeypatch):
     assert at.header[0].value == "Traces"
     assert len(at.get("html")) >= 1  # the coloured tokens
     at.selectbox(key="tr_pick").set_value(1).run()
+    at.selectbox(key="tr_colour").set_value("surprise").run()
+    assert not at.exception, [e.message for e in at.exception]
     at.selectbox(key="tr_colour").set_value("probe: correct").run()
     assert not at.exception
     at.selectbox(key="tr_grade").set_value("wrong").run()
@@ -217,6 +219,24 @@ def test_app_command_on_a_run_of_your_own_model(own_run, tmp_path):
     assert r.exit_code == 2 and "nope" in r.stderr
     r = runner.invoke(cli, ["app", str(own_run), "--model", "organism:thinking", "--dtype", "int3"])
     assert r.exit_code == 2 and "--dtype" in r.stderr
+
+
+def test_token_signals_put_surprise_on_the_written_token(tiny_handle, task_traces):
+    """The traces page's signals: one value per token; ``surprise`` at token t is -log p(token t | tokens < t)."""
+    import math
+
+    import torch
+
+    from app.analysis import token_signals
+
+    t = task_traces[0]
+    sig = token_signals(tiny_handle, t)
+    assert {len(v) for v in sig.values()} == {len(t.token_ids)}
+    with torch.no_grad():
+        lp = tiny_handle.run(torch.tensor([t.token_ids]))[0].float().log_softmax(-1)
+    assert math.isnan(sig["surprise"][0])
+    for k in (1, 7, len(t.token_ids) - 1):
+        assert sig["surprise"][k] == pytest.approx(float(-lp[k - 1, t.token_ids[k]]), rel=1e-5)
 
 
 def test_explorer_without_a_run_says_how_to_start(monkeypatch):

@@ -1,4 +1,4 @@
-"""Traces page: one trace at a time, tokens coloured by entropy, deviation index or a probe's score."""
+"""Traces page: one trace at a time, tokens coloured by entropy, deviation index, surprise or a probe's score."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from app import analysis, figures
 from app.artifacts import RunDir
 from app.state import artifact, background, cached, model, need
 
-SIGNALS = ("entropy", "deviation index")
+SIGNALS = ("entropy", "deviation index", "surprise")
 
 
 def _filters(rows: list[Any]) -> list[Any]:
