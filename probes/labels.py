@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, write_artifact
 from reasonscope.identity import trace_digest, traces_hash
 from reasonscope.traces import GRADERS, Trace
-from reasonscope.traces.segment import thinking_offset, token_offsets
+from reasonscope.traces.segment import segment_trace, thinking_offset, token_offsets
 
 from .answers import MATCHERS, Matcher, chunk_answers, is_correct, matcher_for
 from .chunks import CHUNKINGS, Chunking, chunk_thinking
@@ -253,7 +253,10 @@ def build_labels(
 def _model_targets(
     table: LabelTable, traces: Sequence[Trace], positions: list[list[int]], cfg: LabelConfig, handle: ModelHandle
 ) -> None:
-    """Add ``safe_exit`` (forced answers) and the deviation signals (entropies) to ``table`` in place."""
+    """Add ``safe_exit`` (forced answers) and the deviation signals (entropies) to ``table`` in place.
+
+    Traces without token ids (a JSONL of texts, the thought-anchors layout) are tokenized as the positions were."""
+    traces = [t if t.token_ids and t.think_span else segment_trace(t, handle.tokenizer) for t in traces]
     if cfg.forced:
         from .forced import forced_answers
 
