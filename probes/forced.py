@@ -1,7 +1,8 @@
 """Forced answers: cut a trace after a chunk, append ``</think>`` (and a suffix), decode greedily and grade.
 
 This is the "safe to exit" label of LYNX (arXiv 2512.05325) and DEER (arXiv 2504.15895): one short greedy
-generation per candidate position, batched through :func:`reasonscope.generation.generate`.
+generation per candidate position, batched through :func:`reasonscope.generation.generate`. The cuts of one trace
+share their prefix (``share_prefixes``): the trace runs once, and each cut runs only its closing tokens.
 """
 
 from __future__ import annotations
@@ -29,15 +30,18 @@ def forced_answers(
     suffix: str = "",
     max_new_tokens: int = 8,
     batch_size: int = 64,
+    share_prefixes: bool = True,
 ) -> list[list[tuple[str | None, bool]]]:
-    """``(answer, correct)`` per trace and position: the greedy answer after exiting right after that token."""
+    """``(answer, correct)`` per trace and position: the greedy answer after exiting right after that token.
+
+    ``share_prefixes=False`` runs every cut's whole prefix (the reference ``bench/forced.py`` times against)."""
     close = exit_ids(handle, suffix)
     prompts: list[list[int]] = []
     for t, pos in zip(traces, positions):
         if any(p < 0 or p >= len(t.token_ids) for p in pos):
             raise ValueError(f"trace {t.id!r}: positions outside its {len(t.token_ids)} tokens; label with a tokenizer")
         prompts.extend(list(t.token_ids[: p + 1]) + close for p in pos)
-    cfg = DecodeConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    cfg = DecodeConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, share_prefixes=share_prefixes)
     done = generate(handle, prompts, cfg) if prompts else []
     out: list[list[tuple[str | None, bool]]] = []
     i = 0

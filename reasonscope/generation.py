@@ -9,6 +9,9 @@ decode step splits its rows into :data:`SPAN_GROUPS` runs, each attending over i
 slots are renumbered longest sequence first after a refill (when that cuts the keys read by 10%), so short rows do
 not read long rows' keys (the attention implementation is swapped for the call and restored on exit).
 
+Prompts that share long prefixes (``DecodeConfig.share_prefixes``) compute them once: each member of a group copies
+the keys and values of its group's longest prompt into its slot and runs only its own remaining tokens.
+
 Hooks (``{hook_name: fn(tensor) -> tensor | None}``, as in ``ModelHandle.run``) run on the HF module during
 prefill and every decode step, and are removed when generation ends or raises. Per-request parameters (a
 steering strength, a gate set) are looked up through :func:`current_batch`: ``values[current_batch().rows]``
@@ -41,6 +44,7 @@ _CURRENT: ContextVar[Batch | None] = ContextVar("reasonscope_generation_batch", 
 # decode steps of an SDPA model: (first row, end row, key span) of each group of batch rows, see _sliced_sdpa
 _SPANS: ContextVar[tuple[tuple[int, int, int], ...] | None] = ContextVar("reasonscope_key_spans", default=None)
 SLICED_SDPA = "reasonscope_sliced_sdpa"
+SHARED_MIN = 16  # leading tokens two prompts must share for share_prefixes to compute them once
 SPAN_GROUPS = 4  # row groups of a decode step (slots sorted by length, so that short rows skip long rows' keys)
 
 
@@ -58,6 +62,7 @@ class DecodeConfig:
     # by doubling (at most batch_size x (longest prompt + max_new_tokens) tokens)
     refill: int | None = None  # prefill waiting prompts once this many slots are free; None: batch_size // 8
     prefill_tokens: int = 16384  # token budget (rows x padded length) of one prefill forward pass
+    share_prefixes: bool = False  # prompts sharing >= SHARED_MIN leading tokens compute them once (see generate)
 
 
 @dataclass
@@ -111,7 +116,9 @@ class SlotCache(Cache):
     After ``prefill(slots)`` a forward pass writes its prompts at positions ``0..T`` of those slots and attends
     among them only; after ``decode(positions, length)`` it writes one token per slot at that slot's position and
     attends over every slot's first ``length`` positions (the caller's mask says which of them are real);
-    ``decode(positions, length, slots)`` does the same for the given slots only (one batch row per slot).
+    ``decode(positions, length, slots)`` does the same for the given slots only (one batch row per slot);
+    ``extend(slots, positions, length)`` writes row ``i``'s tokens at ``positions[i]`` (one per input column) of
+    ``slots[i]`` and attends over its first ``length`` positions, which ``load`` may have filled from another pass.
     """
 
     def __init__(self, slots: int, capacity: int):
@@ -149,6 +156,17 @@ class SlotCache(Cache):
             self._rows, self._all = torch.arange(len(positions), device=positions.device), True
         self._slots, self._positions, self._length = None, positions, length
 
+    def extend(self, slots: torch.Tensor, positions: torch.Tensor, length: int) -> None:
+        self._slots, self._rows, self._positions, self._length, self._all = None, slots, positions, length, False
+
+    def load(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor], length: int) -> None:
+        """Copy positions ``0..length-1`` of a one-sequence cache's ``keys``/``values`` into ``slot``."""
+        for buf, src in ((self.keys, keys), (self.values, values)):
+            if not buf:
+                buf.extend(x.new_zeros(self.slots, x.shape[1], self.size, x.shape[3]) for x in src)
+            for t, x in zip(buf, src):
+                t[slot, :, :length] = x[0, :, :length].to(t.device)
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,6 +180,10 @@ class SlotCache(Cache):
             v[slots, :, :n] = value_states
             return key_states, value_states
         rows, positions = self._rows.to(k.device), self._positions.to(k.device)  # type: ignore[union-attr]
+        if positions.dim() == 2:  # extend: [rows, columns] of write positions
+            k[rows[:, None], :, positions] = key_states.transpose(1, 2)
+            v[rows[:, None], :, positions] = value_states.transpose(1, 2)
+            return k[rows, :, : self._length], v[rows, :, : self._length]
         k[rows, :, positions] = key_states[:, :, 0]
         v[rows, :, positions] = value_states[:, :, 0]
         if self._all:
@@ -328,6 +350,31 @@ def _span_groups(ends: list[int], groups: int) -> tuple[tuple[int, int, int], ..
     return tuple(spans)
 
 
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _prefix_groups(prompts: Sequence[Sequence[int]], minimum: int) -> list[list[int]]:
+    """Indices of ``prompts`` in groups, longest first: runs of the lexicographic order whose neighbours share at
+    least ``minimum`` leading tokens (so every two members of a group do), each ordered longest prompt first."""
+    order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+    groups: list[list[int]] = []
+    for prev, i in zip([None, *order], order):
+        if prev is not None and _common(prompts[prev], prompts[i]) >= minimum:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for g in groups:
+        g.sort(key=lambda i: -len(prompts[i]))
+    return sorted(groups, key=lambda g: -len(prompts[g[0]]))
+
+
 class _Engine:
     """The state of one :func:`generate` call: slots, the waiting queue, and finished completions."""
 
@@ -357,6 +404,25 @@ class _Engine:
         self.pad = next(t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None)
         self.stops = _StopStrings(tok, cfg.stop) if cfg.stop else None
         self.queue = deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))  # long first: short tail
+        # share_prefixes: request r reads its first shared[r] tokens' keys and values from its group's root prompt
+        # (the longest), computed once into stores[group] and dropped when the group's last request is admitted
+        self.shared = [0] * len(prompts)
+        self.group = [-1] * len(prompts)
+        self.roots: list[int] = []
+        self.waiting: list[int] = []  # requests of each group not admitted yet
+        self.stores: dict[int, list[tuple[list[torch.Tensor], list[torch.Tensor]]]] = {}
+        if cfg.share_prefixes:
+            self.queue.clear()
+            for members in _prefix_groups(prompts, SHARED_MIN):
+                self.queue.extend(members)
+                if len(members) == 1:
+                    continue
+                root = members[0]
+                for r in members:
+                    self.shared[r] = min(_common(prompts[r], prompts[root]), len(prompts[r]) - 1)
+                    self.group[r] = len(self.roots)
+                self.roots.append(root)
+                self.waiting.append(len(members))
         self.width = min(cfg.batch_size, len(prompts))
         self.refill = cfg.refill or max(1, cfg.batch_size // 8)
         self.cache = SlotCache(self.width, max(map(len, prompts)) + cfg.max_new_tokens)
@@ -414,8 +480,16 @@ class _Engine:
 
         return {name: partial(only, fn) for name, fn in (hooks or {}).items()}
 
-    def _run(self, who: str, ids: torch.Tensor, allowed: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        model, impl, cache = self.models[who]
+    def _run(
+        self,
+        who: str,
+        ids: torch.Tensor,
+        allowed: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: SlotCache | None = None,
+    ) -> torch.Tensor:
+        model, impl, own = self.models[who]
+        cache = own if cache is None else cache
         mask = allowed
         if impl == "eager":  # additive mask, as HF builds it for eager; sdpa and custom functions get bools
             dtype = model.dtype
@@ -447,7 +521,8 @@ class _Engine:
     ) -> tuple[torch.Tensor, Batch]:
         """One pass of the model (and the companion) over ``slots``; returns its logits and the batch for on_token.
 
-        ``positions`` (decode): the cache position each row writes; None: a prefill.
+        ``positions``: the cache position each row writes (decode, ``[rows]``) or each input column writes (extend,
+        ``[rows, columns]``); None: a prefill.
         """
         self.passes += 1
         token = _CURRENT.set(batch)
@@ -468,6 +543,8 @@ class _Engine:
             return torch.empty(0, vocab, device=self.device)
         if positions is None:
             self.cache.prefill(slots[rows])
+        elif positions.dim() == 2:
+            self.cache.extend(slots[rows], positions[rows], allowed.shape[-1])
         else:
             self.cache.decode(positions[rows], allowed.shape[-1], slots[rows])
         sub = Batch(batch.rows[rows], batch.positions[rows], batch.n_generated[rows], batch.prefill, batch.requests)
@@ -480,9 +557,15 @@ class _Engine:
 
     def _prefill(self, free: list[int]) -> None:
         """Admit waiting prompts (longest first) into free slots with one forward pass; choose their first token."""
+        if self.shared[self.queue[0]]:
+            self._extend(free)
+            return
         width = len(self.prompts[self.queue[0]])
         n = max(1, min(len(free), len(self.queue), self.cfg.prefill_tokens // width))
-        reqs = [self.queue.popleft() for _ in range(n)]
+        reqs: list[int] = []
+        while len(reqs) < n and self.queue and not self.shared[self.queue[0]]:
+            reqs.append(self.queue.popleft())
+        n = len(reqs)
         slots = free[:n]
         pads = [width - len(self.prompts[r]) for r in reqs]
         ids = self._tensor([[self.pad] * p + self.prompts[r] for p, r in zip(pads, reqs)])
@@ -509,6 +592,85 @@ class _Engine:
             self.req[s], self.start[s], self.length[s], self.out[s] = r, p, width, []
         self.unsorted = True
         self._accept(slots, logits, batch)
+
+    def _extend(self, free: list[int]) -> None:
+        """Admit waiting requests of prefix groups: copy each one's shared prefix from its group's store into its slot,
+        then run the rest of its prompt (left-padded; padding columns write at the row's next free position, which
+        nothing attends to before a decode step overwrites it) in one forward pass; choose their first token."""
+        reqs: list[int] = []
+        width = 0
+        while self.queue and self.shared[self.queue[0]] and len(reqs) < len(free):
+            r = self.queue[0]
+            tail = len(self.prompts[r]) - self.shared[r]
+            if reqs and (len(reqs) + 1) * max(width, tail) > self.cfg.prefill_tokens:
+                break
+            reqs.append(self.queue.popleft())
+            width = max(width, tail)
+        slots = free[: len(reqs)]
+        starts = [self.shared[r] for r in reqs]
+        ends = [len(self.prompts[r]) for r in reqs]
+        self._reserve(max(ends) + 1)
+        for s, r, m in zip(slots, reqs, starts):
+            g = self.group[r]
+            if g not in self.stores:
+                self.stores[g] = self._root(g)
+            for cache, (keys, values) in zip(self.caches, self.stores[g]):
+                cache.load(s, keys, values, m)
+            self.waiting[g] -= 1
+            if not self.waiting[g]:
+                del self.stores[g]
+        pads = [width - (e - m) for m, e in zip(starts, ends)]
+        ids = self._tensor([[self.pad] * p + self.prompts[r][m:] for p, r, m in zip(pads, reqs, starts)])
+        column = torch.arange(width, device=self.device)
+        pad_t, start_t, end_t = self._tensor(pads), self._tensor(starts), self._tensor(ends)
+        real = column[None, :] >= pad_t[:, None]
+        position_ids = torch.where(real, start_t[:, None] + column[None, :] - pad_t[:, None], 0)
+        writes = torch.where(real, position_ids, end_t[:, None])
+        key_at = torch.arange(max(ends), device=self.device)
+        allowed = (key_at[None, None, :] <= position_ids[:, :, None]) & real[:, :, None]
+        allowed[:, :, 0] |= ~real  # a padding column attends to position 0 only: never NaN, discarded
+        slot_t = self._tensor(slots)
+        for cache in self.caches:
+            cache.extend(slot_t, writes, max(ends))
+        batch = Batch(
+            rows=self._tensor(reqs),
+            positions=position_ids.masked_fill(~real, -1),
+            n_generated=torch.zeros(len(reqs), dtype=torch.long, device=self.device),
+            prefill=True,
+            requests=len(self.prompts),
+        )
+        logits, batch = self._forward(ids, allowed[:, None], position_ids, batch, slot_t, writes)
+        self.mask[slot_t] = False
+        for s, r, e in zip(slots, reqs, ends):
+            self.mask[s, :e] = True
+            self.req[s], self.start[s], self.length[s], self.out[s] = r, 0, e, []
+        self.unsorted = True
+        self._accept(slots, logits, batch)
+
+    def _root(self, group: int) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Keys and values of ``group``'s root prompt, per cache (one forward pass; hooks see it as a prefill of the
+        root's request)."""
+        root = self.roots[group]
+        n = len(self.prompts[root])
+        ids = self._tensor([self.prompts[root]])
+        positions = torch.arange(n, device=self.device)[None]
+        allowed = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()[None, None]
+        zero = self._tensor([0])
+        batch = Batch(
+            rows=self._tensor([root]), positions=positions, n_generated=zero, prefill=True, requests=len(self.prompts)
+        )
+        out = []
+        token = _CURRENT.set(batch)
+        try:
+            for who in self.models:
+                cache = SlotCache(1, n)
+                cache.reserve(n)
+                cache.prefill(zero)
+                self._run(who, ids, allowed, positions, cache)
+                out.append((cache.keys, cache.values))
+        finally:
+            _CURRENT.reset(token)
+        return out
 
     def _reserve(self, length: int) -> None:
         """Room for positions ``0..length-1`` of every slot, in each cache and in the mask."""
@@ -651,6 +813,12 @@ def generate(
     ``companion``: a second model handle (same tokenizer and device) that reads the same tokens in lockstep, with
     ``companion_hooks`` attached; its logits reach ``on_token`` as ``batch.companion_logits``. Each hook set fires
     in its own model's passes only (the two may be one module).
+
+    ``cfg.share_prefixes``: prompts whose leading tokens agree (at least :data:`SHARED_MIN`; e.g. one trace cut at
+    many points, or one prompt sampled many times) form a group; the group's longest prompt runs once on its own and
+    every member copies its shared keys and values from that run, then runs only its remaining tokens. Outputs equal
+    the unshared run's (to float rounding). Hooks see the shared tokens once, in the root's pass (``Batch.rows`` = the
+    root's request): per-request edits of the prompt need it off.
 
     ``streams``: when sampling, request ``i``'s ``t``-th token draws ``uniform(cfg.seed, key, start + t)`` for
     ``streams[i] = (key, start)``; the default ``(i, 0)``. A split run (or a continuation from a prefix of ``start``

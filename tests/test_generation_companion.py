@@ -225,3 +225,90 @@ def test_companion_must_share_tokens_and_device(main):
         generate(main, prompts, companion=elsewhere)
     with pytest.raises(ValueError, match="without a companion"):
         generate(main, prompts, companion_hooks={LAYER: lambda x: None})
+
+
+def shared_prompts(handle) -> list[list[int]]:
+    """Prompts that share prefixes: cuts of two greedy sequences with a suffix, a duplicate, and short singletons."""
+    heads = encode(handle)[:2]
+    out: list[list[int]] = []
+    for c in generate(handle, heads, DecodeConfig(max_new_tokens=24)):
+        seq = c.prompt_ids + c.token_ids
+        out += [seq[:cut] + seq[:2] for cut in range(len(c.prompt_ids) - 2, len(seq), 5)]
+    return [*out, out[1], *encode(handle)[2:]]
+
+
+def test_shared_prefixes_give_the_same_tokens_and_logits(main, other):
+    """Computing a group's common prefix once changes nothing: tokens, logits and companion logits as unshared."""
+    from reasonscope.generation import SHARED_MIN, _prefix_groups
+
+    prompts = shared_prompts(main)
+    groups = _prefix_groups(prompts, SHARED_MIN)
+    assert any(len(g) > 3 for g in groups) and any(len(g) == 1 for g in groups)
+    runs = {}
+    for share in (False, True):
+        mine: dict = {}
+        seen: dict = {}
+
+        def on_token(batch, tokens, logits, mine=mine, seen=seen):
+            record_companion(seen)(batch, tokens, logits)
+            for row, (r, n) in enumerate(zip(batch.rows.tolist(), batch.n_generated.tolist())):
+                if r >= 0:
+                    mine[(r, n)] = logits[row].clone()
+
+        out = generate(main, prompts, cfg(share_prefixes=share, max_new_tokens=6), on_token=on_token, companion=other)
+        runs[share] = ([c.token_ids for c in out], mine, seen)
+    assert runs[True][0] == runs[False][0]
+    for key, want in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][key], want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(runs[True][2][key], runs[False][2][key], rtol=1e-4, atol=1e-5)
+
+
+def test_shared_prefixes_are_computed_once(main):
+    """The prefill passes read each group's root prompt once and every other prompt's own tokens only."""
+    prompts = shared_prompts(main)
+    read: dict[bool, int] = {}
+    for share in (False, True):
+        tokens = []
+
+        def count(x, tokens=tokens):
+            b = current_batch()
+            if b.prefill:
+                tokens.append(int((b.positions >= 0).sum()))
+
+        generate(main, prompts, cfg(share_prefixes=share, max_new_tokens=2), hooks={LAYER: count})
+        read[share] = sum(tokens)
+    assert read[False] == sum(map(len, prompts))
+    from reasonscope.generation import SHARED_MIN, _common, _prefix_groups
+
+    want = 0
+    for g in _prefix_groups(prompts, SHARED_MIN):
+        root = prompts[g[0]]
+        want += (
+            len(root)
+            if len(g) == 1
+            else len(root) + sum(len(prompts[i]) - min(_common(prompts[i], root), len(prompts[i]) - 1) for i in g)
+        )
+    assert read[True] == want < read[False] // 2
+
+
+def test_an_extend_pass_can_be_re_run(main):
+    """Re-running a prefill of shared-prefix rows rewrites their tails' keys where the first run wrote them."""
+    prompts = shared_prompts(main)
+    plain = generate(main, prompts, cfg(share_prefixes=True))
+
+    def rerun_prefills(batch, tokens, logits):
+        if batch.prefill:
+            again = batch.rerun(torch.arange(len(batch.rows)))
+            torch.testing.assert_close(again, logits, rtol=1e-4, atol=1e-5)
+
+    again = generate(main, prompts, cfg(share_prefixes=True), on_token=rerun_prefills, hooks={LAYER: lambda x: None})
+    assert [c.token_ids for c in again] == [c.token_ids for c in plain]
+
+
+def test_prefix_groups_are_runs_of_the_sorted_prompts():
+    from reasonscope.generation import _prefix_groups
+
+    a, b = list(range(10)), list(range(10, 20))
+    prompts = [a + [1], b, a + [2, 3], a[:3], b + [5], a + [1]]
+    assert _prefix_groups(prompts, 10) == [[2, 0, 5], [4, 1], [3]]
+    assert _prefix_groups(prompts, 11) == [[2], [0, 5], [4], [1], [3]]  # equal lengths: sorted order

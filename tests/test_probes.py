@@ -19,7 +19,7 @@ from reasonscope.artifacts import ArtifactError
 from reasonscope.store import ActivationStore, StoreManifest, StoreWriter
 from reasonscope.traces import Trace, load_thought_anchors
 
-from conftest import shared_data
+from conftest import organisms, shared_data
 
 # ---------------------------------------------------------------------------- chunks and answers
 
@@ -120,6 +120,27 @@ def test_model_labels_forced_and_entropy(tiny_handle, task_traces):
     assert table.trace_id[1] == t.id and table.targets["surprise"][1] == pytest.approx(expect, rel=1e-5)
 
 
+@organisms
+def test_forced_answers_share_each_trace_s_prefix():
+    """Forced answers read each trace once (shared prefixes) and equal one greedy generation per cut."""
+    from probes.forced import exit_ids, forced_answers
+    from reasonscope.generation import DecodeConfig, generate
+    from reasonscope.models import load_model
+    from reasonscope.organisms import task
+    from reasonscope.traces.generate import generate_traces
+
+    h = load_model("organism:thinking")
+    traces = generate_traces(h, [h.chat_prompt(p.question) for p in task.problems(4, seed=5)])
+    cuts = [list(range(t.think_span[0], t.think_span[1], 7)) for t in traces]
+    got = forced_answers(h, traces, cuts, ["organism"] * len(traces), max_new_tokens=4)
+    prompts = [list(t.token_ids[: p + 1]) + exit_ids(h) for t, pos in zip(traces, cuts) for p in pos]
+    plain = generate(h, prompts, DecodeConfig(max_new_tokens=4))
+    from reasonscope.traces import GRADERS
+
+    want = [GRADERS["organism"].extract(h.tokenizer.decode(c.token_ids, skip_special_tokens=True)) for c in plain]
+    assert [a for per in got for a, _ in per] == want and len(want) > 20
+
+
 def test_entropies_do_not_depend_on_the_logit_budget(tiny_handle, task_traces, monkeypatch):
     """Passes are cut to the logit budget (one trace a pass at one element); each trace's entropies are its own."""
     import reasonscope.budget as budget
@@ -154,6 +175,23 @@ def test_text_labels_on_real_traces():
     s = table.summary()
     fcs = s["first_correct_share"]
     assert s["n_traces"] == len(traces) and fcs["n"] > 0 and 0 < fcs["p25"] <= fcs["median"] <= fcs["p75"] <= 1
+
+
+def test_model_labels_on_real_traces_without_token_ids(r1_tiny_dir):
+    """Forced answers and entropies on thought-anchors traces (texts only): tokenized as their positions were."""
+    from reasonscope.models import load_model
+    from reasonscope.traces.segment import segment_trace, token_offsets
+
+    h = load_model(r1_tiny_dir)
+    traces = load_thought_anchors(shared_data("reasoning_traces/thought_anchors_math"))
+    traces = sorted((t for t in traces if len(chunk_thinking(t.thinking)) >= 4), key=lambda t: len(t.thinking))[:2]
+    assert not any(t.token_ids for t in traces)
+    cfg = LabelConfig(forced=True, entropy=True, forced_max_new_tokens=2)
+    table = build_labels(traces, cfg, handle=h)
+    again = build_labels([segment_trace(t, h.tokenizer) for t in traces], cfg, handle=h)
+    assert table.targets["safe_exit"] == again.targets["safe_exit"] and len(table) >= 8
+    assert table.targets["entropy"] == pytest.approx(again.targets["entropy"])
+    assert max(table.position) < max(len(token_offsets(t, h.tokenizer)[0]) for t in traces)
 
 
 # ---------------------------------------------------------------------------- metrics
