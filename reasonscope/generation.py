@@ -26,6 +26,7 @@ steer only where two models disagree, keeping the steered position in the cache)
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -44,7 +45,7 @@ _CURRENT: ContextVar[Batch | None] = ContextVar("reasonscope_generation_batch", 
 # decode steps of an SDPA model: (first row, end row, key span) of each group of batch rows, see _sliced_sdpa
 _SPANS: ContextVar[tuple[tuple[int, int, int], ...] | None] = ContextVar("reasonscope_key_spans", default=None)
 SLICED_SDPA = "reasonscope_sliced_sdpa"
-SHARED_MIN = 16  # leading tokens two prompts must share for share_prefixes to compute them once
+SHARED_MIN = 16  # leading tokens a prompt must share with its group's root for share_prefixes (and half its length)
 SPAN_GROUPS = 4  # row groups of a decode step (slots sorted by length, so that short rows skip long rows' keys)
 
 
@@ -361,18 +362,25 @@ def _common(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def _prefix_groups(prompts: Sequence[Sequence[int]], minimum: int) -> list[list[int]]:
-    """Indices of ``prompts`` in groups, longest first: runs of the lexicographic order whose neighbours share at
-    least ``minimum`` leading tokens (so every two members of a group do), each ordered longest prompt first."""
-    order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+    """Indices of ``prompts`` in groups, each led by its root (the group's longest prompt), groups longest root first.
+
+    Longest prompt first, a prompt joins the root it shares the longest prefix with when that prefix is at least
+    ``minimum`` tokens and half the prompt (so sharing saves at least half of its prefill); otherwise it is a new root.
+    The best root is a neighbour in the roots' lexicographic order, found by bisection.
+    """
+    roots: list[tuple[list[int], int]] = []  # (prompt, group index), sorted
     groups: list[list[int]] = []
-    for prev, i in zip([None, *order], order):
-        if prev is not None and _common(prompts[prev], prompts[i]) >= minimum:
-            groups[-1].append(i)
+    for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+        p = list(prompts[i])
+        at = bisect.bisect(roots, (p, -1))
+        near = [roots[j] for j in (at - 1, at) if 0 <= j < len(roots)]
+        best = max(near, key=lambda r: _common(p, r[0]), default=None)
+        if best is not None and _common(p, best[0]) >= max(minimum, len(p) / 2):
+            groups[best[1]].append(i)
         else:
+            bisect.insort(roots, (p, len(groups)))
             groups.append([i])
-    for g in groups:
-        g.sort(key=lambda i: -len(prompts[i]))
-    return sorted(groups, key=lambda g: -len(prompts[g[0]]))
+    return groups
 
 
 class _Engine:
@@ -814,9 +822,10 @@ def generate(
     ``companion_hooks`` attached; its logits reach ``on_token`` as ``batch.companion_logits``. Each hook set fires
     in its own model's passes only (the two may be one module).
 
-    ``cfg.share_prefixes``: prompts whose leading tokens agree (at least :data:`SHARED_MIN`; e.g. one trace cut at
-    many points, or one prompt sampled many times) form a group; the group's longest prompt runs once on its own and
-    every member copies its shared keys and values from that run, then runs only its remaining tokens. Outputs equal
+    ``cfg.share_prefixes``: a prompt that shares at least half its tokens (and :data:`SHARED_MIN`) with a longer one
+    (one trace cut at many points, one prompt sampled many times) joins that prompt's group; the group's longest
+    prompt runs once on its own and every member copies its shared keys and values from that run, then runs only its
+    remaining tokens. Outputs equal
     the unshared run's (to float rounding). Hooks see the shared tokens once, in the root's pass (``Batch.rows`` = the
     root's request): per-request edits of the prompt need it off.
 

@@ -305,10 +305,13 @@ def test_an_extend_pass_can_be_re_run(main):
     assert [c.token_ids for c in again] == [c.token_ids for c in plain]
 
 
-def test_prefix_groups_are_runs_of_the_sorted_prompts():
+def test_prefix_groups_join_the_root_sharing_half_of_a_prompt():
     from reasonscope.generation import _prefix_groups
 
     a, b = list(range(10)), list(range(10, 20))
     prompts = [a + [1], b, a + [2, 3], a[:3], b + [5], a + [1]]
     assert _prefix_groups(prompts, 10) == [[2, 0, 5], [4, 1], [3]]
-    assert _prefix_groups(prompts, 11) == [[2], [0, 5], [4], [1], [3]]  # equal lengths: sorted order
+    assert _prefix_groups(prompts, 11) == [[2], [0, 5], [4], [1], [3]]
+    c = list(range(30))
+    halves = [c + [1] * 40, c[:20] + [9] * 30, c + [2] * 20]  # 20 of 50 tokens shared: a root; 30 of 50: joins
+    assert _prefix_groups(halves, 16) == [[0, 2], [1]]
