@@ -45,19 +45,21 @@ def token_stats(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per trace, ``(H_t, S_t)`` for every token position (``[n_tokens]`` each, float32, CPU; ``S`` is NaN at the
     last token), from one pass: left-padded length batches of at most ``token_budget`` tokens whose logits also fit
-    the logit budget (:mod:`reasonscope.budget`)."""
+    the logit budget (:mod:`reasonscope.budget`); a longer row's logits are read a run of positions at a time."""
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(traces)
     tokens = min(token_budget, rows_per_pass(1, vocab_size(handle)))
     for batch in length_batches([len(t.token_ids) for t in traces], tokens):
         ids, mask = handle.left_padded([traces[i].token_ids for i in batch])
         width = ids.shape[1]
+        nxt = torch.roll(ids, -1, dims=1)
+        h, s = torch.empty(ids.shape), torch.empty(ids.shape)
         with torch.inference_mode():
-            lp = handle.run(ids, mask).float().log_softmax(-1)
-            h = _entropy(lp).cpu()
-            nxt = torch.roll(ids, -1, dims=1).to(lp.device)
-            s = (-lp.gather(-1, nxt[..., None])[..., 0]).cpu()
-            s[:, -1] = math.nan  # no token follows the last
-            del lp
+            for cols, logits in handle.run_chunks(ids, mask):
+                lp = logits.float().log_softmax(-1)
+                h[:, cols] = _entropy(lp).cpu()
+                s[:, cols] = (-lp.gather(-1, nxt[:, cols, None].to(lp.device))[..., 0]).cpu()
+                del lp
+        s[:, -1] = math.nan  # no token follows the last
         for r, i in enumerate(batch):
             n = len(traces[i].token_ids)
             out[i] = (h[r, width - n :], s[r, width - n :])

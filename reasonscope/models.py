@@ -9,6 +9,7 @@ Three backends share the hook naming of :mod:`reasonscope.hooks`:
 ``handle.run(input_ids, attention_mask, hooks={name: fn})`` runs a forward pass through the
 chosen backend, calling ``fn(activation)`` at each named hook point (a returned tensor replaces
 the activation), and gives the logits. Hook names may be patterns (:func:`reasonscope.hooks.select_hooks`).
+``handle.run_chunks(...)`` gives the same logits a run of positions at a time, within the logit budget.
 ``handle.run_with_cache(input_ids, attention_mask, names)`` gives the activations at ``names`` instead; on the
 ``"hf"`` backend that pass stops after the last of them, so no logits are computed.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -175,6 +176,46 @@ class ModelHandle:
             fwd = [(name, _tl_hook(name, fn)) for name, fn in hooks.items()]
             return self.wrapper.run_with_hooks(input_ids, attention_mask=attention_mask, fwd_hooks=fwd)
         return self._run_nnsight(input_ids, attention_mask, position_ids, hooks)
+
+    def run_chunks(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        hooks: Mapping[str, HookFn] | None = None,
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """The logits of one pass, a run of positions at a time: ``(positions, logits[:, positions])``, each chunk's
+        ``[batch, chunk, vocab]`` within :data:`reasonscope.budget.LOGIT_BUDGET` (at least one position).
+
+        On the ``"hf"`` backend the blocks run once, hooks attached, and each chunk's positions are unembedded only
+        when it is asked for, so one long row on a 150k vocabulary never holds its whole ``[pos, vocab]`` logits.
+        Other backends, and models whose logits are more than the unembedding of the last hidden state (a logit
+        soft-cap or scale), cut the logits of :meth:`run`. For reading: take gradients through :meth:`run`.
+        """
+        from . import budget
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch, width = input_ids.shape
+        step = max(1, budget.LOGIT_BUDGET // max(1, batch * budget.vocab_size(self)))
+        cfg = self.model.config
+        plain = not any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+        if self.backend != "hf" or not plain:
+            logits = self.run(input_ids, attention_mask, hooks)
+            for a in range(0, width, step):
+                yield slice(a, a + step), logits[:, a : a + step]
+            return
+        g = self.geometry
+        edits = expand_hooks(hooks or {}, g.n_layers)
+        check_attention(edits, self.attn_implementation)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with attach(self.model, edits, g.n_layers, g.n_heads):
+            hidden = self.model.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            ).last_hidden_state
+        head = self.model.get_output_embeddings()
+        for a in range(0, width, step):
+            yield slice(a, a + step), head(hidden[:, a : a + step])
 
     def run_with_cache(
         self,

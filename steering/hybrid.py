@@ -234,7 +234,8 @@ def _forward_all(
             seen["x"] = x.detach().float().cpu()
 
         with torch.no_grad():
-            greedy = handle.run(ids, mask, hooks={f"blocks.{layer}.hook_resid_post": read}).argmax(-1).cpu()
+            hooks = {f"blocks.{layer}.hook_resid_post": read}
+            greedy = torch.cat([lg.argmax(-1).cpu() for _, lg in handle.run_chunks(ids, mask, hooks)], 1)
         for b, x in enumerate(chunk):
             out.append((greedy[b, width - len(x) :], seen["x"][b, width - len(x) :]))
     return out

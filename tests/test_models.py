@@ -104,6 +104,31 @@ def test_run_with_cache_stops_before_the_logits(tiny_handle):
     assert torch.equal(tiny_handle.run(ids, mask), before)
 
 
+@pytest.mark.parametrize("backend", ["hf", "transformer_lens", "nnsight"])
+def test_run_chunks_give_the_logits_of_run(tiny_model_dir, tiny_handle, backend, monkeypatch):
+    """Chunks of positions within the logit budget, equal to ``run``'s logits with the same hooks, in every backend;
+    on hf the unembedding reads one chunk's positions at a time."""
+    import reasonscope.budget as budget
+
+    ids, mask = batch(tiny_handle, ["a=3, b=4, c=1. what is a + b - c?", "d=2. what is d?"])
+    handle = tiny_handle if backend == "hf" else load_model(tiny_model_dir, backend=backend)
+    hooks = {"blocks.0.hook_resid_post": lambda x: x * 0.5}
+    want, plain = handle.run(ids, mask, hooks), handle.run(ids, mask)
+    vocab = budget.vocab_size(handle)
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 2 * 3 * vocab)  # 3 positions of 2 rows a chunk
+    widths: list[int] = []
+    head = handle.model.get_output_embeddings().register_forward_hook(lambda m, i, o: widths.append(i[0].shape[1]))
+    try:
+        chunks = list(handle.run_chunks(ids, mask, hooks))
+    finally:
+        head.remove()
+    assert [c.start for c, _ in chunks] == list(range(0, ids.shape[1], 3))
+    torch.testing.assert_close(torch.cat([x for _, x in chunks], 1), want, rtol=1e-5, atol=1e-5)
+    if backend == "hf":
+        assert max(widths) == 3 and sum(widths) == ids.shape[1]
+    assert torch.equal(handle.run(ids, mask), plain)  # the hooks are gone
+
+
 def test_attention_pattern_needs_eager(tiny_model_dir):
     h = load_model(tiny_model_dir, attn_implementation="eager")
     ids, mask = batch(h, ["a=3, b=4. what is a + b?"])

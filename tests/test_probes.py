@@ -142,17 +142,26 @@ def test_forced_answers_share_each_trace_s_prefix():
 
 
 def test_entropies_do_not_depend_on_the_logit_budget(tiny_handle, task_traces, monkeypatch):
-    """Passes are cut to the logit budget (one trace a pass at one element); each trace's entropies are its own."""
+    """Passes and their logits are cut to the logit budget (at one element: one trace a pass, one position a chunk);
+    each trace's entropies are its own."""
     import reasonscope.budget as budget
     from probes.entropy import entropy, token_entropies
 
     whole = token_entropies(tiny_handle, task_traces[:5])
     monkeypatch.setattr(budget, "LOGIT_BUDGET", 1)
     calls: list[int] = []
-    run = tiny_handle.run
-    monkeypatch.setattr(tiny_handle, "run", lambda ids, *a, **k: calls.append(len(ids)) or run(ids, *a, **k))
+    widths: list[int] = []
+    chunks = tiny_handle.run_chunks
+
+    def spy(ids, *a, **k):
+        calls.append(len(ids))
+        for cols, logits in chunks(ids, *a, **k):
+            widths.append(logits.shape[1])
+            yield cols, logits
+
+    monkeypatch.setattr(tiny_handle, "run_chunks", spy)
     split = token_entropies(tiny_handle, task_traces[:5])
-    assert calls == [1] * 5
+    assert calls == [1] * 5 and set(widths) == {1}  # one trace a pass, one position a chunk
     for got, ref, t in zip(split, whole, task_traces):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
         alone = entropy(tiny_handle.run(torch.tensor([t.token_ids]))[0]).cpu()
