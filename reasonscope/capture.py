@@ -43,7 +43,7 @@ class CaptureConfig:
     :func:`capture`. ``positions="spans"`` reads ``trace.meta["spans"]`` = ``[[start, end), ...]``.
     ``dtype`` is the storage dtype (aliases such as ``bf16`` accepted); ``token_budget`` bounds the
     padded tokens per forward batch; ``shard_size`` is traces per store shard; ``stop_early`` skips the
-    layers after the last hooked one (hf backend).
+    layers after the last hooked one.
     """
 
     hooks: tuple[str, ...]
@@ -197,7 +197,7 @@ def capture_batch(
     keys = (torch.cat(offs)[:, None] + k).clamp(max=width - 1)
     key_ok = k < torch.cat(lens)[:, None]
     last = max(points, key=lambda p: p.sort_key).name
-    stop = last if (cfg.stop_early and handle.backend == "hf") else None
+    stop = last if cfg.stop_early else None
     gather = _Gatherer(points, index, torch_dtype(cfg.dtype), stop, keys.to(dev), key_ok.to(dev))
     with torch.inference_mode(), contextlib.suppress(StopForward):
         handle.run(ids, mask, hooks=gather.fns)

@@ -10,8 +10,8 @@ Three backends share the hook naming of :mod:`reasonscope.hooks`:
 chosen backend, calling ``fn(activation)`` at each named hook point (a returned tensor replaces
 the activation), and gives the logits. Hook names may be patterns (:func:`reasonscope.hooks.select_hooks`).
 ``handle.run_chunks(...)`` gives the same logits a run of positions at a time, within the logit budget.
-``handle.run_with_cache(input_ids, attention_mask, names)`` gives the activations at ``names`` instead; on the
-``"hf"`` backend that pass stops after the last of them, so no logits are computed.
+``handle.run_with_cache(input_ids, attention_mask, names)`` gives the activations at ``names`` instead; that pass
+stops after the last of them, so no logits are computed.
 """
 
 from __future__ import annotations
@@ -226,15 +226,14 @@ class ModelHandle:
     ) -> dict[str, torch.Tensor]:
         """Activations at ``names`` (patterns allowed), canonical shapes, detached, on the model's device.
 
-        ``hooks`` act first, so a cached point holds what they returned. On the ``"hf"`` backend the pass stops
-        after the last cached point: neither the later blocks nor the unembedding run (no ``[batch, pos, vocab]``
-        logits, the largest tensor of a long pass on a 150k vocabulary).
+        ``hooks`` act first, so a cached point holds what they returned. The pass stops after the last cached point
+        (every backend): neither the later blocks nor the unembedding run (no ``[batch, pos, vocab]`` logits, the
+        largest tensor of a long pass on a 150k vocabulary).
         """
         g = self.geometry
         wanted = select_hooks(names, g.n_layers)
         edits = expand_hooks(hooks or {}, g.n_layers)
         last = max(wanted, key=lambda n: parse_hook(n, g.n_layers).sort_key)
-        stop = self.backend == "hf"
         cache: dict[str, torch.Tensor] = {}
 
         def reader(name: str) -> HookFn:
@@ -243,7 +242,7 @@ class ModelHandle:
             def fn(x: torch.Tensor) -> torch.Tensor | None:
                 new = check_replacement(name, edit(x), x) if edit is not None else None
                 cache[name] = (x if new is None else new).detach()
-                if stop and name == last:
+                if name == last:
                     raise StopForward
                 return new
 

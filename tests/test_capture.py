@@ -82,6 +82,28 @@ def test_backends_capture_identical_tensors(tiny_model_dir, tiny_handle, task_tr
         assert torch.allclose(ref.get(name), other.get(name), atol=1e-5), name
 
 
+@pytest.mark.parametrize("backend", ["hf", "transformer_lens", "nnsight"])
+def test_capture_skips_the_layers_after_the_last_hook(tiny_model_dir, tiny_handle, task_traces, tmp_path, backend):
+    """``stop_early`` (the default): no block after the last hooked one and no unembedding runs, on every backend;
+    the stored tensors are the same as with the whole pass."""
+    handle = tiny_handle if backend == "hf" else load_model(tiny_model_dir, backend=backend)
+    calls: list[str] = []
+    spies = [
+        handle.model.get_output_embeddings().register_forward_hook(lambda *a: calls.append("unembed")),
+        handle.model.model.layers[1].register_forward_hook(lambda *a: calls.append("block 1")),
+    ]
+    cfg = CaptureConfig(hooks=["blocks.0.hook_resid_post"])
+    try:
+        early = capture(handle, task_traces, cfg, str(tmp_path / "early"), progress=False)
+        assert calls == []
+        whole = capture(handle, task_traces, dataclasses.replace(cfg, stop_early=False), str(tmp_path / "whole"))
+        assert "unembed" in calls
+    finally:
+        for spy in spies:
+            spy.remove()
+    assert store_tensors(early.path) == store_tensors(whole.path)
+
+
 def test_position_rules(task_traces):
     t = task_traces[0]
     assert select_positions(t, "all").tolist() == list(range(len(t.token_ids)))

@@ -237,8 +237,10 @@ def shared_prompts(handle) -> list[list[int]]:
     return [*out, out[1], *encode(handle)[2:]]
 
 
-def test_shared_prefixes_give_the_same_tokens_and_logits(main, other):
-    """Computing a group's common prefix once changes nothing: tokens, logits and companion logits as unshared."""
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_prefixes_give_the_same_tokens_and_logits(main, other, temperature):
+    """Computing a group's common prefix once changes nothing: tokens (greedy or sampled), logits and companion
+    logits as unshared."""
     from reasonscope.generation import SHARED_MIN, _prefix_groups
 
     prompts = shared_prompts(main)
@@ -255,7 +257,8 @@ def test_shared_prefixes_give_the_same_tokens_and_logits(main, other):
                 if r >= 0:
                     mine[(r, n)] = logits[row].clone()
 
-        out = generate(main, prompts, cfg(share_prefixes=share, max_new_tokens=6), on_token=on_token, companion=other)
+        c = cfg(share_prefixes=share, max_new_tokens=6, temperature=temperature)
+        out = generate(main, prompts, c, on_token=on_token, companion=other)
         runs[share] = ([c.token_ids for c in out], mine, seen)
     assert runs[True][0] == runs[False][0]
     for key, want in runs[False][1].items():

@@ -88,20 +88,29 @@ def test_run_with_cache_reads_what_hooks_read(tiny_model_dir, tiny_handle, backe
     assert not zeroed["blocks.0.hook_resid_post"].any() and not zeroed["blocks.1.hook_resid_pre"].any()
 
 
-def test_run_with_cache_stops_before_the_logits(tiny_handle):
-    """On hf the pass ends at the last cached point: the unembedding never runs, and the hooks are gone after."""
-    ids, mask = batch(tiny_handle, ["a=3, b=4. what is a + b?"])
-    before = tiny_handle.run(ids, mask)
-    calls: list[int] = []
-    h = tiny_handle.model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+@pytest.mark.parametrize("backend", ["hf", "transformer_lens", "nnsight"])
+def test_run_with_cache_stops_before_the_logits(tiny_model_dir, tiny_handle, backend):
+    """In every backend the pass ends at the last cached point: neither the later blocks nor the unembedding run,
+    and no hook is left behind."""
+    from conftest import torch_hooks
+
+    handle = tiny_handle if backend == "hf" else load_model(tiny_model_dir, backend=backend)
+    ids, mask = batch(handle, ["a=3, b=4. what is a + b?"])
+    before, hooks = handle.run(ids, mask), torch_hooks(handle.model)
+    calls: list[str] = []
+    spies = [
+        handle.model.get_output_embeddings().register_forward_hook(lambda *a: calls.append("unembed")),
+        handle.model.model.layers[1].register_forward_hook(lambda *a: calls.append("block 1")),
+    ]
     try:
-        tiny_handle.run_with_cache(ids, mask, "blocks.0.hook_resid_post")
-        assert calls == []
-        tiny_handle.run(ids, mask)
-        assert calls == [1]
+        got = handle.run_with_cache(ids, mask, "blocks.0.hook_resid_post")
+        assert calls == [] and list(got) == ["blocks.0.hook_resid_post"]
+        handle.run(ids, mask)
+        assert calls == ["block 1", "unembed"]
     finally:
-        h.remove()
-    assert torch.equal(tiny_handle.run(ids, mask), before)
+        for s in spies:
+            s.remove()
+    assert torch_hooks(handle.model) == hooks and torch.equal(handle.run(ids, mask), before)
 
 
 @pytest.mark.parametrize("backend", ["hf", "transformer_lens", "nnsight"])
