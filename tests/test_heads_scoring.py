@@ -365,3 +365,22 @@ def test_organism_reads_operands_through_a_few_heads():
         rolls, _ = gated_rollouts(h, [t.prompt for t in solved], alpha, scaled, decode, [t.gold for t in solved])
         rewards.append(sum(bool(r.grade) for r in rolls) / len(rolls))
     assert rewards[0] == 1.0 and rewards[1] < 0.5, rewards
+
+
+def test_token_kl_in_runs_of_positions_equals_one_piece(monkeypatch):
+    """KL at a boolean mask or at listed positions, in runs within the logit budget (one position a run at one
+    element): the values and the gradient of one computation over all selected positions."""
+    import reasonscope.budget as budget
+
+    g = torch.Generator().manual_seed(0)
+    full, gated = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g, requires_grad=True)
+    where = torch.tensor([[0, 1, 1, 0, 1], [1, 0, 0, 1, 1]], dtype=torch.bool)
+    lp_full, lp = full[where].log_softmax(-1), gated[where].log_softmax(-1)
+    want = (lp_full.exp() * (lp_full - lp)).sum(-1)
+    (grad_want,) = torch.autograd.grad(want.sum(), gated)
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 1)
+    got = token_kl(full, gated, where)
+    (grad_got,) = torch.autograd.grad(got.sum(), gated)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad_got, grad_want)
+    torch.testing.assert_close(token_kl(full[0], gated[0], torch.tensor([1, 2, 4])), want[:3])

@@ -24,10 +24,17 @@ from .policy import CompressionPolicy
 
 
 def token_kl(full_logits: torch.Tensor, logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Per-position KL(p_full ‖ p) at ``where`` (a 1-D tensor of the selected positions)."""
-    lp_full = F.log_softmax(full_logits[where].float(), -1)
-    lp = F.log_softmax(logits[where].float(), -1)
-    return (lp_full.exp() * (lp_full - lp)).sum(-1)
+    """Per-position KL(p_full ‖ p) at ``where`` (a boolean mask over the leading dimensions, or the selected positions
+    of ``[pos, vocab]`` logits), in runs of positions whose float32 copies fit the logit budget."""
+    index = where.nonzero(as_tuple=True) if where.dtype == torch.bool else (where,)
+    step = budget.rows_per_pass(1, logits.shape[-1])
+    parts = []
+    for a in range(0, len(index[0]), step):
+        at = tuple(i[a : a + step] for i in index)
+        lp_full = F.log_softmax(full_logits[at].float(), -1)
+        lp = F.log_softmax(logits[at].float(), -1)
+        parts.append((lp_full.exp() * (lp_full - lp)).sum(-1))
+    return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
 
 
 def full_logits(handle: Any, batch: TraceBatch) -> torch.Tensor:
