@@ -186,10 +186,10 @@ class ModelHandle:
         """The logits of one pass, a run of positions at a time: ``(positions, logits[:, positions])``, each chunk's
         ``[batch, chunk, vocab]`` within :data:`reasonscope.budget.LOGIT_BUDGET` (at least one position).
 
-        On the ``"hf"`` backend the blocks run once, hooks attached, and each chunk's positions are unembedded only
-        when it is asked for, so one long row on a 150k vocabulary never holds its whole ``[pos, vocab]`` logits.
-        Other backends, and models whose logits are more than the unembedding of the last hidden state (a logit
-        soft-cap or scale), cut the logits of :meth:`run`. For reading: take gradients through :meth:`run`.
+        The pass stops at the final norm (every backend), and each chunk's positions are unembedded only when it is
+        asked for, so one long row on a 150k vocabulary never holds its whole ``[pos, vocab]`` logits. Models whose
+        logits are more than the unembedding of the final norm's output (no ``norm`` module, a logit soft-cap or
+        scale) cut the logits of :meth:`run`. For reading: take gradients through :meth:`run`.
         """
         from . import budget
 
@@ -198,24 +198,27 @@ class ModelHandle:
         batch, width = input_ids.shape
         step = max(1, budget.LOGIT_BUDGET // max(1, batch * budget.vocab_size(self)))
         cfg = self.model.config
-        plain = not any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale"))
-        if self.backend != "hf" or not plain:
+        norm = getattr(self.model.get_decoder(), "norm", None)
+        if norm is None or any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale")):
             logits = self.run(input_ids, attention_mask, hooks)
             for a in range(0, width, step):
                 yield slice(a, a + step), logits[:, a : a + step]
             return
-        g = self.geometry
-        edits = expand_hooks(hooks or {}, g.n_layers)
-        check_attention(edits, self.attn_implementation)
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        with attach(self.model, edits, g.n_layers, g.n_heads):
-            hidden = self.model.get_decoder()(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-            ).last_hidden_state
+        seen: list[torch.Tensor] = []
+
+        def final(module: Any, args: Any, output: torch.Tensor) -> None:
+            seen.append(output)
+            raise StopForward
+
+        grab = norm.register_forward_hook(final)
+        try:
+            with contextlib.suppress(StopForward):
+                self.run(input_ids, attention_mask, hooks)
+        finally:
+            grab.remove()
         head = self.model.get_output_embeddings()
         for a in range(0, width, step):
-            yield slice(a, a + step), head(hidden[:, a : a + step])
+            yield slice(a, a + step), head(seen[0][:, a : a + step])
 
     def run_with_cache(
         self,

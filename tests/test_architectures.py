@@ -69,6 +69,22 @@ def test_geometry_and_every_hook(arch_handle):
     assert torch.allclose(got["blocks.0.hook_resid_post"], hidden[1], atol=1e-5)
 
 
+def test_logits_in_chunks_and_the_early_stopping_cache(arch_handle, monkeypatch):
+    """``run_chunks`` (stopping at the final norm) gives ``run``'s logits; ``run_with_cache`` gives a block's output."""
+    import reasonscope.budget as budget
+
+    h = arch_handle
+    ids = torch.tensor(encode(h, QUESTIONS[:1]))
+    want = h.run(ids)
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 2 * budget.vocab_size(h))
+    chunks = list(h.run_chunks(ids))
+    assert len(chunks) == -(-ids.shape[1] // 2)
+    torch.testing.assert_close(torch.cat([x for _, x in chunks], 1), want, rtol=1e-5, atol=1e-5)
+    hidden = h.model(ids.to(h.device), output_hidden_states=True).hidden_states
+    got = h.run_with_cache(ids, names="blocks.0.hook_resid_post")["blocks.0.hook_resid_post"]
+    torch.testing.assert_close(got, hidden[1], rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_generation_equals_hf_generate(arch_handle):
     h = arch_handle
     prompts = encode(h)

@@ -115,8 +115,8 @@ def test_run_with_cache_stops_before_the_logits(tiny_model_dir, tiny_handle, bac
 
 @pytest.mark.parametrize("backend", ["hf", "transformer_lens", "nnsight"])
 def test_run_chunks_give_the_logits_of_run(tiny_model_dir, tiny_handle, backend, monkeypatch):
-    """Chunks of positions within the logit budget, equal to ``run``'s logits with the same hooks, in every backend;
-    on hf the unembedding reads one chunk's positions at a time."""
+    """Chunks of positions within the logit budget, equal to ``run``'s logits with the same hooks, in every backend,
+    whose unembedding reads one chunk's positions at a time."""
     import reasonscope.budget as budget
 
     ids, mask = batch(tiny_handle, ["a=3, b=4, c=1. what is a + b - c?", "d=2. what is d?"])
@@ -133,8 +133,7 @@ def test_run_chunks_give_the_logits_of_run(tiny_model_dir, tiny_handle, backend,
         head.remove()
     assert [c.start for c, _ in chunks] == list(range(0, ids.shape[1], 3))
     torch.testing.assert_close(torch.cat([x for _, x in chunks], 1), want, rtol=1e-5, atol=1e-5)
-    if backend == "hf":
-        assert max(widths) == 3 and sum(widths) == ids.shape[1]
+    assert max(widths) == 3 and sum(widths) == ids.shape[1]
     assert torch.equal(handle.run(ids, mask), plain)  # the hooks are gone
 
 
