@@ -9,7 +9,8 @@ Three backends share the hook naming of :mod:`reasonscope.hooks`:
 ``handle.run(input_ids, attention_mask, hooks={name: fn})`` runs a forward pass through the
 chosen backend, calling ``fn(activation)`` at each named hook point (a returned tensor replaces
 the activation), and gives the logits. Hook names may be patterns (:func:`reasonscope.hooks.select_hooks`).
-``handle.run_chunks(...)`` gives the same logits a run of positions at a time, within the logit budget.
+``handle.run_hidden(...)`` stops at the final norm (``handle.unembed`` of it gives the logits), and
+``handle.run_chunks(...)`` gives the logits a run of positions at a time, within the logit budget.
 ``handle.run_with_cache(input_ids, attention_mask, names)`` gives the activations at ``names`` instead; that pass
 stops after the last of them, so no logits are computed.
 """
@@ -177,33 +178,30 @@ class ModelHandle:
             return self.wrapper.run_with_hooks(input_ids, attention_mask=attention_mask, fwd_hooks=fwd)
         return self._run_nnsight(input_ids, attention_mask, position_ids, hooks)
 
-    def run_chunks(
+    @cached_property
+    def _final_norm(self) -> Any:
+        """The module whose output the unembedding reads; None where the logits are more than that unembedding
+        (no ``norm`` module on the decoder, a logit soft-cap or scale)."""
+        cfg = self.model.config
+        if any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale")):
+            return None
+        return getattr(self.model.get_decoder(), "norm", None)
+
+    def run_hidden(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         hooks: Mapping[str, HookFn] | None = None,
-    ) -> Iterator[tuple[slice, torch.Tensor]]:
-        """The logits of one pass, a run of positions at a time: ``(positions, logits[:, positions])``, each chunk's
-        ``[batch, chunk, vocab]`` within :data:`reasonscope.budget.LOGIT_BUDGET` (at least one position).
+    ) -> torch.Tensor:
+        """What the unembedding reads, ``[batch, pos, d_model]``: ``unembed(run_hidden(...))`` equals :meth:`run`.
 
-        The pass stops at the final norm (every backend), and each chunk's positions are unembedded only when it is
-        asked for, so one long row on a 150k vocabulary never holds its whole ``[pos, vocab]`` logits. Models whose
-        logits are more than the unembedding of the final norm's output (no ``norm`` module, a logit soft-cap or
-        scale) cut the logits of :meth:`run`. For reading: take gradients through :meth:`run`.
+        The pass stops at the final norm (every backend, with ``hooks``; gradients flow), so a long pass keeps
+        ``d_model`` numbers a position, not ``vocab``. Models whose logits are more than the unembedding of the final
+        norm's output (a logit soft-cap or scale) give their logits here, and :meth:`unembed` is the identity.
         """
-        from . import budget
-
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        batch, width = input_ids.shape
-        step = max(1, budget.LOGIT_BUDGET // max(1, batch * budget.vocab_size(self)))
-        cfg = self.model.config
-        norm = getattr(self.model.get_decoder(), "norm", None)
-        if norm is None or any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale")):
-            logits = self.run(input_ids, attention_mask, hooks)
-            for a in range(0, width, step):
-                yield slice(a, a + step), logits[:, a : a + step]
-            return
+        norm = self._final_norm
+        if norm is None:
+            return self.run(input_ids, attention_mask, hooks)
         seen: list[torch.Tensor] = []
 
         def final(module: Any, args: Any, output: torch.Tensor) -> None:
@@ -216,9 +214,31 @@ class ModelHandle:
                 self.run(input_ids, attention_mask, hooks)
         finally:
             grab.remove()
-        head = self.model.get_output_embeddings()
+        return seen[0]
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of :meth:`run_hidden`'s output (any positions of it)."""
+        return hidden if self._final_norm is None else self.model.get_output_embeddings()(hidden)
+
+    def run_chunks(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        hooks: Mapping[str, HookFn] | None = None,
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """The logits of one pass, a run of positions at a time: ``(positions, logits[:, positions])``, each chunk's
+        ``[batch, chunk, vocab]`` within :data:`reasonscope.budget.LOGIT_BUDGET` (at least one position).
+
+        One :meth:`run_hidden` pass; each chunk's positions are unembedded only when it is asked for, so one long row
+        on a 150k vocabulary never holds its whole ``[pos, vocab]`` logits.
+        """
+        from . import budget
+
+        hidden = self.run_hidden(input_ids, attention_mask, hooks)
+        batch, width = input_ids.shape
+        step = max(1, budget.LOGIT_BUDGET // max(1, batch * budget.vocab_size(self)))
         for a in range(0, width, step):
-            yield slice(a, a + step), head(seen[0][:, a : a + step])
+            yield slice(a, a + step), self.unembed(hidden[:, a : a + step])
 
     def run_with_cache(
         self,

@@ -384,3 +384,30 @@ def test_token_kl_in_runs_of_positions_equals_one_piece(monkeypatch):
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(grad_got, grad_want)
     torch.testing.assert_close(token_kl(full[0], gated[0], torch.tensor([1, 2, 4])), want[:3])
+
+
+@pytest.mark.parametrize("loss", ["kl", "ce"])
+def test_trace_loss_read_in_runs_has_the_value_and_gradient_of_one_piece(tiny_handle, batches, loss, monkeypatch):
+    """The trace loss from hidden states a run of positions at a time (one position a run at a budget of one
+    element): value and gradient w.r.t. the gates as computed from the whole logits in one piece."""
+    import torch.nn.functional as F
+
+    import reasonscope.budget as budget
+    from reasonscope.heads.scorers import full_hidden, trace_loss
+
+    b = batches[0]
+    base_logits = gated_logits(tiny_handle, b, torch.ones(2, 2), POLICY).detach()
+    alpha = torch.full((2, 2), 0.6, requires_grad=True)
+    logits = gated_logits(tiny_handle, b, alpha, POLICY)
+    if loss == "kl":
+        want = token_kl(base_logits, logits, b.scored).mean()
+    else:
+        want = F.cross_entropy(logits[b.scored].float(), torch.roll(b.input_ids, -1, 1)[b.scored])
+    (grad_want,) = torch.autograd.grad(want, alpha)
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 1)
+    alpha2 = alpha.detach().clone().requires_grad_(True)
+    got = trace_loss(tiny_handle, b, alpha2, POLICY, loss, full_hidden(tiny_handle, b) if loss == "kl" else None)
+    (grad_got,) = torch.autograd.grad(got, alpha2)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-4, atol=1e-6)
+    assert grad_want.abs().sum() > 0

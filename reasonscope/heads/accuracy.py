@@ -11,7 +11,7 @@ import torch
 from ..budget import rows_per_pass, vocab_size
 from .batches import TraceBatch
 from .policy import CompressionPolicy
-from .scorers import gated_logits
+from .scorers import gated_hidden
 from .select import n_full_heads
 
 
@@ -31,11 +31,14 @@ def teacher_forced_accuracy(
         for lo in range(0, k, per_pass):
             masks = full_masks[lo : lo + per_pass]
             rows = batch.replicate(len(masks))
-            logits = gated_logits(handle, rows, masks.float().repeat_interleave(b, 0), policy).cpu()
+            hidden = gated_hidden(handle, rows, masks.float().repeat_interleave(b, 0), policy)
             ids, mask = rows.input_ids, rows.attention_mask
             rank = mask.cumsum(-1) - 1
             gen = mask.bool() & (rank >= rows.prefill_lengths[:, None] - 1) & (rank < mask.sum(-1, keepdim=True) - 1)
-            wrong = (logits.argmax(-1) != torch.roll(ids, -1, dims=1)) & gen
+            step = max(1, rows_per_pass(1, vocab) // len(rows.traces))  # positions whose logits fit the budget
+            runs = range(0, ids.shape[1], step)
+            greedy = torch.cat([handle.unembed(hidden[:, a : a + step]).argmax(-1).cpu() for a in runs], 1)
+            wrong = (greedy != torch.roll(ids, -1, dims=1)) & gen
             good = torch.tensor([bool(t.grade) for t in rows.traces]) & ~wrong.any(-1)
             hits[lo : lo + len(masks)] += good.view(len(masks), b).float().sum(-1)
     return hits / max(n, 1)

@@ -304,28 +304,34 @@ def pattern_hooks(state: GateState, attention_mask: torch.Tensor) -> dict[str, A
 
 
 def gated_run(
-    handle: Any, state: GateState, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    handle: Any,
+    state: GateState,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    hidden: bool = False,
 ) -> torch.Tensor:
-    """Logits of ``handle.run`` under the installed gates, on any backend.
+    """Logits of ``handle.run`` under the installed gates, on any backend (``hidden``: what the unembedding reads,
+    ``handle.run_hidden``, whose ``handle.unembed`` gives those logits).
 
     Backends that bypass HF's attention interface (the attention function is not called) get the gates
     through :func:`pattern_hooks` instead; which route a handle takes is probed once and kept in
     ``handle.meta["heads.attention_route"]``.
     """
+    run = handle.run_hidden if hidden else handle.run
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     route = handle.meta.get("heads.attention_route")
     if route is None:
         before = state.calls
-        logits = handle.run(input_ids, attention_mask)
+        out = run(input_ids, attention_mask)
         route = handle.meta["heads.attention_route"] = "interface" if state.calls > before else "pattern_hooks"
         if route == "interface":
-            return logits
+            return out
     if route == "interface":
-        return handle.run(input_ids, attention_mask)
+        return run(input_ids, attention_mask)
     config = handle.model.config
     config._attn_implementation = state.original_attn  # what the backend really runs (it materialises patterns)
     try:
-        return handle.run(input_ids, attention_mask, hooks=pattern_hooks(state, attention_mask))
+        return run(input_ids, attention_mask, hooks=pattern_hooks(state, attention_mask))
     finally:
         config._attn_implementation = GATED_ATTN

@@ -11,7 +11,7 @@ All run the model's own traces with the prompt read in full and the thinking und
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -23,30 +23,73 @@ from .gated import gated_attention, gated_run
 from .policy import CompressionPolicy
 
 
+def _runs(where: torch.Tensor, vocab: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Index tuples of the positions at ``where`` (a boolean mask, or listed positions of a ``[pos, ...]`` tensor), a
+    run at a time: as many positions as fit the logit budget as float32 logits."""
+    index = where.nonzero(as_tuple=True) if where.dtype == torch.bool else (where,)
+    step = budget.rows_per_pass(1, vocab)
+    for a in range(0, len(index[0]), step):
+        yield tuple(i[a : a + step] for i in index)
+
+
+def _kl(full_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    lp_full = F.log_softmax(full_logits.float(), -1)
+    lp = F.log_softmax(logits.float(), -1)
+    return (lp_full.exp() * (lp_full - lp)).sum(-1)
+
+
 def token_kl(full_logits: torch.Tensor, logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Per-position KL(p_full ‖ p) at ``where`` (a boolean mask over the leading dimensions, or the selected positions
     of ``[pos, vocab]`` logits), in runs of positions whose float32 copies fit the logit budget."""
-    index = where.nonzero(as_tuple=True) if where.dtype == torch.bool else (where,)
-    step = budget.rows_per_pass(1, logits.shape[-1])
-    parts = []
-    for a in range(0, len(index[0]), step):
-        at = tuple(i[a : a + step] for i in index)
-        lp_full = F.log_softmax(full_logits[at].float(), -1)
-        lp = F.log_softmax(logits[at].float(), -1)
-        parts.append((lp_full.exp() * (lp_full - lp)).sum(-1))
+    parts = [_kl(full_logits[at], logits[at]) for at in _runs(where, logits.shape[-1])]
     return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
 
 
-def full_logits(handle: Any, batch: TraceBatch) -> torch.Tensor:
-    """Logits of the unmodified model (no gradient)."""
+def hidden_kl(handle: Any, full_hidden: torch.Tensor, hidden: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """:func:`token_kl` of two ``handle.run_hidden`` outputs, each run of positions unembedded only when it is read."""
+    runs = _runs(where.to(hidden.device), budget.vocab_size(handle))
+    parts = [_kl(handle.unembed(full_hidden[at]), handle.unembed(hidden[at])) for at in runs]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def full_hidden(handle: Any, batch: TraceBatch) -> torch.Tensor:
+    """What the unembedding reads (``handle.run_hidden``) in the unmodified model (no gradient)."""
     with torch.no_grad():
-        return handle.run(batch.input_ids, batch.attention_mask).detach()
+        return handle.run_hidden(batch.input_ids, batch.attention_mask).detach()
+
+
+def gated_hidden(handle: Any, batch: TraceBatch, alpha: torch.Tensor, policy: CompressionPolicy) -> torch.Tensor:
+    """``handle.run_hidden`` of ``batch`` under gates ``alpha`` (``[L, H_kv]`` or per row), prompt read in full."""
+    with gated_attention(handle, alpha, policy, prefill_lengths=batch.prefill_lengths) as state:
+        ids, mask = batch.input_ids.to(handle.device), batch.attention_mask.to(handle.device)
+        return gated_run(handle, state, ids, mask, hidden=True)
 
 
 def gated_logits(handle: Any, batch: TraceBatch, alpha: torch.Tensor, policy: CompressionPolicy) -> torch.Tensor:
     """Logits of ``batch`` under gates ``alpha`` (``[L, H_kv]`` or per row), prompt read in full."""
     with gated_attention(handle, alpha, policy, prefill_lengths=batch.prefill_lengths) as state:
         return gated_run(handle, state, batch.input_ids.to(handle.device), batch.attention_mask.to(handle.device))
+
+
+def _sum_by_runs(
+    hidden: torch.Tensor, where: torch.Tensor, n_vocab: int, part: Callable[[torch.Tensor, tuple], torch.Tensor]
+) -> torch.Tensor:
+    """``Σ part(hidden[at], at)`` over runs of the positions at ``where``, each run's logits freed before the next.
+
+    Each run back-propagates into a detached copy of ``hidden`` as soon as it is computed; the result carries that
+    gradient to ``hidden``'s graph (value: the sum; gradient: the sum's), so autograd never holds more than one run's
+    ``[positions, vocab]`` tensors."""
+    leaf = hidden.detach().requires_grad_(hidden.requires_grad)
+    total = 0.0
+    for at in _runs(where, n_vocab):
+        piece = part(leaf[at], at)
+        if leaf.requires_grad:
+            piece.backward()
+        total += float(piece.detach())
+    out = torch.tensor(total, device=hidden.device)
+    if leaf.grad is not None:
+        out = out + (hidden * leaf.grad).sum() - (hidden.detach() * leaf.grad).sum()
+    return out
 
 
 def _check(batches: Sequence[TraceBatch]) -> None:
@@ -69,7 +112,7 @@ def windowing_scores(
     vocab = budget.vocab_size(handle)
     total, count = torch.zeros(n), 0
     for batch in batches:
-        base = full_logits(handle, batch)
+        base = full_hidden(handle, batch)
         where = batch.scored
         count += int(where.sum())
         fit = budget.rows_per_pass(batch.input_ids.shape[1], vocab) // len(batch.traces)
@@ -79,12 +122,12 @@ def windowing_scores(
             alpha = torch.ones(len(heads), n)
             alpha[torch.arange(len(heads)), heads] = 0.0
             rows = batch.replicate(len(heads))
-            logits = gated_logits(
+            hidden = gated_hidden(
                 handle, rows, alpha.repeat_interleave(len(batch.traces), 0).view(-1, g.n_layers, g.n_kv_heads), policy
             )
             b = len(batch.traces)
             for i, h in enumerate(heads):
-                total[h] += token_kl(base, logits[i * b : (i + 1) * b], where.to(base.device)).sum().item()
+                total[h] += hidden_kl(handle, base, hidden[i * b : (i + 1) * b], where).sum().item()
     return (total / max(count, 1)).view(g.n_layers, g.n_kv_heads)
 
 
@@ -96,15 +139,22 @@ def trace_loss(
     loss: Literal["kl", "ce"],
     base: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Mean KL(full ‖ gated) or cross-entropy of the trace tokens over the scored positions."""
-    logits = gated_logits(handle, batch, alpha, policy).cpu()
-    where = batch.scored
-    if loss == "kl":
-        if base is None:
-            raise ValueError("the KL trace loss needs the full model's logits (base=full_logits(handle, batch))")
-        return token_kl(base, logits, where).mean()
-    targets = torch.roll(batch.input_ids, -1, dims=1)[where]
-    return F.cross_entropy(logits[where].float(), targets)
+    """Mean KL(full ‖ gated) or cross-entropy of the trace tokens over the scored positions; ``base`` is the full
+    model's :func:`full_hidden` (KL). Read a run of positions at a time (:func:`_sum_by_runs`)."""
+    if loss == "kl" and base is None:
+        raise ValueError("the KL trace loss needs the full model's hidden states (base=full_hidden(handle, batch))")
+    hidden = gated_hidden(handle, batch, alpha, policy)
+    where = batch.scored.to(hidden.device)
+    targets = torch.roll(batch.input_ids, -1, dims=1).to(hidden.device)
+
+    def part(x: torch.Tensor, at: tuple) -> torch.Tensor:
+        logits = handle.unembed(x)
+        if loss == "kl":
+            assert base is not None
+            return _kl(handle.unembed(base[at]), logits).sum()
+        return F.cross_entropy(logits.float(), targets[at], reduction="sum")
+
+    return _sum_by_runs(hidden, where, budget.vocab_size(handle), part) / max(int(where.sum()), 1)
 
 
 def gate_ig_scores(
@@ -120,8 +170,8 @@ def gate_ig_scores(
         raise ValueError(f"gate-IG needs steps >= 1, got {steps}")
     g = handle.geometry
     grads = torch.zeros(g.n_layers, g.n_kv_heads)
-    for batch in batches:  # one batch's full logits held at a time
-        base = full_logits(handle, batch).cpu() if loss == "kl" else None
+    for batch in batches:
+        base = full_hidden(handle, batch) if loss == "kl" else None
         for k in range(1, steps + 1):
             alpha = torch.full((g.n_layers, g.n_kv_heads), 1.0 - (k - 0.5) / steps, requires_grad=True)
             (grad,) = torch.autograd.grad(trace_loss(handle, batch, alpha, policy, loss, base), alpha)
@@ -141,17 +191,19 @@ def duo_scores(
 ) -> torch.Tensor:
     """DuoAttention-style gates: minimise KL(full ‖ gated) + ``l1``·mean|α| by AdamW; init 1, clamped each step.
 
-    The full model's logits are kept for every batch when they fit ``budget.CACHE_BUDGET``, else recomputed."""
+    The full model's hidden states (``d_model`` numbers a token) are kept for every batch when they fit
+    ``budget.CACHE_BUDGET``, else recomputed."""
     _check(batches)
     g = handle.geometry
     torch.manual_seed(seed)
     alpha = torch.ones(g.n_layers, g.n_kv_heads, requires_grad=True)
     opt = torch.optim.AdamW([alpha], lr=lr, weight_decay=0.0)
-    held = sum(b.input_ids.numel() for b in batches) * budget.vocab_size(handle) <= budget.CACHE_BUDGET
-    bases = [full_logits(handle, b).cpu() for b in batches] if held else None
+    first = full_hidden(handle, batches[0])
+    held = sum(b.input_ids.numel() for b in batches) * first.shape[-1] <= budget.CACHE_BUDGET
+    bases = [first, *(full_hidden(handle, b) for b in batches[1:])] if held else None
     for step in range(steps):
         i = step % len(batches)
-        base = bases[i] if bases is not None else full_logits(handle, batches[i]).cpu()
+        base = bases[i] if bases is not None else full_hidden(handle, batches[i])
         distill = trace_loss(handle, batches[i], alpha, policy, "kl", base)
         total = distill + l1 * alpha.abs().mean()
         opt.zero_grad()
