@@ -411,3 +411,34 @@ def test_trace_loss_read_in_runs_has_the_value_and_gradient_of_one_piece(tiny_ha
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad_got, grad_want, rtol=1e-4, atol=1e-6)
     assert grad_want.abs().sum() > 0
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_rlkv_policy_gradient_read_in_runs_equals_one_piece(tiny_handle, batches, epochs, monkeypatch):
+    """RLKV's clipped policy-gradient loss a run of positions at a time (one a run at a budget of one element): its
+    value and gradient w.r.t. the gates as from the whole logits; ``old`` log-probs (PPO epochs > 1) likewise."""
+    import torch.nn.functional as F
+
+    import reasonscope.budget as budget
+    from reasonscope.heads.rlkv import _token_logprobs, pg_loss
+
+    b = batches[0]
+    adv = torch.linspace(-1.0, 1.5, len(b.traces))
+    alpha = torch.full((2, 2), 0.7, requires_grad=True)
+    targets = torch.roll(b.input_ids, -1, 1)
+    lp = F.log_softmax(gated_logits(tiny_handle, b, alpha, POLICY).float(), -1).gather(-1, targets[..., None])[..., 0]
+    noise = 0.05 * torch.randn(lp.shape, generator=torch.Generator().manual_seed(0))
+    old = None if epochs == 1 else lp.detach() + noise
+    ratio = (lp - (lp.detach() if old is None else old)).exp()
+    a = adv[:, None]
+    want = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2))[b.scored].sum()
+    (grad_want,) = torch.autograd.grad(want, alpha)
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 1)
+    alpha2 = alpha.detach().clone().requires_grad_(True)
+    got = pg_loss(tiny_handle, b, alpha2, POLICY, adv, old, 0.2)
+    (grad_got,) = torch.autograd.grad(got, alpha2)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-4, atol=1e-6)
+    assert grad_want.abs().sum() > 0
+    read = _token_logprobs(tiny_handle, b, alpha.detach(), POLICY)
+    torch.testing.assert_close(read, lp.detach(), rtol=1e-5, atol=1e-5)

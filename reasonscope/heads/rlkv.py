@@ -20,11 +20,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from ..budget import vocab_size
 from ..generation import DecodeConfig
 from .batches import trace_batches
 from .policy import CompressionPolicy
 from .rollout import gated_rollouts
-from .scorers import gated_logits
+from .scorers import gated_hidden, position_runs, sum_by_runs
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,43 @@ def sparsity_penalty(alpha: torch.Tensor, mean_reward: float, beta: float, tau: 
 
 
 def _token_logprobs(handle: Any, batch: Any, alpha: torch.Tensor, policy: CompressionPolicy) -> torch.Tensor:
-    logits = gated_logits(handle, batch, alpha, policy).cpu().float()
-    return torch.gather(F.log_softmax(logits, -1), -1, torch.roll(batch.input_ids, -1, 1)[..., None])[..., 0]
+    """``log p(next token)`` ``[batch, pos]`` under gates ``alpha`` (no gradient), a run of positions at a time."""
+    with torch.no_grad():
+        hidden = gated_hidden(handle, batch, alpha, policy)
+        targets = torch.roll(batch.input_ids, -1, 1).to(hidden.device)
+        out = torch.zeros(targets.shape, device=hidden.device)
+        for at in position_runs(torch.ones(targets.shape, dtype=torch.bool, device=hidden.device), vocab_size(handle)):
+            out[at] = _logprob(handle.unembed(hidden[at]), targets[at])
+    return out
+
+
+def _logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+
+
+def pg_loss(
+    handle: Any,
+    batch: Any,
+    alpha: torch.Tensor,
+    policy: CompressionPolicy,
+    advantage: torch.Tensor,
+    old: torch.Tensor | None,
+    clip: float,
+) -> torch.Tensor:
+    """Σ over ``batch.scored`` of the clipped policy-gradient term ``max(−A·ρ, −A·clip(ρ))``, ``ρ = p / p_old`` of each
+    sampled token under gates ``alpha`` (``old`` None: ``p_old = p`` detached, one epoch); ``advantage`` per row.
+    Read a run of positions at a time, each back-propagated before the next (:func:`sum_by_runs`)."""
+    hidden = gated_hidden(handle, batch, alpha, policy)
+    targets = torch.roll(batch.input_ids, -1, 1).to(hidden.device)
+    adv = advantage.to(hidden.device)
+
+    def part(x: torch.Tensor, at: tuple) -> torch.Tensor:
+        lp = _logprob(handle.unembed(x), targets[at])
+        ratio = (lp - (lp.detach() if old is None else old.to(lp.device)[at])).exp()
+        a = adv[at[0]]
+        return torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip, 1 + clip)).sum()
+
+    return sum_by_runs(hidden, batch.scored.to(hidden.device), vocab_size(handle), part)
 
 
 def rlkv_scores(
@@ -142,13 +178,10 @@ def rlkv_scores(
                     alpha.clamp_(0.0, 1.0)
                 opt.zero_grad()
                 n_tok = max(1, sum(int(b.scored.sum()) for b in batches))
-                for i, b in enumerate(batches):  # one batch's graph (and logits) held at a time
-                    lp = _token_logprobs(handle, b, alpha, policy)
-                    lp_old = lp.detach() if old is None else old[i]
-                    a = torch.tensor([t.meta["advantage"] for t in b.traces])[:, None]
-                    ratio = (lp - lp_old).exp()
-                    pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - cfg.clip, 1 + cfg.clip))
-                    (pg[b.scored].sum() / n_tok).backward()
+                for i, b in enumerate(batches):  # one batch's graph held at a time
+                    a = torch.tensor([t.meta["advantage"] for t in b.traces])
+                    lp_old = None if old is None else old[i]
+                    (pg_loss(handle, b, alpha, policy, a, lp_old, cfg.clip) / n_tok).backward()
                 assert alpha.grad is not None
                 pressure -= alpha.grad  # the reward's part of the gradient, before the penalty and the clip
                 sparsity_penalty(alpha, r_mean, cfg.beta, cfg.tau).backward()

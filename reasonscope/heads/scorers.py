@@ -23,7 +23,7 @@ from .gated import gated_attention, gated_run
 from .policy import CompressionPolicy
 
 
-def _runs(where: torch.Tensor, vocab: int) -> Iterator[tuple[torch.Tensor, ...]]:
+def position_runs(where: torch.Tensor, vocab: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Index tuples of the positions at ``where`` (a boolean mask, or listed positions of a ``[pos, ...]`` tensor), a
     run at a time: as many positions as fit the logit budget as float32 logits."""
     index = where.nonzero(as_tuple=True) if where.dtype == torch.bool else (where,)
@@ -41,13 +41,13 @@ def _kl(full_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 def token_kl(full_logits: torch.Tensor, logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Per-position KL(p_full ‖ p) at ``where`` (a boolean mask over the leading dimensions, or the selected positions
     of ``[pos, vocab]`` logits), in runs of positions whose float32 copies fit the logit budget."""
-    parts = [_kl(full_logits[at], logits[at]) for at in _runs(where, logits.shape[-1])]
+    parts = [_kl(full_logits[at], logits[at]) for at in position_runs(where, logits.shape[-1])]
     return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
 
 
 def hidden_kl(handle: Any, full_hidden: torch.Tensor, hidden: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """:func:`token_kl` of two ``handle.run_hidden`` outputs, each run of positions unembedded only when it is read."""
-    runs = _runs(where.to(hidden.device), budget.vocab_size(handle))
+    runs = position_runs(where.to(hidden.device), budget.vocab_size(handle))
     parts = [_kl(handle.unembed(full_hidden[at]), handle.unembed(hidden[at])) for at in runs]
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
@@ -71,7 +71,7 @@ def gated_logits(handle: Any, batch: TraceBatch, alpha: torch.Tensor, policy: Co
         return gated_run(handle, state, batch.input_ids.to(handle.device), batch.attention_mask.to(handle.device))
 
 
-def _sum_by_runs(
+def sum_by_runs(
     hidden: torch.Tensor, where: torch.Tensor, n_vocab: int, part: Callable[[torch.Tensor, tuple], torch.Tensor]
 ) -> torch.Tensor:
     """``Σ part(hidden[at], at)`` over runs of the positions at ``where``, each run's logits freed before the next.
@@ -81,7 +81,7 @@ def _sum_by_runs(
     ``[positions, vocab]`` tensors."""
     leaf = hidden.detach().requires_grad_(hidden.requires_grad)
     total = 0.0
-    for at in _runs(where, n_vocab):
+    for at in position_runs(where, n_vocab):
         piece = part(leaf[at], at)
         if leaf.requires_grad:
             piece.backward()
@@ -140,7 +140,7 @@ def trace_loss(
     base: torch.Tensor | None,
 ) -> torch.Tensor:
     """Mean KL(full ‖ gated) or cross-entropy of the trace tokens over the scored positions; ``base`` is the full
-    model's :func:`full_hidden` (KL). Read a run of positions at a time (:func:`_sum_by_runs`)."""
+    model's :func:`full_hidden` (KL). Read a run of positions at a time (:func:`sum_by_runs`)."""
     if loss == "kl" and base is None:
         raise ValueError("the KL trace loss needs the full model's hidden states (base=full_hidden(handle, batch))")
     hidden = gated_hidden(handle, batch, alpha, policy)
@@ -154,7 +154,7 @@ def trace_loss(
             return _kl(handle.unembed(base[at]), logits).sum()
         return F.cross_entropy(logits.float(), targets[at], reduction="sum")
 
-    return _sum_by_runs(hidden, where, budget.vocab_size(handle), part) / max(int(where.sum()), 1)
+    return sum_by_runs(hidden, where, budget.vocab_size(handle), part) / max(int(where.sum()), 1)
 
 
 def gate_ig_scores(
