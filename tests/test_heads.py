@@ -160,10 +160,13 @@ def test_backends_agree(tiny_model_dir, tiny_handle, batch, backend):
     alpha = torch.tensor([[0.3, 1.0], [0.0, 0.7]])
     pre = torch.tensor([10, 15])
     outs = []
+    hidden = []
     for h in (tiny_handle, other):
         with gated_attention(h, alpha, POLICY, prefill_lengths=pre) as state:
             outs.append(gated_run(h, state, ids, mask))
+            hidden.append(h.unembed(gated_run(h, state, ids, mask, hidden=True)))
     assert (outs[0] - outs[1])[mask.bool()].abs().max() < 1e-4
+    assert max((x - outs[0])[mask.bool()].abs().max() for x in hidden) < 1e-4  # run_hidden under the gates
     assert (other.run(ids, mask) - tiny_handle.run(ids, mask))[mask.bool()].abs().max() < 1e-4
 
 
