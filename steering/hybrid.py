@@ -464,7 +464,8 @@ def _steered_ce(
     layer: int,
 ) -> torch.Tensor | None:
     """Summed cross-entropy of the thinking model's tokens at the examples' positions, with ``bias + V[behaviour]``
-    added there to block ``layer``'s output (one left-padded pass); None when no position is in these rows."""
+    added there to block ``layer``'s output (one left-padded pass to the final norm, only those positions
+    unembedded); None when no position is in these rows."""
     ids, mask = base.left_padded(seqs)
     pads = (mask == 0).sum(1).tolist()
     rows = torch.tensor([b for b, (pos, _, _) in enumerate(examples) for _ in range(len(pos))], dtype=torch.long)
@@ -479,9 +480,10 @@ def _steered_ce(
         y[rows.to(x.device), cols.to(x.device)] += delta.to(x)
         return y
 
-    logits = base.run(ids, mask, hooks={f"blocks.{layer}.hook_resid_post": add})
-    dev = logits.device
-    return torch.nn.functional.cross_entropy(logits[rows.to(dev), cols.to(dev)].float(), tgts.to(dev), reduction="sum")
+    hidden = base.run_hidden(ids, mask, hooks={f"blocks.{layer}.hook_resid_post": add})
+    dev = hidden.device
+    logits = base.unembed(hidden[rows.to(dev), cols.to(dev)])  # those positions only: no [rows, T, vocab] logits
+    return torch.nn.functional.cross_entropy(logits.float(), tgts.to(dev), reduction="sum")
 
 
 def mean_diff_vectors(

@@ -229,6 +229,42 @@ def test_reads_and_vector_learning_are_cut_to_the_logit_budget(pair, monkeypatch
     assert rep["loss_first"] == pytest.approx(ref_rep["loss_first"], rel=1e-4)
 
 
+def test_steered_cross_entropy_unembeds_only_its_positions(pair):
+    """The optimised vectors' loss reads the hidden states and unembeds the examples' positions alone: the value and
+    gradient of the cross-entropy taken from the whole pass's logits."""
+    import torch.nn.functional as F
+
+    from steering.hybrid import _steered_ce
+
+    base, _ = pair
+    seqs = [list(range(5, 17)), list(range(7, 15))]
+    examples = [
+        (torch.tensor([3, 8]), torch.tensor([0, 2]), torch.tensor([9, 4])),
+        (torch.tensor([5]), torch.tensor([1]), torch.tensor([11])),
+    ]
+    g = torch.Generator().manual_seed(0)
+    vecs = (torch.randn(3, 32, generator=g) * 2).requires_grad_(True)
+    bias = torch.randn(32, generator=g).requires_grad_(True)
+    got = _steered_ce(base, seqs, examples, vecs, bias, 0)
+    grads = torch.autograd.grad(got, (vecs, bias))
+    ids, mask = base.left_padded(seqs)
+    pad = [(mask[b] == 0).sum().item() for b in range(2)]
+    rows, cols = torch.tensor([0, 0, 1]), torch.tensor([3 + pad[0], 8 + pad[0], 5 + pad[1]])
+    delta = bias[None] + vecs[torch.tensor([0, 2, 1])]
+
+    def add(x):
+        y = x.clone()
+        y[rows, cols] += delta
+        return y
+
+    logits = base.run(ids, mask, hooks={"blocks.0.hook_resid_post": add})
+    want = F.cross_entropy(logits[rows, cols].float(), torch.tensor([9, 4, 11]), reduction="sum")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, torch.autograd.grad(want, (vecs, bias))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert grads[0].abs().sum() > 0
+
+
 def steerer(d: int = 32, k: int = 3, layer: int = 0) -> Steerer:
     torch.manual_seed(0)
     return Steerer(
