@@ -47,7 +47,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, write_artifact
-from reasonscope.budget import passes, vocab_size
+from reasonscope.budget import passes, sum_by_runs, vocab_size
 from reasonscope.generation import Batch, DecodeConfig, current_batch, generate, uniform
 from reasonscope.organisms import task
 from reasonscope.organisms.evaluate import EVAL_SEED
@@ -464,8 +464,8 @@ def _steered_ce(
     layer: int,
 ) -> torch.Tensor | None:
     """Summed cross-entropy of the thinking model's tokens at the examples' positions, with ``bias + V[behaviour]``
-    added there to block ``layer``'s output (one left-padded pass to the final norm, only those positions
-    unembedded); None when no position is in these rows."""
+    added there to block ``layer``'s output (one left-padded pass to the final norm; those positions unembedded a
+    run at a time, :func:`reasonscope.budget.sum_by_runs`); None when no position is in these rows."""
     ids, mask = base.left_padded(seqs)
     pads = (mask == 0).sum(1).tolist()
     rows = torch.tensor([b for b, (pos, _, _) in enumerate(examples) for _ in range(len(pos))], dtype=torch.long)
@@ -482,8 +482,12 @@ def _steered_ce(
 
     hidden = base.run_hidden(ids, mask, hooks={f"blocks.{layer}.hook_resid_post": add})
     dev = hidden.device
-    logits = base.unembed(hidden[rows.to(dev), cols.to(dev)])  # those positions only: no [rows, T, vocab] logits
-    return torch.nn.functional.cross_entropy(logits.float(), tgts.to(dev), reduction="sum")
+    picked, tgts = hidden[rows.to(dev), cols.to(dev)], tgts.to(dev)  # [n, d]: those positions only
+
+    def part(x: torch.Tensor, at: tuple) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(base.unembed(x).float(), tgts[at], reduction="sum")
+
+    return sum_by_runs(picked, torch.ones(len(picked), dtype=torch.bool, device=dev), vocab_size(base), part)
 
 
 def mean_diff_vectors(

@@ -229,12 +229,15 @@ def test_reads_and_vector_learning_are_cut_to_the_logit_budget(pair, monkeypatch
     assert rep["loss_first"] == pytest.approx(ref_rep["loss_first"], rel=1e-4)
 
 
-def test_steered_cross_entropy_unembeds_only_its_positions(pair):
-    """The optimised vectors' loss reads the hidden states and unembeds the examples' positions alone: the value and
-    gradient of the cross-entropy taken from the whole pass's logits."""
+def test_steered_cross_entropy_unembeds_only_its_positions(pair, monkeypatch):
+    """The optimised vectors' loss reads the hidden states and unembeds the examples' positions alone, one a run at
+    a logit budget of one element: the value and gradient of the cross-entropy taken from the whole pass's logits."""
     import torch.nn.functional as F
 
+    import reasonscope.budget as budget
     from steering.hybrid import _steered_ce
+
+    monkeypatch.setattr(budget, "LOGIT_BUDGET", 1)
 
     base, _ = pair
     seqs = [list(range(5, 17)), list(range(7, 15))]

@@ -20,12 +20,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from ..budget import vocab_size
+from ..budget import position_runs, sum_by_runs, vocab_size
 from ..generation import DecodeConfig
 from .batches import trace_batches
 from .policy import CompressionPolicy
 from .rollout import gated_rollouts
-from .scorers import gated_hidden, position_runs, sum_by_runs
+from .scorers import gated_hidden
 
 
 @dataclass(frozen=True)

@@ -11,25 +11,17 @@ All run the model's own traces with the prompt read in full and the thinking und
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from .. import budget
+from ..budget import position_runs, sum_by_runs
 from .batches import TraceBatch
 from .gated import gated_attention, gated_run
 from .policy import CompressionPolicy
-
-
-def position_runs(where: torch.Tensor, vocab: int) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Index tuples of the positions at ``where`` (a boolean mask, or listed positions of a ``[pos, ...]`` tensor), a
-    run at a time: as many positions as fit the logit budget as float32 logits."""
-    index = where.nonzero(as_tuple=True) if where.dtype == torch.bool else (where,)
-    step = budget.rows_per_pass(1, vocab)
-    for a in range(0, len(index[0]), step):
-        yield tuple(i[a : a + step] for i in index)
 
 
 def _kl(full_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -69,27 +61,6 @@ def gated_logits(handle: Any, batch: TraceBatch, alpha: torch.Tensor, policy: Co
     """Logits of ``batch`` under gates ``alpha`` (``[L, H_kv]`` or per row), prompt read in full."""
     with gated_attention(handle, alpha, policy, prefill_lengths=batch.prefill_lengths) as state:
         return gated_run(handle, state, batch.input_ids.to(handle.device), batch.attention_mask.to(handle.device))
-
-
-def sum_by_runs(
-    hidden: torch.Tensor, where: torch.Tensor, n_vocab: int, part: Callable[[torch.Tensor, tuple], torch.Tensor]
-) -> torch.Tensor:
-    """``Σ part(hidden[at], at)`` over runs of the positions at ``where``, each run's logits freed before the next.
-
-    Each run back-propagates into a detached copy of ``hidden`` as soon as it is computed; the result carries that
-    gradient to ``hidden``'s graph (value: the sum; gradient: the sum's), so autograd never holds more than one run's
-    ``[positions, vocab]`` tensors."""
-    leaf = hidden.detach().requires_grad_(hidden.requires_grad)
-    total = 0.0
-    for at in position_runs(where, n_vocab):
-        piece = part(leaf[at], at)
-        if leaf.requires_grad:
-            piece.backward()
-        total += float(piece.detach())
-    out = torch.tensor(total, device=hidden.device)
-    if leaf.grad is not None:
-        out = out + (hidden * leaf.grad).sum() - (hidden.detach() * leaf.grad).sum()
-    return out
 
 
 def _check(batches: Sequence[TraceBatch]) -> None:
