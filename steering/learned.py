@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from reasonscope.budget import passes, vocab_size
+from reasonscope.budget import passes, sum_by_runs, vocab_size
 
 from .vector import SteeringVector, VectorMeta
 
@@ -122,11 +122,10 @@ def _optimise(
         opt.zero_grad()
         p_sum, kl_sum = 0.0, 0.0
         for part in _parts(batch, cfg.micro_batch, vocab):  # the step's loss, accumulated part by part
-            lp, kl = _terms(handle, v, layers, part, cfg.positions)
-            loss = -lp.sum() / len(batch) + cfg.kl_weight * kl / n_kl
+            loss, p, kl = _part_loss(handle, v, layers, part, cfg.positions, 1 / len(batch), cfg.kl_weight / n_kl)
             loss.backward()
-            p_sum += float(lp.detach().exp().sum())
-            kl_sum += float(kl.detach())
+            p_sum += p
+            kl_sum += kl
         opt.step()
         last_p, last_kl = p_sum / len(batch), kl_sum / n_kl
     info = {
@@ -151,32 +150,39 @@ def _parts(batch: list[Pair], rows: int | None, vocab: int) -> list[list[Pair]]:
     return [[batch[i] for i in group] for group in passes(widths, vocab)]
 
 
-def _terms(
+def _part_loss(
     handle: Any,
     v: torch.Tensor,
     layers: tuple[int, ...],
     part: list[Pair],
     rule: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For these pairs: the target's log-prob at each decision ``[n]``, and the KL summed over every other
-    prediction of both continuations."""
-    kls, lps = [], []
-    for rows in ([(p, t) for p, t, _, _ in part], [(p, s) for p, _, s, _ in part]):  # targets, then sources
-        logp, logp0, start, seqs = _forward(handle, v, layers, rows, rule)
-        pos = torch.arange(logp.shape[1], device=logp.device)[None]
-        at = start + torch.tensor([b[3] for b in part], device=logp.device)[:, None]  # decision's logits
-        kl = (logp0.exp() * (logp0 - logp)).sum(-1)
-        kls.append((kl * ((pos >= start) & (pos != at))).sum())
-        row = torch.arange(len(part), device=logp.device)
-        lps.append(logp[row, at[:, 0], seqs[row, at[:, 0] + 1]])  # each continuation's token at the decision
-    return lps[0], kls[0] + kls[1]
+    lp_weight: float,
+    kl_weight: float,
+) -> tuple[torch.Tensor, float, float]:
+    """For these pairs: ``−lp_weight·Σ log p(target at its decision) + kl_weight·Σ KL(unsteered ‖ steered)`` over
+    every other prediction of both continuations, whose gradient reaches ``v``; and the two sums' parts
+    ``(Σ p(target at the decision), Σ KL)``. Each pass runs to the final norm and its predictions are unembedded a run
+    of positions at a time (:func:`reasonscope.budget.sum_by_runs`), so no pass holds ``[rows, T, vocab]`` log-probs."""
+    sums = {"p": 0.0, "kl": 0.0}
+    decisions = [b[3] for b in part]
+    loss = _rows_loss(handle, v, layers, [(p, t) for p, t, _, _ in part], decisions, rule, lp_weight, kl_weight, sums)
+    loss = loss + _rows_loss(handle, v, layers, [(p, s) for p, _, s, _ in part], decisions, rule, 0.0, kl_weight, sums)
+    return loss, sums["p"], sums["kl"]
 
 
-def _forward(
-    handle: Any, v: torch.Tensor, layers: tuple[int, ...], rows: list[tuple[list[int], list[int]]], rule: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-probs ``[n, T-1, V]`` with and without ``v`` of the left-padded ``prompt ⊕ continuation`` rows, each
-    row's last-prompt-token index ``[n, 1]`` and the ids."""
+def _rows_loss(
+    handle: Any,
+    v: torch.Tensor,
+    layers: tuple[int, ...],
+    rows: list[tuple[list[int], list[int]]],
+    decisions: list[int],
+    rule: str,
+    lp_weight: float,
+    kl_weight: float,
+    sums: dict[str, float],
+) -> torch.Tensor:
+    """:func:`_part_loss`'s terms for the left-padded ``prompt ⊕ continuation`` rows (``lp_weight`` 0: no decision
+    term, the sources); adds to ``sums``."""
     seqs, mask = handle.left_padded([p + c for p, c in rows])
     seqs, mask = seqs.to(handle.device), mask.to(handle.device)
     width = seqs.shape[1]
@@ -187,7 +193,24 @@ def _forward(
         f"blocks.{layer}.hook_resid_post": (lambda x, k=k: x + where.to(x) * v[k].to(x))
         for k, layer in enumerate(layers)
     }
-    logp = handle.run(seqs, mask, hooks=hooks)[:, :-1].float().log_softmax(-1)
+    hidden = handle.run_hidden(seqs, mask, hooks=hooks)[:, :-1]  # the predictions of tokens 1..T-1
     with torch.no_grad():
-        logp0 = handle.run(seqs, mask)[:, :-1].float().log_softmax(-1)
-    return logp, logp0, start, seqs
+        plain = handle.run_hidden(seqs, mask)[:, :-1]
+    decision = pos[:, :-1] == start + torch.tensor(decisions, device=handle.device)[:, None]
+    nxt = seqs[:, 1:]
+
+    def term(x: torch.Tensor, at: tuple) -> torch.Tensor:
+        logp = handle.unembed(x).float().log_softmax(-1)
+        with torch.no_grad():
+            logp0 = handle.unembed(plain[at]).float().log_softmax(-1)
+        dec = decision[at]
+        kl = ((logp0.exp() * (logp0 - logp)).sum(-1) * ~dec).sum()
+        sums["kl"] += float(kl.detach())
+        out = kl_weight * kl
+        if lp_weight:
+            lp = logp.gather(-1, nxt[at][:, None])[:, 0][dec]  # each target's token at its decision
+            sums["p"] += float(lp.detach().exp().sum())
+            out = out - lp_weight * lp.sum()
+        return out
+
+    return sum_by_runs(hidden, pos[:, :-1].expand(len(rows), -1) >= start, vocab_size(handle), term)
