@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
+from ..budget import sum_by_runs, vocab_size
 from ..generation import DecodeConfig, current_batch, generate
 from ..traces.generate import split_generation
 from ..traces.grading import get_grader
-from .scorers import token_kl
+from .scorers import kl_rows
 
 
 @dataclass(frozen=True)
@@ -79,15 +80,20 @@ def head_attribution(handle: Any, texts: Sequence[StyleText], steps: int = 8) ->
         raise ValueError("no texts to attribute; give at least one StyleText")
     g = handle.geometry
     grads = torch.zeros(g.n_layers, g.n_heads)
+    vocab = vocab_size(handle)
     for text in texts:
         ids = torch.tensor([text.token_ids], device=handle.device)
-        where = torch.tensor(text.positions)
+        where = torch.tensor(text.positions, device=handle.device)
         with torch.no_grad():
-            clean = handle.run(ids)[0].detach().cpu()
+            clean = handle.run_hidden(ids)[0].detach()
+
+        def kl(x: torch.Tensor, at: tuple, clean: torch.Tensor = clean) -> torch.Tensor:
+            return kl_rows(handle.unembed(clean[at]), handle.unembed(x)).sum()
+
         for k in range(1, steps + 1):
             s = torch.full((g.n_layers, g.n_heads), 1.0 - (k - 0.5) / steps, requires_grad=True)
-            logits = handle.run(ids, hooks=_scale_hooks(s))[0].cpu()
-            (grad,) = torch.autograd.grad(token_kl(clean, logits, where).mean(), s)
+            hidden = handle.run_hidden(ids, hooks=_scale_hooks(s))[0]  # positions unembedded a run at a time
+            (grad,) = torch.autograd.grad(sum_by_runs(hidden, where, vocab, kl) / len(where), s)
             grads += grad.detach().cpu()
     return -grads / (steps * len(texts))
 

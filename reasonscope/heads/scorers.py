@@ -24,7 +24,8 @@ from .gated import gated_attention, gated_run
 from .policy import CompressionPolicy
 
 
-def _kl(full_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def kl_rows(full_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_full ‖ p) of each row of two ``[..., vocab]`` logits, from float32 log-softmaxes."""
     lp_full = F.log_softmax(full_logits.float(), -1)
     lp = F.log_softmax(logits.float(), -1)
     return (lp_full.exp() * (lp_full - lp)).sum(-1)
@@ -33,14 +34,14 @@ def _kl(full_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 def token_kl(full_logits: torch.Tensor, logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Per-position KL(p_full ‖ p) at ``where`` (a boolean mask over the leading dimensions, or the selected positions
     of ``[pos, vocab]`` logits), in runs of positions whose float32 copies fit the logit budget."""
-    parts = [_kl(full_logits[at], logits[at]) for at in position_runs(where, logits.shape[-1])]
+    parts = [kl_rows(full_logits[at], logits[at]) for at in position_runs(where, logits.shape[-1])]
     return torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)
 
 
 def hidden_kl(handle: Any, full_hidden: torch.Tensor, hidden: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """:func:`token_kl` of two ``handle.run_hidden`` outputs, each run of positions unembedded only when it is read."""
     runs = position_runs(where.to(hidden.device), budget.vocab_size(handle))
-    parts = [_kl(handle.unembed(full_hidden[at]), handle.unembed(hidden[at])) for at in runs]
+    parts = [kl_rows(handle.unembed(full_hidden[at]), handle.unembed(hidden[at])) for at in runs]
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -122,7 +123,7 @@ def trace_loss(
         logits = handle.unembed(x)
         if loss == "kl":
             assert base is not None
-            return _kl(handle.unembed(base[at]), logits).sum()
+            return kl_rows(handle.unembed(base[at]), logits).sum()
         return F.cross_entropy(logits.float(), targets[at], reduction="sum")
 
     return sum_by_runs(hidden, where, budget.vocab_size(handle), part) / max(int(where.sum()), 1)
