@@ -208,7 +208,7 @@ def _last_logits(
     for rows in _passes(handle, seqs):
         ids, mask = handle.left_padded([seqs[i] for i in rows])
         with torch.no_grad():
-            last = handle.run(ids, mask, hooks=hooks)[:, -1].float().clone()  # not a view: frees the pass
+            last = handle.unembed(handle.run_hidden(ids, mask, hooks=hooks)[:, -1]).float()  # the last position only
         for r, i in enumerate(rows):
             out[i] = last[r]
     return torch.stack(out)

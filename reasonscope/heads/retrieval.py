@@ -114,7 +114,7 @@ def read_scores(handle: Any, traces: Sequence[Any]) -> dict[str, tuple[torch.Ten
             continue
         ids = torch.tensor([t.token_ids], device=handle.device)
         with gated_attention(handle, torch.ones(g.n_layers, g.n_kv_heads), CompressionPolicy(), record=True) as state:
-            handle.run(ids)
+            handle.run_hidden(ids)  # the patterns only: no logits
         if len(state.patterns) != g.n_layers:
             raise RuntimeError(
                 "attention patterns were not recorded: this backend computes attention itself; "
