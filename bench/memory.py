@@ -11,7 +11,8 @@ sequences of about ``--tokens`` tokens and reports its peak RSS and wall time: o
 to 2^62: every pass as large as the stage's batch size allows, reference logits kept), the reference of the same
 run. A reference killed for memory shows its exit status. ``--threads`` sets torch's threads in each worker.
 What is not a budget shows in both columns: ``run_with_cache`` stopping before the logits (extraction, the KL
-bound's norms), gate-IG and RLKV holding one batch's logits or graph, hybrid keeping greedy tokens, not logits.
+bound's norms), gate-IG and RLKV holding one batch's graph, hybrid keeping greedy tokens, not logits, and the
+stages reading hidden states (``run_hidden``) whose runs of positions are unembedded one at a time.
 """
 
 from __future__ import annotations
