@@ -236,7 +236,7 @@ class ModelHandle:
 
         hidden = self.run_hidden(input_ids, attention_mask, hooks)
         batch, width = input_ids.shape
-        step = max(1, budget.LOGIT_BUDGET // max(1, batch * budget.vocab_size(self)))
+        step = budget.rows_per_pass(batch, budget.vocab_size(self))  # positions of every row within the budget
         for a in range(0, width, step):
             yield slice(a, a + step), self.unembed(hidden[:, a : a + step])
 

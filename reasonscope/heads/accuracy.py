@@ -35,7 +35,7 @@ def teacher_forced_accuracy(
             ids, mask = rows.input_ids, rows.attention_mask
             rank = mask.cumsum(-1) - 1
             gen = mask.bool() & (rank >= rows.prefill_lengths[:, None] - 1) & (rank < mask.sum(-1, keepdim=True) - 1)
-            step = max(1, rows_per_pass(1, vocab) // len(rows.traces))  # positions whose logits fit the budget
+            step = rows_per_pass(len(rows.traces), vocab)  # positions of every row whose logits fit the budget
             runs = range(0, ids.shape[1], step)
             greedy = torch.cat([handle.unembed(hidden[:, a : a + step]).argmax(-1).cpu() for a in runs], 1)
             wrong = (greedy != torch.roll(ids, -1, dims=1)) & gen
