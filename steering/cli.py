@@ -261,6 +261,9 @@ def apply_cmd(
     grader, dataset_at = dataset_source(dataset)
     rule = None if positions is None else choice(positions, POSITIONS, "--positions")
     vec = _vector(vector, "--vector", layer, key)
+    if gamma is None and vec.meta.gamma_rule == "imported":
+        note = vec.meta.recipe.get("note")
+        fail(f"--vector {vector} records no strength (an imported file); give --gamma" + (f" ({note})" if note else ""))
     g = model_geometry(model)
     if g.d_model != vec.meta.d_model or max(vec.layers) >= g.n_layers:
         fail(
@@ -322,3 +325,8 @@ def export_cmd(
     vec = _vector(src, "--in", layer, key)
     for path in export_vector(vec, out, fmt, model_hint):
         say(f"wrote {path}")
+    if fmt == "gguf" and vec.meta.positions != "all":
+        say(
+            f"note: llama.cpp adds a control vector at every token; this vector's γ was set for "
+            f"positions={vec.meta.positions!r}, so serve it with a strength checked for that"
+        )

@@ -11,7 +11,9 @@
 
 Import (:func:`load_vector`): a ``steering_vector`` artifact directory, any of the above, an ASC-style ``.pt``
 tensor of per-pair difference rows ``[n_pairs, d_model]`` (the vector is their mean; ``layer`` must be given) or a
-``.pt`` dict ``{behaviour: {"mean": [n_layers, d_model], ...}}`` (``key`` picks the behaviour; row L -> block L).
+``.pt`` dict ``{behaviour: {"mean": [n_layers, d_model], ...}}`` (``key`` picks the behaviour; row L -> block L;
+when the dict also holds ``"overall"``, the mean over all sentences, the direction is behaviour − overall, as its
+readers compute it). An imported vector carries no strength (``gamma_rule="imported"``): give γ when applying it.
 ``.pt`` files are loaded with ``weights_only=True``: a file holding code is refused.
 """
 
@@ -37,6 +39,11 @@ FORMATS: tuple[Format, ...] = get_args(Format)
 ARCH = "controlvector"
 META_KEY = "reasonscope.meta"  # full VectorMeta as JSON; llama.cpp, repeng and EasySteer ignore extra keys
 _DIRECTION = re.compile(r"^direction\.(\d+)$")
+OVERALL = "overall"  # a behaviour .pt's mean over all sentences (steering-thinking-llms' mean_vectors layout)
+ASC_PT_NOTE = (
+    "ASC rows: vector = mean of per-pair rows; ASC's generate.py replays them as h - gamma*mean "
+    "(gamma 0.27 R1-Distill-Qwen-7B, 0.46 R1-Distill-Llama-8B, 0.5 QwQ-32B): apply with gamma=-0.27 etc."
+)
 # EasySteer ApplySpec for each position rule (research/steering.md §1.2, §5.4)
 _APPLY: dict[str, dict[str, Any]] = {
     "all": {"prompt": "all", "generation": "all"},
@@ -171,7 +178,11 @@ def _from_layers(
     positions: Positions = "all",
 ) -> SteeringVector:
     layers = sorted(directions)
-    rows = torch.stack([torch.as_tensor(np.asarray(directions[x]), dtype=torch.float32).reshape(-1) for x in layers])
+    flat = [torch.as_tensor(np.asarray(directions[x]), dtype=torch.float32).reshape(-1) for x in layers]
+    if len({len(r) for r in flat}) > 1:
+        widths = {x: len(r) for x, r in zip(layers, flat)}
+        raise ValueError(f"{where}: its directions have different lengths {widths}; each must have d_model values")
+    rows = torch.stack(flat)
     if meta_text:
         try:
             meta = VectorMeta.from_dict(json.loads(meta_text))
@@ -186,7 +197,10 @@ def _from_layers(
         meta = VectorMeta(
             d_model=rows.shape[1], layers=tuple(layers), positions=positions, recipe=recipe, gamma_rule="imported"
         )
-    return SteeringVector(_finite(rows, layers, where), meta)
+    try:
+        return SteeringVector(_finite(rows, layers, where), meta)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _finite(rows: torch.Tensor, layers: list[int], where: Path) -> torch.Tensor:
@@ -214,22 +228,36 @@ def _load_pt(path: Path, layer: int | None, key: str | None) -> SteeringVector:
         if obj.ndim not in (1, 2):
             raise ValueError(f"{path}: expected [n_pairs, d_model] difference rows or one [d_model] vector")
         rows = obj.float().reshape(-1, obj.shape[-1])
-        extra = {"method": "mean_diff", "n_pairs": len(rows), "note": "ASC rows: vector = mean of per-pair rows"}
+        extra = {"method": "mean_diff", "n_pairs": len(rows), "note": ASC_PT_NOTE}
         return _from_layers({layer: rows.mean(0)}, path, "pt", extra=extra, positions="last")
     if isinstance(obj, Mapping):
-        names = sorted(str(k) for k in obj)
+        names = sorted(str(k) for k in obj if k != OVERALL)
+        if key == OVERALL:
+            raise ValueError(
+                f"{path}[{OVERALL!r}] is the mean activation over all sentences, not a direction; choose a behaviour "
+                f"(--key NAME) of {names}"
+            )
         if key is None and len(names) != 1:
             raise ValueError(f"{path} holds behaviours {names}; choose one (--key NAME)")
         key = key if key is not None else names[0]
         if key not in obj:
             raise ValueError(f"{path} has no behaviour {key!r}; it has {names}")
-        entry = obj[key]
-        mean = entry.get("mean") if isinstance(entry, Mapping) else entry
-        if not isinstance(mean, torch.Tensor) or mean.ndim != 2:
-            raise ValueError(f"{path}[{key!r}] has no 'mean' tensor [n_layers, d_model]")
+        mean = _mean_rows(obj, key, path)
+        info: dict[str, Any] = {"behaviour": key, "method": "mean_diff"}
+        if OVERALL in obj:  # raw per-behaviour means beside their overall mean: the feature is the difference
+            mean = mean - _mean_rows(obj, OVERALL, path)
+            info["note"] = f"behaviour mean − {OVERALL!r} mean"
         picked = {i: mean[i] for i in range(len(mean))} if layer is None else {layer: _row(mean, layer, path)}
-        return _from_layers(picked, path, "pt", extra={"behaviour": key, "method": "mean_diff"})
+        return _from_layers(picked, path, "pt", extra=info)
     raise ValueError(f"{path} holds a {type(obj).__name__}; expected a tensor or a {{behaviour: {{'mean': ...}}}} dict")
+
+
+def _mean_rows(obj: Mapping[str, Any], key: str, path: Path) -> torch.Tensor:
+    entry = obj[key]
+    mean = entry.get("mean") if isinstance(entry, Mapping) else entry
+    if not isinstance(mean, torch.Tensor) or mean.ndim != 2:
+        raise ValueError(f"{path}[{key!r}] has no 'mean' tensor [n_layers, d_model]")
+    return mean.float()
 
 
 def _row(mean: torch.Tensor, layer: int, path: Path) -> torch.Tensor:

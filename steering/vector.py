@@ -241,31 +241,34 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
     """
     per_request = len(gamma) > 1
     cache: dict[str, Any] = {} if shared is None else shared
-    vs: dict[torch.dtype, torch.Tensor] = {}
+    vs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def rows_gamma(batch: Any, dtype: torch.dtype) -> torch.Tensor:
-        if cache.get("batch") is batch and cache.get("dtype") == dtype:
-            return cache["g"]
-        if per_request and batch.requests > len(gamma):  # checked on the host: no device sync in the forward pass
+    def rows_gamma(batch: Any, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)  # a model split over devices (device_map="auto") meets several
+        if cache.get("batch") is batch and key in cache["g"]:
+            return cache["g"][key]
+        if per_request and batch.requests != len(gamma):  # checked on the host: no device sync in the forward pass
             raise ValueError(
                 f"{len(gamma)} gamma values for the {batch.requests} requests of this generate call; "
-                "give one per request"
+                "give one per request (or one for all)"
             )
         tables = cache.setdefault("tables", {})
-        table = tables.get((dtype, batch.requests))
+        table = tables.get((*key, batch.requests))
         if table is None:  # γ per request, then a 0 that idle rows (-1) read: one gather per pass
             per_row = gamma if per_request else gamma.expand(batch.requests)
-            table = torch.cat([per_row, per_row.new_zeros(1)]).to(batch.rows.device, dtype)
-            tables[dtype, batch.requests] = table  # read inside generate only, never by autograd
-        g = table[batch.rows][:, None, None]
-        cache.update(batch=batch, dtype=dtype, g=g)
+            table = torch.cat([per_row, per_row.new_zeros(1)]).to(*key)
+            tables[(*key, batch.requests)] = table  # read inside generate only, never by autograd
+        g = table[batch.rows.to(x.device)][:, None, None]
+        if cache.get("batch") is not batch:
+            cache.update(batch=batch, g={})
+        cache["g"][key] = g
         return g
 
     def hook(x: torch.Tensor) -> torch.Tensor | None:
-        vx = vs.get(x.dtype)
+        vx = vs.get((x.device, x.dtype))
         if vx is None:
             with torch.inference_mode(False):  # kept across calls: usable in autograd even if made in a generation
-                vx = vs[x.dtype] = v.to(x.dtype)
+                vx = vs[x.device, x.dtype] = v.to(x.device, x.dtype)
         batch = current_batch()
         real = None
         if batch is None:
@@ -280,9 +283,9 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
         else:
             if (rule == "generated" and batch.prefill) or (rule == "prompt" and not batch.prefill):
                 return None
-            g = rows_gamma(batch, x.dtype)
+            g = rows_gamma(batch, x)
             if rule == "all" and batch.prefill:
-                real = batch.positions >= 0  # left padding of a prefill group stays untouched
+                real = batch.positions.to(x.device) >= 0  # left padding of a prefill group stays untouched
         if x.shape[1] == 1 or (rule == "all" and real is None):
             return torch.addcmul(x, g, vx)  # x + g·v at every position (one decode position, or all)
         if rule in ("last", "prompt"):

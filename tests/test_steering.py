@@ -90,8 +90,10 @@ def test_per_request_gamma_during_generation(tiny_handle, positions):
     assert all(s.token_ids != p.token_ids for s, p in zip(steered[2:], plain[2:]))
     again = generate(h, prompts, cfg)
     assert [c.token_ids for c in again] == [c.token_ids for c in plain]
-    with pytest.raises(ValueError, match="2 gamma values for the 4 requests"), vec.apply(h, gamma=[0.0, 1.0]):
-        generate(h, prompts, cfg)
+    for wrong in ([0.0, 1.0], [0.0, 1.0, 2.0, 3.0, 4.0]):  # too few, too many: one per request
+        refused = pytest.raises(ValueError, match=f"{len(wrong)} gamma values for the 4 requests")
+        with refused, vec.apply(h, gamma=wrong):
+            generate(h, prompts, cfg)
 
 
 def test_steered_generation_skips_autograd_and_the_vector_still_trains_afterwards(tiny_model_dir, monkeypatch):

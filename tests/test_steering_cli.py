@@ -222,3 +222,17 @@ def test_organism_defaults_are_refused_for_models_that_do_not_speak_them(tmp_pat
     assert not (tmp_path / "o").exists()
     assert organism_format(str(tiny_model_dir)) and organism_format("organism:base") and not organism_format(m)
     assert not organism_format("someone/some-hub-model")
+
+
+def test_imported_vectors_need_a_strength_and_gguf_exports_say_where_llama_cpp_steers(
+    tmp_path, tiny_model_dir, tiny_handle
+):
+    torch.save(torch.randn(3, tiny_handle.geometry.d_model), tmp_path / "asc.pt")
+    args = ["steer", "apply", "--vector", str(tmp_path / "asc.pt"), "--layer", "1", "--model", str(tiny_model_dir)]
+    user_error(runner.invoke(app, [*args, "--prompt", "x"]), "--gamma", "h - gamma*mean")
+    r = runner.invoke(app, [*args, "--prompt", "x", "--gamma", "-0.5", "--max-new-tokens", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["gamma"] == -0.5
+    src = saved_vector(tmp_path, tiny_handle)  # positions "last"
+    r = runner.invoke(app, ["export", "--in", src, "--format", "gguf", "--out", str(tmp_path / "v.gguf")])
+    assert r.exit_code == 0 and "every token" in r.output and "positions='last'" in r.output, r.output

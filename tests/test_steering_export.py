@@ -137,6 +137,22 @@ def test_imports_a_repeng_style_gguf(tmp_path):
     assert vec.meta.recipe["model_hint"] == "llama" and float(vec.direction(5)[0]) == -2.0
 
 
+def test_safetensors_with_uneven_or_mislabelled_directions_are_refused_naming_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"direction.1": torch.ones(8), "direction.2": torch.ones(9)}, str(tmp_path / "uneven.safetensors"))
+    with pytest.raises(ValueError, match=r"uneven\.safetensors: .*different lengths"):
+        load_vector(tmp_path / "uneven.safetensors")
+    meta = dataclasses.replace(vector().meta, d_model=9)
+    save_file(
+        {"direction.1": torch.ones(16), "direction.3": torch.ones(16)},
+        str(tmp_path / "w.safetensors"),
+        metadata={"reasonscope.meta": json.dumps(meta.to_dict())},
+    )
+    with pytest.raises(ValueError, match=r"w\.safetensors: "):
+        load_vector(tmp_path / "w.safetensors")
+
+
 def test_bad_gguf_files_are_refused(tmp_path):
     import gguf
 
@@ -173,6 +189,12 @@ def test_pt_imports(tmp_path):
     assert load_vector(tmp_path / "beh.pt", key="checking", layer=2).layers == (2,)
     with pytest.raises(ValueError, match="--key"):
         load_vector(tmp_path / "beh.pt")
+    overall = torch.randn(4, 16) * 50  # steering-thinking-llms' layout: raw means plus the mean over all sentences
+    torch.save({**behaviours, "overall": {"mean": overall}}, tmp_path / "raw.pt")
+    vec = load_vector(tmp_path / "raw.pt", key="checking", layer=1)
+    assert torch.allclose(vec.direction(1), behaviours["checking"]["mean"][1] - overall[1])
+    with pytest.raises(ValueError, match="not a direction"):
+        load_vector(tmp_path / "raw.pt", key="overall")
     torch.save({"x": {"mean": torch.full((2, 16), float("nan"))}}, tmp_path / "nan.pt")
     with pytest.raises(ValueError, match="layer 0 holds NaN"):
         load_vector(tmp_path / "nan.pt")
