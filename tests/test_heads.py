@@ -224,3 +224,37 @@ def test_per_request_gates_in_generation_equal_separate_calls(tiny_handle):
     assert all(r.grade is not None for r in rolled) and all(r.think_span is not None for r in rolled)
     with pytest.raises(ValueError, match="gate sets for"):
         gated_rollouts(tiny_handle, prompts, gates[:2], policy, cfg)
+
+
+def test_gated_generation_with_shared_prefixes_equals_unshared(tiny_handle):
+    """A shared prefix's rest runs as a prompt pass that reads a cache: it is prefill (read in full), not decode."""
+    from reasonscope.generation import DecodeConfig, generate
+    from reasonscope.organisms import task
+
+    ids = tiny_handle.tokenizer(tiny_handle.chat_prompt(task.problems(1, seed=5, levels=(3,))[0].question))["input_ids"]
+    prompts = [ids[:n] for n in (len(ids) - 8, len(ids) - 3, len(ids))]
+    assert len(prompts[0]) >= 16
+    policy = CompressionPolicy(sink=2, recent=4)
+    runs = []
+    for share in (False, True):
+        seen: dict[int, list[torch.Tensor]] = {}
+
+        def on_token(batch, tokens, logits, seen=seen):
+            for row, req in enumerate(batch.rows.tolist()):
+                seen.setdefault(req, []).append(logits[row])
+
+        with gated_attention(tiny_handle, torch.zeros(2, 2), policy):
+            cfg = DecodeConfig(max_new_tokens=6, share_prefixes=share)
+            generate(tiny_handle, prompts, cfg, on_token=on_token)
+        runs.append([torch.stack(seen[i]) for i in range(len(prompts))])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_masked_grouped_attention_is_the_same_with_kv_repeated():
+    from reasonscope.heads.gated import _sdpa
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 5, 4), torch.randn(2, 2, 7, 4), torch.randn(2, 2, 7, 4)
+    mask = torch.rand(2, 1, 5, 7) > 0.3
+    torch.testing.assert_close(_sdpa(q, k, v, mask, None, repeat_kv=True), _sdpa(q, k, v, mask, None, repeat_kv=False))

@@ -89,6 +89,20 @@ def test_gate_ig_is_complete(tiny_handle, batches):
     assert ce.shape == (2, 2) and torch.isfinite(ce).all()
 
 
+def test_gate_ig_weighs_every_scored_position_alike_whatever_the_passes(tiny_handle, task_traces):
+    """The same traces grouped one a pass or all in one give the same scores; a pass whose traces are all inside
+    the window (nothing scored) is skipped rather than failing."""
+    policy = CompressionPolicy(sink=2, recent=3)
+    traces = [t for t in task_traces if len(t.token_ids) > 24][:4]
+    one = gate_ig_scores(tiny_handle, trace_batches(tiny_handle, traces, policy, batch_size=1), policy, steps=2)
+    whole = gate_ig_scores(tiny_handle, trace_batches(tiny_handle, traces, policy, batch_size=8), policy, steps=2)
+    torch.testing.assert_close(one, whole, rtol=1e-4, atol=1e-7)
+    wide = CompressionPolicy(sink=2, recent=max(len(t.token_ids) for t in traces[:2]))
+    mixed = trace_batches(tiny_handle, [*traces, *task_traces], wide, batch_size=1)
+    assert any(not b.scored.any() for b in mixed) and any(b.scored.any() for b in mixed)
+    assert torch.isfinite(gate_ig_scores(tiny_handle, mixed, wide, steps=1)).all()
+
+
 def test_duo_learner_trades_kl_for_sparsity(tiny_handle, batches):
     log: list[dict] = []
     alpha = duo_scores(tiny_handle, batches, POLICY, steps=12, lr=0.05, l1=5.0, log=log)
@@ -442,3 +456,21 @@ def test_rlkv_policy_gradient_read_in_runs_equals_one_piece(tiny_handle, batches
     assert grad_want.abs().sum() > 0
     read = _token_logprobs(tiny_handle, b, alpha.detach(), POLICY)
     torch.testing.assert_close(read, lp.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_rlkv_reads_log_probs_at_the_sampling_temperature(tiny_handle, batches):
+    """Rollouts sampled at T are scored under softmax(logits / T): the on-policy ratio and gradient."""
+    import torch.nn.functional as F
+
+    from reasonscope.heads.rlkv import _token_logprobs, pg_loss
+
+    b = batches[0]
+    alpha = torch.full((2, 2), 0.7)
+    targets = torch.roll(b.input_ids, -1, 1)
+    logits = gated_logits(tiny_handle, b, alpha, POLICY).float()
+    want = F.log_softmax(logits / 0.6, -1).gather(-1, targets[..., None])[..., 0]
+    torch.testing.assert_close(_token_logprobs(tiny_handle, b, alpha, POLICY, 0.6), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_token_logprobs(tiny_handle, b, alpha, POLICY), want, atol=1e-3)
+    adv = torch.ones(len(b.traces))
+    got = pg_loss(tiny_handle, b, alpha.clone().requires_grad_(True), POLICY, adv, want, 0.2, 0.6)
+    assert torch.isclose(got, -adv[0] * b.scored.sum().float(), rtol=1e-4)  # ratio 1 at the sampling policy

@@ -96,7 +96,11 @@ def _decode_queries(state: GateState, q_rank: torch.Tensor, q_len: int, kv_len: 
         return torch.ones_like(q_rank, dtype=torch.bool)
     if state.prefill_lengths is not None:
         return q_rank >= state.prefill_lengths.to(q_rank.device)[:, None]
-    return torch.full_like(q_rank, q_len < kv_len, dtype=torch.bool)
+    from ..generation import current_batch
+
+    batch = current_batch()  # inside generate a prompt pass may also read a cache (a shared prefix's rest)
+    decoding = q_len < kv_len if batch is None else not batch.prefill
+    return torch.full_like(q_rank, decoding, dtype=torch.bool)
 
 
 def _no_empty_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -104,7 +108,19 @@ def _no_empty_rows(mask: torch.Tensor) -> torch.Tensor:
     return mask | ~mask.any(-1, keepdim=True)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None) -> torch.Tensor:
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None,
+    repeat_kv: bool | None = None,
+) -> torch.Tensor:
+    """Masked SDPA with grouped KV heads. ``repeat_kv`` (default: off the CPU) repeats K/V to the query heads:
+    on CUDA a masked ``enable_gqa`` call may fall back to the math kernel, which materialises ``[b, H, q, k]``."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1 and (q.device.type != "cpu" if repeat_kv is None else repeat_kv):
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=_no_empty_rows(mask), scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
@@ -161,7 +177,7 @@ def gated_attention_forward(
         k_rep = key.repeat_interleave(group, 1)
         scores = (query @ k_rep.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
         state.patterns[module.layer_idx] = scores.masked_fill(~_no_empty_rows(base), float("-inf")).softmax(-1).detach()
-    a = _layer_alpha(state, module.layer_idx, b, group).to(query.dtype)
+    a = _layer_alpha(state, module.layer_idx, b, group).to(query)  # the layer's device: a model split over GPUs
     need_win = bool(decode.any()) and (a.requires_grad or bool((a < 1).any()))
     need_full = a.requires_grad or bool((a > 0).any()) or not need_win
     full = _sdpa(query, key, value, base, scaling) if need_full else None
@@ -295,7 +311,7 @@ def pattern_hooks(state: GateState, attention_mask: torch.Tensor) -> dict[str, A
             window = (state.policy.window(r, q_rank) | ~decode[:, :, None])[:, None]
             pw = p * window
             pw = pw / pw.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-            a = _layer_alpha(state, layer, b, n_heads // state.alpha.shape[-1]).to(p.dtype)
+            a = _layer_alpha(state, layer, b, n_heads // state.alpha.shape[-1]).to(p)
             return a * p + (1 - a) * pw
 
         return hook

@@ -78,19 +78,24 @@ def sparsity_penalty(alpha: torch.Tensor, mean_reward: float, beta: float, tau: 
     return beta * scale * alpha.abs().mean()
 
 
-def _token_logprobs(handle: Any, batch: Any, alpha: torch.Tensor, policy: CompressionPolicy) -> torch.Tensor:
-    """``log p(next token)`` ``[batch, pos]`` under gates ``alpha`` (no gradient), a run of positions at a time."""
+def _token_logprobs(
+    handle: Any, batch: Any, alpha: torch.Tensor, policy: CompressionPolicy, temperature: float = 1.0
+) -> torch.Tensor:
+    """``log p(next token)`` ``[batch, pos]`` under gates ``alpha`` at the sampling ``temperature`` (no gradient), a
+    run of positions at a time."""
     with torch.no_grad():
         hidden = gated_hidden(handle, batch, alpha, policy)
         targets = torch.roll(batch.input_ids, -1, 1).to(hidden.device)
         out = torch.zeros(targets.shape, device=hidden.device)
         for at in position_runs(torch.ones(targets.shape, dtype=torch.bool, device=hidden.device), vocab_size(handle)):
-            out[at] = _logprob(handle.unembed(hidden[at]), targets[at])
+            out[at] = _logprob(handle.unembed(hidden[at]), targets[at], temperature)
     return out
 
 
-def _logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+def _logprob(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probabilities of ``targets`` under the policy that sampled them: softmax(logits / T) (T 0: T 1)."""
+    scaled = logits.float() / temperature if temperature > 0 else logits.float()
+    return F.log_softmax(scaled, -1).gather(-1, targets[:, None])[:, 0]
 
 
 def pg_loss(
@@ -101,16 +106,18 @@ def pg_loss(
     advantage: torch.Tensor,
     old: torch.Tensor | None,
     clip: float,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Σ over ``batch.scored`` of the clipped policy-gradient term ``max(−A·ρ, −A·clip(ρ))``, ``ρ = p / p_old`` of each
-    sampled token under gates ``alpha`` (``old`` None: ``p_old = p`` detached, one epoch); ``advantage`` per row.
+    sampled token under gates ``alpha`` at the rollouts' ``temperature`` (``old`` None: ``p_old = p`` detached, one
+    epoch); ``advantage`` per row.
     Read a run of positions at a time, each back-propagated before the next (:func:`sum_by_runs`)."""
     hidden = gated_hidden(handle, batch, alpha, policy)
     targets = torch.roll(batch.input_ids, -1, 1).to(hidden.device)
     adv = advantage.to(hidden.device)
 
     def part(x: torch.Tensor, at: tuple) -> torch.Tensor:
-        lp = _logprob(handle.unembed(x), targets[at])
+        lp = _logprob(handle.unembed(x), targets[at], temperature)
         ratio = (lp - (lp.detach() if old is None else old.to(lp.device)[at])).exp()
         a = adv[at[0]]
         return torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip, 1 + clip)).sum()
@@ -172,7 +179,7 @@ def rlkv_scores(
             old = None
             if cfg.ppo_epochs > 1:  # one epoch: the rollout gates are the current ones, ratio = e^(lp - lp.detach())
                 with torch.no_grad():
-                    old = [_token_logprobs(handle, b, alpha.detach(), policy) for b in batches]
+                    old = [_token_logprobs(handle, b, alpha.detach(), policy, cfg.temperature) for b in batches]
             for _ in range(cfg.ppo_epochs):
                 with torch.no_grad():
                     alpha.clamp_(0.0, 1.0)
@@ -181,7 +188,7 @@ def rlkv_scores(
                 for i, b in enumerate(batches):  # one batch's graph held at a time
                     a = torch.tensor([t.meta["advantage"] for t in b.traces])
                     lp_old = None if old is None else old[i]
-                    (pg_loss(handle, b, alpha, policy, a, lp_old, cfg.clip) / n_tok).backward()
+                    (pg_loss(handle, b, alpha, policy, a, lp_old, cfg.clip, cfg.temperature) / n_tok).backward()
                 assert alpha.grad is not None
                 pressure -= alpha.grad  # the reward's part of the gradient, before the penalty and the clip
                 sparsity_penalty(alpha, r_mean, cfg.beta, cfg.tau).backward()

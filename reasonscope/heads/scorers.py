@@ -136,19 +136,23 @@ def gate_ig_scores(
     steps: int = 8,
     loss: Literal["kl", "ce"] = "kl",
 ) -> torch.Tensor:
-    """Integrated gradients of the trace loss w.r.t. every gate along α: 1 → 0; Σ ≈ L(all windowed) − L(full)."""
+    """Integrated gradients of the trace loss w.r.t. every gate along α: 1 → 0; Σ ≈ L(all windowed) − L(full),
+    the loss a mean over every scored position of all batches (so the grouping into passes does not matter)."""
     _check(batches)
     if steps < 1:
         raise ValueError(f"gate-IG needs steps >= 1, got {steps}")
     g = handle.geometry
     grads = torch.zeros(g.n_layers, g.n_kv_heads)
-    for batch in batches:
+    counts = [int(b.scored.sum()) for b in batches]
+    for batch, n in zip(batches, counts):
+        if not n:  # no position of this pass feels compression
+            continue
         base = full_hidden(handle, batch) if loss == "kl" else None
         for k in range(1, steps + 1):
             alpha = torch.full((g.n_layers, g.n_kv_heads), 1.0 - (k - 0.5) / steps, requires_grad=True)
             (grad,) = torch.autograd.grad(trace_loss(handle, batch, alpha, policy, loss, base), alpha)
-            grads += grad.detach().cpu()
-    return -grads / (steps * len(batches))
+            grads += n * grad.detach().cpu()
+    return -grads / (steps * sum(counts))
 
 
 def duo_scores(
@@ -166,6 +170,7 @@ def duo_scores(
     The full model's hidden states (``d_model`` numbers a token) are kept for every batch when they fit
     ``budget.CACHE_BUDGET``, else recomputed."""
     _check(batches)
+    batches = [b for b in batches if bool(b.scored.any())]  # a pass with nothing to distil teaches no gate
     g = handle.geometry
     torch.manual_seed(seed)
     alpha = torch.ones(g.n_layers, g.n_kv_heads, requires_grad=True)
