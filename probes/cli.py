@@ -22,6 +22,7 @@ from reasonscope.cli_kit import (
     fresh_out,
     model_geometry,
     read_traces,
+    say,
 )
 
 from .answers import MATCHERS
@@ -63,6 +64,12 @@ def labels_cmd(
     forced: bool = typer.Option(
         False, help="Add safe_exit, stable and no_loss_exit labels (forced answers; needs --model)."
     ),
+    forced_suffix: Optional[str] = typer.Option(
+        None, help="Text after the forced </think> (default: none for organisms, a 'Final Answer' box lead else)."
+    ),
+    forced_max_new_tokens: Optional[int] = typer.Option(
+        None, min=1, help="Forced answer tokens (default: 8 for organisms, 32 else)."
+    ),
     entropy: bool = typer.Option(False, help="Add the deviation-index signals (needs --model)."),
     window: int = typer.Option(32, min=1, help="Deviation index window W (tokens)."),
     lam: float = typer.Option(1.5, help="Deviation threshold lambda."),
@@ -77,6 +84,8 @@ def labels_cmd(
         matcher=choice(matcher, MATCHERS, "--matcher"),
         chunking=choice(chunking, CHUNKINGS, "--chunking"),
         forced=forced,
+        forced_suffix=forced_suffix,
+        forced_max_new_tokens=forced_max_new_tokens,
         entropy=entropy,
         window=window,
         lam=lam,
@@ -96,7 +105,13 @@ def labels_cmd(
 
         handle = load_model(model, dtype=model_dtype)
     table = label_traces(rows, cfg, out, handle) if out is not None else build_labels(rows, cfg, handle)
-    _emit(table.summary(), as_json)
+    summary = table.summary()
+    if summary.get("forced_unanswered_share", 0.0) > 0.5:
+        say(
+            f"note: {summary['forced_unanswered_share']:.0%} of forced exits gave no readable answer, so safe_exit "
+            "is mostly 0; check --forced-suffix and --forced-max-new-tokens for this model"
+        )
+    _emit(summary, as_json)
 
 
 @probe_app.command("fit")
@@ -203,6 +218,10 @@ def monitor_cmd(
     seed: int = typer.Option(0, help="Sampling seed (request i's token t draws from a stream fixed by it)."),
     batch_size: int = typer.Option(64, min=1),
     max_new_tokens: int = typer.Option(640, min=1),
+    answer_tokens: Optional[int] = typer.Option(
+        None, min=1, help="Answer tokens after a forced exit (default: 8 for organisms, 32 after a \\boxed{ lead)."
+    ),
+    trial_tokens: Optional[int] = typer.Option(None, min=1, help="DEER trial tokens (default: 4 organisms, 20 else)."),
     grader: str = typer.Option("organism", help="--traces' grader: organism | gsm8k | math."),
     as_json: bool = typer.Option(False, "--json", help="Print {policy: {accuracy, think_tokens, saved_fraction}}."),
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
@@ -245,6 +264,8 @@ def monitor_cmd(
         seed=seed,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        answer_tokens=answer_tokens,
+        trial_tokens=trial_tokens,
         grader=grader,
     )
     rows = read_traces(traces) if traces is not None else dataset_rows(dataset, val_n + n)[1]
@@ -253,6 +274,14 @@ def monitor_cmd(
         fail(f"{source}: every record needs a 'gold' answer to grade the monitored answers")
     if rows is not None and val_n >= len(rows):
         fail(f"--val-n {val_n} leaves no test records of the {len(rows)} in {source}; lower it")
+    if rows is not None:
+        from .labels import problem_of
+
+        val_problems = {problem_of(t) for t in rows[:val_n]}  # whole problems: none on both sides
+        val_rows = [t for t in rows if problem_of(t) in val_problems]
+        test_rows = [t for t in rows if problem_of(t) not in val_problems]
+        if not test_rows:
+            fail(f"--val-n {val_n} takes every problem of {source} (samples of one problem stay together); lower it")
     model_geometry(model)
     if rows is None:
         organism_only(model, "--model", "pass --dataset gsm8k:<path> or --traces")
@@ -264,8 +293,8 @@ def monitor_cmd(
     handle = load_model(model, dtype=model_dtype)
     if rows is not None:
         chat = (lambda q: q) if traces is not None else (lambda q: handle.chat_prompt(q, thinking=True))
-        val = [(chat(t.prompt), str(t.gold)) for t in rows[:val_n]]
-        test = [(chat(t.prompt), str(t.gold)) for t in rows[val_n:]]
+        val = [(chat(t.prompt), str(t.gold)) for t in val_rows]
+        test = [(chat(t.prompt), str(t.gold)) for t in test_rows]
     else:
         from reasonscope.organisms import task
         from reasonscope.organisms.evaluate import EVAL_SEED

@@ -62,7 +62,14 @@ def fit_probes(
     epochs = fit(probe, stream, data, cfg, device)
     p = predict(probe, stream, len(data.y), device)
     layers = _layer_reports(p, data, hooks, cfg)
-    key = f"val_{cfg.select_on}"
+    key = next(
+        (k for k in (f"val_{cfg.select_on}", "val_auroc") if any(not math.isnan(layers[h][k]) for h in hooks)), None
+    )
+    if key is None:
+        raise ValueError(
+            f"no layer's validation AUROC is defined for target {cfg.target!r}: the validation problems hold one "
+            "class only; label more traces (in Python, or raise ProbeConfig.val_fraction)"
+        )
     best = max(hooks, key=lambda h: -math.inf if math.isnan(layers[h][key]) else layers[h][key])
     report = {
         "target": cfg.target,

@@ -76,16 +76,17 @@ _SBT = re.compile(r"\b(" + "|".join(re.escape(k) for k in sorted(SBT_KEYWORDS, k
 class LabelConfig:
     """How chunks are cut and answers read; ``forced``/``entropy`` need a model (``handle``).
 
-    ``forced_suffix`` is appended after ``</think>`` before the forced answer is decoded (e.g.
-    ``"\\n**Final Answer**\\n\\\\boxed{"`` for MATH); ``window``/``lam`` are the deviation index's W and lambda;
-    ``transition_tau`` the entropy (nats) above which a transition word counts (None: the median entropy).
+    ``forced_suffix`` is appended after ``</think>`` before ``forced_max_new_tokens`` of forced answer are decoded
+    (None: the matcher's :func:`probes.forced.answer_prompt`: nothing and 8 tokens for the organisms,
+    ``"\\n\\n**Final Answer**\\n\\\\boxed{"`` and 32 for math); ``window``/``lam`` are the deviation index's W and
+    lambda; ``transition_tau`` the entropy (nats) above which a transition word counts (None: the median entropy).
     """
 
     matcher: Matcher = "auto"
     chunking: Chunking = "auto"
     forced: bool = False
-    forced_suffix: str = ""
-    forced_max_new_tokens: int = 8
+    forced_suffix: str | None = None
+    forced_max_new_tokens: int | None = None
     entropy: bool = False
     window: int = 32
     lam: float = 1.5
@@ -100,6 +101,8 @@ class LabelConfig:
             raise ValueError(f"chunking must be one of {', '.join(CHUNKINGS)}, got {self.chunking!r}")
         for name in ("forced_max_new_tokens", "window", "batch_size"):
             v = getattr(self, name)
+            if v is None and name == "forced_max_new_tokens":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not (math.isfinite(self.lam) and self.lam > 0):
@@ -146,13 +149,17 @@ class LabelTable:
             for k, v in self.targets.items()
         }
         sbt = [s["sbt_score"] for s in self.traces.values() if s["sbt_score"] is not None]
-        return {
+        out = {
             "n_traces": len(self.traces),
             "n_chunks": len(self),
             "first_correct_share": fcs,
             "targets": counts,
             "sbt_overthink_mean": round(statistics.fmean(sbt), 4) if sbt else None,
         }
+        forced = [s["forced_unanswered"] for s in self.traces.values() if "forced_unanswered" in s]
+        if forced:  # cuts whose forced exit gave no readable answer: a wrong suffix or budget shows here
+            out["forced_unanswered_share"] = round(sum(forced) / max(len(self), 1), 4)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -173,7 +180,7 @@ class LabelTable:
 
 def problem_of(trace: Trace) -> str:
     """The problem a trace solves (``meta["problem_id"]``, else the problem text, else the trace id)."""
-    return str(trace.meta.get("problem_id") or trace.meta.get("problem") or trace.id)
+    return str(trace.meta.get("problem_id") or trace.meta.get("problem") or trace.prompt or trace.id)
 
 
 def _token_ends(trace: Trace, tokenizer: Any, ends: Sequence[int]) -> list[int]:
@@ -264,7 +271,11 @@ def _model_targets(
         graded = forced_answers(
             handle, traces, positions, kinds, cfg.forced_suffix, cfg.forced_max_new_tokens, cfg.batch_size
         )
-        table.targets["safe_exit"] = [float(ok) for per in graded for _, ok in per]
+        table.targets["safe_exit"] = [
+            math.nan if t.gold is None else float(ok) for t, per in zip(traces, graded) for _, ok in per
+        ]
+        for t, per in zip(traces, graded):
+            table.traces[t.id]["forced_unanswered"] = sum(a is None for a, _ in per)
         table.targets["stable"] = [
             x for t, kind, per in zip(traces, kinds, graded) for x in _stable(t, kind, [a for a, _ in per])
         ]

@@ -8,8 +8,12 @@ Policies, evaluated inside ``on_token`` on each row that is still thinking:
 * ``deviation``: the reasoning path deviation index (:mod:`probes.entropy`) from the model's own next-token
   entropies since ``<think>``, checked at boundaries once ``window`` tokens were thought; exit when ``> threshold``.
 * ``deer``: DEER-style (Yang et al. 2025, arXiv 2504.15895): when the model is about to write a "wait"-type cue,
-  a trial answer is decoded greedily after ``</think>``; exit (instead of the cue) when the mean probability of the
-  trial tokens is ``> threshold``.
+  a trial answer is decoded greedily (the grader's :func:`probes.forced.answer_prompt`: after ``</think>`` for the
+  organisms, after ``**Final Answer** \\boxed`` inside the thinking up to the closing brace for math models); exit
+  (instead of the cue) when the mean probability of the trial tokens is ``> threshold``.
+
+A forced exit writes ``</think>`` and the grader's answer lead (``\\boxed{`` for math models), then leaves the
+answer ``answer_tokens``.
 * ``none``: vanilla generation (the reference for tokens saved).
 
 The trade-off curve (:func:`sweep`) does not regenerate per threshold: one *recorded* reference run keeps every
@@ -26,7 +30,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -35,6 +39,7 @@ from reasonscope.generation import Batch, DecodeConfig, generate
 from reasonscope.traces import GRADERS
 
 from .entropy import entropy
+from .forced import AnswerPrompt, answer_prompt, exit_ids
 
 if TYPE_CHECKING:  # pragma: no cover
     from reasonscope.models import ModelHandle
@@ -53,9 +58,11 @@ class MonitorConfig:
     """One policy at one threshold; ``min_think`` thinking tokens come before any exit.
 
     ``consecutive``: the probe and deviation policies exit once this many boundaries in a row crossed the
-    threshold (probes.md §2.5). ``answer_tokens``: after a *forced* ``</think>`` the answer gets at most this many
-    tokens, then EOS (as forced answers in :mod:`probes.forced`): a model that keeps reasoning after an early exit
-    has not answered, and those tokens would otherwise be thinking the saving does not count. ``boundaries``: a
+    threshold (probes.md §2.5). ``answer_tokens``: after a *forced* ``</think>`` and the grader's answer lead the
+    answer gets at most this many tokens, then EOS (as forced answers in :mod:`probes.forced`): a model that keeps
+    reasoning after an early exit has not answered, and those tokens would otherwise be thinking the saving does not
+    count. ``trial_tokens``: the DEER trial's budget. Both default to the grader's
+    :func:`~probes.forced.answer_prompt`. ``boundaries``: a
     token whose text (trailing spaces removed) ends with one of these ends a segment.
     """
 
@@ -68,8 +75,8 @@ class MonitorConfig:
     batch_size: int = 32
     temperature: float = 0.0  # > 0: sampled; each request's stream is fixed by (seed, request, step) across policies
     seed: int = 0
-    trial_tokens: int = 4
-    answer_tokens: int = 8
+    trial_tokens: int | None = None  # None: the grader's answer_prompt (4 organism, 20 math)
+    answer_tokens: int | None = None  # None: the grader's answer_prompt (8 organism, 32 math)
     grader: str = "organism"
     boundaries: tuple[str, ...] = BOUNDARY_CHARS
 
@@ -78,6 +85,8 @@ class MonitorConfig:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         for name in ("window", "consecutive", "max_new_tokens", "batch_size", "trial_tokens", "answer_tokens"):
             v = getattr(self, name)
+            if v is None and name in ("trial_tokens", "answer_tokens"):
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.min_think < 0 or self.temperature < 0 or not math.isfinite(self.threshold):
@@ -86,6 +95,16 @@ class MonitorConfig:
             raise ValueError(f"boundaries must be non-empty strings, got {self.boundaries!r}")
         if self.grader not in GRADERS:
             raise ValueError(f"grader must be one of {sorted(GRADERS)}, got {self.grader!r}")
+
+    @property
+    def answering(self) -> AnswerPrompt:
+        """The grader's :func:`~probes.forced.answer_prompt` with this config's token budgets."""
+        base = answer_prompt(self.grader)
+        return replace(
+            base,
+            answer_tokens=base.answer_tokens if self.answer_tokens is None else self.answer_tokens,
+            trial_tokens=base.trial_tokens if self.trial_tokens is None else self.trial_tokens,
+        )
 
 
 @dataclass
@@ -122,6 +141,7 @@ class _State:
     recent: list[deque[float]] = field(default_factory=list)
     streak: list[int] = field(default_factory=list)
     after: list[int] = field(default_factory=list)
+    lead: list[list[int]] = field(default_factory=list)  # answer-lead tokens still to force after an exit
     resid: torch.Tensor | None = None
     events: dict[str, list[list[tuple[int, float]]]] = field(default_factory=dict)
 
@@ -132,6 +152,7 @@ class _State:
         self.recent = [deque(maxlen=self.window) for _ in range(self.n)]
         self.streak = [0] * self.n
         self.after = [0] * self.n
+        self.lead = [[] for _ in range(self.n)]
         self.events = {k: [[] for _ in range(self.n)] for k in SIGNALS}
 
 
@@ -153,6 +174,8 @@ class _Monitor:
             raise ValueError("the model's vocabulary has no </think> token; the monitor needs a thinking model")
         self.end_id: int = end
         self.eos_id: int = int(handle.tokenizer.eos_token_id)
+        self.answering = cfg.answering
+        self.lead_ids = answer_lead(handle, self.answering)
         self.boundary, self.cue = token_sets(handle, cfg.boundaries)
         self.state = _State(len(prompts), cfg.window)
 
@@ -212,11 +235,14 @@ class _Monitor:
         for r in exit_rows:
             chosen[r] = self.end_id
             st.exited[rows[r]] = True
+            st.lead[rows[r]] = list(self.lead_ids)
         capped = False
         for r, q in enumerate(rows):
-            if q >= 0 and st.closed[q] and st.exited[q]:  # an answer after a forced exit: answer_tokens, then EOS
+            if q >= 0 and st.closed[q] and st.exited[q]:  # after a forced exit: the lead, answer_tokens, then EOS
                 st.after[q] += 1
-                if st.after[q] > cfg.answer_tokens:
+                if st.lead[q]:
+                    chosen[r], capped = st.lead[q].pop(0), True
+                elif st.after[q] > len(self.lead_ids) + self.answering.answer_tokens:
                     chosen[r], capped = self.eos_id, True
             elif q >= 0 and not st.closed[q]:
                 st.seq[q].append(chosen[r])
@@ -229,7 +255,8 @@ class _Monitor:
         return (sum(st.recent[q]) / self.cfg.window) / max(st.ent_sum[q] / st.ent_n[q], 1e-12)
 
     def _trial_confidence(self, reqs: list[int]) -> list[float]:
-        """Mean probability of the greedy trial answer's tokens after ``</think>`` (EOS excluded)."""
+        """Mean probability of the greedy trial answer's tokens (EOS excluded, the first ``trial_skip`` skipped)."""
+        a = self.answering
         probs: dict[int, list[float]] = {i: [] for i in range(len(reqs))}
         eos = self.handle.tokenizer.eos_token_id
 
@@ -239,14 +266,21 @@ class _Monitor:
                 if q >= 0 and int(tokens[i]) != eos:
                     probs[q].append(p[i])
 
-        trials = [self.prompts[q] + self.state.seq[q] + [self.end_id] for q in reqs]
-        generate(
-            self.handle,
-            trials,
-            DecodeConfig(max_new_tokens=self.cfg.trial_tokens, batch_size=len(trials)),
-            on_token=record,
-        )
-        return [sum(v) / len(v) if v else 0.0 for v in (probs[i] for i in range(len(reqs)))]
+        if a.trial is None:
+            opener = [self.end_id, *self.lead_ids]
+        else:
+            opener = list(self.handle.tokenizer(a.trial, add_special_tokens=False)["input_ids"])
+        trials = [self.prompts[q] + self.state.seq[q] + opener for q in reqs]
+        cfg = DecodeConfig(max_new_tokens=a.trial_tokens, batch_size=len(trials), stop=a.trial_stop)
+        generate(self.handle, trials, cfg, on_token=record)
+        read = [probs[i][a.trial_skip :] for i in range(len(reqs))]
+        return [sum(v) / len(v) if v else 0.0 for v in read]
+
+
+def answer_lead(handle: ModelHandle, answering: AnswerPrompt) -> list[int]:
+    """Token ids a forced exit writes after ``</think>`` (its answer lead: none for the organisms)."""
+    close = exit_ids(handle, answering.suffix)
+    return close[1:] if close and close[0] == handle.think_ids[1] else close
 
 
 def _prompt_ids(handle: ModelHandle, prompts: Sequence[str], golds: Sequence[str]) -> list[list[int]]:
@@ -343,26 +377,28 @@ def exit_step(events: Sequence[tuple[int, float]], policy: Policy, threshold: fl
 def _finish(handle: ModelHandle, rec: Recording, cuts: set[tuple[int, int]]) -> dict[tuple[int, int], Outcome]:
     """Outcome of request ``q`` forced to close its thinking at step ``s``, for every ``(q, s)`` in ``cuts``.
 
-    The answer (at most ``answer_tokens``) is decoded after ``prefix + </think>`` with the reference's sampling
-    stream (token ``t`` of request ``q`` draws ``uniform(seed, q, t)``) and its length budget, exactly as the live
-    policy would continue.
+    The answer (at most ``answer_tokens``) is decoded after ``prefix + </think>`` and the answer lead with the
+    reference's sampling stream (token ``t`` of request ``q`` draws ``uniform(seed, q, t)``) and its length budget,
+    exactly as the live policy would continue.
     """
     cfg, out = rec.cfg, {}
+    closing = [rec.end_id, *answer_lead(handle, cfg.answering)]
     todo = []
     for q, s in sorted(cuts):
-        if s + 1 >= cfg.max_new_tokens:  # the forced </think> is the last token the budget allows
-            out[q, s] = _outcome(handle, [*rec.tokens[q][:s], rec.end_id], rec.golds[q], rec.end_id, True, cfg.grader)
+        forced = [*rec.tokens[q][:s], *closing]
+        if len(forced) >= cfg.max_new_tokens:  # the budget ends inside the forced tokens
+            out[q, s] = _outcome(handle, forced[: cfg.max_new_tokens], rec.golds[q], rec.end_id, True, cfg.grader)
         else:
             todo.append((q, s))
     if not todo:
         return out
-    offsets = [s + 1 for _, s in todo]
-    prompts = [rec.prompts[q] + rec.tokens[q][:s] + [rec.end_id] for q, s in todo]
-    budget = min(cfg.answer_tokens, max(cfg.max_new_tokens - o for o in offsets))
+    offsets = [s + len(closing) for _, s in todo]
+    prompts = [rec.prompts[q] + rec.tokens[q][:s] + closing for q, s in todo]
+    budget = min(cfg.answering.answer_tokens, max(cfg.max_new_tokens - o for o in offsets))
     dec = DecodeConfig(budget, cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size)
     streams = [(q, o) for (q, _), o in zip(todo, offsets)]
     for (q, s), o, c in zip(todo, offsets, generate(handle, prompts, dec, streams=streams)):
-        gen = [*rec.tokens[q][:s], rec.end_id, *c.token_ids[: cfg.max_new_tokens - o]]
+        gen = [*rec.tokens[q][:s], *closing, *c.token_ids[: cfg.max_new_tokens - o]]
         out[q, s] = _outcome(handle, gen, rec.golds[q], rec.end_id, True, cfg.grader)
     return out
 

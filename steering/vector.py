@@ -253,11 +253,12 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
                 "give one per request (or one for all)"
             )
         tables = cache.setdefault("tables", {})
-        table = tables.get((*key, batch.requests))
+        at = (x.device, x.dtype, batch.requests)
+        table = tables.get(at)
         if table is None:  # γ per request, then a 0 that idle rows (-1) read: one gather per pass
             per_row = gamma if per_request else gamma.expand(batch.requests)
             table = torch.cat([per_row, per_row.new_zeros(1)]).to(*key)
-            tables[(*key, batch.requests)] = table  # read inside generate only, never by autograd
+            tables[at] = table  # read inside generate only, never by autograd
         g = table[batch.rows.to(x.device)][:, None, None]
         if cache.get("batch") is not batch:
             cache.update(batch=batch, g={})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -184,6 +185,37 @@ def test_text_labels_on_real_traces():
     s = table.summary()
     fcs = s["first_correct_share"]
     assert s["n_traces"] == len(traces) and fcs["n"] > 0 and 0 < fcs["p25"] <= fcs["median"] <= fcs["p75"] <= 1
+
+
+def test_forced_exits_of_math_traces_lead_into_the_box(r1_tiny_dir, monkeypatch):
+    """A math trace's forced exit appends ``</think>`` and the boxed-answer lead, decodes 32 tokens and grades the
+    lead with what follows; gold-less traces get no safe_exit label; unreadable answers are counted."""
+    import probes.forced as forced
+    from reasonscope.generation import Completion
+    from reasonscope.models import load_model
+    from reasonscope.traces.segment import segment_trace
+
+    h = load_model(r1_tiny_dir)
+    traces = load_thought_anchors(shared_data("reasoning_traces/thought_anchors_math"))
+    traces = [segment_trace(t, h.tokenizer) for t in sorted(traces, key=lambda t: len(t.thinking))[:2]]
+    traces[1] = dataclasses.replace(traces[1], gold=None)
+    lead = forced.exit_ids(h, forced.answer_prompt("math").suffix)
+    seen = []
+
+    def spy(handle, prompts, cfg, **kw):
+        seen.append((prompts, cfg.max_new_tokens))
+        answer = h.tokenizer(str(traces[0].gold) + "}", add_special_tokens=False)["input_ids"]
+        return [Completion(p, answer if i % 2 == 0 else [], "eos") for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(forced, "generate", spy)
+    table = build_labels(traces, LabelConfig(forced=True), handle=h)
+    prompts, budget = seen[0]
+    assert budget == 32 and all(p[-len(lead) :] == lead for p in prompts)
+    mine = [i for i, t in enumerate(table.trace_id) if t == traces[0].id]
+    assert [table.targets["safe_exit"][i] for i in mine] == [float(k % 2 == 0) for k in range(len(mine))]
+    others = [x for t, x in zip(table.trace_id, table.targets["safe_exit"]) if t == traces[1].id]
+    assert others and all(math.isnan(x) for x in others)
+    assert table.summary()["forced_unanswered_share"] == pytest.approx(len(prompts) // 2 / len(prompts), abs=0.01)
 
 
 def test_model_labels_on_real_traces_without_token_ids(r1_tiny_dir):

@@ -164,3 +164,26 @@ def test_labels_capture_and_monitor_on_an_r1_format_model(r1_tiny_dir, tmp_path)
     r = runner.invoke(probe_app, [*mon, "--temperature", "1", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["none"]["n"] == 2
+
+
+def test_monitor_traces_split_validation_by_problem(tiny_model_dir, tiny_handle, tmp_path):
+    """--val-n takes whole problems: samples of one problem never sit on both sides."""
+    from reasonscope.organisms import task
+    from reasonscope.traces import Trace
+
+    probs = task.problems(3, seed=11)
+    rows = [
+        Trace(id=f"{k}#s{s}", prompt=tiny_handle.chat_prompt(p.question), thinking="x", answer="", gold=str(p.answer))
+        for k, p in enumerate(probs)
+        for s in range(2)
+    ]
+    write_traces_jsonl(tmp_path / "t.jsonl", rows)
+    args = ["monitor", "--model", str(tiny_model_dir), "--traces", str(tmp_path / "t.jsonl"), "--max-new-tokens", "4"]
+    r = runner.invoke(
+        probe_app,
+        [*args, "--deer-thresholds", "0.9", "--deviation-thresholds", "1e9", "--val-n", "3", "--json"],
+    )
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["validation"]["n"] == 4 and res["none"]["n"] == 2
+    assert "--val-n" in _err(runner.invoke(probe_app, [*args, "--val-n", "5"]))

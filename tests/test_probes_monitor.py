@@ -83,16 +83,24 @@ def test_deviation_policy_and_sweep(tiny_handle):
     assert set(res["none"]) >= {"accuracy", "think_tokens", "saved_fraction"}
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_replay_equals_live_runs(tiny_handle, tiny_probes, monkeypatch, temperature):
-    """Every policy@threshold replayed from one recorded reference run = the live run of that policy."""
+@pytest.mark.parametrize(("temperature", "grader"), [(0.0, "organism"), (1.0, "organism"), (1.0, "gsm8k")])
+def test_replay_equals_live_runs(tiny_handle, tiny_probes, monkeypatch, temperature, grader):
+    """Every policy@threshold replayed from one recorded reference run = the live run of that policy; for a math
+    grader a forced exit writes the boxed answer lead and DEER's trial reads inside the thinking."""
     prompts, golds = _prompts(tiny_handle)
     free = _free(tiny_handle, prompts, 24, temperature, seed=5)
     boundary = tiny_handle.tokenizer.decode([free[0][5]]).rstrip(" ")[-1]
     cue = tiny_handle.tokenizer.decode([free[1][4]]).strip().strip(",.").lower()
     monkeypatch.setattr(monitor, "CUE_WORDS", (cue,))  # the random model writes no "wait": make one of its tokens a cue
     base = MonitorConfig(
-        max_new_tokens=24, batch_size=4, window=2, boundaries=(boundary,), min_think=2, temperature=temperature, seed=5
+        max_new_tokens=24,
+        batch_size=4,
+        window=2,
+        boundaries=(boundary,),
+        min_think=2,
+        temperature=temperature,
+        seed=5,
+        grader=grader,
     )
     rec = record(tiny_handle, prompts, golds, base, tiny_probes)
     assert any(rec.events["probe"]) and any(rec.events["deviation"]) and any(rec.events["deer"])
@@ -104,6 +112,8 @@ def test_replay_equals_live_runs(tiny_handle, tiny_probes, monkeypatch, temperat
         policy, t = key.split("@")
         cfg = replace(base, policy=policy, threshold=float(t))
         assert outcomes == run_monitor(tiny_handle, prompts, golds, cfg, tiny_probes), key
+    lead = "**Final Answer**" if grader == "gsm8k" else ""
+    assert all(o.answer.startswith(lead) for o in got["probe@0"] if o.exited and o.think_tokens < 20)
     two = replace(base, consecutive=2)
     rec2 = record(tiny_handle, prompts, golds, two, tiny_probes)
     live = run_monitor(tiny_handle, prompts, golds, replace(two, policy="probe", threshold=0.0), tiny_probes)
