@@ -129,6 +129,30 @@ class ModelHandle:
 
         return weight_hash(self.model)
 
+    @contextlib.contextmanager
+    def in_float32(self) -> Iterator[None]:
+        """Run the model in float32 inside the block: low-precision weights and buffers are cast in place and cast
+        back on exit, also when the block raises (exactly: float32 holds every bfloat16 and float16 value). For
+        computations that low precision drowns, such as second finite differences. Costs float32 weight memory."""
+        tensors = [t for _, t in (*self.model.named_parameters(), *self.model.named_buffers())]
+        dtypes = [t.dtype for t in tensors]
+        low = [i for i, t in enumerate(tensors) if t.is_floating_point() and t.dtype != torch.float32]
+        hashed = "weight_hash" in self.__dict__
+        try:
+            for i in low:
+                tensors[i].data = tensors[i].data.float()
+            yield
+        except torch.OutOfMemoryError:
+            raise MemoryError(
+                f"{self.source} does not fit on {self.device} in float32 (needed for this computation); use a "
+                "device with twice the memory of the low-precision weights"
+            ) from None
+        finally:
+            for i in low:
+                tensors[i].data = tensors[i].data.to(dtypes[i])
+            if not hashed:  # a hash taken inside would describe the float32 copy
+                self.__dict__.pop("weight_hash", None)
+
     def left_padded(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids ``[batch, width]`` left-padded with the tokenizer's pad id (0 without one), and their mask."""
         pad = self.tokenizer.pad_token_id

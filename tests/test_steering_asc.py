@@ -110,6 +110,32 @@ def test_estimates_match_autograd_and_the_kl_stays_within_budget(tiny_model_dir)
     assert res2["bound"] <= 1e-3 * (1 + 1e-9) and res2["measured_kl"]["median"] <= 1e-3
 
 
+def test_kl_bound_of_a_bfloat16_model_is_its_float32_bound_and_the_weights_come_back(tiny_model_dir):
+    """bfloat16 rounding drowns a second difference at a 1% step: the bound runs the same weights in float32."""
+    texts = ["a=3, b=4, c=1. what is a + b - c?", "d=2. what is d?", "e=1, f=5. what is e + f?"]
+    low = load_model(tiny_model_dir, dtype="bfloat16")
+    wide = load_model(tiny_model_dir, dtype="bfloat16")
+    wide.model.float()  # the bfloat16 weights, held exactly in float32
+    torch.manual_seed(0)
+    vec = SteeringVector(torch.randn(1, low.geometry.d_model), VectorMeta(d_model=low.geometry.d_model, layers=(1,)))
+    before = {n: (p.dtype, p.detach().clone()) for n, p in low.model.named_parameters()}
+    got, want = kl_gamma(low, vec, texts, 1, 1e-3), kl_gamma(wide, vec, texts, 1, 1e-3)
+    for k in ("a", "L", "gamma"):
+        assert got[k] == pytest.approx(want[k], rel=1e-5), k
+    after = dict(low.model.named_parameters())
+    assert all(after[n].dtype == d and torch.equal(after[n].detach(), t) for n, (d, t) in before.items())
+    seen = []
+
+    def fails() -> None:
+        with low.in_float32():
+            seen.append(next(low.model.parameters()).dtype)
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fails()
+    assert seen == [torch.float32] and next(low.model.parameters()).dtype == torch.bfloat16
+
+
 def test_kl_bound_passes_are_cut_to_the_logit_budget(tiny_handle, monkeypatch):
     """The KL bound reads its texts in length-sorted passes within the logit budget (one text a pass at one
     element): a, L, γ and the measured KL do not change."""
