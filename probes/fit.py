@@ -6,7 +6,9 @@ standardised features, early-stopped on the validation problems' loss: logistic 
 (:mod:`probes.newton`, every layer in the same few passes over the store), MLP probes by minibatch Adam. The
 best layer is chosen on validation AUROC (pooled, or within problems: ``ProbeConfig.select_on``); test metrics
 (pooled and within-problem AUROC, ECE, Brier, accuracy, bootstrap CI over problems) and selectivity (task AUROC -
-control AUROC) are reported per layer, beside baselines (:mod:`probes.baselines`).
+control AUROC) are reported per layer, beside baselines (:mod:`probes.baselines`). The class weights skew the raw
+probabilities, so each layer is recalibrated by Platt scaling on the validation problems (probes.md §5.4):
+:meth:`ProbeSet.predict` returns calibrated probabilities, and ECE, Brier and accuracy are theirs.
 """
 
 from __future__ import annotations
@@ -29,13 +31,32 @@ from .probeset import ProbeSet, write_probeset
 from .train import ProbeConfig, fit, predict
 
 
-def _layer_reports(p: torch.Tensor, data: Labelled, hooks: list[str], cfg: ProbeConfig) -> dict[str, dict]:
+def _calibrate(p: torch.Tensor, data: Labelled) -> tuple[torch.Tensor, list[tuple[float, float]]]:
+    """Per layer, Platt scaling of the task probe fitted on the validation problems (the class weights skew its raw
+    probabilities toward balanced classes): the calibrated probabilities ``[L, n]`` and each layer's ``(a, b)``."""
+    val = data.side == VAL
+    z = torch.logit(p[0].double(), eps=1e-7)
+    ab = [metrics.platt(z[i, val], data.y[val]) for i in range(len(z))]
+    q = torch.stack([torch.sigmoid(a * z[i] + b) for i, (a, b) in enumerate(ab)]).float()
+    return q, ab
+
+
+def _layer_reports(
+    p: torch.Tensor, q: torch.Tensor, data: Labelled, hooks: list[str], cfg: ProbeConfig
+) -> dict[str, dict]:
     """Per hook: validation AUROC (pooled and within problems), test metrics with a bootstrap CI, control AUROC and
-    selectivity."""
+    selectivity; ECE, Brier and accuracy of the calibrated probabilities ``q`` (``*_raw``: of ``p``)."""
     val, test = data.side == VAL, data.side == TEST
     out = {}
     for i, hook in enumerate(hooks):
         r: dict[str, Any] = dict(metrics.report(p[0, i, test], data.y[test], data.group[test]))
+        yt = data.y[test]
+        r.update(ece_raw=r["ece"], brier_raw=r["brier"], accuracy_raw=r["accuracy"])
+        r.update(
+            ece=metrics.ece(q[i, test], yt),
+            brier=metrics.brier(q[i, test], yt),
+            accuracy=metrics.accuracy(q[i, test], yt),
+        )
         lo, hi = metrics.bootstrap_auroc(p[0, i, test], data.y[test], data.group[test], cfg.bootstrap, cfg.seed)
         control = metrics.auroc(p[1, i, test], data.control[test])
         r.update(
@@ -61,7 +82,8 @@ def fit_probes(
     probe = BatchedProbe(2, len(hooks), width, cfg.kind, cfg.hidden if cfg.kind == "mlp" else 0, cfg.seed).to(device)
     epochs = fit(probe, stream, data, cfg, device)
     p = predict(probe, stream, len(data.y), device)
-    layers = _layer_reports(p, data, hooks, cfg)
+    q, platt = _calibrate(p, data)
+    layers = _layer_reports(p, q, data, hooks, cfg)
     key = next(
         (k for k in (f"val_{cfg.select_on}", "val_auroc") if any(not math.isnan(layers[h][k]) for h in hooks)), None
     )
@@ -82,4 +104,5 @@ def fit_probes(
         "test_problems": [data.problems[g] for g in sorted(set(data.group[data.side == TEST].tolist()))],
         "baselines": baseline_report(labels, data, cfg),
     }
-    return write_probeset(out, probe.select(0), asdict(cfg), hooks, width, store, report, replace=replace)
+    calibration = {h: list(ab) for h, ab in zip(hooks, platt)}
+    return write_probeset(out, probe.select(0), asdict(cfg), hooks, width, store, report, calibration, replace)

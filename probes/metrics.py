@@ -68,6 +68,40 @@ def report(p: torch.Tensor, y: torch.Tensor, groups: torch.Tensor) -> dict[str, 
     }
 
 
+def platt(z: torch.Tensor, y: torch.Tensor, steps: int = 100) -> tuple[float, float]:
+    """Platt scaling (Platt 1999): ``(a, b)`` minimising the mean BCE of ``sigmoid(a·z + b)`` against ``y`` for
+    logits ``z``, by Newton's method with step halving (float64; a 1e-6 ridge keeps separable data finite).
+    ``(1, 0)``, the identity, when ``y`` lacks a class. Recalibrates a probe trained with class weights (probes.md
+    §5.4): the ranking, hence AUROC, is kept when ``a > 0``."""
+    z, y = z.double(), y.double()
+    if len(y) == 0 or bool(y.min() == y.max()):
+        return 1.0, 0.0
+    x = torch.stack([z, torch.ones_like(z)], 1)
+    ridge = 1e-6
+
+    def loss(w: torch.Tensor) -> float:
+        return float(torch.nn.functional.softplus(x @ w).sub(y * (x @ w)).mean() + ridge / 2 * (w @ w))
+
+    w = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    current = loss(w)
+    for _ in range(steps):
+        q = torch.sigmoid(x @ w)
+        grad = x.T @ (q - y) / len(y) + ridge * w
+        hess = (x.T * (q * (1 - q))) @ x / len(y) + ridge * torch.eye(2, dtype=torch.float64)
+        step = torch.linalg.solve(hess, grad)
+        t = 1.0
+        while t > 1e-8 and loss(w - t * step) > current:
+            t /= 2
+        if t <= 1e-8:
+            break
+        w = w - t * step
+        new = loss(w)
+        if current - new < 1e-12:
+            break
+        current = new
+    return float(w[0]), float(w[1])
+
+
 def bootstrap_auroc(
     p: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, n: int = 200, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:

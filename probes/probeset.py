@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ class ProbeSet:
     weight_hash: str
     config: dict[str, Any]
     report: dict[str, Any]
+    calibration: dict[str, tuple[float, float]] = field(default_factory=dict)  # hook -> Platt (a, b)
 
     @classmethod
     def open(cls, path: str | Path) -> ProbeSet:
@@ -55,6 +56,7 @@ class ProbeSet:
             str(cfg["weight_hash"]),
             dict(cfg["probe"]),
             report,
+            {h: (float(a), float(b)) for h, (a, b) in cfg.get("calibration", {}).items()},
         )
 
     @property
@@ -86,7 +88,8 @@ class ProbeSet:
         self.check_model(handle.weight_hash)
 
     def predict(self, x: torch.Tensor, hook: str | None = None, weight_hash: str | None = None) -> torch.Tensor:
-        """Probability of the target for activations ``x`` ``[..., d]`` of ``hook`` (default: the best hook)."""
+        """Probability of the target for activations ``x`` ``[..., d]`` of ``hook`` (default: the best hook),
+        calibrated (Platt scaling fitted on the validation problems)."""
         hook = hook or self.best_hook
         if hook not in self.hooks:
             raise KeyError(f"no probe for hook {hook!r}; these probes cover {self.hooks}")
@@ -100,8 +103,10 @@ class ProbeSet:
         if not bool(torch.isfinite(x).all()):
             raise ValueError("activations hold NaN/inf; recapture them (e.g. in float32)")
         flat = x.reshape(-1, x.shape[-1]).to(self.probe.mean)
+        a, b = self.calibration.get(hook, (1.0, 0.0))
         with torch.no_grad():
-            return torch.sigmoid(self.probe.layer_logits(flat, self.hooks.index(hook))[0]).reshape(x.shape[:-1])
+            z = self.probe.layer_logits(flat, self.hooks.index(hook))[0]
+            return torch.sigmoid(a * z + b).reshape(x.shape[:-1])
 
     def predict_store(self, store: ActivationStore, hook: str | None = None) -> torch.Tensor:
         """Probabilities for every row of ``store`` (after checking it comes from the same model)."""
@@ -129,11 +134,14 @@ def write_probeset(
     width: int,
     store: ActivationStore,
     report: dict[str, Any],
+    calibration: dict[str, list[float]] | None = None,
     replace: bool = False,
 ) -> ProbeSet:
-    """Write the artifact (weights, report; model identity in the config) and open it."""
+    """Write the artifact (weights, report, per-hook Platt ``[a, b]``; model identity in the config) and open it."""
     m = store.manifest
     config = {"probe": probe_config, "hooks": hooks, "width": width, "weight_hash": m.weight_hash}
+    if calibration:
+        config["calibration"] = calibration
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS))

@@ -252,6 +252,19 @@ def test_metrics_known_values():
     assert lo == hi == 1.0
 
 
+def test_platt_scaling_recovers_a_known_calibration():
+    g = torch.Generator().manual_seed(0)
+    z = 2 * torch.randn(40_000, generator=g)
+    y = (torch.rand(40_000, generator=g) < torch.sigmoid(2 * z - 1)).float()
+    a, b = metrics.platt(z, y)
+    assert a == pytest.approx(2.0, abs=0.08) and b == pytest.approx(-1.0, abs=0.06)
+    skewed = torch.sigmoid(z)  # a probe whose class weights ignore that y=1 is rarer and sharper than it says
+    fixed = torch.sigmoid(a * z + b)
+    assert metrics.ece(fixed, y) < 0.02 < metrics.ece(skewed, y)
+    assert metrics.auroc(fixed, y) == pytest.approx(metrics.auroc(skewed, y))
+    assert metrics.platt(z[:5], torch.ones(5)) == (1.0, 0.0)
+
+
 # ---------------------------------------------------------------------------- fitting
 
 
@@ -329,6 +342,8 @@ def test_fit_finds_the_informative_layer(tmp_path, kind, solver):
     test_rows = torch.tensor([store.manifest.trace_ids[int(t)] in test_problems for t in rows["trace"]])
     y = torch.tensor(table.targets["correct"])
     assert metrics.auroc(p[test_rows], y[test_rows]) == pytest.approx(good["auroc"], abs=1e-6)
+    assert metrics.ece(p[test_rows], y[test_rows]) == pytest.approx(good["ece"], abs=1e-5)  # calibrated, as reported
+    assert {"ece_raw", "brier_raw", "accuracy_raw"} <= set(good)
 
 
 def test_best_layer_by_within_problem_auroc(tmp_path):
