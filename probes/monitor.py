@@ -11,10 +11,10 @@ Policies, evaluated inside ``on_token`` on each row that is still thinking:
   a trial answer is decoded greedily (the grader's :func:`probes.forced.answer_prompt`: after ``</think>`` for the
   organisms, after ``**Final Answer** \\boxed`` inside the thinking up to the closing brace for math models); exit
   (instead of the cue) when the mean probability of the trial tokens is ``> threshold``.
+* ``none``: vanilla generation (the reference for tokens saved).
 
 A forced exit writes ``</think>`` and the grader's answer lead (``\\boxed{`` for math models), then leaves the
 answer ``answer_tokens``.
-* ``none``: vanilla generation (the reference for tokens saved).
 
 The trade-off curve (:func:`sweep`) does not regenerate per threshold: one *recorded* reference run keeps every
 signal each policy reads (probe score and deviation index at each boundary, the trial confidence at each cue) with
@@ -192,7 +192,8 @@ class _Monitor:
         st, cfg = self.state, self.cfg
         rows = batch.rows.tolist()
         chosen = tokens.tolist()
-        ent = entropy(logits).tolist() if cfg.policy == "deviation" or self.record else None
+        # entropies from the first thinking token's own prediction on, as the offline index (entropy.chunk_signals)
+        ent = entropy(logits).tolist() if (cfg.policy == "deviation" or self.record) and not batch.prefill else None
         exit_rows: list[int] = []
         deer_rows: list[int] = []
         for r, q in enumerate(rows):

@@ -83,6 +83,29 @@ def test_deviation_policy_and_sweep(tiny_handle):
     assert set(res["none"]) >= {"accuracy", "think_tokens", "saved_fraction"}
 
 
+def test_online_deviation_index_equals_the_offline_one(tiny_handle):
+    """The index the monitor reads at a boundary = :func:`probes.entropy.deviation_index` of the finished sequence
+    (entropies from the first thinking token's prediction on) at that token."""
+    import torch
+
+    from probes.entropy import deviation_index, entropy
+
+    prompts, golds = _prompts(tiny_handle, 3)
+    free = _free(tiny_handle, prompts, 16)
+    boundary = tiny_handle.tokenizer.decode([free[0][5]]).rstrip(" ")[-1]
+    cfg = MonitorConfig(max_new_tokens=16, batch_size=4, window=3, boundaries=(boundary,))
+    rec = record(tiny_handle, prompts, golds, cfg)
+    assert any(rec.events["deviation"])
+    for q, events in enumerate(rec.events["deviation"]):
+        ids = rec.prompts[q] + rec.tokens[q]
+        with torch.no_grad():
+            h = entropy(tiny_handle.run(torch.tensor([ids]))[0])
+        start = len(rec.prompts[q])  # the first thinking token
+        offline = deviation_index(h, start, cfg.window)
+        for step, value in events:
+            assert value == pytest.approx(float(offline[start + step - 1]), rel=1e-4)
+
+
 @pytest.mark.parametrize(("temperature", "grader"), [(0.0, "organism"), (1.0, "organism"), (1.0, "gsm8k")])
 def test_replay_equals_live_runs(tiny_handle, tiny_probes, monkeypatch, temperature, grader):
     """Every policy@threshold replayed from one recorded reference run = the live run of that policy; for a math
