@@ -136,7 +136,7 @@ class ModelHandle:
         computations that low precision drowns, such as second finite differences. Costs float32 weight memory."""
         tensors = [t for _, t in (*self.model.named_parameters(), *self.model.named_buffers())]
         dtypes = [t.dtype for t in tensors]
-        low = [i for i, t in enumerate(tensors) if t.is_floating_point() and t.dtype != torch.float32]
+        low = [i for i, t in enumerate(tensors) if t.dtype in (torch.bfloat16, torch.float16)]
         hashed = "weight_hash" in self.__dict__
         try:
             for i in low:
@@ -144,8 +144,8 @@ class ModelHandle:
             yield
         except torch.OutOfMemoryError:
             raise MemoryError(
-                f"{self.source} does not fit on {self.device} in float32 (needed for this computation); use a "
-                "device with twice the memory of the low-precision weights"
+                f"{self.source} ran out of memory on {self.device} in float32 (this computation needs it); use a "
+                "device with about twice the memory of the low-precision weights"
             ) from None
         finally:
             for i in low:
