@@ -6,9 +6,10 @@ Usage:
 
 Every arm greedily decodes the same organism prompts through :func:`reasonscope.generation.generate`; the arms
 run round-robin within each repeat (order rotated per repeat) so machine load hits all alike. The steered arms
-apply a random vector with per-request γ = 0 (``positions="last"``, the ASC rule, with the per-request lookup
-through ``current_batch``), so every arm generates identical tokens and a ratio is the hooks' cost alone: one
-layer (ASC's setting, ``--layer``) and every layer (the most work per step). Prints a table of milliseconds per
+apply a random vector with γ = 0 (``positions="last"``, the ASC rule), so every arm generates identical tokens and
+a ratio is the hooks' cost alone: one layer (ASC's setting, ``--layer``) with one γ for all requests (ASC's use:
+``x + γv``) and with one γ per request (a lookup through ``current_batch`` each pass), and every layer with one γ
+per request (the most work per step). Prints a table of milliseconds per
 generated token (median, min, max over repeats) with the ratio of medians to the plain reference of the same run,
 and the median wall time of one decode step over every step of every repeat (``step ms``: robust to a slow repeat,
 which moves the per-run figures by up to ±15% on a GPU machine). Every arm passes the same timing callback, so
@@ -71,13 +72,14 @@ def main() -> None:
     cfg = DecodeConfig(max_new_tokens=args.max_new, batch_size=args.batch)
     gammas = [0.0] * len(prompts)
 
-    arms: dict[str, list[int] | None] = {
+    arms: dict[str, tuple[list[int], bool] | None] = {  # (layers, one γ per request)
         "plain (reference)": None,
-        f"steered, layer {args.layer} (ASC)": [args.layer],
-        f"steered, all {g.n_layers} layers": list(range(g.n_layers)),
+        f"steered, layer {args.layer} (ASC, one γ)": ([args.layer], False),
+        f"steered, layer {args.layer}, γ per request": ([args.layer], True),
+        f"steered, all {g.n_layers} layers, γ per req.": (list(range(g.n_layers)), True),
     }
 
-    def run(layers: list[int] | None) -> tuple[float, list[float], list[list[int]], int]:
+    def run(arm: tuple[list[int], bool] | None) -> tuple[float, list[float], list[list[int]], int]:
         """Seconds per generated token, the wall time of each decode step, the tokens, and the forward passes."""
         stamps: list[tuple[bool, float]] = []
 
@@ -85,8 +87,9 @@ def main() -> None:
             stamps.append((batch.prefill, time.perf_counter()))  # each pass's tokens were synced before the next
 
         t = time.perf_counter()
-        if layers is not None:
-            with vec.apply(h, gamma=gammas, layers=layers):
+        if arm is not None:
+            layers, per_request = arm
+            with vec.apply(h, gamma=gammas if per_request else 0.0, layers=layers):
                 out = generate(h, prompts, cfg, on_token=clock)
         else:
             out = generate(h, prompts, cfg, on_token=clock)
@@ -98,7 +101,7 @@ def main() -> None:
 
     _, _, ref, passes = run(None)  # warm-up, and the tokens every arm must produce
     n = sum(map(len, ref))
-    run(list(range(g.n_layers)))
+    run((list(range(g.n_layers)), True))
     names = list(arms)
     times: dict[str, list[float]] = {k: [] for k in names}
     steps: dict[str, list[float]] = {k: [] for k in names}
@@ -112,7 +115,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(f"model {args.model} on {h.device} ({threads} threads), {len(prompts)} prompts, {n} tokens per run")
     print(
-        f"{'arm':32s} {'median ms/tok':>14s} {'min':>8s} {'max':>8s} {'ratio':>7s} {'step ms':>8s} {'ratio':>7s} "
+        f"{'arm':40s} {'median ms/tok':>14s} {'min':>8s} {'max':>8s} {'ratio':>7s} {'step ms':>8s} {'ratio':>7s} "
         f"{'same tokens':>11s}"
     )
     ref_med, ref_step = statistics.median(times[names[0]]), statistics.median(steps[names[0]])
@@ -120,7 +123,7 @@ def main() -> None:
         ts, step = times[k], statistics.median(steps[k])
         med = statistics.median(ts)
         print(
-            f"{k:32s} {1e3 * med:14.4f} {1e3 * min(ts):8.4f} {1e3 * max(ts):8.4f} {med / ref_med:7.4f} "
+            f"{k:40s} {1e3 * med:14.4f} {1e3 * min(ts):8.4f} {1e3 * max(ts):8.4f} {med / ref_med:7.4f} "
             f"{1e3 * step:8.3f} {step / ref_step:7.4f} {same[k]:>5d} of {args.repeats:<2d}"
         )
     print(

@@ -235,43 +235,43 @@ class SteeringVector:
 def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[str, Any] | None = None) -> Any:
     """The hook adding ``γ_row · v`` to ``x [batch, pos, d_model]`` at the positions ``rule`` selects.
 
-    Per forward pass of :func:`reasonscope.generation.generate` the per-row strengths ``[batch, 1, 1]`` are looked
-    up once (one gather) and kept in ``shared`` (one dict for all layers of one ``apply``), so a decode step costs
-    each steered layer one fused ``x + g·v`` (``addcmul``), no copy and no host sync.
+    One strength for all: ``γ·v`` is formed once per device and dtype, so a decode step costs each steered layer one
+    ``x + γv``. One per request: per forward pass of :func:`reasonscope.generation.generate` the per-row strengths
+    ``[batch, 1, 1]`` are looked up once (one gather) and kept in ``shared`` (one dict for all layers of one
+    ``apply``), then each layer adds ``g·v`` (``addcmul``). No copy and no host sync either way.
     """
     per_request = len(gamma) > 1
     cache: dict[str, Any] = {} if shared is None else shared
-    vs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+    vs: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rows_gamma(batch: Any, x: torch.Tensor) -> torch.Tensor:
         key = (x.device, x.dtype)  # a model split over devices (device_map="auto") meets several
         if cache.get("batch") is batch and key in cache["g"]:
             return cache["g"][key]
-        if per_request and batch.requests != len(gamma):  # checked on the host: no device sync in the forward pass
+        if batch.requests != len(gamma):  # checked on the host: no device sync in the forward pass
             raise ValueError(
                 f"{len(gamma)} gamma values for the {batch.requests} requests of this generate call; "
                 "give one per request (or one for all)"
             )
         tables = cache.setdefault("tables", {})
-        at = (x.device, x.dtype, batch.requests)
-        table = tables.get(at)
+        table = tables.get(key)
         if table is None:  # γ per request, then a 0 that idle rows (-1) read: one gather per pass
-            per_row = gamma if per_request else gamma.expand(batch.requests)
-            table = torch.cat([per_row, per_row.new_zeros(1)]).to(*key)
-            tables[at] = table  # read inside generate only, never by autograd
-        g = table[batch.rows.to(x.device)][:, None, None]
+            table = tables[key] = torch.cat([gamma, gamma.new_zeros(1)]).to(*key)  # never read by autograd
+        g = table[batch.rows.to(x.device)].view(-1, 1, 1)
         if cache.get("batch") is not batch:
             cache.update(batch=batch, g={})
         cache["g"][key] = g
         return g
 
     def hook(x: torch.Tensor) -> torch.Tensor | None:
-        vx = vs.get((x.device, x.dtype))
-        if vx is None:
+        key = (x.device, x.dtype)
+        if key not in vs:
             with torch.inference_mode(False):  # kept across calls: usable in autograd even if made in a generation
-                vx = vs[x.device, x.dtype] = v.to(x.device, x.dtype)
+                vx = v.to(*key)
+                vs[key] = (vx, vx if per_request else (gamma[0] * v).to(*key))
+        vx, gv = vs[key]
         batch = current_batch()
-        real = None
+        g, real = None, None
         if batch is None:
             if rule == "generated":
                 raise ValueError(
@@ -280,21 +280,27 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
                 )
             if per_request and len(gamma) != x.shape[0]:
                 raise ValueError(f"{len(gamma)} gamma values for a batch of {x.shape[0]} rows; give one or one per row")
-            g = (gamma if per_request else gamma.expand(x.shape[0])).to(x.device, x.dtype)[:, None, None]
+            if per_request:
+                g = gamma.to(*key)[:, None, None]
         else:
             if (rule == "generated" and batch.prefill) or (rule == "prompt" and not batch.prefill):
                 return None
-            g = rows_gamma(batch, x)
+            if per_request:
+                g = rows_gamma(batch, x)
             if rule == "all" and batch.prefill:
-                real = batch.positions.to(x.device) >= 0  # left padding of a prefill group stays untouched
+                real = (batch.positions.to(x.device) >= 0)[..., None].to(x.dtype)  # left padding stays untouched
+
+        def add(t: torch.Tensor) -> torch.Tensor:
+            return t + gv if g is None else torch.addcmul(t, g, vx)
+
         if x.shape[1] == 1 or (rule == "all" and real is None):
-            return torch.addcmul(x, g, vx)  # x + g·v at every position (one decode position, or all)
+            return add(x)  # every position: one decode position, or all
         if rule in ("last", "prompt"):
             out = x.clone()
-            out[:, -1:] = torch.addcmul(x[:, -1:], g, vx)  # left-padded: the last column is every row's last token
+            out[:, -1:] = add(x[:, -1:])  # left-padded: the last column is every row's last token
             return out
         assert real is not None  # rule "all" in a prefill group
-        return torch.addcmul(x, g * real[..., None].to(x.dtype), vx)
+        return torch.addcmul(x, real, gv) if g is None else torch.addcmul(x, g * real, vx)
 
     return hook
 
