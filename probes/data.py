@@ -79,6 +79,13 @@ def join_labels(
             f"no store row matches a labelled chunk of {target!r}: capture the same traces at the chunk ends "
             "(positions 'segment_ends' for step chunks, or 'think'/'all') and label them with the model's tokenizer"
         )
+    if labels.token_id and "token_id" in rows:  # the same trace ids and positions, but other traces?
+        wrong = sum(int(rows["token_id"][r]) != labels.token_id[i] for r, i in hit)
+        if wrong:
+            raise ValueError(
+                f"the labels and the store disagree on the token at {wrong} of {len(hit)} joined chunk ends: they were "
+                "made from different traces under the same ids; label the traces the store was captured from"
+            )
     r_idx = torch.tensor([r for r, _ in hit])
     l_idx = [i for _, i in hit]
     y = torch.tensor([values[i] for i in l_idx], dtype=torch.float32)

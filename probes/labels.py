@@ -127,6 +127,7 @@ class LabelTable:
     text: list[str]
     targets: dict[str, list[float]]
     traces: dict[str, dict[str, Any]] = field(default_factory=dict)
+    token_id: list[int] = field(default_factory=list)  # the token at each position (empty: not recorded)
 
     def __len__(self) -> int:
         return len(self.trace_id)
@@ -183,12 +184,14 @@ def problem_of(trace: Trace) -> str:
     return str(trace.meta.get("problem_id") or trace.meta.get("problem") or trace.prompt or trace.id)
 
 
-def _token_ends(trace: Trace, tokenizer: Any, ends: Sequence[int]) -> list[int]:
-    """Index of the last token whose first character lies before each thinking offset in ``ends``."""
-    _, offsets = token_offsets(trace, tokenizer)
+def _token_ends(trace: Trace, tokenizer: Any, ends: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Index of the last token whose first character lies before each thinking offset in ``ends``, and that
+    token's id."""
+    ids, offsets = token_offsets(trace, tokenizer)
     off = thinking_offset(trace)
     starts = [s for s, _ in offsets]
-    return [bisect.bisect_left(starts, off + e) - 1 for e in ends]
+    pos = [bisect.bisect_left(starts, off + e) - 1 for e in ends]
+    return pos, [ids[p] if p >= 0 else -1 for p in pos]
 
 
 def sbt_score(thinking: str, first_step: int | None, n_steps: int, beta: float) -> float | None:
@@ -226,8 +229,10 @@ def build_labels(
     for t in traces:
         kind = matcher_for(t, cfg.matcher)
         chunks = chunk_thinking(t.thinking, cfg.chunking)
-        pos = _token_ends(t, tokenizer, [c.char_end for c in chunks]) if tokenizer is not None else [-1] * len(chunks)
+        none = [-1] * len(chunks)
+        pos, tok = _token_ends(t, tokenizer, [c.char_end for c in chunks]) if tokenizer is not None else (none, none)
         positions.append(pos)
+        table.token_id.extend(tok)
         answers = chunk_answers([c.text for c in chunks], kind, t.prompt)
         correct = [math.nan if t.gold is None or a is None else float(is_correct(a, t.gold, kind)) for a in answers]
         first = next((k for k, c in enumerate(correct) if c == 1.0), None)

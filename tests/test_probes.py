@@ -87,6 +87,23 @@ def test_labels_bad_input_writes_nothing(tmp_path):
     assert not (tmp_path / "l").exists()
 
 
+def test_labels_of_other_traces_under_the_same_ids_are_refused(tiny_handle, task_traces, tmp_path):
+    """Labels record the token at each chunk end; joining them to a store that holds another token there (traces
+    regenerated under the same ids) is refused."""
+    from probes.data import join_labels
+    from reasonscope.capture import CaptureConfig, capture
+
+    store = capture(
+        tiny_handle, task_traces, CaptureConfig(hooks="hook_resid_post", positions="segment_ends"), tmp_path / "s"
+    )
+    table = build_labels(task_traces, LabelConfig(matcher="organism"), tokenizer=tiny_handle.tokenizer)
+    assert len(table.token_id) == len(table)
+    assert len(join_labels(store, table, "after_first_correct", 0.25, 0.25, 0).y) == len(table)
+    other = LabelTable(**{**table.__dict__, "token_id": [t + 1 for t in table.token_id]})
+    with pytest.raises(ValueError, match="disagree on the token"):
+        join_labels(store, other, "after_first_correct", 0.25, 0.25, 0)
+
+
 def test_labels_token_positions_match_segment_ends(tiny_handle, task_traces, tmp_path):
     table = label_traces(task_traces, LabelConfig(matcher="organism"), tmp_path / "l", tokenizer=tiny_handle.tokenizer)
     for t in task_traces:
