@@ -69,13 +69,18 @@ def calibration_curve(
     """Reliability bins of ``ps`` on its held-out test problems: (mean predicted, observed rate, count) per bin."""
     from probes.data import TEST, join_labels
 
+    ps.check_model(store.manifest.weight_hash)
     cfg = ps.config
     data = join_labels(store, labels, ps.target, cfg["test_fraction"], cfg["val_fraction"], cfg["seed"])
     test = data.side == TEST
     hook = hook or ps.best_hook
-    rows = data.row[test]
-    x = torch.cat([store.get(hook, trace=None)])[rows].float() if len(rows) else torch.zeros(0, ps.width)
-    p, y = ps.predict(x, hook), data.y[test]
+    rows, order = data.row[test].sort()
+    parts, start = [torch.zeros(0, ps.width)], 0
+    for x in store.iter_batches(hook, 8192):  # the test rows only, a read batch at a time
+        lo, hi = (int(torch.searchsorted(rows, v)) for v in (start, start + len(x)))
+        parts.append(x[rows[lo:hi] - start].float())
+        start += len(x)
+    p, y = ps.predict(torch.cat(parts), hook), data.y[test][order]
     which = (p * bins).long().clamp(max=bins - 1)
     pred, obs, counts = [], [], []
     for b in range(bins):
@@ -125,7 +130,7 @@ def _completion(handle: ModelHandle, ids: Sequence[int], gold: str | None, grade
     k = list(ids).index(end) if end is not None and end in ids else len(ids)
     answer = tok.decode(list(ids[k + 1 :]), skip_special_tokens=True).strip() if k < len(ids) else ""
     g = GRADERS[grader]
-    ok = None if gold is None else bool(k < len(ids) and g.is_correct(g.extract(answer), gold))
+    ok = None if gold is None or k == len(ids) else bool(g.is_correct(g.extract(answer), gold))  # None: no answer
     return Generation(token_strings(tok, ids), k, answer, ok)
 
 

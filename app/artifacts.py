@@ -190,13 +190,21 @@ class RunDir:
 
         return self._open("capture", ActivationStore.open, self.stage_path("capture"))
 
+    def _family(self, stage: str, fn: Any) -> dict[str, Any]:
+        """The artifacts of a stage with one subdirectory per method or target, by name. A writer's temporary
+        (``.name.*.tmp``: a job still running, or killed) is not one of them; none left raises."""
+        root = self.stage_path(stage)
+        if not root.is_dir():
+            raise MissingStage(stage, self.path, own_model=self.own_model)
+        subs = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+        if not subs:
+            raise MissingStage(stage, self.path, f"{root} holds no finished artifact", self.own_model)
+        return {p.name: self._open(stage, fn, p) for p in subs}
+
     def head_maps(self) -> dict[str, HeadMap]:
         from reasonscope.heads.headmap import HeadMap
 
-        root = self.stage_path("heads")
-        if not root.is_dir():
-            raise MissingStage("heads", self.path, own_model=self.own_model)
-        return {p.name: self._open("heads", HeadMap.open, p) for p in sorted(root.iterdir()) if p.is_dir()}
+        return self._family("heads", HeadMap.open)
 
     def heads_eval(self) -> JsonResult:
         return self._open("heads_eval", lambda p: JsonResult.open(p, kind="heads_eval"), self.stage_path("heads_eval"))
@@ -209,10 +217,7 @@ class RunDir:
     def probe_sets(self) -> dict[str, ProbeSet]:
         from probes.probeset import ProbeSet
 
-        root = self.stage_path("probes")
-        if not root.is_dir():
-            raise MissingStage("probes", self.path, own_model=self.own_model)
-        return {p.name: self._open("probes", ProbeSet.open, p) for p in sorted(root.iterdir()) if p.is_dir()}
+        return self._family("probes", ProbeSet.open)
 
     def monitor(self) -> JsonResult:
         return self._open("monitor", lambda p: JsonResult.open(p, "monitor"), self.stage_path("monitor"))

@@ -123,16 +123,23 @@ def tradeoff_figure(result: Mapping[str, Mapping[str, float]]) -> go.Figure:
 
 
 def steering_sweep_figure(report: Mapping[str, Any]) -> go.Figure:
-    """ASC: accuracy and mean thinking tokens against γ (γ = 0 is the unsteered baseline)."""
-    rows = [{"gamma": 0.0, **report["baseline"]}, report["kl_gamma_eval"], *report["sweep"]]
-    rows.sort(key=lambda r: r["gamma"])
+    """ASC: accuracy and mean thinking tokens against γ. Solid: the held-out test problems (γ = 0, the KL bound's
+    γ and the chosen γ); dotted: the selection split's sweep, one series per candidate layer (set)."""
+    test = [{"gamma": 0.0, **report["baseline"]}, report["kl_gamma_eval"]]
+    test += [r for r in (report.get("best_sweep_eval"), report.get("steered")) if r]
+    series = [("test", sorted({r["gamma"]: r for r in test}.values(), key=lambda r: r["gamma"]), "solid")]
+    base = [report["select_baseline"]] if report.get("select_baseline") else []
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in report["sweep"]:
+        groups.setdefault(f"selection, layer {r.get('layers', r.get('layer'))}", []).append(r)
+    series += [(name, sorted([*base, *rows], key=lambda r: r["gamma"]), "dot") for name, rows in groups.items()]
     fig = go.Figure()
-    fig.add_trace(
-        go.Scatter(x=[r["gamma"] for r in rows], y=[r["mean_think_tokens"] for r in rows], name="thinking tokens")
-    )
-    fig.add_trace(
-        go.Scatter(x=[r["gamma"] for r in rows], y=[r["accuracy"] for r in rows], name="accuracy", yaxis="y2")
-    )
+    for name, rows, dash in series:
+        xs = [r["gamma"] for r in rows]
+        tokens = [r["mean_think_tokens"] for r in rows]
+        accuracy = [r["accuracy"] for r in rows]
+        fig.add_trace(go.Scatter(x=xs, y=tokens, name=f"thinking tokens ({name})", line={"dash": dash}))
+        fig.add_trace(go.Scatter(x=xs, y=accuracy, name=f"accuracy ({name})", yaxis="y2", line={"dash": dash}))
     fig.add_vline(x=report["gamma"], line_dash="dash", annotation_text=f"chosen γ ({report['gamma_rule']})")
     fig.update_layout(
         xaxis_title="γ",

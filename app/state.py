@@ -66,7 +66,9 @@ def _load(source: str, dtype: str, eager: bool) -> Any:
     return load_model(source, dtype=dtype, attn_implementation="eager" if eager else None)
 
 
-def _stamp(run: RunDir, stage: str) -> float:
+def stamp(run: RunDir, stage: str) -> float:
+    """When ``stage`` was last written (its manifest's mtime, or its directory's): part of every cache key that
+    depends on the stage, so a stage rewritten while the explorer runs is read again."""
     p = run.stage_path(stage)
     m = p / "manifest.json"
     return m.stat().st_mtime if m.exists() else (p.stat().st_mtime if p.exists() else 0.0)
@@ -91,7 +93,7 @@ def _opened(path: str, stage: str, stamp: float) -> Any:
 
 def artifact(run: RunDir, stage: str) -> Any:
     """The opened artifact of ``stage`` (cached), or :class:`MissingStage`."""
-    return _opened(str(run.path), stage, _stamp(run, stage))
+    return _opened(str(run.path), stage, stamp(run, stage))
 
 
 def need(run: RunDir, *stages: str) -> list[Any] | None:

@@ -90,8 +90,11 @@ def test_traces_page(quick_run, monkeypatch):
     assert not at.exception, [e.message for e in at.exception]
     at.selectbox(key="tr_colour").set_value("probe: correct").run()
     assert not at.exception
-    at.selectbox(key="tr_grade").set_value("wrong").run()
     at.radio(key="tr_model").set_value("base").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert not any("no trace matches" in i.value for i in at.info)  # the base writes no style: filters of its own
+    assert any("not labelled" in c.value for c in at.caption)  # the thinking model's labels are not the base's
+    at.selectbox(key="tr_grade").set_value("wrong").run()
     assert not at.exception, [e.message for e in at.exception]
 
 
@@ -132,6 +135,51 @@ def test_export_page(quick_run, monkeypatch):
     labels = [b.proto.label for b in at.get("download_button")]
     assert any(s.endswith(".gguf") or ".gguf (" in s for s in labels), labels
     assert any(".safetensors" in s for s in labels), labels
+
+
+@organisms
+def test_stages_of_several_artifacts_skip_writers_temporaries(quick_run, tmp_path):
+    """A running (or killed) writer's ``.name.*.tmp`` sibling is not an artifact; an empty stage says so."""
+    from app.artifacts import MissingStage, RunDir
+
+    copy = tmp_path / "run"
+    shutil.copytree(quick_run, copy)
+    (copy / "heads" / ".rlkv.x1y2.tmp").mkdir()
+    (copy / "probes" / ".correct.x1y2.tmp").mkdir()
+    run = RunDir(copy)
+    assert set(run.head_maps()) == set(RunDir(quick_run).head_maps())
+    assert set(run.probe_sets()) == set(RunDir(quick_run).probe_sets())
+    shutil.rmtree(copy / "heads")
+    (copy / "heads").mkdir()
+    with pytest.raises(MissingStage, match="no finished artifact"):
+        run.head_maps()
+
+
+@organisms
+def test_sweep_figure_keeps_test_and_selection_problems_apart(quick_run):
+    from app.artifacts import RunDir
+    from app.figures import steering_sweep_figure
+
+    _, report = RunDir(quick_run).asc()
+    names = [t.name for t in steering_sweep_figure(report).data]
+    assert "accuracy (test)" in names and any(n.startswith("accuracy (selection, layer") for n in names)
+    test = next(t for t in steering_sweep_figure(report).data if t.name == "accuracy (test)")
+    assert report["steered"]["accuracy"] in list(test.y) and report["baseline"]["accuracy"] in list(test.y)
+
+
+@organisms
+def test_calibration_curve_reads_the_test_rows_of_its_own_model(quick_run):
+    import dataclasses
+
+    from app.analysis import calibration_curve
+    from app.artifacts import RunDir
+
+    run = RunDir(quick_run)
+    store, labels, ps = run.store(), run.labels(), run.probe_sets()["correct"]
+    pred, obs, counts = calibration_curve(store, labels, ps)
+    assert sum(counts) == int(ps.report["best"]["n"]) and all(0 <= v <= 1 for v in pred + obs)
+    with pytest.raises(ValueError, match="weight hash"):
+        calibration_curve(store, labels, dataclasses.replace(ps, weight_hash="sha256:other"))
 
 
 @organisms

@@ -9,7 +9,7 @@ from typing import Any
 import streamlit as st
 
 from app.artifacts import SUFFIX, Exports, MissingStage, RunDir
-from app.state import artifact, cached, need
+from app.state import artifact, cached, need, stamp
 
 ABOUT = {
     "gguf": "llama.cpp control vector: `llama-cli --control-vector-scaled FILE:γ` (layers ≥ 1)",
@@ -27,7 +27,7 @@ def render(run: RunDir) -> None:
     try:
         exports = artifact(run, "exports")
     except MissingStage:  # a run on your own model: export its ASC vector here
-        exports = cached(f"exports/{run.path}/{vec.meta.model_hash}", lambda: _export(vec))
+        exports = cached(f"exports/{run.path}/{stamp(run, 'asc')}", lambda: _export(vec))
     m = vec.meta
     st.markdown(
         f"ASC vector of **{m.model_id}**: layers {list(m.layers)}, width {m.d_model}, "

@@ -8,7 +8,7 @@ import streamlit as st
 
 from app import analysis, figures
 from app.artifacts import RunDir
-from app.state import artifact, background, cached, need
+from app.state import artifact, background, cached, need, stamp
 
 
 def render(run: RunDir) -> None:
@@ -48,7 +48,7 @@ def _calibration(run: RunDir, sets: dict) -> None:
         return
     store, labels = got
     curves = cached(
-        f"calib/{run.path}/{sorted(sets)}",
+        f"calib/{run.path}/{stamp(run, 'probes')}/{stamp(run, 'capture')}/{stamp(run, 'labels')}",
         lambda: background(
             lambda: {t: analysis.calibration_curve(store, labels, ps) for t, ps in sets.items()},
             label="calibration on the held-out problems",

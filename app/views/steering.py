@@ -12,7 +12,7 @@ import streamlit as st
 
 from app import analysis, figures
 from app.artifacts import MissingStage, RunDir
-from app.state import artifact, background, cached, model, need
+from app.state import artifact, background, cached, model, need, stamp
 
 N_PROBLEMS = 24
 PALETTE = ("#f4a261", "#2a9d8f", "#e76f51", "#8ab17d", "#9b5de5", "#00bbf9", "#f15bb5", "#fee440")
@@ -62,7 +62,11 @@ def render(run: RunDir) -> None:
     left, right = st.columns([2, 3])
     with left:
         st.plotly_chart(figures.steering_sweep_figure(report), key="st_sweep")
-        st.caption(f"ASC at layer {report['layer']}, KL bound γ = {report['kl_bound']['gamma']:.3g}; held-out problems")
+        where = report.get("layers") or [report.get("layer")]
+        st.caption(
+            f"ASC at layer(s) {', '.join(map(str, where))}, KL bound γ = {report['kl_bound']['gamma']:.3g}; solid: "
+            "held-out test problems, dotted: the selection split γ was chosen on"
+        )
     with right:
         _side_by_side(run, vec, report)
     _hybrid(run)
@@ -75,11 +79,13 @@ def _side_by_side(run: RunDir, vec: Any, report: dict[str, Any]) -> None:
         st.info(f"no questions to generate on: this run has no traces (`{run.command('traces')}` writes them)")
         return
     pick = st.selectbox("problem", range(len(questions)), format_func=lambda i: questions[i].label, key="st_problem")
-    top = max([report["gamma"], *[r["gamma"] for r in report["sweep"]]]) * 1.5 or 1.0
-    gamma = st.slider("γ", 0.0, float(round(top, 2)), float(round(report["gamma"], 2)), step=0.05, key="st_gamma")
+    chosen = float(report["gamma"])
+    top = max([chosen, *[r["gamma"] for r in report["sweep"]]]) * 1.5 or 1.0
+    step = float(f"{top / 100:.1g}")  # a KL-bound γ (~1e-3) is selectable, not rounded to 0
+    gamma = st.slider("γ", 0.0, top, chosen, step=step, format="%.3g", key="st_gamma")
     q = questions[pick or 0]
     plain, steered = cached(
-        f"steer/{vec.meta.model_hash}/{q.prompt}/{gamma:.3f}",
+        f"steer/{run.path}/{stamp(run, 'asc')}/{q.prompt}/{gamma:.6g}",
         lambda: background(
             analysis.steer_compare,
             handle,
@@ -88,13 +94,17 @@ def _side_by_side(run: RunDir, vec: Any, report: dict[str, Any]) -> None:
             [0.0, gamma],
             q.gold,
             q.grader,
+            int(report.get("config", {}).get("max_new_tokens", 512)),
             label=f"generating at γ = 0 and {gamma:g}",
         ),
     )
     c1, c2 = st.columns(2)
     for col, name, gen in ((c1, "without steering", plain), (c2, f"steered, γ = {gamma:g}", steered)):
         with col:
-            ok = "—" if gen.correct is None else ("✓ correct" if gen.correct else "✗ wrong")
+            if gen.think_tokens == len(gen.tokens):
+                ok = "truncated: no answer"
+            else:
+                ok = "—" if gen.correct is None else ("✓ correct" if gen.correct else "✗ wrong")
             st.markdown(f"**{name}** · {gen.think_tokens} thinking tokens · answer `{gen.answer or '-'}` {ok}")
             st.html(_plain_tokens(gen.tokens))
     st.caption(f"gold answer: {q.gold}")

@@ -15,20 +15,21 @@ from app.state import artifact, background, cached, model, need
 SIGNALS = ("entropy", "deviation index", "surprise")
 
 
-def _filters(rows: list[Any]) -> list[Any]:
+def _filters(rows: list[Any], which: str) -> list[Any]:
+    """The rows the filters keep; each model has its own filters (the base writes no style)."""
     c1, c2, c3 = st.columns(3)
     grade = c1.selectbox("correctness", ("all", "correct", "wrong"), key="tr_grade")
     levels = sorted({t.meta.get("level") for t in rows if t.meta.get("level") is not None})
     styles = sorted({t.meta.get("style") or "none" for t in rows})
-    lv = c2.multiselect("level", levels, default=levels, key="tr_levels")
-    sty = c3.multiselect("style", styles, default=styles, key="tr_styles")
+    lv = c2.multiselect("level", levels, default=levels, key=f"tr_levels_{which}")
+    sty = c3.multiselect("style", styles, default=styles, key=f"tr_styles_{which}")
     keep = []
     for t in rows:
         if grade != "all" and bool(t.grade) != (grade == "correct"):
             continue
         if levels and t.meta.get("level") not in lv:
             continue
-        if (t.meta.get("style") or "none") not in sty:
+        if sty and (t.meta.get("style") or "none") not in sty:
             continue
         keep.append(t)
     return keep
@@ -53,7 +54,7 @@ def render(run: RunDir) -> None:
             for k, v in ts.summary.items()
         )
     )
-    rows = _filters(ts.traces[which])
+    rows = _filters(ts.traces[which], which)
     if not rows:
         st.info("no trace matches these filters")
         return
@@ -101,10 +102,10 @@ def render(run: RunDir) -> None:
         series["entropy"] = list(signals["entropy"][start:])
     spans = [(s.start - start, s.end - start, str(k)) for k, s in enumerate(t.segments)]
     st.plotly_chart(figures.signal_figure(series, spans), key="tr_signal")
-    _segments(run, t)
+    _segments(run, t, which)
 
 
-def _segments(run: RunDir, t: Any) -> None:
+def _segments(run: RunDir, t: Any, which: str) -> None:
     st.subheader("segments and labels")
     seg = pd.DataFrame(
         [{"segment": k, "tokens": f"[{s.start}, {s.end})", "text": s.text} for k, s in enumerate(t.segments)]
@@ -118,7 +119,7 @@ def _segments(run: RunDir, t: Any) -> None:
     except LookupError as e:
         st.warning(str(e))
         return
-    idx = [i for i, tid in enumerate(labels.trace_id) if tid == t.id]
+    idx = [i for i, tid in enumerate(labels.trace_id) if tid == t.id] if which == "thinking" else []
     if not idx:
         st.caption("this trace was not labelled (labels cover the thinking model's traces)")
         return
