@@ -35,10 +35,10 @@ import random
 
 import torch
 
-from reasonscope.generation import _CURRENT, Batch, DecodeConfig, generate
+from reasonscope.generation import Batch, DecodeConfig, generate, running
 from reasonscope.models import load_model
 from reasonscope.organisms import evaluate, task
-from steering.vector import SteeringVector, VectorMeta, _adder
+from steering.vector import SteeringVector, VectorMeta
 
 
 def main() -> None:
@@ -133,9 +133,8 @@ def main() -> None:
     )
     width = min(args.batch, len(prompts))
     x = torch.randn(width, 1, g.d_model, device=h.device)
-    gam = torch.tensor(gammas, device=h.device)
     for label, layers in ((f"layer {args.layer}", [args.layer]), (f"all {g.n_layers} layers", range(g.n_layers))):
-        hooks = [_adder(vec.direction(i).to(h.device), gam, "last", {}) for i in layers]
+        hooks = list(vec.hooks(h, gamma=gammas, layers=list(layers), positions="last").values())
         reps = []
         for _ in range(5):
             steps = [  # one Batch per forward pass, built by the engine anyway: not timed
@@ -152,10 +151,9 @@ def main() -> None:
                 torch.cuda.synchronize()
             t = time.perf_counter()
             for step in steps:
-                token = _CURRENT.set(step)
-                for hook in hooks:
-                    hook(x)
-                _CURRENT.reset(token)
+                with running(step):
+                    for hook in hooks:
+                        hook(x)
             if h.device.type == "cuda":
                 torch.cuda.synchronize()
             reps.append((time.perf_counter() - t) / 500)

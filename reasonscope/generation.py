@@ -108,6 +108,17 @@ def current_batch() -> Batch | None:
     return _CURRENT.get()
 
 
+@contextmanager
+def running(batch: Batch) -> Iterator[None]:
+    """Make ``batch`` the :func:`current_batch` inside the block, as during a pass of :func:`generate` (the
+    engine's own passes; also for calling hooks outside the engine, e.g. to test or time them)."""
+    token = _CURRENT.set(batch)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
 class SlotCache(Cache):
     """KV cache of ``slots`` sequences, ``[slots, kv_heads, size, head_dim]`` per layer (allocated on first write).
 
@@ -536,12 +547,9 @@ class _Engine:
         ``[rows, columns]``); None: a prefill.
         """
         self.passes += 1
-        token = _CURRENT.set(batch)
-        try:
+        with running(batch):
             logits = self._run("model", ids, allowed, position_ids)
             companion = self._run("companion", ids, allowed, position_ids) if len(self.models) > 1 else None
-        finally:
-            _CURRENT.reset(token)
         ctx = (self.passes, ids, allowed, position_ids, batch, slots, positions, logits.shape[-1])
         return logits, replace(batch, companion_logits=companion, _rerun=partial(self._rerun, ctx))
 
@@ -671,16 +679,13 @@ class _Engine:
             rows=self._tensor([root]), positions=positions, n_generated=zero, prefill=True, requests=len(self.prompts)
         )
         out = []
-        token = _CURRENT.set(batch)
-        try:
+        with running(batch):
             for who in self.models:
                 cache = SlotCache(1, n)
                 cache.reserve(n)
                 cache.prefill(zero)
                 self._run(who, ids, allowed, positions, cache)
                 out.append((cache.keys, cache.values))
-        finally:
-            _CURRENT.reset(token)
         return out
 
     def _reserve(self, length: int) -> None:

@@ -158,6 +158,33 @@ class SteeringVector:
                 f"(layers 0..{g.n_layers - 1})"
             )
 
+    def hooks(
+        self,
+        handle: ModelHandle,
+        gamma: float | Sequence[float] | torch.Tensor | None = None,
+        layers: Sequence[int] | None = None,
+        positions: Positions | None = None,
+    ) -> dict[str, Any]:
+        """The hooks :meth:`apply` attaches, by hook name (``blocks.L.hook_resid_post``), as data: combine them with
+        your own in one ``handle.run(..., hooks=...)`` or ``generate(..., hooks=...)``. Arguments as in ``apply``."""
+        self.check_model(handle)
+        use = tuple(self.meta.layers if layers is None else layers)
+        for layer in use:
+            self.direction(layer)  # raises naming the layers the vector has
+        rule = self.meta.positions if positions is None else positions
+        if rule not in POSITIONS:
+            raise ValueError(f"positions {rule!r} is not one of {', '.join(POSITIONS)}")
+        g = torch.as_tensor(self.meta.gamma if gamma is None else gamma, dtype=torch.float32).reshape(-1)
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError(f"gamma must be finite, got {g.tolist()}")
+        device = handle.device
+        g = g.to(device)
+        shared: dict[str, Any] = {}  # per-row strengths, looked up once per forward pass for all layers
+        return {
+            f"blocks.{layer}.hook_resid_post": _adder(self.direction(layer).to(device), g, rule, shared)
+            for layer in use
+        }
+
     @contextmanager
     def apply(
         self,
@@ -172,23 +199,7 @@ class SteeringVector:
         of the call gets ``gamma[i]``; in ``handle.run``, batch row ``i``). Default: ``meta.gamma``. ``layers``
         (default all of the vector's) and ``positions`` (default ``meta.positions``) select where.
         """
-        self.check_model(handle)
-        use = tuple(self.meta.layers if layers is None else layers)
-        for layer in use:
-            self.direction(layer)  # raises naming the layers the vector has
-        rule = self.meta.positions if positions is None else positions
-        if rule not in POSITIONS:
-            raise ValueError(f"positions {rule!r} is not one of {', '.join(POSITIONS)}")
-        g = torch.as_tensor(self.meta.gamma if gamma is None else gamma, dtype=torch.float32).reshape(-1)
-        if not bool(torch.isfinite(g).all()):
-            raise ValueError(f"gamma must be finite, got {g.tolist()}")
-        device = handle.device
-        g = g.to(device)
-        shared: dict[str, Any] = {}  # per-row strengths, looked up once per forward pass for all layers
-        hooks = {
-            f"blocks.{layer}.hook_resid_post": _adder(self.direction(layer).to(device), g, rule, shared)
-            for layer in use
-        }
+        hooks = self.hooks(handle, gamma, layers, positions)
         geo = handle.geometry
         with attach(handle.model, hooks, geo.n_layers, geo.n_heads, pure=True):  # generation may skip autograd
             yield

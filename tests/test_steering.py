@@ -62,6 +62,23 @@ def test_apply_adds_gamma_v_at_the_named_layer_and_positions(tiny_handle, positi
     assert torch.equal(layer0_before, layer0_after)  # upstream of the steered block: untouched
 
 
+def test_hooks_as_data_compose_with_other_hooks_in_one_pass(tiny_handle):
+    """``vec.hooks(...)`` are the hooks ``apply`` attaches: merged with a reader in one ``run`` they steer alike."""
+    h = tiny_handle
+    vec = make_vector(h, layers=(0, 1), positions="last")
+    ids, mask = batch(h)
+    with vec.apply(h, gamma=[0.5, 2.0]):
+        _, want_logits = resid(h, 1, ids, mask)
+    seen = {}
+    reader = {"blocks.1.attn.hook_z": lambda x: seen.setdefault("z", x.clone())}
+    with torch.no_grad():
+        logits = h.run(ids, mask, hooks={**vec.hooks(h, gamma=[0.5, 2.0]), **reader})
+    assert torch.allclose(logits.cpu(), want_logits, atol=1e-5) and "z" in seen
+    assert set(vec.hooks(h, layers=[1])) == {"blocks.1.hook_resid_post"}
+    with pytest.raises(ValueError, match="positions"):
+        vec.hooks(h, positions="middle")  # type: ignore[arg-type]
+
+
 def test_per_row_gamma_in_a_forward_pass(tiny_handle):
     h = tiny_handle
     vec = make_vector(h)
