@@ -62,3 +62,56 @@ def test_progress_and_stop_strings(tiny_model_dir, capsys):
     stop = next(text[i : i + 2] for i in range(2, len(text) - 2) if text[i : i + 2].isalnum())
     cut = generate_traces(h, prompts, GenerationConfig(max_new_tokens=16, stop=(stop,)))
     assert stop in cut[k].thinking and len(cut[k].thinking) < len(text) and cut[k].truncated
+
+
+def test_generated_traces_keep_the_sampled_ids_and_their_whitespace(r1_tiny_dir, monkeypatch):
+    """An R1 generation (``...\\n</think>\\n\\n...``) is stored verbatim: its texts re-tokenize to the sampled ids,
+    which the trace keeps; a chat prompt that writes the BOS gets no second one."""
+    import reasonscope.traces.generate as gen_mod
+    from reasonscope.generation import Completion
+    from reasonscope.models import load_model
+
+    h = load_model(r1_tiny_dir)
+    tok = h.tokenizer
+    prompt = h.chat_prompt("What is 2 + 2?", thinking=True)
+    body = "Okay, so 2 + 2 = 4.\n\nWait, let me check: 4.\n"
+    answer = "\n\nThe answer is \\boxed{4}."
+    new = tok(body + "</think>" + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    def fake(handle, prompts, cfg, progress=False):
+        return [Completion(list(p), list(new), "eos") for p in prompts]
+
+    monkeypatch.setattr(gen_mod, "generate", fake)
+    (t,) = generate_traces(h, [prompt], golds=["4"], grader="math")
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert t.thinking == body and t.answer == answer and t.grade is True
+    assert t.token_ids == prompt_ids + new[:-1] and t.meta["sampled_ids_differ"] is False
+    assert [s.text for s in t.segments] == ["Okay, so 2 + 2 = 4.", "Wait, let me check: 4."]
+
+
+def test_a_text_opening_with_the_bos_gets_no_second_one(r1_tiny_dir):
+    """The real R1 tokenizer adds a BOS and its chat template writes one too: tokenizing a trace's text must not
+    give two (deepseek-ai/DeepSeek-R1#151)."""
+    from reasonscope.models import load_model
+    from reasonscope.traces.record import Trace
+    from reasonscope.traces.segment import token_offsets
+
+    tok = load_model(r1_tiny_dir).tokenizer
+    bos = tok.convert_tokens_to_ids(tok.bos_token)
+
+    class AddsBos:  # the real R1 tokenizer's post-processor, on the shared vocabulary
+        bos_token = tok.bos_token
+
+        def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False):
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=return_offsets_mapping)
+            if add_special_tokens:
+                enc["input_ids"] = [bos, *enc["input_ids"]]
+                if return_offsets_mapping:
+                    enc["offset_mapping"] = [(0, 0), *enc["offset_mapping"]]
+            return enc
+
+    t = Trace(id="x", prompt=tok.bos_token + "<｜User｜>q<｜Assistant｜><think>\n", thinking="So 4.", answer=" 4")
+    ids = token_offsets(t, AddsBos())[0]
+    assert ids[0] == bos and ids[1] != bos
+    plain = Trace(id="y", prompt="<｜User｜>q<｜Assistant｜><think>\n", thinking="So 4.", answer=" 4")
+    assert token_offsets(plain, AddsBos())[0][:2] == [bos, ids[1]]  # a text without it still gets the BOS

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..generation import DecodeConfig, generate
 from .record import Trace
@@ -32,7 +32,8 @@ class GenerationConfig:
 
 
 def split_generation(handle, prompt_ids: list[int], new_ids: list[int], opened_think: bool) -> dict:
-    """Cut generated ids into thinking / answer at the think markers; flag a missing ``</think>``."""
+    """Cut generated ids into thinking / answer at the think markers (texts verbatim: R1's ``\\n</think>\\n\\n`` keeps
+    its whitespace, so the texts re-tokenize to the sampled ids); flag a missing ``</think>``."""
     start_id, end_id = handle.think_ids
     eos = handle.tokenizer.eos_token_id
     hit_eos = eos in new_ids
@@ -41,7 +42,7 @@ def split_generation(handle, prompt_ids: list[int], new_ids: list[int], opened_t
     if not opened_think and start_id is not None and start_id in new_ids[:1]:
         opened_think, new_ids, prompt_ids = True, new_ids[1:], prompt_ids + new_ids[:1]
     n_prompt = len(prompt_ids)
-    decode = lambda ids: handle.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    decode = lambda ids: handle.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     if not opened_think:
         return dict(
             thinking="", answer=decode(new_ids), token_ids=prompt_ids + new_ids, think_span=None, truncated=not hit_eos
@@ -79,9 +80,9 @@ def generate_traces(
 
     Generation runs through :func:`reasonscope.generation.generate` (continuous batching, greedy output equal to
     one-by-one); output order equals input order, and ``progress`` shows a bar over finished traces.
-    Thinking traces are segmented (sentences shorter than ``min_chars`` merge into the next) and
-    their ``token_ids`` are the tokenization of their text, so spans always index real text
-    (``meta["sampled_ids_differ"]`` marks the rare sample that was not the canonical tokenization).
+    Thinking traces are segmented (sentences shorter than ``min_chars`` merge into the next). Their ``token_ids``
+    are the sampled ids when those are the tokenization of the trace's text, else the text's tokenization
+    (``meta["sampled_ids_differ"]`` marks that rare sample), so spans always index real text.
     With ``grader`` and ``golds``, each trace is graded (see :mod:`reasonscope.traces.grading`); ``meta["grader"]``
     names the grader.
     """
@@ -98,10 +99,12 @@ def generate_traces(
         parts = split_generation(handle, encoded[i], c.token_ids, opened)
         t = Trace(id=ids[i], prompt=prompts[i], gold=golds[i], source=source, **parts)
         if t.think_span is not None:
-            sampled = t.token_ids
-            t.token_ids, t.think_span = [], None
-            t = segment_trace(t, tok, min_chars=min_chars)
-            t.meta["sampled_ids_differ"] = t.token_ids != sampled
+            try:  # the ids the model sampled, when they are its text's tokenization
+                t = segment_trace(t, tok, min_chars=min_chars)
+                t.meta["sampled_ids_differ"] = False
+            except ValueError:
+                t = segment_trace(replace(t, token_ids=[], think_span=None), tok, min_chars=min_chars)
+                t.meta["sampled_ids_differ"] = True
         out.append(t)
     if grader is not None:
         from .grading import GRADERS

@@ -81,12 +81,14 @@ def token_offsets(trace: Trace, tokenizer: Any) -> tuple[list[int], list[tuple[i
     """Token ids and their character spans in ``full_text(trace)``.
 
     With empty ``trace.token_ids`` the text is tokenized as the tokenizer does by default
-    (special tokens such as a BOS included). Otherwise ``trace.token_ids`` must be a
+    (special tokens such as a BOS included), except that a text already opening with the BOS (an R1 chat
+    template writes it) gets no second one. Otherwise ``trace.token_ids`` must be a
     tokenization of ``full_text`` with or without special tokens; anything else (e.g. a
     non-canonical tokenization sampled by a model) raises ``ValueError``.
     """
     text = full_text(trace)
-    ids, offsets = _encode(tokenizer, text, add_special_tokens=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    ids, offsets = _encode(tokenizer, text, add_special_tokens=not (bos and text.startswith(bos)))
     if not trace.token_ids or list(trace.token_ids) == ids:
         return ids, offsets
     ids2, offsets2 = _encode(tokenizer, text, add_special_tokens=False)
