@@ -86,8 +86,13 @@ def select_positions(trace: Trace, rule: str) -> torch.Tensor:
         pos = sorted({p for a, b in trace.meta.get("spans", []) for p in range(a, b)})
     else:
         raise ValueError(f"unknown position rule {rule!r}; choose one of {POSITION_RULES}")
+    pos = sorted(set(pos))  # segments given out of order (a JSONL) still give sorted, unique positions
     if pos and not (pos[0] >= 0 and pos[-1] < n):
-        raise ValueError(f"trace {trace.id!r}: rule {rule!r} selects positions outside its {n} tokens")
+        bad = pos[0] if pos[0] < 0 else pos[-1]
+        raise ValueError(
+            f"trace {trace.id!r}: rule {rule!r} selects position {bad}, outside its {n} tokens; check its segments "
+            "or spans against its token_ids (or drop token_ids, think_span and segments to re-tokenize it)"
+        )
     return torch.tensor(pos, dtype=torch.long)
 
 

@@ -293,3 +293,17 @@ def test_sigkill_then_resume_gives_clean_bytes(tiny_model_dir, tiny_handle, tmp_
     assert store_tensors(out) == store_tensors(tmp_path / "clean")
     assert ActivationStore.open(out).manifest.complete
     assert not list((out / "shards").glob(".*tmp"))
+
+
+def test_positions_out_of_order_or_out_of_range_are_sorted_or_refused_naming_the_trace():
+    from reasonscope.capture import select_positions
+    from reasonscope.traces.record import Segment, Trace
+
+    segs = [Segment("a", 5, 10, 0, 1), Segment("c", 20, 30, 4, 5), Segment("b", 12, 15, 2, 3)]
+    t = Trace(
+        id="t1", prompt="p", thinking="abc", answer="", token_ids=list(range(40)), think_span=(1, 39), segments=segs
+    )
+    assert select_positions(t, "segment_ends").tolist() == [9, 14, 29]
+    bad = Trace(**{**t.__dict__, "segments": [segs[0], Segment("x", 50, 60, 1, 2), segs[1]]})
+    with pytest.raises(ValueError, match="'t1'.*position 59, outside its 40 tokens"):
+        select_positions(bad, "segment_ends")

@@ -130,6 +130,14 @@ def test_training_smoke(tmp_path):
     cfg0 = TrainConfig(base_steps=1, base_mix_steps=1, thinking_steps=1, batch_size=2, log_every=1, finetune_lr=0.0)
     again = load_model(train_organisms(cfg0, tmp_path, log=logs.append, phases=("thinking",))["thinking"]).model
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), again.state_dict().values()))
+    from reasonscope.artifacts import ArtifactError
+
+    mine = tmp_path / "mine" / "base"  # an --out whose base/ is not an organism is refused, never replaced
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(ArtifactError, match="not an organism"):
+        train_organisms(cfg0, tmp_path / "mine", log=logs.append, phases=("base",))
+    assert (mine / "notes.txt").read_text() == "keep"
 
 
 @pytest.mark.slow

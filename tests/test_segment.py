@@ -105,6 +105,14 @@ def test_given_token_ids_are_kept_or_rejected(tokenizer):
         segment_trace(Trace(**{**t.__dict__, "token_ids": s.token_ids[:-1]}), tokenizer)
 
 
+def test_a_span_without_its_token_ids_is_recomputed(tokenizer):
+    """A trace whose token_ids were dropped (to re-tokenize it with another model) keeps no stale think_span."""
+    t = Trace(id="x", prompt="Q: 2+2? <think>\n", thinking="Two plus two. It is 4 for sure.", answer=" 4")
+    fresh = segment_trace(t, tokenizer)
+    stale = segment_trace(Trace(**{**t.__dict__, "think_span": (0, 3)}), tokenizer)
+    assert stale.think_span == fresh.think_span != (0, 3)
+
+
 def test_truncated_trace_segments(tokenizer):
     t = Trace(id="x", prompt="Q <think>\n", thinking="First we add. Then we wait and", answer="", truncated=True)
     s = segment_trace(t, tokenizer)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import write_artifact
+from ..artifacts import ArtifactError, read_manifest, write_artifact
 from . import task
 from .tokenizer import ASSISTANT, EOS, THINK_END, THINK_START, USER, build_tokenizer, chat_template
 
@@ -213,6 +213,11 @@ def save_organism(model, tok, out_dir: Path, kind: str, cfg: TrainConfig) -> Non
         "train_config": asdict(cfg),
         "task_levels": {str(k): list(v) for k, v in task.LEVELS.items()},
     }
+    if out_dir.exists():  # replace an organism, never anything else
+        try:
+            read_manifest(out_dir, "organism")  # any format: an older organism is replaced too
+        except (ArtifactError, OSError) as e:
+            raise ArtifactError(f"{out_dir} exists and is not an organism ({e}); choose another --out") from None
     write_artifact(out_dir, "organism", ORGANISM_FORMAT, config, {}, write, replace=True)
 
 

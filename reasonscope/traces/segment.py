@@ -109,7 +109,8 @@ def _content_start(text: str, start: int, end: int) -> int | None:
 
 
 def segment_trace(trace: Trace, tokenizer: Any, min_chars: int = 10) -> Trace:
-    """Return a copy of ``trace`` with ``segments`` filled (and ``token_ids``/``think_span`` if missing).
+    """Return a copy of ``trace`` with ``segments`` filled (and ``token_ids``/``think_span`` if missing; a trace
+    without ``token_ids`` gets the ``think_span`` of its new tokenization, whatever span it carried).
 
     A token belongs to the segment whose character span contains the token's first
     non-whitespace character, so ``" The"`` joins the sentence it starts and ``".\\n\\n"``
@@ -142,9 +143,10 @@ def segment_trace(trace: Trace, tokenizer: Any, min_chars: int = 10) -> Trace:
         if lo is None:  # no token starts in it: empty span where it would begin
             lo = tok_hi[k] = next((tok_hi[j] for j in range(k - 1, -1, -1) if tok_lo[j] is not None), think_span[0])
         segments.append(Segment(text=trace.thinking[a:b], start=lo, end=tok_hi[k], char_start=a, char_end=b))
+    kept = trace.token_ids and trace.think_span is not None  # a span given without its ids indexes other tokens
     return replace(
         trace,
         token_ids=list(trace.token_ids) or ids,
-        think_span=trace.think_span if trace.think_span is not None else think_span,
+        think_span=trace.think_span if kept else think_span,
         segments=segments,
     )
