@@ -131,6 +131,16 @@ def test_grade_registry():
     assert set(GRADERS) == {"gsm8k", "math", "organism"}
     assert grade("gsm8k", "so she earns \\boxed{1,200} dollars", "1200")  # model-style output
     assert not grade("gsm8k", "#### 1201", "1200")
+    # a boxed GSM8K answer is one number: MATH's thousands separators and units read, several numbers do not
+    for box, gold, ok in [
+        ("\\boxed{1{,}000}", "1000", True),
+        ("\\boxed{1\\,000}", "1000", True),
+        ("\\boxed{\\$18}", "18", True),
+        ("\\boxed{18 \\text{ dollars}}", "18", True),
+        ("\\boxed{\\frac{3}{2}}", "3", False),
+        ("\\boxed{2 \\times 10^3}", "2", False),
+    ]:
+        assert grade("gsm8k", box, gold) is ok, box
     assert grade("math", "</think> The answer is $\\boxed{\\dfrac{3}{4}}$.", "\\frac34")
     assert grade("organism", "<think> 2 + 5 = 7 </think> 7", "7")
     with pytest.raises(ValueError, match="gsm8k.*math.*organism"):

@@ -141,6 +141,14 @@ def test_load_hf_dataset_gsm8k():
     assert all(t.gold is not None and "," not in t.gold for t in traces)
 
 
+def test_load_hf_dataset_gsm8k_reads_bare_numbers_and_names_a_bad_row(tmp_path):
+    (tmp_path / "bare.jsonl").write_text('{"question": "q1", "answer": "18"}\n{"question": "q2", "answer": "1,200"}\n')
+    assert [t.gold for t in load_hf_dataset(tmp_path / "bare.jsonl")] == ["18", "1200"]
+    (tmp_path / "bad.jsonl").write_text('{"question": "q1", "answer": "18"}\n{"question": "q2", "answer": "soon"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl: row 1 field 'answer'"):
+        load_hf_dataset(tmp_path / "bad.jsonl")
+
+
 def test_load_hf_dataset_math500():
     traces = load_hf_dataset(_need(SHARED / "math500" / "test.jsonl"), "test", "problem", "answer", "math")
     assert len(traces) == 500 and len({t.id for t in traces}) == 500

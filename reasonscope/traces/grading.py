@@ -14,7 +14,7 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _INTEGER = re.compile(r"-?\d+")
 
 
-def _canonical_number(s: str) -> str | None:
+def canonical_number(s: str) -> str | None:
     """``"1,000" -> "1000"``, ``"3.50" -> "3.5"``, ``"-0" -> "0"``; ``None`` if not a number."""
     s = s.replace(",", "").strip()
     try:
@@ -33,7 +33,7 @@ def extract_gsm8k(text: str) -> str | None:
     if "####" not in text:
         return None
     m = _NUMBER.search(text.rsplit("####", 1)[1].replace("$", ""))
-    return _canonical_number(m.group()) if m else None
+    return canonical_number(m.group()) if m else None
 
 
 def extract_boxed(text: str) -> str | None:
@@ -144,7 +144,7 @@ def normalize_math(s: str) -> str:
         s = s.replace(",", "")
     s = s.replace("{,}", "")
     if re.fullmatch(r"-?\d+\.\d+|-?\d+", s):  # "3.50" -> "3.5", "5.0" -> "5"
-        s = _canonical_number(s) or s
+        s = canonical_number(s) or s
     m = re.fullmatch(r"(-?)(\d+)/(\d+)", s)  # "1/2" -> "\frac{1}{2}"
     if m:
         s = f"{m.group(1)}\\frac{{{m.group(2)}}}{{{m.group(3)}}}"
@@ -179,16 +179,21 @@ def math_equal(pred: str | None, gold: str | None) -> bool:
 def _number_equal(pred: str | None, gold: str | None) -> bool:
     if pred is None or gold is None:
         return False
-    a, b = _canonical_number(pred), _canonical_number(gold)
+    a, b = canonical_number(pred), canonical_number(gold)
     return a is not None and a == b
 
 
+_BOX_NOISE = re.compile(r"\\text\{[^{}]*\}|\\(?:mathrm|textbf)\{[^{}]*\}|\\[!,;: ]|\{,\}|\$|\\%|%")
+
+
 def _gsm8k_answer(text: str) -> str | None:
-    """``#### n`` if present, else the number in the last ``\\boxed{}`` (model outputs)."""
+    """``#### n`` if present, else the number in the last ``\\boxed{}`` (model outputs): ``1{,}000``, ``\\$18`` and
+    ``18 \\text{ dollars}`` read as one number; a box holding several (``\\frac{3}{2}``, ``2 \\times 10^3``) reads as
+    none rather than as its first."""
     ans = extract_gsm8k(text)
     if ans is None and (boxed := extract_boxed(text)) is not None:
-        m = _NUMBER.search(boxed.replace("$", "").replace("\\!", ""))
-        ans = _canonical_number(m.group()) if m else None
+        numbers = _NUMBER.findall(_BOX_NOISE.sub("", boxed))
+        ans = canonical_number(numbers[0]) if len(numbers) == 1 else None
     return ans
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import atomic_file
-from .grading import get_grader
+from .grading import canonical_number, get_grader
 from .record import THINK_END, THINK_START, Trace
 
 # ---------------------------------------------------------------------------- JSONL
@@ -190,7 +190,12 @@ def load_hf_dataset(
     traces = []
     for i, row in enumerate(ds):
         raw = str(row[answer_field])
-        gold = grader.extract(raw) if dataset_kind == "gsm8k" else raw
+        gold = (grader.extract(raw) or canonical_number(raw)) if dataset_kind == "gsm8k" else raw  # "#### 18" or "18"
+        if gold is None:
+            raise ValueError(
+                f"{name_or_path}: row {i} field {answer_field!r} holds no GSM8K answer ('#### <number>' or a number): "
+                f"{raw[-80:]!r}; name the answer field (answer_field=...) or the dataset's kind"
+            )
         meta = {k: v for k, v in row.items() if k not in (question_field, answer_field)}
         meta["raw_answer"] = raw
         traces.append(
