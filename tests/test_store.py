@@ -21,6 +21,7 @@ from reasonscope.store import (
     StoreWriter,
     weight_hash,
 )
+from reasonscope.store.manifest import record_path
 
 H0, H1 = "blocks.0.hook_resid_post", "blocks.3.hook_resid_post"
 HOOKS = {H0: 8, H1: 12}
@@ -259,7 +260,7 @@ def test_deterministic_bytes_and_rewrite(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     m = manifest()
     store_b.write_shard(1, *make_shard(m, 1))  # identical bytes: accepted, no-op
-    with pytest.raises(FileExistsError, match="different content"):
+    with pytest.raises(FileExistsError, match="already captured"):
         store_b.write_shard(1, *make_shard(m, 1, seed=7))
     assert not [p for p in (tmp_path / "b" / "shards").iterdir() if p.name.endswith(".tmp")]
 
@@ -403,6 +404,35 @@ def test_resume_recaptures_deleted_shard_of_complete_store(tmp_path):
     again.write_shard(1, *make_shard(m, 1))
     store = again.finalize()
     assert (tmp_path / "s" / SHARD1).read_bytes() == ref and len(store.get(H0)) == len(store)
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated"])
+def test_resume_of_an_unfinished_store_recaptures_a_lost_recorded_shard(tmp_path, how):
+    """A recorded shard of an unfinished store that is now missing or cut short loses its record on resume, so the
+    resumed job captures it again (before, its record kept it 'done' and finalize failed on every re-run)."""
+    build(tmp_path / "s", finalize=False)
+    ref = (tmp_path / "s" / SHARD1).read_bytes()
+    damage(tmp_path / "s", how)
+    m = manifest()
+    again = StoreWriter.create(tmp_path / "s", m)
+    assert again.completed_shards() == [0, 2]
+    again.write_shard(1, *make_shard(m, 1))
+    assert (tmp_path / "s" / SHARD1).read_bytes() == ref and len(again.finalize()) > 0
+
+
+def test_a_shard_written_but_not_recorded_is_recaptured_even_if_different(tmp_path):
+    """Killed between a shard's rename and its record: the resumed job's recapture replaces it, whatever its bytes
+    (another token budget or GPU); a recorded shard is still never overwritten with other content."""
+    m = manifest()
+    w = StoreWriter.create(tmp_path / "s", m)
+    w.write_shard(1, *make_shard(m, 1, seed=7))
+    record_path(tmp_path / "s", 1).unlink()  # the kill
+    again = StoreWriter.create(tmp_path / "s", m)
+    assert 1 not in again.completed_shards()
+    again.write_shard(1, *make_shard(m, 1))
+    assert 1 in again.completed_shards()
+    with pytest.raises(FileExistsError, match="already captured"):
+        again.write_shard(1, *make_shard(m, 1, seed=7))
 
 
 def test_files_respect_umask(tmp_path):

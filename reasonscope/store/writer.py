@@ -59,6 +59,8 @@ class StoreWriter(ActivationStore):
             writer = cls(path, old)
             if old.complete:
                 writer._reopen_damaged()
+            else:
+                writer._forget_damaged()
             return writer
         if path.exists():
             if not path.is_dir():
@@ -155,12 +157,16 @@ class StoreWriter(ActivationStore):
     def _save_atomic(self, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, str], n_rows: int) -> None:
         final = self.shard_path(index)
         try:
+            recorded = index in self.completed_shards()
             with atomic_path(final, replace=True) as tmp:
                 save_file(tensors, tmp, metadata=meta)
-                if final.exists() and not filecmp.cmp(tmp, final, shallow=False):
+                # a recorded shard is kept unless rewritten identically; one at its name without a record (a job
+                # killed between the two) is replaced: a recapture need not be byte-identical (batching, GPUs)
+                if recorded and final.exists() and not filecmp.cmp(tmp, final, shallow=False):
                     raise FileExistsError(
-                        f"shard {index} already exists at {final} with different content; this job's activations "
-                        "differ from the ones captured before (nondeterminism?). Delete the shard to recapture it."
+                        f"shard {index} is already captured at {final} with different content; this job's "
+                        "activations differ from the ones captured before (nondeterminism?). Delete the shard and "
+                        f"its record {record_path(self.path, index).name} to recapture it."
                     )
             write_json(record_path(self.path, index), record_dict(file_record(final, n_rows)))
         except (OSError, SafetensorError) as e:
@@ -195,6 +201,16 @@ class StoreWriter(ActivationStore):
                 p.unlink(missing_ok=True)
         return ActivationStore.open(self.path)
 
+    def _forget_damaged(self) -> None:
+        """On resume of an unfinished store: a recorded shard now missing or of the wrong size loses its record (and
+        file), so this run captures it again."""
+        for i in self.completed_shards():
+            try:
+                self._check_shard(i, "size")
+            except CorruptShardError:
+                self.shard_path(i).unlink(missing_ok=True)
+                record_path(self.path, i).unlink(missing_ok=True)
+
     def _reopen_damaged(self) -> None:
         """On resume of a complete store: shards now missing or of the wrong size are captured again."""
         bad = []
@@ -208,6 +224,7 @@ class StoreWriter(ActivationStore):
         for i in range(self.n_shards):
             if i in bad:
                 self.shard_path(i).unlink(missing_ok=True)
+                record_path(self.path, i).unlink(missing_ok=True)  # a leftover record would skip its recapture
             else:
                 write_json(record_path(self.path, i), record_dict(self._record(i)))
         self.manifest = replace(self.manifest, complete=False, files={})
