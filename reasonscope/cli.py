@@ -207,7 +207,7 @@ def capture_cmd(
     device_map: Optional[str] = typer.Option(None, help="'auto' to spread a large model over GPUs."),
     token_budget: int = typer.Option(8192, min=1, help="Padded tokens per forward batch."),
     shard_size: int = typer.Option(64, min=1, help="Traces per store shard."),
-    workers: int = typer.Option(0, min=0, help="Ray workers (0 = capture in this process)."),
+    workers: int = typer.Option(0, min=0, help="Ray workers (0 = capture in this process); one GPU each on CUDA."),
 ) -> None:
     """Capture activations of traces into a sharded, resumable activation store."""
     from .capture import CaptureConfig
@@ -231,9 +231,16 @@ def capture_cmd(
     )
     load_kwargs: dict[str, Any] = {"backend": backend_name, "dtype": compute_dtype, "attn_implementation": attn}
     if workers > 0:
+        import torch
+
         from .distributed import capture_distributed
 
-        store = capture_distributed(model, rows, cfg, str(out), num_workers=workers, load_kwargs=load_kwargs)
+        if device_map is not None:
+            fail("--device-map places one model over devices; with --workers each worker holds its own copy: drop one")
+        gpus = 1 if torch.cuda.is_available() else 0  # one GPU a worker: Ray sets each worker's visible device
+        store = capture_distributed(
+            model, rows, cfg, str(out), num_workers=workers, num_gpus_per_worker=gpus, load_kwargs=load_kwargs
+        )
     else:
         from .capture import capture
         from .models import load_model

@@ -263,6 +263,12 @@ def test_organism_commands_validate(cmd, no_model_load):
     user_error(runner.invoke(app, cmd), cmd[-2])
 
 
+def test_capture_workers_refuse_a_device_map(tiny_model_dir, traces_file, tmp_path):
+    args = capture_args(tiny_model_dir, traces_file, tmp_path / "s", "--workers", "2", "--device-map", "auto")
+    user_error(runner.invoke(app, args), "--device-map", "--workers")
+    assert not (tmp_path / "s").exists()
+
+
 def test_usage_errors_are_one_line():
     user_error(runner.invoke(app, ["capture", "--model"]), "--model")
     user_error(runner.invoke(app, ["traces", "generate", "--n", "abc"]), "--n")
