@@ -47,10 +47,10 @@ def _read_traces(path: Path) -> list[Trace]:
     if path.is_dir():
         from reasonscope.traces import load_thought_anchors
 
-        traces = load_thought_anchors(path)
-        if not traces:
-            fail(f"--traces {path} holds no */*/problem_*/base_solution.json; pass a thought-anchors directory")
-        return traces
+        try:
+            return load_thought_anchors(path)
+        except ValueError as e:
+            fail(f"--traces {path}: {e}")
     return read_traces(path)
 
 

@@ -128,6 +128,13 @@ def test_truncated_thought_anchors_trace(tmp_path):
     assert t.truncated and t.answer == "" and t.prompt == prompt
     assert t.thinking == "Let me think. It is \\boxed{2" and t.grade is False and t.meta["chunks"] == []
     assert full_text(t) == prompt + t.thinking
+    with pytest.raises(ValueError, match="one level above the model"):
+        load_thought_anchors(tmp_path / "some-model")  # one level too deep
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_thought_anchors(tmp_path / "nope")
+    (pdir / "problem.json").write_text('{"problem": "1+1", "gt_ans')
+    with pytest.raises(ValueError, match=r"problem_7/problem\.json: unreadable JSON"):
+        load_thought_anchors(tmp_path)
 
 
 # ---------------------------------------------------------------- HF datasets

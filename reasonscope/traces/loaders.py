@@ -115,19 +115,35 @@ def load_thought_anchors(root: str | Path) -> list[Trace]:
     holds the labelled chunks (text, tags, dependencies, importance scores) when present.
     """
     root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a directory; pass the thought-anchors root (it holds <model>/...)")
     grader = get_grader("math")
     traces = []
-    for base in sorted(root.glob("*/*/problem_*/base_solution.json")):
+    found = sorted(root.glob("*/*/problem_*/base_solution.json"))
+    if not found:
+        raise ValueError(
+            f"{root} holds no <model>/<correct|incorrect>_base_solution/problem_<n>/base_solution.json; pass the "
+            "thought-anchors root (one level above the model directories)"
+        )
+
+    def read(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: unreadable JSON ({e}); restore it or remove its problem directory") from None
+
+    for base in found:
         pdir = base.parent
         model, group = pdir.parent.parent.name, pdir.parent.name.removesuffix("_base_solution")
-        sol = json.loads(base.read_text(encoding="utf-8"))
-        problem = json.loads((pdir / "problem.json").read_text(encoding="utf-8"))
+        sol, problem = read(base), read(pdir / "problem.json")
         try:
             prompt, thinking, answer, truncated = _split_cot(sol["full_cot"])
         except (KeyError, ValueError) as e:
             raise ValueError(f"{base}: cannot split full_cot ({e})") from None
         chunks_file = pdir / "chunks_labeled.json"
-        chunks = json.loads(chunks_file.read_text(encoding="utf-8")) if chunks_file.exists() else []
+        chunks = read(chunks_file) if chunks_file.exists() else []
+        if "gt_answer" not in problem:
+            raise ValueError(f"{pdir / 'problem.json'} has no 'gt_answer'; every problem needs its gold answer")
         gold = str(problem["gt_answer"])
         traces.append(
             Trace(
