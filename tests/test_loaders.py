@@ -148,6 +148,14 @@ def test_load_hf_dataset_gsm8k():
     assert all(t.gold is not None and "," not in t.gold for t in traces)
 
 
+def test_dataset_ids_name_the_file_or_use_the_row_id():
+    train = load_hf_dataset(_need(SHARED / "gsm8k" / "train.jsonl"))
+    test = load_hf_dataset(_need(SHARED / "gsm8k" / "test.jsonl"))
+    assert train[0].id == "gsm8k/train/0" and not {t.id for t in train} & {t.id for t in test}
+    aime = load_hf_dataset(_need(SHARED / "aime2024" / "test.jsonl"), question_field="problem")
+    assert len({t.id for t in aime}) == len(aime) and all(t.gold is not None for t in aime)
+
+
 def test_load_hf_dataset_gsm8k_reads_bare_numbers_and_names_a_bad_row(tmp_path):
     (tmp_path / "bare.jsonl").write_text('{"question": "q1", "answer": "18"}\n{"question": "q2", "answer": "1,200"}\n')
     assert [t.gold for t in load_hf_dataset(tmp_path / "bare.jsonl")] == ["18", "1200"]

@@ -197,6 +197,7 @@ def load_hf_dataset(
             if bars:
                 datasets.enable_progress_bars()
         stem = path.parent.name or path.stem
+        split = path.stem  # gsm8k/train.jsonl: ids gsm8k/train/<row>, never colliding with gsm8k/test.jsonl's
     else:
         ds = datasets.load_dataset(str(name_or_path), split=split)
         stem = str(name_or_path).rstrip("/").split("/")[-1]
@@ -216,7 +217,9 @@ def load_hf_dataset(
         meta["raw_answer"] = raw
         traces.append(
             Trace(
-                id=f"{stem}/{row['unique_id']}" if row.get("unique_id") else f"{stem}/{split}/{i}",
+                id=f"{stem}/{row.get('unique_id') or row.get('id')}"
+                if row.get("unique_id") or row.get("id") is not None
+                else f"{stem}/{split}/{i}",
                 prompt=str(row[question_field]),
                 thinking="",
                 answer="",
