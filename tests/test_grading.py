@@ -95,7 +95,8 @@ def test_extract_organism():
         ("90^\\circ", "90"),
         ("15\\mbox{ cm}^2", "15"),
         ("5 \\text{ inches}", "5"),
-        ("\\text{(C)}", "(C)"),
+        ("\\text{(C)}", "C"),  # a multiple-choice letter
+        ("x \\in [-2,7]", "[-2,7]"),
         ("x = 5", "5"),
         ("\\$1,000.00", "1000"),
         ("10\\%", "10"),
@@ -120,6 +121,12 @@ def test_normalize_math(raw, norm):
         ("6.07", "6.17", False),
         ("-1", "1", False),
         ("\\frac{1}{4027}", "-\\frac{1}{4027}", False),
+        ("C", "\\text{(C)}", True),
+        ("[-2, 7]", "x \\in [-2,7]", True),
+        ("-2, 1", "1,-2", True),  # "enter all solutions": any order
+        ("1,-2", "1,2", False),
+        ("(2,1)", "(1,2)", False),  # an ordered pair keeps its order
+        ("[2,1]", "[1,2]", False),
         (None, "1", False),
     ],
 )

@@ -137,7 +137,9 @@ def normalize_math(s: str) -> str:
         lhs, rhs = s.split("=")
         if len(lhs.strip()) <= 2 and re.fullmatch(r"\s*\\?[A-Za-z]*\s*", lhs):
             s = rhs
+    s = re.sub(r"^[A-Za-z]\s*\\in\s*", "", s)  # "x \\in [-2,7]" -> "[-2,7]"
     s = s.replace(" ", "")
+    s = re.sub(r"^\(([A-Z])\)$", r"\1", s)  # a multiple-choice letter: "(C)" -> "C"
     s = _fix_frac_sqrt(s)
     s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)  # ".5" -> "0.5"
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):  # thousands separators
@@ -173,7 +175,12 @@ def math_equal(pred: str | None, gold: str | None) -> bool:
     if a == b:
         return True
     fa, fb = _as_fraction(a), _as_fraction(b)
-    return fa is not None and fa == fb
+    if fa is not None and fa == fb:
+        return True
+    # "enter all solutions": a bare comma list matches in any order (no brackets: intervals and tuples keep theirs)
+    if "," in a and not re.search(r"[\[\](){}]", a + b):
+        return sorted(a.split(",")) == sorted(b.split(","))
+    return False
 
 
 def _number_equal(pred: str | None, gold: str | None) -> bool:
