@@ -180,6 +180,8 @@ def test_write_validation(tmp_path):
     h16 = StoreWriter.create(tmp_path / "h", manifest(dtype="float16"))
     with pytest.raises(ValueError, match="overflow float16"):
         h16.write_shard(0, {**acts, H0: acts[H0] * 1e6}, rows)
+    with pytest.raises(ValueError, match="non-finite.*--dtype bfloat16"):  # capture casts before the writer sees them
+        h16.write_shard(0, {**acts, H0: (acts[H0] * 1e6).half()}, rows)
 
 
 def test_unknown_hook_lists_valid_hooks(tmp_path):

@@ -140,8 +140,14 @@ class StoreWriter(ActivationStore):
             a = acts[h].detach()
             if not bool(torch.isfinite(a).all()):
                 bad = int((~torch.isfinite(a)).sum())
+                hint = (
+                    "; a float16 store turns values beyond ±65504 into inf: capture with --dtype bfloat16 or float32"
+                    if m.dtype == "float16"
+                    else ""
+                )
                 raise ValueError(
-                    f"hook {h!r}: {bad} non-finite activation values (NaN/inf) in shard {index}; refusing to store them"
+                    f"hook {h!r}: {bad} non-finite activation values (NaN/inf) in shard {index}; refusing to store "
+                    f"them{hint}"
                 )
             a = a.to("cpu", dtype)
             if not bool(torch.isfinite(a).all()):
