@@ -183,6 +183,11 @@ def read_traces(path: Path, option: str = "--traces") -> list[Trace]:
     rows = read_traces_jsonl(path)
     if not rows:
         fail(f"{option} {path} holds no traces; generate some with `reasonscope traces generate --out {path}`")
+    lines: dict[str, int] = {}
+    for n, t in enumerate(rows, 1):  # every stage keys traces by id: two files concatenated repeat them
+        if t.id in lines:
+            fail(f"{option} {path}: trace id {t.id!r} on record {n} repeats record {lines[t.id]}; ids must be unique")
+        lines[t.id] = n
     return rows
 
 

@@ -263,6 +263,13 @@ def test_organism_commands_validate(cmd, no_model_load):
     user_error(runner.invoke(app, cmd), cmd[-2])
 
 
+def test_repeated_trace_ids_are_refused_before_loading(tiny_model_dir, traces_file, tmp_path):
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text(traces_file.read_text() * 2)
+    user_error(runner.invoke(app, capture_args(tiny_model_dir, twice, tmp_path / "s")), "repeats record 1")
+    assert not (tmp_path / "s").exists()
+
+
 def test_capture_workers_refuse_a_device_map(tiny_model_dir, traces_file, tmp_path):
     args = capture_args(tiny_model_dir, traces_file, tmp_path / "s", "--workers", "2", "--device-map", "auto")
     user_error(runner.invoke(app, args), "--device-map", "--workers")
