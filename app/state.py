@@ -24,11 +24,13 @@ RUN_ENV = "REASONSCOPE_RUN"
 
 
 def run_path() -> Path | None:
-    """The run directory: ``$REASONSCOPE_RUN``, else ``streamlit run explorer.py -- RUN_DIR``."""
-    given = os.environ.get(RUN_ENV)
-    if not given and sys.argv and sys.argv[0].endswith("explorer.py"):
+    """The run directory: ``streamlit run explorer.py -- RUN_DIR``, else ``$REASONSCOPE_RUN`` (an argument given
+    on the command line wins over one left in the environment)."""
+    given = None
+    if sys.argv and sys.argv[0].endswith("explorer.py"):
         args = [a for a in sys.argv[1:] if not a.startswith("-")]
         given = args[0] if args else None
+    given = given or os.environ.get(RUN_ENV)
     return Path(given) if given else None
 
 

@@ -454,3 +454,13 @@ def test_explorer_in_chromium(quick_run, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     print("screenshots:", *map(str, saved), sep="\n  ")
+
+
+def test_a_run_given_on_the_command_line_wins_over_the_environment(monkeypatch, tmp_path):
+    from app.state import RUN_ENV, run_path
+
+    monkeypatch.setenv(RUN_ENV, str(tmp_path / "left-over"))
+    monkeypatch.setattr("sys.argv", ["explorer.py", str(tmp_path / "given")])
+    assert run_path() == tmp_path / "given"
+    monkeypatch.setattr("sys.argv", ["explorer.py"])
+    assert run_path() == tmp_path / "left-over"
