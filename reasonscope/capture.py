@@ -83,7 +83,7 @@ def select_positions(trace: Trace, rule: str) -> torch.Tensor:
     elif rule == "last":
         pos = [n - 1] if n else []
     elif rule == "spans":
-        pos = sorted({p for a, b in trace.meta.get("spans", []) for p in range(a, b)})
+        pos = [p for a, b in trace.meta.get("spans", []) for p in range(a, b)]
     else:
         raise ValueError(f"unknown position rule {rule!r}; choose one of {POSITION_RULES}")
     pos = sorted(set(pos))  # segments given out of order (a JSONL) still give sorted, unique positions

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import filecmp
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,8 @@ class StoreWriter(ActivationStore):
             writer = cls(path, old)
             if old.complete:
                 writer._reopen_damaged()
-            else:
-                writer._forget_damaged()
+            else:  # recorded shards now missing or cut short are captured again
+                writer._drop_damaged(writer.completed_shards())
             return writer
         if path.exists():
             if not path.is_dir():
@@ -207,31 +207,26 @@ class StoreWriter(ActivationStore):
                 p.unlink(missing_ok=True)
         return ActivationStore.open(self.path)
 
-    def _forget_damaged(self) -> None:
-        """On resume of an unfinished store: a recorded shard now missing or of the wrong size loses its record (and
-        file), so this run captures it again."""
-        for i in self.completed_shards():
+    def _drop_damaged(self, indices: Iterable[int]) -> list[int]:
+        """Those of ``indices`` whose shard is now missing or of the wrong size, file and record removed so that
+        the resumed job captures them again."""
+        bad = []
+        for i in indices:
             try:
                 self._check_shard(i, "size")
             except CorruptShardError:
                 self.shard_path(i).unlink(missing_ok=True)
-                record_path(self.path, i).unlink(missing_ok=True)
+                record_path(self.path, i).unlink(missing_ok=True)  # a leftover record would skip its recapture
+                bad.append(i)
+        return bad
 
     def _reopen_damaged(self) -> None:
         """On resume of a complete store: shards now missing or of the wrong size are captured again."""
-        bad = []
-        for i in range(self.n_shards):
-            try:
-                self._check_shard(i, "size")
-            except CorruptShardError:
-                bad.append(i)
+        bad = self._drop_damaged(range(self.n_shards))
         if not bad:
             return
         for i in range(self.n_shards):
-            if i in bad:
-                self.shard_path(i).unlink(missing_ok=True)
-                record_path(self.path, i).unlink(missing_ok=True)  # a leftover record would skip its recapture
-            else:
+            if i not in bad:
                 write_json(record_path(self.path, i), record_dict(self._record(i)))
         self.manifest = replace(self.manifest, complete=False, files={})
         write_manifest(self.path, self.manifest.to_manifest())
