@@ -77,6 +77,8 @@ def app_cmd(
         if own:
             fail(f"{run} is a run on your own model (no run.json); name its model: `reasonscope app {run} --model M`")
         fail(f"{run} holds no demo run (no run.json or traces/); write one with `reasonscope demo --out {run}`")
+    if model is not None and (run / "run.json").is_file():
+        fail(f"{run} is a demo run (run.json): its models are the shipped organisms; open it without --model")
     if model is not None and not own:
         fail(
             f"{run} holds no stage output; write its traces with "

@@ -198,6 +198,10 @@ def test_app_command_checks_the_run_dir(tmp_path):
     assert r.exit_code == 2 and "reasonscope demo --out" in r.stderr
     r = runner.invoke(cli, ["app", str(tmp_path)])
     assert r.exit_code == 2 and "holds no demo run" in r.stderr
+    (tmp_path / "traces").mkdir()
+    (tmp_path / "run.json").write_text("{}")
+    r = runner.invoke(cli, ["app", str(tmp_path), "--model", "organism:thinking"])
+    assert r.exit_code == 2 and "demo run" in r.stderr and "without --model" in r.stderr
 
 
 @pytest.fixture(scope="module")
