@@ -250,12 +250,14 @@ def prepare_traces(handle: ModelHandle, traces: Sequence[Trace]) -> list[Trace]:
 
 
 def check_traces(handle: ModelHandle, traces: Sequence[Trace]) -> None:
-    """Refuse traces this model cannot run: none at all, empty, ids outside its vocabulary, longer than its context."""
+    """Refuse traces this model cannot run: none at all, empty, ids outside its vocabulary or from another tokenizer
+    (no ``</think>`` where the thinking ends), longer than its context."""
     if not traces:
         raise ValueError(
             "no traces to capture: the traces list (or file) is empty; pass a file with at least one trace"
         )
     vocab = int(handle.model.get_input_embeddings().num_embeddings)
+    think_end = handle.think_ids[1]
     context = getattr(getattr(handle.model.config, "text_config", handle.model.config), "max_position_embeddings", None)
     problems: list[str] = []
     for t in traces:
@@ -267,6 +269,17 @@ def check_traces(handle: ModelHandle, traces: Sequence[Trace]) -> None:
                 f"trace {t.id!r} has token id {bad[0][1]} at position {bad[0][0]} (and {len(bad) - 1} "
                 f"more) outside this model's vocabulary of {vocab} ids; were its token ids made by "
                 "another tokenizer? drop token_ids from the file to re-tokenize with this model"
+            )
+        elif (
+            think_end is not None
+            and t.think_span is not None
+            and t.think_span[1] < len(ids)
+            and ids[t.think_span[1]] != think_end
+        ):
+            problems.append(
+                f"trace {t.id!r} has token id {ids[t.think_span[1]]} where its thinking ends (position "
+                f"{t.think_span[1]}), not this model's </think> ({think_end}); were its token ids made by another "
+                "tokenizer? drop token_ids and think_span from the file to re-tokenize with this model"
             )
         elif context is not None and len(ids) > context:
             problems.append(

@@ -156,11 +156,14 @@ def test_bad_traces_error_before_writing(tiny_handle, task_traces, tmp_path):
     vocab = tiny_handle.model.get_input_embeddings().num_embeddings
     oov = [dataclasses.replace(t) for t in task_traces]
     oov[3] = dataclasses.replace(oov[3], token_ids=[*oov[3].token_ids[:-1], vocab + 5])
+    foreign = [dataclasses.replace(t) for t in task_traces]  # another tokenizer's ids, all within this vocabulary
+    foreign[2] = dataclasses.replace(foreign[2], token_ids=[(x + 1) % vocab for x in foreign[2].token_ids])
     long = [dataclasses.replace(t) for t in task_traces]
     long[5] = dataclasses.replace(long[5], token_ids=long[5].token_ids * 100)
     cases = [
         ([], "no traces to capture"),
         (oov, rf"trace 't3' has token id {vocab + 5} at position \d+ .* outside this model's vocabulary"),
+        (foreign, r"trace 't2' has token id \d+ where its thinking ends .* not this model's </think>"),
         (long, r"trace 't5' has \d+ tokens, longer than this model's context of 512"),
     ]
     for i, (traces, msg) in enumerate(cases):
