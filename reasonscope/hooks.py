@@ -41,6 +41,7 @@ class HookSpec:
     tuple_index: int = 0
     splits_heads: bool = False  # the module's last dim ``n_heads * head_dim`` is split into ``[n_heads, head_dim]``
     needs_eager: bool = False  # only eager attention materialises this tensor
+    editable: bool = True  # False: the module has used the tensor when its output hook runs (read-only on hf, nnsight)
 
     @property
     def shape(self) -> str:
@@ -93,6 +94,7 @@ _SPECS = [
         ("batch", "n_heads", "q_pos", "k_pos"),
         tuple_index=1,
         needs_eager=True,
+        editable=False,
     ),
     HookSpec("hook_attn_out", "model.layers.{layer}.self_attn", "output", 3, ("batch", "pos", "d_model")),
     HookSpec("hook_mlp_out", "model.layers.{layer}.mlp", "output", 4, ("batch", "pos", "d_model")),
@@ -194,6 +196,17 @@ def needs_eager(names: Iterable[str]) -> bool:
     return any(s is not None and s.needs_eager for s in specs)
 
 
+def expand_hooks(hooks: Mapping[str, HookFn], n_layers: int) -> dict[str, HookFn]:
+    """``{pattern: fn}`` -> ``{hook name: fn}``; a name matched by two patterns is an error."""
+    out: dict[str, HookFn] = {}
+    for pattern, fn in hooks.items():
+        for name in select_hooks(pattern, n_layers):
+            if name in out:
+                raise ValueError(f"hook {name!r} is selected by two patterns of `hooks`; give each hook one function")
+            out[name] = fn
+    return out
+
+
 def check_attention(names: Iterable[str], attn_implementation: str | None) -> None:
     """Raise when a hook needs eager attention and the model runs another implementation."""
     eager = [n for n in names if needs_eager([n])]
@@ -204,8 +217,9 @@ def check_attention(names: Iterable[str], attn_implementation: str | None) -> No
         )
 
 
-def check_replacement(name: str, new: object, old: torch.Tensor) -> torch.Tensor | None:
-    """A hook's return value: ``None`` (keep the activation) or a tensor of the activation's shape."""
+def check_replacement(name: str, new: object, old: torch.Tensor, editable: bool = True) -> torch.Tensor | None:
+    """A hook's return value: ``None`` (keep the activation) or a tensor of the activation's shape, cast to its
+    dtype and device (``x + v`` with a float32 ``v`` on a bfloat16 model). ``editable=False``: only ``None``."""
     if new is None:
         return None
     if not isinstance(new, torch.Tensor):
@@ -213,12 +227,18 @@ def check_replacement(name: str, new: object, old: torch.Tensor) -> torch.Tensor
             f"the hook function for {name} returned {type(new).__name__}; return None to only read the "
             "activation, or a tensor of its shape to replace it"
         )
+    if not editable:
+        raise ValueError(
+            f"{name} is read-only on this backend: the attention weights have met the values when its hook runs, so "
+            "a replacement would change nothing; edit the heads' outputs (attn.hook_z) instead, or load the model "
+            "with backend='transformer_lens', whose pattern hook runs before the values"
+        )
     if new.shape != old.shape:
         raise ValueError(
             f"the hook function for {name} returned shape {tuple(new.shape)}; a replacement must keep "
             f"the activation's shape {tuple(old.shape)}"
         )
-    return new
+    return new.to(device=old.device, dtype=old.dtype)
 
 
 def get_module(model: Any, path: str) -> Any:
@@ -304,7 +324,7 @@ def _post_hook(point: HookPoint, fn: HookFn, n_heads: int) -> Callable[..., Any]
         if value is None:
             raise RuntimeError(f"{point.name} is empty; {_EAGER_HINT}")
         canon = spec.to_canonical(value, n_heads)
-        new = check_replacement(point.name, fn(canon), canon)
+        new = check_replacement(point.name, fn(canon), canon, spec.editable)
         if new is None:
             return None
         new = spec.from_canonical(new)

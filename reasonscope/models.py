@@ -35,6 +35,7 @@ from .hooks import (
     attach,
     check_attention,
     check_replacement,
+    expand_hooks,
     get_module,
     hook_names,
     parse_hook,
@@ -319,7 +320,7 @@ class ModelHandle:
                     out = env.output
                     value = out[p.spec.tuple_index] if isinstance(out, tuple) else out
                 canon = p.spec.to_canonical(value, g.n_heads)
-                new = check_replacement(p.name, hooks[p.name](canon), canon)
+                new = check_replacement(p.name, hooks[p.name](canon), canon, p.spec.editable)
                 if new is not None:
                     new = p.spec.from_canonical(new)
                     if p.spec.side == "input":
@@ -334,17 +335,6 @@ class ModelHandle:
 
 class StopForward(Exception):
     """Raised by a hook after the last point a pass needs, to skip the rest of the forward pass."""
-
-
-def expand_hooks(hooks: Mapping[str, HookFn], n_layers: int) -> dict[str, HookFn]:
-    """``{pattern: fn}`` -> ``{hook name: fn}``; a name matched by two patterns is an error."""
-    out: dict[str, HookFn] = {}
-    for pattern, fn in hooks.items():
-        for name in select_hooks(pattern, n_layers):
-            if name in out:
-                raise ValueError(f"hook {name!r} is selected by two patterns of `hooks`; give each hook one function")
-            out[name] = fn
-    return out
 
 
 def _tl_hook(name: str, fn: HookFn) -> Callable[[torch.Tensor, Any], torch.Tensor | None]:

@@ -99,3 +99,32 @@ def test_a_hook_must_return_none_or_a_same_shape_tensor(tiny_model_dir, backend)
         h.run(ids, hooks={"blocks.0.attn.hook_z": lambda z: z.shape})
     with pytest.raises(ValueError, match=r"must keep the activation's shape \(1, 3, 32\)"):
         h.run(ids, hooks={"blocks.1.hook_resid_post": lambda x: x[:, :2]})
+
+
+@pytest.mark.parametrize("backend", ["hf", "transformer_lens", "nnsight"])
+def test_pattern_edits_are_refused_where_they_would_change_nothing(tiny_model_dir, backend):
+    """On hf and nnsight the pattern hook runs after the weights met the values: an edit is refused there (a read
+    still works), while TransformerLens' pattern hook runs before them and an edit changes the logits."""
+    h = load_model(tiny_model_dir, backend=backend, attn_implementation="eager")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    plain = h.run(ids)
+    seen: list[tuple[int, ...]] = []
+    h.run(ids, hooks={"blocks.0.attn.hook_pattern": lambda p: seen.append(tuple(p.shape))})
+    assert seen == [(1, 4, 4, 4)]
+    zero = {"blocks.0.attn.hook_pattern": torch.zeros_like}
+    if backend == "transformer_lens":
+        assert (h.run(ids, hooks=zero) - plain).abs().max() > 1e-3
+        return
+    with pytest.raises(ValueError, match=r"blocks.0.attn.hook_pattern is read-only on this backend.*attn.hook_z"):
+        h.run(ids, hooks=zero)
+    assert torch.equal(h.run(ids), plain)
+
+
+def test_a_replacement_takes_the_activation_dtype(tiny_model_dir):
+    """``x + v`` with a float32 ``v`` on a bfloat16 model replaces the activation in bfloat16."""
+    h = load_model(tiny_model_dir, dtype="bf16")
+    ids = torch.tensor([[1, 2, 3]])
+    v = torch.ones(h.geometry.d_model)
+    got = h.run(ids, hooks={"blocks.1.hook_resid_post": lambda x: x.float() + v})
+    want = h.run(ids, hooks={"blocks.1.hook_resid_post": lambda x: x + v.bfloat16()})
+    assert torch.equal(got, want)
