@@ -68,17 +68,20 @@ def sum_by_runs(
 ) -> torch.Tensor:
     """``Σ part(hidden[at], at)`` over runs of the positions at ``where``, each run's logits freed before the next.
 
-    Each run back-propagates into a detached copy of ``hidden`` as soon as it is computed; the result carries that
-    gradient to ``hidden``'s graph (value: the sum; gradient: the sum's), so autograd never holds more than one run's
+    Each run's gradient with respect to a detached copy of ``hidden`` is taken as soon as the run is computed (and
+    only that one: weights ``part`` reads, e.g. the unembedding, get no ``.grad``); the result carries the sum of
+    them to ``hidden``'s graph (value: the sum; gradient: the sum's), so autograd never holds more than one run's
     ``[positions, vocab]`` tensors."""
     leaf = hidden.detach().requires_grad_(hidden.requires_grad)
-    total = 0.0
+    total, grad = 0.0, None
     for at in position_runs(where, n_vocab):
         piece = part(leaf[at], at)
         if leaf.requires_grad:
-            piece.backward()
+            (g,) = torch.autograd.grad(piece, leaf, allow_unused=True)
+            if g is not None:
+                grad = g if grad is None else grad + g
         total += float(piece.detach())
     out = torch.tensor(total, device=hidden.device)
-    if leaf.grad is not None:
-        out = out + (hidden * leaf.grad).sum() - (hidden.detach() * leaf.grad).sum()
+    if grad is not None:
+        out = out + (hidden * grad).sum() - (hidden.detach() * grad).sum()
     return out
