@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from .hooks import HookFn, attach, may_keep_tensors
+from .hooks import HookFn, attach, expand_hooks, may_keep_tensors
 
 _MASK64 = (1 << 64) - 1
 _CURRENT: ContextVar[Batch | None] = ContextVar("reasonscope_generation_batch", default=None)
@@ -64,6 +64,18 @@ class DecodeConfig:
     refill: int | None = None  # prefill waiting prompts once this many slots are free; None: batch_size // 8
     prefill_tokens: int = 16384  # token budget (rows x padded length) of one prefill forward pass
     share_prefixes: bool = False  # prompts sharing >= SHARED_MIN leading tokens compute them once (see generate)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        for name in ("batch_size", "prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.refill is not None and self.refill < 1:
+            raise ValueError(f"refill must be >= 1 (or None: batch_size // 8), got {self.refill}")
 
 
 @dataclass
@@ -232,7 +244,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, uniforms: tor
         probs = probs * ((probs.cumsum(-1) - probs) < top_p)
     cdf = probs.cumsum(-1)
     target = uniforms.to(cdf)[:, None] * cdf[:, -1:]
-    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
+    # a uniform that rounds to 1 in float32 reaches past the total: take the last token of positive probability
+    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous())
+    pick = torch.minimum(torch.searchsorted(cdf, target, right=True), last)
     return (order.gather(-1, pick) if order is not None else pick)[:, 0]
 
 
@@ -493,14 +507,15 @@ class _Engine:
 
     def guard(self, hooks: Mapping[str, HookFn] | None, companion: bool) -> dict[str, HookFn]:
         """``hooks`` for the model (or the companion), idle during the other model's passes (they may be one module)."""
+        hooks = dict(hooks or {})
         if len(self.models) == 1:
-            return dict(hooks or {})
+            return hooks
         mine = "companion" if companion else "model"
 
         def only(fn: HookFn, x: torch.Tensor) -> torch.Tensor | None:
             return fn(x) if self.running == mine else None
 
-        return {name: partial(only, fn) for name, fn in (hooks or {}).items()}
+        return {name: partial(only, fn) for name, fn in hooks.items()}
 
     def _run(
         self,
@@ -845,8 +860,13 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
     if cfg.temperature > 0 and not 0 < cfg.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {cfg.top_p}")
+    if isinstance(prompts, str) or any(isinstance(p, int) or getattr(p, "ndim", 1) == 0 for p in prompts):
+        raise TypeError(
+            "prompts must be a list of prompts, each a string or a list of token ids; "
+            f"got a {'string' if isinstance(prompts, str) else 'flat list of ids'}: wrap it in a list"
+        )
     tok = handle.tokenizer
-    ids = [tok(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(p) for p in prompts]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else list(map(int, p)) for p in prompts]
     if any(len(p) == 0 for p in ids):
         raise ValueError("empty prompt: every prompt needs at least one token (e.g. the chat template's BOS)")
     if not ids:
@@ -865,12 +885,12 @@ def generate(
     sealed = not hooks and on_token is None and companion is None and engine.impl in ("sdpa", "eager")
     grad_mode = torch.inference_mode() if sealed and not may_keep_tensors(handle.model) else torch.no_grad()
     with grad_mode, ExitStack() as stack:
-        stack.enter_context(attach(handle.model, engine.guard(hooks, companion=False), g.n_layers, g.n_heads))
+        mine = engine.guard(expand_hooks(hooks or {}, g.n_layers), companion=False)
+        stack.enter_context(attach(handle.model, mine, g.n_layers, g.n_heads))
         engine.sliced = stack.enter_context(_sliced(handle.model))
         if companion is not None:
             cg = companion.geometry
-            stack.enter_context(
-                attach(companion.model, engine.guard(companion_hooks, companion=True), cg.n_layers, cg.n_heads)
-            )
+            theirs = engine.guard(expand_hooks(companion_hooks or {}, cg.n_layers), companion=True)
+            stack.enter_context(attach(companion.model, theirs, cg.n_layers, cg.n_heads))
             stack.enter_context(_sliced(companion.model))
         return engine.run()

@@ -244,6 +244,36 @@ def test_text_prompts_and_empty_prompt(tiny_handle):
     ]
     with pytest.raises(ValueError, match="empty prompt"):
         generate(tiny_handle, [[]])
+    for flat in (text[0], [1, 2, 3], torch.tensor([1, 2, 3])):  # one prompt not wrapped in a list
+        with pytest.raises(TypeError, match="wrap it in a list"):
+            generate(tiny_handle, flat)  # type: ignore[arg-type]
+    (c,) = generate(tiny_handle, torch.tensor([[1, 2, 3]]), DecodeConfig(max_new_tokens=2))
+    assert c.prompt_ids == [1, 2, 3] and all(type(t) is int for t in c.prompt_ids)
+
+
+def test_decode_config_checks_its_fields():
+    assert DecodeConfig(stop="</think>").stop == ("</think>",)  # one string is one stop string, not its characters
+    assert DecodeConfig(stop=["a", "b"]).stop == ("a", "b")  # type: ignore[arg-type]
+    for bad, message in [
+        (dict(stop=("",)), "non-empty strings"),
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(prefill_tokens=0), "prefill_tokens must be >= 1"),
+        (dict(refill=0), "refill must be >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            DecodeConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_generate_takes_hook_patterns(varied):
+    """``hooks`` names may be patterns, as in ``ModelHandle.run``."""
+    prompts = encode(varied)[:2]
+    cfg = DecodeConfig(max_new_tokens=6)
+    v = torch.randn(varied.geometry.d_model, generator=torch.Generator().manual_seed(1)) * 5
+    names = {f"blocks.{i}.hook_resid_post": (lambda x: x + v) for i in range(varied.geometry.n_layers)}
+    want = [c.token_ids for c in generate(varied, prompts, cfg, hooks=names)]
+    assert want != [c.token_ids for c in generate(varied, prompts, cfg)]
+    for pattern in ("blocks.*.hook_resid_post", "hook_resid_post"):
+        assert [c.token_ids for c in generate(varied, prompts, cfg, hooks={pattern: lambda x: x + v})] == want
 
 
 def test_sampling_is_seeded_and_batching_invariant(varied):
@@ -285,6 +315,10 @@ def test_sample_follows_the_distribution():
     assert torch.bincount(tokens, minlength=4).tolist() == [500, 0, 300, 200]
     top = sample(probs.log().expand(1000, 4), 1.0, 0.7, u)  # nucleus {0, 2}: mass 0.8 >= 0.7
     assert torch.bincount(top, minlength=4).tolist() == [625, 0, 375, 0]
+    top_u = torch.tensor([1 - 2**-53], dtype=torch.float64)  # rounds to 1.0 in float32
+    assert sample(probs.log()[None], 1.0, 1.0, top_u).item() == 3  # the last token of positive probability
+    assert sample(torch.tensor([[5.0, 4.0, -float("inf")]]), 1.0, 1.0, top_u).item() == 1
+    assert sample(probs.log()[None], 1.0, 0.7, top_u).item() == 2  # inside the nucleus {0, 2}
     draws = [uniform(0, r, s) for r in range(50) for s in range(50)]
     assert all(0 <= x < 1 for x in draws) and len(set(draws)) == len(draws) and 0.45 < sum(draws) / 2500 < 0.55
 

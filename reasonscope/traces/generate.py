@@ -26,7 +26,7 @@ class GenerationConfig:
             temperature=self.temperature,
             top_p=self.top_p,
             seed=self.seed,
-            stop=tuple(self.stop),
+            stop=self.stop,  # DecodeConfig reads one string as one stop string
             batch_size=self.batch_size,
         )
 
