@@ -230,6 +230,15 @@ class SlotCache(Cache):
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self._length
 
+    # what HF's mask builder asks of a cache when a pass gives no mask: only an unpadded prefill does
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        if self._positions is not None or self._slots is None:
+            raise RuntimeError("SlotCache: only a prefill pass may leave the attention mask to the model")
+        return query_length, 0
+
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
     """Draw one token per row of ``logits`` ``[rows, vocab]`` by inverse CDF at ``uniforms`` ``[rows]`` in [0, 1).
@@ -521,14 +530,17 @@ class _Engine:
         self,
         who: str,
         ids: torch.Tensor,
-        allowed: torch.Tensor,
+        allowed: torch.Tensor | None,
         position_ids: torch.Tensor,
         cache: SlotCache | None = None,
     ) -> torch.Tensor:
+        """Last-position logits of one pass; ``allowed`` None: unpadded prompts, causal (the model builds the mask,
+        or with SDPA needs none)."""
         model, impl, own = self.models[who]
         cache = own if cache is None else cache
         mask = allowed
-        if impl == "eager":  # additive mask, as HF builds it for eager; sdpa and custom functions get bools
+        # eager: an additive mask, as HF builds it for eager; sdpa and custom functions get bools
+        if impl == "eager" and allowed is not None:
             dtype = model.dtype
             mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device).masked_fill_(
                 ~allowed, torch.finfo(dtype).min
@@ -550,7 +562,7 @@ class _Engine:
     def _forward(
         self,
         ids: torch.Tensor,
-        allowed: torch.Tensor,
+        allowed: torch.Tensor | None,
         position_ids: torch.Tensor,
         batch: Batch,
         slots: torch.Tensor,
@@ -577,6 +589,8 @@ class _Engine:
             return torch.empty(0, vocab, device=self.device)
         if positions is None:
             self.cache.prefill(slots[rows])
+        elif allowed is None:
+            raise AssertionError("only a prefill runs without a mask")
         elif positions.dim() == 2:
             self.cache.extend(slots[rows], positions[rows], allowed.shape[-1])
         else:
@@ -584,7 +598,7 @@ class _Engine:
         sub = Batch(batch.rows[rows], batch.positions[rows], batch.n_generated[rows], batch.prefill, batch.requests)
         token, spans = _CURRENT.set(sub), _SPANS.set(None)  # any rows: the whole span
         try:
-            return self._run("model", ids[rows], allowed[rows], position_ids[rows])
+            return self._run("model", ids[rows], None if allowed is None else allowed[rows], position_ids[rows])
         finally:
             _SPANS.reset(spans)
             _CURRENT.reset(token)
@@ -605,9 +619,11 @@ class _Engine:
         ids = self._tensor([[self.pad] * p + self.prompts[r] for p, r in zip(pads, reqs)])
         real = self._tensor([[0] * p + [1] * (width - p) for p in pads]).bool()
         position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
-        eye = torch.eye(width, dtype=torch.bool, device=self.device)  # padding attends to itself: never NaN
-        allowed = ((causal & real[:, None, :]) | eye)[:, None]
+        allowed = None  # no padding: causal, and SDPA runs without a [rows, T, T] mask
+        if any(pads):
+            allowed = torch.ones(n, 1, width, width, dtype=torch.bool, device=self.device).tril_()
+            allowed &= real[:, None, None, :]
+            allowed.diagonal(dim1=-2, dim2=-1).fill_(True)  # padding attends to itself: never NaN
         slot_t = self._tensor(slots)
         self._reserve(width)
         for cache in self.caches:
@@ -688,7 +704,6 @@ class _Engine:
         n = len(self.prompts[root])
         ids = self._tensor([self.prompts[root]])
         positions = torch.arange(n, device=self.device)[None]
-        allowed = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()[None, None]
         zero = self._tensor([0])
         batch = Batch(
             rows=self._tensor([root]), positions=positions, n_generated=zero, prefill=True, requests=len(self.prompts)
@@ -699,7 +714,7 @@ class _Engine:
                 cache = SlotCache(1, n)
                 cache.reserve(n)
                 cache.prefill(zero)
-                self._run(who, ids, allowed, positions, cache)
+                self._run(who, ids, None, positions, cache)
                 out.append((cache.keys, cache.values))
         return out
 

@@ -441,3 +441,23 @@ def test_organism_greedy_equals_hf_generate():
     same = sum(c.token_ids == r for c, r in zip(out, ref))
     assert same >= 29, f"{same}/30 equal to HF generate"
     assert any(c.finish_reason == "eos" for c in out) and len({len(c.token_ids) for c in out}) > 5
+
+
+def test_an_unpadded_prefill_leaves_the_causal_mask_to_the_model(varied, monkeypatch):
+    """Prompts of one length prefill without a ``[rows, T, T]`` mask (SDPA runs causal, as HF's own forward does);
+    padded ones get the 4D mask; both give the one-by-one tokens (``test_continuous_batching_equals_one_by_one``)."""
+    masks: list[object] = []
+    forward = type(varied.model).forward
+
+    def spy(self, *args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            masks.append(kwargs["attention_mask"])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(varied.model), "forward", spy)
+    a, b = encode(varied)[:2]
+    assert len(a) != len(b)
+    generate(varied, [a, a[:]], DecodeConfig(max_new_tokens=2))
+    assert masks == [None]
+    generate(varied, [a, b], DecodeConfig(max_new_tokens=2))
+    assert isinstance(masks[1], torch.Tensor) and masks[1].shape == (2, 1, max(len(a), len(b)), max(len(a), len(b)))
