@@ -98,6 +98,13 @@ class Batch:
     requests: int  # requests of the generate call (rows index 0..requests-1): per-request state checks on the host
     companion_logits: torch.Tensor | None = None  # [batch, vocab] float32 of the companion model (in on_token)
     _rerun: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    _keys: Callable[[], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def key_positions(self) -> torch.Tensor:
+        """``[batch, keys]``: the position in its request's sequence of each key column of this pass's attention
+        (what ``attn.hook_pattern``'s last dim indexes: cache columns, shifted by a row's left padding); -1 = no real
+        token. Call it during the pass (in a hook or ``on_token``). A prefill's keys are its input columns."""
+        return self.positions if self._keys is None else self._keys()
 
     def rerun(self, rows: torch.Tensor) -> torch.Tensor:
         """Run this pass again for batch rows ``rows`` (distinct indices into this batch) on the model, hooks active.
@@ -595,7 +602,15 @@ class _Engine:
             self.cache.extend(slots[rows], positions[rows], allowed.shape[-1])
         else:
             self.cache.decode(positions[rows], allowed.shape[-1], slots[rows])
-        sub = Batch(batch.rows[rows], batch.positions[rows], batch.n_generated[rows], batch.prefill, batch.requests)
+        keys = batch.key_positions()[rows]
+        sub = Batch(
+            batch.rows[rows],
+            batch.positions[rows],
+            batch.n_generated[rows],
+            batch.prefill,
+            batch.requests,
+            _keys=lambda: keys,
+        )
         token, spans = _CURRENT.set(sub), _SPANS.set(None)  # any rows: the whole span
         try:
             return self._run("model", ids[rows], None if allowed is None else allowed[rows], position_ids[rows])
@@ -688,6 +703,7 @@ class _Engine:
             n_generated=torch.zeros(len(reqs), dtype=torch.long, device=self.device),
             prefill=True,
             requests=len(self.prompts),
+            _keys=lambda: torch.where(key_at[None] < end_t[:, None], key_at[None], -1),
         )
         logits, batch = self._forward(ids, allowed[:, None], position_ids, batch, slot_t, writes)
         self.mask[slot_t] = False
@@ -745,6 +761,7 @@ class _Engine:
             n_generated=self._tensor([len(o) for o in self.out]),
             prefill=False,
             requests=len(self.prompts),
+            _keys=partial(self._decode_keys, span),
         )
         ids, allowed = self._tensor(self.next)[:, None], self.mask[:, None, None, :span]
         token = _SPANS.set(_span_groups(ends, SPAN_GROUPS) if self.sliced else None)
@@ -755,6 +772,11 @@ class _Engine:
         for s, r in enumerate(self.req):
             self.length[s] += r >= 0
         self._accept(list(range(self.width)), logits, batch)
+
+    def _decode_keys(self, span: int) -> torch.Tensor:
+        """A decode step's :meth:`Batch.key_positions` (slot ``s``'s column ``c`` holds position ``c - start[s]``)."""
+        column = torch.arange(span, device=self.device)[None] - self._tensor(self.start)[:, None]
+        return torch.where(self.mask[:, :span], column, -1)
 
     def _accept(self, slots: list[int], logits: torch.Tensor, batch: Batch) -> None:
         """Choose the next token of each row of the pass (row i serves ``slots[i]``); retire finished rows."""

@@ -461,3 +461,47 @@ def test_an_unpadded_prefill_leaves_the_causal_mask_to_the_model(varied, monkeyp
     assert masks == [None]
     generate(varied, [a, b], DecodeConfig(max_new_tokens=2))
     assert isinstance(masks[1], torch.Tensor) and masks[1].shape == (2, 1, max(len(a), len(b)), max(len(a), len(b)))
+
+
+def test_key_positions_realign_attention_patterns_of_a_batch(tiny_model_dir):
+    """``Batch.key_positions`` maps a pattern's key columns to sequence positions, so each request's attention read
+    during batched generation (left padding, refills, shared prefixes) equals its one-by-one pattern."""
+    h = varied_model(tiny_model_dir, attn="eager")
+    prompts = encode(h)[:3]
+    prompts.append(prompts[0] + prompts[1][-20:])  # shares the first prompt's tokens
+    n_new = 4
+
+    def read(cfg: DecodeConfig, ps: list[list[int]]) -> dict[tuple[int, int], torch.Tensor]:
+        got: dict[tuple[int, int], torch.Tensor] = {}
+
+        def hook(p: torch.Tensor) -> None:
+            b = current_batch()
+            keys = b.key_positions()
+            for i, r in enumerate(b.rows.tolist()):
+                if r < 0:
+                    continue
+                for q in range(p.shape[2]):
+                    at = int(b.positions[i, q])
+                    if at >= 0:
+                        real = keys[i] >= 0
+                        row = torch.zeros(int(keys[i].max()) + 1)
+                        row[keys[i][real]] = p[i, :, q][:, real].sum(0)  # heads summed: one vector per query
+                        assert not row[at + 1 :].any()  # causal: no later position
+                        got[r, at] = row[: at + 1]
+
+        generate(h, ps, cfg, hooks={"blocks.1.attn.hook_pattern": hook})
+        return got
+
+    alone: dict[tuple[int, int], torch.Tensor] = {}
+    for r, p in enumerate(prompts):
+        alone |= {(r, at): v for (_, at), v in read(DecodeConfig(max_new_tokens=n_new), [p]).items()}
+    for cfg in (
+        DecodeConfig(max_new_tokens=n_new, batch_size=4),
+        DecodeConfig(max_new_tokens=n_new, batch_size=2, refill=1),
+        DecodeConfig(max_new_tokens=n_new, batch_size=4, share_prefixes=True),
+    ):
+        batched = read(cfg, prompts)
+        shared = cfg.share_prefixes  # a member's shared prompt tokens are seen once, in its root's pass
+        assert batched.keys() >= {(r, at) for r, at in alone if not shared or at >= len(prompts[r])}, cfg
+        for k, v in batched.items():
+            assert torch.allclose(v, alone[k], atol=1e-5), (cfg, k)
