@@ -5,13 +5,17 @@ from __future__ import annotations
 from reasonscope.traces.generate import GenerationConfig, generate_traces, split_generation
 
 
-def test_batched_greedy_equals_one_by_one(tiny_handle):
+def test_batched_greedy_equals_one_by_one(tiny_model_dir):
+    from test_generation import varied_model
+
+    h = varied_model(tiny_model_dir)  # greedy text that differs between prompts (the fixture's repeats one token)
     qs = ["a=3, b=4, c=1, d=9. what is a + b - c + d?", "e=2. what is e?", "f=1, g=5. what is f - g?"]
-    prompts = [tiny_handle.chat_prompt(q) for q in qs]  # different lengths: left padding in the batch
+    prompts = [h.chat_prompt(q) for q in qs]  # different lengths: left padding in the batch
     cfg = GenerationConfig(max_new_tokens=10, batch_size=3)
-    batched = generate_traces(tiny_handle, prompts, cfg, ids=["x", "y", "z"])
-    singles = [generate_traces(tiny_handle, [p], cfg)[0] for p in prompts]
+    batched = generate_traces(h, prompts, cfg, ids=["x", "y", "z"])
+    singles = [generate_traces(h, [p], cfg)[0] for p in prompts]
     assert [t.id for t in batched] == ["x", "y", "z"]
+    assert len({tuple(t.token_ids[-10:]) for t in batched}) == 3  # each request generated its own text
     for b, s in zip(batched, singles):
         assert b.thinking == s.thinking and b.answer == s.answer and b.token_ids == s.token_ids
 

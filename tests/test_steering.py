@@ -134,11 +134,20 @@ def test_steered_generation_skips_autograd_and_the_vector_still_trains_afterward
     assert gamma.grad is not None and bool(torch.isfinite(gamma.grad))
 
 
-def test_prompt_rule_steers_the_last_prompt_token_of_the_prefill_only(tiny_handle):
-    """Each step's logits under ``prompt`` equal a full re-run of prompt ⊕ tokens so far with γ·v at the prompt's
-    last position only (its steered keys stay in the cache; decode steps are not steered)."""
+STEERED_AT = {  # positions of prompt (n tokens) + generated tokens each rule steers during generation
+    "all": lambda n, k: range(n + k),
+    "last": lambda n, k: range(n - 1, n + k),  # the last position of every pass: prefill, then each fed token
+    "generated": lambda n, k: range(n, n + k),  # decode steps only
+    "prompt": lambda n, k: range(n - 1, n),  # the last prompt token of the prefill only
+}
+
+
+@pytest.mark.parametrize("positions", list(STEERED_AT))
+def test_each_rule_steers_its_positions_during_generation(tiny_handle, positions):
+    """Each step's logits equal a full re-run of prompt ⊕ tokens so far with γ·v at exactly the positions the rule
+    names (steered keys stay in the cache)."""
     h = tiny_handle
-    vec = make_vector(h, layers=(0, 1), positions="prompt")
+    vec = make_vector(h, layers=(0, 1), positions=positions)
     seen: dict[int, list[torch.Tensor]] = {}
 
     def keep(b, tokens, logits):
@@ -150,21 +159,28 @@ def test_prompt_rule_steers_the_last_prompt_token_of_the_prefill_only(tiny_handl
         steered = generate(h, TEXTS, DecodeConfig(max_new_tokens=6, batch_size=2), on_token=keep)
     for req, c in enumerate(steered):
         n = len(c.prompt_ids)
-
-        def at_prompt_end(x, layer, n=n):
-            x = x.clone()
-            x[:, n - 1] += 3.0 * vec.direction(layer)
-            return x
-
-        hooks = {f"blocks.{i}.hook_resid_post": (lambda x, i=i: at_prompt_end(x, i)) for i in (0, 1)}
         assert len(seen[req]) == len(c.token_ids)
         for k, got in enumerate(seen[req]):
+            at = list(STEERED_AT[positions](n, k))
+
+            def add(x, layer, at=at):
+                x = x.clone()
+                x[:, at] += 3.0 * vec.direction(layer)
+                return x
+
+            hooks = {f"blocks.{i}.hook_resid_post": (lambda x, i=i: add(x, i)) for i in (0, 1)}
             with torch.no_grad():
                 ref = h.run(torch.tensor([c.prompt_ids + c.token_ids[:k]]), hooks=hooks)[0, -1].float()
             assert torch.allclose(got, ref, atol=1e-4), (req, k)
         with torch.no_grad():
             plain = h.run(torch.tensor([c.prompt_ids]))[0, -1].float()
-        assert not torch.allclose(seen[req][0], plain, atol=1e-2)  # the first token's logits were steered
+        first_steered = not torch.allclose(seen[req][0], plain, atol=1e-2)
+        assert first_steered == (positions != "generated")  # ``generated`` leaves the prefill alone
+
+
+def test_prompt_rule_outside_generation_is_the_last_position(tiny_handle):
+    h = tiny_handle
+    vec = make_vector(h, layers=(0, 1), positions="prompt")
     ids, mask = batch(h)
     with vec.apply(h, gamma=3.0):  # a plain forward pass: the last position, as ``last``
         before, _ = resid(h, 0, ids, mask)

@@ -78,6 +78,9 @@ def test_gguf_layout_is_a_llama_cpp_control_vector(tmp_path):
         assert np.array_equal(data, vec.direction(layer).numpy())
     directions, fields = read_gguf(path)
     assert sorted(directions) == [1, 3] and fields["controlvector.model_hint"] == "qwen2"
+    method = vec.export_gguf(tmp_path / "m.gguf", model_hint="llama")  # the vector's own method, repeng's spelling
+    assert method == tmp_path / "m.gguf" and read_gguf(method)[1]["controlvector.model_hint"] == "llama"
+    assert all(np.array_equal(read_gguf(method)[0][k], directions[k]) for k in (1, 3))
 
 
 def test_gguf_refuses_layer_zero_for_llama_cpp(tmp_path):
