@@ -106,6 +106,28 @@ def test_online_deviation_index_equals_the_offline_one(tiny_handle):
             assert value == pytest.approx(float(offline[start + step - 1]), rel=1e-4)
 
 
+def test_online_probe_score_equals_the_offline_one(tiny_handle, tiny_probes):
+    """The probe score the monitor reads at a boundary = the fitted probe on the finished sequence's activation at
+    that token (its best hook, ``run_with_cache``), and the scores vary (a constant reading would pass the rest)."""
+    import torch
+
+    prompts, golds = _prompts(tiny_handle, 3)
+    free = _free(tiny_handle, prompts, 16)
+    boundary = tiny_handle.tokenizer.decode([free[0][5]]).rstrip(" ")[-1]
+    cfg = MonitorConfig(max_new_tokens=16, batch_size=4, boundaries=(boundary,))
+    rec = record(tiny_handle, prompts, golds, cfg, tiny_probes)
+    values = [v for events in rec.events["probe"] for _, v in events]
+    assert len(values) >= 3 and max(values) > 2 * min(values) > 0  # scores vary (this tiny probe's are small)
+    hook = tiny_probes.best_hook
+    for q, events in enumerate(rec.events["probe"]):
+        ids = rec.prompts[q] + rec.tokens[q]
+        with torch.no_grad():
+            acts = tiny_handle.run_with_cache(torch.tensor([ids]), None, hook)[hook][0].float()
+        start = len(rec.prompts[q])
+        for step, value in events:
+            assert value == pytest.approx(float(tiny_probes.predict(acts[start + step - 1])), rel=1e-3, abs=0)
+
+
 @pytest.mark.parametrize(("temperature", "grader"), [(0.0, "organism"), (1.0, "organism"), (1.0, "gsm8k")])
 def test_replay_equals_live_runs(tiny_handle, tiny_probes, monkeypatch, temperature, grader):
     """Every policy@threshold replayed from one recorded reference run = the live run of that policy; for a math
