@@ -6,7 +6,8 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch is pinned exactly (2.13.0): a looser pin would pull the CUDA build's multi-GB dependencies.
-.venv/bin/python -m pip install -q -e ".[dev,distributed]"
+# bench: scikit-learn, the reference of bench/probes.py and of the fitter's equivalence test
+.venv/bin/python -m pip install -q -e ".[dev,distributed,bench]"
 # The explorer's browser test drives Debian's chromium through Playwright (no browser download).
 if ! command -v chromium >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
