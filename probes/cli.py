@@ -171,15 +171,43 @@ def _summary(sets: list[ProbeSet]) -> dict[str, dict[str, Any]]:
 @probe_app.command("eval")
 def eval_cmd(
     probes: list[Path] = typer.Option(..., "--probes", help="probe_set artifact(s); repeat for several targets."),
+    store: Optional[Path] = typer.Option(
+        None, help="Evaluate on this activation store (other traces of the same model) instead of the fit's test."
+    ),
+    labels: Optional[Path] = typer.Option(None, help="Chunk labels of --store's traces (`probe labels --out`)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
-    """Held-out evaluation of fitted probes: best layer, AUROC (pooled, within-problem), ECE, Brier, selectivity."""
+    """Evaluation of fitted probes: best layer, AUROC (pooled, within-problem), ECE, Brier, selectivity on the fit's
+    held-out test problems; with --store and --labels, the best layer's probe on every labelled chunk there."""
+    from reasonscope.store import ActivationStore
+
+    from .labels import LabelTable
     from .probeset import ProbeSet
 
     for p in probes:
         if not p.is_dir():
             fail(f"--probes {p} is not a directory; pass a probe_set written by `reasonscope probe fit`")
-    _emit(_summary([ProbeSet.open(p) for p in probes]), as_json)
+    if (store is None) != (labels is None):
+        fail("--store and --labels go together: the activations and the chunk labels of the same traces")
+    sets = [ProbeSet.open(p) for p in probes]
+    if store is None or labels is None:
+        _emit(_summary(sets), as_json)
+        return
+    for path, what in ((store, "--store"), (labels, "--labels")):
+        if not path.is_dir():
+            fail(f"{what} {path} is not a directory")
+    st, table = ActivationStore.open(store), LabelTable.open(labels)
+    out = {}
+    for ps in sets:
+        try:
+            out[ps.target] = {
+                "best_layer": int(ps.best_hook.split(".")[1]),
+                "best_hook": ps.best_hook,
+                **ps.evaluate(st, table),
+            }
+        except ValueError as e:
+            fail(f"--probes {ps.path}: {e}")
+    _emit(out, as_json)
 
 
 VAL_SEED_OFFSET = 1  # validation problems: task.problems(n, EVAL_SEED + 1), minus any test problem

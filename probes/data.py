@@ -64,10 +64,11 @@ class Labelled:
     problems: list[str]
 
 
-def join_labels(
-    store: ActivationStore, labels: LabelTable, target: str, test_fraction: float, val_fraction: float, seed: int
-) -> Labelled:
-    """Match store rows to labelled chunks of ``target`` (finite values only) and split them by problem."""
+def match_labels(
+    store: ActivationStore, labels: LabelTable, target: str
+) -> tuple[torch.Tensor, list[int], torch.Tensor, list[str]]:
+    """Store rows matching labelled chunks of ``target`` (finite values only): ``(store rows, label rows, y 0/1,
+    problem of each)``."""
     values = labels.target(target)
     key = {(t, p): i for i, (t, p) in enumerate(zip(labels.trace_id, labels.position)) if not math.isnan(values[i])}
     rows = store.rows()
@@ -91,7 +92,14 @@ def join_labels(
     y = torch.tensor([values[i] for i in l_idx], dtype=torch.float32)
     if not bool(((y == 0) | (y == 1)).all()):
         raise ValueError(f"target {target!r} is not binary (0/1); threshold it into a label first")
-    probs = [labels.problem[i] for i in l_idx]
+    return r_idx, l_idx, y, [labels.problem[i] for i in l_idx]
+
+
+def join_labels(
+    store: ActivationStore, labels: LabelTable, target: str, test_fraction: float, val_fraction: float, seed: int
+) -> Labelled:
+    """Match store rows to labelled chunks of ``target`` (:func:`match_labels`) and split them by problem."""
+    r_idx, l_idx, y, probs = match_labels(store, labels, target)
     uniq = sorted(set(probs))
     gid = {p: k for k, p in enumerate(uniq)}
     group = torch.tensor([gid[p] for p in probs])

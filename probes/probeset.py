@@ -24,6 +24,8 @@ from .batched import BatchedProbe
 if TYPE_CHECKING:  # pragma: no cover
     from reasonscope.models import ModelHandle
 
+    from .labels import LabelTable
+
 KIND = "probe_set"
 WEIGHTS, REPORT = "probes.safetensors", "report.json"
 
@@ -113,6 +115,20 @@ class ProbeSet:
         self.check_model(store.manifest.weight_hash)
         hook = hook or self.best_hook
         return torch.cat([self.predict(x, hook) for x in store.iter_batches(hook, 8192)])
+
+    def evaluate(self, store: ActivationStore, labels: LabelTable, hook: str | None = None) -> dict[str, float]:
+        """Metrics of the probe at ``hook`` (default: the best) on every labelled chunk of ``store`` (other traces of
+        the same model, e.g. another dataset): AUROC pooled and within problem, ECE, Brier, accuracy, ``n``."""
+        from . import metrics
+        from .data import match_labels
+
+        rows, _, y, problems = match_labels(store, labels, self.target)
+        if y.min() == y.max():
+            raise ValueError(f"the labelled chunks of {self.target!r} in {store.path} are of one class only")
+        p = self.predict_store(store, hook)[rows]
+        ids = {q: k for k, q in enumerate(sorted(set(problems)))}
+        groups = torch.tensor([ids[q] for q in problems])
+        return {**metrics.report(p, y, groups), "n_problems": float(len(ids))}
 
 
 def json_safe(obj: Any) -> Any:

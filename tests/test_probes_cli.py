@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from test_probes import synthetic
 from typer.testing import CliRunner
 
@@ -79,6 +80,20 @@ def test_fit_and_eval(tmp_path):
     assert r.exit_code == 0, r.output
     assert ProbeSet.open(tmp_path / "w").report["selected_on"] == "val_auroc_within_problem"
     assert "not a directory" in _err(runner.invoke(probe_app, ["eval", "--probes", str(tmp_path / "none")]))
+    # on a store and labels of its own: every labelled chunk there; flipped labels give 1 - AUROC
+    on = ["eval", "--probes", str(tmp_path / "p"), "--store", str(store.path), "--json"]
+    r = runner.invoke(probe_app, [*on, "--labels", str(tmp_path / "labels")])
+    assert r.exit_code == 0, r.output
+    there = json.loads(r.stdout)["correct"]
+    assert there["n"] == len(table) and there["n_problems"] == 30 and there["best_layer"] == 1
+    assert there["auroc"] > 0.9 and there["auroc_within_problem"] > 0.9
+    table.targets["correct"] = [1.0 - v for v in table.targets["correct"]]
+    write_labels(table, tmp_path / "flipped", {}, {})
+    r = runner.invoke(probe_app, [*on, "--labels", str(tmp_path / "flipped")])
+    assert r.exit_code == 0, r.output
+    flipped = json.loads(r.stdout)["correct"]
+    assert flipped["auroc"] == pytest.approx(1 - there["auroc"], abs=1e-6)
+    assert "go together" in _err(runner.invoke(probe_app, on))
 
 
 def test_monitor_cli(tiny_model_dir, tmp_path):
