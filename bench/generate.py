@@ -6,7 +6,8 @@ Usage:
     python bench/generate.py --shape 1.5b [--problems 256] [--max-new 2048] [--batch 64]                 # GPU
 
 Both methods decode the same prompts (greedily, or by pure sampling at the same temperature) in the same
-run, alternating call by call so that load on the machine hits both alike. Columns: generated tokens (every
+run, alternating call by call (and which goes first, repeat by repeat) so that load on the machine hits both
+alike. Sampled calls draw different random streams in the two methods, so their lengths (and padding) differ. Columns: generated tokens (every
 one up to and including EOS) per second of the calls' summed wall time; median, min and max over
 ``--repeats`` runs, and the median's ratio to HF ``generate``.
 HF ``generate`` runs as ``generate_traces`` did: prompts sorted by length, left-padded static batches of
@@ -227,10 +228,11 @@ def main() -> None:
     seconds: dict[tuple[str, int, str], list[float]] = {}
     outputs: dict[tuple[str, int, str], list[list[int]]] = {}
     row_steps: dict[tuple[int, str], int] = {}
-    for _ in range(a.repeats):
+    for rep in range(a.repeats):
         for b in a.batch:
             for part in parts:
-                for name, run in runners.items():
+                order = list(runners.items())
+                for name, run in order[::-1] if rep % 2 else order:  # alternate which method runs first
                     res, t = timed(partial(run, part, max_new, b), cuda)
                     if name == "HF generate":
                         res, row_steps[b, part.name] = res
