@@ -7,9 +7,9 @@ Usage:
 
 Both methods decode the same prompts (greedily, or by pure sampling at the same temperature) in the same
 run, alternating call by call (and which goes first, repeat by repeat) so that load on the machine hits both
-alike. Sampled calls draw different random streams in the two methods, so their lengths (and padding) differ. Columns: generated tokens (every
-one up to and including EOS) per second of the calls' summed wall time; median, min and max over
-``--repeats`` runs, and the median's ratio to HF ``generate``.
+alike. Sampled calls draw different random streams in the two methods, so their lengths (and padding) differ.
+Columns: generated tokens (every one up to and including EOS) per second of the calls' summed wall time;
+median, min and max over ``--repeats`` runs, and the median's ratio to HF ``generate``.
 HF ``generate`` runs as ``generate_traces`` did: prompts sorted by length, left-padded static batches of
 ``--batch``, each decoding until its longest row ends. The footer gives the fraction of requests whose
 greedy tokens are identical under both methods, and the fraction of HF's decoded row-steps that were real
