@@ -22,6 +22,7 @@ from .cli_kit import (
     dtype_option,
     fail,
     model_geometry,
+    organism_only,
     out_dir,
     out_file,
     read_traces,
@@ -78,7 +79,11 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show the full trace
 
 @organism_app.command("train")
 def organism_train(
-    out: Optional[Path] = typer.Option(None, help="Output directory (default: the package's shipped weights)."),
+    out: Path = typer.Option(
+        ...,
+        help="Output directory, e.g. runs/organisms (the package's shipped weights only when named: "
+        "reasonscope/organisms/weights).",
+    ),
     seed: int = typer.Option(1, help="Training seed (the shipped organisms: 1)."),
     base_steps: Optional[int] = typer.Option(None, min=1),
     thinking_steps: Optional[int] = typer.Option(None, min=1),
@@ -86,10 +91,10 @@ def organism_train(
     only: Optional[str] = typer.Option(None, help="Train just one organism: base | thinking."),
 ) -> None:
     """Train the base and thinking organisms (seeded per organism, reproducible); logs progress."""
-    from .organisms.train import WEIGHTS_DIR, TrainConfig, train_organisms
+    from .organisms.train import TrainConfig, train_organisms
 
     phases = (choice(only, ("base", "thinking"), "--only"),) if only else ("base", "thinking")
-    target = out_dir(out or WEIGHTS_DIR)
+    target = out_dir(out)
     steps = {"base_steps": base_steps, "thinking_steps": thinking_steps}
     cfg = TrainConfig(seed=seed, device=device, **{k: v for k, v in steps.items() if v is not None})
     paths = train_organisms(cfg, target, log=say, phases=phases)
@@ -145,6 +150,8 @@ def traces_generate(
     model_dtype = dtype_option(dtype, "--dtype")
     model_geometry(model)
     grader, rows = dataset_rows(dataset, n)
+    if rows is None:
+        organism_only(model, "--model", "pass --dataset gsm8k:<path> or math:<path>")
 
     from .models import load_model
     from .traces.generate import GenerationConfig, generate_traces

@@ -257,10 +257,23 @@ def test_capture_rejects_traces_the_model_cannot_read(tiny_model_dir, traces_fil
 
 
 @pytest.mark.parametrize(
-    "cmd", [["demo", "--n", "0"], ["organism", "eval", "--n", "-1"], ["organism", "train", "--only", "both"]]
+    "cmd",
+    [["demo", "--n", "0"], ["organism", "eval", "--n", "-1"], ["organism", "train", "--out", "x", "--only", "both"]],
 )
 def test_organism_commands_validate(cmd, no_model_load):
     user_error(runner.invoke(app, cmd), cmd[-2])
+
+
+def test_organism_questions_need_a_model_of_their_format(r1_tiny_dir, tmp_path, no_model_load):
+    r = runner.invoke(app, ["traces", "generate", "--model", str(r1_tiny_dir), "--out", str(tmp_path / "t.jsonl")])
+    user_error(r, "organism task", "--dataset gsm8k")
+    assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_organism_train_needs_an_out_dir(no_model_load):
+    """No default: a bare ``organism train`` used to overwrite the shipped organisms."""
+    r = runner.invoke(app, ["organism", "train"])
+    assert r.exit_code == 2 and "--out" in r.output
 
 
 def test_repeated_trace_ids_are_refused_before_loading(tiny_model_dir, traces_file, tmp_path):
