@@ -232,6 +232,18 @@ def capture_cmd(
     except ValueError as e:
         fail(f"--hooks: {e}")
     rows = read_traces(traces)
+    if (out / "manifest.json").is_file():  # resuming: what the manifest says can be refused before a model loads
+        from .store.reader import read_store_manifest
+
+        try:
+            old = read_store_manifest(out)
+        except ValueError as e:
+            fail(str(e))
+        if set(old.hooks) != set(names) or old.positions != rule:
+            fail(
+                f"store at {out} has hooks {sorted(old.hooks)} and positions {old.positions!r}; this job asks for "
+                f"{sorted(names)} and {rule!r}: write a new store elsewhere (--out) or delete {out}"
+            )
     attn = "eager" if needs_eager(names) else None
     cfg = CaptureConfig(
         hooks=tuple(names), positions=rule, dtype=store_dtype, token_budget=token_budget, shard_size=shard_size

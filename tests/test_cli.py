@@ -109,6 +109,23 @@ def test_generate_then_capture(tiny_model_dir, traces_file, tmp_path):
     assert len(store) == sum(len(t.token_ids) for t in traces) and store.n_shards == 2
 
 
+def test_capture_into_a_store_of_other_hooks_is_refused_before_loading(
+    tiny_model_dir, traces_file, tmp_path, monkeypatch
+):
+    store_dir = tmp_path / "store"
+    first = ["--hooks", "blocks.0.hook_resid_post", "--positions", "all"]
+    r = runner.invoke(app, capture_args(tiny_model_dir, traces_file, store_dir, *first))
+    assert r.exit_code == 0, r.output
+    before = sorted(p.name for p in store_dir.rglob("*"))
+    import reasonscope.models
+
+    monkeypatch.setattr(reasonscope.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded first"))
+    for extra in (["--hooks", "blocks.1.hook_resid_post", "--positions", "all"], [*first[:2], "--positions", "last"]):
+        line = user_error(runner.invoke(app, capture_args(tiny_model_dir, traces_file, store_dir, *extra)))
+        assert "this job asks for" in line and "--out" in line
+    assert sorted(p.name for p in store_dir.rglob("*")) == before
+
+
 def test_capture_attention_patterns_loads_eager(tiny_model_dir, traces_file, tmp_path):
     for backend in ("hf", "nnsight"):
         r = runner.invoke(
