@@ -152,10 +152,9 @@ def organism_format(model: str) -> bool:
         return False  # a hub id: a real model
     from transformers import AutoTokenizer
 
-    from .organisms.tokenizer import ASSISTANT, USER
+    from .organisms.tokenizer import speaks_organism
 
-    vocab = AutoTokenizer.from_pretrained(path).get_vocab()
-    return USER in vocab and ASSISTANT in vocab
+    return speaks_organism(AutoTokenizer.from_pretrained(path))
 
 
 def organism_only(model: str, option: str, fix: str) -> None:

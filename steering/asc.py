@@ -30,6 +30,7 @@ import torch
 from reasonscope.budget import passes, vocab_size
 from reasonscope.organisms import task
 from reasonscope.organisms.evaluate import EVAL_SEED, summarize, think_tokens
+from reasonscope.organisms.tokenizer import speaks_organism
 from reasonscope.traces import GRADERS, Trace
 from reasonscope.traces.loaders import numbered_records
 
@@ -472,6 +473,14 @@ def run_asc(
             raise ValueError(f"layer {layer} does not exist in {handle.source} (layers 0..{g.n_layers - 1})")
     if questions is None and cfg.grader != "organism":
         raise ValueError(f"grader {cfg.grader!r} grades given questions; the default ones are the organism task's")
+    organism = speaks_organism(handle.tokenizer)
+    if questions is None and not organism:
+        raise ValueError(f"{handle.source} does not speak the organism task's format: pass questions= (and pairs=)")
+    if questions is not None and cfg.grader == "organism" and not organism:
+        raise ValueError(
+            f"questions for {handle.source} would be graded as organism answers: pass ASCConfig(grader='gsm8k') "
+            "or grader='math'"
+        )
     select, test, pool, split = _splits(handle, cfg, questions)
     given = pairs is not None
     if pairs is None:

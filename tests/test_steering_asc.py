@@ -300,6 +300,18 @@ def test_asc_refuses_too_few_questions_and_an_unusable_grader(tiny_handle):
         ASCConfig(grader="exact")
 
 
+def test_asc_on_a_model_of_another_format_needs_its_questions_and_grader(r1_tiny_dir):
+    """A model without the organisms' chat format gets no organism questions, and its questions no organism grader."""
+    from reasonscope.models import load_model
+
+    h = load_model(r1_tiny_dir)
+    questions = [Question(h.chat_prompt(f"what is {i}+1?", thinking=True), str(i + 1)) for i in range(10)]
+    with pytest.raises(ValueError, match="does not speak the organism task's format: pass questions="):
+        run_asc(h, ASCConfig(layer=0))
+    with pytest.raises(ValueError, match=r"graded as organism answers: pass ASCConfig\(grader='gsm8k'\)"):
+        run_asc(h, ASCConfig(layer=0, n_select=3, n_eval=4), pairs=[], questions=questions)
+
+
 @organisms
 def test_asc_end_to_end_on_the_thinking_organism(tmp_path):
     h = load_model("organism:thinking")

@@ -8,6 +8,7 @@ DeepSeek-R1-Distill-Qwen checkpoint. Training is deterministic (fixed corpus see
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from ..traces.record import THINK_END, THINK_START
 from .task import corpus
@@ -16,6 +17,12 @@ PAD, EOS = "<|pad|>", "<|end|>"
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
 SPECIALS = [EOS, PAD, USER, ASSISTANT, THINK_START, THINK_END]
 VOCAB_SIZE = 400
+
+
+def speaks_organism(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` has the organisms' chat markers, so that organism questions are ones its model answers."""
+    vocab = tokenizer.get_vocab()
+    return USER in vocab and ASSISTANT in vocab
 
 
 def chat_template(thinking: bool) -> str:
