@@ -115,6 +115,20 @@ def tiny_handle(tiny_model_dir):
     return load_model(tiny_model_dir)
 
 
+def varied_model(path, attn: str = "sdpa", seed: int = 0):
+    """The tiny model with weights of std 0.3 (seeded): its greedy text varies, unlike the fixture's tied-embedding
+    init, which repeats the last prompt token (so equal outputs would prove little)."""
+    from reasonscope.models import load_model
+
+    h = load_model(path, attn_implementation=attn)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in h.model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return h
+
+
 def make_task_traces(tokenizer, n: int, seed: int = 0):
     """Segmented organism-task traces (prompt, thinking, answer) of varied lengths, no model needed."""
     from reasonscope.organisms import task

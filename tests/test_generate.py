@@ -6,7 +6,7 @@ from reasonscope.traces.generate import GenerationConfig, generate_traces, split
 
 
 def test_batched_greedy_equals_one_by_one(tiny_model_dir):
-    from test_generation import varied_model
+    from conftest import varied_model
 
     h = varied_model(tiny_model_dir)  # greedy text that differs between prompts (the fixture's repeats one token)
     qs = ["a=3, b=4, c=1, d=9. what is a + b - c + d?", "e=2. what is e?", "f=1, g=5. what is f - g?"]
@@ -54,7 +54,7 @@ def test_split_generation_markers_and_truncation(tiny_handle):
 
 
 def test_progress_and_stop_strings(tiny_model_dir, capsys):
-    from test_generation import varied_model
+    from conftest import varied_model
 
     h = varied_model(tiny_model_dir)
     prompts = [h.chat_prompt(q) for q in ("given a3. what is a?", "given e2, f1. what is e + f?")]

@@ -7,7 +7,7 @@ import torch
 
 from reasonscope.generation import DecodeConfig, SlotCache, current_batch, generate, sample, uniform
 
-from conftest import grad_modes, organisms, torch_hooks
+from conftest import grad_modes, organisms, torch_hooks, varied_model
 
 QUESTIONS = [
     "given a3, b4, c1, d9. what is a + b - c + d?",
@@ -16,20 +16,6 @@ QUESTIONS = [
     "given h7, i2, j4. what is h - i + j?",
     "given k0. what is k?",
 ]
-
-
-def varied_model(path, attn: str = "sdpa", seed: int = 0):
-    """The tiny model with weights of std 0.3 (seeded): its greedy text varies, unlike the fixture's tied-embedding
-    init, which repeats the last prompt token (so equal outputs would prove little)."""
-    from reasonscope.models import load_model
-
-    h = load_model(path, attn_implementation=attn)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in h.model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return h
 
 
 @pytest.fixture(scope="module")

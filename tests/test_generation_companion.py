@@ -6,11 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_generation import encode, forced_eos_at, varied_model
+from test_generation import encode, forced_eos_at
 
 from reasonscope.generation import Batch, DecodeConfig, current_batch, generate
 
-from conftest import torch_hooks
+from conftest import torch_hooks, varied_model
 
 LAYER = "blocks.0.hook_resid_post"
 

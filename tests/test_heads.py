@@ -186,44 +186,49 @@ def _step_logits(handle, prompts, alpha, policy, per_request):
     return [torch.stack(seen[i]) for i in range(len(prompts))]
 
 
-def test_per_request_gates_in_generation_equal_separate_calls(tiny_handle):
-    """Gate sets per request through the generation engine equal one call per gate set."""
+def test_per_request_gates_in_generation_equal_separate_calls(tiny_model_dir):
+    """Gate sets per request through the generation engine equal one call per gate set (on a model whose greedy
+    rollouts differ between gate sets)."""
     from reasonscope.generation import DecodeConfig
     from reasonscope.heads.rollout import gated_rollouts
     from reasonscope.organisms import task
 
+    from conftest import varied_model
+
+    h = varied_model(tiny_model_dir)
     probs = task.problems(3, seed=3, levels=(2,))
-    prompts = [tiny_handle.chat_prompt(p.question) for p in probs]
+    prompts = [h.chat_prompt(p.question) for p in probs]
     policy = CompressionPolicy(sink=2, recent=3)
     gates = torch.stack([torch.ones(2, 2), torch.zeros(2, 2), torch.tensor([[1.0, 0.0], [0.0, 1.0]])])
-    together = _step_logits(tiny_handle, prompts * 3, gates.repeat_interleave(3, 0), policy, True)
+    together = _step_logits(h, prompts * 3, gates.repeat_interleave(3, 0), policy, True)
     for k, a in enumerate(gates):
-        alone = _step_logits(tiny_handle, prompts, a, policy, False)
+        alone = _step_logits(h, prompts, a, policy, False)
         for i in range(3):
             assert (alone[i] - together[3 * k + i]).abs().max() < 1e-4
     assert (together[0] - together[3]).abs().max() > 1e-3  # the window is felt
     with (
         pytest.raises(ValueError, match="per-request gates need"),
-        gated_attention(tiny_handle, gates[0], policy, per_request=True),
+        gated_attention(h, gates[0], policy, per_request=True),
     ):
         pytest.fail("entering the context should have been refused")
     with pytest.raises(ValueError, match="per-request gates have 2 rows for the 3 requests"):
-        _step_logits(tiny_handle, prompts, gates[:2], policy, True)
+        _step_logits(h, prompts, gates[:2], policy, True)
 
     cfg = DecodeConfig(max_new_tokens=16, batch_size=2)
     rolled, _ = gated_rollouts(
-        tiny_handle,
+        h,
         prompts * 2,
         gates[:2].repeat_interleave(3, 0),
         policy,
         cfg,
         golds=[str(p.answer) for p in probs] * 2,
     )
-    alone, _ = gated_rollouts(tiny_handle, prompts, gates[1], policy, cfg)
+    alone, _ = gated_rollouts(h, prompts, gates[1], policy, cfg)
     assert [r.token_ids for r in alone] == [r.token_ids for r in rolled[3:]]
+    assert [r.token_ids for r in rolled[:3]] != [r.token_ids for r in rolled[3:]]  # all heads windowed: other text
     assert all(r.grade is not None for r in rolled) and all(r.think_span is not None for r in rolled)
     with pytest.raises(ValueError, match="gate sets for"):
-        gated_rollouts(tiny_handle, prompts, gates[:2], policy, cfg)
+        gated_rollouts(h, prompts, gates[:2], policy, cfg)
 
 
 def test_gated_generation_with_shared_prefixes_equals_unshared(tiny_handle):

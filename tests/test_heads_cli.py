@@ -8,9 +8,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from reasonscope.artifacts import JsonResult
 from reasonscope.cli import app
 from reasonscope.heads import CompressionPolicy, HeadMap
 from reasonscope.heads.figures import curves_figure, head_map_figure, retrieval_scatter
+
+from conftest import organisms
 
 runner = CliRunner()
 
@@ -200,3 +203,25 @@ def test_diff_on_a_dataset_with_r1_format_models(r1_tiny_dir, r1_other_dir, tmp_
     assert seen == [(3, [t.gold for t in load_hf_dataset(gsm8k)[:3]], "gsm8k")]
     user_error(r, "closed no thinking")
     assert not (tmp_path / "e").exists()
+
+
+@organisms
+def test_diff_on_the_organisms(tmp_path):
+    """Thinking Sparks on the shipped pair: both models' style scores are finite unit-mass maps that tell heads and
+    models apart, the top head is the largest rise, and the artifact holds the printed result."""
+    args = ["heads", "diff", "--base", "organism:base", "--model", "organism:thinking", "--levels", "2", "--n", "4"]
+    args += ["--n-attribution", "2", "--k", "1", "--steps", "2", "--draws", "1", "--max-new-tokens", "64"]
+    r = runner.invoke(app, [*args, "--json", "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    art = JsonResult.open(tmp_path / "e", kind="emergent_heads")
+    assert art.result == res and art.config["model"] == "organism:thinking" and res["n_texts"] == 2
+    base, post, rise = (torch.tensor(res[k]) for k in ("base_scores", "model_scores", "emergence"))
+    for scores in (base, post):
+        assert scores.shape == (4, 4) and torch.isfinite(scores).all() and (scores >= 0).all()
+        assert scores.sum() == pytest.approx(1.0, abs=1e-4) and scores.max() > 2 * scores.min()
+    assert torch.isfinite(rise).all() and rise.abs().max() > 0.1 and not torch.allclose(base, post, atol=1e-3)
+    top = int((post - base).flatten().argmax())
+    assert res["top_heads"] == [f"L{top // 4}H{top % 4}"]
+    assert set(res["validation"]) == {"none", *(f"{a}@{f}" for a in ("heads", "random") for f in ("0", "0.5", "1.3"))}
+    assert res["validation"]["none"]["accuracy"] > 0  # the thinking organism solves level-2 problems

@@ -17,6 +17,8 @@ from reasonscope.heads.emergent import (
 from reasonscope.heads.scorers import token_kl
 from reasonscope.organisms import task
 
+from conftest import varied_model
+
 
 @pytest.fixture(scope="module")
 def texts(tiny_handle):
@@ -69,12 +71,16 @@ def test_emergence_and_head_picks():
     assert len(r) == 2 and (0, 1) not in r and len(set(r)) == 2
 
 
-def test_validate_heads_arms(tiny_handle):
+def test_validate_heads_arms(tiny_model_dir):
+    """Each arm generates under its own scales: ablating a head changes the rollouts, scaling it by 1 does not (a
+    model whose greedy text varies, so the arms can differ)."""
+    h = varied_model(tiny_model_dir)
     probs = task.problems(3, seed=4, levels=(2,))
-    prompts = [tiny_handle.chat_prompt(p.question) for p in probs]
+    prompts = [h.chat_prompt(p.question) for p in probs]
     golds = [str(p.answer) for p in probs]
-    res = validate_heads(tiny_handle, prompts, golds, [(0, 1)], factors=(0.0, 1.0), random_draws=2, max_new_tokens=12)
+    res = validate_heads(h, prompts, golds, [(0, 0)], factors=(0.0, 1.0), random_draws=2, max_new_tokens=24)
     assert set(res) == {"none", "heads@0", "random@0", "heads@1", "random@1"}
     assert res["heads@1"] == {**res["none"], "draws": 1} and res["random@1"]["draws"] == 2
+    assert res["heads@0"]["mean_think_tokens"] != res["none"]["mean_think_tokens"]
     with pytest.raises(ValueError, match="outside this model"):
-        validate_heads(tiny_handle, prompts, golds, [(5, 0)])
+        validate_heads(h, prompts, golds, [(5, 0)])

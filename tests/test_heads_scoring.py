@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -23,7 +24,12 @@ from reasonscope.heads.retrieval import RECENT, name_reads, operand_reads, read_
 from reasonscope.heads.rlkv import RLKVConfig, advantages, break_ties, rlkv_scores, sparsity_penalty
 from reasonscope.heads.scorers import duo_scores, gate_ig_scores, gated_logits, token_kl, windowing_scores
 
+from conftest import varied_model
+
 POLICY = CompressionPolicy(sink=4, recent=8)
+# own traces are a 30-token prompt + up to 16 generated: a windowed head keeps most of the prompt and the last 8
+# tokens, which breaks the greedy reproduction of some traces but not of all
+TF_POLICY = CompressionPolicy(sink=28, recent=8)
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +38,22 @@ def batches(tiny_handle, task_traces):
 
 
 @pytest.fixture(scope="module")
-def own_traces(tiny_handle):
-    """The tiny model's own greedy traces, marked correct (so the full model reproduces each exactly)."""
-    from reasonscope.organisms import task
-    from reasonscope.traces.generate import GenerationConfig, generate_traces
+def varied(tiny_model_dir):
+    """The tiny model with std-0.3 weights: its greedy text varies (the fixture's repeats one token: no thinking)."""
+    return varied_model(tiny_model_dir)
 
-    probs = task.problems(4, seed=1, levels=(2,))
-    traces = generate_traces(
-        tiny_handle, [tiny_handle.chat_prompt(p.question) for p in probs], GenerationConfig(max_new_tokens=40)
-    )
+
+@pytest.fixture(scope="module")
+def own_traces(varied):
+    """The varied model's own greedy rollouts (their sampled ids, up to 16 thinking tokens), marked correct (so the
+    full model reproduces each exactly)."""
+    from reasonscope.generation import DecodeConfig
+    from reasonscope.heads.rollout import gated_rollouts
+    from reasonscope.organisms import task
+
+    probs = task.problems(6, seed=1, levels=(2,))
+    prompts = [varied.chat_prompt(p.question) for p in probs]
+    traces, _ = gated_rollouts(varied, prompts, torch.ones(2, 2), TF_POLICY, DecodeConfig(max_new_tokens=16))
     for t in traces:
         t.grade = True
     return traces
@@ -142,47 +155,50 @@ def test_name_reads_point_at_the_chain(tiny_handle, task_traces):
     assert torch.equal(both["value"][0], retrieval_scores(tiny_handle, task_traces[:3])[0])
 
 
-def test_teacher_forced_accuracy_and_exhaustive(tiny_handle, own_traces):
-    policy = CompressionPolicy(sink=2, recent=3)
-    batches = trace_batches(tiny_handle, own_traces, policy, batch_size=4)
+def test_teacher_forced_accuracy_and_exhaustive(varied, own_traces):
+    """The full model reproduces its own traces, every head windowed does not; the exhaustive best half of the heads
+    is the best of every half (which differ)."""
+    batches = trace_batches(varied, own_traces, TF_POLICY, batch_size=4)
+    assert all(t.think_tokens > 0 for t in own_traces) and all(b.scored.any() for b in batches)
     masks = torch.stack([torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool)])
-    acc = teacher_forced_accuracy(tiny_handle, batches, masks, policy)
-    assert acc[0] == 1.0 and acc[1] <= 1.0
-    best, best_acc = exhaustive_best(tiny_handle, batches, 0.5, policy)
+    acc = teacher_forced_accuracy(varied, batches, masks, TF_POLICY)
+    assert acc[0] == 1.0 and acc[1] < 1.0
+    every = torch.zeros(6, 4, dtype=torch.bool)
+    for i, subset in enumerate(itertools.combinations(range(4), 2)):  # exhaustive_best's order
+        every[i, list(subset)] = True
+    per_subset = teacher_forced_accuracy(varied, batches, every.view(6, 2, 2), TF_POLICY)
+    best, best_acc = exhaustive_best(varied, batches, 0.5, TF_POLICY, chunk=2)  # here the best is past chunk one
     assert best.sum() == 2
-    every = [select_full_heads(torch.rand(2, 2, generator=torch.Generator().manual_seed(s)), 0.5) for s in range(8)]
-    assert best_acc >= float(teacher_forced_accuracy(tiny_handle, batches, torch.stack(every), policy).max())
+    assert best_acc == float(per_subset.max()) > float(per_subset.min())
+    assert float(teacher_forced_accuracy(varied, batches, best[None], TF_POLICY)[0]) == best_acc
 
 
-def test_passes_within_the_logit_budget_give_the_same_scores(tiny_handle, batches, own_traces, monkeypatch):
+def test_passes_within_the_logit_budget_give_the_same_scores(tiny_handle, batches, varied, own_traces, monkeypatch):
     """With a logit budget of one element every pass holds one row (one head's or one selection's copy of one
     trace) and Duo recomputes the full model's logits instead of keeping them: the scores do not change."""
     import reasonscope.budget as budget
 
     vocab = budget.vocab_size(tiny_handle)
-    policy = CompressionPolicy(sink=2, recent=3)
-    own = trace_batches(tiny_handle, own_traces, policy, batch_size=4)
-    masks = torch.stack(
-        [select_full_heads(torch.rand(2, 2, generator=torch.Generator().manual_seed(s)), 0.5) for s in range(5)]
-    )
+    own = trace_batches(varied, own_traces, TF_POLICY, batch_size=4)
+    draws = [select_full_heads(torch.rand(2, 2, generator=torch.Generator().manual_seed(s)), 0.5) for s in range(5)]
+    masks = torch.stack([torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool), *draws])
 
     def run() -> list[torch.Tensor]:
         return [
             windowing_scores(tiny_handle, batches, POLICY, heads_per_pass=4),
             gate_ig_scores(tiny_handle, batches, POLICY, steps=2),
             duo_scores(tiny_handle, batches, POLICY, steps=4, lr=0.05, l1=1.0),
-            teacher_forced_accuracy(tiny_handle, own, masks, policy),
+            teacher_forced_accuracy(varied, own, masks, TF_POLICY),
         ]
 
     whole = run()
+    assert whole[3][0] == 1.0 and whole[3].min() < 1.0  # the selections' accuracies differ
     monkeypatch.setattr(budget, "LOGIT_BUDGET", 1)
     monkeypatch.setattr(budget, "CACHE_BUDGET", 0)
     for got, ref in zip(run(), whole):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-7)
     widest = max(b.input_ids.shape[1] for b in batches)
-    assert [len(b.traces) for b in trace_batches(tiny_handle, own_traces, policy, batch_size=4)] == [1] * len(
-        own_traces
-    )
+    assert [len(b.traces) for b in trace_batches(varied, own_traces, TF_POLICY, batch_size=4)] == [1] * len(own_traces)
     monkeypatch.setattr(budget, "LOGIT_BUDGET", 2 * widest * vocab)  # two of the widest rows a pass
     split = trace_batches(tiny_handle, [t for b in batches for t in b.traces], POLICY, 6)
     assert sum(len(b.traces) for b in split) == sum(len(b.traces) for b in batches)
@@ -318,6 +334,31 @@ def test_head_map_artifact_round_trip_and_exports(tiny_handle, task_traces, tmp_
     (tmp_path / "hm" / "scores.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="damaged"):
         HeadMap.open(tmp_path / "hm")
+
+
+@pytest.mark.parametrize("method", ["gate-ig", "duo", "rlkv"])
+def test_score_heads_runs_the_method_it_is_given(tiny_handle, task_traces, method, tmp_path):
+    """``score_heads`` with a learned or attributed method writes that scorer's own scores, under the config's
+    settings (tiny ones)."""
+    from dataclasses import replace
+
+    rl = RLKVConfig(steps=1, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8)
+    cfg = HeadConfig(  # settings off their defaults, so one dropped on the way is seen
+        method, sink=4, recent=8, batch_size=6, ig_steps=2, ig_loss="ce", duo_steps=3, duo_lr=0.1, duo_l1=1.0, rlkv=rl
+    )
+    solved = [replace(t, grade=True) for t in task_traces[:4]]  # RLKV trains on solved problems
+    hm = score_heads(tiny_handle, solved, cfg, tmp_path / "hm")
+    back = HeadMap.open(tmp_path / "hm")
+    assert back.method == method and back.scores.shape == (2, 2) and torch.isfinite(back.scores).all()
+    batches = trace_batches(tiny_handle, solved, cfg.policy, cfg.batch_size)
+    if method == "gate-ig":
+        want = gate_ig_scores(tiny_handle, batches, cfg.policy, cfg.ig_steps, cfg.ig_loss)
+    elif method == "duo":
+        want = duo_scores(tiny_handle, batches, cfg.policy, cfg.duo_steps, cfg.duo_lr, cfg.duo_l1, cfg.seed)
+    else:
+        want = rlkv_scores(tiny_handle, solved, cfg.policy, rl)
+    torch.testing.assert_close(back.scores, want.float(), rtol=1e-5, atol=1e-7)
+    assert torch.equal(back.scores, hm.scores) and len(back.log) == {"gate-ig": 0, "duo": 3, "rlkv": 1}[method]
 
 
 def test_bad_config_writes_nothing(tiny_handle, task_traces, tmp_path):
