@@ -173,6 +173,24 @@ def main() -> None:
     if args.out is not None:
         args.out.write_text(text + "\n", encoding="utf-8")
     print(text)
+    print(f"\nheld-out problems {len(held)}, window {policy}; uniform, random and exhaustive are the references")
+    print(table(res))
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def table(res: dict[str, Any]) -> str:
+    """Markdown: per method, the scorer's wall seconds and the generated accuracy at each sparsity."""
+    levels = sorted({s for curve in res["curves"].values() for s in curve}, key=float)
+    head = "| method | scorer s | " + " | ".join(f"acc @ {s}" for s in levels) + " |"
+    rows = [head, "|---|---:|" + "---:|" * len(levels)]
+    for method, curve in res["curves"].items():
+        cells = [f"{curve[s]['accuracy']:.3f}" if s in curve else "" for s in levels]
+        rows.append(f"| {method} | {res['scorer_seconds'].get(method, '')} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def score_all(
@@ -196,9 +214,11 @@ def score_all(
     scores, seconds, rlkv_log = {}, {}, []
     for method in args.methods.split(","):
         cfg = HeadConfig(method=method, sink=policy.sink, recent=policy.recent, duo_steps=args.duo_steps, rlkv=rlkv)
+        _sync()
         t0 = time.time()
         hm = score_heads(h, traces, cfg)
         scores[method] = hm.scores
+        _sync()  # CUDA works asynchronously: stop the clock when the scorer's kernels have finished
         seconds[method] = round(time.time() - t0, 1)
         if method == "rlkv":
             rlkv_log = hm.log
