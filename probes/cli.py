@@ -199,6 +199,10 @@ def eval_cmd(
     st, table = ActivationStore.open(store), LabelTable.open(labels)
     out = {}
     for ps in sets:
+        if ps.best_hook not in st.manifest.hooks:
+            fail(f"--store {store} has no {ps.best_hook} (the best hook of {ps.path}); capture it with --hooks")
+        if ps.target not in table.targets:
+            fail(f"--labels {labels} has no target {ps.target!r}; label the traces with the recipe that makes it")
         try:
             out[ps.target] = {
                 "best_layer": int(ps.best_hook.split(".")[1]),

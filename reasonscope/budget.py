@@ -79,7 +79,7 @@ def sum_by_runs(
         if leaf.requires_grad:
             (g,) = torch.autograd.grad(piece, leaf, allow_unused=True)
             if g is not None:
-                grad = g if grad is None else grad + g
+                grad = g if grad is None else grad.add_(g)
         total += float(piece.detach())
     out = torch.tensor(total, device=hidden.device)
     if grad is not None:

@@ -103,7 +103,8 @@ class Batch:
     def key_positions(self) -> torch.Tensor:
         """``[batch, keys]``: the position in its request's sequence of each key column of this pass's attention
         (what ``attn.hook_pattern``'s last dim indexes: cache columns, shifted by a row's left padding); -1 = no real
-        token. Call it during the pass (in a hook or ``on_token``). A prefill's keys are its input columns."""
+        token. Call it during the pass (in a hook or ``on_token``). A prefill's keys are its input columns (a
+        shared-prefix member's: its cache columns)."""
         return self.positions if self._keys is None else self._keys()
 
     def rerun(self, rows: torch.Tensor) -> torch.Tensor:
@@ -776,7 +777,8 @@ class _Engine:
     def _decode_keys(self, span: int) -> torch.Tensor:
         """A decode step's :meth:`Batch.key_positions` (slot ``s``'s column ``c`` holds position ``c - start[s]``)."""
         column = torch.arange(span, device=self.device)[None] - self._tensor(self.start)[:, None]
-        return torch.where(self.mask[:, :span], column, -1)
+        live = self._tensor(self.req)[:, None] >= 0  # an idle slot's column 0 is marked real only to avoid NaN
+        return torch.where(self.mask[:, :span] & live, column, -1)
 
     def _accept(self, slots: list[int], logits: torch.Tensor, batch: Batch) -> None:
         """Choose the next token of each row of the pass (row i serves ``slots[i]``); retire finished rows."""

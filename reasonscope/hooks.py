@@ -230,8 +230,8 @@ def check_replacement(name: str, new: object, old: torch.Tensor, editable: bool 
     if not editable:
         raise ValueError(
             f"{name} is read-only on this backend: the attention weights have met the values when its hook runs, so "
-            "a replacement would change nothing; edit the heads' outputs (attn.hook_z) instead, or load the model "
-            "with backend='transformer_lens', whose pattern hook runs before the values"
+            "a replacement would change nothing; edit the heads' outputs (attn.hook_z) instead, or, outside generate, "
+            "load the model with backend='transformer_lens', whose pattern hook runs before the values"
         )
     if new.shape != old.shape:
         raise ValueError(

@@ -365,7 +365,9 @@ def resolve_source(source: str | os.PathLike) -> str:
         if name not in ORGANISMS:
             raise ModelNotFoundError(f"unknown organism {name!r}; choose one of {['organism:' + o for o in ORGANISMS]}")
         if not (path / "config.json").exists():
-            raise ModelNotFoundError(f"organism weights missing at {path}; run `reasonscope organism train`")
+            raise ModelNotFoundError(
+                f"organism weights missing at {path}; run `reasonscope organism train --out {ORGANISM_DIR}`"
+            )
         return str(path)
     path = Path(source).expanduser()
     if path.is_dir():

@@ -457,14 +457,15 @@ def test_key_positions_realign_attention_patterns_of_a_batch(tiny_model_dir):
     prompts.append(prompts[0] + prompts[1][-20:])  # shares the first prompt's tokens
     n_new = 4
 
-    def read(cfg: DecodeConfig, ps: list[list[int]]) -> dict[tuple[int, int], torch.Tensor]:
+    def read(cfg: DecodeConfig, ps: list[list[int]], on_token=None) -> dict[tuple[int, int], torch.Tensor]:
         got: dict[tuple[int, int], torch.Tensor] = {}
 
         def hook(p: torch.Tensor) -> None:
             b = current_batch()
             keys = b.key_positions()
             for i, r in enumerate(b.rows.tolist()):
-                if r < 0:
+                if r < 0:  # an idle row has no real key
+                    idle.append(bool((keys[i] == -1).all()))
                     continue
                 for q in range(p.shape[2]):
                     at = int(b.positions[i, q])
@@ -475,9 +476,10 @@ def test_key_positions_realign_attention_patterns_of_a_batch(tiny_model_dir):
                         assert not row[at + 1 :].any()  # causal: no later position
                         got[r, at] = row[: at + 1]
 
-        generate(h, ps, cfg, hooks={"blocks.1.attn.hook_pattern": hook})
+        generate(h, ps, cfg, hooks={"blocks.1.attn.hook_pattern": hook}, on_token=on_token)
         return got
 
+    idle: list[bool] = []
     alone: dict[tuple[int, int], torch.Tensor] = {}
     for r, p in enumerate(prompts):
         alone |= {(r, at): v for (_, at), v in read(DecodeConfig(max_new_tokens=n_new), [p]).items()}
@@ -491,3 +493,10 @@ def test_key_positions_realign_attention_patterns_of_a_batch(tiny_model_dir):
         assert batched.keys() >= {(r, at) for r, at in alone if not shared or at >= len(prompts[r])}, cfg
         for k, v in batched.items():
             assert torch.allclose(v, alone[k], atol=1e-5), (cfg, k)
+    eos = h.tokenizer.eos_token_id
+
+    def end_some(b, tokens, logits):  # a third of the requests end at their first token: their rows go idle
+        return torch.where((b.rows % 3 == 0) & (b.rows >= 0), torch.full_like(tokens, eos), tokens)
+
+    read(DecodeConfig(max_new_tokens=n_new, batch_size=16), encode(h)[:4] * 4, on_token=end_some)
+    assert idle and all(idle)

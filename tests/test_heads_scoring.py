@@ -248,7 +248,7 @@ def test_rlkv_gradient_does_not_depend_on_how_rollouts_are_batched(monkeypatch):
     from conftest import ORGANISMS_READY
 
     if not ORGANISMS_READY:
-        pytest.skip("organism weights not trained (reasonscope organism train)")
+        pytest.skip("organism weights not trained (reasonscope organism train --out reasonscope/organisms/weights)")
     import reasonscope.budget as budget
     from reasonscope.models import load_model
     from reasonscope.organisms import task
@@ -375,7 +375,7 @@ def test_organism_reads_operands_through_a_few_heads():
     from conftest import ORGANISMS_READY
 
     if not ORGANISMS_READY:
-        pytest.skip("organism weights not trained (reasonscope organism train)")
+        pytest.skip("organism weights not trained (reasonscope organism train --out reasonscope/organisms/weights)")
     from reasonscope.models import load_model
     from reasonscope.organisms import task
     from reasonscope.traces.generate import GenerationConfig, generate_traces

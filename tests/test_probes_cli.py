@@ -94,6 +94,9 @@ def test_fit_and_eval(tmp_path):
     flipped = json.loads(r.stdout)["correct"]
     assert flipped["auroc"] == pytest.approx(1 - there["auroc"], abs=1e-6)
     assert "go together" in _err(runner.invoke(probe_app, on))
+    table.targets = {"other": table.targets.pop("correct")}
+    write_labels(table, tmp_path / "other", {}, {})
+    assert "no target 'correct'" in _err(runner.invoke(probe_app, [*on, "--labels", str(tmp_path / "other")]))
 
 
 def test_monitor_cli(tiny_model_dir, tmp_path):

@@ -260,7 +260,7 @@ def train_organisms(
             if not (base_dir / "config.json").exists():
                 raise FileNotFoundError(
                     f"{base_dir} has no base organism to post-train; train it first "
-                    "(`reasonscope organism train --only base`)"
+                    f"(`reasonscope organism train --only base --out {out_dir}`)"
                 )
             model = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)  # type: ignore[arg-type]
         torch.manual_seed(cfg.seed + 1)
