@@ -115,6 +115,7 @@ class Outcome:
     exited: bool
     answer: str
     correct: bool
+    trial_tokens: int = 0  # DEER: tokens its trial answers decoded (a cost beside the thinking)
 
 
 def token_sets(handle: ModelHandle, boundaries: tuple[str, ...] = BOUNDARY_CHARS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,6 +143,8 @@ class _State:
     streak: list[int] = field(default_factory=list)
     after: list[int] = field(default_factory=list)
     lead: list[list[int]] = field(default_factory=list)  # answer-lead tokens still to force after an exit
+    trial: list[int] = field(default_factory=list)  # DEER trial tokens decoded so far
+    trials: list[list[int]] = field(default_factory=list)  # record: each DEER event's trial tokens
     resid: torch.Tensor | None = None
     events: dict[str, list[list[tuple[int, float]]]] = field(default_factory=dict)
 
@@ -153,6 +156,7 @@ class _State:
         self.streak = [0] * self.n
         self.after = [0] * self.n
         self.lead = [[] for _ in range(self.n)]
+        self.trial, self.trials = [0] * self.n, [[] for _ in range(self.n)]
         self.events = {k: [[] for _ in range(self.n)] for k in SIGNALS}
 
 
@@ -227,10 +231,13 @@ class _Monitor:
             if st.streak[q] >= cfg.consecutive:
                 exit_rows.append(r)
         if deer_rows:
-            conf = self._trial_confidence([rows[r] for r in deer_rows])
+            conf, spent = self._trial_confidence([rows[r] for r in deer_rows])
+            for r, n in zip(deer_rows, spent):
+                st.trial[rows[r]] += n
             if self.record:
-                for r, c in zip(deer_rows, conf):
+                for r, c, n in zip(deer_rows, conf, spent):
                     st.events["deer"][rows[r]].append((len(st.seq[rows[r]]), c))
+                    st.trials[rows[r]].append(n)
             else:
                 exit_rows += [r for r, c in zip(deer_rows, conf) if c > cfg.threshold]
         for r in exit_rows:
@@ -255,8 +262,9 @@ class _Monitor:
         st = self.state
         return (sum(st.recent[q]) / self.cfg.window) / max(st.ent_sum[q] / st.ent_n[q], 1e-12)
 
-    def _trial_confidence(self, reqs: list[int]) -> list[float]:
-        """Mean probability of the greedy trial answer's tokens (EOS excluded, the first ``trial_skip`` skipped)."""
+    def _trial_confidence(self, reqs: list[int]) -> tuple[list[float], list[int]]:
+        """Mean probability of the greedy trial answer's tokens (EOS excluded, the first ``trial_skip`` skipped), and
+        the tokens each trial decoded."""
         a = self.answering
         probs: dict[int, list[float]] = {i: [] for i in range(len(reqs))}
         eos = self.handle.tokenizer.eos_token_id
@@ -273,9 +281,9 @@ class _Monitor:
             opener = list(self.handle.tokenizer(a.trial, add_special_tokens=False)["input_ids"])
         trials = [self.prompts[q] + self.state.seq[q] + opener for q in reqs]
         cfg = DecodeConfig(max_new_tokens=a.trial_tokens, batch_size=len(trials), stop=a.trial_stop)
-        generate(self.handle, trials, cfg, on_token=record)
+        done = generate(self.handle, trials, cfg, on_token=record)
         read = [probs[i][a.trial_skip :] for i in range(len(reqs))]
-        return [sum(v) / len(v) if v else 0.0 for v in read]
+        return [sum(v) / len(v) if v else 0.0 for v in read], [len(c.token_ids) for c in done]
 
 
 def answer_lead(handle: ModelHandle, answering: AnswerPrompt) -> list[int]:
@@ -319,7 +327,11 @@ def run_monitor(
     mon = _Monitor(handle, ids, cfg, probes)
     done = generate(handle, ids, _decode_config(cfg), hooks=mon.hooks(), on_token=mon)
     return [
-        _outcome(handle, c.token_ids, golds[q], mon.end_id, mon.state.exited[q], cfg.grader) for q, c in enumerate(done)
+        replace(
+            _outcome(handle, c.token_ids, golds[q], mon.end_id, mon.state.exited[q], cfg.grader),
+            trial_tokens=mon.state.trial[q],
+        )
+        for q, c in enumerate(done)
     ]
 
 
@@ -328,7 +340,8 @@ class Recording:
     """A reference (``none``) run with every policy's signals: ``events[policy][i]`` = ``[(step, value)]``.
 
     ``step`` = thinking tokens already written when the signal was read, i.e. where a policy exiting on it puts
-    ``</think>``; ``probe`` events exist only when probes were given.
+    ``</think>``; ``probe`` events exist only when probes were given. ``trials[i]``: the tokens each ``deer`` event's
+    trial answer decoded.
     """
 
     prompts: list[list[int]]
@@ -338,6 +351,7 @@ class Recording:
     events: dict[str, list[list[tuple[int, float]]]]
     end_id: int
     reference: list[Outcome]
+    trials: list[list[int]]
 
 
 def record(
@@ -355,7 +369,7 @@ def record(
     done = generate(handle, ids, _decode_config(cfg), hooks=mon.hooks(), on_token=mon)
     tokens = [list(c.token_ids) for c in done]
     ref = [_outcome(handle, t, golds[q], mon.end_id, False, cfg.grader) for q, t in enumerate(tokens)]
-    return Recording(ids, list(golds), cfg, tokens, mon.state.events, mon.end_id, ref)
+    return Recording(ids, list(golds), cfg, tokens, mon.state.events, mon.end_id, ref, mon.state.trials)
 
 
 def exit_step(events: Sequence[tuple[int, float]], policy: Policy, threshold: float, cfg: MonitorConfig) -> int | None:
@@ -420,11 +434,26 @@ def replay(
     }
     cuts = {(q, s) for plan in plans.values() for q, s in enumerate(plan) if s is not None}
     done = _finish(handle, rec, cuts)
-    return {k: [rec.reference[q] if s is None else done[q, s] for q, s in enumerate(plan)] for k, plan in plans.items()}
+    out = {k: [rec.reference[q] if s is None else done[q, s] for q, s in enumerate(plan)] for k, plan in plans.items()}
+    for k, outcomes in out.items():
+        if k.startswith("deer@"):  # the trials a live run decodes: every cue from min_think on, up to its exit
+            spent = [_trials_until(rec, q, s) for q, s in enumerate(plans[k])]
+            out[k] = [replace(o, trial_tokens=n) for o, n in zip(outcomes, spent)]
+    return out
+
+
+def _trials_until(rec: Recording, q: int, exit_at: int | None) -> int:
+    """Trial tokens request ``q`` decodes under a DEER policy exiting at step ``exit_at`` (None: never)."""
+    return sum(
+        n
+        for (step, _), n in zip(rec.events["deer"][q], rec.trials[q])
+        if step >= rec.cfg.min_think and (exit_at is None or step <= exit_at)
+    )
 
 
 def summarize(outcomes: Sequence[Outcome], reference: Sequence[Outcome]) -> dict[str, float]:
-    """Accuracy, mean thinking tokens, share exited early and thinking tokens saved against ``reference``."""
+    """Accuracy, mean thinking tokens, share exited early, thinking tokens saved against ``reference`` and mean DEER
+    trial tokens (decoded beside the thinking)."""
     spent = sum(o.think_tokens for o in outcomes)
     base = sum(o.think_tokens for o in reference)
     n = max(1, len(outcomes))
@@ -433,6 +462,7 @@ def summarize(outcomes: Sequence[Outcome], reference: Sequence[Outcome]) -> dict
         "think_tokens": spent / n,
         "exited": sum(o.exited for o in outcomes) / n,
         "saved_fraction": 1 - spent / base if base else 0.0,
+        "trial_tokens": sum(o.trial_tokens for o in outcomes) / n,
     }
 
 

@@ -157,6 +157,9 @@ def test_replay_equals_live_runs(tiny_handle, tiny_probes, monkeypatch, temperat
         policy, t = key.split("@")
         cfg = replace(base, policy=policy, threshold=float(t))
         assert outcomes == run_monitor(tiny_handle, prompts, golds, cfg, tiny_probes), key
+    never, first = (sum(o.trial_tokens for o in got[k]) for k in ("deer@2", "deer@-1"))
+    assert never >= first > 0  # trials cost tokens: every cue's when it never exits, up to the first when it does
+    assert all(o.trial_tokens == 0 for k in got if not k.startswith("deer") for o in got[k])
     lead = "**Final Answer**" if grader == "gsm8k" else ""
     assert all(o.answer.startswith(lead) for o in got["probe@0"] if o.exited and o.think_tokens < 20)
     two = replace(base, consecutive=2)
