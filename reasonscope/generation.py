@@ -179,7 +179,7 @@ class SlotCache(Cache):
         self.size = new
 
     def prefill(self, slots: torch.Tensor) -> None:
-        self._slots, self._positions = slots, None
+        self._slots, self._positions, self._length = slots, None, 0  # a prefill starts at position 0
 
     def decode(self, positions: torch.Tensor, length: int, slots: torch.Tensor | None = None) -> None:
         if slots is not None:
@@ -238,7 +238,8 @@ class SlotCache(Cache):
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self._length
 
-    # what HF's mask builder asks of a cache when a pass gives no mask: only an unpadded prefill does
+    # what HF's mask builder asks of a cache when a pass gives no mask (only an unpadded prefill does); transformers
+    # 5.9 reads the query offset from get_seq_length instead (0 in a prefill too)
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return 0
 

@@ -500,3 +500,17 @@ def test_key_positions_realign_attention_patterns_of_a_batch(tiny_model_dir):
 
     read(DecodeConfig(max_new_tokens=n_new, batch_size=16), encode(h)[:4] * 4, on_token=end_some)
     assert idle and all(idle)
+
+
+def test_a_prefill_after_decode_steps_starts_at_position_zero():
+    """A refill's prefill follows decode steps; the cache then reports 0 seen tokens and asks for no offset, which is
+    what HF's mask builder reads for an unpadded prefill (transformers 5.9 from ``get_seq_length``, later releases
+    from ``get_query_offset`` and ``get_mask_sizes``)."""
+    cache = SlotCache(slots=2, capacity=64)
+    cache.reserve(16)
+    cache.decode(torch.tensor([9, 11]), 12)
+    assert cache.get_seq_length() == 12
+    with pytest.raises(RuntimeError, match="only a prefill"):
+        cache.get_mask_sizes(1)
+    cache.prefill(torch.tensor([1]))
+    assert cache.get_seq_length() == 0 and cache.get_query_offset() == 0 and cache.get_mask_sizes(7) == (7, 0)
