@@ -143,8 +143,7 @@ class _State:
     streak: list[int] = field(default_factory=list)
     after: list[int] = field(default_factory=list)
     lead: list[list[int]] = field(default_factory=list)  # answer-lead tokens still to force after an exit
-    trial: list[int] = field(default_factory=list)  # DEER trial tokens decoded so far
-    trials: list[list[int]] = field(default_factory=list)  # record: each DEER event's trial tokens
+    trials: list[list[int]] = field(default_factory=list)  # the tokens each DEER trial decoded
     resid: torch.Tensor | None = None
     events: dict[str, list[list[tuple[int, float]]]] = field(default_factory=dict)
 
@@ -156,7 +155,7 @@ class _State:
         self.streak = [0] * self.n
         self.after = [0] * self.n
         self.lead = [[] for _ in range(self.n)]
-        self.trial, self.trials = [0] * self.n, [[] for _ in range(self.n)]
+        self.trials = [[] for _ in range(self.n)]
         self.events = {k: [[] for _ in range(self.n)] for k in SIGNALS}
 
 
@@ -233,11 +232,10 @@ class _Monitor:
         if deer_rows:
             conf, spent = self._trial_confidence([rows[r] for r in deer_rows])
             for r, n in zip(deer_rows, spent):
-                st.trial[rows[r]] += n
+                st.trials[rows[r]].append(n)
             if self.record:
-                for r, c, n in zip(deer_rows, conf, spent):
+                for r, c in zip(deer_rows, conf):
                     st.events["deer"][rows[r]].append((len(st.seq[rows[r]]), c))
-                    st.trials[rows[r]].append(n)
             else:
                 exit_rows += [r for r, c in zip(deer_rows, conf) if c > cfg.threshold]
         for r in exit_rows:
@@ -329,7 +327,7 @@ def run_monitor(
     return [
         replace(
             _outcome(handle, c.token_ids, golds[q], mon.end_id, mon.state.exited[q], cfg.grader),
-            trial_tokens=mon.state.trial[q],
+            trial_tokens=sum(mon.state.trials[q]),
         )
         for q, c in enumerate(done)
     ]

@@ -66,9 +66,8 @@ class DecodeConfig:
     share_prefixes: bool = False  # prompts sharing >= SHARED_MIN leading tokens compute them once (see generate)
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):  # one stop string, not its characters
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)  # one string, not its characters
+        object.__setattr__(self, "stop", stop)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         for name in ("batch_size", "prefill_tokens"):
