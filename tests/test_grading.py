@@ -53,6 +53,10 @@ def test_math500_boxed_solutions_match_answers():
         ("#### 1 \n#### 2", "2"),
         ("no marker 42", None),
         ("#### none", None),
+        ("#### 3/4", "0.75"),
+        ("#### 6 / 2", "3"),
+        ("#### 1/0", None),
+        ("#### 1/3", None),
     ],
 )
 def test_extract_gsm8k(text, expected):

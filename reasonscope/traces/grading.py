@@ -29,11 +29,25 @@ def canonical_number(s: str) -> str | None:
 
 
 def extract_gsm8k(text: str) -> str | None:
-    """The number after the last ``####``, commas removed and normalised; ``None`` if absent."""
+    """The number after the last ``####``, commas removed and normalised (``3/4`` reads as ``0.75``, a fraction
+    without a finite decimal as ``None``); ``None`` if absent."""
     if "####" not in text:
         return None
     m = _NUMBER.search(text.rsplit("####", 1)[1].replace("$", ""))
-    return canonical_number(m.group()) if m else None
+    if m is None:
+        return None
+    over = re.match(r"\s*/\s*(\d+)", m.string[m.end() :])
+    if over is None:
+        return canonical_number(m.group())
+    den = int(over.group(1))
+    if den == 0:
+        return None
+    value = Fraction(Decimal(m.group().replace(",", ""))) / den
+    rest = value.denominator
+    for p in (2, 5):
+        while rest % p == 0:
+            rest //= p
+    return canonical_number(str(Decimal(value.numerator) / Decimal(value.denominator))) if rest == 1 else None
 
 
 def extract_boxed(text: str) -> str | None:
