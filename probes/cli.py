@@ -270,7 +270,7 @@ def monitor_cmd(
     from reasonscope.cli_kit import dataset_rows, dataset_source, organism_only
     from reasonscope.traces import GRADERS
 
-    from .monitor import MonitorConfig, Policy, choose, curve, record
+    from .monitor import MonitorConfig, Policy, choose, curve, point_key, record
 
     grader = choice(grader, tuple(GRADERS), "--grader")
     model_dtype = dtype_option(dtype, "--dtype")
@@ -369,7 +369,7 @@ def monitor_cmd(
     for policy in thresholds:
         if policy in chosen:
             t = chosen[policy]["threshold"]
-            report[policy] = {**test_curve[f"{policy}@{t:g}"], "threshold": t}
+            report[policy] = {**test_curve[point_key(policy, t)], "threshold": t}
         else:  # no threshold kept the accuracy on validation: the policy never exits
             report[policy] = {**test_curve["none"], "threshold": None}
     report["curve"] = test_curve

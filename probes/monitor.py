@@ -416,6 +416,13 @@ def _finish(handle: ModelHandle, rec: Recording, cuts: set[tuple[int, int]]) -> 
     return out
 
 
+def point_key(policy: str, threshold: float) -> str:
+    """A curve's key for ``policy`` at ``threshold``: ``probe@0.9``, exact (``:g`` where it reads back as the same
+    float, ``repr`` otherwise, so thresholds equal to six digits keep their own points)."""
+    short = f"{float(threshold):g}"
+    return f"{policy}@{short if float(short) == float(threshold) else repr(float(threshold))}"
+
+
 def replay(
     handle: ModelHandle, rec: Recording, thresholds: Mapping[Policy, Sequence[float]]
 ) -> dict[str, list[Outcome]]:
@@ -426,7 +433,7 @@ def replay(
         if policy == "probe" and not any(rec.events["probe"]) and rec.tokens:
             raise ValueError("the probe policy needs fitted probes: record the reference with probes=")
     plans = {
-        f"{policy}@{float(v):g}": [exit_step(ev, policy, float(v), rec.cfg) for ev in rec.events[policy]]
+        point_key(policy, v): [exit_step(ev, policy, float(v), rec.cfg) for ev in rec.events[policy]]
         for policy, values in thresholds.items()
         for v in values
     }

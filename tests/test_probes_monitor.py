@@ -10,7 +10,7 @@ from test_probes import synthetic
 from probes import monitor
 from probes.fit import ProbeConfig, fit_probes
 from probes.labels import LabelConfig, label_traces
-from probes.monitor import MonitorConfig, choose, record, replay, run_monitor, sweep, token_sets
+from probes.monitor import MonitorConfig, choose, point_key, record, replay, run_monitor, sweep, token_sets
 from reasonscope.capture import CaptureConfig, capture
 
 from conftest import organisms
@@ -166,6 +166,13 @@ def test_replay_equals_live_runs(tiny_handle, tiny_probes, monkeypatch, temperat
     rec2 = record(tiny_handle, prompts, golds, two, tiny_probes)
     live = run_monitor(tiny_handle, prompts, golds, replace(two, policy="probe", threshold=0.0), tiny_probes)
     assert replay(tiny_handle, rec2, {"probe": [0.0]})["probe@0"] == live
+
+
+def test_point_keys_are_exact():
+    assert [point_key("probe", t) for t in (0.9, 0, 1e9, 0.5)] == ["probe@0.9", "probe@0", "probe@1e+09", "probe@0.5"]
+    near = (0.1234561, 0.1234564)  # equal to six digits: two points, each key reading back as its threshold
+    keys = [point_key("deer", t) for t in near]
+    assert len(set(keys)) == 2 and [float(k.split("@")[1]) for k in keys] == list(near)
 
 
 def test_choose_threshold_within_loss():
