@@ -31,11 +31,12 @@ from .probeset import ProbeSet, write_probeset
 from .train import ProbeConfig, fit, predict
 
 
-def _calibrate(p: torch.Tensor, data: Labelled) -> tuple[torch.Tensor, list[tuple[float, float]]]:
+def _calibrate(logits: torch.Tensor, data: Labelled) -> tuple[torch.Tensor, list[tuple[float, float]]]:
     """Per layer, Platt scaling of the task probe fitted on the validation problems (the class weights skew its raw
-    probabilities toward balanced classes): the calibrated probabilities ``[L, n]`` and each layer's ``(a, b)``."""
+    probabilities toward balanced classes): the calibrated probabilities ``[L, n]`` and each layer's ``(a, b)``, on
+    the probe's own logits (those :meth:`ProbeSet.predict` applies them to)."""
     val = data.side == VAL
-    z = torch.logit(p[0].double(), eps=1e-7)
+    z = logits[0].double()
     ab = [metrics.platt(z[i, val], data.y[val]) for i in range(len(z))]
     q = torch.stack([torch.sigmoid(a * z[i] + b) for i, (a, b) in enumerate(ab)]).float()
     return q, ab
@@ -81,8 +82,9 @@ def fit_probes(
     stream = Stream(store, hooks, data.row, cfg.read_batch, cfg.cache_bytes)
     probe = BatchedProbe(2, len(hooks), width, cfg.kind, cfg.hidden if cfg.kind == "mlp" else 0, cfg.seed).to(device)
     epochs = fit(probe, stream, data, cfg, device)
-    p = predict(probe, stream, len(data.y), device)
-    q, platt = _calibrate(p, data)
+    z = predict(probe, stream, len(data.y), device, logits=True)
+    p = torch.sigmoid(z)
+    q, platt = _calibrate(z, data)
     layers = _layer_reports(p, q, data, hooks, cfg)
     key = next(
         (k for k in (f"val_{cfg.select_on}", "val_auroc") if any(not math.isnan(layers[h][k]) for h in hooks)), None

@@ -106,9 +106,15 @@ def standardize(probe: BatchedProbe, stream: Batches, train: torch.Tensor, devic
 
 
 def predict(
-    probe: BatchedProbe, stream: Batches, m: int, device: torch.device, rows: torch.Tensor | None = None
+    probe: BatchedProbe,
+    stream: Batches,
+    m: int,
+    device: torch.device,
+    rows: torch.Tensor | None = None,
+    logits: bool = False,
 ) -> torch.Tensor:
-    """Probabilities ``[V, L, M]`` for every labelled row (only where ``rows`` is True when given; 0 elsewhere)."""
+    """Probabilities ``[V, L, M]`` (``logits``: the probe's logits) for every labelled row (only where ``rows`` is
+    True when given; 0 elsewhere)."""
     v, n = probe.b.shape
     out = torch.zeros(v, n, m)
     with torch.no_grad():
@@ -117,7 +123,8 @@ def predict(
                 keep = rows[idx]
                 idx, x = idx[keep], x[:, keep]
             if len(idx):
-                out[:, :, idx] = torch.sigmoid(probe(x.to(device))).cpu()
+                z = probe(x.to(device))
+                out[:, :, idx] = (z if logits else torch.sigmoid(z)).cpu()
     return out
 
 

@@ -12,6 +12,7 @@ import torch
 from probes import metrics
 from probes.answers import extract_intermediate
 from probes.chunks import chunk_thinking
+from probes.data import VAL, join_labels
 from probes.entropy import deviation_index
 from probes.fit import ProbeConfig, fit_probes
 from probes.labels import LabelConfig, LabelTable, build_labels, label_traces
@@ -383,6 +384,18 @@ def test_fit_finds_the_informative_layer(tmp_path, kind, solver):
     assert metrics.auroc(p[test_rows], y[test_rows]) == pytest.approx(good["auroc"], abs=1e-6)
     assert metrics.ece(p[test_rows], y[test_rows]) == pytest.approx(good["ece"], abs=1e-5)  # calibrated, as reported
     assert {"ece_raw", "brier_raw", "accuracy_raw"} <= set(good)
+
+
+def test_platt_is_fitted_on_the_logits_predict_applies_it_to(tmp_path):
+    store, table = synthetic(tmp_path, label=8.0)  # nearly separable: logits past the ±16.1 of logit(p, eps=1e-7)
+    cfg = ProbeConfig(kind="logistic", bootstrap=10, weight_decay=0.0)
+    ps = fit_probes(store, table, cfg, tmp_path / "probes")
+    data = join_labels(store, table, cfg.target, cfg.test_fraction, cfg.val_fraction, cfg.seed)
+    x = torch.cat(list(store.iter_batches(HOOKS[1], 8192)))
+    z = ps.probe.layer_logits(x, 1)[0].double()
+    val = data.side == VAL
+    assert z[data.row[val]].abs().max() > 17
+    assert ps.calibration[HOOKS[1]] == pytest.approx(metrics.platt(z[data.row[val]], data.y[val]), abs=1e-5)
 
 
 def test_best_layer_by_within_problem_auroc(tmp_path):
