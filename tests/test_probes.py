@@ -392,7 +392,7 @@ def test_platt_is_fitted_on_the_logits_predict_applies_it_to(tmp_path):
     ps = fit_probes(store, table, cfg, tmp_path / "probes")
     data = join_labels(store, table, cfg.target, cfg.test_fraction, cfg.val_fraction, cfg.seed)
     x = torch.cat(list(store.iter_batches(HOOKS[1], 8192)))
-    z = ps.probe.layer_logits(x, 1)[0].double()
+    z = ps.probe.layer_logits(x, 1)[0].detach().double()
     val = data.side == VAL
     assert z[data.row[val]].abs().max() > 17
     assert ps.calibration[HOOKS[1]] == pytest.approx(metrics.platt(z[data.row[val]], data.y[val]), abs=1e-5)
