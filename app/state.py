@@ -130,3 +130,11 @@ def background(fn: Callable[..., T], *args: Any, label: str = "working") -> T:
 def cached(key: str, _fn: Callable[[], T]) -> T:
     """``_fn()`` memoised under ``key`` (results of background work reused across reruns)."""
     return _fn()
+
+
+def pick_trace(where: Any, label: str, rows: list[Any], describe: Callable[[Any], str], key: str) -> Any:
+    """A trace chosen in a selectbox (``where``: ``st`` or a column) by id, so a filter change never swaps the
+    trace silently; ``describe(trace)`` is its label after the id."""
+    by_id = {t.id: t for t in rows}
+    pick = where.selectbox(label, list(by_id), format_func=lambda i: f"{i} · {describe(by_id[i])}", key=key)
+    return by_id.get(str(pick), rows[0])

@@ -10,7 +10,7 @@ import streamlit as st
 
 from app import analysis, figures
 from app.artifacts import RunDir
-from app.state import artifact, background, cached, model, need, stamp
+from app.state import artifact, background, cached, model, need, pick_trace, stamp
 from reasonscope.heads.figures import curves_figure, head_map_figure
 
 CURVE_METRICS = {"accuracy": "accuracy", "thinking length": "mean_think_tokens", "KV bytes": "kv_bytes"}
@@ -106,11 +106,7 @@ def _attention(run: RunDir, n_layers: int, n_kv: int) -> None:
     if not rows:
         st.info("no thinking trace to show")
         return
-    by_id = {t.id: t for t in rows}
-    pick = c3.selectbox(
-        "trace", list(by_id), format_func=lambda i: f"{i} · level {by_id[i].meta.get('level')}", key="hd_trace"
-    )
-    t = by_id.get(str(pick), rows[0])
+    t = pick_trace(c3, "trace", rows, lambda t: f"level {t.meta.get('level')}", key="hd_trace")
     handle = model("thinking", eager=True)
     attn = cached(
         f"attn/{run.path}/{stamp(run, 'traces')}/{t.id}/{layer}/{head}",

@@ -8,7 +8,7 @@ import streamlit as st
 
 from app import analysis, figures
 from app.artifacts import RunDir
-from app.state import artifact, background, cached, need, stamp
+from app.state import artifact, background, cached, need, pick_trace, stamp
 
 
 def render(run: RunDir) -> None:
@@ -69,14 +69,7 @@ def _trajectory(run: RunDir, sets: dict) -> None:
         return
     ts, store = got
     rows = [t for t in ts.traces["thinking"] if t.think_span]
-    by_id = {t.id: t for t in rows}
-    pick = st.selectbox(
-        "trace",
-        list(by_id),
-        format_func=lambda i: f"{i} · level {by_id[i].meta.get('level')} · {'✓' if by_id[i].grade else '✗'}",
-        key="pr_trace",
-    )
-    t = by_id.get(str(pick), rows[0])
+    t = pick_trace(st, "trace", rows, lambda t: f"level {t.meta.get('level')} · {'✓' if t.grade else '✗'}", "pr_trace")
     start = t.think_span[0]
     fig = go.Figure()
     for target, ps in sets.items():

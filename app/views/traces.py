@@ -10,7 +10,7 @@ import streamlit as st
 
 from app import analysis, figures
 from app.artifacts import RunDir
-from app.state import artifact, background, cached, model, need, stamp
+from app.state import artifact, background, cached, model, need, pick_trace, stamp
 
 SIGNALS = ("entropy", "deviation index", "surprise")
 
@@ -58,13 +58,13 @@ def render(run: RunDir) -> None:
     if not rows:
         st.info("no trace matches these filters")
         return
-    by_id = {t.id: t for t in rows}  # picked by id: a filter change never swaps the trace silently
-    names = {
-        t.id: f"{t.id} · level {t.meta.get('level')} · {'✓' if t.grade else '✗'} · {t.meta.get('style') or '-'}"
-        for t in rows
-    }
-    pick = st.selectbox(f"trace ({len(rows)} match)", list(by_id), format_func=names.__getitem__, key="tr_pick")
-    t = by_id.get(str(pick), rows[0])
+    t = pick_trace(
+        st,
+        f"trace ({len(rows)} match)",
+        rows,
+        lambda t: f"level {t.meta.get('level')} · {'✓' if t.grade else '✗'} · {t.meta.get('style') or '-'}",
+        key="tr_pick",
+    )
     probe_targets: list[str] = []
     if which == "thinking" and run.has("probes") and run.has("capture"):
         try:
