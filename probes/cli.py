@@ -233,6 +233,11 @@ def monitor_cmd(
         "--traces or --dataset: the first VAL_N rows); the chosen thresholds are then reported on the test problems.",
     ),
     max_loss: float = typer.Option(0.01, min=0.0, help="Accuracy loss allowed when choosing a threshold."),
+    loss_z: float = typer.Option(
+        1.645,  # probes.monitor.LOSS_Z (not imported here: the CLI loads torch only when a command runs)
+        min=0.0,
+        help="Margin on the loss, in standard errors paired by problem (1.645: one-sided 95%; 0: the point estimate).",
+    ),
     probe_thresholds: str = typer.Option(
         "0.3,0.5,0.7,0.75,0.8,0.82,0.84,0.86,0.88,0.9,0.92,0.95,0.98,0.99",
         help="Probe policy thresholds (p >= t exits).",
@@ -363,8 +368,8 @@ def monitor_cmd(
         _emit(test_curve, as_json)
         return
     val_curve = points(val)
-    chosen = choose(val_curve, max_loss)
-    save({"val_n": len(val), "max_loss": max_loss, "chosen": chosen})
+    chosen = choose(val_curve, max_loss, loss_z)
+    save({"val_n": len(val), "max_loss": max_loss, "loss_z": loss_z, "chosen": chosen})
     report: dict[str, Any] = {"none": {**test_curve["none"], "n": len(test)}}
     for policy in thresholds:
         if policy in chosen:
@@ -373,5 +378,5 @@ def monitor_cmd(
         else:  # no threshold kept the accuracy on validation: the policy never exits
             report[policy] = {**test_curve["none"], "threshold": None}
     report["curve"] = test_curve
-    report["validation"] = {"n": len(val), "max_loss": max_loss, "chosen": chosen, "curve": val_curve}
+    report["validation"] = {"n": len(val), "max_loss": max_loss, "loss_z": loss_z, "chosen": chosen, "curve": val_curve}
     _emit(report, as_json)

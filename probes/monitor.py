@@ -22,7 +22,8 @@ the step it was read at. Up to its exit a policy's generation *is* the reference
 ``i``'s token ``t`` is fixed by ``(seed, i, t)``), so :func:`replay` finds each policy's exit step from the record
 and decodes only what follows the forced ``</think>``, drawing from the same stream: the outcome equals
 :func:`run_monitor`'s (tested). :func:`choose` picks each policy's threshold on a validation split (the largest
-saving within ``max_loss`` accuracy of the reference), to be reported on a disjoint test split.
+saving whose accuracy loss against the reference stays within ``max_loss``, with a one-sided 95% margin), to
+be reported on a disjoint test split.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ POLICIES: tuple[Policy, ...] = get_args(Policy)
 SIGNALS: tuple[Policy, ...] = ("probe", "deviation", "deer")
 BOUNDARY_CHARS = (".", "?", "!", "\n")
 CUE_WORDS = ("wait", "hmm", "alternatively")
+LOSS_Z = 1.645  # choose(): a threshold's accuracy loss is bounded one-sided at 95%, paired by problem
 
 
 @dataclass(frozen=True)
@@ -457,13 +459,18 @@ def _trials_until(rec: Recording, q: int, exit_at: int | None) -> int:
 
 
 def summarize(outcomes: Sequence[Outcome], reference: Sequence[Outcome]) -> dict[str, float]:
-    """Accuracy, mean thinking tokens, share exited early, thinking tokens saved against ``reference`` and mean DEER
-    trial tokens (decoded beside the thinking)."""
+    """Accuracy, mean thinking tokens, share exited early, thinking tokens saved against ``reference``, mean DEER
+    trial tokens (decoded beside the thinking) and ``loss_se``, the standard error of the accuracy lost against
+    ``reference``, paired by problem."""
     spent = sum(o.think_tokens for o in outcomes)
     base = sum(o.think_tokens for o in reference)
     n = max(1, len(outcomes))
+    drops = [float(r.correct) - float(o.correct) for o, r in zip(outcomes, reference)]  # paired: same problems
+    mean_drop = sum(drops) / n
+    var = sum((d - mean_drop) ** 2 for d in drops) / max(1, len(drops) - 1)
     return {
         "accuracy": sum(o.correct for o in outcomes) / n,
+        "loss_se": math.sqrt(var / n),
         "think_tokens": spent / n,
         "exited": sum(o.exited for o in outcomes) / n,
         "saved_fraction": 1 - spent / base if base else 0.0,
@@ -479,13 +486,19 @@ def curve(handle: ModelHandle, rec: Recording, thresholds: Mapping[Policy, Seque
     return out
 
 
-def choose(points: Mapping[str, Mapping[str, float]], max_loss: float = 0.01) -> dict[str, dict[str, float]]:
-    """Per policy, the threshold of ``points`` (a :func:`curve`) saving most thinking tokens while losing at most
-    ``max_loss`` accuracy against ``none`` (ties: the higher accuracy); policies with no such point are left out."""
+def choose(
+    points: Mapping[str, Mapping[str, float]], max_loss: float = 0.01, z: float = LOSS_Z
+) -> dict[str, dict[str, float]]:
+    """Per policy, the threshold of ``points`` (a :func:`curve`) saving most thinking tokens while the accuracy it
+    loses against ``none`` stays within ``max_loss`` with ``z`` standard errors to spare (``loss + z·loss_se``; the
+    default is a one-sided 95% bound; ``z=0``: the point estimate). Ties: the higher accuracy. Policies with no such
+    point are left out. Without the margin the rule lands where accuracy starts to fall, and the test split falls."""
+    if z < 0:
+        raise ValueError(f"z must be >= 0 (standard errors of margin), got {z}")
     floor = points["none"]["accuracy"] - max_loss - 1e-9
     best: dict[str, dict[str, float]] = {}
     for key, r in points.items():
-        if "@" not in key or r["accuracy"] < floor:
+        if "@" not in key or r["accuracy"] - z * r.get("loss_se", 0.0) < floor:
             continue
         policy, t = key.split("@")
         cur = best.get(policy)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -10,7 +11,18 @@ from test_probes import synthetic
 from probes import monitor
 from probes.fit import ProbeConfig, fit_probes
 from probes.labels import LabelConfig, label_traces
-from probes.monitor import MonitorConfig, choose, point_key, record, replay, run_monitor, sweep, token_sets
+from probes.monitor import (
+    MonitorConfig,
+    Outcome,
+    choose,
+    point_key,
+    record,
+    replay,
+    run_monitor,
+    summarize,
+    sweep,
+    token_sets,
+)
 from reasonscope.capture import CaptureConfig, capture
 
 from conftest import organisms
@@ -186,6 +198,29 @@ def test_choose_threshold_within_loss():
     best = choose(pts, max_loss=0.01)
     assert set(best) == {"probe"} and best["probe"]["threshold"] == 0.9
     assert choose(pts, max_loss=0.0)["probe"]["threshold"] == 0.95
+
+
+def test_choose_keeps_a_margin_of_standard_errors_on_the_loss():
+    """0.9 loses 0.5 points ± 0.6 (one-sided 95% bound 1.5 > 1): only the point estimate keeps it."""
+    pts = {
+        "none": {"accuracy": 0.80, "saved_fraction": 0.0, "loss_se": 0.0},
+        "probe@0.9": {"accuracy": 0.795, "saved_fraction": 0.4, "loss_se": 0.006},
+        "probe@0.95": {"accuracy": 0.80, "saved_fraction": 0.2, "loss_se": 0.003},
+    }
+    assert choose(pts, max_loss=0.01)["probe"]["threshold"] == 0.95
+    assert choose(pts, max_loss=0.01, z=0.0)["probe"]["threshold"] == 0.9
+    with pytest.raises(ValueError, match="z must be >= 0"):
+        choose(pts, z=-1.0)
+
+
+def test_summary_loss_se_is_the_paired_standard_error():
+    ref = [Outcome(think_tokens=10, exited=False, answer="", correct=c) for c in (True, True, False, True)]
+    out = [Outcome(think_tokens=5, exited=True, answer="", correct=c) for c in (False, True, True, True)]
+    # paired drops 1, 0, -1, 0: mean 0, sample variance 2/3
+    r = summarize(out, ref)
+    assert r["accuracy"] == 0.75 and r["saved_fraction"] == 0.5
+    assert r["loss_se"] == pytest.approx(math.sqrt((2 / 3) / 4))
+    assert summarize(ref, ref)["loss_se"] == 0.0
 
 
 def test_monitor_refuses_probes_of_another_model(tiny_handle, tmp_path):
