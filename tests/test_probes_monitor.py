@@ -213,6 +213,15 @@ def test_choose_keeps_a_margin_of_standard_errors_on_the_loss():
         choose(pts, z=-1.0)
 
 
+def test_cli_margin_default_is_the_monitor_s():
+    """`probe monitor --loss-z` spells LOSS_Z out (the CLI imports torch only when a command runs): no drift."""
+    import inspect
+
+    from probes.cli import monitor_cmd
+
+    assert inspect.signature(monitor_cmd).parameters["loss_z"].default.default == monitor.LOSS_Z
+
+
 def test_summary_loss_se_is_the_paired_standard_error():
     ref = [Outcome(think_tokens=10, exited=False, answer="", correct=c) for c in (True, True, False, True)]
     out = [Outcome(think_tokens=5, exited=True, answer="", correct=c) for c in (False, True, True, True)]
