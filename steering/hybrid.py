@@ -866,6 +866,7 @@ def run_hybrid(
             "hash": base_handle.weight_hash,
             "d_model": base_handle.geometry.d_model,
             "n_layers": base_handle.geometry.n_layers,
+            "model_type": str(getattr(base_handle.model.config, "model_type", "")),
         },
         "thinking": {"source": thinking_handle.source, "hash": thinking_handle.weight_hash},
     }
@@ -944,10 +945,19 @@ class HybridRun:
         return cls(art.path, summary, records, cfg, taxonomy, steerer)
 
     def vectors(self) -> dict[str, SteeringVector]:
-        """One :class:`SteeringVector` (bias + V[b], at ``steer_layer``, position ``last``) per behaviour."""
+        """One :class:`SteeringVector` (bias + V[b], at ``steer_layer``, position ``last``) per behaviour.
+
+        Its γ is the smallest guardrail coefficient; ``gamma_detail`` records that the hybrid chose among all of
+        them per steered token, and steered only where the two models' greedy tokens differed."""
         if self.steerer is None:
             raise ValueError("this HybridRun has no steerer")
         st, info = self.steerer, self.taxonomy.get("base", {})
+        coefficients = [float(c) for c in self.config.get("coefficients", (1.0,))]
+        detail = {
+            "coefficients": coefficients,
+            "per_token": "the coefficient whose greedy token the thinking model finds most likely",
+            "steered": "only where the base's and the thinking model's greedy next tokens differ",
+        }
         out = {}
         for i, name in enumerate(st.names):
             meta = VectorMeta(
@@ -957,7 +967,14 @@ class HybridRun:
                 model_id=str(info.get("source", "")),
                 model_hash=info.get("hash"),
                 n_layers=info.get("n_layers"),
-                recipe={"paper": "arXiv 2510.07364", "behaviour": name, "method": self.config.get("vectors")},
+                recipe={
+                    "paper": "arXiv 2510.07364",
+                    "behaviour": name,
+                    "method": self.config.get("vectors"),
+                    "model_type": str(info.get("model_type", "")),
+                },
+                gamma=min(coefficients),
+                gamma_detail=detail,
             )
             out[name] = SteeringVector((st.bias + st.vectors[i])[None], meta)
         return out

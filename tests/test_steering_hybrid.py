@@ -391,7 +391,10 @@ def test_run_writes_an_artifact_that_opens(tmp_path, pair, vectors, labels, sele
     assert torch.equal(back.steerer.vectors, run.steerer.vectors)
     vecs = back.vectors()
     assert set(vecs) == set(back.steerer.names)
-    next(iter(vecs.values())).check_model(base)
+    v = next(iter(vecs.values()))
+    v.check_model(base)
+    assert v.meta.gamma == min(cfg.coefficients) and v.meta.gamma_detail["coefficients"] == list(cfg.coefficients)
+    assert v.meta.recipe["model_type"] == base.model.config.model_type
     with pytest.raises(FileExistsError):
         run.save(tmp_path / "run")
 
