@@ -66,26 +66,44 @@ def signal_figure(
     return fig
 
 
+def _sweep_x(hook: str) -> int:
+    """The layer a hook reads (conventions.md: layer N = block N's output): ``blocks.N.hook_resid_pre`` is block
+    N-1's output (-1: the embeddings), any other hook of block N is at N."""
+    _, n, kind = hook.split(".", 2)
+    return int(n) - 1 if kind == "hook_resid_pre" else int(n)
+
+
 def layer_sweep_figure(reports: Mapping[str, Mapping[str, Any]]) -> go.Figure:
-    """Test AUROC per layer with its bootstrap interval, one line per probe target (``{target: report}``)."""
+    """Test AUROC per layer with its bootstrap interval, one line per probe target and hook kind
+    (``{target: report}``)."""
     fig = go.Figure()
     for target, rep in reports.items():
-        hooks = sorted(rep["layers"], key=lambda h: int(h.split(".")[1]))
-        ys = [rep["layers"][h]["auroc"] for h in hooks]
-        lo = [rep["layers"][h]["auroc_ci"][0] for h in hooks]
-        hi = [rep["layers"][h]["auroc_ci"][1] for h in hooks]
-        err = {
-            "type": "data",
-            "symmetric": False,
-            "array": [b - y if _finite(b) and _finite(y) else 0 for y, b in zip(ys, hi)],
-            "arrayminus": [y - a if _finite(a) and _finite(y) else 0 for y, a in zip(ys, lo)],
-        }
-        x = [int(h.split(".")[1]) for h in hooks]
-        fig.add_trace(go.Scatter(x=x, y=ys, error_y=err, mode="lines+markers", name=f"{target}"))
-        control = [rep["layers"][h].get("control_auroc") for h in hooks]
-        fig.add_trace(go.Scatter(x=x, y=control, mode="lines", line_dash="dot", name=f"{target} (control)"))
+        kinds: dict[str, list[str]] = {}
+        for h in rep["layers"]:
+            kinds.setdefault(h.split(".", 2)[2], []).append(h)
+        for kind, hooks in kinds.items():
+            hooks.sort(key=_sweep_x)
+            layers = [rep["layers"][h] for h in hooks]
+            ys = [r["auroc"] for r in layers]
+            lo, hi = [r["auroc_ci"][0] for r in layers], [r["auroc_ci"][1] for r in layers]
+            err = {
+                "type": "data",
+                "symmetric": False,
+                "array": [b - y if _finite(b) and _finite(y) else 0 for y, b in zip(ys, hi)],
+                "arrayminus": [y - a if _finite(a) and _finite(y) else 0 for y, a in zip(ys, lo)],
+            }
+            x = [_sweep_x(h) for h in hooks]
+            name = target if len(kinds) == 1 else f"{target} {kind}"
+            fig.add_trace(go.Scatter(x=x, y=ys, error_y=err, mode="lines+markers", name=name))
+            control = [r.get("control_auroc") for r in layers]
+            fig.add_trace(go.Scatter(x=x, y=control, mode="lines", line_dash="dot", name=f"{name} (control)"))
     fig.add_hline(y=0.5, line_dash="dash", line_color="grey")
-    fig.update_layout(xaxis_title="layer", yaxis_title="test AUROC (95% CI)", yaxis_range=[0, 1.05], height=350)
+    fig.update_layout(
+        xaxis_title="layer (block output; -1: embeddings)",
+        yaxis_title="test AUROC (95% CI)",
+        yaxis_range=[0, 1.05],
+        height=350,
+    )
     return fig
 
 

@@ -196,6 +196,37 @@ def test_sweep_figure_keeps_test_and_selection_problems_apart(quick_run):
     assert report["steered"]["accuracy"] in list(test.y) and report["baseline"]["accuracy"] in list(test.y)
 
 
+def test_a_head_map_click_is_followed_once():
+    from app.views.heads import follow_click
+
+    state: dict = {"hd_layer": 0, "hd_head": 0}
+    follow_click(state, (2, 1))
+    assert (state["hd_layer"], state["hd_head"]) == (2, 1)
+    state["hd_layer"] = 3  # the user picks another layer; the chart still holds the old click on the next rerun
+    follow_click(state, (2, 1))
+    assert (state["hd_layer"], state["hd_head"]) == (3, 1)
+    follow_click(state, (1, 0))  # a new click wins again
+    assert (state["hd_layer"], state["hd_head"]) == (1, 0)
+    follow_click(state, None)
+    assert (state["hd_layer"], state["hd_head"]) == (1, 0)
+
+
+def test_layer_sweep_figure_places_each_hook_at_the_layer_it_reads():
+    from app.figures import layer_sweep_figure
+
+    def row(auroc):
+        return {"auroc": auroc, "auroc_ci": [auroc - 0.1, auroc + 0.1], "control_auroc": 0.5}
+
+    hooks = {"blocks.0.hook_resid_pre": row(0.6), "blocks.2.hook_resid_pre": row(0.7)}
+    hooks |= {"blocks.0.hook_resid_post": row(0.8), "blocks.1.hook_resid_post": row(0.9)}
+    lines = {t.name: t for t in layer_sweep_figure({"correct": {"layers": hooks}}).data}
+    pre, post = lines["correct hook_resid_pre"], lines["correct hook_resid_post"]
+    assert list(pre.x) == [-1, 1] and list(pre.y) == [0.6, 0.7]  # block N's input is block N-1's output
+    assert list(post.x) == [0, 1] and list(post.y) == [0.8, 0.9]
+    only = layer_sweep_figure({"correct": {"layers": {"blocks.3.hook_resid_post": row(0.8)}}}).data
+    assert [t.name for t in only] == ["correct", "correct (control)"]
+
+
 @organisms
 def test_calibration_curve_reads_the_test_rows_of_its_own_model(quick_run):
     import dataclasses

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import pandas as pd
@@ -46,6 +47,14 @@ def _clicked(event: Any) -> tuple[int, int] | None:
         return None
 
 
+def follow_click(state: MutableMapping[str, Any], hit: tuple[int, int] | None) -> None:
+    """Show the clicked head, once per click: the chart keeps its selection across reruns, so an old click must not
+    undo a later choice in the layer and KV-head boxes."""
+    if hit is not None and hit != state.get("hd_click"):
+        state["hd_click"] = hit
+        state["hd_layer"], state["hd_head"] = hit
+
+
 def render(run: RunDir) -> None:
     st.header("Heads")
     got = need(run, "heads")
@@ -62,9 +71,7 @@ def render(run: RunDir) -> None:
     with left:
         fig = clickable(head_map_figure(hm.scores, f"{scorer} scores (higher = keep a full cache); click a head"))
         event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key=f"hd_map_{scorer}")
-        hit = _clicked(event)
-        if hit is not None and hit != (st.session_state.get("hd_layer"), st.session_state.get("hd_head")):
-            st.session_state["hd_layer"], st.session_state["hd_head"] = hit
+        follow_click(st.session_state, _clicked(event))
         st.caption(f"window: {hm.policy.sink} sink + {hm.policy.recent} recent tokens · {hm.aggregation}")
     with right:
         _curves(run)
