@@ -567,9 +567,8 @@ def hybrid_generate(
         temperature=cfg.temperature,
         top_p=1.0,
         seed=cfg.seed,
-        eos_token_ids=(base.tokenizer.eos_token_id,),
         batch_size=cfg.batch_size,
-    )
+    )  # EOS: the tokenizer's and the base's generation_config's, as the base baseline stops
     comps = generate(
         base,
         [list(p) for p in prompts],

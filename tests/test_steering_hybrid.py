@@ -312,6 +312,18 @@ def test_same_model_never_steers_and_matches_generate(tiny_handle, temperature):
     assert all(b is None for o in out for b in o.behaviours)
 
 
+def test_hybrid_stops_where_the_base_model_stops(tiny_handle, monkeypatch):
+    """The base's generation_config EOS ends a hybrid generation, as it ends the base baseline's."""
+    cfg = HybridConfig(**{**TINY, "temperature": 0.0, "max_new_tokens": 12})
+    prompts = prompts_of(tiny_handle, 1)
+    first = hybrid_generate(tiny_handle, tiny_handle, prompts, steerer(), cfg)[0].token_ids[0]
+    gen_cfg = tiny_handle.model.generation_config
+    monkeypatch.setattr(gen_cfg, "eos_token_id", [tiny_handle.tokenizer.eos_token_id, first])
+    out = hybrid_generate(tiny_handle, tiny_handle, prompts, steerer(), cfg)[0]
+    ref = generate(tiny_handle, prompts, DecodeConfig(max_new_tokens=12, temperature=0.0))[0]
+    assert out.token_ids == ref.token_ids == [first] and out.finished
+
+
 def test_disagreeing_pair_steers_and_batching_does_not_matter(pair):
     base, thinking = pair
     cfg = HybridConfig(**{**TINY, "max_new_tokens": 10, "temperature": 1.0})
