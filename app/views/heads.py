@@ -47,7 +47,7 @@ def _clicked(event: Any) -> tuple[int, int] | None:
         return None
 
 
-def follow_click(state: MutableMapping[str, Any], hit: tuple[int, int] | None) -> None:
+def follow_click(state: MutableMapping[Any, Any], hit: tuple[int, int] | None) -> None:
     """Show the clicked head, once per click: the chart keeps its selection across reruns, so an old click must not
     undo a later choice in the layer and KV-head boxes."""
     if hit is not None and hit != state.get("hd_click"):
