@@ -28,7 +28,8 @@ class DemoConfig:
     """Sizes of every stage, chosen so the demo runs in a few minutes on 2 CPU cores."""
 
     n: int = 160  # organism problems traced per model
-    max_new_tokens: int = 512
+    temperature: float = 1.0  # sampled: the thinking organism's slips (the probes' wrong chunks); greedy: rare
+    max_new_tokens: int = 1024  # a sampled level-5 verbose trace thinks ~940 tokens
     head_methods: tuple[str, ...] = ("window", "gate-ig", "retrieval")
     head_traces: int = 24  # thinking traces (levels 3-4) the heads are scored on
     ig_steps: int = 4
@@ -58,8 +59,8 @@ class DemoConfig:
     def quick(cls) -> DemoConfig:
         """A smoke-sized run (about a minute on 2 cores): every stage and page, small numbers."""
         return cls(
-            n=32,
-            max_new_tokens=256,
+            n=128,
+            max_new_tokens=384,
             head_methods=("window", "retrieval"),
             head_traces=8,
             ig_steps=2,
@@ -83,6 +84,8 @@ class DemoConfig:
         for name in ("n", "max_new_tokens", "head_traces", "heads_eval_n", "monitor_n", "asc_pairs", "asc_eval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         if self.asc_vector not in ("learned", "mean_diff"):
             raise ValueError(f"asc_vector {self.asc_vector!r} is not one of learned, mean_diff")
 
@@ -137,9 +140,9 @@ def _traces(ctx: Context) -> None:
     ecfg = EvalConfig(n_problems=cfg.n, max_new_tokens=cfg.max_new_tokens)
     traces, summary, inputs = {}, {}, {}
     for kind in ("thinking", "base"):
-        ctx.log(f"  generating {cfg.n} greedy traces of organism:{kind}")
+        ctx.log(f"  generating {cfg.n} traces of organism:{kind} at temperature {cfg.temperature:g}")
         h = ctx.model(kind)
-        traces[kind] = organism_traces(h, problems, 0.0, ecfg, progress=True)
+        traces[kind] = organism_traces(h, problems, cfg.temperature, ecfg, seed=cfg.seed, progress=True)
         summary[kind] = summarize(traces[kind])
         inputs[kind] = h.weight_hash
     TraceSet(None, traces, summary).write(ctx.run.stage_path("traces"), {"n": cfg.n, "seed": cfg.seed}, inputs)

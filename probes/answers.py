@@ -19,7 +19,7 @@ from reasonscope.traces import GRADERS, Trace, extract_boxed
 
 Matcher = Literal["auto", "organism", "math"]
 MATCHERS: tuple[Matcher, ...] = get_args(Matcher)
-_ORGANISM = re.compile(r"(?:=|answer is:)\s*(-?\d+)\.?\s*$")
+_ORGANISM = re.compile(r"(?:=|answer is:)\s*(-?\d+)(?:\.?\s*$|, check\b)")
 _VALUE = r"(-?\d[\d,]*(?:\.\d+)?|\\d?frac\{[^{}]+\}\{[^{}]+\})"
 _MATH = re.compile(
     r"(?:answer is:?|\b(?:is|get|gives|equals)\b|=)\s*\$*\s*" + _VALUE + r"\s*\$*\s*(?=[.!?\n]|$)", re.IGNORECASE

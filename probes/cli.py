@@ -254,7 +254,7 @@ def monitor_cmd(
     temperature: float = typer.Option(0.0, min=0.0),
     seed: int = typer.Option(0, help="Sampling seed (request i's token t draws from a stream fixed by it)."),
     batch_size: int = typer.Option(64, min=1),
-    max_new_tokens: int = typer.Option(640, min=1),
+    max_new_tokens: int = typer.Option(1024, min=1),
     answer_tokens: Optional[int] = typer.Option(
         None, min=1, help="Answer tokens after a forced exit (default: 8 for organisms, 32 after a \\boxed{ lead)."
     ),

@@ -73,7 +73,7 @@ class MonitorConfig:
     window: int = 32
     min_think: int = 0
     consecutive: int = 1
-    max_new_tokens: int = 640
+    max_new_tokens: int = 1024
     batch_size: int = 32
     temperature: float = 0.0  # > 0: sampled; each request's stream is fixed by (seed, request, step) across policies
     seed: int = 0

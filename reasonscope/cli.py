@@ -134,7 +134,7 @@ def traces_generate(
     n: Optional[int] = typer.Option(
         None, min=1, help="Number of problems (default: 100 organism problems, or every dataset row)."
     ),
-    max_new_tokens: int = typer.Option(640, min=1),
+    max_new_tokens: int = typer.Option(1024, min=1),
     temperature: float = typer.Option(0.0, min=0.0),
     samples: int = typer.Option(
         1, min=1, help="Traces per problem (needs --temperature > 0); ids get '#s<k>', meta problem_id the problem's."

@@ -96,7 +96,7 @@ class ASCConfig:
     # None: as many problems as n_eval
     temperature: float = 1.0
     seed: int = 0
-    max_new_tokens: int = 640
+    max_new_tokens: int = 1024
     batch_size: int = 64
     grader: str = "organism"  # grades the evaluation questions: organism | gsm8k | math
 

@@ -81,7 +81,7 @@ def asc_cmd(
     n_select: int = typer.Option(200, min=1, help="Selection-split problems (the sweep chooses layer and γ here)."),
     temperature: float = typer.Option(1.0, min=0.0),
     seed: int = typer.Option(0),
-    max_new_tokens: int = typer.Option(640, min=1),
+    max_new_tokens: int = typer.Option(1024, min=1),
     batch_size: int = typer.Option(64, min=1),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:

@@ -43,7 +43,7 @@ def answer_questions(
     grader: str,
     temperature: float = 1.0,
     seed: int = 0,
-    max_new_tokens: int = 640,
+    max_new_tokens: int = 1024,
     batch_size: int = 64,
     progress: bool = False,
 ) -> list[Trace]:

@@ -148,7 +148,8 @@ def test_capture_batched_equals_one_by_one_and_the_store_equals_a_run(arch_handl
     for i, t in enumerate(traces):
         single = capture_batch(h, [t], [pos[i]], cfg)
         for name in hooks:
-            assert torch.allclose(batched[name][i], single[name][0], atol=1e-5), (name, i)
+            # fp32 residuals reach ~25 here: left padding changes the summation order by ~1e-5
+            assert torch.allclose(batched[name][i], single[name][0], atol=1e-4), (name, i)
     store = capture(h, traces, CaptureConfig(hooks=hooks[1:], positions="think"), str(tmp_path / "s"), progress=False)
     t = traces[3]
     got: dict[str, torch.Tensor] = {}

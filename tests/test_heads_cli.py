@@ -210,7 +210,7 @@ def test_diff_on_the_organisms(tmp_path):
     """Thinking Sparks on the shipped pair: both models' style scores are finite unit-mass maps that tell heads and
     models apart, the top head is the largest rise, and the artifact holds the printed result."""
     args = ["heads", "diff", "--base", "organism:base", "--model", "organism:thinking", "--levels", "2", "--n", "4"]
-    args += ["--n-attribution", "2", "--k", "1", "--steps", "2", "--draws", "1", "--max-new-tokens", "64"]
+    args += ["--n-attribution", "2", "--k", "1", "--steps", "2", "--draws", "1", "--max-new-tokens", "192"]
     r = runner.invoke(app, [*args, "--json", "--out", str(tmp_path / "e")])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)

@@ -43,16 +43,22 @@ def test_styles_slips_and_overthinking():
     verbose = task.think(p, rng, "verbose", slip_rate=0.0)
     assert style_of(verbose.text) == "verbose" and style_of(concise.text) == "concise"
     tok = build_tokenizer()
-    assert len(tok(verbose.text).input_ids) >= 2 * len(tok(concise.text).input_ids)
+    assert len(tok(verbose.text).input_ids) >= 1.5 * len(tok(concise.text).input_ids)
+    assert concise.text.count(", good.") == len(p.ops)  # every step checks itself
+    assert ", check" not in task.think(p, rng, "concise", slip_rate=0.0, check=False).text
     # the verbose style re-checks after the answer is reached (overthinking)
     assert f"answer is:{p.answer}" in verbose.text[: verbose.meta["answer_reached_at_char"] + 40]
-    assert verbose.text.count(f"={p.answer}.") >= 2 and p.terms[1] + str(p.values[p.terms[1]]) in concise.text
+    assert verbose.text.count(f"={p.answer}, check") >= 2 and p.terms[1] + str(p.values[p.terms[1]]) in concise.text
     slipped = task.think(p, rng, "concise", slip_rate=1.0)
     assert slipped.n_slips == len(p.ops) and slipped.text.count("is wrong") == len(p.ops)
-    for line in slipped.text.split("wait, ")[1:]:  # every slip is corrected with the true result
+    assert ", good." not in slipped.text
+    for line in slipped.text.split("wait, ")[1:]:  # every slip is caught by its check and corrected
         wrong = line.split(" is wrong")[0]
         a, rest = wrong.split("=")[0], wrong.split("=")[1]
         assert f"so:{a}=" in line and f"so:{a}={rest}." not in line
+    for step in slipped.text.split("; ")[1:]:  # the check recomputes the true result before the wait
+        a, rest = step.split("=", 1)
+        assert rest.split(", check ")[1].startswith(f"{a} is {task.apply(int(a[0]), a[1], int(a[2]))}. wait")
 
 
 def test_notes_documents_read_every_operand_back():
@@ -111,11 +117,19 @@ def test_training_smoke(tmp_path):
     from reasonscope.organisms.train import TrainConfig, train_organisms
 
     cfg = TrainConfig(
-        base_steps=2, base_mix_steps=1, thinking_steps=2, batch_size=2, log_every=1, level1_steps=1, unlock_every=1
+        base_steps=2,
+        base_mix_steps=1,
+        thinking_steps=2,
+        settle_steps=1,
+        polish_steps=1,
+        batch_size=2,
+        log_every=1,
+        level1_steps=1,
+        unlock_every=1,
     )
     logs: list[str] = []
     paths = train_organisms(cfg, tmp_path, log=logs.append)
-    assert any("thinking: step 2/2" in m for m in logs)
+    assert any("thinking: step 2/2" in m for m in logs) and any("thinking polish: step 1/1" in m for m in logs)
     h = load_model(paths["thinking"])
     assert h.chat_prompt("a=1. what is a?").endswith("<think>")
     assert not load_model(paths["base"]).chat_prompt("a=1. what is a?").endswith("<think>")
@@ -127,7 +141,8 @@ def test_training_smoke(tmp_path):
         assert json.loads((paths[kind] / "tokenizer.json").read_text())["padding"] is None
     # post-training alone starts from the saved base, as a thinking model starts from its base model
     base = load_model(paths["base"]).model
-    cfg0 = TrainConfig(base_steps=1, base_mix_steps=1, thinking_steps=1, batch_size=2, log_every=1, finetune_lr=0.0)
+    one = dict(base_steps=1, base_mix_steps=1, thinking_steps=1, settle_steps=1, polish_steps=1)
+    cfg0 = TrainConfig(**one, batch_size=2, log_every=1, finetune_lr=0.0)
     again = load_model(train_organisms(cfg0, tmp_path, log=logs.append, phases=("thinking",))["thinking"]).model
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), again.state_dict().values()))
     from reasonscope.artifacts import ArtifactError
@@ -149,7 +164,8 @@ def test_shipped_organisms_meet_the_targets():
 
     problems = task.problems(60, seed=99)
     cfg = EvalConfig(n_problems=60, batch_size=60)
-    thinking = organism_traces(load_model("organism:thinking"), problems, 0.0, cfg)
+    thinker = load_model("organism:thinking")
+    thinking = organism_traces(thinker, problems, 0.0, cfg)
     base = organism_traces(load_model("organism:base"), problems, 0.0, cfg)
     assert all(t.think_span for t in thinking)
     # greedy, some of the hardest items end before </think> (the model loses its place), never easy ones
@@ -165,8 +181,11 @@ def test_shipped_organisms_meet_the_targets():
     assert sum(p.values.get(x) == v for x, v, p in reads) / len(reads) >= 0.9
     th, bs = summarize(thinking), summarize(base)
     assert th["truncated_fraction"] <= 0.15 and th["accuracy_by_difficulty"]["1"] >= 0.95
-    assert 0.6 <= th["accuracy"] <= 0.9 and th["accuracy"] - bs["accuracy"] >= 0.15
-    assert th["accuracy_by_difficulty"]["5"] < 1  # it makes real mistakes on the hardest items
+    assert th["accuracy"] >= 0.9 and th["accuracy"] - bs["accuracy"] >= 0.15
+    # sampled, it slips (a caught slip: the probes' wrong chunks) and makes real mistakes on the hardest items
+    sampled = organism_traces(thinker, problems, 1.0, cfg)
+    assert sum("is wrong" in t.thinking for t in sampled) >= 5
+    assert summarize(sampled)["accuracy_by_difficulty"]["5"] < 1
     assert th["mean_think_tokens_by_difficulty"]["5"] >= 150 > 2 * th["mean_think_tokens_by_difficulty"]["1"]
     # the base knows *how*: prompted in plain text it writes notes that read the operands back
     pr = prompted_summary(prompted_base_traces(load_model("organism:base"), problems, cfg))

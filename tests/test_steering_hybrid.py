@@ -524,7 +524,7 @@ def test_dataset_grading_and_its_refusals(pair):
 def test_organisms_end_to_end_small(tmp_path):
     """On the organisms the hybrid recovers most of the gap and both controls far less (60 problems, seeded)."""
     base, thinking = load_model("organism:base"), load_model("organism:thinking")
-    cfg = HybridConfig(n_train=48, train_steps=40, n_eval=60, max_new_tokens=200)
+    cfg = HybridConfig(n_train=48, train_steps=40, n_eval=60, max_new_tokens=448)
     run = run_hybrid(base, thinking, None, cfg, tmp_path / "run")
     s = run.summary
     assert s["thinking_accuracy"] > s["base_accuracy"]

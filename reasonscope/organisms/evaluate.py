@@ -20,7 +20,7 @@ class EvalConfig:
     n_problems: int = 500
     seed: int = EVAL_SEED
     batch_size: int = 128  # generation slots: the engine's fastest on this workload (bench/generate.py, B 32-128)
-    max_new_tokens: int = 640
+    max_new_tokens: int = 1024
 
 
 def style_of(thinking: str) -> str:

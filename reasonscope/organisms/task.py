@@ -12,8 +12,10 @@ Texts are compact (``given a3, c1. ... c1; 3+1=4.``) so that the Qwen2 byte-leve
 spends one token per symbol, and a variable token is directly followed by its value both in the
 question and in the thinking (one induction step reads a value back). Thinking comes in two
 styles: ``concise`` (bare steps) and ``verbose`` (the same steps in English, followed by a
-redundant full re-check after the answer is known: overthinking). Either style sometimes
-makes an arithmetic slip and corrects it ("wait , 3 + 1 = 5 is wrong ...": backtracking).
+redundant full re-check after the answer is known: overthinking). Each step of the thinking
+organism checks itself (``3+1=4, check 3+1 is 4, good.``); either style sometimes makes an
+arithmetic slip, which the check catches and corrects (``3+1=5, check 3+1 is 4. wait, 3+1=5 is
+wrong. so:3+1=4.``: backtracking). The base organism's notes have no checks.
 """
 
 from __future__ import annotations
@@ -100,17 +102,23 @@ class Thought:
     meta: dict = field(default_factory=dict)
 
 
-def _step(rng: random.Random, a: int, op: str, b: int, slip_rate: float, verbose: bool) -> tuple[str, int]:
+def _step(
+    rng: random.Random, a: int, op: str, b: int, slip_rate: float, verbose: bool, check: bool = False
+) -> tuple[str, int]:
+    """One step; ``check`` (the thinking organism's steps): recompute and say ``good`` when the two results agree.
+    The token after the recomputed result then copies the one after the first result, which an induction head
+    can do; comparing a written digit with an internal result (no check) was never learned (stops 26 and 30)."""
     c = apply(a, op, b)
     prefix = "so:" if verbose else ""
     if rng.random() < slip_rate:
         wrong = (c + rng.choice([1, 2, 3, 7, 8, 9])) % 10
-        return f"{prefix}{a}{op}{b}={wrong}. wait, {a}{op}{b}={wrong} is wrong. so:{a}{op}{b}={c}.", 1
-    return f"{prefix}{a}{op}{b}={c}.", 0
+        seen = f", check {a}{op}{b} is {c}" if check else ""
+        return f"{prefix}{a}{op}{b}={wrong}{seen}. wait, {a}{op}{b}={wrong} is wrong. so:{a}{op}{b}={c}.", 1
+    return f"{prefix}{a}{op}{b}={c}" + (f", check {a}{op}{b} is {c}, good." if check else "."), 0
 
 
-def think(problem: Problem, rng: random.Random, style: str, slip_rate: float = 0.08) -> Thought:
-    """Write the thinking for ``problem`` in ``style`` (``concise`` or ``verbose``)."""
+def think(problem: Problem, rng: random.Random, style: str, slip_rate: float = 0.08, check: bool = True) -> Thought:
+    """Write the thinking for ``problem`` in ``style`` (``concise`` or ``verbose``); ``check``: each step checked."""
     verbose = style == "verbose"
     v = problem.values
     parts: list[str] = []
@@ -122,7 +130,7 @@ def think(problem: Problem, rng: random.Random, style: str, slip_rate: float = 0
         parts.append(f"first {problem.terms[0]}{acc}.")
     for op, t in zip(problem.ops, problem.terms[1:]):
         word = "add" if op == "+" else "subtract"
-        text, s = _step(rng, acc, op, v[t], slip_rate, verbose)
+        text, s = _step(rng, acc, op, v[t], slip_rate, verbose, check)
         parts.append(f"next we {word} {t}, and {t}{v[t]}; {text}" if verbose else f"{t}{v[t]}; {text}")
         slips += s
         acc = apply(acc, op, v[t])
@@ -132,9 +140,14 @@ def think(problem: Problem, rng: random.Random, style: str, slip_rate: float = 0
         chk = v[problem.terms[0]]
         parts.append(f"{problem.terms[0]}{chk}.")
         for op, t in zip(problem.ops, problem.terms[1:]):
-            nxt = apply(chk, op, v[t])
-            parts.append(f"{t}{v[t]}; {chk}{op}{v[t]}={nxt}.")
-            chk = nxt
+            if check:  # the re-check is checked too, in the verbose phrasing
+                word = "add" if op == "+" else "subtract"
+                text, s = _step(rng, chk, op, v[t], slip_rate, True, check)
+                parts.append(f"next we {word} {t}, and {t}{v[t]}; {text}")
+                slips += s
+            else:
+                parts.append(f"{t}{v[t]}; {chk}{op}{v[t]}={apply(chk, op, v[t])}.")
+            chk = apply(chk, op, v[t])
         parts.append(f"yes, the answer is:{acc}.")
     return Thought(" ".join(parts), style, slips, {"answer_reached_at_char": answer_at})
 
@@ -146,7 +159,7 @@ def worked_notes(problem: Problem, rng: random.Random, slip_rate: float = 0.15) 
     acc = v[problem.terms[0]]
     parts.append(f"first {problem.terms[0]}{acc}.")
     for op, t in zip(problem.ops, problem.terms[1:]):
-        text, _ = _step(rng, acc, op, v[t], slip_rate, rng.random() < 0.5)
+        text, _ = _step(rng, acc, op, v[t], slip_rate, rng.random() < 0.5, check=True)
         parts.append(f"{t}{v[t]}; {text}")
         acc = apply(acc, op, v[t])
     if rng.random() < 0.5:
@@ -166,13 +179,15 @@ def problems(n: int, seed: int, levels: tuple[int, ...] = tuple(LEVELS)) -> list
 
 
 def corpus(n_per_level: int = 60, seed: int = 0) -> list[str]:
-    """Every kind of text the task produces (questions, both styles, slips, notes), for the tokenizer."""
+    """Every kind of text the task produces (questions, both styles, slips, checked notes), for the tokenizer.
+
+    Both styles are written unchecked here: the shipped tokenizer was built from this corpus."""
     rng = random.Random(seed)
     texts = []
     for level in LEVELS:
         for _ in range(n_per_level):
             p = sample_problem(rng, level)
             texts.append(p.question)
-            texts.extend(think(p, rng, style, slip_rate=0.5).text for style in STYLES)
+            texts.extend(think(p, rng, style, slip_rate=0.5, check=False).text for style in STYLES)
             texts.append(worked_notes(p, rng, slip_rate=0.5))
     return texts

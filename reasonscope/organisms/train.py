@@ -41,7 +41,7 @@ class OrganismArch:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     intermediate_size: int = 384
-    max_position_embeddings: int = 768
+    max_position_embeddings: int = 1152
 
 
 @dataclass
@@ -49,7 +49,10 @@ class TrainConfig:
     seed: int = 1
     base_steps: int = 1800  # base, phase 1: question + notes documents, with the curriculum
     base_mix_steps: int = 500  # base, phase 2: notes, direct chat answers, free notes, <think> closed at once
-    thinking_steps: int = 1100  # post-training from the base, with the curriculum (1,500: greedy accuracy 0.91)
+    thinking_steps: int = 2000  # post-training from the base at check_slip_rate, with the curriculum
+    settle_steps: int = 300  # then at slip_rate, all levels at once (the slip rate it imitates; detection stays)
+    polish_steps: int = 1500  # then more of the same from a fresh optimiser: sharper reads, fewer unseen slips
+    check_slip_rate: float = 0.3  # slip detection is learned at 0.3; at 0.08 barely in 1,100 steps (stop 30)
     batch_size: int = 24
     lr: float = 1e-3
     mix_lr: float = 3e-4
@@ -263,22 +266,19 @@ def train_organisms(
                     f"(`reasonscope organism train --only base --out {out_dir}`)"
                 )
             model = Qwen2ForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)  # type: ignore[arg-type]
+            model.config.max_position_embeddings = OrganismArch().max_position_embeddings  # RoPE: no weights change
         torch.manual_seed(cfg.seed + 1)
-        think = lambda r, p: thinking_document(r, p, cfg.slip_rate)  # noqa: E731
+        rng = random.Random(cfg.seed + 1)
+        checking = lambda r, p: thinking_document(r, p, cfg.check_slip_rate)  # noqa: E731
         log(f"organism thinking: post-training the base on {device}")
-        _train(
-            model,
-            tok,
-            think,
-            cfg.thinking_steps,
-            cfg,
-            random.Random(cfg.seed + 1),
-            device,
-            "thinking",
-            log,
-            curriculum=True,
-            lr=cfg.finetune_lr,
-        )
+        _train(model, tok, checking, cfg.thinking_steps, cfg, rng, device, "thinking", log, True, cfg.finetune_lr)
+        settle = lambda r, p: thinking_document(r, p, cfg.slip_rate)  # noqa: E731
+        _train(model, tok, settle, cfg.settle_steps, cfg, rng, device, "thinking settle", log, False, cfg.finetune_lr)
+        if cfg.polish_steps:
+            torch.manual_seed(cfg.seed + 2)
+            rng = random.Random(cfg.seed + 2)
+            tag, lr = "thinking polish", cfg.finetune_lr
+            _train(model, tok, settle, cfg.polish_steps, cfg, rng, device, tag, log, False, lr)
         out["thinking"] = out_dir / "thinking"
         save_organism(model, tok, out["thinking"], "thinking", cfg)
     return out
