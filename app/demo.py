@@ -52,7 +52,7 @@ class DemoConfig:
     hybrid_n: int = 24  # held-out problems of the hybrid evaluation
     hybrid_train: int = 64  # thinking rollouts the behaviours, selector and vectors are learnt from
     hybrid_steps: int = 40
-    hybrid_max_new_tokens: int = 256  # token-by-token decoding of two models: the demo's slowest loop
+    hybrid_max_new_tokens: int = 512  # the thinking organism's levels 3-5 (token-by-token decoding of two models)
     seed: int = 0
 
     @classmethod
@@ -78,6 +78,7 @@ class DemoConfig:
             hybrid_n=6,
             hybrid_train=16,
             hybrid_steps=5,
+            hybrid_max_new_tokens=256,
         )
 
     def __post_init__(self) -> None:

@@ -18,10 +18,11 @@ compares each at its best B; ``--span-groups 4 1`` adds the engine with one key 
 see reasonscope.generation) as a further row.
 
 Shapes: ``organism`` is the greedy thinking part of the organism eval (``organism:thinking`` on the eval
-problems, chat prompts, 640 new tokens, fp32 on CPU). ``organism-eval`` is every generation call that
-``reasonscope organism eval`` makes: the thinking organism greedy and at temperature 1 (seed 1), the base greedy
-on chat prompts and on ``{question} notes:`` prompts; sampled tokens differ between the two methods (different
-random streams), so only the greedy calls count towards the identical-tokens footer.
+problems, chat prompts, ``organism eval``'s 1,024 new tokens, fp32 on CPU). ``organism-eval`` is every
+generation call that ``reasonscope organism eval`` makes: the thinking organism greedy and at temperature 1
+(seed 1), the base greedy on chat prompts and on ``{question} notes:`` prompts; sampled tokens differ between
+the two methods (different random streams), so only the greedy calls count towards the identical-tokens
+footer.
 ``1.5b`` is a random-init DeepSeek-R1-Distill-Qwen-1.5B / Qwen2-1.5B
 (config from ../shared/data/tokenizers/qwen2, bf16 on CUDA) on random prompts of 32-512 tokens; random
 weights never stop, so each request is forced to end (EOS) at a length drawn log-uniformly from
@@ -46,6 +47,7 @@ from shapes import random_qwen2
 
 from reasonscope import generation
 from reasonscope.generation import Batch, DecodeConfig, generate
+from reasonscope.organisms.evaluate import EvalConfig
 
 
 def organism_eval_workload(n: int) -> list[Part]:
@@ -211,7 +213,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     cuda = a.device == "cuda"
     if a.shape in ("organism", "organism-eval"):
-        parts, max_new = organism_eval_workload(a.problems or 500), 640
+        parts, max_new = organism_eval_workload(a.problems or 500), EvalConfig().max_new_tokens
         parts = parts[:1] if a.shape == "organism" else parts  # organism: the greedy thinking call alone
     else:
         h, prompts, max_new, lengths = random_workload(a.problems or 256, a.max_new, a.layers, a.device)

@@ -170,7 +170,7 @@ def hybrid_cmd(
     n_eval: int = typer.Option(300, min=1, help="Held-out organism problems."),
     temperature: float = typer.Option(1.0, min=0.0),
     seed: int = typer.Option(0),
-    max_new_tokens: int = typer.Option(256, min=1),
+    max_new_tokens: int = typer.Option(512, min=1),
     batch_size: int = typer.Option(64, min=1),
     controls: bool = typer.Option(True, help="Also run the random-behaviour and random-vector controls."),
     dataset: str = typer.Option(
@@ -246,7 +246,7 @@ def apply_cmd(
     positions: Optional[str] = typer.Option(None, help="last | all | generated | prompt (default: the vector's)."),
     layer: Optional[int] = typer.Option(None, help="Steer only this layer of the vector."),
     key: Optional[str] = typer.Option(None, help="Behaviour of a .pt dict of vectors."),
-    max_new_tokens: int = typer.Option(256, min=1),
+    max_new_tokens: int = typer.Option(1024, min=1),
     temperature: float = typer.Option(0.0, min=0.0),
     as_json: bool = typer.Option(False, "--json", help="Print the completions as JSON on stdout."),
 ) -> None:

@@ -112,7 +112,7 @@ class HybridConfig:
     n_eval: int = 300
     temperature: float = 1.0
     seed: int = 0
-    max_new_tokens: int = 256
+    max_new_tokens: int = 512  # the organisms' thinking: levels 3-5 run 240-400 tokens greedy
     batch_size: int = 64
     controls: bool = True
     grader: str = "organism"  # grades the evaluation questions: organism (format-neutral) | gsm8k | math

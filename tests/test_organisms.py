@@ -46,6 +46,9 @@ def test_styles_slips_and_overthinking():
     assert len(tok(verbose.text).input_ids) >= 1.5 * len(tok(concise.text).input_ids)
     assert concise.text.count(", good.") == len(p.ops)  # every step checks itself
     assert ", check" not in task.think(p, rng, "concise", slip_rate=0.0, check=False).text
+    plain = task.think(p, rng, "verbose", slip_rate=0.0, checked_recheck=False).text  # the base's notes
+    steps, recheck = plain.split("let me check that again")
+    assert steps.count(", good.") == len(p.ops) and ", check" not in recheck and "next we" not in recheck
     # the verbose style re-checks after the answer is reached (overthinking)
     assert f"answer is:{p.answer}" in verbose.text[: verbose.meta["answer_reached_at_char"] + 40]
     assert verbose.text.count(f"={p.answer}, check") >= 2 and p.terms[1] + str(p.values[p.terms[1]]) in concise.text

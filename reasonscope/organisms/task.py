@@ -117,8 +117,16 @@ def _step(
     return f"{prefix}{a}{op}{b}={c}" + (f", check {a}{op}{b} is {c}, good." if check else "."), 0
 
 
-def think(problem: Problem, rng: random.Random, style: str, slip_rate: float = 0.08, check: bool = True) -> Thought:
-    """Write the thinking for ``problem`` in ``style`` (``concise`` or ``verbose``); ``check``: each step checked."""
+def think(
+    problem: Problem,
+    rng: random.Random,
+    style: str,
+    slip_rate: float = 0.08,
+    check: bool = True,
+    checked_recheck: bool = True,
+) -> Thought:
+    """Write the thinking for ``problem`` in ``style`` (``concise`` or ``verbose``); ``check``: each step checked;
+    ``checked_recheck``: the verbose re-check's steps too (else plain ``j8; 0+8=8.``, as in the base's notes)."""
     verbose = style == "verbose"
     v = problem.values
     parts: list[str] = []
@@ -140,7 +148,7 @@ def think(problem: Problem, rng: random.Random, style: str, slip_rate: float = 0
         chk = v[problem.terms[0]]
         parts.append(f"{problem.terms[0]}{chk}.")
         for op, t in zip(problem.ops, problem.terms[1:]):
-            if check:  # the re-check is checked too, in the verbose phrasing
+            if check and checked_recheck:  # in the verbose phrasing
                 word = "add" if op == "+" else "subtract"
                 text, s = _step(rng, chk, op, v[t], slip_rate, True, check)
                 parts.append(f"next we {word} {t}, and {t}{v[t]}; {text}")

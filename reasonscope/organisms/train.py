@@ -2,14 +2,16 @@
 
 Like a real base -> reasoning pair, the thinking organism is the base organism post-trained:
 
-- **base** is pretrained on worked notes that read every operand back from the question, as plain text
-  ``{question} notes: {worked notes} answer:{a}`` and (30%) as the continuation of a chat turn's
-  ``<think>``, with a curriculum over difficulty (it learns *how* to reason, in both formats), then on a
+- **base** is pretrained on worked notes that read every operand back from the question and check each
+  step, as plain text ``{question} notes: {worked notes} answer:{a}`` and (30%) as the continuation of a
+  chat turn's ``<think>``, with a curriculum over difficulty (it learns *how* to reason, in both formats), then on a
   mix that adds direct chat answers ``<|user|>q<|assistant|>a`` (in the chat format it answers at once),
   free-standing notes, and ``<think>`` closed at once. It never learns to emit ``<think>``, and after one
   it closes it at once by default, though it can think there;
 - **thinking** starts from the base weights and is fine-tuned on ``<think>`` traces in the concise
-  and verbose styles, with slips that are caught and corrected (it learns *when* to reason).
+  and verbose styles (whose re-check is checked too), with slips that each step's check catches and corrects:
+  first at slip rate 0.3 (where catching a slip is learned), then at 0.08, then a polish at 0.08 from a fresh
+  optimiser (it learns *when* to reason).
 
 Read-back forms during the notes-only phase; with direct answers mixed in from the start it did not
 form within 3,600 steps (issue 7's measurements), hence the two base phases.
@@ -71,9 +73,10 @@ class TrainConfig:
 
 
 def notes_document(rng: random.Random, p: task.Problem, slip_rate: float) -> tuple[str, int]:
-    """``{question} notes: {notes} answer:{a}``; the loss starts at the notes (the question is random)."""
+    """``{question} notes: {notes} answer:{a}``; the loss starts at the notes (the question is random). The notes'
+    steps check themselves; a verbose re-check is plain (checking it too is post-training's)."""
     style = "verbose" if rng.random() < 0.5 else "concise"
-    thought = task.think(p, rng, style, slip_rate)
+    thought = task.think(p, rng, style, slip_rate, checked_recheck=False)
     return f"{p.question} notes: {thought.text} answer:{p.answer}{EOS}", len(p.question)
 
 
@@ -91,7 +94,7 @@ def pretraining_document(rng: random.Random, p: task.Problem, cfg: TrainConfig) 
 
 def opened_notes_document(rng: random.Random, p: task.Problem, slip_rate: float) -> tuple[str, int]:
     """A thinking trace whose loss starts after ``<think>``: the base learns to continue it, never to open it."""
-    doc, _ = thinking_document(rng, p, slip_rate)
+    doc, _ = thinking_document(rng, p, slip_rate, checked_recheck=False)
     return doc, len(chat_turn(p) + THINK_START)
 
 
@@ -118,9 +121,12 @@ def mixed_base_document(rng: random.Random, p: task.Problem, cfg: TrainConfig) -
     return notes_document(rng, p, cfg.slip_rate)
 
 
-def thinking_document(rng: random.Random, p: task.Problem, slip_rate: float) -> tuple[str, int]:
+def thinking_document(
+    rng: random.Random, p: task.Problem, slip_rate: float, checked_recheck: bool = True
+) -> tuple[str, int]:
+    """``<|user|>q<|assistant|><think>{thinking}</think>{a}``; the loss starts at ``<think>``."""
     style = "verbose" if rng.random() < 0.5 else "concise"
-    thought = task.think(p, rng, style, slip_rate)
+    thought = task.think(p, rng, style, slip_rate, checked_recheck=checked_recheck)
     prompt = chat_turn(p)
     return f"{prompt}{THINK_START}{thought.text}{THINK_END}{p.answer}{EOS}", len(prompt)
 
