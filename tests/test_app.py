@@ -63,6 +63,7 @@ def test_demo_summary_and_reuse(quick_run):
     rows = dict(summary_rows(RunDir(quick_run)))
     assert "accuracy" in rows["traces"] and "AUROC" in rows["probes"] and "γ=" in rows["asc"]
     assert "gguf" in rows["exports"]
+    assert rows["heads_eval"].startswith("accuracy at sparsity 0.25: "), rows["heads_eval"]
     with pytest.raises(ValueError, match="other demo settings"):
         run_demo(quick_run, DemoConfig(), log=log.append)
 
