@@ -451,8 +451,13 @@ def summary_rows(run: RunDir) -> list[tuple[str, str]]:
 
     def labels() -> str:
         s = run.labels().summary()
-        fcs = s["first_correct_share"]["median"]
-        share = f"; first correct answer at {fcs:.0%} of the thinking (median)" if fcs is not None else ""
+        fcs = s["first_correct_share"]  # quartiles: concise and verbose traces make it bimodal
+        q = [fcs.get(k) for k in ("p25", "median", "p75")]
+        share = (
+            "; first correct answer at {:.0%} / {:.0%} / {:.0%} of the thinking (quartiles)".format(*q)
+            if None not in q
+            else ""
+        )
         return f"{s['n_chunks']} chunks of {s['n_traces']} traces{share}"
 
     def probes() -> str:

@@ -64,6 +64,7 @@ def test_demo_summary_and_reuse(quick_run):
     assert "accuracy" in rows["traces"] and "AUROC" in rows["probes"] and "γ=" in rows["asc"]
     assert "gguf" in rows["exports"]
     assert rows["heads_eval"].startswith("accuracy at sparsity 0.25: "), rows["heads_eval"]
+    assert "of the thinking (quartiles)" in rows["labels"], rows["labels"]
     with pytest.raises(ValueError, match="other demo settings"):
         run_demo(quick_run, DemoConfig(), log=log.append)
 
