@@ -8,6 +8,7 @@ labelled rows are kept, and passes are cached in memory when they fit ``cache_by
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -75,6 +76,7 @@ def match_labels(
     ids = store.manifest.trace_ids
     found = ((r, key.get((ids[int(t)], int(p)))) for r, (t, p) in enumerate(zip(rows["trace"], rows["position"])))
     hit = [(r, i) for r, i in found if i is not None]
+    _warn_unmatched(labels, key, {i for _, i in hit}, set(ids))
     if not hit:
         raise ValueError(
             f"no store row matches a labelled chunk of {target!r}: capture the same traces at the chunk ends "
@@ -93,6 +95,21 @@ def match_labels(
     if not bool(((y == 0) | (y == 1)).all()):
         raise ValueError(f"target {target!r} is not binary (0/1); threshold it into a label first")
     return r_idx, l_idx, y, [labels.problem[i] for i in l_idx]
+
+
+def _warn_unmatched(labels: LabelTable, key: dict[tuple[str, int], int], hit: set[int], stored: set[str]) -> None:
+    """Warn when labelled chunks of traces the store holds have no row there: they would drop out silently (e.g.
+    a capture at ``segment_ends`` of traces segmented with ``min_chars`` > 0 merges short steps away)."""
+    missed = [i for (t, _), i in key.items() if t in stored and i not in hit]
+    if missed:
+        first = missed[0]
+        warnings.warn(
+            f"{len(missed)} of {len(missed) + len(hit)} labelled chunks of the store's traces have no store row and "
+            f"are left out (e.g. trace {labels.trace_id[first]!r} position {labels.position[first]}: "
+            f"{labels.text[first][:40]!r}); capture at positions 'think', or segment the traces with min_chars=0 "
+            "before a 'segment_ends' capture",
+            stacklevel=3,
+        )
 
 
 def join_labels(

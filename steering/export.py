@@ -38,7 +38,8 @@ Format = Literal["gguf", "easysteer", "safetensors"]
 FORMATS: tuple[Format, ...] = get_args(Format)
 ARCH = "controlvector"
 META_KEY = "reasonscope.meta"  # full VectorMeta as JSON; llama.cpp, repeng and EasySteer ignore extra keys
-_DIRECTION = re.compile(r"^direction\.(\d+)$")
+_DIRECTION = re.compile(r"^direction\.([0-9]+)$", re.ASCII)
+MAX_LAYER = 2**31 - 1  # llama.cpp parses N with std::stoi
 OVERALL = "overall"  # a behaviour .pt's mean over all sentences (steering-thinking-llms' mean_vectors layout)
 ASC_PT_NOTE = (
     "ASC rows: vector = mean of per-pair rows; ASC's generate.py replays them as h - gamma*mean "
@@ -57,6 +58,17 @@ def _model_hint(vec: SteeringVector, model_hint: str | None) -> str:
     return model_hint or str(vec.meta.recipe.get("model_type") or "") or "unknown"
 
 
+def _layer_of(name: str, where: Path) -> int | None:
+    """The layer N of a tensor named ``direction.N`` (None for another name); N beyond llama.cpp's int raises."""
+    m = _DIRECTION.match(name)
+    if m is None:
+        return None
+    layer = int(m.group(1))
+    if layer > MAX_LAYER:
+        raise ValueError(f"{where}: {name} names layer {layer}, beyond any model (llama.cpp refuses the file)")
+    return layer
+
+
 def write_gguf(
     vec: SteeringVector, path: str | Path, model_hint: str | None = None, include_layer0: bool = False
 ) -> Path:
@@ -64,32 +76,42 @@ def write_gguf(
 
     llama.cpp cannot address layer 0, so a vector holding it is refused unless ``include_layer0`` (EasySteer).
     """
-    import gguf
-
     path = Path(path)
+    _check_gguf(vec, include_layer0)
+    with atomic_path(path) as tmp:
+        _write_gguf_at(vec, tmp, model_hint)
+    return path
+
+
+def _check_gguf(vec: SteeringVector, include_layer0: bool) -> None:
     if 0 in vec.layers and not include_layer0:
         raise ValueError(
             "llama.cpp rejects a control vector with direction.0 (it cannot steer the output of block 0); "
             "extract at layers >= 1, or export --format easysteer (which reads layer 0)"
         )
+    if max(vec.layers) > MAX_LAYER:
+        raise ValueError(f"layer {max(vec.layers)} is beyond any model; llama.cpp would refuse the file")
+
+
+def _write_gguf_at(vec: SteeringVector, tmp: Path, model_hint: str | None) -> None:
+    import gguf
+
     order = sorted(range(len(vec.layers)), key=lambda i: vec.layers[i])
-    with atomic_path(path) as tmp:
-        w = gguf.GGUFWriter(str(tmp), ARCH)
-        w.add_string(f"{ARCH}.model_hint", _model_hint(vec, model_hint))
-        w.add_uint32(f"{ARCH}.layer_count", len(vec.layers))
-        w.add_string(f"{ARCH}.method", str(vec.meta.recipe.get("method", "unknown")))
-        w.add_string(f"{ARCH}.site", "resid_post")
-        w.add_string(f"{ARCH}.positions", vec.meta.positions)
-        w.add_float32(f"{ARCH}.default_scale", float(vec.meta.gamma))
-        w.add_bool(f"{ARCH}.normalized", False)
-        w.add_string(META_KEY, meta_json(vec.meta))
-        for i in order:
-            w.add_tensor(f"direction.{vec.layers[i]}", vec.directions[i].numpy().astype(np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-    return path
+    w = gguf.GGUFWriter(str(tmp), ARCH)
+    w.add_string(f"{ARCH}.model_hint", _model_hint(vec, model_hint))
+    w.add_uint32(f"{ARCH}.layer_count", len(vec.layers))
+    w.add_string(f"{ARCH}.method", str(vec.meta.recipe.get("method", "unknown")))
+    w.add_string(f"{ARCH}.site", "resid_post")
+    w.add_string(f"{ARCH}.positions", vec.meta.positions)
+    w.add_float32(f"{ARCH}.default_scale", float(vec.meta.gamma))
+    w.add_bool(f"{ARCH}.normalized", False)
+    w.add_string(META_KEY, meta_json(vec.meta))
+    for i in order:
+        w.add_tensor(f"direction.{vec.layers[i]}", vec.directions[i].numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def read_gguf(path: str | Path) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
@@ -112,13 +134,13 @@ def read_gguf(path: str | Path) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
         raise ValueError(f"{path} is a GGUF of architecture {arch!r}, not a control vector ({ARCH!r})")
     out: dict[int, np.ndarray] = {}
     for name, kind, shape, data in tensors:
-        m = _DIRECTION.match(name)
-        if m is None:
+        layer = _layer_of(name, path)
+        if layer is None:
             raise ValueError(f"{path}: tensor {name!r} is not named direction.<layer>; not a control vector")
         if kind != gguf.GGMLQuantizationType.F32 or len(shape) != 1:
             raise ValueError(f"{path}: {name} must be a 1-D F32 tensor (llama.cpp's rule), got {kind.name} {shape}")
-        layer = int(m.group(1))
-        out[layer] = out.get(layer, 0) + data.astype(np.float32).reshape(-1)  # duplicates sum, as in llama.cpp
+        d = data.astype(np.float32).reshape(-1)
+        out[layer] = out[layer] + d if layer in out else d.copy()  # duplicates sum, as in llama.cpp
     if not out:
         raise ValueError(f"{path} holds no direction.<layer> tensors")
     if len({v.shape for v in out.values()}) != 1:
@@ -160,9 +182,10 @@ def export_vector(vec: SteeringVector, path: str | Path, format: Format, model_h
             }
         ]
     }
-    write_gguf(vec, path, model_hint, include_layer0=True)
-    with atomic_path(_spec_path(path)) as tmp:
-        tmp.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+    _check_gguf(vec, include_layer0=True)
+    with atomic_path(path) as tmp_gguf, atomic_path(_spec_path(path)) as tmp_spec:  # both files, or neither
+        _write_gguf_at(vec, tmp_gguf, model_hint)
+        tmp_spec.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
     return [path, _spec_path(path)]
 
 
@@ -178,6 +201,8 @@ def _from_layers(
     positions: Positions = "all",
 ) -> SteeringVector:
     layers = sorted(directions)
+    if layers and layers[-1] > MAX_LAYER:
+        raise ValueError(f"{where}: layer {layers[-1]} is beyond any model; llama.cpp reads layers up to {MAX_LAYER}")
     flat = [_float32(directions[x]) for x in layers]
     if any(r.ndim != 1 for r in flat):
         shapes = {x: tuple(r.shape) for x, r in zip(layers, flat)}
@@ -200,8 +225,9 @@ def _from_layers(
         meta = VectorMeta(
             d_model=rows.shape[1], layers=tuple(layers), positions=positions, recipe=recipe, gamma_rule="imported"
         )
+    rows = _finite(rows, layers, where)
     try:
-        return SteeringVector(_finite(rows, layers, where), meta)
+        return SteeringVector(rows, meta)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -238,8 +264,19 @@ def _load_pt(path: Path, layer: int | None, key: str | None) -> SteeringVector:
         rows = obj.float().reshape(-1, obj.shape[-1])
         extra = {"method": "mean_diff", "n_pairs": len(rows), "note": ASC_PT_NOTE}
         return _from_layers({layer: rows.mean(0)}, path, "pt", extra=extra, positions="last")
+    if isinstance(obj, Mapping) and obj and all(_layer_entry(k, v) for k, v in obj.items()):
+        # {layer: [d_model]} (steering-vectors' layer_activations saved as is): one direction per block output
+        picked = {int(k): v for k, v in obj.items()}
+        if key is not None:
+            raise ValueError(f"{path} holds directions by layer {sorted(picked)}, not behaviours; drop --key")
+        if layer is not None:
+            if layer not in picked:
+                raise ValueError(f"{path} has no direction for layer {layer}; it has layers {sorted(picked)}")
+            picked = {layer: picked[layer]}
+        return _from_layers(picked, path, "pt", extra={"method": "unknown"})
     if isinstance(obj, Mapping):
-        names = sorted(str(k) for k in obj if k != OVERALL)
+        obj = {str(k): v for k, v in obj.items()}
+        names = sorted(k for k in obj if k != OVERALL)
         if key == OVERALL:
             raise ValueError(
                 f"{path}[{OVERALL!r}] is the mean activation over all sentences, not a direction; choose a behaviour "
@@ -258,6 +295,10 @@ def _load_pt(path: Path, layer: int | None, key: str | None) -> SteeringVector:
         picked = {i: mean[i] for i in range(len(mean))} if layer is None else {layer: _row(mean, layer, path)}
         return _from_layers(picked, path, "pt", extra=info)
     raise ValueError(f"{path} holds a {type(obj).__name__}; expected a tensor or a {{behaviour: {{'mean': ...}}}} dict")
+
+
+def _layer_entry(k: Any, v: Any) -> bool:
+    return isinstance(k, int) and not isinstance(k, bool) and isinstance(v, torch.Tensor) and v.ndim == 1
 
 
 def _mean_rows(obj: Mapping[str, Any], key: str, path: Path) -> torch.Tensor:
@@ -283,6 +324,13 @@ def _select(vec: SteeringVector, layer: int | None, where: Path) -> SteeringVect
     return SteeringVector(vec.direction(layer)[None], meta)
 
 
+def _safetensors_header(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file does: a little-endian u64 header length, then ``{``."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
+
+
 def load_vector(path: str | Path, layer: int | None = None, key: str | None = None) -> SteeringVector:
     """Read a vector from an artifact directory, a GGUF / safetensors export, or an ASC / behaviour ``.pt``.
 
@@ -302,13 +350,18 @@ def load_vector(path: str | Path, layer: int | None = None, key: str | None = No
         extra = {"model_hint": fields.get(f"{ARCH}.model_hint")}
         vec = _from_layers(directions, path, "gguf", fields.get(META_KEY), extra)
         return _select(vec, layer, path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _safetensors_header(path):
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), "pt") as f:
                 meta_text = (f.metadata() or {}).get(META_KEY)
-                tensors = {int(m.group(1)): f.get_tensor(n) for n in f.keys() if (m := _DIRECTION.match(n))}  # noqa: SIM118
+                named = [(x, n) for n in f.keys() if (x := _layer_of(n, path)) is not None]  # noqa: SIM118
+                if len({x for x, _ in named}) < len(named):
+                    raise ValueError(f"{path} holds two tensors for one layer ({sorted(n for _, n in named)})")
+                tensors = {x: f.get_tensor(n) for x, n in named}
+        except ValueError:
+            raise
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on damaged files
             raise ValueError(f"{path} is not a readable safetensors file ({e}); it is truncated or damaged") from None
         if not tensors:

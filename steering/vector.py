@@ -53,6 +53,11 @@ class VectorMeta:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        for name in ("recipe", "gamma_detail"):  # as JSON stores them, so a saved vector reads back equal
+            try:
+                object.__setattr__(self, name, json.loads(json.dumps(dict(getattr(self, name)))))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{name} must hold JSON values (str, number, bool, None, list, dict): {e}") from None
         if self.d_model < 1:
             raise ValueError(f"d_model must be >= 1, got {self.d_model}")
         if not self.layers:

@@ -128,6 +128,25 @@ def test_duo_learner_trades_kl_for_sparsity(tiny_handle, batches):
     assert len(log) == 12 and log[-1]["alpha_mean"] < log[0]["alpha_mean"] + 1e-9
 
 
+def test_duo_mse_distils_the_final_hidden_states_and_leaves_the_callers_rng(tiny_handle, batches):
+    from reasonscope.heads.scorers import full_hidden, gated_hidden
+
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    log: list[dict] = []
+    alpha = duo_scores(tiny_handle, batches, POLICY, steps=6, lr=0.05, l1=5.0, log=log, loss="mse")
+    assert torch.equal(torch.rand(3), want)  # the caller's random stream goes on where it was
+    assert log[0]["mse"] == 0.0  # at α = 1 the gated model is the full one
+    assert ((alpha >= 0) & (alpha <= 1)).all() and alpha.mean() < 1.0
+    b = next(x for x in batches if x.scored.any())
+    where = b.scored
+    mse = ((gated_hidden(tiny_handle, b, alpha, POLICY) - full_hidden(tiny_handle, b))[where] ** 2).mean()
+    assert float(mse) > 0
+    with pytest.raises(ValueError, match="'kl' or 'mse'"):
+        duo_scores(tiny_handle, batches, POLICY, steps=1, loss="l2")  # type: ignore[arg-type]
+
+
 def test_operand_reads_point_at_definitions(tiny_handle, task_traces):
     tok = tiny_handle.tokenizer
     t = task_traces[0]
@@ -380,7 +399,7 @@ def test_score_heads_runs_the_method_it_is_given(tiny_handle, task_traces, metho
     if method == "gate-ig":
         want = gate_ig_scores(tiny_handle, batches, cfg.policy, cfg.ig_steps, cfg.ig_loss)
     elif method == "duo":
-        want = duo_scores(tiny_handle, batches, cfg.policy, cfg.duo_steps, cfg.duo_lr, cfg.duo_l1, cfg.seed)
+        want = duo_scores(tiny_handle, batches, cfg.policy, cfg.duo_steps, cfg.duo_lr, cfg.duo_l1)
     else:
         want = rlkv_scores(tiny_handle, solved, cfg.policy, rl)
     torch.testing.assert_close(back.scores, want.float(), rtol=1e-5, atol=1e-7)

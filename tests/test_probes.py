@@ -126,6 +126,31 @@ def test_labels_of_other_traces_under_the_same_ids_are_refused(tiny_handle, task
         join_labels(store, other, "after_first_correct", 0.25, 0.25, 0)
 
 
+def test_labelled_chunks_a_capture_left_out_are_named(tiny_handle, task_traces, tmp_path):
+    """A store captured at coarser segment ends than the labels' chunks (traces segmented with min_chars > 0) drops
+    chunks: the join warns with the count, an example and the fix instead of dropping them silently."""
+    import dataclasses
+    import warnings
+
+    from probes.data import join_labels
+    from reasonscope.capture import CaptureConfig, capture
+
+    table = build_labels(task_traces, LabelConfig(matcher="organism"), tokenizer=tiny_handle.tokenizer)
+    merged = [dataclasses.replace(t, segments=t.segments[1:]) for t in task_traces]  # each first step merged away
+    store = capture(
+        tiny_handle, merged, CaptureConfig(hooks="hook_resid_post", positions="segment_ends"), tmp_path / "s"
+    )
+    with pytest.warns(UserWarning, match=rf"{len(task_traces)} of {len(table)} labelled chunks .* min_chars=0"):
+        data = join_labels(store, table, "after_first_correct", 0.25, 0.25, 0)
+    assert len(data.y) == len(table) - len(task_traces)
+    full = capture(
+        tiny_handle, task_traces, CaptureConfig(hooks="hook_resid_post", positions="segment_ends"), tmp_path / "f"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every chunk found: no warning
+        join_labels(full, table, "after_first_correct", 0.25, 0.25, 0)
+
+
 def test_labels_token_positions_match_segment_ends(tiny_handle, task_traces, tmp_path):
     table = label_traces(task_traces, LabelConfig(matcher="organism"), tmp_path / "l", tokenizer=tiny_handle.tokenizer)
     for t in task_traces:

@@ -221,3 +221,72 @@ def test_export_round_trip_of_an_artifact(tmp_path):
     assert torch.equal(load_vector(tmp_path / "art").directions, vec.directions)
     with pytest.raises(ValueError, match="no direction for layer 2"):
         load_vector(tmp_path / "art", layer=2)
+
+
+def _raw_gguf(path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "controlvector")
+    for name, data in tensors.items():
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_round_trips_are_bit_exact_metadata_included(tmp_path):
+    vec = vector(recipe={"sweep": (0.5, 1.0), "layers": ()}, gamma_detail={"a": (1, 2)})
+    vec.directions[0, 0] = -0.0  # the sign of zero survives
+    assert vec.meta.recipe == {"sweep": [0.5, 1.0], "layers": []}  # tuples read back as JSON lists: stored so
+    for fmt, name in (("gguf", "v.gguf"), ("safetensors", "v.safetensors")):
+        back = load_vector(export_vector(vec, tmp_path / name, fmt)[0])
+        assert back.meta == vec.meta and torch.equal(
+            back.directions.view(torch.int32), vec.directions.view(torch.int32)
+        )
+    with pytest.raises(ValueError, match="recipe must hold JSON values"):
+        VectorMeta(d_model=4, layers=(1,), recipe={"path": Path("x")})
+
+
+def test_direction_indices_llama_cpp_cannot_read_are_refused(tmp_path):
+    huge = _raw_gguf(tmp_path / "huge.gguf", {"direction.4000000000": np.ones(4, np.float32)})
+    with pytest.raises(ValueError, match=r"huge\.gguf: direction\.4000000000 names layer 4000000000"):
+        load_vector(huge)
+    arabic = _raw_gguf(tmp_path / "digits.gguf", {"direction.\u0663": np.ones(4, np.float32)})  # not ASCII digits
+    with pytest.raises(ValueError, match="not named direction"):
+        load_vector(arabic)
+    dup = _raw_gguf(
+        tmp_path / "dup.gguf", {"direction.1": np.ones(4, np.float32), "direction.01": np.ones(4, np.float32)}
+    )
+    assert float(load_vector(dup).direction(1)[0]) == 2.0  # llama.cpp sums tensors for one layer
+    from safetensors.torch import save_file
+
+    save_file({"direction.1": torch.ones(4), "direction.01": torch.ones(4)}, str(tmp_path / "dup.safetensors"))
+    with pytest.raises(ValueError, match="two tensors for one layer"):
+        load_vector(tmp_path / "dup.safetensors")
+    torch.save({4_000_000_000: torch.ones(4)}, tmp_path / "huge.pt")
+    with pytest.raises(ValueError, match="beyond any model"):
+        load_vector(tmp_path / "huge.pt")
+
+
+def test_easysteer_export_writes_both_files_or_neither(tmp_path):
+    (tmp_path / "e.steering.json").mkdir()  # the request cannot be written there
+    with pytest.raises(OSError):
+        export_vector(vector(), tmp_path / "e.gguf", "easysteer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.steering.json"]  # no GGUF left without its request
+
+
+def test_layer_dict_pt_and_safetensors_under_any_name(tmp_path):
+    d = {2: torch.randn(16), 5: torch.randn(16)}  # steering-vectors' {layer: direction}, saved as is
+    torch.save(d, tmp_path / "layers.pt")
+    vec = load_vector(tmp_path / "layers.pt")
+    assert vec.layers == (2, 5) and torch.equal(vec.direction(5), d[5]) and vec.meta.gamma_rule == "imported"
+    assert load_vector(tmp_path / "layers.pt", layer=2).layers == (2,)
+    with pytest.raises(ValueError, match="no direction for layer 3"):
+        load_vector(tmp_path / "layers.pt", layer=3)
+    with pytest.raises(ValueError, match="drop --key"):
+        load_vector(tmp_path / "layers.pt", key="2")
+    vec = vector()
+    export_vector(vec, tmp_path / "v.st", "safetensors")  # any suffix: read by its header
+    assert torch.equal(load_vector(tmp_path / "v.st").directions, vec.directions)

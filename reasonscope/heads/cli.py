@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, cast
+from typing import TYPE_CHECKING, Any, Literal, Optional, cast
 
 import typer
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 heads_app = typer.Typer(no_args_is_help=True, help="Reasoning-critical KV heads: score, diff, evaluate.")
 SCORE_METHODS = ("window", "gate-ig", "duo", "rlkv", "retrieval")
+DUO_LOSSES: tuple[Literal["kl", "mse"], ...] = ("kl", "mse")
 
 
 def _levels(value: str) -> tuple[int, ...]:
@@ -104,6 +105,7 @@ def score(
     sink: Optional[int] = typer.Option(None, min=0, help="Sink tokens (default: scaled to the traces)."),
     recent: Optional[int] = typer.Option(None, min=0, help="Recent tokens (default: scaled to the traces)."),
     steps: Optional[int] = typer.Option(None, min=1, help="IG steps / Duo steps / RLKV steps."),
+    duo_loss: str = typer.Option("kl", help="Duo: kl (next-token distributions) | mse (final hidden states)."),
     max_new_tokens: int = typer.Option(512, min=1),
     rlkv_lr: float = typer.Option(0.05, min=0.0, help="RLKV: AdamW learning rate of the gates."),
     rlkv_beta: float = typer.Option(0.05, min=0.0, help="RLKV: sparsity penalty scale β."),
@@ -122,6 +124,7 @@ def score(
     from .score import HeadConfig, score_heads
 
     choice(method, SCORE_METHODS, "--method")
+    loss = choice(duo_loss, DUO_LOSSES, "--duo-loss")
     model_dtype = dtype_option(dtype, "--dtype")
     given = _window(sink, recent)
     lv = _levels(levels)
@@ -154,6 +157,7 @@ def score(
             time_budget_s=rlkv_budget_s,
             max_think_tokens=rlkv_max_think,
         ),
+        duo_loss=loss,
         seed=seed,
     )
     if steps is not None:

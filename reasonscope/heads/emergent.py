@@ -203,7 +203,9 @@ def emergent_heads(
     seed: int = 0,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Score both models on the post model's own texts, rank heads by emergence, validate the top ``k`` on ``post``.
+    """Score both models on the post model's own texts, rank heads by the rise of their normalised importance
+    (``I_post − I_pre``), validate the top ``k`` on ``post``. The paper's emergence ``E`` is reported beside it;
+    it is not the ranking, as a ratio it puts heads unimportant in both models on a par with those that rose.
 
     The first ``n_attribution`` prompts give the style texts (the post model's greedy thinking and answer);
     every prompt is used for validation.

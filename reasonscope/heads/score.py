@@ -34,6 +34,7 @@ class HeadConfig:
     duo_steps: int = 200
     duo_lr: float = 0.02
     duo_l1: float = 0.05
+    duo_loss: Literal["kl", "mse"] = "kl"  # KL of the next-token distributions, or DuoAttention's hidden-state MSE
     rlkv: RLKVConfig = field(default_factory=RLKVConfig)
     seed: int = 0
 
@@ -42,6 +43,8 @@ class HeadConfig:
             raise ValueError(f"unknown head scoring method {self.method!r}; choose one of {METHODS}")
         if self.ig_loss not in ("kl", "ce"):
             raise ValueError(f"ig_loss must be 'kl' or 'ce', got {self.ig_loss!r}")
+        if self.duo_loss not in ("kl", "mse"):
+            raise ValueError(f"duo_loss must be 'kl' or 'mse', got {self.duo_loss!r}")
         if self.batch_size < 1 or self.ig_steps < 1 or self.duo_steps < 1:
             raise ValueError("batch_size, ig_steps and duo_steps must be >= 1")
         CompressionPolicy(self.sink, self.recent, self.prefill)  # validates the window
@@ -75,7 +78,7 @@ def score_heads(handle: Any, traces: Sequence[Any], cfg: HeadConfig, out: str | 
         elif cfg.method == "gate-ig":
             scores = gate_ig_scores(handle, batches, policy, cfg.ig_steps, cfg.ig_loss)
         else:
-            scores = duo_scores(handle, batches, policy, cfg.duo_steps, cfg.duo_lr, cfg.duo_l1, cfg.seed, log)
+            scores = duo_scores(handle, batches, policy, cfg.duo_steps, cfg.duo_lr, cfg.duo_l1, log, cfg.duo_loss)
     hm = HeadMap(scores, cfg.method, handle.weight_hash, policy, aggregation, log)
     if out is None:
         return hm

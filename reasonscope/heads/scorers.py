@@ -162,17 +162,20 @@ def duo_scores(
     steps: int = 200,
     lr: float = 0.02,
     l1: float = 0.05,
-    seed: int = 0,
     log: list[dict] | None = None,
+    loss: Literal["kl", "mse"] = "kl",
 ) -> torch.Tensor:
-    """DuoAttention-style gates: minimise KL(full ‖ gated) + ``l1``·mean|α| by AdamW; init 1, clamped each step.
+    """DuoAttention-style gates: minimise a distillation loss + ``l1``·mean|α| by AdamW (constant ``lr``); init 1,
+    clamped each step. ``loss``: KL(full ‖ gated) of the next-token distributions, or ``"mse"``, DuoAttention's
+    mean squared error of the final hidden states (Xiao et al. 2024), both over the scored positions.
 
     The full model's hidden states (``d_model`` numbers a token) are kept for every batch when they fit
     ``budget.CACHE_BUDGET``, else recomputed."""
     _check(batches)
+    if loss not in ("kl", "mse"):
+        raise ValueError(f"duo loss must be 'kl' or 'mse', got {loss!r}")
     batches = [b for b in batches if bool(b.scored.any())]  # a pass with nothing to distil teaches no gate
     g = handle.geometry
-    torch.manual_seed(seed)
     alpha = torch.ones(g.n_layers, g.n_kv_heads, requires_grad=True)
     opt = torch.optim.AdamW([alpha], lr=lr, weight_decay=0.0)
     first = full_hidden(handle, batches[0])
@@ -181,7 +184,11 @@ def duo_scores(
     for step in range(steps):
         i = step % len(batches)
         base = bases[i] if bases is not None else full_hidden(handle, batches[i])
-        distill = trace_loss(handle, batches[i], alpha, policy, "kl", base)
+        distill = (
+            trace_loss(handle, batches[i], alpha, policy, "kl", base)
+            if loss == "kl"
+            else _mse(handle, batches[i], alpha, policy, base)
+        )
         total = distill + l1 * alpha.abs().mean()
         opt.zero_grad()
         total.backward()
@@ -189,5 +196,14 @@ def duo_scores(
         with torch.no_grad():
             alpha.clamp_(0.0, 1.0)
         if log is not None:
-            log.append({"step": step, "kl": float(distill.detach()), "alpha_mean": float(alpha.detach().mean())})
+            log.append({"step": step, loss: float(distill.detach()), "alpha_mean": float(alpha.detach().mean())})
     return alpha.detach().clone()
+
+
+def _mse(
+    handle: Any, batch: TraceBatch, alpha: torch.Tensor, policy: CompressionPolicy, base: torch.Tensor
+) -> torch.Tensor:
+    """Mean squared error between the gated and the full model's final hidden states over the scored positions."""
+    hidden = gated_hidden(handle, batch, alpha, policy)
+    where = batch.scored.to(hidden.device)
+    return F.mse_loss(hidden[where].float(), base.to(hidden.device)[where].float())
