@@ -1,4 +1,5 @@
-"""Probe metrics: AUROC (pooled and within-problem), ECE (10 equal-width bins), Brier, accuracy, bootstrap CIs.
+"""Probe metrics: AUROC (pooled and within-problem), AUPRC (average precision), ECE (10 equal-width bins), Brier,
+accuracy, bootstrap CIs.
 
 ECE = sum_b |B_b|/N * |mean(y in B_b) - mean(p in B_b)| with ``p = 1`` in the last bin (probes.md §2.1).
 Within-problem AUROC = mean AUROC over the problems that have both classes (probes.md §5.1).
@@ -27,6 +28,21 @@ def auroc(p: torch.Tensor, y: torch.Tensor) -> float:
         sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks[order])
         ranks[order] = (sums / counts)[inverse]
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auprc(p: torch.Tensor, y: torch.Tensor) -> float:
+    """Average precision, Σ_k (R_k − R_{k−1})·P_k over the distinct scores from the highest (tied scores form one
+    threshold); NaN without a positive."""
+    y = y.bool()
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return math.nan
+    uniq, inverse = torch.unique(-p.double(), return_inverse=True)  # ascending in -p: highest score first
+    tp = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, y.double()).cumsum(0)
+    seen = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(p, dtype=torch.float64))
+    precision = tp / seen.cumsum(0)
+    recall_step = torch.diff(tp, prepend=tp.new_zeros(1)) / n_pos
+    return float((recall_step * precision).sum())
 
 
 def auroc_within(p: torch.Tensor, y: torch.Tensor, groups: torch.Tensor) -> float:
@@ -61,6 +77,7 @@ def report(p: torch.Tensor, y: torch.Tensor, groups: torch.Tensor) -> dict[str, 
     return {
         "auroc": auroc(p, y),
         "auroc_within_problem": auroc_within(p, y, groups),
+        "auprc": auprc(p, y),
         "ece": ece(p, y),
         "brier": brier(p, y),
         "accuracy": accuracy(p, y),

@@ -11,10 +11,12 @@ manifest, naming the file and the fix; :func:`verify_artifact` checks every hash
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -129,18 +131,40 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(dirpath)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
+    if sys.platform != "linux":
+        return False
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def _publish(tmp: Path, final: Path, replace: bool) -> None:
-    """Rename ``tmp`` to ``final`` (a directory already at ``final`` is swapped out only with ``replace``)."""
-    old = None
+    """Rename ``tmp`` to ``final`` (a directory already at ``final`` is swapped out only with ``replace``; the swap
+    is one atomic exchange where the system has it, so a crash leaves the old or the new directory there)."""
     if tmp.is_dir() and final.is_dir() and not final.is_symlink():
         if not replace:
             raise FileExistsError(f"{final} already exists; delete it or choose another output path")
+        if _exchange(tmp, final):  # tmp now holds the old directory, which the caller's cleanup would also remove
+            fsync_dir(final.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", suffix=TMP_SUFFIX, dir=final.parent))
         os.replace(final, old / final.name)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old / final.name, final)  # put the old one back
+            shutil.rmtree(old, ignore_errors=True)
+            raise
+        fsync_dir(final.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        return
     os.replace(tmp, final)
     fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

@@ -66,6 +66,37 @@ def test_atomic_dir_replaces_only_when_asked(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
+def test_replacing_a_directory_never_leaves_its_path_empty(tmp_path, monkeypatch):
+    """The swap is one exchange where the system has it; where it has not, a failed second rename puts the old
+    directory back (a crash between the two renames can only happen there)."""
+    import reasonscope.artifacts as artifacts
+
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "x").write_text("old")
+    renames: list[tuple[str, str]] = []
+    real = os.replace
+    monkeypatch.setattr(artifacts.os, "replace", lambda a, b: (renames.append((str(a), str(b))), real(a, b))[1])
+    with atomic_dir(tmp_path / "d", replace=True) as d:
+        (d / "y").write_text("new")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["y"] and sorted(os.listdir(tmp_path)) == ["d"]
+    if artifacts._exchange(tmp_path / "d", tmp_path / "d"):  # this system swaps in one step: no rename was made
+        assert renames == []
+
+    def second_fails(a, b):
+        renames.append((str(a), str(b)))
+        if len(renames) == 2:
+            raise OSError("disk gone")
+        return real(a, b)
+
+    renames.clear()
+    monkeypatch.setattr(artifacts, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(artifacts.os, "replace", second_fails)
+    with pytest.raises(OSError, match="disk gone"), atomic_dir(tmp_path / "d", replace=True) as d:
+        (d / "z").write_text("newer")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["y"]  # the old one is back
+    assert sorted(os.listdir(tmp_path)) == ["d"]  # and no temporaries
+
+
 def test_manifest_lists_every_file(tmp_path):
     art = make(tmp_path / "a")
     d = read_json(tmp_path / "a" / "manifest.json")

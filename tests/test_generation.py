@@ -514,3 +514,20 @@ def test_a_prefill_after_decode_steps_starts_at_position_zero():
         cache.get_mask_sizes(1)
     cache.prefill(torch.tensor([1]))
     assert cache.get_seq_length() == 0 and cache.get_query_offset() == 0 and cache.get_mask_sizes(7) == (7, 0)
+
+
+def test_organism_bf16_greedy_equals_unbatched_hf_generate_up_to_near_ties():
+    """bf16: a padded row's prefill runs SDPA's masked kernel and an unpadded one its causal kernel, so two logits
+    one bf16 step apart can swap; all but a near-tie or two must match HF ``generate`` on the lone prompt."""
+    from reasonscope.models import load_model
+    from reasonscope.organisms import evaluate, task
+
+    h = load_model("organism:thinking", dtype="bf16")
+    tok = h.tokenizer
+    prompts = [
+        tok(h.chat_prompt(p.question), add_special_tokens=False)["input_ids"]
+        for p in task.problems(24, evaluate.EVAL_SEED)
+    ]
+    out = generate(h, prompts, DecodeConfig(max_new_tokens=96, batch_size=8, refill=1))
+    same = sum(c.token_ids == hf_greedy(h, p, 96) for p, c in zip(prompts, out))
+    assert h.model.dtype == torch.bfloat16 and same >= 22, f"{same}/24 equal to HF generate"

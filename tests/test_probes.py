@@ -314,6 +314,21 @@ def test_metrics_known_values():
     assert math.isnan(metrics.auroc_within(p, y, g))  # no problem holds both classes
     lo, hi = metrics.bootstrap_auroc(torch.tensor([0.1, 0.9] * 10), torch.tensor([0, 1] * 10), torch.arange(20) // 2)
     assert lo == hi == 1.0
+    # average precision: ranks 0.8 (pos), 0.4 (neg), 0.35 (pos): (1/2)·1 + (1/2)·(2/3)
+    assert metrics.auprc(torch.tensor([0.1, 0.4, 0.35, 0.8]), y) == pytest.approx(0.5 + 1 / 3)
+    assert metrics.auprc(torch.tensor([0.5, 0.5, 0.5, 0.5]), y) == pytest.approx(0.5)  # one threshold: the base rate
+    assert math.isnan(metrics.auprc(torch.tensor([0.1, 0.2]), torch.tensor([0, 0])))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):  # against the definition, one threshold per distinct score (ties made likely)
+        q = torch.randint(0, 5, (30,), generator=gen).double() / 4
+        t = torch.randint(0, 2, (30,), generator=gen)
+        if not t.any():
+            continue
+        want = 0.0
+        for c in sorted(set(q.tolist()), reverse=True):
+            above = q >= c
+            want += (float(t[q == c].sum()) / float(t.sum())) * float(t[above].sum()) / float(above.sum())
+        assert metrics.auprc(q, t) == pytest.approx(want)
 
 
 def test_platt_scaling_recovers_a_known_calibration():
