@@ -1,9 +1,12 @@
-"""Baselines every probe is compared with (probes.md §5.3): position, entropy, self-surprise and bag of words.
+"""Baselines every probe is compared with (probes.md §5.3): position, entropy, self-surprise, bag of words and the
+question alone.
 
 Each is a logistic probe on features of the labelled chunks, trained by the same loop and split as the activation
 probes: ``position`` = (share of the thinking, chunk index), ``entropy`` = mean next-token entropy of the chunk and
 ``surprise`` = the largest ``-log p`` of a token written in the thinking so far (when the labels have them, from
-``probe labels --entropy``), ``bag_of_words`` = hashed word counts of the chunk text (log1p).
+``probe labels --entropy``), ``bag_of_words`` = hashed word counts of the chunk text (log1p), ``question`` = the
+same counts of the trace's question, one feature vector for every chunk of it: what difficulty alone predicts
+(labels written before the question was recorded have no such baseline).
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ def baseline_features(labels: LabelTable, rows: list[int]) -> dict[str, torch.Te
         "position": torch.tensor([[labels.share[i], float(labels.chunk[i])] for i in rows]),
         "bag_of_words": torch.stack([bag_of_words(labels.text[i]) for i in rows]),
     }
+    questions = {t: labels.traces.get(t, {}).get("question") for t in {labels.trace_id[i] for i in rows}}
+    if rows and all(q is not None for q in questions.values()):
+        words = {t: bag_of_words(str(q)) for t, q in questions.items()}
+        feats["question"] = torch.stack([words[labels.trace_id[i]] for i in rows])
     for name in ("entropy", "surprise"):
         if name in labels.targets:
             vals = [labels.targets[name][i] for i in rows]

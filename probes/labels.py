@@ -259,6 +259,7 @@ def build_labels(
             "first_correct_share": None if first_step is None else steps[first_step][1] / len(t.thinking),
             "sbt_score": sbt_score(t.thinking, first_step, len(steps), cfg.sbt_beta),
             "grade": t.grade,
+            "question": t.prompt,  # the question-only (difficulty) baseline reads it
         }
     if cfg.needs_model:
         assert handle is not None

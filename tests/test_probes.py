@@ -302,6 +302,20 @@ def test_model_labels_on_real_traces_without_token_ids(r1_tiny_dir):
 # ---------------------------------------------------------------------------- metrics
 
 
+def test_question_baseline_gives_every_chunk_of_a_trace_its_question_s_features():
+    from probes.baselines import bag_of_words, baseline_features
+
+    traces = [_trace("2+2=4. so 4.", tid="a"), _trace("2+2=5. so 4.", tid="b")]
+    traces[1] = dataclasses.replace(traces[1], prompt="what is 2+2? think hard")
+    table = build_labels(traces, LabelConfig(matcher="organism"))
+    rows = list(range(len(table)))
+    x = baseline_features(table, rows)["question"]
+    for i in rows:
+        assert torch.equal(x[i], bag_of_words(traces[table.trace_id[i] == "b"].prompt))
+    del table.traces["a"]["question"]  # labels written before questions were recorded: no such baseline
+    assert "question" not in baseline_features(table, rows)
+
+
 def test_metrics_known_values():
     y = torch.tensor([0, 0, 1, 1])
     assert metrics.auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), y) == pytest.approx(0.75)

@@ -272,7 +272,9 @@ def test_organism_end_to_end(tmp_path):
     ps = fit_probes(store, table, fit, tmp_path / "p")
     best = ps.report["best"]
     assert best["auroc"] > 0.75 and best["auroc"] > ps.report["baselines"]["bag_of_words"]["auroc"]
-    assert {"position", "bag_of_words", "entropy", "surprise"} == set(ps.report["baselines"])
+    assert {"position", "bag_of_words", "entropy", "surprise", "question"} == set(ps.report["baselines"])
+    # the question alone scores every chunk of a problem alike: it ranks problems, not chunks within one
+    assert ps.report["baselines"]["question"]["auroc_within_problem"] == pytest.approx(0.5)
     over = fit_probes(store, table, replace(fit, target="after_first_correct"), tmp_path / "o")
     assert over.report["best"]["auroc_within_problem"] > 0.9 and over.report["best"]["selectivity"] > 0
     ev = task.problems(40, seed=999)
