@@ -24,7 +24,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from shapes import random_qwen2
@@ -33,11 +33,12 @@ from reasonscope.heads import CompressionPolicy, HeadConfig, score_heads
 from reasonscope.heads.evaluate import EvalConfig, check_window, evaluate_heads, window_for
 from reasonscope.heads.retrieval import read_scores
 from reasonscope.heads.rlkv import RLKVConfig
+from reasonscope.heads.score import Method
 from reasonscope.models import load_model
 from reasonscope.organisms import task
 from reasonscope.traces.generate import GenerationConfig, generate_traces
 
-METHODS = ("retrieval", "window", "gate-ig", "duo", "rlkv")
+METHODS = ("retrieval", "window", "gate-ig", "duo", "duo-mse", "rlkv")  # duo-mse: Duo with DuoAttention's MSE
 
 
 def single_heads(h: Any, held: list[Any], policy: CompressionPolicy, cfg: EvalConfig, timing: bool) -> dict:
@@ -213,7 +214,15 @@ def score_all(
     )
     scores, seconds, rlkv_log = {}, {}, []
     for method in args.methods.split(","):
-        cfg = HeadConfig(method=method, sink=policy.sink, recent=policy.recent, duo_steps=args.duo_steps, rlkv=rlkv)
+        loss: Literal["kl", "mse"] = "mse" if method == "duo-mse" else "kl"
+        cfg = HeadConfig(
+            method=cast("Method", "duo" if method == "duo-mse" else method),
+            sink=policy.sink,
+            recent=policy.recent,
+            duo_steps=args.duo_steps,
+            duo_loss=loss,
+            rlkv=rlkv,
+        )
         _sync()
         t0 = time.time()
         hm = score_heads(h, traces, cfg)
