@@ -160,7 +160,7 @@ class HybridConfig:
 # ---------------------------------------------------------------------------- grading
 
 _ANSWER = re.compile(r"(?:answer is|answer)\s*:\s*(-?\d+)")
-_INT = re.compile(r"-?\d+")
+_INT = re.compile(r"(?<![A-Za-z\d])-?\d+")  # a number, not the digit of a name such as g9
 
 
 def final_answer(text: str, think_end: str = "</think>") -> int | None:
@@ -320,12 +320,13 @@ class Steerer:
         return self.sae.labels(x)
 
     def randomised(self, seed: int) -> Steerer:
-        """The control: every vector (and the bias) replaced by a random direction of the same norm."""
+        """The control: what each behaviour adds, ``bias + V[b]``, replaced by a random direction of the same norm
+        (and no bias), so every push has the norm of the real one."""
         g = torch.Generator().manual_seed(seed)
-        r = torch.randn(self.vectors.shape, generator=g)
-        rb = torch.randn(self.bias.shape, generator=g)
-        vecs = r / r.norm(dim=-1, keepdim=True) * self.vectors.norm(dim=-1, keepdim=True)
-        bias = rb / rb.norm() * self.bias.norm()
+        added = self.vectors + self.bias
+        r = torch.randn(added.shape, generator=g)
+        vecs = r / r.norm(dim=-1, keepdim=True) * added.norm(dim=-1, keepdim=True)
+        bias = torch.zeros_like(self.bias)
         return Steerer(
             vecs, bias, self.names, self.layer, self.read_layer, self.centre, self.probe, self.sae, self.allowed
         )
@@ -434,11 +435,11 @@ def optimise_vectors(
                 if ce is not None:
                     (ce / n_step).backward()
                     loss += float(ce.detach()) / n_step
+            losses.append(loss)
+            if loss < best[0]:  # the parameters this loss was measured at, before the step moves them
+                best = (loss, vecs.detach().clone(), bias.detach().clone())
             opt.step()
             sched.step()
-            losses.append(loss)
-            if losses[-1] < best[0]:
-                best = (losses[-1], vecs.detach().clone(), bias.detach().clone())
     finally:
         for q, w in zip(params, was):
             q.requires_grad_(w)
@@ -601,7 +602,6 @@ class _Hybrid:
         dev = base.device
         self.st, self.cfg, self.mode, self.offset = st, cfg, mode, offset
         self.tok = base.tokenizer
-        self.think_end = self.tok.get_vocab().get(thinking.think_end)
         self.vecs, self.bias = st.vectors.to(dev), st.bias.to(dev)
         self.coefs = torch.tensor(cfg.coefficients, device=dev)
         self.behaviour = torch.zeros(n, dtype=torch.long)  # behaviour of the sentence each request is writing
@@ -629,7 +629,9 @@ class _Hybrid:
     def _starts(self, token: int) -> bool:
         """Whether the sentence after ``token`` is a new one."""
         if token not in self.starts:
-            self.starts[token] = ends_sentence(self.tok.decode([token])) or token == self.think_end
+            # as in training (behaviours.sentence_spans), the answer after </think> keeps the pick made where the
+            # thinking's last sentence ended: no selector row was ever read at </think>
+            self.starts[token] = ends_sentence(self.tok.decode([token]))
         return self.starts[token]
 
     def _choose(self, rows: list[int], requests: list[int], steps: list[int]) -> torch.Tensor:

@@ -133,6 +133,11 @@ def test_final_answer_formats():
     assert final_answer("first a3. answer:4<|end|>") == 4
     assert final_answer("8<|end|>") == 8
     assert final_answer("first a") is None and final_answer("x</think><|end|>") is None
+    assert final_answer("first a3.</think> + g9. m + h7<|end|>") is None  # digits of names are no answer
+    assert final_answer("first a3.</think> + g9. so 7<|end|>") == 7
+    from reasonscope.traces.grading import extract_organism
+
+    assert extract_organism("a3.</think> + g9.") is None and extract_organism("a3.</think>4<|end|>") == "4"
 
 
 def test_config_validation():
@@ -194,6 +199,9 @@ def test_table_taxonomy_selector_and_vectors(pair):
     )
     assert vecs.shape == (3, 32) and bias.shape == (32,) and rep["disagreement_positions"] > 0
     assert rep["loss_best"] < rep["loss_first"]
+    one = HybridConfig(**{**TINY, "train_steps": 1, "lr": 0.05})  # one loss, measured before the step
+    _, b1, rep1 = optimise_vectors(base, rolls, tok_labels, table.think_argmax, 3, one)
+    assert rep1["loss_best"] == rep1["loss_first"] and float(b1.abs().sum()) == 0  # the initial parameters
     own = [r.prompt_ids + [5, 6] for r in rolls]
     md, zero, rep = mean_diff_vectors(base, rolls, tok_labels, own, [len(r.prompt_ids) for r in rolls], 3, cfg)
     assert md.shape == (3, 32) and float(zero.abs().sum()) == 0 and rep["n_source_tokens"] == 3 * len(rolls)
@@ -284,9 +292,9 @@ def steerer(d: int = 32, k: int = 3, layer: int = 0) -> Steerer:
 def test_steerer_checks_and_random_control_keeps_norms():
     st = steerer()
     rnd = st.randomised(3)
-    assert torch.allclose(rnd.vectors.norm(dim=-1), st.vectors.norm(dim=-1), atol=1e-5)
-    assert torch.allclose(rnd.bias.norm(), st.bias.norm(), atol=1e-5)
-    assert not torch.allclose(rnd.vectors, st.vectors)
+    pushes = st.vectors + st.bias  # what each behaviour adds: the control's pushes have the same norms
+    assert torch.allclose((rnd.vectors + rnd.bias).norm(dim=-1), pushes.norm(dim=-1), atol=1e-5)
+    assert float(rnd.bias.abs().sum()) == 0 and not torch.allclose(rnd.vectors, pushes)
     assert st.pick(torch.randn(5, 32)).shape == (5,)
     with pytest.raises(ValueError, match="names"):
         Steerer(torch.zeros(3, 32), torch.zeros(32), ("a",), 0, 1, torch.zeros(32), probe=torch.zeros(33, 3))

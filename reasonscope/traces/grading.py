@@ -11,7 +11,8 @@ from fractions import Fraction
 from .record import THINK_END
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-_ORGANISM_NUMBER = re.compile(r"-?\d+(?:[./]\d+)?")  # an integer unless it has a fraction ("4." ends)
+# an integer unless it has a fraction ("4." ends); not the digit of a name such as g9
+_ORGANISM_NUMBER = re.compile(r"(?<![A-Za-z\d])-?\d+(?:[./]\d+)?")
 
 
 def canonical_number(s: str) -> str | None:
