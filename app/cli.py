@@ -71,6 +71,7 @@ def app_cmd(
     open it with `--model` (and `--dtype`) so the live views load that model."""
     if not run.is_dir():
         fail(f"{run} is not a directory; write a run with `reasonscope demo --out {run}` first")
+    model_dtype = dtype_option(dtype, "--dtype")  # checked whether or not a model is given
     demo = (run / "run.json").is_file() or (run / "traces").is_dir()
     own = (run / TRACES_JSONL).is_file() or any((run / d).is_dir() for d in STAGE_DIRS.values())
     if model is None and not demo:
@@ -86,7 +87,7 @@ def app_cmd(
         )
     given: dict[str, str] = {}
     if model is not None:
-        given = {"thinking": model, "dtype": dtype_option(dtype, "--dtype")}
+        given = {"thinking": model, "dtype": model_dtype}
         model_geometry(model)  # fails at once, naming what was tried
     cmd = [
         sys.executable,

@@ -367,6 +367,11 @@ def _pin(run: RunDir, cfg: DemoConfig, weights: dict[str, str]) -> None:
                 f"{run.path} was made with other {what}; choose another --out or delete {run.path} to start over"
             )
         return
+    if run.path.is_dir() and any(run.path.iterdir()):  # never adopt (and then lock) another run's directory
+        raise ValueError(
+            f"{run.path} is not empty and holds no run.json, so it is not a demo run; choose a new --out "
+            "(a run on your own model opens with `reasonscope app DIR --model M`)"
+        )
     run.path.mkdir(parents=True, exist_ok=True)
     write_json(path, pin)
 

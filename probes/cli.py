@@ -15,6 +15,7 @@ from reasonscope.cli_kit import (
     DTYPE_HELP,
     ErrorGroup,
     choice,
+    device_option,
     dtype_option,
     emit,
     fail,
@@ -147,10 +148,13 @@ def fit_cmd(
         lr=lr,
         select_on=choice(select_on, SELECT_ON, "--select-on"),
         seed=seed,
-        device=device,
+        device=device_option(device),
     )
+    table = LabelTable.open(labels)
+    if target not in table.targets:
+        fail(f"--target {target!r} is not among the labels' targets {sorted(table.targets)}; choose one of them")
     fresh_out(out)
-    ps = fit_probes(ActivationStore.open(store), LabelTable.open(labels), cfg, out)
+    ps = fit_probes(ActivationStore.open(store), table, cfg, out)
     _emit(_summary([ps]), as_json)
 
 

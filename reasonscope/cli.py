@@ -19,6 +19,7 @@ from .cli_kit import (
     ErrorGroup,
     choice,
     dataset_rows,
+    device_option,
     dtype_option,
     fail,
     model_geometry,
@@ -96,7 +97,7 @@ def organism_train(
     phases = (choice(only, ("base", "thinking"), "--only"),) if only else ("base", "thinking")
     target = out_dir(out)
     steps = {"base_steps": base_steps, "thinking_steps": thinking_steps}
-    cfg = TrainConfig(seed=seed, device=device, **{k: v for k, v in steps.items() if v is not None})
+    cfg = TrainConfig(seed=seed, device=device_option(device), **{k: v for k, v in steps.items() if v is not None})
     paths = train_organisms(cfg, target, log=say, phases=phases)
     say("saved: " + ", ".join(str(p) for p in paths.values()))
 
@@ -142,9 +143,10 @@ def traces_generate(
     batch_size: int = typer.Option(32, min=1),
     seed: int = 0,
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Generate, segment and grade traces; write them as JSONL."""
-    out_file(out)
+    out_file(out, overwrite=overwrite)
     if samples > 1 and temperature <= 0:
         fail(f"--samples {samples} with greedy decoding gives {samples} identical traces; pass --temperature > 0")
     model_dtype = dtype_option(dtype, "--dtype")

@@ -105,10 +105,12 @@ def check_writable(target: Path, option: str) -> None:
         fail(f"{option} {target} is not writable ({e.strerror or e}); choose a writable location for {option}")
 
 
-def out_file(path: Path, option: str = "--out") -> Path:
-    """An output file path whose directory is writable."""
+def out_file(path: Path, option: str = "--out", example: str = "traces.jsonl", overwrite: bool = True) -> Path:
+    """An output file path whose directory is writable (an existing file only with ``overwrite``)."""
     if path.is_dir():
-        fail(f"{option} {path} is a directory; give a file path, e.g. {path / 'traces.jsonl'}")
+        fail(f"{option} {path} is a directory; give a file path, e.g. {path / example}")
+    if path.exists() and not overwrite:
+        fail(f"{option} {path} already exists; choose another path, or pass --overwrite to replace it")
     check_writable(path.parent if str(path.parent) else Path("."), option)
     return path
 
@@ -128,17 +130,18 @@ def fresh_out(path: Path, option: str = "--out") -> Path:
     return out_dir(path, option)
 
 
-def model_geometry(model: str) -> Geometry:
-    """Resolve ``--model`` and read its config (no weights): fails fast on a missing or broken model."""
+def model_geometry(model: str, option: str = "--model") -> Geometry:
+    """Resolve a model option (``option`` names it in errors) and read its config (no weights): fails fast on a
+    missing or broken model."""
     from .models import load_geometry
 
     try:
         return load_geometry(model)
     except OSError as e:
-        raise type(e)(f"--model: {e}") from None
+        raise type(e)(f"{option}: {e}") from None
     except Exception as e:  # noqa: BLE001 - a broken config.json is a user error naming the model
         raise ValueError(
-            f"--model {model}: cannot read its config ({e}); pass a directory holding a valid Hugging Face config.json"
+            f"{option} {model}: cannot read its config ({e}); pass a directory holding a valid Hugging Face config.json"
         ) from None
 
 
@@ -161,6 +164,18 @@ def organism_only(model: str, option: str, fix: str) -> None:
     """Refuse organism problems for a model that does not speak their format, naming ``fix``."""
     if not organism_format(model):
         fail(f"{option} {model}: the default questions are the organism task's, which this model does not speak; {fix}")
+
+
+def device_option(value: str, option: str = "--device") -> str:
+    """``auto`` or a device torch knows (``cpu``, ``cuda``, ``cuda:1``, ``mps``), else a user error naming it."""
+    if value != "auto":
+        import torch
+
+        try:
+            torch.device(value)
+        except RuntimeError:
+            fail(f"{option} {value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    return value
 
 
 def dtype_option(value: str, option: str) -> DtypeName:

@@ -29,7 +29,11 @@ from reasonscope.cli_kit import (
 if TYPE_CHECKING:  # the commands import what they run: `reasonscope --help` does not load torch
     from .vector import SteeringVector
 
-steer_app = typer.Typer(cls=ErrorGroup, no_args_is_help=True, help="Steer reasoning: ASC compression, apply a vector.")
+steer_app = typer.Typer(
+    cls=ErrorGroup,
+    no_args_is_help=True,
+    help="Steer reasoning: ASC compression, hybrid base/thinking steering, apply a vector.",
+)
 
 
 def _vector(src: Path, option: str, layer: Optional[int] = None, key: Optional[str] = None) -> SteeringVector:
@@ -208,7 +212,7 @@ def hybrid_cmd(
         )
     except ValueError as e:
         fail(str(e))
-    gb, gt = model_geometry(base), model_geometry(thinking)
+    gb, gt = model_geometry(base, "--base"), model_geometry(thinking, "--thinking")
     if steer_layer >= gb.n_layers:
         fail(f"--steer-layer {steer_layer} does not exist in {base} (layers 0..{gb.n_layers - 1})")
     if sae_layer >= gt.n_layers:
@@ -321,7 +325,7 @@ def export_cmd(
     from .export import FORMATS, export_vector
 
     fmt = choice(format, FORMATS, "--format")
-    out_file(out)
+    out_file(out, example=f"vector.{'safetensors' if fmt == 'safetensors' else 'gguf'}")
     vec = _vector(src, "--in", layer, key)
     for path in export_vector(vec, out, fmt, model_hint):
         say(f"wrote {path}")

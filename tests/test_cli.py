@@ -207,6 +207,26 @@ def test_unwritable_out_fails_before_generation(tiny_model_dir, tmp_path, no_mod
         ro.mkdir(mode=0o500)
         user_error(runner.invoke(app, [*gen, str(ro / "t.jsonl")]), "not writable")
     user_error(runner.invoke(app, capture_args(tiny_model_dir, blocker, blocker)), "--out", "is a file")
+    user_error(runner.invoke(app, [*gen, str(blocker)]), "already exists", "--overwrite")  # nothing replaced
+    assert blocker.read_text() == "x"
+
+
+def test_option_values_are_user_errors_naming_the_option(tmp_path, no_model_load):
+    from probes.cli import probe_app
+    from steering.cli import steer_app
+
+    user_error(runner.invoke(app, ["organism", "train", "--out", str(tmp_path / "o"), "--device", "tpu"]), "--device")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    r = runner.invoke(steer_app, ["hybrid", "--thinking", "/nope/x", "--out", str(tmp_path / "h")])
+    user_error(r, "--thinking")
+    r = runner.invoke(steer_app, ["hybrid", "--base", "organism:bse", "--out", str(tmp_path / "h")])
+    user_error(r, "--base")
+    user_error(
+        runner.invoke(
+            probe_app, ["fit", "--store", "s", "--labels", "l", "--out", str(tmp_path / "p"), "--device", "tpu"]
+        ),
+        "--device",
+    )
 
 
 def test_missing_model_is_one_line(tmp_path, no_model_load):

@@ -77,6 +77,8 @@ def test_fit_and_eval(tmp_path):
     assert set(ev) >= {"best_layer", "auroc", "auroc_within_problem", "ece", "brier", "selectivity"}
     assert "--kind" in _err(runner.invoke(probe_app, [*args[:-1], str(tmp_path / "q"), "--kind", "svm"]))
     assert "--select-on" in _err(runner.invoke(probe_app, [*args[:-1], str(tmp_path / "q"), "--select-on", "acc"]))
+    assert "--target 'foo'" in _err(runner.invoke(probe_app, [*args[:-1], str(tmp_path / "q"), "--target", "foo"]))
+    assert not (tmp_path / "q").exists()
     r = runner.invoke(probe_app, [*args[:-1], str(tmp_path / "w"), "--select-on", "auroc_within_problem"])
     assert r.exit_code == 0, r.output
     assert ProbeSet.open(tmp_path / "w").report["selected_on"] == "val_auroc_within_problem"

@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import analysis, figures
-from app.artifacts import RunDir
+from app.artifacts import MissingStage, RunDir
 from app.state import artifact, background, cached, need, pick_trace, stamp
 
 
@@ -38,7 +38,10 @@ def render(run: RunDir) -> None:
             )
         st.dataframe(pd.DataFrame(rows).round(3), hide_index=True)
     if run.has("capture"):
-        sets, why = analysis.readable_sets(sets, artifact(run, "capture"))
+        try:
+            sets, why = analysis.readable_sets(sets, artifact(run, "capture"))
+        except MissingStage as e:  # a damaged store: the tables above still stand
+            sets, why = {}, [str(e)]
         for w in why:
             st.warning(w)
     with c2:

@@ -193,7 +193,7 @@ def diff(
     grader, _ = dataset_source(dataset)
     if out is not None:
         fresh_out(out)
-    gb, gm = model_geometry(base), model_geometry(model)
+    gb, gm = model_geometry(base, "--base"), model_geometry(model)
     if (gb.n_layers, gb.n_heads) != (gm.n_layers, gm.n_heads):
         raise ValueError(
             f"--base has {gb.n_layers}x{gb.n_heads} heads, --model {gm.n_layers}x{gm.n_heads}; "
