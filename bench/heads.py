@@ -24,7 +24,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from shapes import random_qwen2
@@ -34,6 +34,7 @@ from reasonscope.heads.evaluate import EvalConfig, check_window, evaluate_heads,
 from reasonscope.heads.retrieval import read_scores
 from reasonscope.heads.rlkv import RLKVConfig
 from reasonscope.heads.score import Method
+from reasonscope.heads.scorers import DuoLoss
 from reasonscope.models import load_model
 from reasonscope.organisms import task
 from reasonscope.traces.generate import GenerationConfig, generate_traces
@@ -214,7 +215,7 @@ def score_all(
     )
     scores, seconds, rlkv_log = {}, {}, []
     for method in args.methods.split(","):
-        loss: Literal["kl", "mse"] = "mse" if method == "duo-mse" else "kl"
+        loss: DuoLoss = "mse" if method == "duo-mse" else "kl"
         cfg = HeadConfig(
             method=cast("Method", "duo" if method == "duo-mse" else method),
             sink=policy.sink,

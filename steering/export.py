@@ -324,10 +324,9 @@ def _select(vec: SteeringVector, layer: int | None, where: Path) -> SteeringVect
     return SteeringVector(vec.direction(layer)[None], meta)
 
 
-def _safetensors_header(path: Path) -> bool:
-    """Whether ``path`` starts as a safetensors file does: a little-endian u64 header length, then ``{``."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+def _safetensors_header(head: bytes, path: Path) -> bool:
+    """Whether ``head``, the first bytes of ``path``, start a safetensors file: a little-endian u64 header length,
+    then ``{``."""
     return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
@@ -344,13 +343,13 @@ def load_vector(path: str | Path, layer: int | None = None, key: str | None = No
             raise ValueError(f"{path} is a directory without {MANIFEST}; pass a steering_vector artifact or a file")
         return _select(SteeringVector.open(path), layer, path)
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
+        head = f.read(9)  # GGUF's magic, or safetensors' header length and opening brace
+    if head[:4] == b"GGUF":
         directions, fields = read_gguf(path)
         extra = {"model_hint": fields.get(f"{ARCH}.model_hint")}
         vec = _from_layers(directions, path, "gguf", fields.get(META_KEY), extra)
         return _select(vec, layer, path)
-    if path.suffix == ".safetensors" or _safetensors_header(path):
+    if path.suffix == ".safetensors" or _safetensors_header(head, path):
         from safetensors import safe_open
 
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional, cast
+from typing import TYPE_CHECKING, Any, Optional, cast
 
 import typer
 
@@ -22,7 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 heads_app = typer.Typer(no_args_is_help=True, help="Reasoning-critical KV heads: score, diff, evaluate.")
 SCORE_METHODS = ("window", "gate-ig", "duo", "rlkv", "retrieval")
-DUO_LOSSES: tuple[Literal["kl", "mse"], ...] = ("kl", "mse")
 
 
 def _levels(value: str) -> tuple[int, ...]:
@@ -124,6 +123,8 @@ def score(
     from .score import HeadConfig, score_heads
 
     choice(method, SCORE_METHODS, "--method")
+    from .scorers import DUO_LOSSES
+
     loss = choice(duo_loss, DUO_LOSSES, "--duo-loss")
     model_dtype = dtype_option(dtype, "--dtype")
     given = _window(sink, recent)

@@ -14,7 +14,7 @@ from .headmap import HeadMap
 from .policy import CompressionPolicy
 from .retrieval import retrieval_scores
 from .rlkv import RLKVConfig, rlkv_scores
-from .scorers import duo_scores, gate_ig_scores, windowing_scores
+from .scorers import DUO_LOSSES, DuoLoss, duo_scores, gate_ig_scores, windowing_scores
 
 Method = Literal["window", "gate-ig", "duo", "rlkv", "retrieval"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -34,7 +34,7 @@ class HeadConfig:
     duo_steps: int = 200
     duo_lr: float = 0.02
     duo_l1: float = 0.05
-    duo_loss: Literal["kl", "mse"] = "kl"  # KL of the next-token distributions, or DuoAttention's hidden-state MSE
+    duo_loss: DuoLoss = "kl"
     rlkv: RLKVConfig = field(default_factory=RLKVConfig)
     seed: int = 0
 
@@ -43,7 +43,7 @@ class HeadConfig:
             raise ValueError(f"unknown head scoring method {self.method!r}; choose one of {METHODS}")
         if self.ig_loss not in ("kl", "ce"):
             raise ValueError(f"ig_loss must be 'kl' or 'ce', got {self.ig_loss!r}")
-        if self.duo_loss not in ("kl", "mse"):
+        if self.duo_loss not in DUO_LOSSES:
             raise ValueError(f"duo_loss must be 'kl' or 'mse', got {self.duo_loss!r}")
         if self.batch_size < 1 or self.ig_steps < 1 or self.duo_steps < 1:
             raise ValueError("batch_size, ig_steps and duo_steps must be >= 1")

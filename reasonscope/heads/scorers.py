@@ -12,7 +12,7 @@ All run the model's own traces with the prompt read in full and the thinking und
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from ..budget import position_runs, sum_by_runs
 from .batches import TraceBatch
 from .gated import gated_attention, gated_run
 from .policy import CompressionPolicy
+
+DuoLoss = Literal["kl", "mse"]  # KL of the next-token distributions, or DuoAttention's hidden-state MSE
+DUO_LOSSES: tuple[DuoLoss, ...] = get_args(DuoLoss)
 
 
 def kl_rows(full_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -163,7 +166,7 @@ def duo_scores(
     lr: float = 0.02,
     l1: float = 0.05,
     log: list[dict] | None = None,
-    loss: Literal["kl", "mse"] = "kl",
+    loss: DuoLoss = "kl",
 ) -> torch.Tensor:
     """DuoAttention-style gates: minimise a distillation loss + ``l1``·mean|α| by AdamW (constant ``lr``); init 1,
     clamped each step. ``loss``: KL(full ‖ gated) of the next-token distributions, or ``"mse"``, DuoAttention's
@@ -172,7 +175,7 @@ def duo_scores(
     The full model's hidden states (``d_model`` numbers a token) are kept for every batch when they fit
     ``budget.CACHE_BUDGET``, else recomputed."""
     _check(batches)
-    if loss not in ("kl", "mse"):
+    if loss not in DUO_LOSSES:
         raise ValueError(f"duo loss must be 'kl' or 'mse', got {loss!r}")
     batches = [b for b in batches if bool(b.scored.any())]  # a pass with nothing to distil teaches no gate
     g = handle.geometry
