@@ -39,6 +39,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .hooks import HookFn, attach, expand_hooks, may_keep_tensors
+from .models import cache_kwargs
 
 _MASK64 = (1 << 64) - 1
 _CURRENT: ContextVar[Batch | None] = ContextVar("reasonscope_generation_batch", default=None)
@@ -560,9 +561,9 @@ class _Engine:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **cache_kwargs(model, cache),
             )
         finally:
             self.running = None

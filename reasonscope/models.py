@@ -18,6 +18,7 @@ stops after the last of them, so no logits are computed.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,6 +48,18 @@ Backend = Literal["hf", "transformer_lens", "nnsight"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
 ORGANISM_DIR = Path(__file__).parent / "organisms" / "weights"
 ORGANISMS = ("thinking", "base")
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for an HF model's forward: ``cache`` where it takes that (transformers 5.24 renamed
+    ``past_key_values``, which goes in 5.40), else ``past_key_values``."""
+    cls = type(model)
+    if cls not in _CACHE_NAMES:
+        _CACHE_NAMES[cls] = "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+    return {_CACHE_NAMES[cls]: cache}
+
+
+_CACHE_NAMES: dict[type, str] = {}
 
 
 class ModelNotFoundError(FileNotFoundError):

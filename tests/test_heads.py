@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from reasonscope.heads import CompressionPolicy, compressed_cache, gated_attention, kv_bytes
 from reasonscope.heads.gated import GATED_ATTN, gated_run
+from reasonscope.models import cache_kwargs
 
 POLICY = CompressionPolicy(sink=2, recent=4)
 
@@ -103,9 +104,11 @@ def test_gates_are_differentiable(tiny_handle, batch):
 
 def decode_steps(handle, seq, prefill, cache):
     seq = seq.to(handle.device)
-    out = [handle.model(input_ids=seq[:, :prefill], past_key_values=cache, use_cache=True).logits]
+    out = [handle.model(input_ids=seq[:, :prefill], use_cache=True, **cache_kwargs(handle.model, cache)).logits]
     for t in range(prefill, seq.shape[1]):
-        out.append(handle.model(input_ids=seq[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        out.append(
+            handle.model(input_ids=seq[:, t : t + 1], use_cache=True, **cache_kwargs(handle.model, cache)).logits
+        )
     return torch.cat(out, 1)
 
 
@@ -146,8 +149,8 @@ def test_physical_cache_refuses_padding_and_bad_mask(tiny_handle, batch):
         tiny_handle.model(
             input_ids=ids.to(tiny_handle.device),
             attention_mask=mask.to(tiny_handle.device),
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(tiny_handle.model, cache),
         )
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import pytest
 import torch
 
 from reasonscope.hooks import HOOK_SPECS, attach, hook_names, parse_hook
-from reasonscope.models import Geometry, ModelNotFoundError, load_model
+from reasonscope.models import Geometry, ModelNotFoundError, cache_kwargs, load_model
 
 from conftest import organisms
 
@@ -177,6 +178,27 @@ def test_hooks_removed_when_forward_raises(tiny_handle):
     with pytest.raises(RuntimeError, match="boom"):  # raised through attach's exit
         forward_under_attach()
     assert count() == before
+
+
+def test_cache_goes_under_the_name_the_forward_takes(tiny_handle):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40); older forwards take
+    the old name. The installed model's forward takes whichever name is returned, without a deprecation warning."""
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None): ...
+
+    class New:
+        def forward(self, input_ids=None, cache=None): ...
+
+    assert cache_kwargs(Old(), 1) == {"past_key_values": 1} and cache_kwargs(New(), 2) == {"cache": 2}
+    from transformers import DynamicCache
+
+    ids = torch.tensor([[1, 2, 3]], device=tiny_handle.device)
+    cache = DynamicCache(config=tiny_handle.model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_handle.model(input_ids=ids, use_cache=True, **cache_kwargs(tiny_handle.model, cache))
+    assert cache.get_seq_length() == 3
 
 
 def test_bad_hook_names():

@@ -155,8 +155,11 @@ def test_kl_bound_passes_are_cut_to_the_logit_budget(tiny_handle, monkeypatch):
     monkeypatch.setattr(tiny_handle, "run", lambda ids, *a, **k: calls.append(len(ids)) or run(ids, *a, **k))
     split = kl_gamma(tiny_handle, vec, texts, (0, 1), 1e-3)
     assert set(calls) == {1} and len(calls) == 6 * len(texts)  # norms, three logit reads, two KL reads
-    for key in ("gamma", "a", "L"):
+    for key in ("gamma", "a"):
         assert split[key] == pytest.approx(whole[key], rel=1e-4), key
+    # L is a float32 second difference at a step of ~1e-3 here: a padded pass may round logits 1e-7 apart
+    # (transformers 5.24), which moves L by ~2e-4 of itself
+    assert split["L"] == pytest.approx(whole["L"], rel=2e-3)
     assert split["measured_kl"]["median"] == pytest.approx(whole["measured_kl"]["median"], rel=1e-2)  # float32 noise
     with pytest.raises(ValueError, match="empty text"):
         kl_gamma(tiny_handle, vec, ["a=1.", ""], (0, 1), 1e-3)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..generation import DecodeConfig
+from ..models import cache_kwargs
 from .accuracy import exhaustive_best
 from .batches import trace_batches
 from .physical import compressed_cache, kv_bytes
@@ -146,13 +147,13 @@ def decode_tokens_per_s(
     for ids in prompt_ids:
         with compressed_cache(handle, full, policy) as (cache, _):
             x = torch.tensor([list(ids)], device=handle.device)
-            logits = handle.model(input_ids=x, past_key_values=cache, use_cache=True).logits
+            logits = handle.model(input_ids=x, use_cache=True, **cache_kwargs(handle.model, cache)).logits
             if logits.is_cuda:  # the clock starts once the prefill has run
                 torch.cuda.synchronize(logits.device)
             t0 = time.perf_counter()
             for _ in range(tokens):
                 x = logits[:, -1:].argmax(-1)
-                logits = handle.model(input_ids=x, past_key_values=cache, use_cache=True).logits
+                logits = handle.model(input_ids=x, use_cache=True, **cache_kwargs(handle.model, cache)).logits
             if logits.is_cuda:  # nothing in the loop waits for the GPU
                 torch.cuda.synchronize(logits.device)
             seconds += time.perf_counter() - t0
