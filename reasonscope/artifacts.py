@@ -323,6 +323,12 @@ def read_manifest(root: str | Path, kind: str | None = None, format: int | None 
     """Read ``root/manifest.json``, refusing a missing or half-written directory, another kind or format."""
     root = Path(root)
     if not root.exists():
+        kept = sorted(root.parent.glob(f".{root.name}.old.*{TMP_SUFFIX}/{root.name}"))
+        if kept:  # a replace outside Linux died between its two renames (see _publish)
+            raise FileNotFoundError(
+                f"{root} does not exist: replacing it was interrupted, and its previous version is at {kept[-1]}; "
+                f"move that back (mv '{kept[-1]}' '{root}') or re-run the command that writes it"
+            )
         raise FileNotFoundError(f"{root} does not exist; check the path")
     if not root.is_dir():
         raise ArtifactError(f"{root} is a file, not an artifact directory; pass the directory that holds {MANIFEST}")

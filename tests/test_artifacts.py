@@ -97,6 +97,32 @@ def test_replacing_a_directory_never_leaves_its_path_empty(tmp_path, monkeypatch
     assert sorted(os.listdir(tmp_path)) == ["d"]  # and no temporaries
 
 
+def test_a_replace_killed_between_its_renames_says_where_the_old_directory_is(tmp_path, monkeypatch):
+    """Outside Linux a crash between the two renames leaves the old directory in ``.NAME.old.*.tmp/``: opening
+    the path names it and the command that moves it back, and moving it back restores the artifact."""
+    import reasonscope.artifacts as artifacts
+
+    make(tmp_path / "d")
+    real = os.replace
+
+    def killed(a, b):
+        real(a, b)
+        if Path(b).name == "d" and ".old." in str(b):
+            raise KeyboardInterrupt  # stands in for SIGKILL: nothing after the first rename runs
+
+    monkeypatch.setattr(artifacts, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(artifacts.os, "replace", killed)
+    monkeypatch.setattr(artifacts.shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing up
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path / "d", replace=True)
+    with pytest.raises(FileNotFoundError, match="replacing it was interrupted") as err:
+        ArtifactDir.open(tmp_path / "d", KIND, FORMAT)
+    kept = next(tmp_path.glob(".d.old.*.tmp/d"))
+    assert f"mv '{kept}' '{tmp_path / 'd'}'" in str(err.value)
+    real(kept, tmp_path / "d")
+    assert ArtifactDir.open(tmp_path / "d", KIND, FORMAT).manifest.kind == KIND
+
+
 def test_manifest_lists_every_file(tmp_path):
     art = make(tmp_path / "a")
     d = read_json(tmp_path / "a" / "manifest.json")
