@@ -48,6 +48,8 @@ Backend = Literal["hf", "transformer_lens", "nnsight"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
 ORGANISM_DIR = Path(__file__).parent / "organisms" / "weights"
 ORGANISMS = ("thinking", "base")
+# any one of these makes a directory loadable by AutoTokenizer (fast, config, sentencepiece, BPE, WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
@@ -436,6 +438,11 @@ def load_model(
     path = resolve_source(source)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); save the tokenizer beside the "
+            f"weights: tokenizer.save_pretrained({str(path)!r})"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

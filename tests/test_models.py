@@ -228,6 +228,18 @@ def test_unknown_sources_fail_fast_with_what_was_tried(tmp_path, monkeypatch):
     assert "hub: unreachable" in msg and "local directory" in msg and "organism:thinking" in msg
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         load_model(tmp_path)
+
+
+def test_weights_saved_without_their_tokenizer_name_the_fix(tiny_model_dir, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("config", "generation_config", "model")):
+            shutil.copy(f, bare / f.name)
+    with pytest.raises(ValueError, match=r"has no tokenizer files.*tokenizer.save_pretrained"):
+        load_model(bare)
     with pytest.raises(ModelNotFoundError, match="unknown organism"):
         load_model("organism:wizard")
 
