@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, ArtifactError, JsonResult, write_artifact
+from reasonscope.artifacts import (
+    ARTIFACT_FORMATS,
+    ArtifactDir,
+    ArtifactError,
+    IncompleteArtifactError,
+    JsonResult,
+    reading,
+    write_artifact,
+)
 from reasonscope.traces.loaders import read_traces_jsonl, write_traces_jsonl
 from reasonscope.traces.record import Trace
 
@@ -66,12 +74,20 @@ class MissingStage(LookupError):
     """A stage's artifact is absent or unusable; ``str()`` says so and ``command`` is what writes it: the demo for a
     demo run, the stage's own command for a run on your own model."""
 
-    def __init__(self, stage: str, run: Path, why: str = "", own_model: bool = False) -> None:
-        self.stage, self.run = stage, run
+    def __init__(
+        self, stage: str, run: Path, why: str = "", own_model: bool = False, damaged: Path | None = None
+    ) -> None:
+        self.stage, self.run, self.damaged = stage, run, damaged
         self.command = STAGE_COMMANDS[stage].format(run=run) if own_model else f"reasonscope demo --out {run}"
         detail = f" ({why})" if why else ""
         reuse = "" if own_model else " (finished stages are reused)"
-        super().__init__(f"this run has no usable '{stage}' stage{detail}; write it with `{self.command}`{reuse}")
+        if damaged is not None:  # its writer refuses to replace it: say to delete it first
+            super().__init__(
+                f"this run's '{stage}' stage cannot be read{detail}; delete {damaged}, then write it again with "
+                f"`{self.command}`{reuse}"
+            )
+        else:
+            super().__init__(f"this run has no usable '{stage}' stage{detail}; write it with `{self.command}`{reuse}")
 
 
 # ---------------------------------------------------------------------------- trace_set
@@ -110,9 +126,9 @@ class TraceSet:
                 raise ValueError(f"{path} holds no trace")
             return cls(Path(path), {"thinking": rows}, {"thinking": summarize(rows)})
         art = ArtifactDir.open(path, TRACE_SET, ARTIFACT_FORMATS[TRACE_SET])
-        models = list(art.manifest.config["models"])
-        traces = {m: read_traces_jsonl(art.file(f"{m}.jsonl")) for m in models}
-        return cls(Path(path), traces, json.loads(art.file("summary.json").read_text(encoding="utf-8")))
+        with reading(path):
+            traces = {m: read_traces_jsonl(art.file(f"{m}.jsonl")) for m in art.manifest.config["models"]}
+            return cls(Path(path), traces, art.json("summary.json"))
 
 
 # ---------------------------------------------------------------------------- vector_exports
@@ -146,7 +162,8 @@ class Exports:
     def open(cls, path: str | Path) -> Exports:
         art = ArtifactDir.open(path, VECTOR_EXPORTS, ARTIFACT_FORMATS[VECTOR_EXPORTS], check="hash")
         written = art.manifest.detail  # format -> file names, recorded when written
-        return cls(Path(path), {fmt: [art.file(n) for n in names] for fmt, names in written.items()})
+        with reading(path):
+            return cls(Path(path), {fmt: [art.file(n) for n in names] for fmt, names in written.items()})
 
 
 # ---------------------------------------------------------------------------- the run directory
@@ -177,7 +194,8 @@ class RunDir:
         try:
             return fn(path)
         except (ArtifactError, OSError, KeyError, ValueError) as e:
-            raise MissingStage(stage, self.path, f"{type(e).__name__}: {e}", self.own_model) from e
+            damaged = None if isinstance(e, IncompleteArtifactError) else path  # an interrupted capture resumes
+            raise MissingStage(stage, self.path, f"{type(e).__name__}: {e}", self.own_model, damaged) from e
 
     def has(self, stage: str) -> bool:
         return self.stage_path(stage).exists()
@@ -227,8 +245,8 @@ class RunDir:
         from steering.vector import KIND, REPORT_FILE, SteeringVector
 
         def both(p: Path) -> tuple[SteeringVector, dict[str, Any]]:
-            art = ArtifactDir.open(p, KIND, ARTIFACT_FORMATS[KIND])
-            return SteeringVector.open(p), json.loads(art.file(REPORT_FILE).read_text(encoding="utf-8"))
+            art = ArtifactDir.open(p, KIND, ARTIFACT_FORMATS[KIND], check="hash")
+            return SteeringVector.open(p), art.json(REPORT_FILE)
 
         return self._open("asc", both, self.stage_path("asc"))
 

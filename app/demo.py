@@ -402,8 +402,9 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Log = print) 
             log(f"{head} - reused")
             report[stage.name] = {"status": "reused", "seconds": 0.0}
             continue
-        except MissingStage:
-            pass
+        except MissingStage as e:
+            if e.damaged is not None:  # the stage's writer would refuse the directory; nothing is deleted for you
+                raise ValueError(str(e)) from e
         log(f"{head} ...")
         t0 = time.perf_counter()
         stage.run(ctx)

@@ -62,8 +62,22 @@ def signal_figure(
         fig.add_vrect(x0=s - 0.5, x1=e - 0.5, fillcolor="#8888ff" if k % 2 else "#88cc88", opacity=0.08, line_width=0)
         if label:
             fig.add_annotation(x=(s + e) / 2, y=1.02, yref="paper", text=label, showarrow=False, font_size=9)
-    fig.update_layout(xaxis_title="token", yaxis_title="value", height=300, margin=dict(t=30, b=40))
+    fig.update_layout(
+        xaxis_title="token (from the thinking's start)",
+        yaxis_title=" · ".join(_unit(name) for name in series),
+        height=300,
+        margin=dict(t=30, b=40),
+    )
     return fig
+
+
+def _unit(signal: str) -> str:
+    """A per-token signal's name with its unit: entropy and surprise in nats, a probe's output a probability."""
+    if signal in ("entropy", "surprise"):
+        return f"{signal} (nats)"
+    if signal.startswith("probe: "):
+        return f"P({signal[7:]})"
+    return f"{signal} (ratio)" if signal == "deviation index" else signal
 
 
 def _sweep_x(hook: str) -> int:

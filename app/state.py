@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -106,7 +107,9 @@ def need(run: RunDir, *stages: str) -> list[Any] | None:
             out.append(artifact(run, s))
         except MissingStage as e:
             st.warning(str(e))
-            st.code(e.command, language="bash")
+            st.code(
+                e.command if e.damaged is None else f"rm -r {shlex.quote(str(e.damaged))}\n{e.command}", language="bash"
+            )
             return None
     return out
 

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, write_artifact
+from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, reading, write_artifact
 from reasonscope.identity import trace_digest, traces_hash
 from reasonscope.traces import GRADERS, Trace
 from reasonscope.traces.segment import segment_trace, thinking_offset, token_offsets
@@ -176,8 +176,9 @@ class LabelTable:
     @classmethod
     def open(cls, path: str | Path) -> LabelTable:
         """Read a ``probe_labels`` artifact written by :func:`label_traces`."""
-        art = ArtifactDir.open(path, KIND, ARTIFACT_FORMATS[KIND])
-        return cls.from_json(json.loads(art.file(FILE).read_text(encoding="utf-8")))
+        art = ArtifactDir.open(path, KIND, ARTIFACT_FORMATS[KIND], check="hash")
+        with reading(path):
+            return cls.from_json(art.json(FILE))
 
 
 def problem_of(trace: Trace) -> str:

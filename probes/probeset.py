@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, write_artifact
+from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, reading, write_artifact
 from reasonscope.store import ActivationStore
 
 from .batched import BatchedProbe
@@ -46,20 +46,20 @@ class ProbeSet:
     @classmethod
     def open(cls, path: str | Path) -> ProbeSet:
         """Read a ``probe_set`` artifact written by :func:`probes.fit.fit_probes`."""
-        art = ArtifactDir.open(path, KIND, ARTIFACT_FORMATS[KIND])
+        art = ArtifactDir.open(path, KIND, ARTIFACT_FORMATS[KIND], check="hash")  # two small files
         cfg = dict(art.manifest.config)
-        probe = BatchedProbe.from_tensors(load_file(art.file(WEIGHTS)), cfg["probe"]["kind"])
-        report = json.loads(art.file(REPORT).read_text(encoding="utf-8"))
-        return cls(
-            Path(path),
-            probe.eval(),
-            list(cfg["hooks"]),
-            int(cfg["width"]),
-            str(cfg["weight_hash"]),
-            dict(cfg["probe"]),
-            report,
-            {h: (float(a), float(b)) for h, (a, b) in cfg.get("calibration", {}).items()},
-        )
+        with reading(path):
+            probe = BatchedProbe.from_tensors(art.tensors(WEIGHTS), cfg["probe"]["kind"])
+            return cls(
+                Path(path),
+                probe.eval(),
+                list(cfg["hooks"]),
+                int(cfg["width"]),
+                str(cfg["weight_hash"]),
+                dict(cfg["probe"]),
+                art.json(REPORT),
+                {h: (float(a), float(b)) for h, (a, b) in cfg.get("calibration", {}).items()},
+            )
 
     @property
     def target(self) -> str:

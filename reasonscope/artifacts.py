@@ -42,10 +42,12 @@ __all__ = [
     "atomic_path",
     "check_file",
     "file_record",
+    "find_artifacts",
     "fsync_dir",
     "package_version",
     "read_json",
     "read_manifest",
+    "reading",
     "sha256_file",
     "verify_artifact",
     "write_artifact",
@@ -123,11 +125,16 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def _settle_tree(root: Path, mask: int) -> None:
+    """Give every file and directory under ``root`` the umask's permissions (some writers, e.g. safetensors, create
+    files 0o600), then fsync them."""
     for dirpath, _, files in os.walk(root):
         for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
+            path = os.path.join(dirpath, name)
+            os.chmod(path, 0o666 & ~mask)
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
+        os.chmod(dirpath, 0o777 & ~mask)
         fsync_dir(dirpath)
 
 
@@ -190,10 +197,11 @@ def atomic_path(path: str | Path, directory: bool = False, replace: bool = False
         tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())  # after: a writer may have recreated it
+        mask = _umask()
         if directory:
-            _fsync_tree(tmp)
+            _settle_tree(tmp, mask)
         else:
+            os.chmod(tmp, 0o666 & ~mask)  # after: a writer may have recreated it
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         _publish(tmp, path, replace=replace)
@@ -357,7 +365,7 @@ def check_file(root: str | Path, name: str, record: FileRecord, check: Check = "
     ``fix`` is the remedy the error names (default: recreate the artifact).
     """
     p = Path(root) / name
-    fix = fix or "the artifact is damaged; delete it and re-run the command that wrote it"
+    fix = fix or DAMAGED
     try:
         size = p.stat().st_size
     except FileNotFoundError:
@@ -402,8 +410,36 @@ class ArtifactDir:
     def file(self, name: str, check: Check = "size") -> Path:
         """Path of data file ``name``, checked against the manifest."""
         if name not in self.manifest.files:
-            raise KeyError(f"{self.path} has no data file {name!r}; it has {sorted(self.manifest.files)}")
+            raise CorruptFileError(f"{self.path} has no data file {name!r}; it has {sorted(self.manifest.files)}")
         return check_file(self.path, name, self.manifest.files[name], check)
+
+    def json(self, name: str, check: Check = "size") -> Any:
+        """Data file ``name`` parsed as JSON (a garbled file raises naming it)."""
+        return read_json(self.file(name, check))
+
+    def tensors(self, name: str, check: Check = "size") -> dict[str, Any]:
+        """The tensors of safetensors file ``name`` (a garbled file raises naming it)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        p = self.file(name, check)
+        try:
+            return load_file(str(p))
+        except SafetensorError as e:
+            raise CorruptFileError(f"{p} is not a readable safetensors file ({e}); {DAMAGED}") from None
+
+
+DAMAGED = "the artifact is damaged; delete it and re-run the command that wrote it"
+
+
+@contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Wrap a reader's use of its manifest and files: a key or value missing or of the wrong type (a damaged
+    artifact, or one from another version) raises :class:`CorruptFileError` naming ``path``, not a bare error."""
+    try:
+        yield
+    except (KeyError, TypeError, IndexError) as e:
+        raise CorruptFileError(f"{path} lacks or garbles {type(e).__name__} {e}; {DAMAGED}") from e
 
 
 def write_artifact(
@@ -464,6 +500,18 @@ class VerifyReport:
         return head + f": {len(self.problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in self.problems)
 
 
+def find_artifacts(root: str | Path) -> list[Path]:
+    """``root`` if it is an artifact directory, else the artifact directories below it (a run directory's stages),
+    not looking inside one; writers' temporaries (``.name.*.tmp``) are skipped."""
+    root = Path(root)
+    if (root / MANIFEST).exists() or not root.is_dir():
+        return [root]
+    found: list[Path] = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found += find_artifacts(sub)
+    return found
+
+
 def verify_artifact(path: str | Path) -> VerifyReport:
     """Check every file of the artifact at ``path`` against its manifest's size and sha256.
 
@@ -520,9 +568,9 @@ class JsonResult:
     @classmethod
     def open(cls, path: str | Path, what: str | None = None, kind: str = "json_result") -> JsonResult:
         """Open a ``kind`` artifact holding ``result.json`` (``what``: refuse a ``json_result`` of another name)."""
-        art = ArtifactDir.open(path, kind, ARTIFACT_FORMATS[kind])
+        art = ArtifactDir.open(path, kind, ARTIFACT_FORMATS[kind], check="hash")  # one small file
         cfg = dict(art.manifest.config)
         found = str(cfg.get("what", kind))
         if what is not None and kind == "json_result" and found != what:
             raise ArtifactError(f"{path} holds a {found!r} result, not {what!r}; point at the {what} stage")
-        return cls(Path(path), found, json.loads(art.file("result.json").read_text(encoding="utf-8")), cfg)
+        return cls(Path(path), found, art.json("result.json"), cfg)

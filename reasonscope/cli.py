@@ -274,16 +274,21 @@ def capture_cmd(
 
 
 @app.command()
-def verify(path: Path = typer.Argument(..., help="An artifact directory (activation store, organism, ...).")) -> None:
-    """Check every file of an artifact against its manifest (sizes and sha256); exit 2 on any problem."""
-    from .artifacts import verify_artifact
+def verify(
+    path: Path = typer.Argument(..., help="An artifact directory (activation store, organism, ...) or a run of them."),
+) -> None:
+    """Check every file of an artifact, or of every artifact in a run directory, against its manifest (sizes and
+    sha256); exit 2 on any problem."""
+    from .artifacts import find_artifacts, verify_artifact
 
     if not path.exists():
-        fail(f"{path} does not exist; pass an artifact directory (one holding manifest.json)")
-    report = verify_artifact(path)
-    if not report.ok:
-        fail(str(report))
-    say(str(report))
+        fail(f"{path} does not exist; pass an artifact directory (one holding manifest.json) or a run directory")
+    roots = find_artifacts(path) or [path]  # none found: the report says the directory has no manifest.json
+    reports = [verify_artifact(r) for r in roots]
+    text = "\n".join(map(str, reports))
+    if not all(r.ok for r in reports):
+        fail(text)
+    say(text)
 
 
 mount_plugins(app)

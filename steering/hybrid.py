@@ -46,7 +46,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, write_artifact
+from reasonscope.artifacts import ARTIFACT_FORMATS, DAMAGED, ArtifactDir, CorruptFileError, reading, write_artifact
 from reasonscope.budget import passes, sum_by_runs, vocab_size
 from reasonscope.generation import Batch, DecodeConfig, current_batch, generate, uniform
 from reasonscope.organisms import task
@@ -917,16 +917,22 @@ class HybridRun:
     @classmethod
     def open(cls, path: str | Path) -> HybridRun:
         """Read a ``hybrid_run`` artifact (hash-checked); a foreign or damaged directory raises naming it."""
-        from safetensors.torch import load_file
+        art = ArtifactDir.open(path, KIND, ARTIFACT_FORMATS[KIND], check="hash")
+        with reading(path):
+            return cls._read(art)
 
+    @classmethod
+    def _read(cls, art: ArtifactDir) -> HybridRun:
         from .behaviours import TinySAE
 
-        art = ArtifactDir.open(path, KIND, ARTIFACT_FORMATS[KIND], check="hash")
-        summary = json.loads(art.file(SUMMARY_FILE).read_text(encoding="utf-8"))
-        taxonomy = json.loads(art.file(TAXONOMY_FILE).read_text(encoding="utf-8"))
-        lines = art.file(RECORDS_FILE).read_text(encoding="utf-8").splitlines()
-        records = [json.loads(x) for x in lines if x.strip()]
-        t = load_file(str(art.file(TENSORS_FILE)))
+        summary = art.json(SUMMARY_FILE)
+        taxonomy = art.json(TAXONOMY_FILE)
+        try:
+            lines = art.file(RECORDS_FILE).read_text(encoding="utf-8").splitlines()
+            records = [json.loads(x) for x in lines if x.strip()]
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptFileError(f"{art.path / RECORDS_FILE} is not JSON lines ({e}); {DAMAGED}") from None
+        t = art.tensors(TENSORS_FILE)
         cfg = dict(art.manifest.config)
         sae = None
         if "sae.W_dec" in t:

@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, write_artifact
+from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, CorruptFileError, reading, write_artifact
 from reasonscope.generation import current_batch
 from reasonscope.hooks import attach
 from reasonscope.models import ModelHandle
@@ -228,14 +228,15 @@ class SteeringVector:
     @classmethod
     def open(cls, path: str | Path) -> SteeringVector:
         """Read a ``steering_vector`` artifact (hash-checked); a foreign or damaged directory raises naming it."""
-        from safetensors.torch import load_file
-
         art = ArtifactDir.open(path, KIND, ARTIFACT_FORMATS[KIND], check="hash")
-        meta = VectorMeta.from_dict(art.manifest.config)
-        tensors = load_file(str(art.file(DIRECTIONS_FILE)))
-        if tensors["layers"].tolist() != list(meta.layers):
-            raise ValueError(f"{art.path}: the layers in {DIRECTIONS_FILE} differ from the manifest; re-create it")
-        return cls(_check_directions(tensors["directions"], meta, str(art.path)), meta)
+        with reading(path):
+            meta = VectorMeta.from_dict(art.manifest.config)
+            tensors = art.tensors(DIRECTIONS_FILE)
+            if tensors["layers"].tolist() != list(meta.layers):
+                raise CorruptFileError(
+                    f"{art.path}: the layers in {DIRECTIONS_FILE} differ from the manifest; re-create it"
+                )
+            return cls(_check_directions(tensors["directions"], meta, str(art.path)), meta)
 
     def export_gguf(self, path: str | Path, model_hint: str | None = None) -> Path:
         """Write a llama.cpp control vector (see :func:`steering.export.write_gguf`)."""

@@ -171,6 +171,27 @@ def test_probes_page_warns_on_a_damaged_capture(quick_run, tmp_path, monkeypatch
 
 
 @organisms
+def test_a_garbled_head_map_or_probe_set_is_a_warning_that_says_to_delete_it(quick_run, tmp_path, monkeypatch):
+    """Same-size garbage in a head map's or a probe set's tensors (only a hash sees it): each page that reads them
+    warns naming the directory to delete, and the demo, which would refuse to overwrite it, says the same."""
+    from app.demo import DemoConfig, run_demo
+
+    copy = tmp_path / "run"
+    shutil.copytree(quick_run, copy)
+    for f in (copy / "heads" / "window" / "scores.safetensors", copy / "probes" / "correct" / "probes.safetensors"):
+        f.write_bytes(b"\xff" * f.stat().st_size)
+    for page, stage in (("Heads", "heads/window"), ("Probes", "probes/correct")):
+        at = _apptest(copy, page, monkeypatch)
+        assert not at.exception, [e.message for e in at.exception]
+        assert any(f"delete {copy / stage}" in w.value for w in at.warning), (page, [w.value for w in at.warning])
+        assert any(c.value.startswith(f"rm -r {copy / stage}\n") for c in at.code), [c.value for c in at.code]
+    at = _apptest(copy, "Traces", monkeypatch)
+    assert any("probe colours are unavailable" in c.value for c in at.caption), [c.value for c in at.caption]
+    with pytest.raises(ValueError, match=f"delete {copy / 'heads' / 'window'}, then write it again"):
+        run_demo(copy, DemoConfig.quick(), log=lambda _: None)
+
+
+@organisms
 def test_steering_page(quick_run, monkeypatch):
     at = _apptest(quick_run, "Steering", monkeypatch)
     assert at.header[0].value == "Steering"
@@ -217,6 +238,14 @@ def test_sweep_figure_keeps_test_and_selection_problems_apart(quick_run):
     assert "accuracy (test)" in names and any(n.startswith("accuracy (selection, layer") for n in names)
     test = next(t for t in steering_sweep_figure(report).data if t.name == "accuracy (test)")
     assert report["steered"]["accuracy"] in list(test.y) and report["baseline"]["accuracy"] in list(test.y)
+
+
+def test_signal_figure_names_each_signal_with_its_unit():
+    from app.figures import signal_figure
+
+    fig = signal_figure({"probe: correct": [0.2, None, 0.9], "entropy": [1.0, 0.5, float("nan")]}, [(0, 2, "0")])
+    assert fig.layout.yaxis.title.text == "P(correct) · entropy (nats)"
+    assert [list(t.y) for t in fig.data] == [[0.2, None, 0.9], [1.0, 0.5, None]]
 
 
 def test_a_head_map_click_is_followed_once():
@@ -274,6 +303,16 @@ def test_missing_stage_shows_the_command(quick_run, tmp_path, monkeypatch):
         at = _apptest(part, page, monkeypatch)
         assert any("reasonscope demo --out" in w.value for w in at.warning), page
         assert not at.exception
+
+
+@organisms
+def test_a_missing_hybrid_stage_gives_its_command_not_an_install_hint(quick_run, tmp_path, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(quick_run, copy, ignore=shutil.ignore_patterns("hybrid"))
+    at = _apptest(copy, "Steering", monkeypatch)
+    infos = [i.value for i in at.info]
+    assert any("no usable 'hybrid' stage" in i and f"reasonscope demo --out {copy}" in i for i in infos), infos
+    assert not any("install" in i for i in infos), infos  # steering.hybrid is installed
 
 
 def test_app_command_checks_the_run_dir(tmp_path):

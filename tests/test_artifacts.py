@@ -7,15 +7,18 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from reasonscope.artifacts import (
     ArtifactDir,
+    ArtifactError,
     CorruptFileError,
     ForeignArtifactError,
     IncompleteArtifactError,
     atomic_dir,
     atomic_file,
     read_json,
+    reading,
     verify_artifact,
     write_artifact,
 )
@@ -121,6 +124,48 @@ def test_a_replace_killed_between_its_renames_says_where_the_old_directory_is(tm
     assert f"mv '{kept}' '{tmp_path / 'd'}'" in str(err.value)
     real(kept, tmp_path / "d")
     assert ArtifactDir.open(tmp_path / "d", KIND, FORMAT).manifest.kind == KIND
+
+
+def test_files_a_library_writes_0600_get_the_umask(tmp_path):
+    """safetensors creates its files 0o600; inside an artifact every file and directory follows the umask."""
+    from safetensors.torch import save_file
+
+    def files(tmp: Path) -> None:
+        (tmp / "sub").mkdir(mode=0o700)
+        save_file({"x": torch.zeros(2)}, str(tmp / "sub" / "t.safetensors"))
+
+    old = os.umask(0o022)
+    try:
+        write_artifact(tmp_path / "a", KIND, FORMAT, {}, {}, files)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "a").rglob("*")}
+    assert modes == {"sub": 0o755, "t.safetensors": 0o644, "manifest.json": 0o644}
+
+
+def test_readers_name_a_garbled_file_or_a_manifest_missing_a_key(tmp_path):
+    from safetensors.torch import save_file
+
+    def files(tmp: Path) -> None:
+        save_file({"x": torch.zeros(4)}, str(tmp / "t.safetensors"))
+        (tmp / "r.json").write_text('{"a": 1}')
+
+    write_artifact(tmp_path / "a", KIND, FORMAT, {"n": 1}, {}, files)
+    art = ArtifactDir.open(tmp_path / "a", KIND, FORMAT)
+    assert art.tensors("t.safetensors")["x"].shape == (4,) and art.json("r.json") == {"a": 1}
+    for name, fill in (("t.safetensors", b"\xff"), ("r.json", b"\xff")):  # same size: only a hash would see it
+        p = tmp_path / "a" / name
+        p.write_bytes(fill * p.stat().st_size)
+    with pytest.raises(CorruptFileError, match=r"t\.safetensors is not a readable safetensors file.*re-run"):
+        art.tensors("t.safetensors")
+    with pytest.raises(ArtifactError, match=r"r\.json is not valid JSON"):
+        art.json("r.json")
+    with pytest.raises(CorruptFileError, match="sha256"):
+        art.tensors("t.safetensors", check="hash")
+    with pytest.raises(CorruptFileError, match=r"has no data file 'nope'"):
+        art.file("nope")
+    with pytest.raises(CorruptFileError, match=r"lacks or garbles KeyError 'shape'.*re-run"), reading(art.path):
+        art.manifest.config["shape"]
 
 
 def test_manifest_lists_every_file(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from importlib.metadata import EntryPoint
@@ -151,12 +152,22 @@ def test_verify(tiny_model_dir, traces_file, tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["verify", str(store)])
     assert r.exit_code == 0 and "OK" in r.stderr, r.output
+    run = tmp_path / "run"  # a run directory: every artifact below it, none inside another, temporaries skipped
+    shutil.copytree(store, run / "capture")
+    shutil.copytree(store, run / "probes" / "correct")
+    (run / "probes" / ".correct.x.tmp").mkdir()
+    r = runner.invoke(app, ["verify", str(run)])
+    assert r.exit_code == 0 and r.stderr.count(": OK") == 2 and "probes/correct" in r.stderr, r.output
     shard = sorted((store / "shards").glob("*.safetensors"))[0]
     blob = bytearray(shard.read_bytes())
     blob[-8:] = bytes(255 - b for b in blob[-8:])  # 8 bytes altered inside the data
     shard.write_bytes(bytes(blob))
     user_error(runner.invoke(app, ["verify", str(store)]), shard.name, "sha256")
+    shutil.copy(shard, run / "capture" / "shards" / shard.name)
+    user_error(runner.invoke(app, ["verify", str(run)]), str(run / "capture"), "sha256")
     user_error(runner.invoke(app, ["verify", str(tmp_path / "missing")]), "does not exist")
+    r = runner.invoke(app, ["verify", str(run / "probes")])  # a stage of one artifact a method
+    assert r.exit_code == 0 and r.stderr.count(": OK") == 1, r.output
 
 
 # ---------------------------------------------------------------------------- early, clean errors

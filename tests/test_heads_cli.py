@@ -130,6 +130,7 @@ def test_score_then_eval_on_tiny_model(tiny_model_dir, tiny_handle, task_traces,
     assert {"accuracy", "mean_think_tokens", "kv_bytes"} <= set(res["curves"]["window"]["0.5"])
     assert json.loads((tmp_path / "ev" / "result.json").read_text())["curves"] == res["curves"]
     assert len(head_map_figure(hm.scores).data) == 1 and len(curves_figure(res).data) == len(res["curves"])
+    assert curves_figure(res, "kv_bytes").layout.yaxis.title.text == "KV cache (bytes per sequence, mean)"
     assert len(retrieval_scatter({"window": hm.scores}, torch.rand(2, 2)).data[0].x) == 4
 
 

@@ -26,7 +26,9 @@ def render(run: RunDir) -> None:
     vec, _ = got[0]
     try:
         exports = artifact(run, "exports")
-    except MissingStage:  # a run on your own model: export its ASC vector here
+    except MissingStage as e:  # a run on your own model: export its ASC vector here
+        if e.damaged is not None:
+            st.warning(f"{e}. The files below are exported afresh from the ASC vector.")
         exports = cached(f"exports/{run.path}/{stamp(run, 'asc')}", lambda: _export(vec))
     m = vec.meta
     st.markdown(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -132,10 +133,12 @@ def _hybrid(run: RunDir) -> None:
     try:
         hy = artifact(run, "hybrid")
     except MissingStage as e:
-        st.info(
-            f"{e}. Hybrid steering comes from `steering.hybrid` (run_hybrid); once it is installed, "
-            f"`{run.command('hybrid')}` adds the stage."
-        )
+        if e.damaged is not None:
+            st.warning(str(e))
+        elif importlib.util.find_spec("steering.hybrid") is None:
+            st.info(f"{e}. Hybrid steering comes from `steering.hybrid` (run_hybrid), which is not installed.")
+        else:
+            st.info(str(e))
         return
     summary = dict(hy.summary)
     cols = st.columns(4)

@@ -72,7 +72,8 @@ def render(run: RunDir) -> None:
             probe_targets = list(readable)
             for w in why:
                 st.caption(w)
-        except LookupError:
+        except LookupError as e:  # a damaged probes or capture stage: say so, colour by the other signals
+            st.caption(f"probe colours are unavailable: {e}")
             probe_targets = []
     colour = str(st.selectbox("colour tokens by", [*SIGNALS, *[f"probe: {p}" for p in probe_targets]], key="tr_colour"))
 

@@ -41,8 +41,18 @@ def curves_figure(result: Mapping[str, Any], metric: str = "accuracy") -> go.Fig
                 error_y=err,
             )
         )
-    fig.update_layout(xaxis_title="sparsity (fraction of KV heads compressed)", yaxis_title=metric)
+    fig.update_layout(xaxis_title="sparsity (fraction of KV heads compressed)", yaxis_title=AXIS.get(metric, metric))
     return fig
+
+
+AXIS = {  # the y-axis title of each evaluate_heads metric, with its unit
+    "accuracy": "accuracy (fraction correct)",
+    "mean_think_tokens": "thinking tokens (mean per problem)",
+    "overlength_rate": "truncated at max_new_tokens (fraction)",
+    "kv_bytes": "KV cache (bytes per sequence, mean)",
+    "achieved_sparsity": "achieved sparsity (fraction)",
+    "theoretical_speedup": "theoretical attention speed-up (x)",
+}
 
 
 def retrieval_scatter(scores: Mapping[str, torch.Tensor], retrieval: torch.Tensor) -> go.Figure:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..artifacts import ArtifactDir, atomic_file, read_json, write_artifact
+from ..artifacts import ArtifactDir, CorruptFileError, atomic_file, reading, write_artifact
 from .policy import CompressionPolicy
 from .select import select_full_heads
 
@@ -77,25 +77,24 @@ class HeadMap:
     @classmethod
     def open(cls, path: str | Path) -> HeadMap:
         """Open a complete ``head_map`` artifact (refuses foreign, half-written or damaged ones)."""
-        from safetensors.torch import load_file
-
-        art = ArtifactDir.open(path, KIND, FORMAT)
+        art = ArtifactDir.open(path, KIND, FORMAT, check="hash")  # two small files
         c = art.manifest.config
-        scores = load_file(str(art.file("scores.safetensors")))["scores"]
-        if list(scores.shape) != list(c["shape"]):
-            raise ValueError(
-                f"{path}: scores have shape {list(scores.shape)}, the manifest says {c['shape']}; "
-                "the artifact is damaged, re-run `reasonscope heads score`"
+        with reading(path):
+            scores = art.tensors("scores.safetensors")["scores"]
+            if list(scores.shape) != list(c["shape"]):
+                raise CorruptFileError(
+                    f"{path}: scores have shape {list(scores.shape)}, the manifest says {c['shape']}; "
+                    "the artifact is damaged, re-run `reasonscope heads score`"
+                )
+            return cls(
+                scores,
+                c["method"],
+                c["model_hash"],
+                CompressionPolicy(**c["policy"]),
+                c["aggregation"],
+                art.json("log.json"),
+                Path(path),
             )
-        return cls(
-            scores,
-            c["method"],
-            c["model_hash"],
-            CompressionPolicy(**c["policy"]),
-            c["aggregation"],
-            read_json(art.file("log.json")),
-            Path(path),
-        )
 
     def export_tsv(self, path: str | Path) -> None:
         """Scores as one tab-separated line per layer (RLKV/DuoAttention layout)."""
