@@ -58,16 +58,21 @@ STAGE_DIRS: dict[str, str] = {
 STAGE_COMMANDS: dict[str, str] = {
     "traces": "reasonscope traces generate --model M --dataset D --out {run}/traces.jsonl",
     "capture": "reasonscope capture --model M --traces {run}/traces.jsonl --positions segment_ends --out {run}/capture",
-    "heads": "reasonscope heads score --model M --traces {run}/traces.jsonl --method duo --out {run}/heads/duo",
+    "heads": "reasonscope heads score --model M --traces {run}/traces.jsonl --method {member} "
+    "--out {run}/heads/{member}",
     "heads_eval": "reasonscope heads eval --model M --map {run}/heads/duo --dataset D --out {run}/heads_eval",
     "labels": "reasonscope probe labels --traces {run}/traces.jsonl --model M --forced --out {run}/labels",
-    "probes": "reasonscope probe fit --store {run}/capture --labels {run}/labels --target correct "
-    "--out {run}/probes/correct",
+    "probes": "reasonscope probe fit --store {run}/capture --labels {run}/labels --target {member} "
+    "--out {run}/probes/{member}",
     "monitor": "reasonscope probe monitor --model M --probes {run}/probes/correct --dataset D --out {run}/monitor",
     "asc": "reasonscope steer asc --model M --pairs-file PAIRS --dataset D --out {run}/asc",
     "hybrid": "reasonscope steer hybrid --base B --thinking M --dataset D --out {run}/hybrid",
     "exports": "reasonscope export --in {run}/asc --format gguf --out {run}/exports/asc.gguf",
 }
+
+
+FAMILIES = {"heads": "duo", "probes": "correct"}  # stages of one artifact a method or target: the default member
+RESUMABLE = ("capture",)  # stages whose writer resumes or repairs what is there: never "delete it first"
 
 
 class MissingStage(LookupError):
@@ -78,7 +83,9 @@ class MissingStage(LookupError):
         self, stage: str, run: Path, why: str = "", own_model: bool = False, damaged: Path | None = None
     ) -> None:
         self.stage, self.run, self.damaged = stage, run, damaged
-        self.command = STAGE_COMMANDS[stage].format(run=run) if own_model else f"reasonscope demo --out {run}"
+        member = damaged.name if damaged is not None and stage in FAMILIES else FAMILIES.get(stage, "")
+        command = STAGE_COMMANDS[stage].format(run=run, member=member)
+        self.command = command if own_model else f"reasonscope demo --out {run}"
         detail = f" ({why})" if why else ""
         reuse = "" if own_model else " (finished stages are reused)"
         if damaged is not None:  # its writer refuses to replace it: say to delete it first
@@ -194,7 +201,8 @@ class RunDir:
         try:
             return fn(path)
         except (ArtifactError, OSError, KeyError, ValueError) as e:
-            damaged = None if isinstance(e, IncompleteArtifactError) else path  # an interrupted capture resumes
+            resumes = stage in RESUMABLE or isinstance(e, IncompleteArtifactError)  # re-running repairs it
+            damaged = None if resumes else path
             raise MissingStage(stage, self.path, f"{type(e).__name__}: {e}", self.own_model, damaged) from e
 
     def has(self, stage: str) -> bool:

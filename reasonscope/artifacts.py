@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -131,7 +132,8 @@ def _settle_tree(root: Path, mask: int) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
             path = os.path.join(dirpath, name)
-            os.chmod(path, 0o666 & ~mask)
+            if not os.path.islink(path) and os.stat(path).st_nlink == 1:  # never another file's permissions
+                os.chmod(path, 0o666 & ~mask)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
         os.chmod(dirpath, 0o777 & ~mask)
@@ -331,11 +333,13 @@ def read_manifest(root: str | Path, kind: str | None = None, format: int | None 
     """Read ``root/manifest.json``, refusing a missing or half-written directory, another kind or format."""
     root = Path(root)
     if not root.exists():
-        kept = sorted(root.parent.glob(f".{root.name}.old.*{TMP_SUFFIX}/{root.name}"))
-        if kept:  # a replace outside Linux died between its two renames (see _publish)
+        kept = root.parent.glob(f".{root.name}.old.*{TMP_SUFFIX}/{root.name}")
+        last = max(kept, key=lambda p: p.stat().st_mtime, default=None)
+        if last is not None:  # a replace outside Linux died between its two renames (see _publish)
             raise FileNotFoundError(
-                f"{root} does not exist: replacing it was interrupted, and its previous version is at {kept[-1]}; "
-                f"move that back (mv '{kept[-1]}' '{root}') or re-run the command that writes it"
+                f"{root} does not exist: replacing it was interrupted, and its previous version is at {last}; "
+                f"move that back (mv {shlex.quote(str(last))} {shlex.quote(str(root))}) or re-run the command "
+                "that writes it"
             )
         raise FileNotFoundError(f"{root} does not exist; check the path")
     if not root.is_dir():
@@ -438,8 +442,10 @@ def reading(path: str | Path) -> Iterator[None]:
     artifact, or one from another version) raises :class:`CorruptFileError` naming ``path``, not a bare error."""
     try:
         yield
-    except (KeyError, TypeError, IndexError) as e:
-        raise CorruptFileError(f"{path} lacks or garbles {type(e).__name__} {e}; {DAMAGED}") from e
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
+        raise CorruptFileError(f"{path} cannot be read ({type(e).__name__}: {e}); {DAMAGED}") from e
 
 
 def write_artifact(
@@ -502,13 +508,14 @@ class VerifyReport:
 
 def find_artifacts(root: str | Path) -> list[Path]:
     """``root`` if it is an artifact directory, else the artifact directories below it (a run directory's stages),
-    not looking inside one; writers' temporaries (``.name.*.tmp``) are skipped."""
+    not looking inside one; a directory below ``root`` holding none is listed too (it lost its manifest). Writers'
+    temporaries (``.name.*.tmp``) and symlinked directories are skipped."""
     root = Path(root)
     if (root / MANIFEST).exists() or not root.is_dir():
         return [root]
     found: list[Path] = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        found += find_artifacts(sub)
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")):
+        found += find_artifacts(sub) or [sub]
     return found
 
 

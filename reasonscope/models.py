@@ -55,7 +55,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     """``{name: cache}`` for an HF model's forward: ``cache`` where it takes that (transformers 5.24 renamed
     ``past_key_values``, which goes in 5.40), else ``past_key_values``."""
-    cls = type(model)
+    cls = type(getattr(model, "_orig_mod", model))  # a torch.compile wrapper forwards to the model it holds
     if cls not in _CACHE_NAMES:
         _CACHE_NAMES[cls] = "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
     return {_CACHE_NAMES[cls]: cache}

@@ -168,6 +168,7 @@ def test_probes_page_warns_on_a_damaged_capture(quick_run, tmp_path, monkeypatch
     at = _apptest(copy, "Probes", monkeypatch)
     assert not at.exception, [e.message for e in at.exception]
     assert any("capture" in w.value for w in at.warning)
+    assert not any("rm -r" in c.value for c in at.code)  # re-running the capture repairs it: nothing to delete
 
 
 @organisms
@@ -189,6 +190,30 @@ def test_a_garbled_head_map_or_probe_set_is_a_warning_that_says_to_delete_it(qui
     assert any("probe colours are unavailable" in c.value for c in at.caption), [c.value for c in at.caption]
     with pytest.raises(ValueError, match=f"delete {copy / 'heads' / 'window'}, then write it again"):
         run_demo(copy, DemoConfig.quick(), log=lambda _: None)
+
+
+@organisms
+def test_the_demo_repairs_a_damaged_capture_instead_of_asking_to_delete_it(quick_run, tmp_path):
+    from app.artifacts import RunDir
+    from app.demo import DemoConfig, run_demo
+
+    copy = tmp_path / "run"
+    shutil.copytree(quick_run, copy)
+    shard = sorted((copy / "capture").rglob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])  # cut short
+    report = run_demo(copy, DemoConfig.quick(), log=lambda _: None)
+    assert report["capture"]["status"] == "ran" and report["probes"]["status"] == "reused", report
+    assert RunDir(copy).store().n_shards >= 1
+
+
+def test_a_damaged_member_of_a_family_gets_its_own_command(tmp_path):
+    from app.artifacts import MissingStage
+
+    e = MissingStage("heads", tmp_path, "x", own_model=True, damaged=tmp_path / "heads" / "window")
+    assert f"--method window --out {tmp_path}/heads/window" in e.command and "delete" in str(e)
+    e = MissingStage("probes", tmp_path, "x", own_model=True, damaged=tmp_path / "probes" / "safe_exit")
+    assert f"--target safe_exit --out {tmp_path}/probes/safe_exit" in e.command
+    assert "--method duo --out" in MissingStage("heads", tmp_path, own_model=True).command  # none damaged: default
 
 
 @organisms

@@ -17,6 +17,7 @@ from reasonscope.artifacts import (
     IncompleteArtifactError,
     atomic_dir,
     atomic_file,
+    find_artifacts,
     read_json,
     reading,
     verify_artifact,
@@ -121,7 +122,7 @@ def test_a_replace_killed_between_its_renames_says_where_the_old_directory_is(tm
     with pytest.raises(FileNotFoundError, match="replacing it was interrupted") as err:
         ArtifactDir.open(tmp_path / "d", KIND, FORMAT)
     kept = next(tmp_path.glob(".d.old.*.tmp/d"))
-    assert f"mv '{kept}' '{tmp_path / 'd'}'" in str(err.value)
+    assert f"mv {kept} {tmp_path / 'd'}" in str(err.value)
     real(kept, tmp_path / "d")
     assert ArtifactDir.open(tmp_path / "d", KIND, FORMAT).manifest.kind == KIND
 
@@ -164,8 +165,38 @@ def test_readers_name_a_garbled_file_or_a_manifest_missing_a_key(tmp_path):
         art.tensors("t.safetensors", check="hash")
     with pytest.raises(CorruptFileError, match=r"has no data file 'nope'"):
         art.file("nope")
-    with pytest.raises(CorruptFileError, match=r"lacks or garbles KeyError 'shape'.*re-run"), reading(art.path):
+    with pytest.raises(CorruptFileError, match=r"cannot be read \(KeyError: 'shape'\).*re-run"), reading(art.path):
         art.manifest.config["shape"]
+    with pytest.raises(CorruptFileError, match=r"AttributeError"), reading(art.path):
+        art.manifest.config["n"].items()  # an int where a mapping was written
+    with pytest.raises(CorruptFileError, match=r"^the reader's own message$"), reading(art.path):
+        raise CorruptFileError("the reader's own message")  # passed through as it is
+
+
+def test_find_artifacts_lists_each_once_and_a_directory_that_lost_its_manifest(tmp_path):
+    make(tmp_path / "run" / "a")
+    make(tmp_path / "run" / "fam" / "x")
+    (tmp_path / "run" / "fam" / ".y.1.tmp").mkdir()  # a writer's temporary
+    (tmp_path / "run" / "lost").mkdir()  # a stage without its manifest
+    (tmp_path / "run" / "self").symlink_to(tmp_path / "run")  # a loop
+    (tmp_path / "run" / "notes.txt").write_text("x")
+    run = tmp_path / "run"
+    assert find_artifacts(run) == [run / "a", run / "fam" / "x", run / "lost"]
+    assert find_artifacts(run / "a") == [run / "a"] and find_artifacts(run / "notes.txt") == [run / "notes.txt"]
+    assert [verify_artifact(p).ok for p in find_artifacts(run)] == [True, True, False]
+
+
+def test_settling_permissions_leaves_linked_files_alone(tmp_path):
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"x")
+    outside.chmod(0o444)
+
+    def files(tmp: Path) -> None:
+        (tmp / "link.bin").symlink_to(outside)
+        os.link(outside, tmp / "hard.bin")
+
+    write_artifact(tmp_path / "a", KIND, FORMAT, {}, {}, files)
+    assert outside.stat().st_mode & 0o777 == 0o444
 
 
 def test_manifest_lists_every_file(tmp_path):

@@ -113,7 +113,8 @@ def kv_bytes(
 def compressed_cache(
     handle: Any, full_mask: torch.Tensor, policy: CompressionPolicy = CompressionPolicy()
 ) -> Iterator[tuple[HeadwiseCache, GateState]]:
-    """Yield a fresh :class:`HeadwiseCache` (pass it as ``past_key_values``) with the gated attention installed."""
+    """Yield a fresh :class:`HeadwiseCache` with the gated attention installed (pass the cache to the model through
+    :func:`reasonscope.models.cache_kwargs`)."""
     g = handle.geometry
     if tuple(full_mask.shape) != (g.n_layers, g.n_kv_heads):
         raise ValueError(
