@@ -42,7 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
 KIND = "probe_labels"
 FILE = "labels.json"
 TEXT_TARGETS = ("correct", "after_first_correct", "deviated")
-MODEL_TARGETS = ("safe_exit", "stable", "no_loss_exit", "rpdi", "rpdi_transition", "deviation", "entropy", "surprise")
 SBT_KEYWORDS = (
     "another",
     "backtrack",

@@ -172,6 +172,17 @@ def test_probes_page_warns_on_a_damaged_capture(quick_run, tmp_path, monkeypatch
 
 
 @organisms
+def test_probes_page_without_a_capture_says_so_once(quick_run, tmp_path, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(quick_run, copy)
+    shutil.rmtree(copy / "capture")
+    at = _apptest(copy, "Probes", monkeypatch)
+    assert not at.exception, [e.message for e in at.exception]
+    assert sum("capture" in w.value for w in at.warning) == 1, [w.value for w in at.warning]
+    assert len(at.get("plotly_chart")) >= 2  # the sweep and the monitor's trade-off still stand
+
+
+@organisms
 def test_a_garbled_head_map_or_probe_set_is_a_warning_that_says_to_delete_it(quick_run, tmp_path, monkeypatch):
     """Same-size garbage in a head map's or a probe set's tensors (only a hash sees it): each page that reads them
     warns naming the directory to delete, and the demo, which would refuse to overwrite it, says the same."""

@@ -141,7 +141,8 @@ def test_duo_mse_distils_the_final_hidden_states_and_leaves_the_callers_rng(tiny
     assert ((alpha >= 0) & (alpha <= 1)).all() and alpha.mean() < 1.0
     b = next(x for x in batches if x.scored.any())
     where = b.scored
-    mse = ((gated_hidden(tiny_handle, b, alpha, POLICY) - full_hidden(tiny_handle, b))[where] ** 2).mean()
+    with torch.no_grad():
+        mse = ((gated_hidden(tiny_handle, b, alpha, POLICY) - full_hidden(tiny_handle, b))[where] ** 2).mean()
     assert float(mse) > 0
     with pytest.raises(ValueError, match="'kl' or 'mse'"):
         duo_scores(tiny_handle, batches, POLICY, steps=1, loss="l2")  # type: ignore[arg-type]

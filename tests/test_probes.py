@@ -494,7 +494,7 @@ def test_fit_bad_input_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="not in the store"):
         fit_probes(store, table, ProbeConfig(hooks="hook_mlp_out"), tmp_path / "p")
     other = LabelTable(**{**table.__dict__, "position": [p + 1 for p in table.position]})
-    with pytest.raises(ValueError, match="no store row matches"):
+    with pytest.raises(ValueError, match="no store row matches"), pytest.warns(UserWarning, match="have no store row"):
         fit_probes(store, other, ProbeConfig(), tmp_path / "p")
     with pytest.raises(ValueError, match="test_fraction"):
         ProbeConfig(test_fraction=1.5)

@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import analysis, figures
-from app.artifacts import MissingStage, RunDir
+from app.artifacts import RunDir
 from app.state import artifact, background, cached, need, pick_trace, stamp
 
 
@@ -37,16 +37,14 @@ def render(run: RunDir) -> None:
                 }
             )
         st.dataframe(pd.DataFrame(rows).round(3), hide_index=True)
-    if run.has("capture"):
-        try:
-            sets, why = analysis.readable_sets(sets, artifact(run, "capture"))
-        except MissingStage as e:  # a damaged store: the tables above still stand
-            sets, why = {}, [str(e)]
+    st.caption("calibration and trajectories read the probes on the activation store:")
+    if need(run, "capture") is not None:  # one message when it is missing or damaged; the tables above still stand
+        sets, why = analysis.readable_sets(sets, artifact(run, "capture"))
         for w in why:
             st.warning(w)
-    with c2:
-        _calibration(run, sets)
-    _trajectory(run, sets)
+        with c2:
+            _calibration(run, sets)
+        _trajectory(run, sets)
     _monitor(run)
 
 
