@@ -3,8 +3,9 @@ crosses a threshold, and compare policies over a threshold sweep.
 
 Policies, evaluated inside ``on_token`` on each row that is still thinking:
 
-* ``probe``: at a segment boundary (the input token ends a sentence), a fitted :class:`~probes.probeset.ProbeSet`
-  reads the residual of that token (a hook on its best layer); exit when ``p >= threshold``.
+* ``probe``: at a segment boundary (the input token ends a sentence: ``.`` then whitespace, see :func:`token_sets`),
+  a fitted :class:`~probes.probeset.ProbeSet` reads the residual of that token (a hook on its best layer); exit
+  when ``p >= threshold``.
 * ``deviation``: the reasoning path deviation index (:mod:`probes.entropy`) from the model's own next-token
   entropies since ``<think>``, checked at boundaries once ``window`` tokens were thought; exit when ``> threshold``.
 * ``deer``: DEER-style (Yang et al. 2025, arXiv 2504.15895): when the model is about to write a "wait"-type cue,
@@ -65,7 +66,8 @@ class MonitorConfig:
     reasoning after an early exit has not answered, and those tokens would otherwise be thinking the saving does not
     count. ``trial_tokens``: the DEER trial's budget. Both default to the grader's
     :func:`~probes.forced.answer_prompt`. ``boundaries``: a
-    token whose text (trailing spaces removed) ends with one of these ends a segment.
+    token whose text (trailing spaces removed) ends with one of these ends a segment when whitespace follows it, in
+    the token itself or at the start of the next one (``1.5`` has no segment end; see :func:`token_sets`).
     """
 
     policy: Policy = "none"
@@ -120,13 +122,21 @@ class Outcome:
     trial_tokens: int = 0  # DEER: tokens its trial answers decoded (a cost beside the thinking)
 
 
-def token_sets(handle: ModelHandle, boundaries: tuple[str, ...] = BOUNDARY_CHARS) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[vocab]`` bool masks: tokens ending a segment, and tokens that are a cue word."""
+def token_sets(
+    handle: ModelHandle, boundaries: tuple[str, ...] = BOUNDARY_CHARS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[vocab]`` masks. ``boundary`` (int8): 0 for a token that ends no segment; 2 for one whose text ends with a
+    boundary and then whitespace (``".\n"``, ``". "``, ``"\n"``), which ends a segment by itself; 1 for one that ends
+    with a boundary and nothing after it (``"."``, ``"5."``), which ends a segment only when the next token opens with
+    whitespace (``opens``), as :func:`reasonscope.traces.split_sentences` reads ``.`` (a decimal point is no end).
+    ``cue``: tokens that are a cue word."""
     tok = handle.tokenizer
     texts = [tok.decode([i]) for i in range(len(tok))]
-    boundary = torch.tensor([t.rstrip(" ").endswith(boundaries) for t in texts])
+    ends = [t.rstrip(" ").endswith(boundaries) for t in texts]
+    boundary = torch.tensor([(1 + t[-1].isspace()) if e else 0 for t, e in zip(texts, ends)], dtype=torch.int8)
+    opens = torch.tensor([t[:1].isspace() for t in texts])
     cue = torch.tensor([t.strip().strip(",.").lower() in CUE_WORDS for t in texts])
-    return boundary, cue
+    return boundary, opens, cue
 
 
 @dataclass
@@ -181,7 +191,7 @@ class _Monitor:
         self.eos_id: int = int(handle.tokenizer.eos_token_id)
         self.answering = cfg.answering
         self.lead_ids = answer_lead(handle, self.answering)
-        self.boundary, self.cue = token_sets(handle, cfg.boundaries)
+        self.boundary, self.opens, self.cue = token_sets(handle, cfg.boundaries)
         self.state = _State(len(prompts), cfg.window)
 
     def hooks(self) -> dict[str, Any]:
@@ -209,7 +219,7 @@ class _Monitor:
                 st.ent_n[q] += 1
                 st.recent[q].append(ent[r])
             thought = len(st.seq[q])
-            at_boundary = not batch.prefill and bool(self.boundary[st.last[q]])
+            at_boundary = not batch.prefill and self._ends_segment(st.last[q], chosen[r])
             if self.record:
                 if at_boundary and self.probes is not None:
                     assert st.resid is not None
@@ -257,6 +267,11 @@ class _Monitor:
                 st.last[q] = chosen[r]
                 st.closed[q] = chosen[r] == self.end_id
         return torch.tensor(chosen, device=tokens.device) if exit_rows or capped else None
+
+    def _ends_segment(self, token: int, following: int) -> bool:
+        """Whether the input ``token`` ends a segment, given the token sampled after it (see :func:`token_sets`)."""
+        b = int(self.boundary[token])
+        return b == 2 or (b == 1 and bool(self.opens[following]))
 
     def _rpdi(self, q: int) -> float:
         st = self.state

@@ -24,17 +24,28 @@ from probes.monitor import (
     token_sets,
 )
 from reasonscope.capture import CaptureConfig, capture
+from reasonscope.traces import split_sentences
 
 from conftest import organisms
 
 
 @pytest.fixture(scope="module")
 def tiny_probes(tiny_handle, task_traces, tmp_path_factory):
-    d = tmp_path_factory.mktemp("probes")
-    table = label_traces(task_traces, LabelConfig(matcher="organism"), d / "labels", tokenizer=tiny_handle.tokenizer)
-    store = capture(
-        tiny_handle, task_traces, CaptureConfig(hooks="hook_resid_post", positions="segment_ends"), d / "store"
-    )
+    return _fit(tiny_handle, task_traces, tmp_path_factory.mktemp("probes"))
+
+
+@pytest.fixture(scope="module")
+def varied(tiny_model_dir, task_traces, tmp_path_factory):
+    """A tiny model whose greedy text varies (the fixture's repeats one token), with probes fitted on it."""
+    from conftest import varied_model
+
+    h = varied_model(tiny_model_dir)
+    return h, _fit(h, task_traces, tmp_path_factory.mktemp("varied"))
+
+
+def _fit(handle, task_traces, d):
+    table = label_traces(task_traces, LabelConfig(matcher="organism"), d / "labels", tokenizer=handle.tokenizer)
+    store = capture(handle, task_traces, CaptureConfig(hooks="hook_resid_post", positions="segment_ends"), d / "store")
     # block 1 alone: this random model's block-0 probe saturates (its scores are 0 or 1: nothing to compare)
     cfg = ProbeConfig(
         target="after_first_correct",
@@ -62,13 +73,51 @@ def _free(handle, prompts, n, temperature=0.0, seed=0):
     return [c.token_ids for c in generate(handle, ids, cfg)]
 
 
+def _boundary(handle, ids, start: int = 2) -> str:
+    """A random model writes no sentence ends: a boundary character this run writes, the last one of a token (from
+    index ``start`` on) that a token opening with whitespace follows."""
+    tok = handle.tokenizer
+    for i in range(start, len(ids) - 1):
+        text = tok.decode([ids[i]]).rstrip(" ")
+        if text and tok.decode([ids[i + 1]])[:1].isspace():
+            return text[-1]
+    raise AssertionError("the run writes no token that whitespace follows")
+
+
+def test_token_sets_read_a_period_as_an_end_only_before_whitespace(r1_tiny_dir):
+    """``.`` ends a segment before whitespace, as split_sentences reads it: not in ``1.5``; a token that carries its
+    own newline ends one by itself."""
+    from reasonscope.models import load_model
+
+    h = load_model(r1_tiny_dir)
+    tok = h.tokenizer
+    boundary, opens, _ = token_sets(h)
+    text = "x = 1.5, so 5! = 120. Next.\nDone"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ends = [
+        i for i in range(len(ids) - 1) if int(boundary[ids[i]]) == 2 or (boundary[ids[i]] == 1 and opens[ids[i + 1]])
+    ]
+    want = ["x = 1.5, so 5!", "x = 1.5, so 5! = 120.", "x = 1.5, so 5! = 120. Next.\n"]
+    assert [tok.decode(ids[: i + 1]) for i in ends] == want
+    assert [text[:b] for _, b in split_sentences(text, 0)][:2] == want[:2]  # the offline segmentation agrees
+
+
 def test_probe_policy_exits_at_boundaries(tiny_handle, tiny_probes):
     prompts, golds = _prompts(tiny_handle)
-    free = _free(tiny_handle, prompts, 24)
-    # a random model writes no sentence ends: use the last character of a token it does write as the boundary
-    text = tiny_handle.tokenizer.decode([free[0][5]]).rstrip(" ")
-    base = MonitorConfig(max_new_tokens=24, batch_size=4, boundaries=(text[-1],), min_think=3)
-    boundary, _ = token_sets(tiny_handle, base.boundaries)
+    free = _free(tiny_handle, prompts, 24, temperature=1.0, seed=5)
+    base = MonitorConfig(
+        max_new_tokens=24,
+        batch_size=4,
+        boundaries=(_boundary(tiny_handle, free[0]),),
+        min_think=3,
+        temperature=1.0,
+        seed=5,
+    )
+    boundary, opens, _ = token_sets(tiny_handle, base.boundaries)
+
+    def ends(ids: list[int], i: int) -> bool:  # token i ends a segment, given the token after it
+        return int(boundary[ids[i]]) == 2 or (int(boundary[ids[i]]) == 1 and bool(opens[ids[i + 1]]))
+
     ref = run_monitor(tiny_handle, prompts, golds, base)
     assert [o.think_tokens for o in ref] == [len(c) for c in free]  # never closes </think> on its own
     never = run_monitor(tiny_handle, prompts, golds, replace(base, policy="probe", threshold=2.0), tiny_probes)
@@ -77,7 +126,7 @@ def test_probe_policy_exits_at_boundaries(tiny_handle, tiny_probes):
     assert always[0].exited
     for o, ids in zip(always, free):
         # the first boundary token at index >= min_think - 1 is followed by a forced </think>
-        first = next((i for i in range(base.min_think - 1, len(ids) - 1) if bool(boundary[ids[i]])), None)
+        first = next((i for i in range(base.min_think - 1, len(ids) - 1) if ends(ids, i)), None)
         assert o.exited == (first is not None)
         if first is not None:
             assert o.think_tokens == first + 1
@@ -85,7 +134,7 @@ def test_probe_policy_exits_at_boundaries(tiny_handle, tiny_probes):
         tiny_handle, prompts, golds, replace(base, policy="probe", threshold=0.0, consecutive=2), tiny_probes
     )
     for o, ids in zip(two, free):
-        hits = [i for i in range(base.min_think - 1, len(ids) - 1) if bool(boundary[ids[i]])]
+        hits = [i for i in range(base.min_think - 1, len(ids) - 1) if ends(ids, i)]
         assert o.exited == (len(hits) >= 2)
         if len(hits) >= 2:
             assert o.think_tokens == hits[1] + 1
@@ -93,9 +142,9 @@ def test_probe_policy_exits_at_boundaries(tiny_handle, tiny_probes):
 
 def test_deviation_policy_and_sweep(tiny_handle):
     prompts, golds = _prompts(tiny_handle, 4)
-    free = _free(tiny_handle, prompts, 20)
-    text = tiny_handle.tokenizer.decode([free[0][6]]).rstrip(" ")
-    base = MonitorConfig(max_new_tokens=20, batch_size=4, window=2, boundaries=(text[-1],))
+    free = _free(tiny_handle, prompts, 20, temperature=1.0, seed=5)
+    boundaries = (_boundary(tiny_handle, free[0], 3),)
+    base = MonitorConfig(max_new_tokens=20, batch_size=4, window=2, boundaries=boundaries, temperature=1.0, seed=5)
     res = sweep(tiny_handle, prompts, golds, {"deviation": [1e9, 0.0]}, base)
     assert set(res) == {"none", "deviation@1e+09", "deviation@0"}
     assert res["deviation@1e+09"] == res["none"] and res["none"]["saved_fraction"] == 0.0
@@ -111,9 +160,9 @@ def test_online_deviation_index_equals_the_offline_one(tiny_handle):
     from probes.entropy import deviation_index, entropy
 
     prompts, golds = _prompts(tiny_handle, 3)
-    free = _free(tiny_handle, prompts, 16)
-    boundary = tiny_handle.tokenizer.decode([free[0][5]]).rstrip(" ")[-1]
-    cfg = MonitorConfig(max_new_tokens=16, batch_size=4, window=3, boundaries=(boundary,))
+    free = _free(tiny_handle, prompts, 16, temperature=1.0, seed=5)
+    boundaries = (_boundary(tiny_handle, free[0], 3),)
+    cfg = MonitorConfig(max_new_tokens=16, batch_size=4, window=3, boundaries=boundaries, temperature=1.0, seed=5)
     rec = record(tiny_handle, prompts, golds, cfg)
     assert any(rec.events["deviation"])
     for q, events in enumerate(rec.events["deviation"]):
@@ -132,9 +181,9 @@ def test_online_probe_score_equals_the_offline_one(tiny_handle, tiny_probes):
     import torch
 
     prompts, golds = _prompts(tiny_handle, 3)
-    free = _free(tiny_handle, prompts, 16)
-    boundary = tiny_handle.tokenizer.decode([free[0][5]]).rstrip(" ")[-1]
-    cfg = MonitorConfig(max_new_tokens=16, batch_size=4, boundaries=(boundary,))
+    free = _free(tiny_handle, prompts, 16, temperature=1.0, seed=5)
+    boundaries = (_boundary(tiny_handle, free[0]),)
+    cfg = MonitorConfig(max_new_tokens=16, batch_size=4, boundaries=boundaries, temperature=1.0, seed=5)
     rec = record(tiny_handle, prompts, golds, cfg, tiny_probes)
     values = [v for events in rec.events["probe"] for _, v in events]
     assert len(values) >= 3 and max(values) > 2 * min(values) > 0  # scores vary (this tiny probe's are small)
@@ -149,13 +198,14 @@ def test_online_probe_score_equals_the_offline_one(tiny_handle, tiny_probes):
 
 
 @pytest.mark.parametrize(("temperature", "grader"), [(0.0, "organism"), (1.0, "organism"), (1.0, "gsm8k")])
-def test_replay_equals_live_runs(tiny_handle, tiny_probes, monkeypatch, temperature, grader):
+def test_replay_equals_live_runs(tiny_handle, tiny_probes, varied, monkeypatch, temperature, grader):
     """Every policy@threshold replayed from one recorded reference run = the live run of that policy; for a math
     grader a forced exit writes the boxed answer lead and DEER's trial reads inside the thinking."""
-    prompts, golds = _prompts(tiny_handle)
-    free = _free(tiny_handle, prompts, 24, temperature, seed=5)
-    boundary = tiny_handle.tokenizer.decode([free[0][5]]).rstrip(" ")[-1]
-    cue = tiny_handle.tokenizer.decode([free[1][4]]).strip().strip(",.").lower()
+    handle, probes = (tiny_handle, tiny_probes) if temperature else varied  # greedy needs text that varies
+    prompts, golds = _prompts(handle)
+    free = _free(handle, prompts, 24, temperature, seed=5)
+    boundary = _boundary(handle, free[0])
+    cue = handle.tokenizer.decode([free[1][4]]).strip().strip(",.").lower()
     monkeypatch.setattr(monitor, "CUE_WORDS", (cue,))  # the random model writes no "wait": make one of its tokens a cue
     base = MonitorConfig(
         max_new_tokens=24,
@@ -167,25 +217,27 @@ def test_replay_equals_live_runs(tiny_handle, tiny_probes, monkeypatch, temperat
         seed=5,
         grader=grader,
     )
-    rec = record(tiny_handle, prompts, golds, base, tiny_probes)
+    rec = record(handle, prompts, golds, base, probes)
     assert any(rec.events["probe"]) and any(rec.events["deviation"]) and any(rec.events["deer"])
     thresholds = {"probe": [0.0, 0.5, 2.0], "deviation": [0.0, 1.0, 1e9], "deer": [-1.0, 0.5, 2.0]}
-    got = replay(tiny_handle, rec, thresholds)
+    got = replay(handle, rec, thresholds)
     assert set(got) == {f"{p}@{v:g}" for p, vs in thresholds.items() for v in vs}
     assert any(o.exited for o in got["probe@0"]) and not any(o.exited for o in got["probe@2"])
     for key, outcomes in got.items():
         policy, t = key.split("@")
         cfg = replace(base, policy=policy, threshold=float(t))
-        assert outcomes == run_monitor(tiny_handle, prompts, golds, cfg, tiny_probes), key
+        assert outcomes == run_monitor(handle, prompts, golds, cfg, probes), key
     never, first = (sum(o.trial_tokens for o in got[k]) for k in ("deer@2", "deer@-1"))
     assert never >= first > 0  # trials cost tokens: every cue's when it never exits, up to the first when it does
     assert all(o.trial_tokens == 0 for k in got if not k.startswith("deer") for o in got[k])
     lead = "**Final Answer**" if grader == "gsm8k" else ""
-    assert all(o.answer.startswith(lead) for o in got["probe@0"] if o.exited and o.think_tokens < 20)
+    room = base.max_new_tokens - 1 - len(handle.tokenizer(lead)["input_ids"])  # "</think>" and the lead's words fit
+    fits = [o for o in got["probe@0"] if o.exited and o.think_tokens <= room]
+    assert fits and all(o.answer.startswith(lead) for o in fits)
     two = replace(base, consecutive=2)
-    rec2 = record(tiny_handle, prompts, golds, two, tiny_probes)
-    live = run_monitor(tiny_handle, prompts, golds, replace(two, policy="probe", threshold=0.0), tiny_probes)
-    assert replay(tiny_handle, rec2, {"probe": [0.0]})["probe@0"] == live
+    rec2 = record(handle, prompts, golds, two, probes)
+    live = run_monitor(handle, prompts, golds, replace(two, policy="probe", threshold=0.0), probes)
+    assert replay(handle, rec2, {"probe": [0.0]})["probe@0"] == live
 
 
 def test_point_keys_are_exact():
