@@ -124,11 +124,11 @@ class _Gatherer:
         points: list[HookPoint],
         index: tuple[torch.Tensor, torch.Tensor],
         dtype: torch.dtype,
-        stop_after: str | None,
+        stop_early: bool,
         keys: torch.Tensor,
         key_ok: torch.Tensor,
     ) -> None:
-        self.index, self.dtype, self.stop_after = index, dtype, stop_after
+        self.index, self.dtype, self.stop_early = index, dtype, stop_early  # stop the pass once all are gathered
         self.keys, self.key_ok = keys, key_ok  # per row: padded column of each trace key position, validity
         self.out: dict[str, torch.Tensor] = {}
         cuda = index[0].is_cuda
@@ -154,7 +154,7 @@ class _Gatherer:
                     host.copy_(sel, non_blocking=True)
                 sel.record_stream(self.stream)
                 self.out[name] = host
-            if name == self.stop_after:
+            if self.stop_early and len(self.out) == len(self.fns):  # every point gathered, in any firing order
                 raise StopForward
 
         return fn
@@ -201,9 +201,7 @@ def capture_batch(
     k = torch.arange(key_len or width)
     keys = (torch.cat(offs)[:, None] + k).clamp(max=width - 1)
     key_ok = k < torch.cat(lens)[:, None]
-    last = max(points, key=lambda p: p.sort_key).name
-    stop = last if cfg.stop_early else None
-    gather = _Gatherer(points, index, torch_dtype(cfg.dtype), stop, keys.to(dev), key_ok.to(dev))
+    gather = _Gatherer(points, index, torch_dtype(cfg.dtype), cfg.stop_early, keys.to(dev), key_ok.to(dev))
     with torch.inference_mode(), contextlib.suppress(StopForward):
         handle.run(ids, mask, hooks=gather.fns)
     flat = gather.result()

@@ -443,7 +443,7 @@ class _Engine:
         companion: Any = None,
         streams: Sequence[tuple[int, int]] | None = None,
     ):
-        tok, self.model, self.cfg, self.on_token = handle.tokenizer, handle.model, cfg, on_token
+        tok, self.model, self.cfg, self.on_token = handle.tokenizer, handle.decoder(), cfg, on_token
         self.impl = _check_model(self.model)
         self.device = handle.device
         self.running: str | None = None  # "model" | "companion": whose pass runs (the other's hooks stay idle)

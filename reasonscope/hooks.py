@@ -16,6 +16,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,6 +28,45 @@ if TYPE_CHECKING:  # pragma: no cover
 
 HookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 ROW_DIMS = ("batch", "pos", "q_pos")  # dims that index rows (token positions); the rest make up a row
+_MASK: ContextVar[torch.Tensor | None] = ContextVar("reasonscope_attention_mask", default=None)
+
+
+def compose_hooks(*hook_sets: Mapping[str, HookFn]) -> dict[str, HookFn]:
+    """One hook set from several (``handle.run(ids, hooks=compose_hooks(vec.hooks(h), mine))``): where two sets hook
+    one name, their functions run in the order given, each seeing the tensor the previous one returned (a dict merge
+    would keep only the last)."""
+    chains: dict[str, list[HookFn]] = {}
+    for hooks in hook_sets:
+        for name, fn in hooks.items():
+            chains.setdefault(name, []).append(fn)
+    return {name: fns[0] if len(fns) == 1 else _chain(fns) for name, fns in chains.items()}
+
+
+def _chain(fns: list[HookFn]) -> HookFn:
+    def run(x: torch.Tensor) -> torch.Tensor | None:
+        out = None
+        for fn in fns:
+            y = fn(x if out is None else out)
+            out = out if y is None else y
+        return out
+
+    return run
+
+
+def current_mask() -> torch.Tensor | None:
+    """The attention mask ``[batch, pos]`` of the ``ModelHandle.run`` pass in progress (None outside one; inside
+    :func:`reasonscope.generation.generate` read ``current_batch()``)."""
+    return _MASK.get()
+
+
+@contextmanager
+def masking(mask: torch.Tensor) -> Iterator[None]:
+    """Make ``mask`` the :func:`current_mask` inside the block (``ModelHandle.run`` sets it for its pass)."""
+    token = _MASK.set(mask)
+    try:
+        yield
+    finally:
+        _MASK.reset(token)
 
 
 @dataclass(frozen=True)
@@ -202,7 +242,10 @@ def expand_hooks(hooks: Mapping[str, HookFn], n_layers: int) -> dict[str, HookFn
     for pattern, fn in hooks.items():
         for name in select_hooks(pattern, n_layers):
             if name in out:
-                raise ValueError(f"hook {name!r} is selected by two patterns of `hooks`; give each hook one function")
+                raise ValueError(
+                    f"hook {name!r} is selected by two patterns of `hooks`; give each hook one function "
+                    "(compose_hooks chains several)"
+                )
             out[name] = fn
     return out
 
@@ -259,6 +302,7 @@ def attach(
     under ``torch.inference_mode`` (see :func:`may_keep_tensors`). The hooks are removed on exit, also when the
     forward pass raises.
     """
+    hooks = expand_hooks(hooks, n_layers)  # patterns (blocks.*.hook_resid_post) as in ModelHandle.run
     check_attention(hooks, getattr(model.config, "_attn_implementation", None))
     handles = []
     try:

@@ -39,6 +39,7 @@ from .hooks import (
     expand_hooks,
     get_module,
     hook_names,
+    masking,
     parse_hook,
     select_hooks,
 )
@@ -192,6 +193,19 @@ class ModelHandle:
             text = text + self.think_start + "\n"
         return text
 
+    def decoder(self) -> Any:
+        """The transformers model that decodes with a KV cache (:func:`reasonscope.generation.generate`, head evals).
+
+        TransformerLens' bridge rewrites the model's blocks in place and they keep no KV cache, so a decode step
+        would see no past and write wrong tokens without an error: a ``transformer_lens`` handle refuses."""
+        if self.backend == "transformer_lens":
+            raise ValueError(
+                f"{self.source} was loaded with backend='transformer_lens', whose bridge keeps no KV cache, so "
+                "generation would write wrong tokens; generate with load_model(..., backend='hf') or 'nnsight' (hooks "
+                "and steering vectors apply the same way), and keep the transformer_lens handle for run/run_with_cache"
+            )
+        return self.model
+
     def run(
         self,
         input_ids: torch.Tensor,
@@ -210,13 +224,15 @@ class ModelHandle:
             attention_mask = torch.ones_like(input_ids)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        if self.backend == "hf":
-            with attach(self.model, hooks, g.n_layers, g.n_heads):
-                return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        if self.backend == "transformer_lens":
-            fwd = [(name, _tl_hook(name, fn)) for name, fn in hooks.items()]
-            return self.wrapper.run_with_hooks(input_ids, attention_mask=attention_mask, fwd_hooks=fwd)
-        return self._run_nnsight(input_ids, attention_mask, position_ids, hooks)
+        with masking(attention_mask):  # hooks that steer a row's last token find it (current_mask)
+            if self.backend == "hf":
+                with attach(self.model, hooks, g.n_layers, g.n_heads):
+                    ids = input_ids
+                    return self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids).logits
+            if self.backend == "transformer_lens":
+                fwd = [(name, _tl_hook(name, fn)) for name, fn in hooks.items()]
+                return self.wrapper.run_with_hooks(input_ids, attention_mask=attention_mask, fwd_hooks=fwd)
+            return self._run_nnsight(input_ids, attention_mask, position_ids, hooks)
 
     @cached_property
     def _final_norm(self) -> Any:
@@ -289,14 +305,13 @@ class ModelHandle:
     ) -> dict[str, torch.Tensor]:
         """Activations at ``names`` (patterns allowed), canonical shapes, detached, on the model's device.
 
-        ``hooks`` act first, so a cached point holds what they returned. The pass stops after the last cached point
-        (every backend): neither the later blocks nor the unembedding run (no ``[batch, pos, vocab]`` logits, the
-        largest tensor of a long pass on a 150k vocabulary).
+        ``hooks`` act first, so a cached point holds what they returned. The pass stops once every point is cached
+        (every backend; TransformerLens fires ``hook_pattern`` before ``hook_z``): neither the later blocks nor the
+        unembedding run (no ``[batch, pos, vocab]`` logits, the largest tensor of a long pass on a 150k vocabulary).
         """
         g = self.geometry
         wanted = select_hooks(names, g.n_layers)
         edits = expand_hooks(hooks or {}, g.n_layers)
-        last = max(wanted, key=lambda n: parse_hook(n, g.n_layers).sort_key)
         cache: dict[str, torch.Tensor] = {}
 
         def reader(name: str) -> HookFn:
@@ -305,7 +320,7 @@ class ModelHandle:
             def fn(x: torch.Tensor) -> torch.Tensor | None:
                 new = check_replacement(name, edit(x), x) if edit is not None else None
                 cache[name] = (x if new is None else new).detach()
-                if name == last:
+                if len(cache) == len(wanted):  # every point cached, whatever order the backend fires them in
                     raise StopForward
                 return new
 

@@ -91,8 +91,9 @@ def mean_difference(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
 def pca_difference(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """First principal direction of the paired differences (uncentred SVD), per layer, unit norm ``[L, d]``.
 
-    As steering-vectors' ``pca_aggregator``: uncentred, so a shift shared by all pairs is the direction; the
-    sign is chosen so that most pairs project higher for target than source.
+    Uncentred, as steering-vectors' ``pca_aggregator``, so a shift shared by all pairs is the direction; the sign is
+    repeng's majority vote (most pairs project higher for target than source), where steering-vectors takes the sign
+    of the mean projection: the two differ when a few large differences outweigh many small opposite ones.
     """
     if target.shape != source.shape:
         raise ValueError(f"PCA needs paired rows of one shape, got {tuple(target.shape)} and {tuple(source.shape)}")

@@ -23,7 +23,7 @@ import torch
 
 from reasonscope.artifacts import ARTIFACT_FORMATS, ArtifactDir, CorruptFileError, reading, write_artifact
 from reasonscope.generation import current_batch
-from reasonscope.hooks import attach
+from reasonscope.hooks import attach, current_mask
 from reasonscope.models import ModelHandle
 
 __all__ = ["GAMMA_RULES", "KIND", "POSITIONS", "Positions", "SteeringVector", "VectorMeta", "meta_json"]
@@ -144,8 +144,9 @@ class SteeringVector:
 
     # ------------------------------------------------------------------ applying
 
-    def check_model(self, handle: Any) -> None:
-        """Refuse a model of another width or layer count (naming both)."""
+    def check_model(self, handle: Any, layers: Sequence[int] | None = None) -> None:
+        """Refuse a model of another width or layer count (naming both), or without one of ``layers`` (default: all
+        of the vector's)."""
         g = handle.geometry
         if g.d_model != self.meta.d_model:
             raise ValueError(
@@ -157,10 +158,13 @@ class SteeringVector:
                 f"steering vector was extracted from a model with {self.meta.n_layers} layers, {handle.source} has "
                 f"{g.n_layers}; use a vector extracted from this model"
             )
-        if max(self.meta.layers) >= g.n_layers:
+        top = max(self.meta.layers if layers is None else layers)
+        if top >= g.n_layers:
+            origin = self.meta.recipe.get("imported_from") if isinstance(self.meta.recipe, Mapping) else None
             raise ValueError(
-                f"steering vector layer {max(self.meta.layers)} does not exist in {handle.source} "
-                f"(layers 0..{g.n_layers - 1})"
+                f"steering vector layer {top}{f' (from {origin})' if origin else ''} does not exist in "
+                f"{handle.source} (layers 0..{g.n_layers - 1}); apply the layers it has with layers=[...], or use a "
+                "vector extracted from this model"
             )
 
     def hooks(
@@ -172,10 +176,10 @@ class SteeringVector:
     ) -> dict[str, Any]:
         """The hooks :meth:`apply` attaches, by hook name (``blocks.L.hook_resid_post``), as data: combine them with
         your own in one ``handle.run(..., hooks=...)`` or ``generate(..., hooks=...)``. Arguments as in ``apply``."""
-        self.check_model(handle)
         use = tuple(self.meta.layers if layers is None else layers)
         for layer in use:
             self.direction(layer)  # raises naming the layers the vector has
+        self.check_model(handle, use)
         rule = self.meta.positions if positions is None else positions
         if rule not in POSITIONS:
             raise ValueError(f"positions {rule!r} is not one of {', '.join(POSITIONS)}")
@@ -184,9 +188,10 @@ class SteeringVector:
             raise ValueError(f"gamma must be finite, got {g.tolist()}")
         device = handle.device
         g = g.to(device)
+        live = isinstance(gamma, torch.Tensor)  # read at every pass: it may change in place or be learned
         shared: dict[str, Any] = {}  # per-row strengths, looked up once per forward pass for all layers
         return {
-            f"blocks.{layer}.hook_resid_post": _adder(self.direction(layer).to(device), g, rule, shared)
+            f"blocks.{layer}.hook_resid_post": _adder(self.direction(layer).to(device), g, rule, shared, live)
             for layer in use
         }
 
@@ -201,7 +206,8 @@ class SteeringVector:
         """Add ``γ·v`` at the output of each of ``layers`` while the block runs; hooks are removed on exit.
 
         ``gamma``: one strength, or one per request (inside :func:`reasonscope.generation.generate`, request ``i``
-        of the call gets ``gamma[i]``; in ``handle.run``, batch row ``i``). Default: ``meta.gamma``. ``layers``
+        of the call gets ``gamma[i]``; in ``handle.run``, batch row ``i``). Default: ``meta.gamma``. A tensor is
+        read at every forward pass (change it in place, or learn it: gradients reach it); numbers are fixed. ``layers``
         (default all of the vector's) and ``positions`` (default ``meta.positions``) select where.
         """
         hooks = self.hooks(handle, gamma, layers, positions)
@@ -249,13 +255,16 @@ class SteeringVector:
         return {**self.meta.to_dict(), "norms": [round(float(n), 6) for n in self.directions.norm(dim=-1)]}
 
 
-def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[str, Any] | None = None) -> Any:
+def _adder(
+    v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[str, Any] | None = None, live: bool = False
+) -> Any:
     """The hook adding ``γ_row · v`` to ``x [batch, pos, d_model]`` at the positions ``rule`` selects.
 
     One strength for all: ``γ·v`` is formed once per device and dtype, so a decode step costs each steered layer one
-    ``x + γv``. One per request: per forward pass of :func:`reasonscope.generation.generate` the per-row strengths
-    ``[batch, 1, 1]`` are looked up once (one gather) and kept in ``shared`` (one dict for all layers of one
-    ``apply``), then each layer adds ``g·v`` (``addcmul``). No copy and no host sync either way.
+    ``x + γv`` (``live``: γ is read again at every pass). One per request: per forward pass of
+    :func:`reasonscope.generation.generate` the per-row strengths ``[batch, 1, 1]`` are looked up once (one gather)
+    and kept in ``shared`` (one dict for all layers of one ``apply``), then each layer adds ``g·v`` (``addcmul``).
+    No copy and no host sync either way.
     """
     per_request = len(gamma) > 1
     cache: dict[str, Any] = {} if shared is None else shared
@@ -271,7 +280,7 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
                 "give one per request (or one for all)"
             )
         tables = cache.setdefault("tables", {})
-        table = tables.get(key)
+        table = None if live else tables.get(key)
         if table is None:  # γ per request, then a 0 that idle rows (-1) read: one gather per pass
             table = tables[key] = torch.cat([gamma, gamma.new_zeros(1)]).to(*key)  # never read by autograd
         g = table[batch.rows.to(x.device)].view(-1, 1, 1)
@@ -287,6 +296,8 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
                 vx = v.to(*key)
                 vs[key] = (vx, vx if per_request else (gamma[0] * v).to(*key))
         vx, gv = vs[key]
+        if live and not per_request:
+            gv = gamma[0].to(x.dtype) * vx
         batch = current_batch()
         g, real = None, None
         if batch is None:
@@ -318,8 +329,14 @@ def _adder(v: torch.Tensor, gamma: torch.Tensor, rule: Positions, shared: dict[s
         if x.shape[1] == 1 or (rule == "all" and real is None):
             return add(x)  # every position: one decode position, or all
         if rule in ("last", "prompt"):
+            mask = current_mask() if batch is None else None
             out = x.clone()
-            out[:, -1:] = add(x[:, -1:])  # left-padded: the last column is every row's last token
+            if mask is None or bool(mask[:, -1].all()):
+                out[:, -1:] = add(x[:, -1:])  # left-padded: the last column is every row's last token
+            else:  # a right-padded handle.run batch: each row's last real token
+                last = mask.shape[1] - 1 - mask.flip(-1).to(torch.int8).argmax(-1)
+                rows = torch.arange(x.shape[0], device=x.device)
+                out[rows, last] = add(x[rows, last][:, None])[:, 0]
             return out
         assert real is not None  # rule "all" in a prefill group
         return torch.addcmul(x, real, gv) if g is None else torch.addcmul(x, g * real, vx)

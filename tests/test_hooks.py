@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reasonscope.hooks import HOOK_SPECS, check_attention, hook_names, needs_eager, select_hooks
+from reasonscope.hooks import HOOK_SPECS, attach, check_attention, hook_names, needs_eager, select_hooks
 from reasonscope.models import Geometry, load_model
 
 G = Geometry(n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, d_model=32)
@@ -128,3 +128,18 @@ def test_a_replacement_takes_the_activation_dtype(tiny_model_dir):
     got = h.run(ids, hooks={"blocks.1.hook_resid_post": lambda x: x.float() + v})
     want = h.run(ids, hooks={"blocks.1.hook_resid_post": lambda x: x + v.bfloat16()})
     assert torch.equal(got, want)
+
+
+def test_compose_hooks_chains_functions_on_one_name(tiny_handle):
+    from reasonscope.hooks import compose_hooks
+
+    ids = torch.tensor([[3, 4, 5, 6]])
+    name = "blocks.0.hook_resid_post"
+    seen: list[torch.Tensor] = []
+    hooks = compose_hooks({name: lambda x: x + 1.0}, {name: lambda x: seen.append(x.clone())}, {name: lambda x: x * 2})
+    plain = tiny_handle.run_with_cache(ids, None, name)[name]
+    got = tiny_handle.run_with_cache(ids, None, name, hooks=hooks)[name]
+    assert torch.allclose(seen[0], plain + 1.0) and torch.allclose(got, (plain + 1.0) * 2)
+    g = tiny_handle.geometry
+    with attach(tiny_handle.model, {"blocks.*.hook_resid_post": lambda x: None}, g.n_layers, g.n_heads):
+        pass  # attach takes patterns as run does

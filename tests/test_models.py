@@ -257,3 +257,20 @@ def test_organisms_load_offline_in_all_backends(kind):
         other = run_all(load_model(f"organism:{kind}", backend=backend), ids, mask, names)
         for n in names:
             assert torch.allclose(other[n][mask.bool()], ref[n][mask.bool()], atol=1e-4), (backend, n)
+
+
+@pytest.mark.parametrize("backend", ["hf", "transformer_lens", "nnsight"])
+def test_run_with_cache_keeps_every_point_whatever_order_the_backend_fires_them(tiny_model_dir, backend):
+    """TransformerLens fires attn.hook_pattern before attn.hook_z: the pass stops only once both are cached."""
+    h = load_model(tiny_model_dir, backend=backend, attn_implementation="eager")
+    ids = torch.tensor([[3, 4, 5, 6]])
+    got = h.run_with_cache(ids, None, "blocks.0.attn.*")
+    assert sorted(got) == ["blocks.0.attn.hook_pattern", "blocks.0.attn.hook_z"]
+
+
+def test_a_transformer_lens_handle_refuses_to_generate(tiny_model_dir):
+    from reasonscope.generation import DecodeConfig, generate
+
+    h = load_model(tiny_model_dir, backend="transformer_lens")
+    with pytest.raises(ValueError, match="backend='hf'"):
+        generate(h, [[3, 4, 5]], DecodeConfig(max_new_tokens=2))

@@ -335,3 +335,40 @@ def test_segment_means_and_behaviour_vectors(tiny_handle, task_traces):
     names = [label(task_traces[a].segments[b]) for a, b in owners]
     mine = acts[[n == "check" for n in names]]
     assert torch.allclose(vecs["check"].direction(1), mine[:, 0].mean(0) - acts[:, 0].mean(0), atol=1e-5)
+
+
+def test_a_tensor_gamma_is_read_at_every_pass_and_learns(tiny_handle):
+    vec = make_vector(tiny_handle, layers=(1,))
+    ids, mask = batch(tiny_handle)
+    g = torch.tensor(0.0, requires_grad=True)
+    with vec.apply(tiny_handle, gamma=g):
+        zero = tiny_handle.run(ids, mask).detach()
+        with torch.no_grad():
+            g.fill_(2.0)
+        two = tiny_handle.run(ids, mask).detach()
+        for _ in range(2):  # a second backward works: nothing of the first graph is kept
+            tiny_handle.run(ids, mask).sum().backward()
+    with vec.apply(tiny_handle, gamma=2.0):
+        fixed = tiny_handle.run(ids, mask).detach()
+    assert torch.equal(two, fixed) and not torch.allclose(zero, two) and g.grad is not None
+
+
+def test_last_steers_each_rows_last_real_token_in_a_right_padded_run(tiny_handle):
+    vec = make_vector(tiny_handle, layers=(1,), positions="last")
+    tok = tiny_handle.tokenizer
+    short, long = (tok(t, add_special_tokens=False)["input_ids"] for t in ("d=2.", "a=3, b=4. what is a + b?"))
+    ids = torch.tensor([short + [0] * (len(long) - len(short)), long])
+    mask = torch.tensor([[1] * len(short) + [0] * (len(long) - len(short)), [1] * len(long)])
+    with vec.apply(tiny_handle, gamma=3.0):
+        got = tiny_handle.run(ids, mask)
+        alone = tiny_handle.run(torch.tensor([short]))
+    assert torch.allclose(got[0, : len(short)], alone[0], atol=1e-4)
+
+
+def test_layers_selects_what_is_checked_against_the_model(tiny_handle):
+    g = tiny_handle.geometry
+    m = VectorMeta(d_model=g.d_model, layers=(1, 7))
+    vec = SteeringVector(torch.ones(2, g.d_model), m)
+    assert list(vec.hooks(tiny_handle, gamma=1.0, layers=[1])) == ["blocks.1.hook_resid_post"]
+    with pytest.raises(ValueError, match=r"layer 7 .*layers=\[\.\.\.\]"):
+        vec.hooks(tiny_handle, gamma=1.0)

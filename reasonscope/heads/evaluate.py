@@ -144,16 +144,17 @@ def decode_tokens_per_s(
 ) -> float:
     """Greedy decode speed with the physical compressed cache, one sequence at a time (prefill excluded)."""
     total, seconds = 0, 0.0
+    model = handle.decoder()
     for ids in prompt_ids:
         with compressed_cache(handle, full, policy) as (cache, _):
             x = torch.tensor([list(ids)], device=handle.device)
-            logits = handle.model(input_ids=x, use_cache=True, **cache_kwargs(handle.model, cache)).logits
+            logits = model(input_ids=x, use_cache=True, **cache_kwargs(model, cache)).logits
             if logits.is_cuda:  # the clock starts once the prefill has run
                 torch.cuda.synchronize(logits.device)
             t0 = time.perf_counter()
             for _ in range(tokens):
                 x = logits[:, -1:].argmax(-1)
-                logits = handle.model(input_ids=x, use_cache=True, **cache_kwargs(handle.model, cache)).logits
+                logits = model(input_ids=x, use_cache=True, **cache_kwargs(model, cache)).logits
             if logits.is_cuda:  # nothing in the loop waits for the GPU
                 torch.cuda.synchronize(logits.device)
             seconds += time.perf_counter() - t0
