@@ -15,14 +15,18 @@ from __future__ import annotations
 import re
 from typing import Literal, get_args
 
-from reasonscope.traces import GRADERS, Trace, extract_boxed
+from reasonscope.traces import GRADERS, Trace, extract_boxed_list
 
 Matcher = Literal["auto", "organism", "math"]
 MATCHERS: tuple[Matcher, ...] = get_args(Matcher)
 _ORGANISM = re.compile(r"(?:=|answer is:)\s*(-?\d+)(?:\.?\s*$|, check\b)")
-_VALUE = r"(-?\d[\d,]*(?:\.\d+)?|\\d?frac\{[^{}]+\}\{[^{}]+\})"
+_VALUE = r"(-?\d[\d,]*(?:\.\d+)?|-?\\d?frac\{[^{}]+\}\{[^{}]+\})"
+_OPEN, _CLOSE = r"(?:\$|\\\(|\\\[)*", r"(?:\$|\\\)|\\\])*"  # $, \( \) and \[ \] around the value
+# the value ends a sentence: "." then whitespace, as split_sentences reads it (the "." of "5.8" is no end)
 _MATH = re.compile(
-    r"(?:answer is:?|\b(?:is|get|gives|equals)\b|=)\s*\$*\s*" + _VALUE + r"\s*\$*\s*(?=[.!?\n]|$)", re.IGNORECASE
+    r"(?:answer is:?|\b(?:is|get|gives|equals)\b|=)\s*" + _OPEN + r"\s*" + _VALUE + r"\s*" + _CLOSE + r"\s*"
+    r"(?=[.!?](?:\s|$)|\n|$)",
+    re.IGNORECASE,
 )
 
 
@@ -42,7 +46,7 @@ def extract_intermediate(text: str, matcher: Literal["organism", "math"]) -> str
     if matcher == "organism":
         m = _ORGANISM.search(text.strip())
         return str(int(m.group(1))) if m else None
-    boxed = extract_boxed(text)
+    boxed = extract_boxed_list(text)
     if boxed is not None:
         return boxed
     hits = _MATH.findall(text)

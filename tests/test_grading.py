@@ -57,6 +57,7 @@ def test_math500_boxed_solutions_match_answers():
         ("#### 6 / 2", "3"),
         ("#### 1/0", None),
         ("#### 1/3", None),
+        ("#### Step 2: Conclusion", None),  # a markdown heading, not an answer
     ],
 )
 def test_extract_gsm8k(text, expected):
@@ -134,6 +135,13 @@ def test_normalize_math(raw, norm):
         ("(2,1)", "(1,2)", False),  # an ordered pair keeps its order
         ("[2,1]", "[1,2]", False),
         (None, "1", False),
+        ("\\begin{pmatrix}-2\\\\-14\\end{pmatrix}", "\\begin{pmatrix} -2 \\\\ -14 \\end{pmatrix}", True),  # \\ rows
+        ("\\begin{pmatrix}-2\\\\14\\end{pmatrix}", "\\begin{pmatrix} -2 \\\\ -14 \\end{pmatrix}", False),
+        ("\\frac{9}{5}", "1\\frac{4}{5}", True),  # a mixed number
+        ("137.5", "137 \\frac{1}{2}", True),
+        ("-1.8", "-1\\frac{4}{5}", True),
+        ("1.8", "-1\\frac{4}{5}", False),
+        ("\\frac{\\sqrt3}{3}", "\\frac{\\sqrt{3}}{3}", True),  # bare arguments inside another command's
     ],
 )
 def test_math_equality(pred, gold, ok):
@@ -155,6 +163,11 @@ def test_grade_registry():
     ]:
         assert grade("gsm8k", box, gold) is ok, box
     assert grade("math", "</think> The answer is $\\boxed{\\dfrac{3}{4}}$.", "\\frac34")
+    assert grade("gsm8k", "#### Step 2: Conclusion\nSo \\boxed{18}.", "18")  # the box wins over a heading
+    # a list boxed item by item reads as the list; boxes apart (thinking, then answer) do not join
+    assert grade("math", "\\boxed{2}, \\boxed{-3}", "2, -3") and grade("math", "$\\boxed{1}$ and $\\boxed{-2}$", "-2,1")
+    assert grade("math", "so \\boxed{4}. </think> The answer is \\boxed{5}", "5")
+    assert grade("math", "$d = \\boxed{15\\frac{39}{40}},$ or $\\boxed{\\frac{639}{40}}$ inches.", "\\frac{639}{40}")
     assert grade("organism", "<think> 2 + 5 = 7 </think> 7", "7")
     with pytest.raises(ValueError, match="gsm8k.*math.*organism"):
         grade("aime", "1", "1")

@@ -45,6 +45,15 @@ def test_organism_steps_and_answers():
     assert answers == [None, "5", None, "4", "4", None]
     assert extract_intermediate("so we get \\frac{1}{2}.", "math") == "\\frac{1}{2}"
     assert extract_intermediate("Let me check this.", "math") is None
+    # a decimal point is no sentence end: no integer part read off "5.8"; \\( \\) and negative fractions read
+    for text, want in [
+        ("Therefore, the answer is 5.8 cm.", None),
+        ("so x = 12.5.\n", "12.5"),
+        ("= 8!.", None),
+        ("the answer is \\( \\frac{1}{4027} \\).", "\\frac{1}{4027}"),
+        ("x = -\\frac{1}{4027}.", "-\\frac{1}{4027}"),
+    ]:
+        assert extract_intermediate(text, "math") == want, text
 
 
 # ---------------------------------------------------------------------------- labels

@@ -31,6 +31,7 @@ def tokenizer():
 def test_sentence_ends_and_decimals():
     text = "The rate is 3.5 percent. Is that right? Yes! Then x = 0.25 works.\n"
     assert _texts(text) == ["The rate is 3.5 percent.", "Is that right?", "Yes! Then x = 0.25 works."]
+    assert _texts("The rate is 3.5 percent.\r\nIs that right?") == ["The rate is 3.5 percent.", "Is that right?"]
 
 
 def test_paragraphs_and_short_pieces_merge_forward():

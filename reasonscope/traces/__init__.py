@@ -1,6 +1,15 @@
 """Reasoning traces: the record, grading, segmentation and loaders (generation lives in ``generate``)."""
 
-from .grading import GRADERS, Grader, extract_boxed, extract_gsm8k, extract_organism, grade, normalize_math
+from .grading import (
+    GRADERS,
+    Grader,
+    extract_boxed,
+    extract_boxed_list,
+    extract_gsm8k,
+    extract_organism,
+    grade,
+    normalize_math,
+)
 from .loaders import (
     load_hf_dataset,
     load_thought_anchors,
@@ -18,6 +27,7 @@ __all__ = [
     "Segment",
     "Trace",
     "extract_boxed",
+    "extract_boxed_list",
     "extract_gsm8k",
     "extract_organism",
     "full_text",

@@ -30,11 +30,11 @@ def canonical_number(s: str) -> str | None:
 
 
 def extract_gsm8k(text: str) -> str | None:
-    """The number after the last ``####``, commas removed and normalised (``3/4`` reads as ``0.75``, a fraction
+    """The number right after the last ``####``, commas removed and normalised (``3/4`` reads as ``0.75``, a fraction
     without a finite decimal as ``None``); ``None`` if absent."""
     if "####" not in text:
         return None
-    m = _NUMBER.search(text.rsplit("####", 1)[1].replace("$", ""))
+    m = _NUMBER.match(text.rsplit("####", 1)[1].replace("$", "").lstrip())  # "#### Step 2: ..." is a heading
     if m is None:
         return None
     over = re.match(r"\s*/\s*(\d+)", m.string[m.end() :])
@@ -51,11 +51,8 @@ def extract_gsm8k(text: str) -> str | None:
     return canonical_number(str(Decimal(value.numerator) / Decimal(value.denominator))) if rest == 1 else None
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces) or ``\\boxed 5``."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
+def _box(text: str, start: int) -> tuple[str | None, int]:
+    """The content of the box whose command starts at ``start``, and where the box ends (None: cut off)."""
     i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
     if i < len(text) and text[i] == "{":
         depth, j = 0, i
@@ -69,13 +66,38 @@ def extract_boxed(text: str) -> str | None:
             elif c == "}":
                 depth -= 1
                 if depth == 0:
-                    return text[i + 1 : j].strip()
+                    return text[i + 1 : j].strip(), j + 1
             j += 1
-        return None  # unbalanced: the box was cut off
+        return None, len(text)  # unbalanced: the box was cut off
     if i < len(text) and text[i] == " ":  # "\boxed 5": up to whitespace or "$"
         m = re.match(r"\s*([^\s$]+)", text[i:])
-        return m.group(1) if m else None
-    return None
+        return (m.group(1), i + m.end()) if m else (None, i)
+    return None, i
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces) or ``\\boxed 5``."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    return None if start < 0 else _box(text, start)[0]
+
+
+_BOX = re.compile(r"\\(?:boxed|fbox)")
+_BETWEEN_BOXES = re.compile(r"[\s$,;]*(?:(?:and|\\text\{\s*and\s*\})[\s$,;]*)?")  # not "or": alternatives
+
+
+def extract_boxed_list(text: str) -> str | None:
+    """The last box's content, joined (``", "``) with the boxes right before it that only commas, ``and`` or ``$``
+    separate from it: ``\\boxed{2}, \\boxed{-3}`` reads ``2, -3`` (a list answer boxed item by item; ``or`` gives
+    alternatives, of which the last is read)."""
+    boxes = [(m.start(), *_box(text, m.start())) for m in _BOX.finditer(text)]
+    if not boxes or boxes[-1][1] is None:
+        return None
+    parts = [boxes[-1][1]]
+    for (_, content, end), (next_start, _, _) in zip(reversed(boxes[:-1]), reversed(boxes[1:])):
+        if content is None or not _BETWEEN_BOXES.fullmatch(text[end:next_start]):
+            break
+        parts.append(content)
+    return ", ".join(reversed(parts))
 
 
 def extract_organism(text: str) -> str | None:
@@ -114,7 +136,8 @@ def _brace_arg(s: str, i: int) -> tuple[str, int]:
 
 
 def _fix_frac_sqrt(s: str) -> str:
-    """``\\frac12 -> \\frac{1}{2}``, ``\\sqrt3 -> \\sqrt{3}`` (bare single-character arguments)."""
+    """``\\frac12 -> \\frac{1}{2}``, ``\\sqrt3 -> \\sqrt{3}`` (bare single-character arguments, also inside
+    another's: ``\\frac{\\sqrt3}{3}``)."""
     out, i = [], 0
     while i < len(s):
         for cmd, nargs in (("\\frac", 2), ("\\sqrt", 1)):
@@ -127,7 +150,7 @@ def _fix_frac_sqrt(s: str) -> str:
                     out.append(cmd)
                 for _ in range(nargs):
                     arg, j = _brace_arg(s, j)
-                    out.append(arg)
+                    out.append("{" + _fix_frac_sqrt(arg[1:-1]) + "}" if arg.endswith("}") else arg)
                 i = j
                 break
         else:
@@ -139,7 +162,8 @@ def _fix_frac_sqrt(s: str) -> str:
 def normalize_math(s: str) -> str:
     """Canonical string form of a MATH answer (LaTeX noise, units, spacing and number formats)."""
     s = s.strip().replace("\n", "").rstrip(".")
-    s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "").replace("\\ ", "")
+    s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "")
+    s = re.sub(r"(?<!\\)\\ ", "", s)  # the "\ " space, not a "\\ " row break
     s = s.replace("\\displaystyle", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"\\left\s*|\\right\s*", "", s)
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°", "", s)
@@ -169,11 +193,11 @@ def normalize_math(s: str) -> str:
 
 
 def _as_fraction(s: str) -> Fraction | None:
-    """Exact value of a normalised plain number or ``\\frac{a}{b}``, else ``None``."""
-    m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
+    """Exact value of a normalised plain number, ``\\frac{a}{b}`` or mixed number ``n\\frac{a}{b}``, else ``None``."""
+    m = re.fullmatch(r"(-?)(\d*)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)  # "1\frac{4}{5}": a mixed number
     try:
         if m:
-            v = Fraction(int(m.group(2)), int(m.group(3)))
+            v = int(m.group(2) or 0) + Fraction(int(m.group(3)), int(m.group(4)))
             return -v if m.group(1) else v
         if re.fullmatch(r"-?\d+(\.\d+)?", s):
             return Fraction(Decimal(s))
@@ -209,14 +233,14 @@ _BOX_NOISE = re.compile(r"\\text\{[^{}]*\}|\\(?:mathrm|textbf)\{[^{}]*\}|\\[!,;:
 
 
 def _gsm8k_answer(text: str) -> str | None:
-    """``#### n`` if present, else the number in the last ``\\boxed{}`` (model outputs): ``1{,}000``, ``\\$18`` and
+    """The number in the last ``\\boxed{}`` (model outputs), else ``#### n`` (golds): ``1{,}000``, ``\\$18`` and
     ``18 \\text{ dollars}`` read as one number; a box holding several (``\\frac{3}{2}``, ``2 \\times 10^3``) reads as
     none rather than as its first."""
-    ans = extract_gsm8k(text)
-    if ans is None and (boxed := extract_boxed(text)) is not None:
+    if (boxed := extract_boxed(text)) is not None:
         numbers = _NUMBER.findall(_BOX_NOISE.sub("", boxed))
-        ans = canonical_number(numbers[0]) if len(numbers) == 1 else None
-    return ans
+        if len(numbers) == 1:
+            return canonical_number(numbers[0])
+    return extract_gsm8k(text)
 
 
 # ---------------------------------------------------------------------------- registry
@@ -233,7 +257,7 @@ class Grader:
 
 GRADERS: dict[str, Grader] = {
     "gsm8k": Grader("gsm8k", _gsm8k_answer, _number_equal),
-    "math": Grader("math", extract_boxed, math_equal),
+    "math": Grader("math", extract_boxed_list, math_equal),
     "organism": Grader("organism", extract_organism, _number_equal),
 }
 

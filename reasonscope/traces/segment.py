@@ -20,7 +20,7 @@ from typing import Any
 
 from .record import THINK_END, THINK_START, Segment, Trace
 
-_BOUNDARY = re.compile(r"[.?!](?=[ \n])|\r?\n\r?\n")
+_BOUNDARY = re.compile(r"[.?!](?=[ \r\n])|\r?\n\r?\n")
 
 
 def split_sentences(text: str, min_chars: int = 10) -> list[tuple[int, int]]:
@@ -96,7 +96,8 @@ def token_offsets(trace: Trace, tokenizer: Any) -> tuple[list[int], list[tuple[i
         return ids2, offsets2
     raise ValueError(
         f"trace {trace.id!r}: token_ids ({len(trace.token_ids)}) are not the tokenizer's "
-        f"tokenization of full_text(trace) ({len(ids)} tokens); cannot map segments to tokens"
+        f"tokenization of full_text(trace) ({len(ids)} tokens); cannot map segments to tokens: segment with the "
+        "tokenizer that wrote the ids, or clear them (token_ids=[], think_span=None) to tokenize the text again"
     )
 
 
