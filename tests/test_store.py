@@ -396,10 +396,25 @@ def test_killed_between_shard_and_record_recaptures(tmp_path):
     assert again.finalize().completed_shards() == [0, 1, 2]
 
 
-def test_resume_recaptures_deleted_shard_of_complete_store(tmp_path):
+def test_a_writer_that_another_completed_the_store_under_leaves_it_intact(tmp_path):
+    """Two writers of one job: the one still running when the other finalized writes nothing more (its shards may
+    differ in bytes: batching, GPUs) and finalizes to the finished store instead of reporting shards missing."""
+    m = manifest()
+    late = StoreWriter.create(tmp_path / "s", m)
+    build(tmp_path / "s")  # another process captures and finalizes the same job meanwhile
+    ref = (tmp_path / "s" / SHARD1).read_bytes()
+    late.write_shard(1, *make_shard(m, 1, seed=7))  # other bytes
+    assert (tmp_path / "s" / SHARD1).read_bytes() == ref
+    store = late.finalize()
+    assert store.manifest.complete and len(store.get(H0)) == len(store)
+    assert not list((tmp_path / "s" / "shards").glob("*.record.json"))
+
+
+@pytest.mark.parametrize("how", ["deleted", "altered"])
+def test_resume_recaptures_deleted_shard_of_complete_store(tmp_path, how):
     build(tmp_path / "s")
     ref = (tmp_path / "s" / SHARD1).read_bytes()
-    damage(tmp_path / "s", "deleted")
+    damage(tmp_path / "s", how)
     m = manifest()
     again = StoreWriter.create(tmp_path / "s", m)
     assert not again.manifest.complete and again.completed_shards() == [0, 2]

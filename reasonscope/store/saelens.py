@@ -47,8 +47,10 @@ def to_hf_dataset(
         sae_lens.SAETrainer(SAETrainerConfig(total_training_samples=..., train_batch_size_samples=512,
             lr=3e-4, lr_end=3e-4), training_sae, data_provider=acts).fit()
 
-    (``n_batches_in_buffer * context_size`` must be >= ``train_batch_size_tokens``.) SAELens'
-    ``LanguageModelSAETrainingRunner`` is not usable here: it loads a model and a text dataset
+    (``n_batches_in_buffer * context_size`` must be >= ``train_batch_size_tokens``, and
+    ``store_batch_size_prompts`` at most the dataset's rows: SAELens reads that many rows a batch, fails on a shorter
+    first one and drops the remainder each epoch; a small store, such as the README's 8 traces, needs a small one.)
+    SAELens' ``LanguageModelSAETrainingRunner`` is not usable here: it loads a model and a text dataset
     even with ``use_cached_activations=True``.
     """
     import datasets

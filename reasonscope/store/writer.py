@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -68,8 +68,8 @@ class StoreWriter(ActivationStore):
             others = [p.name for p in path.iterdir() if not p.name.endswith(TMP_SUFFIX)]
             if others:
                 raise ValueError(
-                    f"{path} exists, is not empty and has no {MANIFEST}: not an activation store; "
-                    "use another --out or delete it"
+                    f"{path} exists, is not empty and has no {MANIFEST}: not an activation store, or one that lost "
+                    "its manifest; use another --out, or delete it and capture again"
                 )
         path.mkdir(parents=True, exist_ok=True)
         write_manifest(path, manifest.to_manifest())
@@ -162,6 +162,8 @@ class StoreWriter(ActivationStore):
 
     def _save_atomic(self, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, str], n_rows: int) -> None:
         final = self.shard_path(index)
+        if self._completed_elsewhere():  # another process of this job finished the store: its shards stand
+            return
         try:
             recorded = index in self.completed_shards()
             with atomic_path(final, replace=True) as tmp:
@@ -187,8 +189,17 @@ class StoreWriter(ActivationStore):
             err.errno = getattr(e, "errno", None)
             raise err from e
 
+    def _completed_elsewhere(self) -> bool:
+        """Whether another writer of this job (same fingerprint: checked when this one opened) completed the store
+        while this one ran; its finalize removed the records this writer would otherwise go by."""
+        if self.manifest.complete or not (self.path / MANIFEST).exists():
+            return False
+        return read_store_manifest(self.path).complete
+
     def finalize(self) -> ActivationStore:
         """Check every shard against its record, write the complete manifest, return the store for reading."""
+        if self._completed_elsewhere():
+            self.manifest = read_store_manifest(self.path)
         if not self.manifest.complete:
             missing = [i for i in range(self.n_shards) if not record_path(self.path, i).exists()]
             if missing:
@@ -207,13 +218,13 @@ class StoreWriter(ActivationStore):
                 p.unlink(missing_ok=True)
         return ActivationStore.open(self.path)
 
-    def _drop_damaged(self, indices: Iterable[int]) -> list[int]:
-        """Those of ``indices`` whose shard is now missing or of the wrong size, file and record removed so that
-        the resumed job captures them again."""
+    def _drop_damaged(self, indices: Iterable[int], check: Literal["size", "hash"] = "size") -> list[int]:
+        """Those of ``indices`` whose shard is now missing or of the wrong size (``check="hash"``: or altered), file
+        and record removed so that the resumed job captures them again."""
         bad = []
         for i in indices:
             try:
-                self._check_shard(i, "size")
+                self._check_shard(i, check)
             except CorruptShardError:
                 self.shard_path(i).unlink(missing_ok=True)
                 record_path(self.path, i).unlink(missing_ok=True)  # a leftover record would skip its recapture
@@ -221,8 +232,8 @@ class StoreWriter(ActivationStore):
         return bad
 
     def _reopen_damaged(self) -> None:
-        """On resume of a complete store: shards now missing or of the wrong size are captured again."""
-        bad = self._drop_damaged(range(self.n_shards))
+        """On a re-run over a complete store: shards now missing or altered (sha256) are captured again."""
+        bad = self._drop_damaged(range(self.n_shards), "hash")
         if not bad:
             return
         for i in range(self.n_shards):
