@@ -316,9 +316,11 @@ class ModelHandle:
 
         def reader(name: str) -> HookFn:
             edit = edits.get(name)
+            # as the backend's own hook would check it (the pass may stop before that check runs)
+            editable = self.backend == "transformer_lens" or parse_hook(name, g.n_layers).spec.editable
 
             def fn(x: torch.Tensor) -> torch.Tensor | None:
-                new = check_replacement(name, edit(x), x) if edit is not None else None
+                new = check_replacement(name, edit(x), x, editable) if edit is not None else None
                 cache[name] = (x if new is None else new).detach()
                 if len(cache) == len(wanted):  # every point cached, whatever order the backend fires them in
                     raise StopForward

@@ -117,6 +117,8 @@ def test_pattern_edits_are_refused_where_they_would_change_nothing(tiny_model_di
         return
     with pytest.raises(ValueError, match=r"blocks.0.attn.hook_pattern is read-only on this backend.*attn.hook_z"):
         h.run(ids, hooks=zero)
+    with pytest.raises(ValueError, match="read-only"):  # also when the pattern is the last point cached
+        h.run_with_cache(ids, None, "blocks.0.attn.hook_pattern", hooks=zero)
     assert torch.equal(h.run(ids), plain)
 
 
