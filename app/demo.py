@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from reasonscope.artifacts import read_json, write_json
+from reasonscope.artifacts import TMP_SUFFIX, read_json, write_json
 
 from .artifacts import JsonResult, MissingStage, RunDir, TraceSet
 
@@ -367,7 +367,8 @@ def _pin(run: RunDir, cfg: DemoConfig, weights: dict[str, str]) -> None:
                 f"{run.path} was made with other {what}; choose another --out or delete {run.path} to start over"
             )
         return
-    if run.path.is_dir() and any(run.path.iterdir()):  # never adopt (and then lock) another run's directory
+    # never adopt (and then lock) another run's directory; a temporary a killed first run left is not a run
+    if run.path.is_dir() and any(not p.name.endswith(TMP_SUFFIX) for p in run.path.iterdir()):
         raise ValueError(
             f"{run.path} is not empty and holds no run.json, so it is not a demo run; choose a new --out "
             "(a run on your own model opens with `reasonscope app DIR --model M`)"

@@ -8,6 +8,8 @@ unexpected failure is one line and exit status 1. ``reasonscope --debug ...`` sh
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Optional
@@ -73,6 +75,13 @@ def mount_plugins(root: typer.Typer, group: str = PLUGIN_GROUP) -> list[str]:
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error.")) -> None:
     """Interpretability for reasoning language models."""
+    if threading.current_thread() is threading.main_thread():  # (a CliRunner in a worker thread cannot)
+        signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C (exit 143): atomic writes remove their temporaries, hooks come off."""
+    raise SystemExit(128 + signum)
 
 
 # ---------------------------------------------------------------------------- organism

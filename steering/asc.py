@@ -227,11 +227,20 @@ def _encode(handle: Any, texts: Sequence[str]) -> list[list[int]]:
 def estimate_a_l(
     handle: Any, texts: Sequence[str], layer: int | Sequence[int], direction: torch.Tensor, rel_step: float = 1e-2
 ) -> dict[str, float]:
-    """a = median ‖J v̂‖ and L = p95 ‖∂²F/∂t²‖ at the last token of ``texts``, by central differences in fp32.
+    """a = median ‖J v̂‖ and L = p95 ‖∂²F/∂t²‖ at the last token of ``texts``, by central differences in fp32
+    (a bfloat16/float16 model runs in float32 here, :meth:`ModelHandle.in_float32`: a second difference at a step of
+    1% of the residual is far below their rounding).
 
     ``direction``: ``[d]`` for one layer, or ``[len(layer), d]`` for several, perturbed together (v̂ is the unit
     vector over all of them). The step is ``rel_step`` times the median residual norm at that point (over layers).
     """
+    with handle.in_float32():
+        return _estimate_a_l(handle, texts, layer, direction, rel_step)
+
+
+def _estimate_a_l(
+    handle: Any, texts: Sequence[str], layer: int | Sequence[int], direction: torch.Tensor, rel_step: float
+) -> dict[str, float]:
     layers = _layers(layer)
     unit = direction.float().reshape(len(layers), -1)
     unit = unit / unit.norm()
@@ -252,12 +261,14 @@ def estimate_a_l(
 
 
 def measured_kl(handle: Any, texts: Sequence[str], layer: int | Sequence[int], delta: torch.Tensor) -> dict[str, float]:
-    """Median and 95th percentile of KL(p ‖ p̃) between unsteered and steered next-token distributions."""
+    """Median and 95th percentile of KL(p ‖ p̃) between unsteered and steered next-token distributions (in float32:
+    a bfloat16 model's rounding alone reads as KL near the 1e-3 budget)."""
     layers = _layers(layer)
     delta = delta.float().reshape(len(layers), -1)
     seqs = _encode(handle, texts)
-    p = torch.log_softmax(_last_logits(handle, seqs, layers, torch.zeros_like(delta)), -1)
-    q = torch.log_softmax(_last_logits(handle, seqs, layers, delta), -1)
+    with handle.in_float32():
+        p = torch.log_softmax(_last_logits(handle, seqs, layers, torch.zeros_like(delta)), -1)
+        q = torch.log_softmax(_last_logits(handle, seqs, layers, delta), -1)
     kl = (p.exp() * (p - q)).sum(-1)
     return {"median": float(kl.median()), "p95": float(torch.quantile(kl, 0.95)), "max": float(kl.max())}
 

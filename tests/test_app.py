@@ -92,6 +92,17 @@ def test_demo_refuses_a_directory_that_is_not_a_demo_run(tmp_path):
     assert sorted(p.name for p in own.iterdir()) == ["labels"]
 
 
+def test_a_temporary_a_killed_first_run_left_does_not_make_its_directory_foreign(tmp_path):
+    from app.artifacts import RunDir
+    from app.demo import DemoConfig, _pin
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".run.json.abc123.tmp").write_text("{")  # SIGKILL inside the first write_json
+    _pin(RunDir(run), DemoConfig.quick(), {"thinking": "sha256:a", "base": "sha256:b"})
+    assert (run / "run.json").exists()
+
+
 @organisms
 def test_traces_page(quick_run, monkeypatch):
     at = _apptest(quick_run, "Traces", monkeypatch)

@@ -449,3 +449,19 @@ def test_capture_on_the_thinking_organism(tmp_path):
     store = ActivationStore.open(tmp_path / "s")
     assert len(store) == sum(len(t.segments) for t in traces) > 8
     assert store.get("blocks.3.hook_resid_post", trace=traces[0].id).shape == (len(traces[0].segments), 128)
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_temporary(tmp_path):
+    """A SIGTERM'd command exits 143 through the same clean-up as Ctrl-C: no half-written output, no temporary."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "reasonscope.cli", "traces", "generate", "--model", "organism:thinking"]
+    proc = subprocess.Popen([*cmd, "--n", "4000", "--out", str(out / "t.jsonl")], stderr=subprocess.DEVNULL)
+    time.sleep(10)  # loaded and generating (4,000 problems take minutes)
+    assert proc.poll() is None, "the command ended early"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    assert list(out.iterdir()) == []

@@ -26,6 +26,7 @@ from steering.asc import (
     estimate_a_l,
     kl_bound,
     kl_gamma,
+    measured_kl,
     read_pairs,
     run_asc,
     selection_problems,
@@ -126,6 +127,11 @@ def test_kl_bound_of_a_bfloat16_model_is_its_float32_bound_and_the_weights_come_
     got, want = kl_gamma(low, vec, texts, 1, 1e-3), kl_gamma(wide, vec, texts, 1, 1e-3)
     for k in ("a", "L", "gamma"):
         assert got[k] == pytest.approx(want[k], rel=1e-5), k
+    # called on their own, the estimate and the measured KL run in float32 too
+    direct = estimate_a_l(low, texts, 1, vec.direction(1))
+    assert direct["L"] == pytest.approx(want["L"], rel=1e-5) and direct["a"] == pytest.approx(want["a"], rel=1e-5)
+    delta = want["gamma"] * vec.direction(1)
+    assert measured_kl(low, texts, 1, delta) == pytest.approx(measured_kl(wide, texts, 1, delta), rel=1e-4, abs=1e-9)
     after = dict(low.model.named_parameters())
     assert all(after[n].dtype == d and torch.equal(after[n].detach(), t) for n, (d, t) in before.items())
     seen = []
