@@ -460,7 +460,7 @@ def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_temporary(tmp_path):
     out.mkdir()
     cmd = [sys.executable, "-m", "reasonscope.cli", "traces", "generate", "--model", "organism:thinking"]
     proc = subprocess.Popen([*cmd, "--n", "4000", "--out", str(out / "t.jsonl")], stderr=subprocess.DEVNULL)
-    time.sleep(10)  # loaded and generating (4,000 problems take minutes)
+    time.sleep(20)  # loaded and generating (4,000 problems take minutes)
     assert proc.poll() is None, "the command ended early"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 143
