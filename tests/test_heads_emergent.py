@@ -44,8 +44,19 @@ def test_style_texts_score_the_continuation(tiny_handle, texts):
     first = think.positions[0]
     assert think.token_ids[first] == start and direct.token_ids[direct.positions[0]] == end
     assert think.positions[-1] == len(think.token_ids) - 2
-    with pytest.raises(ValueError, match="opens <think>"):
+    with pytest.raises(ValueError, match="opening <think>"):
         style_texts(tiny_handle, "no think here", [1], [2])
+
+
+def test_style_texts_take_r1s_prompt_that_ends_in_a_newline_after_think(r1_tiny_dir):
+    from reasonscope.models import load_model
+
+    h = load_model(r1_tiny_dir)
+    prompt = h.chat_prompt("what is 2 + 3?", thinking=True)
+    assert prompt.endswith("<think>\n")
+    think, direct = style_texts(h, prompt, [17, 18], [19])
+    n = len(h.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert think.positions == [n - 1, n] and direct.token_ids[n] == h.think_ids[1]
 
 
 def test_head_attribution_is_complete(tiny_handle, texts):

@@ -73,6 +73,10 @@ def test_selection_rules():
     draws = {tuple(random_full_heads(4, 2, 0.5, seed).flatten().tolist()) for seed in range(6)}
     assert len(draws) > 1 and all(sum(d) == 4 for d in draws)
     assert uniform_full_heads(4, 2, 0.5).sum(-1).tolist() == [1, 1, 1, 1]
+    two = torch.tensor([[0.2, 0.1]])  # half a head rounds up: 0.25 of 2 compresses 1 (round() gave 0), 0.75 of 2 2
+    assert select_full_heads(two, 0.25).tolist() == [[True, False]] and not select_full_heads(two, 0.75).any()
+    with pytest.raises(ValueError, match=r"NaN at .*\(0, 0\)"):
+        select_full_heads(torch.tensor([[float("nan"), 1.0]]), 0.5)
 
 
 def test_trace_batches_refuse_a_window_over_the_whole_trace(tiny_handle, task_traces):

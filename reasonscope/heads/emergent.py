@@ -38,12 +38,16 @@ class StyleText:
 
 def style_texts(handle: Any, prompt: str, thinking_ids: Sequence[int], answer_ids: Sequence[int]) -> list[StyleText]:
     """The thinking-style text (``prompt`` opening ``<think>`` + ``thinking_ids``) and the direct-answer text
-    (the prompt with ``<think></think>`` closed at once + ``answer_ids``)."""
+    (the prompt with ``<think></think>`` closed at once + ``answer_ids``). The prompt may end in whitespace after
+    ``<think>`` (R1's and Qwen3's templates write ``<think>\n``)."""
     tok = handle.tokenizer
     start, end = handle.think_ids
-    ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    if not ids or ids[-1] != start:
-        raise ValueError("style texts need a chat prompt that opens <think> (handle.chat_prompt(question))")
+    ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    opened = start in ids and not tok.decode(ids[len(ids) - ids[::-1].index(start) :]).strip()
+    if not opened:
+        raise ValueError(
+            "style texts need a chat prompt that ends by opening <think> (handle.chat_prompt(question, thinking=True))"
+        )
     think = ids + list(thinking_ids)
     direct = ids + [end] + list(answer_ids)
     return [

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def n_full_heads(n_heads: int, sparsity: float) -> int:
-    """Heads kept full at ``sparsity`` (fraction compressed), rounded to whole heads."""
+    """Heads kept full at ``sparsity`` (fraction compressed), the compressed count rounded half up (2 heads at 0.25
+    and 0.75: 1 and 2 compressed; Python's ``round`` went to the even 0 and 2)."""
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity {sparsity} is outside [0, 1]; it is the fraction of KV heads compressed")
-    return n_heads - round(sparsity * n_heads)
+    return n_heads - math.floor(sparsity * n_heads + 0.5)
 
 
 def select_full_heads(scores: torch.Tensor, sparsity: float, seed: int = 0) -> torch.Tensor:
@@ -19,6 +22,9 @@ def select_full_heads(scores: torch.Tensor, sparsity: float, seed: int = 0) -> t
     [0, 1]; unequal scores keep their order however small they are (windowing-KL scores can be ~1e-7). The count
     is exact (``n_full_heads``) rather than a quantile threshold, so equal sparsities compare equal budgets.
     """
+    if bool(scores.isnan().any()):
+        bad = [tuple(i) for i in scores.isnan().nonzero().tolist()][:4]
+        raise ValueError(f"head scores hold NaN at (layer, kv head) {bad}: re-run the scorer (a NaN would rank first)")
     k = n_full_heads(scores.numel(), sparsity)
     g = torch.Generator().manual_seed(seed)
     shuffled = torch.randperm(scores.numel(), generator=g)
