@@ -20,11 +20,12 @@ from reasonscope.traces import GRADERS, Trace, extract_boxed_list
 Matcher = Literal["auto", "organism", "math"]
 MATCHERS: tuple[Matcher, ...] = get_args(Matcher)
 _ORGANISM = re.compile(r"(?:=|answer is:)\s*(-?\d+)(?:\.?\s*$|, check\b)")
-_VALUE = r"(-?\d[\d,]*(?:\.\d+)?|-?\\d?frac\{[^{}]+\}\{[^{}]+\})"
+_VALUE = r"(-?\d+\s*/\s*\d+|-?\d[\d,]*(?:\.\d+)?|-?\\d?frac\{[^{}]+\}\{[^{}]+\})"
+_UNIT = r"(?:\s*(?:\\?%|[A-Za-z]{1,12}(?:\^\d)?))?"  # "6.17%.", "5.8 cm.": a percent sign or a unit word
 _OPEN, _CLOSE = r"(?:\$|\\\(|\\\[)*", r"(?:\$|\\\)|\\\])*"  # $, \( \) and \[ \] around the value
 # the value ends a sentence: "." then whitespace, as split_sentences reads it (the "." of "5.8" is no end)
 _MATH = re.compile(
-    r"(?:answer is:?|\b(?:is|get|gives|equals)\b|=)\s*" + _OPEN + r"\s*" + _VALUE + r"\s*" + _CLOSE + r"\s*"
+    r"(?:answer is:?|\b(?:is|get|gives|equals)\b|=)\s*" + _OPEN + r"\s*" + _VALUE + r"\s*" + _CLOSE + _UNIT + r"\s*"
     r"(?=[.!?](?:\s|$)|\n|$)",
     re.IGNORECASE,
 )
@@ -50,7 +51,7 @@ def extract_intermediate(text: str, matcher: Literal["organism", "math"]) -> str
     if boxed is not None:
         return boxed
     hits = _MATH.findall(text)
-    return hits[-1].replace(",", "") if hits else None
+    return re.sub(r"[,\s]", "", hits[-1]) if hits else None
 
 
 _QUESTION = re.compile(r"what is\s+([a-z](?:\s*[+-]\s*[a-z])*)\s*\?")

@@ -107,7 +107,8 @@ def _warn_unmatched(labels: LabelTable, key: dict[tuple[str, int], int], hit: se
             f"{len(missed)} of {len(missed) + len(hit)} labelled chunks of the store's traces have no store row and "
             f"are left out (e.g. trace {labels.trace_id[first]!r} position {labels.position[first]}: "
             f"{labels.text[first][:40]!r}); capture at positions 'think', or segment the traces with min_chars=0 "
-            "before a 'segment_ends' capture",
+            "before a 'segment_ends' capture (reasonscope.traces.segment.segment_trace(trace, tokenizer, min_chars=0) "
+            "for each trace, then capture those)",
             stacklevel=3,
         )
 

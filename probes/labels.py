@@ -23,6 +23,7 @@ import json
 import math
 import re
 import statistics
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -220,9 +221,12 @@ def build_labels(
         raise ValueError("forced answers and entropies need a model: pass handle= (CLI: --model)")
     if not traces:
         raise ValueError("no traces to label; pass a non-empty trace file")
-    for t in traces:
-        if not t.thinking.strip():
-            raise ValueError(f"trace {t.id!r} has no thinking; label only traces of a reasoning model (<think>...)")
+    empty = [t.id for t in traces if not t.thinking.strip()]
+    if len(empty) == len(traces):
+        raise ValueError("no trace has any thinking; label the traces of a reasoning model (<think>...)")
+    if empty:  # a reasoning model sometimes closes its thinking at once: nothing to label there
+        warnings.warn(f"{len(empty)} traces with empty thinking are left out (e.g. {empty[:3]})", stacklevel=2)
+        traces = [t for t in traces if t.thinking.strip()]
     tokenizer = tokenizer if tokenizer is not None else (handle.tokenizer if handle is not None else None)
     table = LabelTable([], [], [], [], [], [], {k: [] for k in TEXT_TARGETS})
     positions: list[list[int]] = []

@@ -96,7 +96,9 @@ class ProbeSet:
 
     def predict(self, x: torch.Tensor, hook: str | None = None, weight_hash: str | None = None) -> torch.Tensor:
         """Probability of the target for activations ``x`` ``[..., d]`` of ``hook`` (default: the best hook),
-        calibrated (Platt scaling fitted on the validation problems)."""
+        calibrated (Platt scaling fitted on the validation problems). A raw tensor carries no model: pass
+        ``weight_hash`` (``handle.weight_hash``) to have another model's activations refused, as
+        :meth:`predict_store` and :meth:`check_handle` do."""
         hook = hook or self.best_hook
         if hook not in self.hooks:
             raise KeyError(f"no probe for hook {hook!r}; these probes cover {self.hooks}")

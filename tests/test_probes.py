@@ -45,9 +45,11 @@ def test_organism_steps_and_answers():
     assert answers == [None, "5", None, "4", "4", None]
     assert extract_intermediate("so we get \\frac{1}{2}.", "math") == "\\frac{1}{2}"
     assert extract_intermediate("Let me check this.", "math") is None
-    # a decimal point is no sentence end: no integer part read off "5.8"; \\( \\) and negative fractions read
+    # a decimal point is no sentence end (no integer part read off "5.8"); \\( \\), fractions and units read
     for text, want in [
-        ("Therefore, the answer is 5.8 cm.", None),
+        ("Therefore, the answer is 5.8 cm.", "5.8"),  # a unit word or % may end the value
+        ("So the rate is 6.17%.", "6.17"),
+        ("So, p(5) = -5/12", "-5/12"),
         ("so x = 12.5.\n", "12.5"),
         ("= 8!.", None),
         ("the answer is \\( \\frac{1}{4027} \\).", "\\frac{1}{4027}"),
@@ -108,8 +110,16 @@ def test_traces_without_gold_get_the_labels_that_need_none():
     assert s["n_chunks"] == 3 and s["first_correct_share"]["n"] == 0 and s["targets"]["correct"]["n"] == 0
 
 
+def test_a_trace_with_empty_thinking_is_left_out_with_a_warning():
+    full = _trace("first a3. c1; 3+1=4. yes, the answer is:4.")
+    empty = _trace("\n", tid="empty")
+    with pytest.warns(UserWarning, match=r"1 traces with empty thinking are left out \(e.g. \['empty'\]\)"):
+        table = build_labels([full, empty], LabelConfig())
+    assert set(table.trace_id) == {full.id}
+
+
 def test_labels_bad_input_writes_nothing(tmp_path):
-    with pytest.raises(ValueError, match="has no thinking"):
+    with pytest.raises(ValueError, match="no trace has any thinking"):
         label_traces([_trace("")], LabelConfig(), tmp_path / "l")
     with pytest.raises(ValueError, match="need a model"):
         label_traces([_trace("a=4.")], LabelConfig(forced=True), tmp_path / "l")
