@@ -57,7 +57,9 @@ def test_labels_user_errors(tmp_path, task_traces):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "a", "prompt": "q", "thinking": "", "answer": "1", "gold": "1"}) + "\n")
     out = tmp_path / "l"
-    assert "no thinking" in _err(runner.invoke(probe_app, ["labels", "--traces", str(bad), "--out", str(out)]))
+    assert "no trace has any thinking" in _err(
+        runner.invoke(probe_app, ["labels", "--traces", str(bad), "--out", str(out)])
+    )
     assert not out.exists()
 
 
