@@ -227,8 +227,8 @@ class ModelHandle:
         with masking(attention_mask):  # hooks that steer a row's last token find it (current_mask)
             if self.backend == "hf":
                 with attach(self.model, hooks, g.n_layers, g.n_heads):
-                    ids = input_ids
-                    return self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids).logits
+                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+                    return out.logits
             if self.backend == "transformer_lens":
                 fwd = [(name, _tl_hook(name, fn)) for name, fn in hooks.items()]
                 return self.wrapper.run_with_hooks(input_ids, attention_mask=attention_mask, fwd_hooks=fwd)

@@ -160,7 +160,7 @@ class SteeringVector:
             )
         top = max(self.meta.layers if layers is None else layers)
         if top >= g.n_layers:
-            origin = self.meta.recipe.get("imported_from") if isinstance(self.meta.recipe, Mapping) else None
+            origin = self.meta.recipe.get("imported_from")
             raise ValueError(
                 f"steering vector layer {top}{f' (from {origin})' if origin else ''} does not exist in "
                 f"{handle.source} (layers 0..{g.n_layers - 1}); apply the layers it has with layers=[...], or use a "
@@ -294,7 +294,7 @@ def _adder(
         if key not in vs:
             with torch.inference_mode(False):  # kept across calls: usable in autograd even if made in a generation
                 vx = v.to(*key)
-                vs[key] = (vx, vx if per_request else (gamma[0] * v).to(*key))
+                vs[key] = (vx, vx if per_request or live else (gamma[0] * v).to(*key))
         vx, gv = vs[key]
         if live and not per_request:
             gv = gamma[0].to(x.dtype) * vx

@@ -12,13 +12,13 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ..artifacts import MANIFEST, TMP_SUFFIX, atomic_path, file_record, write_json, write_manifest
+from ..artifacts import MANIFEST, TMP_SUFFIX, Check, atomic_path, file_record, write_json, write_manifest
 from ..dtypes import torch_dtype
 from .manifest import FORMAT, RECORD_SUFFIX, ROW_KEYS, SHARD_DIR, StoreManifest, record_dict, record_path, shard_name
 from .reader import META_KEY, ActivationStore, CorruptShardError, read_store_manifest
@@ -39,6 +39,9 @@ def _int_rows(name: str, t: Any, n: int) -> torch.Tensor:
 
 class StoreWriter(ActivationStore):
     """A store being written: :meth:`create` (or resume), :meth:`write_shard`, :meth:`finalize`."""
+
+    # manifest.json's (inode, mtime) when _completed_elsewhere last read it, and whether it was complete then
+    _manifest_seen: tuple[tuple[int, int], bool] | None = None
 
     @classmethod
     def create(cls, path: str | Path, manifest: StoreManifest, resume: bool = True) -> StoreWriter:
@@ -192,9 +195,16 @@ class StoreWriter(ActivationStore):
     def _completed_elsewhere(self) -> bool:
         """Whether another writer of this job (same fingerprint: checked when this one opened) completed the store
         while this one ran; its finalize removed the records this writer would otherwise go by."""
-        if self.manifest.complete or not (self.path / MANIFEST).exists():
+        if self.manifest.complete:
             return False
-        return read_store_manifest(self.path).complete
+        try:
+            st = (self.path / MANIFEST).stat()
+        except FileNotFoundError:
+            return False
+        stamp = (st.st_ino, st.st_mtime_ns)  # a rewrite is an atomic rename: a new inode
+        if self._manifest_seen is None or self._manifest_seen[0] != stamp:  # a stat per shard; a parse on change
+            self._manifest_seen = (stamp, read_store_manifest(self.path).complete)
+        return self._manifest_seen[1]
 
     def finalize(self) -> ActivationStore:
         """Check every shard against its record, write the complete manifest, return the store for reading."""
@@ -218,7 +228,7 @@ class StoreWriter(ActivationStore):
                 p.unlink(missing_ok=True)
         return ActivationStore.open(self.path)
 
-    def _drop_damaged(self, indices: Iterable[int], check: Literal["size", "hash"] = "size") -> list[int]:
+    def _drop_damaged(self, indices: Iterable[int], check: Check = "size") -> list[int]:
         """Those of ``indices`` whose shard is now missing or of the wrong size (``check="hash"``: or altered), file
         and record removed so that the resumed job captures them again."""
         bad = []
