@@ -112,6 +112,10 @@ def test_extract_organism():
         ("\\sqrt3", "\\sqrt{3}"),
         ("\\frac\\pi2", "\\frac{\\pi}{2}"),
         ("2\\!\\cdot\\!3", "2\\cdot3"),
+        ("{9}", "9"),  # grouping braces around the whole answer
+        ("{ {\\frac{1}{2}} }", "\\frac{1}{2}"),
+        ("{1}{2}", "{1}{2}"),  # two groups, not one
+        ("\\{1,2\\}", "\\{1,2\\}"),  # a set's escaped braces stay
     ],
 )
 def test_normalize_math(raw, norm):

@@ -178,6 +178,8 @@ def normalize_math(s: str) -> str:
             s = rhs
     s = re.sub(r"^[A-Za-z]\s*\\in\s*", "", s)  # "x \\in [-2,7]" -> "[-2,7]"
     s = s.replace(" ", "")
+    while _outer_group(s):  # LaTeX grouping braces around the whole answer: "{9}" -> "9"
+        s = s[1:-1]
     s = re.sub(r"^\(([A-Z])\)$", r"\1", s)  # a multiple-choice letter: "(C)" -> "C"
     s = _fix_frac_sqrt(s)
     s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)  # ".5" -> "0.5"
@@ -190,6 +192,20 @@ def normalize_math(s: str) -> str:
     if m:
         s = f"{m.group(1)}\\frac{{{m.group(2)}}}{{{m.group(3)}}}"
     return s
+
+
+def _outer_group(s: str) -> bool:
+    """True if ``s`` is one ``{...}`` group (the opening brace closes at the end, not ``{1}{2}``)."""
+    if not (s.startswith("{") and s.endswith("}")):
+        return False
+    depth = 0
+    for i, c in enumerate(s):
+        if i and s[i - 1] == "\\":  # an escaped brace is text
+            continue
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if depth == 0:
+            return i == len(s) - 1
+    return False
 
 
 def _as_fraction(s: str) -> Fraction | None:
