@@ -158,6 +158,22 @@ def test_training_smoke(tmp_path):
     assert (mine / "notes.txt").read_text() == "keep"
 
 
+@organisms
+def test_shipped_organisms_are_intact_and_share_the_training_architecture():
+    """Both shipped directories verify against their manifests, and their configs hold the architecture (context
+    included) that ``organism train`` writes: the base's was 768 positions, so capture refused its long traces."""
+    from dataclasses import asdict
+
+    from reasonscope.artifacts import verify_artifact
+    from reasonscope.models import ORGANISM_DIR
+    from reasonscope.organisms.train import OrganismArch
+
+    for kind in ("base", "thinking"):
+        assert verify_artifact(ORGANISM_DIR / kind).ok, str(verify_artifact(ORGANISM_DIR / kind))
+        config = json.loads((ORGANISM_DIR / kind / "config.json").read_text())
+        assert {k: config[k] for k in asdict(OrganismArch())} == asdict(OrganismArch()), kind
+
+
 @pytest.mark.slow
 @organisms
 def test_shipped_organisms_meet_the_targets():
