@@ -82,8 +82,18 @@ def test_evaluate_curves_match_direct_generation(varied, problems):
         "in_retrieval_top2": False,
         "in_name_reads_top2": False,
     }
-    assert res["rank_agreement"]["name_reads"]["a"] == pytest.approx(spearman(names, scores["a"]), abs=1e-4)
+    assert res["rank_agreement"]["truth:name_reads"]["a"] == pytest.approx(spearman(names, scores["a"]), abs=1e-4)
     assert log[0]["unique_selections"] < log[0]["requests"]
+
+
+def test_a_map_named_like_a_truth_keeps_its_own_agreement(varied, problems):
+    """``heads score --method retrieval`` names a map "retrieval": the ground truth does not overwrite it."""
+    prompts, golds = problems
+    mine, truth = torch.tensor([[0.9, 0.1], [0.5, 0.3]]), torch.tensor([[0.1, 0.9], [0.3, 0.5]])
+    cfg = EvalConfig(sparsities=(0.0,), random_draws=1, max_new_tokens=4, batch_size=4, timing_prompts=0)
+    res = evaluate_heads(varied, prompts[:2], golds[:2], {"retrieval": mine}, POLICY, cfg, retrieval=truth)
+    assert res["rank_agreement"]["retrieval"]["truth:retrieval"] == pytest.approx(spearman(mine, truth), abs=1e-4)
+    assert res["retrieval_spearman"]["retrieval"] == pytest.approx(-1.0)
 
 
 def test_evaluate_refuses_a_foreign_map(tiny_handle, problems):

@@ -247,7 +247,8 @@ def evaluate_heads(
     truths = {k: v for k, v in (("retrieval", retrieval), ("name_reads", name_reads)) if v is not None}
     result: dict[str, Any] = {
         "curves": curves,
-        "rank_agreement": rank_agreement({**scores, **truths}),
+        # the truths as "truth:<name>": a map may itself be named "retrieval" (heads score --method retrieval)
+        "rank_agreement": rank_agreement({**scores, **{f"truth:{k}": v for k, v in truths.items()}}),
         "policy": {"sink": policy.sink, "recent": policy.recent, "prefill": policy.prefill},
         "n_problems": n,
         "generate_seconds": round(seconds, 2),
