@@ -24,7 +24,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Generation",
     "calibration_curve",
+    "captured",
     "head_attention",
+    "labels_match",
     "operand_reads",
     "probe_trajectory",
     "steer_compare",
@@ -64,6 +66,46 @@ def readable_sets(sets: dict[str, ProbeSet], store: ActivationStore) -> tuple[di
         else:
             ok[target] = ps
     return ok, why
+
+
+def captured(store: ActivationStore, traces: Sequence[Trace]) -> tuple[list[Trace], list[str]]:
+    """The traces ``store`` holds as they are now, and why it holds no others: traces added after the capture, or
+    changed since (regenerated under the same ids: their per-trace digests differ from those the store recorded)."""
+    from reasonscope.identity import trace_digest
+
+    m = store.manifest
+    index = {tid: i for i, tid in enumerate(m.trace_ids)}
+    kept, absent, changed = [], [], []
+    for t in traces:
+        i = index.get(t.id)
+        if i is None:
+            absent.append(t.id)
+        elif m.trace_hashes and m.trace_hashes[i] != trace_digest(t):
+            changed.append(t.id)
+        else:
+            kept.append(t)
+    why = []
+    if absent:
+        why.append(
+            f"{len(absent)} trace(s) are not in the capture stage (e.g. {absent[0]!r}): capture them into a new "
+            "store to read probes on them"
+        )
+    if changed:
+        why.append(
+            f"{len(changed)} trace(s) changed since they were captured (e.g. {changed[0]!r}: the traces were "
+            "regenerated): recapture them into a new store to read probes on them"
+        )
+    return kept, why
+
+
+def labels_match(labels: LabelTable, rows: Sequence[int], trace: Trace) -> bool:
+    """Whether the label rows ``rows`` of ``trace`` were made from this version of it (the token at every chunk end
+    is the one recorded; labels that recorded no tokens are taken as they are)."""
+    if not labels.token_id:
+        return True
+    ids = trace.token_ids
+    ends = [(labels.position[i], labels.token_id[i]) for i in rows if labels.position[i] >= 0]  # -1: not located
+    return all(p < len(ids) and ids[p] == tok for p, tok in ends)
 
 
 def probe_trajectory(store: ActivationStore, ps: ProbeSet, trace_id: str, hook: str | None = None) -> dict[int, float]:

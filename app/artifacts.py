@@ -8,6 +8,7 @@ that writes it, so the explorer and the notebooks show what to run instead of a 
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from reasonscope.artifacts import (
     ARTIFACT_FORMATS,
+    MANIFEST,
     ArtifactDir,
     ArtifactError,
     IncompleteArtifactError,
     JsonResult,
+    read_manifest,
     reading,
     write_artifact,
 )
@@ -54,21 +57,22 @@ STAGE_DIRS: dict[str, str] = {
 }
 
 
-# stage -> the command that writes it into a run on your own model (M: the model, D: a graded dataset)
+# stage -> the command that writes it into a run on your own model (M: the model, D: a graded dataset; {model}: M
+# with its --dtype when `reasonscope app --model/--dtype` named them; {map} / {probes}: a member the run holds)
 STAGE_COMMANDS: dict[str, str] = {
-    "traces": "reasonscope traces generate --model M --dataset D --out {run}/traces.jsonl",
-    "capture": "reasonscope capture --model M --traces {run}/traces.jsonl --positions segment_ends --out {run}/capture",
-    "heads": "reasonscope heads score --model M --traces {run}/traces.jsonl --method {member} "
-    "--out {run}/heads/{member}",
-    "heads_eval": "reasonscope heads eval --model M --map {run}/heads/duo --dataset D --out {run}/heads_eval",
-    "labels": "reasonscope probe labels --traces {run}/traces.jsonl --model M --forced --out {run}/labels",
+    "traces": "reasonscope traces generate {model} --dataset D --out {run}/traces.jsonl",
+    "capture": "reasonscope capture {model} --traces {run}/traces.jsonl {capture} --out {run}/capture",
+    "heads": "reasonscope heads score {model} --traces {run}/traces.jsonl --method {member} --out {run}/heads/{member}",
+    "heads_eval": "reasonscope heads eval {model} --map {run}/heads/{map} --dataset D --out {run}/heads_eval",
+    "labels": "reasonscope probe labels --traces {run}/traces.jsonl {model} --forced --out {run}/labels",
     "probes": "reasonscope probe fit --store {run}/capture --labels {run}/labels --target {member} "
     "--out {run}/probes/{member}",
-    "monitor": "reasonscope probe monitor --model M --probes {run}/probes/correct --dataset D --out {run}/monitor",
-    "asc": "reasonscope steer asc --model M --pairs-file PAIRS --dataset D --out {run}/asc",
-    "hybrid": "reasonscope steer hybrid --base B --thinking M --dataset D --out {run}/hybrid",
+    "monitor": "reasonscope probe monitor {model} --probes {run}/probes/{probes} --dataset D --out {run}/monitor",
+    "asc": "reasonscope steer asc {model} --pairs-file PAIRS --dataset D --out {run}/asc",
+    "hybrid": "reasonscope steer hybrid --base B {thinking} --dataset D --out {run}/hybrid",
     "exports": "reasonscope export --in {run}/asc --format gguf --out {run}/exports/asc.gguf",
 }
+CAPTURE_DEFAULT = "--positions segment_ends"  # what a new capture records (a resumed one: what its store recorded)
 
 
 FAMILIES = {"heads": "duo", "probes": "correct"}  # stages of one artifact a method or target: the default member
@@ -80,11 +84,26 @@ class MissingStage(LookupError):
     demo run, the stage's own command for a run on your own model."""
 
     def __init__(
-        self, stage: str, run: Path, why: str = "", own_model: bool = False, damaged: Path | None = None
+        self,
+        stage: str,
+        run: Path,
+        why: str = "",
+        own_model: bool = False,
+        damaged: Path | None = None,
+        fill: Mapping[str, str] | None = None,
     ) -> None:
+        """``fill``: the command's fields a :class:`RunDir` knows (its model, members, a store's settings)."""
         self.stage, self.run, self.damaged = stage, run, damaged
         member = damaged.name if damaged is not None and stage in FAMILIES else FAMILIES.get(stage, "")
-        command = STAGE_COMMANDS[stage].format(run=run, member=member)
+        fields = {
+            "model": "--model M",
+            "thinking": "--thinking M",
+            "capture": CAPTURE_DEFAULT,
+            "map": FAMILIES["heads"],
+            "probes": FAMILIES["probes"],
+            **(fill or {}),
+        }
+        command = STAGE_COMMANDS[stage].format(run=run, member=member, **fields)
         self.command = command if own_model else f"reasonscope demo --out {run}"
         detail = f" ({why})" if why else ""
         reuse = "" if own_model else " (finished stages are reused)"
@@ -167,13 +186,58 @@ class Exports:
 
     @classmethod
     def open(cls, path: str | Path) -> Exports:
+        """A ``vector_exports`` artifact, or a directory of files ``reasonscope export --out DIR/NAME`` wrote (no
+        manifest: each file is read back as a vector, so a damaged one raises naming it)."""
+        if Path(path).is_dir() and not (Path(path) / MANIFEST).exists():
+            return cls._exported(Path(path))
         art = ArtifactDir.open(path, VECTOR_EXPORTS, ARTIFACT_FORMATS[VECTOR_EXPORTS], check="hash")
         written = art.manifest.detail  # format -> file names, recorded when written
         with reading(path):
             return cls(Path(path), {fmt: [art.file(n) for n in names] for fmt, names in written.items()})
 
+    @classmethod
+    def _exported(cls, path: Path) -> Exports:
+        from steering.export import load_vector
+
+        files: dict[str, list[Path]] = {}
+        for p in sorted(path.iterdir()):
+            if p.name.startswith(".") or not p.is_file() or p.suffix not in (".gguf", ".safetensors"):
+                continue
+            load_vector(p)  # a vector file, whole
+            spec = p.with_name(p.stem + ".steering.json")  # an EasySteer export's request beside its GGUF
+            fmt = "safetensors" if p.suffix == ".safetensors" else "easysteer" if spec.is_file() else "gguf"
+            files.setdefault(fmt, []).extend([p, spec] if fmt == "easysteer" else [p])
+        if not files:
+            raise IncompleteArtifactError(
+                f"{path} has no {MANIFEST} and no exported vector (.gguf, .safetensors) in it; write one with "
+                f"`reasonscope export --in ... --out {path}/NAME.gguf`"
+            )
+        return cls(path, files)
+
 
 # ---------------------------------------------------------------------------- the run directory
+
+
+def _finished(p: Path) -> bool:
+    """A member directory a writer finished (not its ``.name.*.tmp``), by its manifest's mark."""
+    if not p.is_dir() or p.name.startswith("."):
+        return False
+    try:
+        return read_manifest(p).complete
+    except (ArtifactError, OSError, ValueError):
+        return False
+
+
+def _capture_settings(store: Path) -> str:
+    """The options of the capture that wrote ``store`` (hooks, positions, storage dtype, shard size, backend), so
+    the command shown resumes it instead of being refused as another job; the defaults when it cannot be read."""
+    try:
+        c, d = (m := read_manifest(store)).config, m.detail
+        opts = f"--hooks {','.join(c['hooks'])} --positions {c['positions']} --dtype {c['dtype']}"
+        opts += f" --shard-size {c['shard_size']}"
+        return opts + (f" --backend {d['backend']}" if d.get("backend") not in (None, "", "hf") else "")
+    except (ArtifactError, OSError, ValueError, KeyError, TypeError):
+        return CAPTURE_DEFAULT
 
 
 class RunDir:
@@ -182,9 +246,12 @@ class RunDir:
     A demo run (``reasonscope demo``) holds every stage; a run on your own model (``own_model``) holds what its
     stage commands wrote there (:data:`STAGE_COMMANDS`), its traces as ``traces.jsonl``."""
 
-    def __init__(self, path: str | Path, own_model: bool = False) -> None:
+    def __init__(self, path: str | Path, own_model: bool = False, sources: Mapping[str, str] | None = None) -> None:
+        """``sources``: the model a run on your own model was made with (``{"thinking": source, "dtype": name}``,
+        as ``reasonscope app --model/--dtype`` gave it), which the commands it shows then name."""
         self.path = Path(path)
         self.own_model = own_model
+        self.sources = dict(sources or {})
 
     def stage_path(self, stage: str, *sub: str) -> Path:
         path = self.path.joinpath(STAGE_DIRS[stage], *sub)
@@ -193,17 +260,37 @@ class RunDir:
 
     def command(self, stage: str) -> str:
         """The command that writes ``stage`` into this run."""
-        return MissingStage(stage, self.path, own_model=self.own_model).command
+        return self._missing(stage).command
+
+    def _missing(self, stage: str, why: str = "", damaged: Path | None = None) -> MissingStage:
+        return MissingStage(stage, self.path, why, self.own_model, damaged, self._fill(stage))
+
+    def _fill(self, stage: str) -> dict[str, str]:
+        """The command fields this run knows: its model and dtype, the members it holds, a store's own settings."""
+        out: dict[str, str] = {}
+        if "thinking" in self.sources:
+            dtype = self.sources.get("dtype", "float32")
+            flag = "--model-dtype" if stage == "capture" else "--dtype"  # capture's --dtype is the storage dtype
+            given = "" if dtype == "float32" else f" {flag} {dtype}"
+            out["model"] = f"--model {shlex.quote(self.sources['thinking'])}{given}"
+            out["thinking"] = f"--thinking {shlex.quote(self.sources['thinking'])}{given}"
+        for field, family in (("map", "heads"), ("probes", "probes")):
+            root = self.stage_path(family)
+            held = sorted(p.name for p in root.iterdir() if _finished(p)) if root.is_dir() else []
+            if held and FAMILIES[family] not in held:
+                out[field] = held[0]
+        if stage == "capture" and (self.stage_path("capture") / MANIFEST).is_file():
+            out["capture"] = _capture_settings(self.stage_path("capture"))
+        return out
 
     def _open(self, stage: str, fn: Any, path: Path) -> Any:
         if not path.exists():
-            raise MissingStage(stage, self.path, own_model=self.own_model)
+            raise self._missing(stage)
         try:
             return fn(path)
         except (ArtifactError, OSError, KeyError, ValueError) as e:
-            resumes = stage in RESUMABLE or isinstance(e, IncompleteArtifactError)  # re-running repairs it
-            damaged = None if resumes else path
-            raise MissingStage(stage, self.path, f"{type(e).__name__}: {e}", self.own_model, damaged) from e
+            damaged = None if stage in RESUMABLE else path  # the other writers refuse a directory that is there
+            raise self._missing(stage, f"{type(e).__name__}: {e}", damaged) from e
 
     def has(self, stage: str) -> bool:
         return self.stage_path(stage).exists()
@@ -221,10 +308,10 @@ class RunDir:
         (``.name.*.tmp``: a job still running, or killed) is not one of them; none left raises."""
         root = self.stage_path(stage)
         if not root.is_dir():
-            raise MissingStage(stage, self.path, own_model=self.own_model)
+            raise self._missing(stage)
         subs = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
         if not subs:
-            raise MissingStage(stage, self.path, f"{root} holds no finished artifact", self.own_model)
+            raise self._missing(stage, f"{root} holds no finished artifact")
         return {p.name: self._open(stage, fn, p) for p in subs}
 
     def head_maps(self) -> dict[str, HeadMap]:
@@ -266,6 +353,5 @@ class RunDir:
         try:
             from steering.hybrid import HybridRun  # type: ignore[import-not-found,unused-ignore]
         except ImportError as e:
-            why = "steering.hybrid is not available in this install"
-            raise MissingStage("hybrid", self.path, why, self.own_model) from e
+            raise self._missing("hybrid", "steering.hybrid is not available in this install") from e
         return self._open("hybrid", HybridRun.open, self.stage_path("hybrid"))

@@ -69,6 +69,8 @@ def app_cmd(
     A run on your own model is a directory its stage commands wrote into (`traces generate --out RUN/traces.jsonl`,
     `capture --out RUN/capture`, `heads score --out RUN/heads/<method>`, `probe fit --out RUN/probes/<target>`, ...);
     open it with `--model` (and `--dtype`) so the live views load that model."""
+    if run.is_file():
+        fail(f"{run} is a file, not a run directory; pass a directory (`reasonscope demo --out DIR` writes one)")
     if not run.is_dir():
         fail(f"{run} is not a directory; write a run with `reasonscope demo --out {run}` first")
     model_dtype = dtype_option(dtype, "--dtype")  # checked whether or not a model is given

@@ -49,7 +49,8 @@ def model_sources() -> dict[str, str]:
 
 def open_run(path: Path) -> RunDir:
     """The run directory, telling a run on your own model (``--model`` given) from a demo run."""
-    return RunDir(path, own_model=bool(model_sources()))
+    given = model_sources()
+    return RunDir(path, own_model=bool(given), sources=given)
 
 
 def model(name: str, eager: bool = False) -> Any:

@@ -194,6 +194,42 @@ def test_probes_page_without_a_capture_says_so_once(quick_run, tmp_path, monkeyp
 
 
 @organisms
+def test_traces_added_or_regenerated_after_the_capture_are_not_read_from_it(quick_run, tmp_path, monkeypatch):
+    """Traces the capture lacks, or regenerated under the same ids, are left out of the probe trajectories and
+    colours with a note (they crashed the Probes page, or drew another trace's activations and chunk labels)."""
+    from dataclasses import replace
+
+    from app import analysis
+    from app.artifacts import RunDir
+    from reasonscope.traces.loaders import write_traces_jsonl
+
+    copy = tmp_path / "run"
+    shutil.copytree(quick_run, copy)
+    rd = RunDir(copy)
+    traces = rd.traces().traces["thinking"]
+    first = traces[0]
+    changed = replace(first, token_ids=[*first.token_ids[:-1], (first.token_ids[-1] + 1) % 100])
+    extra = replace(traces[1], id="extra-trace")
+    shutil.rmtree(copy / "traces")
+    write_traces_jsonl(copy / "traces.jsonl", [extra, changed, *traces[1:]])  # now the traces stage
+    kept, why = analysis.captured(rd.store(), rd.traces().traces["thinking"])
+    assert [t.id for t in kept] == [t.id for t in traces[1:]]
+    assert "1 trace(s) are not in the capture" in why[0] and "1 trace(s) changed since" in why[1]
+    labels = rd.labels()
+    rows = [i for i, tid in enumerate(labels.trace_id) if tid == traces[1].id]
+    moved = replace(traces[1], token_ids=[t + 1 for t in traces[1].token_ids])
+    assert analysis.labels_match(labels, rows, traces[1]) and not analysis.labels_match(labels, rows, moved)
+    at = _apptest(copy, "Probes", monkeypatch)
+    assert any("not in the capture stage" in c.value for c in at.caption), [c.value for c in at.caption]
+    assert first.id not in [o.split(" · ")[0] for o in at.selectbox(key="pr_trace").options]
+    at = _apptest(copy, "Traces", monkeypatch)
+    at.selectbox(key="tr_pick").set_value(first.id).run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert not any(o.startswith("probe: ") for o in at.selectbox(key="tr_colour").options)
+    assert any("changed since they were captured" in c.value for c in at.caption)
+
+
+@organisms
 def test_a_garbled_head_map_or_probe_set_is_a_warning_that_says_to_delete_it(quick_run, tmp_path, monkeypatch):
     """Same-size garbage in a head map's or a probe set's tensors (only a hash sees it): each page that reads them
     warns naming the directory to delete, and the demo, which would refuse to overwrite it, says the same."""
@@ -236,6 +272,67 @@ def test_a_damaged_member_of_a_family_gets_its_own_command(tmp_path):
     e = MissingStage("probes", tmp_path, "x", own_model=True, damaged=tmp_path / "probes" / "safe_exit")
     assert f"--target safe_exit --out {tmp_path}/probes/safe_exit" in e.command
     assert "--method duo --out" in MissingStage("heads", tmp_path, own_model=True).command  # none damaged: default
+
+
+def test_commands_name_the_runs_model_its_members_and_its_stores_settings(tmp_path):
+    """On a run of your own model the commands shown work as pasted: they name the model and dtype the explorer was
+    given, a head map / probe set the run holds (not a default it lacks), and an interrupted store's own settings
+    (the defaults would be refused as another job); an incomplete member is to be deleted, not re-written over."""
+    from app.artifacts import RunDir
+    from reasonscope.artifacts import IncompleteArtifactError, write_artifact, write_manifest
+    from reasonscope.store.manifest import StoreManifest
+
+    run = tmp_path / "run"
+    for member in ("heads/window", "probes/no_loss_exit"):
+        write_artifact(run / member, "json_result", 1, {}, {}, lambda tmp: None)
+    (run / "heads" / ".duo.x.tmp").mkdir()  # a writer's temporary is no member
+    store = StoreManifest("sha256:x", {"blocks.0.hook_resid_post": 8}, "think", "bfloat16", ["a", "b"], 1)
+    (run / "capture").mkdir()
+    write_manifest(run / "capture", store.to_manifest())  # not complete: a capture that was interrupted
+    rd = RunDir(run, own_model=True, sources={"thinking": "/m/my model", "dtype": "bfloat16"})
+    assert rd.command("heads_eval").startswith("reasonscope heads eval --model '/m/my model' --dtype bfloat16 --map ")
+    assert f"--map {run}/heads/window " in rd.command("heads_eval")
+    assert f"--probes {run}/probes/no_loss_exit " in rd.command("monitor")
+    assert rd.command("capture") == (
+        f"reasonscope capture --model '/m/my model' --model-dtype bfloat16 --traces {run}/traces.jsonl "
+        f"--hooks blocks.0.hook_resid_post --positions think --dtype bfloat16 --shard-size 1 --out {run}/capture"
+    )
+    assert "--thinking '/m/my model' --dtype bfloat16" in rd.command("hybrid")
+    plain = RunDir(tmp_path / "empty", own_model=True)
+    assert "--model M --map" in plain.command("heads_eval") and "--positions segment_ends" in plain.command("capture")
+    (run / "heads_eval").mkdir()  # no manifest: heads eval refuses a directory that is there, so delete it first
+    with pytest.raises(LookupError) as e:
+        rd.heads_eval()
+    assert isinstance(e.value.__cause__, IncompleteArtifactError) and e.value.damaged == run / "heads_eval"
+
+
+def test_an_exports_directory_of_exported_files_opens(tmp_path):
+    """`reasonscope export --out RUN/exports/NAME` (the exports stage's command) writes plain files; the stage reads
+    them back instead of asking for that command again, and a damaged one is named."""
+    import torch
+
+    from app.artifacts import Exports, RunDir
+    from steering.export import export_vector
+    from steering.vector import SteeringVector, VectorMeta
+
+    meta = VectorMeta(model_id="m", d_model=4, layers=(1, 2), gamma=0.5, positions="last")
+    vec = SteeringVector(torch.stack([torch.ones(4), -torch.ones(4)]), meta)
+    run = tmp_path / "run"
+    (run / "exports").mkdir(parents=True)
+    export_vector(vec, run / "exports" / "asc.gguf", "gguf")
+    export_vector(vec, run / "exports" / "asc.easysteer.gguf", "easysteer")
+    export_vector(vec, run / "exports" / "asc.safetensors", "safetensors")
+    ex = RunDir(run, own_model=True).exports()
+    assert {k: [p.name for p in v] for k, v in ex.files.items()} == {
+        "gguf": ["asc.gguf"],
+        "easysteer": ["asc.easysteer.gguf", "asc.easysteer.steering.json"],
+        "safetensors": ["asc.safetensors"],
+    }
+    (run / "exports" / "asc.gguf").write_bytes(b"GGUF")  # cut short
+    with pytest.raises(LookupError, match="asc.gguf"):
+        RunDir(run, own_model=True).exports()
+    with pytest.raises(Exception, match="no exported vector"):
+        Exports.open(tmp_path)
 
 
 @organisms
@@ -367,6 +464,9 @@ def test_app_command_checks_the_run_dir(tmp_path):
     assert r.exit_code == 2 and "reasonscope demo --out" in r.stderr
     r = runner.invoke(cli, ["app", str(tmp_path)])
     assert r.exit_code == 2 and "holds no demo run" in r.stderr
+    (tmp_path / "afile").write_text("")
+    r = runner.invoke(cli, ["app", str(tmp_path / "afile")])  # not "demo --out afile", which refuses a file
+    assert r.exit_code == 2 and "is a file, not a run directory" in r.stderr and "--out DIR" in r.stderr
     (tmp_path / "traces").mkdir()
     (tmp_path / "run.json").write_text("{}")
     r = runner.invoke(cli, ["app", str(tmp_path), "--model", "organism:thinking"])

@@ -69,7 +69,12 @@ def _trajectory(run: RunDir, sets: dict) -> None:
     if got is None:
         return
     ts, store = got
-    rows = [t for t in ts.traces["thinking"] if t.think_span]
+    rows, why = analysis.captured(store, [t for t in ts.traces["thinking"] if t.think_span])
+    for w in why:
+        st.caption(w)
+    if not rows:
+        st.info("no trace of the traces stage with thinking is in the capture stage as it is now")
+        return
     t = pick_trace(st, "trace", rows, lambda t: f"level {t.meta.get('level')} · {'✓' if t.grade else '✗'}", "pr_trace")
     start = t.think_span[0]
     fig = go.Figure()
@@ -79,9 +84,11 @@ def _trajectory(run: RunDir, sets: dict) -> None:
         fig.add_trace(go.Scatter(x=[x - start for x in xs], y=[traj[x] for x in xs], mode="lines", name=target))
     try:
         labels = artifact(run, "labels")
-        ends = [
-            (labels.position[i], labels.targets["correct"][i]) for i, tid in enumerate(labels.trace_id) if tid == t.id
-        ]
+        mine = [i for i, tid in enumerate(labels.trace_id) if tid == t.id]
+        if not analysis.labels_match(labels, mine, t):
+            mine = []  # labels of an earlier version of this trace: their chunk ends are elsewhere
+            st.caption(f"the labels of {t.id!r} were made from another version of it: relabel to mark its chunks")
+        ends = [(labels.position[i], labels.targets["correct"][i]) for i in mine]
         marks = [(p - start, v) for p, v in ends if p >= 0]
         fig.add_trace(
             go.Scatter(

@@ -68,9 +68,11 @@ def render(run: RunDir) -> None:
     probe_targets: list[str] = []
     if which == "thinking" and run.has("probes") and run.has("capture"):
         try:
-            readable, why = analysis.readable_sets(artifact(run, "probes"), artifact(run, "capture"))
-            probe_targets = list(readable)
-            for w in why:
+            store = artifact(run, "capture")
+            readable, why = analysis.readable_sets(artifact(run, "probes"), store)
+            fresh, stale = analysis.captured(store, [t])
+            probe_targets = list(readable) if fresh else []
+            for w in [*why, *stale]:
                 st.caption(w)
         except LookupError as e:  # a damaged probes or capture stage: say so, colour by the other signals
             st.caption(f"probe colours are unavailable: {e}")
@@ -129,6 +131,12 @@ def _segments(run: RunDir, t: Any, which: str) -> None:
     idx = [i for i, tid in enumerate(labels.trace_id) if tid == t.id] if which == "thinking" else []
     if not idx:
         st.caption("this trace was not labelled (labels cover the thinking model's traces)")
+        return
+    if not analysis.labels_match(labels, idx, t):
+        st.warning(
+            f"the labels of {t.id!r} were made from another version of this trace; to relabel, delete "
+            f"{run.stage_path('labels')} and run `{run.command('labels')}`"
+        )
         return
     table = {"chunk": [labels.chunk[i] for i in idx], "text": [labels.text[i] for i in idx]}
     for name, vals in labels.targets.items():
