@@ -332,13 +332,15 @@ def capture(
     shards: Sequence[int] | None = None,
     finalize: bool = True,
     progress: bool = True,
+    estimate_all: bool = False,
 ) -> ActivationStore:
     """Capture ``cfg.hooks`` at ``cfg.positions`` over ``traces`` into the store at ``out``.
 
     Every input is checked before anything is written. Resumes an interrupted job with the same
     content (weights, hooks, rule, dtype, traces), whatever path or backend the model came from;
     refuses a store made by another job, naming what differs. ``shards`` restricts work to some
-    shard indices (distributed workers); ``progress`` shows a bar over traces.
+    shard indices (distributed workers); ``progress`` shows a bar over traces; ``estimate_all``: the size warning
+    covers every shard not yet written, not only ``shards`` (a distributed job's driver, which writes none).
     """
     g = handle.geometry
     names = select_hooks(cfg.hooks, g.n_layers)
@@ -370,8 +372,13 @@ def capture(
     store = StoreWriter.create(out, manifest, resume=True)
     done = set(store.completed_shards())
     todo = [s for s in (shards if shards is not None else range(store.n_shards)) if s not in done]
-    ranges = [(s * cfg.shard_size, min(len(traces), (s + 1) * cfg.shard_size)) for s in todo]
-    _warn_if_large(sum(len(positions[i]) for lo, hi in ranges for i in range(lo, hi)), widths, cfg.dtype, out)
+
+    def span(s: int) -> range:
+        return range(s * cfg.shard_size, min(len(traces), (s + 1) * cfg.shard_size))
+
+    ranges = [(span(s).start, span(s).stop) for s in todo]
+    left = [s for s in range(store.n_shards) if s not in done] if estimate_all else todo
+    _warn_if_large(sum(len(positions[i]) for s in left for i in span(s)), widths, cfg.dtype, out)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(hi - lo for lo, hi in ranges), desc="capture", unit="trace", disable=not progress)

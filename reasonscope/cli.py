@@ -226,6 +226,9 @@ def capture_cmd(
     token_budget: int = typer.Option(8192, min=1, help="Padded tokens per forward batch."),
     shard_size: int = typer.Option(64, min=1, help="Traces per store shard."),
     workers: int = typer.Option(0, min=0, help="Ray workers (0 = capture in this process); one GPU each on CUDA."),
+    address: Optional[str] = typer.Option(
+        None, help="With --workers: the Ray cluster to join ('auto', host:port; default $RAY_ADDRESS, else start one)."
+    ),
 ) -> None:
     """Capture activations of traces into a sharded, resumable activation store."""
     from .capture import CaptureConfig
@@ -261,15 +264,19 @@ def capture_cmd(
     )
     load_kwargs: dict[str, Any] = {"backend": backend_name, "dtype": compute_dtype, "attn_implementation": attn}
     if workers > 0:
+        import importlib.util
+
         import torch
 
-        from .distributed import capture_distributed
+        from .distributed import INSTALL, capture_distributed
 
         if device_map is not None:
             fail("--device-map places one model over devices; with --workers each worker holds its own copy: drop one")
+        if importlib.util.find_spec("ray") is None:
+            fail(f"--workers needs Ray: {INSTALL} (or capture in one process without --workers)")
         gpus = 1 if torch.cuda.is_available() else 0  # one GPU a worker: Ray sets each worker's visible device
         store = capture_distributed(
-            model, rows, cfg, str(out), num_workers=workers, num_gpus_per_worker=gpus, load_kwargs=load_kwargs
+            model, rows, cfg, str(out), workers, num_gpus_per_worker=gpus, load_kwargs=load_kwargs, address=address
         )
     else:
         from .capture import capture

@@ -5,20 +5,25 @@ the job into the same store directory (a shared filesystem on a cluster). Shards
 atomically and independently, so the result equals a single-process capture shard for shard; the
 driver finalizes the store once every worker is done. A re-run resumes like a local capture.
 
-On one multi-GPU node: ``ray.init()`` and one worker per GPU (``num_gpus_per_worker=1``).
+On one multi-GPU node: one worker per GPU (``num_gpus_per_worker=1``) in a Ray instance started here.
 On a Ray cluster: start it (``ray start --head`` / ``ray start --address=...``), point ``out`` at
-a path every node sees, and run the same call with ``address="auto"``.
+a path every node sees, and run the same call with ``address="auto"`` (or ``RAY_ADDRESS`` set).
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from .capture import CaptureConfig, capture
 from .store import ActivationStore, StoreWriter
 from .traces.record import Trace
+
+INSTALL = "pip install 'reasonscope[distributed]'"
 
 
 class _Worker:
@@ -32,17 +37,52 @@ class _Worker:
         torch.set_num_threads(1) if not torch.cuda.is_available() else None
         self.handle = load_model(model, **load_kwargs)
 
-    def run(self, traces: list[dict], cfg: dict, out: str, shards: list[int]) -> list[int]:
-        capture(
-            self.handle,
-            [Trace.from_dict(t) for t in traces],
-            CaptureConfig(**cfg),
-            out,
-            shards=shards,
-            finalize=False,
-            progress=False,
+    def run(self, traces: list[dict], cfg: dict, out: str, shards: list[int] | None) -> list[tuple[str, str]]:
+        """Capture ``shards`` (None: create the store and estimate the whole job, writing no shard); returns the
+        warnings raised, (category name, message), for the driver to raise again."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            capture(
+                self.handle,
+                [Trace.from_dict(t) for t in traces],
+                CaptureConfig(**cfg),
+                out,
+                shards=[] if shards is None else shards,
+                finalize=False,
+                progress=False,
+                estimate_all=shards is None,
+            )
+        return [(type(w.message).__name__, str(w.message)) for w in caught]
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError(f"capture with workers needs Ray: {INSTALL}") from None
+    return ray
+
+
+def _check_resources(ray: Any, num_workers: int, num_gpus_per_worker: float) -> None:
+    """Refuse a job the Ray instance can never schedule (it would wait for ever), naming the fix."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    if num_gpus_per_worker and num_workers * num_gpus_per_worker > gpus:
+        raise ValueError(
+            f"{num_workers} workers with {num_gpus_per_worker:g} GPU each need {num_workers * num_gpus_per_worker:g} "
+            f"GPUs; this Ray instance has {gpus:g}: use --workers {int(gpus // num_gpus_per_worker) or 1} or fewer"
         )
-        return shards
+    if num_workers > cpus:
+        raise ValueError(
+            f"{num_workers} workers need a CPU each; this Ray instance has {cpus:g}: use --workers {int(cpus)} or fewer"
+        )
+
+
+def _raise_again(caught: Sequence[tuple[str, str]]) -> None:
+    from .capture import LargeCaptureWarning
+
+    for name, message in dict.fromkeys(caught):  # once each: every worker checks the same job
+        warnings.warn(message, LargeCaptureWarning if name == "LargeCaptureWarning" else UserWarning, stacklevel=3)
 
 
 def capture_distributed(
@@ -55,18 +95,48 @@ def capture_distributed(
     load_kwargs: dict[str, Any] | None = None,
     address: str | None = None,
 ) -> ActivationStore:
-    """Capture over ``num_workers`` Ray actors; returns the finalized store."""
-    import ray
+    """Capture over ``num_workers`` Ray actors (at most one per shard); returns the finalized store.
 
-    if not ray.is_initialized():
-        num_cpus = None if address else max(num_workers, 1)  # a cluster brings its own resources
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    worker = ray.remote(num_cpus=1, num_gpus=num_gpus_per_worker)(_Worker)
-    actors: list[Any] = [worker.remote(model, load_kwargs or {}) for _ in range(num_workers)]
-    payload = [t.to_dict() for t in traces]
+    ``address`` (or ``RAY_ADDRESS``): join that Ray cluster; otherwise a local instance is started with a CPU per
+    worker and shut down when the job ends. A worker's error is raised as itself (its message names the fix); a
+    worker that died leaves the store resumable."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}; capture in one process with capture()")
+    ray = _ray()
+    out = str(Path(out).resolve())  # the workers' working directory is not the driver's
     n_shards = -(-len(traces) // cfg.shard_size)
-    cfgd = asdict(cfg)
-    # the first worker creates the store (manifest) so the others only ever resume into it
-    ray.get(actors[0].run.remote(payload, cfgd, out, []))
-    ray.get([a.run.remote(payload, cfgd, out, list(range(r, n_shards, num_workers))) for r, a in enumerate(actors)])
+    num_workers = max(1, min(num_workers, n_shards))
+    address = address or os.environ.get("RAY_ADDRESS")
+    started = not ray.is_initialized()
+    if started:
+        kwargs: dict[str, Any] = {"address": address} if address else {"address": "local", "num_cpus": num_workers}
+        ray.init(**kwargs, include_dashboard=False, log_to_driver=False)
+    actors: list[Any] = []
+    try:
+        _check_resources(ray, num_workers, num_gpus_per_worker)
+        worker = ray.remote(num_cpus=1, num_gpus=num_gpus_per_worker)(_Worker)
+        actors = [worker.remote(model, load_kwargs or {}) for _ in range(num_workers)]
+        payload = [t.to_dict() for t in traces]
+        cfgd = asdict(cfg)
+        try:
+            # the first worker creates the store (manifest) so the others only ever resume into it
+            _raise_again(ray.get(actors[0].run.remote(payload, cfgd, out, None)))
+            mine = [list(range(r, n_shards, num_workers)) for r in range(num_workers)]
+            runs = [a.run.remote(payload, cfgd, out, shards) for a, shards in zip(actors, mine)]
+            _raise_again([w for caught in ray.get(runs) for w in caught])
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
+        except ray.exceptions.RayActorError as e:
+            raise ChildProcessError(
+                f"a capture worker died ({type(e).__name__}); the shards written are kept: re-run the same command to "
+                "resume"
+            ) from e
+    finally:
+        for a in actors:
+            ray.kill(a)
+        if started:
+            ray.shutdown()
     return StoreWriter.reopen(out).finalize()

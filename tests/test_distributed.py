@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,50 @@ def test_two_ray_workers_match_single_process(tiny_model_dir, tiny_handle, tmp_p
     shards = lambda p: {f.name: f.read_bytes() for f in sorted((Path(p) / "shards").iterdir())}  # noqa: E731
     assert shards(tmp_path / "dist") == shards(tmp_path / "single")
     assert len(shards(tmp_path / "dist")) == 7
+
+
+def test_a_job_ray_can_never_schedule_is_refused_and_ray_is_left_as_found(tiny_model_dir, tiny_handle, tmp_path):
+    """More GPU workers than the instance has waited for ever; now it is refused at once, naming the fix, and the
+    Ray instance the call started is shut down (a later call with more workers could never schedule on it)."""
+    from reasonscope.distributed import capture_distributed
+
+    traces = make_task_traces(tiny_handle.tokenizer, 4, seed=5)
+    cfg = CaptureConfig(hooks=["blocks.0.hook_resid_post"], positions="think", shard_size=1)
+    with pytest.raises(ValueError, match=r"need 2 GPUs; this Ray instance has 0: use --workers"):
+        capture_distributed(str(tiny_model_dir), traces, cfg, str(tmp_path / "s"), 2, num_gpus_per_worker=1)
+    assert not ray.is_initialized()
+    with pytest.raises(ValueError, match="num_workers must be >= 1"):
+        capture_distributed(str(tiny_model_dir), traces, cfg, str(tmp_path / "s"), 0)
+
+
+def test_more_workers_than_shards_and_a_relative_out(tiny_model_dir, tiny_handle, tmp_path, monkeypatch):
+    """Workers beyond the shard count are not started; a relative ``out`` is the driver's (workers may run
+    elsewhere: on a cluster started from another directory they wrote under that one)."""
+    from reasonscope.distributed import capture_distributed
+
+    traces = make_task_traces(tiny_handle.tokenizer, 4, seed=5)
+    cfg = CaptureConfig(hooks=["blocks.0.hook_resid_post"], positions="think", shard_size=2)
+    monkeypatch.chdir(tmp_path)
+    store = capture_distributed(str(tiny_model_dir), traces, cfg, "rel", num_workers=5)  # 2 shards
+    assert Path(store.path) == tmp_path / "rel" and store.manifest.complete and store.n_shards == 2
+    assert not ray.is_initialized()
+
+
+def test_workers_hand_their_warnings_to_the_driver_with_the_whole_jobs_size(
+    tiny_model_dir, tiny_handle, tmp_path, monkeypatch
+):
+    """Ray drops a worker's warnings; a worker returns them, and the store-creating call sizes the whole job (it
+    writes no shard, so it estimated nothing and the >4 GiB warning never came)."""
+    import reasonscope.capture as cap
+    from reasonscope.distributed import _raise_again, _Worker
+
+    traces = make_task_traces(tiny_handle.tokenizer, 6, seed=5)
+    cfg = CaptureConfig(hooks=["blocks.0.hook_resid_post"], positions="think", shard_size=2)
+    monkeypatch.setattr(cap, "LARGE_CAPTURE_BYTES", 0)
+    worker = _Worker(str(tiny_model_dir), {})
+    caught = worker.run([t.to_dict() for t in traces], asdict(cfg), str(tmp_path / "s"), None)
+    rows = sum(t.think_span[1] - t.think_span[0] for t in traces)
+    assert [name for name, _ in caught] == ["LargeCaptureWarning"] and f"({rows} rows" in caught[0][1]
+    assert worker.run([t.to_dict() for t in traces], asdict(cfg), str(tmp_path / "s"), [0]) != []  # its own share
+    with pytest.warns(cap.LargeCaptureWarning, match=f"{rows} rows"):
+        _raise_again(caught + caught)
