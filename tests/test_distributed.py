@@ -75,3 +75,17 @@ def test_workers_hand_their_warnings_to_the_driver_with_the_whole_jobs_size(
     assert worker.run([t.to_dict() for t in traces], asdict(cfg), str(tmp_path / "s"), [0]) != []  # its own share
     with pytest.warns(cap.LargeCaptureWarning, match=f"{rows} rows"):
         _raise_again(caught + caught)
+
+
+def test_a_workers_error_is_raised_as_itself(tiny_model_dir, tiny_handle, tmp_path):
+    """A worker's user error (a store made by another job) reaches the caller as that error, one message naming the
+    fix, not Ray's traceback-wrapped task error."""
+    from reasonscope.distributed import capture_distributed
+
+    traces = make_task_traces(tiny_handle.tokenizer, 4, seed=5)
+    cfg = CaptureConfig(hooks=["blocks.0.hook_resid_post"], positions="think", shard_size=2)
+    capture(tiny_handle, traces, cfg, str(tmp_path / "s"))
+    other = CaptureConfig(hooks=["blocks.0.hook_resid_post"], positions="think", shard_size=2, dtype="bfloat16")
+    with pytest.raises(ValueError) as e:
+        capture_distributed(str(tiny_model_dir), traces, other, str(tmp_path / "s"), num_workers=1)
+    assert "dtype" in str(e.value) and "Traceback" not in str(e.value) and type(e.value) is ValueError
