@@ -103,8 +103,8 @@ class MissingStage(LookupError):
             "probes": FAMILIES["probes"],
             **(fill or {}),
         }
-        command = STAGE_COMMANDS[stage].format(run=run, member=member, **fields)
-        self.command = command if own_model else f"reasonscope demo --out {run}"
+        command = STAGE_COMMANDS[stage].format(run=shlex.quote(str(run)), member=member, **fields)
+        self.command = command if own_model else f"reasonscope demo --out {shlex.quote(str(run))}"
         detail = f" ({why})" if why else ""
         reuse = "" if own_model else " (finished stages are reused)"
         if damaged is not None:  # its writer refuses to replace it: say to delete it first
@@ -201,15 +201,17 @@ class Exports:
 
         files: dict[str, list[Path]] = {}
         for p in sorted(path.iterdir()):
-            if p.name.startswith(".") or not p.is_file() or p.suffix not in (".gguf", ".safetensors"):
+            if p.name.startswith(".") or not p.is_file() or p.name.endswith(".steering.json"):
                 continue
-            load_vector(p)  # a vector file, whole
+            load_vector(p)  # a vector file, whole, whatever its name
+            with open(p, "rb") as f:
+                gguf = f.read(4) == b"GGUF"
             spec = p.with_name(p.stem + ".steering.json")  # an EasySteer export's request beside its GGUF
-            fmt = "safetensors" if p.suffix == ".safetensors" else "easysteer" if spec.is_file() else "gguf"
+            fmt = ("easysteer" if spec.is_file() else "gguf") if gguf else "safetensors"
             files.setdefault(fmt, []).extend([p, spec] if fmt == "easysteer" else [p])
         if not files:
             raise IncompleteArtifactError(
-                f"{path} has no {MANIFEST} and no exported vector (.gguf, .safetensors) in it; write one with "
+                f"{path} has no {MANIFEST} and no exported vector in it; write one with "
                 f"`reasonscope export --in ... --out {path}/NAME.gguf`"
             )
         return cls(path, files)
@@ -289,7 +291,9 @@ class RunDir:
         try:
             return fn(path)
         except (ArtifactError, OSError, KeyError, ValueError) as e:
-            damaged = None if stage in RESUMABLE else path  # the other writers refuse a directory that is there
+            # the other writers refuse a directory that is there; `reasonscope export` writes single files into it
+            rewrites = stage in RESUMABLE or (stage == "exports" and self.own_model)
+            damaged = None if rewrites else path
             raise self._missing(stage, f"{type(e).__name__}: {e}", damaged) from e
 
     def has(self, stage: str) -> bool:

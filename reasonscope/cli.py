@@ -266,17 +266,14 @@ def capture_cmd(
     if workers > 0:
         import importlib.util
 
-        import torch
-
         from .distributed import INSTALL, capture_distributed
 
         if device_map is not None:
             fail("--device-map places one model over devices; with --workers each worker holds its own copy: drop one")
         if importlib.util.find_spec("ray") is None:
             fail(f"--workers needs Ray: {INSTALL} (or capture in one process without --workers)")
-        gpus = 1 if torch.cuda.is_available() else 0  # one GPU a worker: Ray sets each worker's visible device
-        store = capture_distributed(
-            model, rows, cfg, str(out), workers, num_gpus_per_worker=gpus, load_kwargs=load_kwargs, address=address
+        store = capture_distributed(  # a GPU a worker where the Ray instance has GPUs (Ray sets each one's device)
+            model, rows, cfg, str(out), workers, num_gpus_per_worker=None, load_kwargs=load_kwargs, address=address
         )
     else:
         from .capture import capture

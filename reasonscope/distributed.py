@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .capture import CaptureConfig, capture
+from .capture import CaptureConfig, LargeCaptureWarning, capture
 from .store import ActivationStore, StoreWriter
 from .traces.record import Trace
 
@@ -35,11 +35,18 @@ class _Worker:
         from .models import load_model
 
         torch.set_num_threads(1) if not torch.cuda.is_available() else None
-        self.handle = load_model(model, **load_kwargs)
+        self.error: Exception | None = None
+        try:
+            self.handle = load_model(model, **load_kwargs)
+        except Exception as e:  # noqa: BLE001 - run() raises it, so the driver gets it as itself, not "actor died"
+            self.error = e
 
     def run(self, traces: list[dict], cfg: dict, out: str, shards: list[int] | None) -> list[tuple[str, str]]:
-        """Capture ``shards`` (None: create the store and estimate the whole job, writing no shard); returns the
-        warnings raised, (category name, message), for the driver to raise again."""
+        """Capture ``shards`` (None: create the store and size the whole job, writing no shard); returns the warnings
+        raised, as (category name, message), for the driver to raise again: a share's size warning is left out (the
+        store-creating call warned about the whole job's)."""
+        if self.error is not None:
+            raise self.error
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             capture(
@@ -52,7 +59,12 @@ class _Worker:
                 progress=False,
                 estimate_all=shards is None,
             )
-        return [(type(w.message).__name__, str(w.message)) for w in caught]
+        share = shards is not None
+        return [
+            (type(w.message).__name__, str(w.message))
+            for w in caught
+            if not (share and isinstance(w.message, LargeCaptureWarning))
+        ]
 
 
 def _ray() -> Any:
@@ -63,25 +75,34 @@ def _ray() -> Any:
     return ray
 
 
+def _fit(ray: Any, num_gpus_per_worker: float) -> int:
+    """How many workers (a CPU and ``num_gpus_per_worker`` GPUs each, on one node) the alive nodes can hold."""
+    fit = 0
+    for node in ray.nodes():
+        if node.get("Alive"):
+            res = node.get("Resources", {})
+            by_gpu = int(res.get("GPU", 0) // num_gpus_per_worker) if num_gpus_per_worker else 1 << 30
+            fit += min(int(res.get("CPU", 0)), by_gpu)
+    return fit
+
+
 def _check_resources(ray: Any, num_workers: int, num_gpus_per_worker: float) -> None:
     """Refuse a job the Ray instance can never schedule (it would wait for ever), naming the fix."""
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
-    if num_gpus_per_worker and num_workers * num_gpus_per_worker > gpus:
-        raise ValueError(
-            f"{num_workers} workers with {num_gpus_per_worker:g} GPU each need {num_workers * num_gpus_per_worker:g} "
-            f"GPUs; this Ray instance has {gpus:g}: use --workers {int(gpus // num_gpus_per_worker) or 1} or fewer"
-        )
-    if num_workers > cpus:
-        raise ValueError(
-            f"{num_workers} workers need a CPU each; this Ray instance has {cpus:g}: use --workers {int(cpus)} or fewer"
-        )
+    fit = _fit(ray, num_gpus_per_worker)
+    if fit >= num_workers:
+        return
+    each = f"a CPU and {num_gpus_per_worker:g} GPU" if num_gpus_per_worker else "a CPU"
+    if fit == 0 and num_gpus_per_worker:
+        fix = "no node of this Ray instance has that many GPUs: capture on CPUs (num_gpus_per_worker=0)"
+    elif fit == 0:
+        fix = "no node of this Ray instance has a CPU"
+    else:
+        fix = f"its nodes hold {fit} such workers: use num_workers (--workers) {fit} or fewer"
+    raise ValueError(f"{num_workers} workers need {each} each, on one node; {fix}")
 
 
 def _raise_again(caught: Sequence[tuple[str, str]]) -> None:
-    from .capture import LargeCaptureWarning
-
-    for name, message in dict.fromkeys(caught):  # once each: every worker checks the same job
+    for name, message in dict.fromkeys(caught):  # once each: workers may warn alike
         warnings.warn(message, LargeCaptureWarning if name == "LargeCaptureWarning" else UserWarning, stacklevel=3)
 
 
@@ -91,15 +112,16 @@ def capture_distributed(
     cfg: CaptureConfig,
     out: str,
     num_workers: int = 2,
-    num_gpus_per_worker: float = 0,
+    num_gpus_per_worker: float | None = 0,
     load_kwargs: dict[str, Any] | None = None,
     address: str | None = None,
 ) -> ActivationStore:
     """Capture over ``num_workers`` Ray actors (at most one per shard); returns the finalized store.
 
     ``address`` (or ``RAY_ADDRESS``): join that Ray cluster; otherwise a local instance is started with a CPU per
-    worker and shut down when the job ends. A worker's error is raised as itself (its message names the fix); a
-    worker that died leaves the store resumable."""
+    worker and shut down when the job ends. ``num_gpus_per_worker=None``: one GPU each when the Ray instance has
+    GPUs, else none. A worker's error, loading its model included, is raised as itself (its message names the
+    fix); a worker that died leaves the store resumable."""
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}; capture in one process with capture()")
     ray = _ray()
@@ -113,6 +135,8 @@ def capture_distributed(
         ray.init(**kwargs, include_dashboard=False, log_to_driver=False)
     actors: list[Any] = []
     try:
+        if num_gpus_per_worker is None:
+            num_gpus_per_worker = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         _check_resources(ray, num_workers, num_gpus_per_worker)
         worker = ray.remote(num_cpus=1, num_gpus=num_gpus_per_worker)(_Worker)
         actors = [worker.remote(model, load_kwargs or {}) for _ in range(num_workers)]

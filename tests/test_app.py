@@ -298,6 +298,9 @@ def test_commands_name_the_runs_model_its_members_and_its_stores_settings(tmp_pa
         f"--hooks blocks.0.hook_resid_post --positions think --dtype bfloat16 --shard-size 1 --out {run}/capture"
     )
     assert "--thinking '/m/my model' --dtype bfloat16" in rd.command("hybrid")
+    spaced = RunDir(tmp_path / "my run", own_model=True)
+    assert f"--map '{tmp_path}/my run'/heads/duo " in spaced.command("heads_eval")  # pasted, one argument
+    assert RunDir(tmp_path / "my run").command("heads") == f"reasonscope demo --out '{tmp_path}/my run'"
     plain = RunDir(tmp_path / "empty", own_model=True)
     assert "--model M --map" in plain.command("heads_eval") and "--positions segment_ends" in plain.command("capture")
     (run / "heads_eval").mkdir()  # no manifest: heads eval refuses a directory that is there, so delete it first
@@ -322,15 +325,17 @@ def test_an_exports_directory_of_exported_files_opens(tmp_path):
     export_vector(vec, run / "exports" / "asc.gguf", "gguf")
     export_vector(vec, run / "exports" / "asc.easysteer.gguf", "easysteer")
     export_vector(vec, run / "exports" / "asc.safetensors", "safetensors")
+    export_vector(vec, run / "exports" / "plain", "gguf")  # any name: files are read by their content
     ex = RunDir(run, own_model=True).exports()
     assert {k: [p.name for p in v] for k, v in ex.files.items()} == {
-        "gguf": ["asc.gguf"],
+        "gguf": ["asc.gguf", "plain"],
         "easysteer": ["asc.easysteer.gguf", "asc.easysteer.steering.json"],
         "safetensors": ["asc.safetensors"],
     }
     (run / "exports" / "asc.gguf").write_bytes(b"GGUF")  # cut short
-    with pytest.raises(LookupError, match="asc.gguf"):
+    with pytest.raises(LookupError, match="asc.gguf") as e:
         RunDir(run, own_model=True).exports()
+    assert e.value.damaged is None  # export rewrites that one file: the good ones are not to be deleted
     with pytest.raises(Exception, match="no exported vector"):
         Exports.open(tmp_path)
 

@@ -37,9 +37,12 @@ def test_a_job_ray_can_never_schedule_is_refused_and_ray_is_left_as_found(tiny_m
 
     traces = make_task_traces(tiny_handle.tokenizer, 4, seed=5)
     cfg = CaptureConfig(hooks=["blocks.0.hook_resid_post"], positions="think", shard_size=1)
-    with pytest.raises(ValueError, match=r"need 2 GPUs; this Ray instance has 0: use --workers"):
+    with pytest.raises(ValueError, match=r"has that many GPUs: capture on CPUs \(num_gpus_per_worker=0\)"):
         capture_distributed(str(tiny_model_dir), traces, cfg, str(tmp_path / "s"), 2, num_gpus_per_worker=1)
     assert not ray.is_initialized()
+    with pytest.raises(OSError, match="nope") as e:  # a worker that cannot load its model: that error, not "died"
+        capture_distributed(str(tmp_path / "nope"), traces, cfg, str(tmp_path / "s"), 1)
+    assert "re-run" not in str(e.value)
     with pytest.raises(ValueError, match="num_workers must be >= 1"):
         capture_distributed(str(tiny_model_dir), traces, cfg, str(tmp_path / "s"), 0)
 
@@ -52,8 +55,12 @@ def test_more_workers_than_shards_and_a_relative_out(tiny_model_dir, tiny_handle
     traces = make_task_traces(tiny_handle.tokenizer, 4, seed=5)
     cfg = CaptureConfig(hooks=["blocks.0.hook_resid_post"], positions="think", shard_size=2)
     monkeypatch.chdir(tmp_path)
+    killed: list = []
+    kill = ray.kill
+    monkeypatch.setattr(ray, "kill", lambda actor: (killed.append(actor), kill(actor)))
     store = capture_distributed(str(tiny_model_dir), traces, cfg, "rel", num_workers=5)  # 2 shards
     assert Path(store.path) == tmp_path / "rel" and store.manifest.complete and store.n_shards == 2
+    assert len(killed) == 2  # the workers started (each is killed at the end)
     assert not ray.is_initialized()
 
 
@@ -72,7 +79,7 @@ def test_workers_hand_their_warnings_to_the_driver_with_the_whole_jobs_size(
     caught = worker.run([t.to_dict() for t in traces], asdict(cfg), str(tmp_path / "s"), None)
     rows = sum(t.think_span[1] - t.think_span[0] for t in traces)
     assert [name for name, _ in caught] == ["LargeCaptureWarning"] and f"({rows} rows" in caught[0][1]
-    assert worker.run([t.to_dict() for t in traces], asdict(cfg), str(tmp_path / "s"), [0]) != []  # its own share
+    assert worker.run([t.to_dict() for t in traces], asdict(cfg), str(tmp_path / "s"), [0]) == []  # a share's size
     with pytest.warns(cap.LargeCaptureWarning, match=f"{rows} rows"):
         _raise_again(caught + caught)
 
@@ -89,3 +96,30 @@ def test_a_workers_error_is_raised_as_itself(tiny_model_dir, tiny_handle, tmp_pa
     with pytest.raises(ValueError) as e:
         capture_distributed(str(tiny_model_dir), traces, other, str(tmp_path / "s"), num_workers=1)
     assert "dtype" in str(e.value) and "Traceback" not in str(e.value) and type(e.value) is ValueError
+
+
+class _Nodes:
+    """Ray's view of a cluster, for the scheduling check: ``nodes()`` as Ray returns them."""
+
+    def __init__(self, *resources: dict) -> None:
+        self._nodes = [{"Alive": True, "Resources": r} for r in resources] + [{"Alive": False, "Resources": {"GPU": 8}}]
+
+    def nodes(self) -> list[dict]:
+        return self._nodes
+
+
+def test_the_scheduling_check_counts_what_fits_on_each_node():
+    """Workers fit on one node each: 3 workers of 0.6 GPU on two 1-GPU nodes never schedule (the cluster's 2 GPUs
+    would pass a total count, and the third worker waited for ever); a dead node holds none."""
+    from reasonscope.distributed import _check_resources
+
+    two = _Nodes({"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1})
+    _check_resources(two, 2, 0.6)
+    with pytest.raises(ValueError, match=r"hold 2 such workers: use num_workers \(--workers\) 2 or fewer"):
+        _check_resources(two, 3, 0.6)
+    _check_resources(_Nodes({"CPU": 8, "GPU": 2}), 4, 0.5)
+    _check_resources(_Nodes({"CPU": 3}), 3, 0)
+    with pytest.raises(ValueError, match="hold 3 such workers"):
+        _check_resources(_Nodes({"CPU": 3}), 4, 0)
+    with pytest.raises(ValueError, match="capture on CPUs"):
+        _check_resources(_Nodes({"CPU": 8, "GPU": 1}), 1, 2)

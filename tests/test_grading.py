@@ -116,6 +116,8 @@ def test_extract_organism():
         ("{ {\\frac{1}{2}} }", "\\frac{1}{2}"),
         ("{1}{2}", "{1}{2}"),  # two groups, not one
         ("\\{1,2\\}", "\\{1,2\\}"),  # a set's escaped braces stay
+        ("{9 \\text{ cm}}", "9"),  # dropped before the units and "x =" are read
+        ("{x = 9}", "9"),
     ],
 )
 def test_normalize_math(raw, norm):

@@ -162,6 +162,8 @@ def _fix_frac_sqrt(s: str) -> str:
 def normalize_math(s: str) -> str:
     """Canonical string form of a MATH answer (LaTeX noise, units, spacing and number formats)."""
     s = s.strip().replace("\n", "").rstrip(".")
+    while _outer_group(s.strip()):  # LaTeX grouping braces around the whole answer: "{9 \text{ cm}}" -> "9 ..."
+        s = s.strip()[1:-1]
     s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "")
     s = re.sub(r"(?<!\\)\\ ", "", s)  # the "\ " space, not a "\\ " row break
     s = s.replace("\\displaystyle", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
