@@ -23,7 +23,7 @@ EXPLORER = Path(__file__).resolve().parent / "explorer.py"
 
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), help="Run directory (finished stages in it are reused)."),
-    n: Optional[int] = typer.Option(None, min=1, help="Organism problems traced per model (default 160; quick 32)."),
+    n: Optional[int] = typer.Option(None, min=1, help="Organism problems traced per model (default 160; quick 128)."),
     quick: bool = typer.Option(False, "--quick", help="Smoke-sized run: every stage, small numbers (~1 min)."),
 ) -> None:
     """Run the whole pipeline on the organisms: traces, capture, heads, probes, monitor, steering, exports."""

@@ -354,7 +354,7 @@ def read_manifest(root: str | Path, kind: str | None = None, format: int | None 
         raise IncompleteArtifactError(f"{root} has no {MANIFEST}: {hint}")
     m = Manifest.from_dict(read_json(mpath), mpath)
     if kind is not None and m.kind != kind:
-        raise ForeignArtifactError(f"{mpath} describes a {m.kind!r} artifact, not {kind!r}; pass a {kind} directory")
+        raise ForeignArtifactError(f"{mpath} describes a {m.kind!r} artifact, not {kind!r}; pass a {kind!r} directory")
     if format is not None and m.format != format:
         raise ForeignArtifactError(
             f"{mpath}: {m.kind} format {m.format} (written by reasonscope {m.version}); this version reads format "

@@ -125,7 +125,7 @@ def organism_eval(
         fail(f"--models-dir {models_dir} is not a directory; pass one holding thinking/ and base/")
     sources = {k: str(models_dir / k) if models_dir else f"organism:{k}" for k in ("thinking", "base")}
     for src in sources.values():
-        model_geometry(src)
+        model_geometry(src, "--models-dir" if models_dir else "--model")
     report = evaluate_organisms(
         load_model(sources["thinking"]), load_model(sources["base"]), EvalConfig(n_problems=n), progress=True
     )
@@ -257,6 +257,12 @@ def capture_cmd(
             fail(
                 f"store at {out} has hooks {sorted(old.hooks)} and positions {old.positions!r}; this job asks for "
                 f"{sorted(names)} and {rule!r}: write a new store elsewhere (--out) or delete {out}"
+            )
+        if old.dtype != store_dtype or old.shard_size != shard_size:
+            fail(
+                f"store at {out} has --dtype {old.dtype} and --shard-size {old.shard_size}; this job asks for "
+                f"{store_dtype} and {shard_size}: resume with those, or write a new store elsewhere (--out) or "
+                f"delete {out}"
             )
     attn = "eager" if needs_eager(names) else None
     cfg = CaptureConfig(

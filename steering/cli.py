@@ -251,7 +251,8 @@ def apply_cmd(
     layer: Optional[int] = typer.Option(None, help="Steer only this layer of the vector."),
     key: Optional[str] = typer.Option(None, help="Behaviour of a .pt dict of vectors."),
     max_new_tokens: int = typer.Option(1024, min=1),
-    temperature: float = typer.Option(0.0, min=0.0),
+    temperature: float = typer.Option(0.0, min=0.0, help="Sampling temperature (0: greedy)."),
+    seed: int = typer.Option(0, help="Sampling seed: plain and steered draw the same stream."),
     as_json: bool = typer.Option(False, "--json", help="Print the completions as JSON on stdout."),
 ) -> None:
     """Generate with and without the vector; print the texts (and, with --n, accuracy and thinking tokens)."""
@@ -288,7 +289,7 @@ def apply_cmd(
     }
     if prompt:
         prompts = [h.chat_prompt(p, thinking=True) for p in prompt]
-        cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+        cfg = DecodeConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         plain = generate(h, prompts, cfg)
         with vec.apply(h, gamma=gamma, positions=rule):
             steered = generate(h, prompts, cfg)
@@ -307,9 +308,9 @@ def apply_cmd(
             questions = organism_questions(h, task.problems(n, EVAL_SEED))
         else:
             questions = dataset_questions(h, rows)
-        report["plain"] = summarize(answer_questions(h, questions, grader, temperature, 0, max_new_tokens))
+        report["plain"] = summarize(answer_questions(h, questions, grader, temperature, seed, max_new_tokens))
         with vec.apply(h, gamma=gamma, positions=rule):
-            report["steered"] = summarize(answer_questions(h, questions, grader, temperature, 0, max_new_tokens))
+            report["steered"] = summarize(answer_questions(h, questions, grader, temperature, seed, max_new_tokens))
     emit(report, as_json)
 
 
@@ -320,12 +321,18 @@ def export_cmd(
     layer: Optional[int] = typer.Option(None, help="Export only this layer (required for an ASC .pt of rows)."),
     key: Optional[str] = typer.Option(None, help="Behaviour of a .pt dict of vectors."),
     model_hint: Optional[str] = typer.Option(None, help="controlvector.model_hint (default: the model's type)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out file (never the --in file)."),
 ) -> None:
     """Export a steering vector for serving (llama.cpp, EasySteer/vLLM) or as safetensors."""
-    from .export import FORMATS, export_vector
+    from .export import FORMATS, export_vector, spec_path
 
     fmt = choice(format, FORMATS, "--format")
-    out_file(out, example=f"vector.{'safetensors' if fmt == 'safetensors' else 'gguf'}")
+    if out.resolve() == src.resolve():
+        fail(f"--out {out} is the --in file; write the export to another path")
+    example = f"vector.{'safetensors' if fmt == 'safetensors' else 'gguf'}"
+    out_file(out, example=example, overwrite=overwrite)
+    if fmt == "easysteer":  # its request is written beside the GGUF
+        out_file(spec_path(out), example=example, overwrite=overwrite)
     vec = _vector(src, "--in", layer, key)
     for path in export_vector(vec, out, fmt, model_hint):
         say(f"wrote {path}")

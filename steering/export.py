@@ -32,7 +32,7 @@ from reasonscope.artifacts import MANIFEST, atomic_path
 
 from .vector import Positions, SteeringVector, VectorMeta, meta_json
 
-__all__ = ["FORMATS", "Format", "export_vector", "load_vector", "read_gguf", "write_gguf"]
+__all__ = ["FORMATS", "Format", "export_vector", "load_vector", "read_gguf", "spec_path", "write_gguf"]
 
 Format = Literal["gguf", "easysteer", "safetensors"]
 FORMATS: tuple[Format, ...] = get_args(Format)
@@ -157,7 +157,8 @@ def _write_safetensors(vec: SteeringVector, path: Path) -> Path:
     return path
 
 
-def _spec_path(path: Path) -> Path:
+def spec_path(path: Path) -> Path:
+    """Where an EasySteer export writes its request beside the GGUF at ``path``."""
     return path.with_name(path.stem + ".steering.json")
 
 
@@ -183,10 +184,10 @@ def export_vector(vec: SteeringVector, path: str | Path, format: Format, model_h
         ]
     }
     _check_gguf(vec, include_layer0=True)
-    with atomic_path(path) as tmp_gguf, atomic_path(_spec_path(path)) as tmp_spec:  # both files, or neither
+    with atomic_path(path) as tmp_gguf, atomic_path(spec_path(path)) as tmp_spec:  # both files, or neither
         _write_gguf_at(vec, tmp_gguf, model_hint)
         tmp_spec.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
-    return [path, _spec_path(path)]
+    return [path, spec_path(path)]
 
 
 # ---------------------------------------------------------------------------- import

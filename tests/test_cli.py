@@ -121,7 +121,12 @@ def test_capture_into_a_store_of_other_hooks_is_refused_before_loading(
     import reasonscope.models
 
     monkeypatch.setattr(reasonscope.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded first"))
-    for extra in (["--hooks", "blocks.1.hook_resid_post", "--positions", "all"], [*first[:2], "--positions", "last"]):
+    for extra in (
+        ["--hooks", "blocks.1.hook_resid_post", "--positions", "all"],
+        [*first[:2], "--positions", "last"],
+        [*first, "--dtype", "bf16"],  # the storage dtype, and the shard size: refused before loading too
+        [*first, "--shard-size", "3"],
+    ):
         line = user_error(runner.invoke(app, capture_args(tiny_model_dir, traces_file, store_dir, *extra)))
         assert "this job asks for" in line and "--out" in line
     assert sorted(p.name for p in store_dir.rglob("*")) == before

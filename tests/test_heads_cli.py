@@ -68,6 +68,13 @@ def test_bad_input_fails_early_and_writes_nothing(tiny_model_dir, tmp_path, no_m
     user_error(runner.invoke(app, ["heads", "diff", "--base", m, "--model", str(tmp_path / "nope")]), "--model")
     for cmd in (["score", "--out", str(tmp_path / "o")], ["eval", "--map", str(tmp_path / "o")], ["diff", "--base", m]):
         user_error(runner.invoke(app, ["heads", *cmd, "--model", m, "--dtype", "int3"]), "--dtype")
+    row = '{"id": "a", "prompt": "q", "thinking": "t", "answer": "1"}\n'
+    (tmp_path / "dup.jsonl").write_text(row + row)  # traces are checked as capture checks them, before any load
+    (tmp_path / "empty.jsonl").write_text("")
+    score = ["heads", "score", "--model", m, "--out", str(tmp_path / "o"), "--traces"]
+    user_error(runner.invoke(app, [*score, str(tmp_path / "dup.jsonl")]), "repeats record 1")
+    user_error(runner.invoke(app, [*score, str(tmp_path / "empty.jsonl")]), "holds no traces")
+    user_error(runner.invoke(app, [*score, str(tmp_path / "nope.jsonl")]), "--traces")
     assert not (tmp_path / "o").exists()
 
 
@@ -96,6 +103,7 @@ def test_score_then_eval_on_tiny_model(tiny_model_dir, tiny_handle, task_traces,
         ],
     )
     assert r.exit_code == 0, r.output
+    assert r.stdout == ""  # the scores go to stderr; stdout carries JSON only with --json
     hm = HeadMap.open(tmp_path / "w")
     assert hm.method == "window" and hm.scores.shape == (2, 2)
     r = runner.invoke(

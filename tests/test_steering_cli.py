@@ -39,6 +39,15 @@ def test_export_formats_and_errors(tmp_path, tiny_handle):
     assert r.exit_code == 0, r.output
     directions, fields = read_gguf(tmp_path / "v.gguf")
     assert list(directions) == [1] and fields["controlvector.model_hint"] == "unknown"
+    again = ["export", "--in", src, "--format", "gguf", "--out", str(tmp_path / "v.gguf")]
+    user_error(runner.invoke(app, again), "already exists", "--overwrite")  # was replaced silently
+    assert runner.invoke(app, [*again, "--overwrite"]).exit_code == 0
+    back = ["export", "--in", str(tmp_path / "v.gguf"), "--format", "gguf", "--out", str(tmp_path / "v.gguf")]
+    user_error(runner.invoke(app, [*back, "--overwrite"]), "is the --in file")
+    (tmp_path / "e.steering.json").mkdir()  # where an EasySteer export's request would go
+    es = ["export", "--in", src, "--format", "easysteer", "--out", str(tmp_path / "e.gguf")]
+    user_error(runner.invoke(app, es), "e.steering.json is a directory")
+    assert not (tmp_path / "e.gguf").exists()
     r = runner.invoke(app, ["export", "--in", src, "--format", "onnx", "--out", str(tmp_path / "x")])
     user_error(r, "--format", "gguf, easysteer, safetensors")
     r = runner.invoke(app, ["export", "--in", str(tmp_path / "nope"), "--format", "gguf", "--out", str(tmp_path / "x")])
@@ -233,6 +242,12 @@ def test_imported_vectors_need_a_strength_and_gguf_exports_say_where_llama_cpp_s
     r = runner.invoke(app, [*args, "--prompt", "x", "--gamma", "-0.5", "--max-new-tokens", "2", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["gamma"] == -0.5
+    sampled = [*args, "--prompt", "x", "--gamma", "1", "--max-new-tokens", "8", "--temperature", "1", "--json"]
+    plain = [
+        json.loads(runner.invoke(app, [*sampled, "--seed", str(k)]).stdout)["completions"][0]["plain"]
+        for k in (0, 0, 1)
+    ]
+    assert plain[0] == plain[1] != plain[2]  # --seed picks the sampling stream
     src = saved_vector(tmp_path, tiny_handle)  # positions "last"
     r = runner.invoke(app, ["export", "--in", src, "--format", "gguf", "--out", str(tmp_path / "v.gguf")])
     assert r.exit_code == 0 and "every token" in r.output and "positions='last'" in r.output, r.output

@@ -8,14 +8,24 @@ Arguments, input artifacts and output locations are checked before a model loads
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, cast
 
 import typer
 
 from ..artifacts import JsonResult
-from ..cli_kit import DTYPE_HELP, choice, dtype_option, floats, fresh_out, model_geometry, organism_only, say
+from ..cli_kit import (
+    DTYPE_HELP,
+    choice,
+    dtype_option,
+    emit,
+    floats,
+    fresh_out,
+    model_geometry,
+    organism_only,
+    read_traces,
+    say,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .score import Method
@@ -115,6 +125,7 @@ def score(
     rlkv_budget_s: Optional[float] = typer.Option(840.0, min=1.0, help="RLKV: stop after this many seconds."),
     rlkv_max_think: Optional[int] = typer.Option(None, min=1, help="RLKV: train on problems solved within this."),
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON on stdout."),
 ) -> None:
     """Score every KV head (higher = keep a full cache) and write a head-map artifact."""
     from dataclasses import replace
@@ -130,16 +141,14 @@ def score(
     given = _window(sink, recent)
     lv = _levels(levels)
     fresh_out(out)
-    if traces is not None and not traces.is_file():
-        raise FileNotFoundError(f"--traces {traces} does not exist; generate them with `reasonscope traces generate`")
+    given_rows = read_traces(traces) if traces is not None else None  # checked before the model loads
     model_geometry(model)
     if traces is None:
         organism_only(model, "--model", "pass --traces (its graded traces: reasonscope traces generate --dataset ...)")
     from ..models import load_model
-    from ..traces.loaders import read_traces_jsonl
 
     h = load_model(model, dtype=model_dtype)
-    rows = read_traces_jsonl(traces) if traces is not None else _own_traces(h, n, seed, lv, max_new_tokens)
+    rows = given_rows if given_rows is not None else _own_traces(h, n, seed, lv, max_new_tokens)
     policy = _policy_for(rows, given)
     cfg = HeadConfig(
         method=cast("Method", method),
@@ -165,7 +174,7 @@ def score(
         cfg = replace(cfg, ig_steps=steps, duo_steps=steps, rlkv=replace(cfg.rlkv, steps=steps))
     hm = score_heads(h, rows, cfg, out)
     say(f"saved {out} ({method}, window {policy.sink}+{policy.recent})")
-    typer.echo(json.dumps({"method": method, "scores": hm.scores.tolist()}))
+    emit({"method": method, "scores": hm.scores.tolist()}, as_json)
 
 
 @heads_app.command("diff")
@@ -225,7 +234,7 @@ def diff(
     if out is not None:
         config = {"base": base, "model": model, "n": len(prompts), "k": k, "seed": seed, "dataset": dataset}
         JsonResult(None, "emergent_heads", res, config).write(out, {}, kind="emergent_heads")
-    typer.echo(json.dumps(res, indent=1 if not as_json else None))
+    emit(res, as_json)
 
 
 @heads_app.command("eval")
@@ -322,4 +331,4 @@ def evaluate(
     if out is not None:
         config = {"model": model, "maps": [str(p) for p in maps], "n": len(prompts), "seed": seed, "dataset": dataset}
         JsonResult(None, "heads_eval", res, config).write(out, {}, kind="heads_eval")
-    typer.echo(json.dumps(res, indent=1 if not as_json else None))
+    emit(res, as_json)
