@@ -197,3 +197,9 @@ def test_missing_shared_data_skips_locally_and_fails_in_ci(monkeypatch):
         monkeypatch.setenv(var, value)
         with pytest.raises(pytest.fail.Exception, match="CI requires it"):
             shared_data("no/such/file.jsonl")
+
+
+def test_a_dataset_that_is_neither_a_local_file_nor_loadable_names_the_fix(tmp_path):
+    """A mistyped path falls through to the hub loader; its error (offline: a connection error) names the fix."""
+    with pytest.raises(OSError, match=r"no such local file.*pass a local \.json/\.jsonl file.*gsm8k:<path>"):
+        load_hf_dataset(tmp_path / "gsm8k" / "tset.jsonl")

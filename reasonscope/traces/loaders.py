@@ -199,7 +199,15 @@ def load_hf_dataset(
         stem = path.parent.name or path.stem
         split = path.stem  # gsm8k/train.jsonl: ids gsm8k/train/<row>, never colliding with gsm8k/test.jsonl's
     else:
-        ds = datasets.load_dataset(str(name_or_path), split=split)
+        try:
+            ds = datasets.load_dataset(str(name_or_path), split=split)
+        except (OSError, ValueError, FileNotFoundError) as e:  # unreachable hub, unknown name, missing split
+            local = "" if path.exists() else " (no such local file)"
+            raise OSError(
+                f"{name_or_path}{local} could not be loaded as a hub dataset ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); pass a local .json/.jsonl file (on the command line "
+                "--dataset gsm8k:<path> or math:<path>)"
+            ) from e
         stem = str(name_or_path).rstrip("/").split("/")[-1]
     for field in (question_field, answer_field):
         if field not in ds.column_names:
