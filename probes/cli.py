@@ -22,6 +22,7 @@ from reasonscope.cli_kit import (
     floats,
     fresh_out,
     model_geometry,
+    opened,
     read_traces,
     say,
 )
@@ -150,11 +151,11 @@ def fit_cmd(
         seed=seed,
         device=device_option(device),
     )
-    table = LabelTable.open(labels)
+    table = opened(LabelTable.open, labels, "--labels")
     if target not in table.targets:
         fail(f"--target {target!r} is not among the labels' targets {sorted(table.targets)}; choose one of them")
     fresh_out(out)
-    ps = fit_probes(ActivationStore.open(store), table, cfg, out)
+    ps = fit_probes(opened(ActivationStore.open, store, "--store"), table, cfg, out)
     _emit(_summary([ps]), as_json)
 
 
@@ -193,14 +194,14 @@ def eval_cmd(
             fail(f"--probes {p} is not a directory; pass a probe_set written by `reasonscope probe fit`")
     if (store is None) != (labels is None):
         fail("--store and --labels go together: the activations and the chunk labels of the same traces")
-    sets = [ProbeSet.open(p) for p in probes]
+    sets = [opened(ProbeSet.open, p, "--probes") for p in probes]
     if store is None or labels is None:
         _emit(_summary(sets), as_json)
         return
     for path, what in ((store, "--store"), (labels, "--labels")):
         if not path.is_dir():
             fail(f"{what} {path} is not a directory")
-    st, table = ActivationStore.open(store), LabelTable.open(labels)
+    st, table = opened(ActivationStore.open, store, "--store"), opened(LabelTable.open, labels, "--labels")
     out = {}
     for ps in sets:
         if ps.best_hook not in st.manifest.hooks:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .traces.record import Trace
 
 C = TypeVar("C", bound=str)
+T = TypeVar("T")
 DTYPE_HELP = "Compute dtype of the model: float32 | bfloat16 | float16 (or alias)."
 USER_ERRORS = (ValueError, OSError)  # bad input, missing or unwritable files, unloadable models
 
@@ -186,6 +187,16 @@ def dtype_option(value: str, option: str) -> DtypeName:
         return dtype_name(value)
     except ValueError as e:
         fail(f"{option}: {e}")
+
+
+def opened(opener: Callable[[Path], T], path: Path, option: str) -> T:
+    """``opener(path)`` (an artifact's ``open``); its error, naming the file and the fix, prefixed by the option."""
+    from .artifacts import ArtifactError
+
+    try:
+        return opener(path)
+    except (ArtifactError, OSError, ValueError) as e:
+        fail(f"{option} {path}: {e}" if str(path) not in str(e) else f"{option}: {e}")
 
 
 def read_traces(path: Path, option: str = "--traces") -> list[Trace]:

@@ -60,6 +60,7 @@ def test_bad_input_fails_early_and_writes_nothing(tiny_model_dir, tmp_path, no_m
         "outside [0, 1]",
     )
     user_error(runner.invoke(app, ["heads", "eval", "--model", m, "--map", str(tmp_path / "exists")]), "manifest")
+    user_error(runner.invoke(app, ["heads", "eval", "--model", m, "--map", str(tmp_path / "gone")]), "--map", "gone")
     wrong = HeadMap(torch.ones(3, 2), "window", "sha256:x", CompressionPolicy())
     wrong.save(tmp_path / "wrong", {}, {})
     user_error(

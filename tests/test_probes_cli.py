@@ -78,6 +78,11 @@ def test_fit_and_eval(tmp_path):
     assert ev == fit["correct"]
     assert set(ev) >= {"best_layer", "auroc", "auroc_within_problem", "ece", "brier", "selectivity"}
     assert "--kind" in _err(runner.invoke(probe_app, [*args[:-1], str(tmp_path / "q"), "--kind", "svm"]))
+    for option, wrong in (("--store", tmp_path / "nope"), ("--labels", store.path)):  # missing; another kind
+        bad = [*args[:-1], str(tmp_path / "q")]
+        bad[bad.index(option) + 1] = str(wrong)
+        assert _err(runner.invoke(probe_app, bad)).startswith(f"error: {option}")
+    assert not (tmp_path / "q").exists()
     assert "--select-on" in _err(runner.invoke(probe_app, [*args[:-1], str(tmp_path / "q"), "--select-on", "acc"]))
     assert "--target 'foo'" in _err(runner.invoke(probe_app, [*args[:-1], str(tmp_path / "q"), "--target", "foo"]))
     assert not (tmp_path / "q").exists()

@@ -22,6 +22,7 @@ from ..cli_kit import (
     floats,
     fresh_out,
     model_geometry,
+    opened,
     organism_only,
     read_traces,
     say,
@@ -287,7 +288,7 @@ def evaluate(
     )
     if out is not None:
         fresh_out(out)
-    heads = [HeadMap.open(p) for p in maps]
+    heads = [opened(HeadMap.open, p, "--map") for p in maps]
     g = model_geometry(model)
     for hm in heads:
         if tuple(hm.scores.shape) != (g.n_layers, g.n_kv_heads):
