@@ -65,8 +65,11 @@ class ProbeConfig:
             v = getattr(self, name)
             if not 0 < v < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {v!r}")
-        if not (self.lr > 0 and self.weight_decay >= 0 and self.bootstrap >= 0 and self.cache_bytes >= 0):
-            raise ValueError("lr must be > 0 and weight_decay, bootstrap, cache_bytes >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr (--lr) must be > 0, got {self.lr!r}")
+        for name in ("weight_decay", "bootstrap", "cache_bytes"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.select_on not in SELECT_ON:
             raise ValueError(f"select_on must be one of {', '.join(SELECT_ON)}, got {self.select_on!r}")
         if self.solver not in SOLVERS:
