@@ -190,13 +190,15 @@ def dtype_option(value: str, option: str) -> DtypeName:
 
 
 def opened(opener: Callable[[Path], T], path: Path, option: str) -> T:
-    """``opener(path)`` (an artifact's ``open``); its error, naming the file and the fix, prefixed by the option."""
+    """``opener(path)`` (an artifact's ``open``); its error, naming the file and the fix, prefixed by the option
+    (raised as a user error, so ``--debug`` still shows where it came from)."""
     from .artifacts import ArtifactError
 
     try:
         return opener(path)
     except (ArtifactError, OSError, ValueError) as e:
-        fail(f"{option} {path}: {e}" if str(path) not in str(e) else f"{option}: {e}")
+        message = f"{option} {path}: {e}" if str(path) not in str(e) else f"{option}: {e}"
+        raise (OSError if isinstance(e, OSError) else ValueError)(message) from e
 
 
 def read_traces(path: Path, option: str = "--traces") -> list[Trace]:
