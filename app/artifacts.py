@@ -76,6 +76,7 @@ CAPTURE_DEFAULT = "--positions segment_ends"  # what a new capture records (a re
 
 
 FAMILIES = {"heads": "duo", "probes": "correct"}  # stages of one artifact a method or target: the default member
+MEMBER_OF = {"heads_eval": ("map", "heads"), "monitor": ("probes", "probes")}  # command field, family it reads
 RESUMABLE = ("capture",)  # stages whose writer resumes or repairs what is there: never "delete it first"
 
 
@@ -197,7 +198,7 @@ class Exports:
 
     @classmethod
     def _exported(cls, path: Path) -> Exports:
-        from steering.export import load_vector
+        from steering.export import load_vector, spec_path
 
         files: dict[str, list[Path]] = {}
         for p in sorted(path.iterdir()):
@@ -206,7 +207,7 @@ class Exports:
             load_vector(p)  # a vector file, whole, whatever its name
             with open(p, "rb") as f:
                 gguf = f.read(4) == b"GGUF"
-            spec = p.with_name(p.stem + ".steering.json")  # an EasySteer export's request beside its GGUF
+            spec = spec_path(p)  # an EasySteer export's request beside its GGUF
             fmt = ("easysteer" if spec.is_file() else "gguf") if gguf else "safetensors"
             files.setdefault(fmt, []).extend([p, spec] if fmt == "easysteer" else [p])
         if not files:
@@ -233,13 +234,14 @@ def _finished(p: Path) -> bool:
 def _capture_settings(store: Path) -> str:
     """The options of the capture that wrote ``store`` (hooks, positions, storage dtype, shard size, backend), so
     the command shown resumes it instead of being refused as another job; the defaults when it cannot be read."""
+    from reasonscope.store.reader import read_store_manifest
+
     try:
-        c, d = (m := read_manifest(store)).config, m.detail
-        opts = f"--hooks {','.join(c['hooks'])} --positions {c['positions']} --dtype {c['dtype']}"
-        opts += f" --shard-size {c['shard_size']}"
-        return opts + (f" --backend {d['backend']}" if d.get("backend") not in (None, "", "hf") else "")
-    except (ArtifactError, OSError, ValueError, KeyError, TypeError):
+        m = read_store_manifest(store)
+    except (ArtifactError, OSError, ValueError):
         return CAPTURE_DEFAULT
+    opts = f"--hooks {','.join(m.hooks)} --positions {m.positions} --dtype {m.dtype} --shard-size {m.shard_size}"
+    return opts + (f" --backend {m.backend}" if m.backend not in ("", "hf") else "")
 
 
 class RunDir:
@@ -276,7 +278,8 @@ class RunDir:
             given = "" if dtype == "float32" else f" {flag} {dtype}"
             out["model"] = f"--model {shlex.quote(self.sources['thinking'])}{given}"
             out["thinking"] = f"--thinking {shlex.quote(self.sources['thinking'])}{given}"
-        for field, family in (("map", "heads"), ("probes", "probes")):
+        if stage in MEMBER_OF:  # a command that reads one member of a family: one the run holds
+            field, family = MEMBER_OF[stage]
             root = self.stage_path(family)
             held = sorted(p.name for p in root.iterdir() if _finished(p)) if root.is_dir() else []
             if held and FAMILIES[family] not in held:

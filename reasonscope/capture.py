@@ -376,9 +376,9 @@ def capture(
     def span(s: int) -> range:
         return range(s * cfg.shard_size, min(len(traces), (s + 1) * cfg.shard_size))
 
-    ranges = [(span(s).start, span(s).stop) for s in todo]
     left = [s for s in range(store.n_shards) if s not in done] if estimate_all else todo
     _warn_if_large(sum(len(positions[i]) for s in left for i in span(s)), widths, cfg.dtype, out)
+    ranges = [(span(s).start, span(s).stop) for s in todo]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=sum(hi - lo for lo, hi in ranges), desc="capture", unit="trace", disable=not progress)

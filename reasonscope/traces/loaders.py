@@ -201,7 +201,7 @@ def load_hf_dataset(
     else:
         try:
             ds = datasets.load_dataset(str(name_or_path), split=split)
-        except (OSError, ValueError, FileNotFoundError) as e:  # unreachable hub, unknown name, missing split
+        except (OSError, ValueError) as e:  # unreachable hub, unknown name or file, missing split
             local = "" if path.exists() else " (no such local file)"
             raise OSError(
                 f"{name_or_path}{local} could not be loaded as a hub dataset ({type(e).__name__}: "
