@@ -161,9 +161,7 @@ def _fix_frac_sqrt(s: str) -> str:
 
 def normalize_math(s: str) -> str:
     """Canonical string form of a MATH answer (LaTeX noise, units, spacing and number formats)."""
-    s = s.strip().replace("\n", "").rstrip(".")
-    while _outer_group(s.strip()):  # LaTeX grouping braces around the whole answer: "{9 \text{ cm}}" -> "9 ..."
-        s = s.strip()[1:-1]
+    s = _ungroup(s.strip().replace("\n", "").rstrip("."))  # before units and "x =" are read: "{x = 9}"
     s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "")
     s = re.sub(r"(?<!\\)\\ ", "", s)  # the "\ " space, not a "\\ " row break
     s = s.replace("\\displaystyle", "").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
@@ -179,9 +177,7 @@ def normalize_math(s: str) -> str:
         if len(lhs.strip()) <= 2 and re.fullmatch(r"\s*\\?[A-Za-z]*\s*", lhs):
             s = rhs
     s = re.sub(r"^[A-Za-z]\s*\\in\s*", "", s)  # "x \\in [-2,7]" -> "[-2,7]"
-    s = s.replace(" ", "")
-    while _outer_group(s):  # LaTeX grouping braces around the whole answer: "{9}" -> "9"
-        s = s[1:-1]
+    s = _ungroup(s.replace(" ", ""))  # again once \displaystyle, \text and spaces are gone: "\displaystyle{9}"
     s = re.sub(r"^\(([A-Z])\)$", r"\1", s)  # a multiple-choice letter: "(C)" -> "C"
     s = _fix_frac_sqrt(s)
     s = re.sub(r"(?<![\d.])\.(\d)", r"0.\1", s)  # ".5" -> "0.5"
@@ -193,6 +189,13 @@ def normalize_math(s: str) -> str:
     m = re.fullmatch(r"(-?)(\d+)/(\d+)", s)  # "1/2" -> "\frac{1}{2}"
     if m:
         s = f"{m.group(1)}\\frac{{{m.group(2)}}}{{{m.group(3)}}}"
+    return s
+
+
+def _ungroup(s: str) -> str:
+    """``s`` without LaTeX grouping braces around the whole of it: ``"{ {9} }"`` -> ``"9"``."""
+    while _outer_group(s):
+        s = s[1:-1].strip()
     return s
 
 
