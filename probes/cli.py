@@ -15,6 +15,7 @@ from reasonscope.cli_kit import (
     DTYPE_HELP,
     ErrorGroup,
     choice,
+    configured,
     device_option,
     dtype_option,
     emit,
@@ -82,7 +83,8 @@ def labels_cmd(
     from .labels import LabelConfig, build_labels, label_traces
 
     model_dtype = dtype_option(dtype, "--dtype")
-    cfg = LabelConfig(
+    cfg = configured(
+        LabelConfig,
         matcher=choice(matcher, MATCHERS, "--matcher"),
         chunking=choice(chunking, CHUNKINGS, "--chunking"),
         forced=forced,
@@ -140,7 +142,8 @@ def fit_cmd(
     from .labels import LabelTable
     from .train import SELECT_ON
 
-    cfg = ProbeConfig(
+    cfg = configured(
+        ProbeConfig,
         target=target,
         hooks=hooks,
         kind=choice(kind, PROBE_KINDS, "--kind"),
@@ -298,7 +301,8 @@ def monitor_cmd(
         if not probes.is_dir():
             fail(f"--probes {probes} is not a directory; pass a probe_set written by `reasonscope probe fit`")
         thresholds["probe"] = floats(probe_thresholds, "--probe-thresholds", "0.8,0.9,0.95")
-    cfg = MonitorConfig(
+    cfg = configured(
+        MonitorConfig,
         window=window,
         consecutive=consecutive,
         min_think=min_think,

@@ -66,7 +66,7 @@ class ProbeConfig:
             if not 0 < v < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {v!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr (--lr) must be > 0, got {self.lr!r}")
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
         for name in ("weight_decay", "bootstrap", "cache_bytes"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")

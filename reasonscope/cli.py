@@ -20,6 +20,7 @@ from .cli_kit import (
     DTYPE_HELP,
     ErrorGroup,
     choice,
+    configured,
     dataset_rows,
     device_option,
     dtype_option,
@@ -186,7 +187,9 @@ def traces_generate(
         ids = [f"{i}#s{k}" for i in ids for k in range(samples)]
         prompts = [p for p in prompts for _ in range(samples)]
         golds = [g for g in golds for _ in range(samples)]
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
+    cfg = configured(
+        GenerationConfig, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed
+    )
     traces = generate_traces(
         handle,
         prompts,
@@ -265,8 +268,13 @@ def capture_cmd(
                 f"delete {out}"
             )
     attn = "eager" if needs_eager(names) else None
-    cfg = CaptureConfig(
-        hooks=tuple(names), positions=rule, dtype=store_dtype, token_budget=token_budget, shard_size=shard_size
+    cfg = configured(
+        CaptureConfig,
+        hooks=tuple(names),
+        positions=rule,
+        dtype=store_dtype,
+        token_budget=token_budget,
+        shard_size=shard_size,
     )
     load_kwargs: dict[str, Any] = {"backend": backend_name, "dtype": compute_dtype, "attn_implementation": attn}
     if workers > 0:

@@ -8,6 +8,7 @@ A user error is one ``error: ...`` line naming the fix and exit status 2 (:func:
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -187,6 +188,19 @@ def dtype_option(value: str, option: str) -> DtypeName:
         return dtype_name(value)
     except ValueError as e:
         fail(f"{option}: {e}")
+
+
+def configured(cls: Callable[..., T], **fields: Any) -> T:
+    """``cls(**fields)``: a stage's frozen config whose fields are the command's options of the same names. A value
+    its ``__post_init__`` refuses is raised as a user error prefixed by the options its message names
+    (``--epsilon: epsilon must be > 0, got -1.0``), so ``--debug`` still shows where it came from."""
+    try:
+        return cls(**fields)
+    except ValueError as e:
+        named = [f"--{k.replace('_', '-')}" for k in fields if re.search(rf"\b{k}\b", str(e))]
+        if not named:
+            raise
+        raise ValueError(f"{', '.join(named)}: {e}") from e
 
 
 def opened(opener: Callable[[Path], T], path: Path, option: str) -> T:

@@ -15,6 +15,7 @@ from reasonscope.cli_kit import (
     DTYPE_HELP,
     ErrorGroup,
     choice,
+    configured,
     emit,
     fail,
     floats,
@@ -102,7 +103,8 @@ def asc_cmd(
     fresh_out(out)
     model_dtype = dtype_option(dtype, "--dtype")
     grader, dataset_at = dataset_source(dataset)
-    cfg = ASCConfig(
+    cfg = configured(
+        ASCConfig,
         layer=layer,
         layers=_layer_list(layers),
         reduce=choice(reduce, ("last", "mean"), "--reduce"),
@@ -191,27 +193,25 @@ def hybrid_cmd(
     fresh_out(out)
     model_dtype = dtype_option(dtype, "--dtype")
     grader, _ = dataset_source(dataset)
-    try:
-        cfg = HybridConfig(
-            sae_layer=sae_layer,
-            steer_layer=steer_layer,
-            n_latents=n_latents,
-            labels=choice(labels, LABELS, "--labels"),
-            vectors=choice(vectors, VECTORS, "--vectors"),
-            selector=choice(selector, SELECTORS, "--selector"),
-            coefficients=floats(coefficients, "--coefficients"),
-            n_train=n_train,
-            train_steps=train_steps,
-            n_eval=n_eval,
-            temperature=temperature,
-            seed=seed,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            controls=controls,
-            grader=grader,
-        )
-    except ValueError as e:
-        fail(str(e))
+    cfg = configured(
+        HybridConfig,
+        sae_layer=sae_layer,
+        steer_layer=steer_layer,
+        n_latents=n_latents,
+        labels=choice(labels, LABELS, "--labels"),
+        vectors=choice(vectors, VECTORS, "--vectors"),
+        selector=choice(selector, SELECTORS, "--selector"),
+        coefficients=floats(coefficients, "--coefficients"),
+        n_train=n_train,
+        train_steps=train_steps,
+        n_eval=n_eval,
+        temperature=temperature,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        controls=controls,
+        grader=grader,
+    )
     gb, gt = model_geometry(base, "--base"), model_geometry(thinking, "--thinking")
     if steer_layer >= gb.n_layers:
         fail(f"--steer-layer {steer_layer} does not exist in {base} (layers 0..{gb.n_layers - 1})")

@@ -243,6 +243,36 @@ def test_option_values_are_user_errors_naming_the_option(tmp_path, no_model_load
         ),
         "--device",
     )
+    r = runner.invoke(steer_app, ["asc", "--out", str(tmp_path / "a"), "--epsilon", "-1"])
+    assert user_error(r) == "error: --epsilon: epsilon must be > 0, got -1.0"
+    r = runner.invoke(steer_app, ["asc", "--out", str(tmp_path / "a"), "--gamma-rule", "sweep", "--sweep", ","])
+    user_error(r, "--sweep")
+    r = runner.invoke(probe_app, ["fit", "--store", "s", "--labels", "l", "--out", str(tmp_path / "p"), "--lr", "0"])
+    assert user_error(r) == "error: --lr: lr must be > 0, got 0.0"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "p").exists()
+
+
+def test_configured_names_the_options_a_config_refuses():
+    from dataclasses import dataclass
+
+    from reasonscope.cli_kit import configured
+
+    @dataclass(frozen=True)
+    class Cfg:
+        n_eval: int = 1
+        n: int = 1
+
+        def __post_init__(self) -> None:
+            if self.n_eval < 1:
+                raise ValueError(f"n_eval must be >= 1, got {self.n_eval}")
+            if self.n == 2:
+                raise ValueError("two is not allowed")
+
+    assert configured(Cfg, n_eval=3) == Cfg(3)
+    with pytest.raises(ValueError, match=r"^--n-eval: n_eval must be >= 1, got 0$"):
+        configured(Cfg, n_eval=0, n=1)  # ``n`` is not a word of the message
+    with pytest.raises(ValueError, match=r"^two is not allowed$"):
+        configured(Cfg, n=2)
 
 
 def test_missing_model_is_one_line(tmp_path, no_model_load):

@@ -151,7 +151,7 @@ def test_solver_config():
 
 
 def test_a_bad_rate_names_that_setting_alone():
-    with pytest.raises(ValueError, match=r"^lr \(--lr\) must be > 0, got -1"):
+    with pytest.raises(ValueError, match=r"^lr must be > 0, got -1"):
         ProbeConfig(lr=-1)
     with pytest.raises(ValueError, match=r"^bootstrap must be >= 0, got -2"):
         ProbeConfig(bootstrap=-2)
