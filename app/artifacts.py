@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from reasonscope.artifacts import (
     ARTIFACT_FORMATS,
@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["STAGE_COMMANDS", "STAGE_DIRS", "Exports", "JsonResult", "MissingStage", "RunDir", "TraceSet"]
 
 TRACE_SET, VECTOR_EXPORTS = "trace_set", "vector_exports"
+M = TypeVar("M")  # a family's member: HeadMap, ProbeSet
 MODELS_ENV = "REASONSCOPE_MODELS"  # JSON {"thinking": source, "dtype": name} from `reasonscope app --model`
 TRACES_JSONL = "traces.jsonl"  # a run on your own model: its traces, as `traces generate --out` writes them
 SUFFIX = {"gguf": ".gguf", "easysteer": ".easysteer.gguf", "safetensors": ".safetensors"}
@@ -244,6 +245,15 @@ def _capture_settings(store: Path) -> str:
     return opts + (f" --backend {m.backend}" if m.backend not in ("", "hf") else "")
 
 
+class Family(dict[str, M]):
+    """A stage's members that open (head maps by method, probe sets by target), by name; ``damaged``: each member
+    that cannot be read, as the :class:`MissingStage` that says what to delete and rerun."""
+
+    def __init__(self, members: Mapping[str, M], damaged: Mapping[str, MissingStage]) -> None:
+        super().__init__(members)
+        self.damaged = dict(damaged)
+
+
 class RunDir:
     """A run directory; every stage method returns the stage's opened artifact or raises :class:`MissingStage`.
 
@@ -310,18 +320,28 @@ class RunDir:
 
         return self._open("capture", ActivationStore.open, self.stage_path("capture"))
 
-    def _family(self, stage: str, fn: Any) -> dict[str, Any]:
-        """The artifacts of a stage with one subdirectory per method or target, by name. A writer's temporary
-        (``.name.*.tmp``: a job still running, or killed) is not one of them; none left raises."""
+    def _family(self, stage: str, fn: Callable[[Path], M]) -> Family[M]:
+        """The artifacts of a stage with one subdirectory per method or target, by name; a member that cannot be
+        read is set aside in ``damaged`` and the others are still shown. A writer's temporary (``.name.*.tmp``: a
+        job still running, or killed) is not a member; no member that opens raises (the first damaged one's)."""
         root = self.stage_path(stage)
         if not root.is_dir():
             raise self._missing(stage)
         subs = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
         if not subs:
             raise self._missing(stage, f"{root} holds no finished artifact")
-        return {p.name: self._open(stage, fn, p) for p in subs}
+        members: dict[str, M] = {}
+        damaged: dict[str, MissingStage] = {}
+        for p in subs:
+            try:
+                members[p.name] = self._open(stage, fn, p)
+            except MissingStage as e:
+                damaged[p.name] = e
+        if not members:
+            raise next(iter(damaged.values()))
+        return Family(members, damaged)
 
-    def head_maps(self) -> dict[str, HeadMap]:
+    def head_maps(self) -> Family[HeadMap]:
         from reasonscope.heads.headmap import HeadMap
 
         return self._family("heads", HeadMap.open)
@@ -334,7 +354,7 @@ class RunDir:
 
         return self._open("labels", LabelTable.open, self.stage_path("labels"))
 
-    def probe_sets(self) -> dict[str, ProbeSet]:
+    def probe_sets(self) -> Family[ProbeSet]:
         from probes.probeset import ProbeSet
 
         return self._family("probes", ProbeSet.open)

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from reasonscope.artifacts import TMP_SUFFIX, read_json, write_json
 
-from .artifacts import JsonResult, MissingStage, RunDir, TraceSet
+from .artifacts import Family, JsonResult, MissingStage, RunDir, TraceSet
 
 __all__ = ["STAGES", "DemoConfig", "Stage", "run_demo", "summary_rows"]
 
@@ -321,6 +321,9 @@ def _hybrid_available() -> bool:
 def _all_maps(run: RunDir, cfg: DemoConfig) -> Any:
     maps = run.head_maps()
     missing = [m for m in cfg.head_methods if m not in maps]
+    for m in missing:
+        if m in maps.damaged:
+            raise maps.damaged[m]
     if missing:
         raise MissingStage("heads", run.path, f"no head map for {missing}")
     return maps
@@ -329,6 +332,9 @@ def _all_maps(run: RunDir, cfg: DemoConfig) -> Any:
 def _all_probes(run: RunDir, cfg: DemoConfig) -> Any:
     sets = run.probe_sets()
     missing = [t for t in cfg.probe_targets if t not in sets]
+    for t in missing:
+        if t in sets.damaged:
+            raise sets.damaged[t]
     if missing:
         raise MissingStage("probes", run.path, f"no probes for {missing}")
     return sets
@@ -436,13 +442,16 @@ def summary_rows(run: RunDir) -> list[tuple[str, str]]:
         st = run.store()
         return f"{len(st)} rows x {len(st.manifest.hooks)} hooks"
 
+    def unreadable(family: Family[Any]) -> list[str]:
+        return [f"{name}: unreadable" for name in family.damaged]
+
     def heads() -> str:
-        parts = []
-        for name, hm in run.head_maps().items():
+        maps, parts = run.head_maps(), []
+        for name, hm in maps.items():
             flat = int(hm.scores.flatten().argmax())
             n_kv = hm.scores.shape[1]
             parts.append(f"{name}: top L{flat // n_kv}H{flat % n_kv}")
-        return ", ".join(parts)
+        return ", ".join(parts + unreadable(maps))
 
     def heads_eval() -> str:
         curves = run.heads_eval().result["curves"]
@@ -468,10 +477,11 @@ def summary_rows(run: RunDir) -> list[tuple[str, str]]:
         return f"{s['n_chunks']} chunks of {s['n_traces']} traces{share}"
 
     def probes() -> str:
-        return ", ".join(
-            f"{t}: layer {ps.best_hook.split('.')[1]} AUROC {ps.report['best']['auroc']:.2f}"
-            for t, ps in run.probe_sets().items()
-        )
+        sets = run.probe_sets()
+        parts = [
+            f"{t}: layer {ps.best_hook.split('.')[1]} AUROC {ps.report['best']['auroc']:.2f}" for t, ps in sets.items()
+        ]
+        return ", ".join(parts + unreadable(sets))
 
     def monitor() -> str:
         res = run.monitor().result

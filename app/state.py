@@ -105,14 +105,19 @@ def need(run: RunDir, *stages: str) -> list[Any] | None:
     out = []
     for s in stages:
         try:
-            out.append(artifact(run, s))
+            got = artifact(run, s)
         except MissingStage as e:
-            st.warning(str(e))
-            st.code(
-                e.command if e.damaged is None else f"rm -r {shlex.quote(str(e.damaged))}\n{e.command}", language="bash"
-            )
+            _say_missing(e)
             return None
+        for bad in getattr(got, "damaged", {}).values():  # a family's unreadable members; the others are shown
+            _say_missing(bad)
+        out.append(got)
     return out
+
+
+def _say_missing(e: MissingStage) -> None:
+    st.warning(str(e))
+    st.code(e.command if e.damaged is None else f"rm -r {shlex.quote(str(e.damaged))}\n{e.command}", language="bash")
 
 
 def background(fn: Callable[..., T], *args: Any, label: str = "working") -> T:

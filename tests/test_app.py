@@ -378,6 +378,29 @@ def test_stages_of_several_artifacts_skip_writers_temporaries(quick_run, tmp_pat
 
 
 @organisms
+def test_a_damaged_member_leaves_the_others_shown(quick_run, tmp_path, monkeypatch):
+    """One unreadable head map is set aside with the command that deletes and rewrites it; the page still shows the
+    maps that open (it showed none), and the demo still refuses to write over the damaged one."""
+    from app.artifacts import RunDir
+    from app.demo import DemoConfig, run_demo, summary_rows
+
+    copy = tmp_path / "run"
+    shutil.copytree(quick_run, copy)
+    damaged = sorted(p for p in (copy / "heads").iterdir() if p.is_dir())[0]
+    (damaged / "manifest.json").write_text("{")
+    maps = RunDir(copy).head_maps()
+    assert set(maps) == set(RunDir(quick_run).head_maps()) - {damaged.name}
+    assert set(maps.damaged) == {damaged.name} and maps.damaged[damaged.name].damaged == damaged
+    at = _apptest(copy, "Heads", monkeypatch)
+    assert any(damaged.name in w.value for w in at.warning), [w.value for w in at.warning]
+    assert any(f"rm -r {damaged}" in c.value for c in at.code)
+    assert any("operand reads" in str(getattr(c, "proto", "")) for c in at.get("plotly_chart"))
+    assert f"{damaged.name}: unreadable" in dict(summary_rows(RunDir(copy)))["heads"]
+    with pytest.raises(ValueError, match=f"delete {damaged}"):
+        run_demo(copy, DemoConfig.quick(), log=lambda _: None)
+
+
+@organisms
 def test_sweep_figure_keeps_test_and_selection_problems_apart(quick_run):
     from app.artifacts import RunDir
     from app.figures import steering_sweep_figure
