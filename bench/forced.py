@@ -28,6 +28,9 @@ import torch
 
 from probes.forced import forced_answers
 
+sys.path.append(str(Path(__file__).resolve().parent))  # after the probes package: bench/shapes.py
+from shapes import count, count0, random_qwen2
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,9 +67,6 @@ def _workloads(args) -> dict[str, tuple]:
         )
         out["organism"] = (h, *_cuts(h, traces))
     if args.real:
-        sys.path.append(str(Path(__file__).resolve().parent))  # bench/shapes.py (probes is imported already)
-        from shapes import random_qwen2  # type: ignore[import-not-found]
-
         from probes.chunks import chunk_thinking
 
         h = random_qwen2(layers=args.layers, device="cpu")
@@ -79,18 +79,19 @@ def _workloads(args) -> dict[str, tuple]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--organism", type=int, default=100, help="organism traces (0: skip)")
-    ap.add_argument("--real", type=int, default=4, help="thought-anchors traces (0: skip)")
-    ap.add_argument("--layers", type=int, default=2, help="blocks of the 1.5B shape for the real traces")
-    ap.add_argument("--max-new", type=int, default=8, help="tokens decoded after each forced </think>")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--organism", type=count0, default=100, help="organism traces (0: skip)")
+    ap.add_argument("--real", type=count0, default=4, help="thought-anchors traces (0: skip)")
+    ap.add_argument("--layers", type=count, default=2, help="blocks of the 1.5B shape for the real traces")
+    ap.add_argument("--max-new", type=count, default=8, help="tokens decoded after each forced </think>")
+    ap.add_argument("--repeats", type=count, default=3)
+    ap.add_argument("--threads", type=count, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for name, (h, traces, cuts, kinds) in _workloads(args).items():
         times: dict[bool, list[float]] = {True: [], False: []}
         answers: dict[bool, list] = {}
+        forced_answers(h, traces[:1], cuts[:1], kinds[:1], max_new_tokens=args.max_new)  # warm-up, untimed
         for rep in range(args.repeats):
             for share in (True, False) if rep % 2 == 0 else (False, True):
                 t0 = time.perf_counter()

@@ -43,20 +43,20 @@ from functools import partial
 from typing import Any
 
 import torch
-from shapes import random_qwen2
+from shapes import count, random_qwen2
 
 from reasonscope import generation
 from reasonscope.generation import Batch, DecodeConfig, generate
 from reasonscope.organisms.evaluate import EvalConfig
 
 
-def organism_eval_workload(n: int) -> list[Part]:
+def organism_eval_workload(n: int, device: str) -> list[Part]:
     """Every generation ``reasonscope organism eval`` makes: the thinking organism greedy and at temperature 1
     (seed 1) on chat prompts, the base greedy on chat prompts and on ``{question} notes:`` prompts."""
     from reasonscope.models import load_model
     from reasonscope.organisms import evaluate, task
 
-    thinking, base = load_model("organism:thinking"), load_model("organism:base")
+    thinking, base = load_model("organism:thinking", device=device), load_model("organism:base", device=device)
     problems = task.problems(n, evaluate.EVAL_SEED)
     tok = thinking.tokenizer
 
@@ -194,29 +194,33 @@ def run_engine(part: Part, max_new: int, batch: int, span_groups: int = generati
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=["organism", "organism-eval", "1.5b"], default="organism")
-    p.add_argument("--problems", type=int, default=None, help="problems (default: 500 organism, 256 for 1.5b)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per method (median, min, max)")
-    p.add_argument("--batch", type=int, nargs="+", default=[64], help="HF static batch sizes = engine slots (a grid)")
-    p.add_argument("--max-new", type=int, default=2048, help="1.5b: longest forced generation")
-    p.add_argument("--layers", type=int, default=None, help="1.5b: fewer layers (a quick check of the path)")
+    p.add_argument("--problems", type=count, default=None, help="problems (default: 500 organism, 256 for 1.5b)")
+    p.add_argument("--repeats", type=count, default=5, help="timed runs per method (median, min, max)")
+    p.add_argument("--batch", type=count, nargs="+", default=[64], help="HF static batch sizes = engine slots (a grid)")
+    p.add_argument("--max-new", type=count, default=2048, help="1.5b: longest forced generation")
+    p.add_argument("--layers", type=count, default=None, help="1.5b: fewer layers (a quick check of the path)")
     p.add_argument(
         "--span-groups",
-        type=int,
+        type=count,
         nargs="+",
         default=[generation.SPAN_GROUPS],
         help="row groups of the engine's decode attention on CPU (1: every row reads the longest row's keys; CUDA "
         "always uses 1); more values add engine rows to the table",
     )
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=count, default=2, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device here")
     torch.set_num_threads(a.threads)
     cuda = a.device == "cuda"
     if a.shape in ("organism", "organism-eval"):
-        parts, max_new = organism_eval_workload(a.problems or 500), EvalConfig().max_new_tokens
+        n = 500 if a.problems is None else a.problems
+        parts, max_new = organism_eval_workload(n, a.device), EvalConfig().max_new_tokens
         parts = parts[:1] if a.shape == "organism" else parts  # organism: the greedy thinking call alone
     else:
-        h, prompts, max_new, lengths = random_workload(a.problems or 256, a.max_new, a.layers, a.device)
+        n = 256 if a.problems is None else a.problems
+        h, prompts, max_new, lengths = random_workload(n, a.max_new, a.layers, a.device)
         parts = [Part("random weights, forced lengths", h, prompts, 0.0, 0, lengths)]
     runners: dict[str, Callable] = {"HF generate": run_hf}
     for g in a.span_groups:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from shapes import random_qwen2
+from shapes import count, random_qwen2
 
 from reasonscope.heads import CompressionPolicy, HeadConfig, score_heads
 from reasonscope.heads.evaluate import EvalConfig, check_window, evaluate_heads, window_for
@@ -66,45 +66,62 @@ def single_heads(h: Any, held: list[Any], policy: CompressionPolicy, cfg: EvalCo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="organism:thinking")
     ap.add_argument("--shape", choices=("organism", "1.5b"), default="organism", help="1.5b: GPU timing (see above)")
-    ap.add_argument("--layers", type=int, default=None, help="1.5b: keep this many layers (a quick CPU check)")
-    ap.add_argument("--n-train", type=int, default=64)
-    ap.add_argument("--n-eval", type=int, default=300)
+    ap.add_argument("--layers", type=count, default=None, help="1.5b: keep this many layers (a quick CPU check)")
+    ap.add_argument("--n-train", type=count, default=64)
+    ap.add_argument("--n-eval", type=count, default=300)
     ap.add_argument("--levels", default="3,4")
     ap.add_argument("--sink", type=int, default=None)
     ap.add_argument("--recent", type=int, default=None)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--duo-steps", type=int, default=60)
-    ap.add_argument("--rlkv-steps", type=int, default=60)
+    ap.add_argument("--duo-steps", type=count, default=60)
+    ap.add_argument("--rlkv-steps", type=count, default=60)
     ap.add_argument("--rlkv-lr", type=float, default=0.05)
     ap.add_argument("--rlkv-beta", type=float, default=0.05)
     ap.add_argument("--rlkv-tau", type=float, default=0.5)
     ap.add_argument("--rlkv-temperature", type=float, default=0.0, help="0: greedy rollouts (sampling loops here)")
-    ap.add_argument("--rlkv-prompts", type=int, default=16)
-    ap.add_argument("--rlkv-samples", type=int, default=1)
-    ap.add_argument("--rlkv-rollout-tokens", type=int, default=320)
+    ap.add_argument("--rlkv-prompts", type=count, default=16)
+    ap.add_argument("--rlkv-samples", type=count, default=1)
+    ap.add_argument("--rlkv-rollout-tokens", type=count, default=320)
     ap.add_argument("--rlkv-adv-norm", default="batch", choices=("batch", "group"))
     ap.add_argument("--rlkv-budget-s", type=float, default=840.0, help="RLKV wall-time budget (15 min incl. setup)")
-    ap.add_argument("--rlkv-max-think", type=int, default=280, help="RLKV trains on problems solved within this")
-    ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--rlkv-max-think", type=count, default=280, help="RLKV trains on problems solved within this")
+    ap.add_argument("--draws", type=count, default=5)
     ap.add_argument("--sparsities", default="0,0.25,0.5,0.75")
-    ap.add_argument("--max-new-tokens", type=int, default=384, help="Evaluation and RLKV rollout length")
-    ap.add_argument("--trace-tokens", type=int, default=512, help="Length of the own traces the scorers read")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=count, default=384, help="Evaluation and RLKV rollout length")
+    ap.add_argument("--trace-tokens", type=count, default=512, help="Length of the own traces the scorers read")
+    ap.add_argument("--batch-size", type=count, default=256)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--scores-out", type=Path, default=None)
     ap.add_argument("--scores-in", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--single-heads", action="store_true", help="also: accuracy with each KV head windowed alone")
     args = ap.parse_args()
+    bad = sorted(set(args.methods.split(",")) - set(METHODS))
+    if bad:
+        ap.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    try:
+        levels = tuple(int(x) for x in args.levels.split(","))
+    except ValueError:
+        ap.error(f"--levels {args.levels!r}: give comma-separated levels, e.g. 3,4")
+    try:
+        sparsities = tuple(float(x) for x in args.sparsities.split(","))
+    except ValueError:
+        ap.error(f"--sparsities {args.sparsities!r}: give comma-separated fractions, e.g. 0,0.25,0.5")
+    if not all(0 <= x <= 1 for x in sparsities):
+        ap.error(f"--sparsities {args.sparsities}: each is a fraction in [0, 1]")
+    if not set(levels) <= set(task.LEVELS):
+        ap.error(f"--levels {args.levels}: the task's levels are {', '.join(map(str, task.LEVELS))}")
+    for out in (args.out, args.scores_out):
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)  # written at the end: fail now, not after the run
     torch.manual_seed(0)
     timing = args.shape == "1.5b"
     h: Any = random_qwen2(args.layers) if timing else load_model(args.model)
     if timing and args.methods == ",".join(METHODS):
         args.methods = ",".join(m for m in METHODS if m != "retrieval")
-    levels = tuple(int(x) for x in args.levels.split(","))
     train = task.problems(args.n_train, seed=args.seed, levels=levels)
     t0 = time.time()
     traces = generate_traces(
@@ -146,7 +163,7 @@ def main() -> None:
     t0 = time.time()
     cfg = EvalConfig(
         exhaustive=not timing,
-        sparsities=tuple(float(x) for x in args.sparsities.split(",")),
+        sparsities=sparsities,
         random_draws=args.draws,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,

@@ -33,6 +33,9 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import torch
 
+sys.path.append(str(Path(__file__).resolve().parent))  # after the packages: bench/shapes.py
+from shapes import count
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("window", "gate-ig", "duo", "entropy", "extract", "kl", "hybrid")
 
@@ -102,6 +105,8 @@ def _run(stage: str, args: argparse.Namespace, lifted: bool) -> dict[str, Any]:
     cmd += ["--model-dir", str(args.model_dir), "--threads", str(args.threads)] + (["--lifted"] if lifted else [])
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
+        if p.returncode > 0:  # an error, not a kill (out of memory): show it
+            print(f"{stage}{' (budgets lifted)' * lifted} failed:\n{p.stderr[-2000:]}", file=sys.stderr)
         return {"status": f"exit {p.returncode}" + (" (killed)" if p.returncode < 0 else "")}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -112,15 +117,17 @@ def _cell(r: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=16, help="sequences (traces, texts or rollouts) per stage")
-    ap.add_argument("--tokens", type=int, default=512, help="tokens per sequence (about)")
+    ap.add_argument("--n", type=count, default=16, help="sequences (traces, texts or rollouts) per stage")
+    ap.add_argument("--tokens", type=count, default=512, help="tokens per sequence (about)")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--no-reference", action="store_true", help="skip the runs with the budgets lifted")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=count, default=2)
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/reasonscope-bench-r1-tiny"))
     ap.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--lifted", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.n < 2 or args.tokens < 96:
+        ap.error("--n needs at least 2 sequences (extract splits them in two) and --tokens at least 96")
     torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(_worker(args.worker, args.n, args.tokens, args.model_dir, args.lifted)))
@@ -133,10 +140,11 @@ def main() -> None:
     print(f"{args.n} sequences of ~{args.tokens} tokens, vocabulary 151,665, {args.threads} threads\n")
     print("| stage | budgeted peak GB | s | budgets lifted: peak GB | s | peak ratio |")
     print("|---|---:|---:|---:|---:|---:|")
-    ratios = []
+    ratios, failed = [], 0
     for stage in stages:
         got = _run(stage, args, lifted=False)
         ref = {"status": "not run"} if args.no_reference else _run(stage, args, lifted=True)
+        failed += sum(str(r.get("status", "")).startswith("exit") for r in (got, ref))
         cells = [_cell(r) for r in (got, ref)]
         ratio = ref["peak_gb"] / got["peak_gb"] if "peak_gb" in got and "peak_gb" in ref else None
         if ratio is not None:
@@ -144,6 +152,8 @@ def main() -> None:
         print(f"| {stage} | {cells[0]} | {cells[1]} | {'' if ratio is None else f'{ratio:.1f}x'} |", flush=True)
     if ratios:
         print(f"\nmedian peak ratio (lifted / budgeted): {statistics.median(ratios):.1f}x")
+    if failed:
+        raise SystemExit(f"{failed} run(s) failed (errors above, or killed: out of memory)")
 
 
 if __name__ == "__main__":

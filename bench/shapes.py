@@ -1,13 +1,31 @@
-"""The random-init 1.5B shape the GPU benchmarks share: the real DeepSeek-R1-Distill-Qwen-1.5B / Qwen2-1.5B
-config and tokenizer from ../shared/data/tokenizers/qwen2."""
+"""What the benchmarks share: the random-init 1.5B shape of the GPU benchmarks (the real
+DeepSeek-R1-Distill-Qwen-1.5B / Qwen2-1.5B config and tokenizer from ../shared/data/tokenizers/qwen2) and the
+argument types that refuse a count that would silently run another workload."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
 
 QWEN2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers" / "qwen2"
+
+
+def count(text: str) -> int:
+    """An argparse type: an integer >= 1 (repeats, problems, layers, batch sizes)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
+    return n
+
+
+def count0(text: str) -> int:
+    """An argparse type: an integer >= 0 (0: skip that part)."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 0")
+    return n
 
 
 def random_qwen2(layers: int | None = None, device: str | None = None):  # -> reasonscope.models.ModelHandle
@@ -19,7 +37,9 @@ def random_qwen2(layers: int | None = None, device: str | None = None):  # -> re
     from reasonscope.traces.loaders import qwen2_tokenizer
 
     cfg = AutoConfig.from_pretrained(QWEN2)
-    if layers:
+    if layers is not None:
+        if not 1 <= layers <= cfg.num_hidden_layers:
+            raise ValueError(f"layers={layers}: the 1.5B shape has 1..{cfg.num_hidden_layers}")
         cfg.num_hidden_layers, cfg.layer_types = layers, cfg.layer_types[:layers]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

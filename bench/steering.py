@@ -40,25 +40,25 @@ from reasonscope.models import load_model
 from reasonscope.organisms import evaluate, task
 from steering.vector import SteeringVector, VectorMeta
 
+sys.path.append(str(Path(__file__).resolve().parent))  # after the steering package: bench/shapes.py
+from shapes import count, count0, random_qwen2
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="organism:thinking")
     ap.add_argument("--shape", choices=["organism", "1.5b"], default="organism", help="1.5b: ignore --model")
-    ap.add_argument("--problems", type=int, default=64)
-    ap.add_argument("--max-new", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--problems", type=count, default=64)
+    ap.add_argument("--max-new", type=count, default=128)
+    ap.add_argument("--batch", type=count, default=64)
+    ap.add_argument("--repeats", type=count, default=5)
+    ap.add_argument("--threads", type=count0, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--layer", type=int, default=2, help="the one-layer arm's block (ASC's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts: list[str] | list[list[int]]
     if args.shape == "1.5b":
-        sys.path.append(str(Path(__file__).resolve().parent))  # after the steering package: bench/shapes.py
-        from shapes import random_qwen2
-
         h, args.model = random_qwen2(), "random:qwen2-1.5b"
         rng = random.Random(0)
         prompts = [[rng.randrange(150000) for _ in range(rng.randint(32, 256))] for _ in range(args.problems)]
@@ -66,6 +66,8 @@ def main() -> None:
         h = load_model(args.model)
         prompts = [h.chat_prompt(p.question) for p in task.problems(args.problems, evaluate.EVAL_SEED)]
     g = h.geometry
+    if not 0 <= args.layer < g.n_layers:
+        ap.error(f"--layer {args.layer}: {args.model} has blocks 0..{g.n_layers - 1}")
     torch.manual_seed(0)
     meta = VectorMeta(d_model=g.d_model, layers=tuple(range(g.n_layers)), positions="last", n_layers=g.n_layers)
     vec = SteeringVector(torch.randn(g.n_layers, g.d_model), meta)
