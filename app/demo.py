@@ -361,14 +361,16 @@ STAGES: tuple[Stage, ...] = (
 # ---------------------------------------------------------------------------- driver
 
 
-def _pin(run: RunDir, cfg: DemoConfig, weights: dict[str, str]) -> None:
-    """Write ``run.json`` on a new run; refuse a run directory made with other weights or sizes."""
-    pin = {"config": json_ready(asdict(cfg)), "weights": weights}
+def _pin(run: RunDir, cfg: DemoConfig, weights: Callable[[], dict[str, str]]) -> None:
+    """Write ``run.json`` on a new run; refuse a run directory made with other sizes (before ``weights()`` loads
+    the models) or other weights."""
+    config = json_ready(asdict(cfg))
     path = run.path / "run.json"
     if path.exists():
         old = read_json(path)
-        if old != pin:
-            what = "organism weights" if old.get("weights") != weights else "demo settings"
+        same = old.get("config") == config and old.get("weights") == weights()
+        if not same:
+            what = "demo settings" if old.get("config") != config else "organism weights"
             raise ValueError(
                 f"{run.path} was made with other {what}; choose another --out or delete {run.path} to start over"
             )
@@ -379,6 +381,7 @@ def _pin(run: RunDir, cfg: DemoConfig, weights: dict[str, str]) -> None:
             f"{run.path} is not empty and holds no run.json, so it is not a demo run; choose a new --out "
             "(a run on your own model opens with `reasonscope app DIR --model M`)"
         )
+    pin = {"config": config, "weights": weights()}
     run.path.mkdir(parents=True, exist_ok=True)
     write_json(path, pin)
 
@@ -396,7 +399,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), log: Log = print) 
     """Run every stage not yet done into ``out``; returns ``{stage: {"status", "seconds"}}``."""
     run = RunDir(out)
     ctx = Context(run, cfg, log)
-    _pin(run, cfg, {kind: ctx.model(kind).weight_hash for kind in ("thinking", "base")})
+    _pin(run, cfg, lambda: {kind: ctx.model(kind).weight_hash for kind in ("thinking", "base")})
     report: dict[str, dict[str, Any]] = {}
     for i, stage in enumerate(STAGES, 1):
         head = f"[{i}/{len(STAGES)}] {stage.name}: {stage.title}"

@@ -70,6 +70,19 @@ def test_demo_summary_and_reuse(quick_run):
 
 
 @organisms
+def test_other_demo_settings_are_refused_before_a_model_loads(quick_run, monkeypatch):
+    import reasonscope.models
+    from app.demo import DemoConfig, run_demo
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the run's settings were compared")
+
+    monkeypatch.setattr(reasonscope.models, "load_model", refuse)
+    with pytest.raises(ValueError, match="other demo settings"):
+        run_demo(quick_run, DemoConfig(), log=lambda _: None)
+
+
+@organisms
 def test_demo_resumes_a_lost_stage(quick_run, tmp_path):
     from app.demo import DemoConfig, run_demo
 
