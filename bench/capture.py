@@ -135,7 +135,7 @@ def run_method(
     for _ in range(repeats):
         t = time.perf_counter()
         if method == "c":
-            to_store([t for k, x in enumerate(ids) for t in traces_of(x, k)])
+            to_store([tr for k, x in enumerate(ids) for tr in traces_of(x, k)])
             if cuda:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t

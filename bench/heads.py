@@ -106,14 +106,14 @@ def main() -> None:
         levels = tuple(int(x) for x in args.levels.split(","))
     except ValueError:
         ap.error(f"--levels {args.levels!r}: give comma-separated levels, e.g. 3,4")
+    if not set(levels) <= set(task.LEVELS):
+        ap.error(f"--levels {args.levels}: the task's levels are {', '.join(map(str, task.LEVELS))}")
     try:
         sparsities = tuple(float(x) for x in args.sparsities.split(","))
     except ValueError:
         ap.error(f"--sparsities {args.sparsities!r}: give comma-separated fractions, e.g. 0,0.25,0.5")
     if not all(0 <= x <= 1 for x in sparsities):
         ap.error(f"--sparsities {args.sparsities}: each is a fraction in [0, 1]")
-    if not set(levels) <= set(task.LEVELS):
-        ap.error(f"--levels {args.levels}: the task's levels are {', '.join(map(str, task.LEVELS))}")
     for out in (args.out, args.scores_out):
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)  # written at the end: fail now, not after the run
