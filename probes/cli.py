@@ -267,7 +267,9 @@ def monitor_cmd(
         None, min=1, help="Answer tokens after a forced exit (default: 8 for organisms, 32 after a \\boxed{ lead)."
     ),
     trial_tokens: Optional[int] = typer.Option(None, min=1, help="DEER trial tokens (default: 4 organisms, 20 else)."),
-    grader: str = typer.Option("organism", help="--traces' grader: organism | gsm8k | math."),
+    grader: Optional[str] = typer.Option(
+        None, help="--traces' grader: organism | gsm8k | math (default: the one the traces record, else organism)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print {policy: {accuracy, think_tokens, saved_fraction}}."),
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
     out: Optional[Path] = typer.Option(
@@ -285,7 +287,8 @@ def monitor_cmd(
 
     from .monitor import MonitorConfig, Policy, choose, curve, point_key, record
 
-    grader = choice(grader, tuple(GRADERS), "--grader")
+    if grader is not None:
+        grader = choice(grader, tuple(GRADERS), "--grader")
     model_dtype = dtype_option(dtype, "--dtype")
     if out is not None:
         fresh_out(out)
@@ -293,6 +296,16 @@ def monitor_cmd(
         if traces is not None:
             fail("give --traces or --dataset, not both")
         grader = dataset_source(dataset)[0]
+    rows = read_traces(traces) if traces is not None else dataset_rows(dataset, val_n + n)[1]
+    if traces is not None and rows is not None:
+        recorded = {str(t.meta["grader"]) for t in rows if t.meta.get("grader")}
+        if len(recorded) > 1:
+            fail(f"--traces {traces} mixes graders {sorted(recorded)}; monitor one dataset's traces at a time")
+        if grader is not None and recorded and grader not in recorded:
+            fail(f"--grader {grader}: --traces {traces} were graded with {recorded.pop()}; drop --grader or match it")
+        grader = grader or (recorded.pop() if recorded else "organism")
+    elif rows is not None and len(rows) < val_n + n:
+        fail(f"--dataset {dataset!r} has {len(rows)} rows, fewer than --val-n {val_n} + --n {n}; lower them")
     thresholds: dict[Policy, tuple[float, ...]] = {
         "deer": floats(deer_thresholds, "--deer-thresholds", "0.8,0.9,0.95"),
         "deviation": floats(deviation_thresholds, "--deviation-thresholds", "1.5,2"),
@@ -312,9 +325,8 @@ def monitor_cmd(
         max_new_tokens=max_new_tokens,
         answer_tokens=answer_tokens,
         trial_tokens=trial_tokens,
-        grader=grader,
+        grader=grader or "organism",
     )
-    rows = read_traces(traces) if traces is not None else dataset_rows(dataset, val_n + n)[1]
     source = f"--traces {traces}" if traces is not None else f"--dataset {dataset}"
     if rows is not None and any(t.gold is None for t in rows):
         fail(f"{source}: every record needs a 'gold' answer to grade the monitored answers")

@@ -179,6 +179,42 @@ def test_monitor_on_a_dataset_uses_its_first_rows_and_grader(tiny_model_dir, tin
     assert "not both" in _err(runner.invoke(probe_app, [*args, "--traces", str(traces)]))
 
 
+def test_monitor_grades_traces_with_the_grader_they_record(tiny_model_dir, tiny_handle, tmp_path, monkeypatch):
+    """GSM8K traces are monitored under the GSM8K grader (its ``\\boxed{`` answer prompt), not the organism default;
+    a --grader that contradicts them, traces of two graders, and a dataset short of --val-n + --n are refused."""
+    import probes.monitor as monitor
+    from reasonscope.traces import Trace
+
+    graders = []
+    real = monitor.record
+
+    def spy(handle, prompts, golds, cfg, probes=None):
+        graders.append(cfg.grader)
+        return real(handle, prompts, golds, cfg, probes)
+
+    monkeypatch.setattr(monitor, "record", spy)
+    rows = [
+        Trace(id=f"q{k}", prompt=tiny_handle.chat_prompt(f"what is {k}+1?"), thinking="x", answer="", gold=str(k + 1))
+        for k in range(3)
+    ]
+    for t in rows:
+        t.meta["grader"] = "gsm8k"
+    path = tmp_path / "t.jsonl"
+    write_traces_jsonl(path, rows)
+    args = ["monitor", "--model", str(tiny_model_dir), "--traces", str(path), "--max-new-tokens", "4"]
+    r = runner.invoke(probe_app, [*args, "--deer-thresholds", "0.9", "--json"])
+    assert r.exit_code == 0, r.output
+    assert graders == ["gsm8k"]
+    assert "were graded with gsm8k" in _err(runner.invoke(probe_app, [*args, "--grader", "math"]))
+    rows[0].meta["grader"] = "math"
+    write_traces_jsonl(path, rows)
+    assert "mixes graders ['gsm8k', 'math']" in _err(runner.invoke(probe_app, args))
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(shared_data("gsm8k/test.jsonl").read_text().splitlines(keepends=True)[:4]))
+    mon = ["monitor", "--model", str(tiny_model_dir), "--dataset", f"gsm8k:{short}", "--val-n", "2", "--n", "5"]
+    assert "has 4 rows, fewer than --val-n 2 + --n 5" in _err(runner.invoke(probe_app, mon))
+
+
 def test_labels_capture_and_monitor_on_an_r1_format_model(r1_tiny_dir, tmp_path):
     """The real-model flow on the R1 tokenizer and chat format: GSM8K traces, activations at the chunk ends,
     forced-answer labels, and the monitor's policies on the next GSM8K rows."""
