@@ -8,10 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from reasonscope.artifacts import JsonResult
+from reasonscope.artifacts import JsonResult, read_manifest
 from reasonscope.cli import app
 from reasonscope.heads import CompressionPolicy, HeadMap
 from reasonscope.heads.figures import curves_figure, head_map_figure, retrieval_scatter
+from reasonscope.models import load_model
 
 from conftest import organisms
 
@@ -138,6 +139,9 @@ def test_score_then_eval_on_tiny_model(tiny_model_dir, tiny_handle, task_traces,
     assert set(res["curves"]) == {"window", "random", "uniform"} and res["rank_agreement"] == {"window": {}}
     assert {"accuracy", "mean_think_tokens", "kv_bytes"} <= set(res["curves"]["window"]["0.5"])
     assert json.loads((tmp_path / "ev" / "result.json").read_text())["curves"] == res["curves"]
+    saved = read_manifest(tmp_path / "ev", "heads_eval")  # what the curves were made on: weights, dtype, settings
+    assert saved.inputs == {"model": hm.model_hash} and saved.config["dtype"] == "float32"
+    assert saved.config["sparsities"] == [0.0, 0.5] and saved.config["levels"] == [2]
     assert len(head_map_figure(hm.scores).data) == 1 and len(curves_figure(res).data) == len(res["curves"])
     assert curves_figure(res, "kv_bytes").layout.yaxis.title.text == "KV cache (bytes per sequence, mean)"
     assert len(retrieval_scatter({"window": hm.scores}, torch.rand(2, 2)).data[0].x) == 4
@@ -226,6 +230,10 @@ def test_diff_on_the_organisms(tmp_path):
     res = json.loads(r.stdout)
     art = JsonResult.open(tmp_path / "e", kind="emergent_heads")
     assert art.result == res and art.config["model"] == "organism:thinking" and res["n_texts"] == 2
+    saved = read_manifest(tmp_path / "e", "emergent_heads")  # the hashes cover the dtype
+    hashes = {name: load_model(f"organism:{name}").weight_hash for name in ("base", "thinking")}
+    assert saved.inputs == {"base": hashes["base"], "model": hashes["thinking"]}
+    assert saved.config["dtype"] == "float32" and saved.config["steps"] == 2 and saved.config["levels"] == [2]
     base, post, rise = (torch.tensor(res[k]) for k in ("base_scores", "model_scores", "emergence"))
     for scores in (base, post):
         assert scores.shape == (4, 4) and torch.isfinite(scores).all() and (scores >= 0).all()

@@ -216,10 +216,10 @@ def diff(
     from ..models import load_model
     from .emergent import emergent_heads
 
-    post = load_model(model, dtype=model_dtype)
+    post, pre = load_model(model, dtype=model_dtype), load_model(base, dtype=model_dtype)
     prompts, golds = _questions(post, rows, n, seed, lv)
     res = emergent_heads(
-        load_model(base, dtype=model_dtype),
+        pre,
         post,
         prompts,
         golds,
@@ -233,8 +233,22 @@ def diff(
         seed=seed,
     )
     if out is not None:
-        config = {"base": base, "model": model, "n": len(prompts), "k": k, "seed": seed, "dataset": dataset}
-        JsonResult(None, "emergent_heads", res, config).write(out, {}, kind="emergent_heads")
+        config = {
+            "base": base,
+            "model": model,
+            "dtype": model_dtype,
+            "n": len(prompts),
+            "dataset": dataset,
+            "levels": list(lv),
+            "n_attribution": n_attribution,
+            "k": k,
+            "steps": steps,
+            "draws": draws,
+            "max_new_tokens": max_new_tokens,
+            "seed": seed,
+        }
+        inputs = {"base": pre.weight_hash, "model": post.weight_hash}  # the hashes cover the dtype
+        JsonResult(None, "emergent_heads", res, config).write(out, inputs, kind="emergent_heads")
     emit(res, as_json)
 
 
@@ -330,6 +344,17 @@ def evaluate(
         name_reads=reads["name"][0] if "name" in reads else None,
     )
     if out is not None:
-        config = {"model": model, "maps": [str(p) for p in maps], "n": len(prompts), "seed": seed, "dataset": dataset}
-        JsonResult(None, "heads_eval", res, config).write(out, {}, kind="heads_eval")
+        config = {
+            "model": model,
+            "dtype": model_dtype,
+            "maps": [str(p) for p in maps],
+            "n": len(prompts),
+            "seed": seed,
+            "dataset": dataset,
+            "levels": list(lv),
+            "sparsities": list(cfg.sparsities),
+            "draws": draws,
+            "max_new_tokens": max_new_tokens,
+        }
+        JsonResult(None, "heads_eval", res, config).write(out, {"model": h.weight_hash}, kind="heads_eval")
     emit(res, as_json)
