@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from reasonscope.store import ActivationStore
     from steering.vector import SteeringVector
 
-__all__ = ["STAGE_COMMANDS", "STAGE_DIRS", "Exports", "JsonResult", "MissingStage", "RunDir", "TraceSet"]
+__all__ = ["STAGE_COMMANDS", "STAGE_DIRS", "Exports", "Family", "JsonResult", "MissingStage", "RunDir", "TraceSet"]
 
 TRACE_SET, VECTOR_EXPORTS = "trace_set", "vector_exports"
 M = TypeVar("M")  # a family's member: HeadMap, ProbeSet

@@ -368,11 +368,11 @@ def _pin(run: RunDir, cfg: DemoConfig, weights: Callable[[], dict[str, str]]) ->
     path = run.path / "run.json"
     if path.exists():
         old = read_json(path)
-        same = old.get("config") == config and old.get("weights") == weights()
-        if not same:
-            what = "demo settings" if old.get("config") != config else "organism weights"
+        other = "demo settings" if old.get("config") != config else None
+        other = other or ("organism weights" if old.get("weights") != weights() else None)  # loads only now
+        if other:
             raise ValueError(
-                f"{run.path} was made with other {what}; choose another --out or delete {run.path} to start over"
+                f"{run.path} was made with other {other}; choose another --out or delete {run.path} to start over"
             )
         return
     # never adopt (and then lock) another run's directory; a temporary a killed first run left is not a run
