@@ -112,7 +112,7 @@ def test_a_temporary_a_killed_first_run_left_does_not_make_its_directory_foreign
     run = tmp_path / "run"
     run.mkdir()
     (run / ".run.json.abc123.tmp").write_text("{")  # SIGKILL inside the first write_json
-    _pin(RunDir(run), DemoConfig.quick(), {"thinking": "sha256:a", "base": "sha256:b"})
+    _pin(RunDir(run), DemoConfig.quick(), lambda: {"thinking": "sha256:a", "base": "sha256:b"})
     assert (run / "run.json").exists()
 
 

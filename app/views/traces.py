@@ -69,11 +69,14 @@ def render(run: RunDir) -> None:
     if which == "thinking" and run.has("probes") and run.has("capture"):
         try:
             store = artifact(run, "capture")
-            readable, why = analysis.readable_sets(artifact(run, "probes"), store)
+            sets = artifact(run, "probes")
+            readable, why = analysis.readable_sets(sets, store)
             fresh, stale = analysis.captured(store, [t])
             probe_targets = list(readable) if fresh else []
             for w in [*why, *stale]:
                 st.caption(w)
+            for name, bad in sets.damaged.items():  # the targets that open still colour
+                st.caption(f"probe colours are unavailable for '{name}': {bad}")
         except LookupError as e:  # a damaged probes or capture stage: say so, colour by the other signals
             st.caption(f"probe colours are unavailable: {e}")
             probe_targets = []
