@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import streamlit as st
 
-from .artifacts import MODELS_ENV, MissingStage, RunDir
+from .artifacts import MODELS_ENV, Family, MissingStage, RunDir
 
 T = TypeVar("T")
 RUN_ENV = "REASONSCOPE_RUN"
@@ -109,7 +109,7 @@ def need(run: RunDir, *stages: str) -> list[Any] | None:
         except MissingStage as e:
             _say_missing(e)
             return None
-        for bad in getattr(got, "damaged", {}).values():  # a family's unreadable members; the others are shown
+        for bad in got.damaged.values() if isinstance(got, Family) else ():  # unreadable members; the rest shown
             _say_missing(bad)
         out.append(got)
     return out

@@ -5,6 +5,7 @@ argument types that refuse a count that would silently run another workload."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,20 +13,19 @@ import torch
 QWEN2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers" / "qwen2"
 
 
-def count(text: str) -> int:
-    """An argparse type: an integer >= 1 (repeats, problems, layers, batch sizes)."""
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
-    return n
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{text} is not an integer >= {low}")
+        return n
+
+    return parse
 
 
-def count0(text: str) -> int:
-    """An argparse type: an integer >= 0 (0: skip that part)."""
-    n = int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 0")
-    return n
+count, count0 = at_least(1), at_least(0)  # repeats, problems, layers, batch sizes; 0: skip that part
 
 
 def random_qwen2(layers: int | None = None, device: str | None = None):  # -> reasonscope.models.ModelHandle
